@@ -1,0 +1,23 @@
+import torch
+
+
+def realistic_inputs(tokens: int, cols: int, outliers: int = 4, scale: float = 20.0, seed: int = 0):
+    """Calibration inputs (tokens x cols) with a few high-variance channels, as LLM activations have."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, cols, generator=g)
+    X[:, torch.randperm(cols, generator=g)[:outliers]] *= scale
+    return X
+
+
+def hessian_of(X: torch.Tensor) -> torch.Tensor:
+    return X.T @ X / X.shape[0]
+
+
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    return H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+def assert_nm(weight: torch.Tensor, n: int, m: int):
+    rows, cols = weight.shape
+    nonzeros = (weight != 0).reshape(rows, cols // m, m).sum(-1)
+    assert int(nonzeros.max()) <= m - n, f"a group of {m} has {int(nonzeros.max())} non-zeros"

@@ -1,0 +1,45 @@
+import torch
+
+from thanos import HessianAccumulator
+from thanos.hessian import inverse_upper_factor, reconstruction_error
+from tests.thanos.helpers import damped
+
+
+def test_accumulator_streams_the_mean_of_xxT():
+    X = torch.randn(3, 50, 16, dtype=torch.float64)
+    acc = HessianAccumulator(16)
+    for batch in X.split(1):  # three batches of (1, 50, 16), in bf16 to show any dtype works
+        acc.add(batch.to(torch.bfloat16))
+    flat = X.reshape(-1, 16).to(torch.bfloat16).double()
+    expected = flat.T @ flat / flat.shape[0]
+    assert acc.tokens == 150
+    assert torch.allclose(acc.hessian.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_equals_one_stream():
+    X = torch.randn(200, 8)
+    whole, left, right = HessianAccumulator(8), HessianAccumulator(8), HessianAccumulator(8)
+    whole.add(X)
+    left.add(X[:70])
+    right.add(X[70:])
+    left.merge(right.hessian, right.tokens)
+    assert torch.allclose(left.hessian, whole.hessian, atol=1e-6)
+
+
+def test_inverse_factor_is_inverse_of_damped_hessian():
+    X = torch.randn(100, 12, dtype=torch.float64)
+    H = (X.T @ X / 100).float()
+    fac = inverse_upper_factor(H, 0.01)
+    U = fac.upper.double()
+    assert torch.allclose(U.T @ U @ damped(H.double(), 0.01), torch.eye(12, dtype=torch.float64), atol=1e-4)
+    assert torch.equal(U, torch.triu(U))
+    assert fac.escalations == 0
+
+
+def test_reconstruction_error_matches_direct_computation():
+    X = torch.randn(64, 10)
+    W = torch.randn(5, 10)
+    W2 = W.clone()
+    W2[:, :3] = 0
+    direct = ((W2 - W) @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()
+    assert abs(reconstruction_error(W, W2, X.T @ X / 64) - float(direct)) < 1e-5

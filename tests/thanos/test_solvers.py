@@ -1,0 +1,241 @@
+import math
+
+import pytest
+import torch
+
+from thanos import ConfigError, prune_weight
+from tests.thanos.helpers import assert_nm, damped, hessian_of, realistic_inputs
+
+METHODS = ["thanos", "sparsegpt", "wanda", "magnitude"]
+
+
+def naive_thanos(W, H, pattern, sparsity, B, damp=0.01):
+    """ALGORITHM.md sections 2-4 row by row, re-inverting the trailing Hessian at every block."""
+    W = W.double().clone()
+    H = H.double()
+    s = torch.diag(H)
+    Hd = damped(H, damp)
+    rows, cols = W.shape
+    budget, removed = math.floor(sparsity * rows * cols), 0
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, B):
+        i2 = min(i1 + B, cols)
+        G = torch.linalg.inv(Hd[i1:, i1:])
+        metric = W[:, i1:].abs() * s[i1:].sqrt()
+        block = torch.zeros(rows, i2 - i1, dtype=torch.bool)
+        if pattern is not None:
+            n, m = pattern
+            for g in range(0, i2 - i1, m):
+                drop = torch.argsort(metric[:, g:g + m], dim=1)[:, :n]
+                block[:, g:g + m].scatter_(1, drop, True)
+        else:
+            chosen = torch.topk(metric.flatten(), budget - removed, largest=False).indices
+            region = torch.zeros(metric.numel(), dtype=torch.bool)
+            region[chosen] = True
+            block = region.reshape(metric.shape)[:, : i2 - i1]
+            removed += int(block.sum())
+        for i in range(rows):
+            q = block[i].nonzero().flatten()
+            if q.numel():
+                lam = torch.linalg.solve(G[q][:, q], W[i, i1 + q])
+                W[i, i1:] -= lam @ G[q, :]
+                W[i, i1 + q] = 0
+        mask[:, i1:i2] = block
+    return W, mask
+
+
+def masked_least_squares(W, H, mask, damp):
+    """Per-row optimum of (w' - w) Hd (w' - w)^T with w' zero on the mask, by torch.linalg.lstsq."""
+    Hd = damped(H.double(), damp)
+    Lt = torch.linalg.cholesky(Hd).T  # Hd = Lt^T Lt, objective = ||Lt (w' - w)^T||^2
+    out = torch.zeros_like(W, dtype=torch.float64)
+    for i in range(W.shape[0]):
+        keep = (~mask[i]).nonzero().flatten()
+        sol = torch.linalg.lstsq(Lt[:, keep], Lt @ W[i].double()).solution
+        out[i, keep] = sol
+    return out
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("2:4", None), ("4:8", None), ("unstructured", 0.6)])
+def test_single_block_equals_row_least_squares(pattern, sparsity):
+    W = torch.randn(12, 64)
+    H = hessian_of(realistic_inputs(256, 64))
+    result = prune_weight(W, H, "thanos", pattern, sparsity, block_size=64)
+    oracle = masked_least_squares(W, H, result.mask, result.damp_used)
+    assert torch.allclose(result.weight.double(), oracle, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern, sparsity, block", [
+    ((2, 4), 0.5, 16), ((4, 8), 0.5, 32), (None, 0.5, 16), (None, 0.7, 24),
+])
+def test_one_cholesky_equals_per_block_reinversion(pattern, sparsity, block):
+    W = torch.randn(10, 96)
+    H = hessian_of(realistic_inputs(400, 96))
+    name = f"{pattern[0]}:{pattern[1]}" if pattern else "unstructured"
+    result = prune_weight(W, H, "thanos", name, None if pattern else sparsity, block_size=block)
+    ref_weight, ref_mask = naive_thanos(W, H, pattern, sparsity, block)
+    assert torch.equal(result.mask, ref_mask)
+    assert torch.allclose(result.weight.double(), ref_weight, atol=1e-4, rtol=1e-4)
+
+
+def test_per_block_strategy_of_the_solver_agrees():
+    from thanos.config import Pattern
+    from thanos.solvers.thanos import thanos_prune
+
+    W = torch.randn(32, 256)
+    H = hessian_of(realistic_inputs(1024, 256))
+    fast = thanos_prune(W.clone(), H, Pattern.parse("2:4"), 0.5, 64)
+    slow = thanos_prune(W.clone(), H, Pattern.parse("2:4"), 0.5, 64, trailing_inverse="per-block")
+    assert torch.equal(fast.mask, slow.mask)
+    assert torch.allclose(fast.weight, slow.weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_sparsegpt_with_identity_hessian_is_magnitude(pattern):
+    W = torch.randn(24, 64)
+    sparse = prune_weight(W, torch.eye(64), "sparsegpt", pattern)
+    magnitude = prune_weight(W, None, "magnitude", pattern)
+    assert torch.equal(sparse.weight, magnitude.weight)
+    assert torch.equal(sparse.mask, magnitude.mask)
+
+
+def test_wanda_exact_small_case():
+    # Row 0: metric |w| * sqrt(s) = [1*1, 4*0.5, 3*1, 0.5*2] -> remove columns 0 and 3 (2:4).
+    W = torch.tensor([[1.0, 4.0, -3.0, 0.5], [2.0, -1.0, 0.1, 1.0]])
+    s = torch.tensor([1.0, 0.25, 1.0, 4.0])
+    result = prune_weight(W, torch.diag(s), "wanda", "2:4")
+    assert result.mask.tolist() == [[True, False, False, True], [False, True, True, False]]
+    assert result.weight.tolist() == [[0.0, 4.0, -3.0, 0.0], [2.0, 0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:4"])
+def test_nm_patterns_are_exact(method, pattern):
+    W = torch.randn(40, 128)
+    H = hessian_of(realistic_inputs(512, 128))
+    result = prune_weight(W, H, method, pattern, block_size=32 if method == "thanos" else None)
+    n, m = map(int, pattern.split(":"))
+    assert_nm(result.weight, n, m)
+    assert result.mask.reshape(40, -1, m).sum(-1).eq(n).all()  # exactly n removed per group
+    assert torch.equal(result.weight == 0, result.mask)
+
+
+@pytest.mark.parametrize("method", ["thanos", "sparsegpt", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.37])
+def test_unstructured_zero_count_is_exact(method, sparsity):
+    W = torch.randn(33, 96)
+    H = hessian_of(realistic_inputs(400, 96))
+    result = prune_weight(W, H, method, "unstructured", sparsity, block_size=32 if method == "thanos" else None)
+    expected = math.floor(sparsity * W.numel())
+    assert int(result.mask.sum()) == expected
+    assert int((result.weight == 0).sum()) == expected
+
+
+def test_wanda_unstructured_compares_within_rows():
+    W = torch.randn(8, 40)
+    result = prune_weight(W, torch.eye(40), "wanda", "unstructured", 0.25)
+    assert result.mask.sum(1).eq(10).all()
+
+
+@pytest.mark.parametrize("method", ["thanos", "wanda", "magnitude"])
+def test_columns_pattern_removes_whole_columns(method):
+    W = torch.randn(16, 64)
+    H = hessian_of(realistic_inputs(256, 64))
+    result = prune_weight(W, H, method, "columns", 0.3)
+    removed_cols = result.mask.all(0)
+    assert int(removed_cols.sum()) == math.ceil(0.3 * 64)
+    assert torch.equal(result.mask, removed_cols[None].expand_as(result.mask))
+    assert (result.weight[:, removed_cols] == 0).all()
+
+
+def test_thanos_columns_is_least_squares_optimal():
+    W = torch.randn(16, 48)
+    H = hessian_of(realistic_inputs(256, 48))
+    result = prune_weight(W, H, "thanos", "columns", 0.25)
+    oracle = masked_least_squares(W, H, result.mask, result.damp_used)
+    assert torch.allclose(result.weight.double(), oracle, atol=1e-4, rtol=1e-4)
+
+
+def test_alpha_rows_stay_dense_and_untouched():
+    W = torch.randn(40, 64)
+    W[[3, 17, 29]] *= 10  # the three largest rows by sum W^2 s
+    H = hessian_of(realistic_inputs(256, 64))
+    result = prune_weight(W, H, "thanos", "2:4", alpha=0.1, block_size=32)  # floor(0.1 * 40) = 4 rows
+    untouched = (result.weight == W).all(1)
+    assert untouched[[3, 17, 29]].all()
+    assert int(untouched.sum()) == 4
+    assert_nm(result.weight[~untouched], 2, 4)
+    assert result.sparsity == pytest.approx(0.5 * 36 / 40)
+
+
+def test_dead_inputs_are_zeroed_not_nan():
+    X = realistic_inputs(256, 32)
+    X[:, [5, 20]] = 0
+    W = torch.randn(8, 32)
+    for method in ["thanos", "sparsegpt"]:
+        result = prune_weight(W, hessian_of(X), method, "2:4", block_size=16 if method == "thanos" else None)
+        assert torch.isfinite(result.weight).all()
+        assert (result.weight[:, [5, 20]] == 0).all()
+        assert_nm(result.weight, 2, 4)
+
+
+def test_ill_conditioned_hessian_escalates_damping():
+    A = torch.randn(32, 4)
+    H = A @ A.T - 0.05 * torch.diag(A @ A.T).mean() * torch.eye(32)  # indefinite: damp 0.01 cannot fix it
+    W = torch.randn(8, 32)
+    for method in ["thanos", "sparsegpt"]:
+        result = prune_weight(W, H, method, "2:4")
+        assert result.damp_escalations >= 1
+        assert result.damp_used > 0.01
+        assert torch.isfinite(result.weight).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights(dtype):
+    W = torch.randn(16, 64)
+    H = hessian_of(realistic_inputs(256, 64))
+    half = prune_weight(W.to(dtype), H, "thanos", "2:4", block_size=32)
+    full = prune_weight(W.to(dtype).float(), H, "thanos", "2:4", block_size=32)
+    assert half.weight.dtype == dtype
+    assert_nm(half.weight, 2, 4)
+    assert torch.equal(half.mask, full.mask)
+    assert torch.allclose(half.weight.float(), full.weight, atol=0.05, rtol=0.02)
+
+
+def test_thanos_beats_wanda_on_realistic_inputs():
+    W = torch.randn(64, 256)
+    H = hessian_of(realistic_inputs(1024, 256))
+    for pattern in ["2:4", "4:8", "unstructured"]:
+        thanos = prune_weight(W, H, "thanos", pattern)
+        wanda = prune_weight(W, H, "wanda", pattern)
+        assert thanos.error < wanda.error, pattern
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(pattern="3:2"), "0 < n < m"),
+    (dict(pattern="2:4", sparsity=0.3), "fixes the sparsity"),
+    (dict(pattern="4:8", block_size=12), "not a multiple of m=8"),
+    (dict(pattern="2:4", weight_cols=30), "not a multiple of m=4"),
+    (dict(pattern="2:4", hessian_cols=24), "is the weight transposed"),
+    (dict(method="sparsegpt", no_hessian=True), "needs the input statistics"),
+])
+def test_bad_arguments_name_the_fix(kwargs, fragment):
+    cols = kwargs.pop("weight_cols", 32)
+    hcols = kwargs.pop("hessian_cols", cols)
+    H = None if kwargs.pop("no_hessian", False) else torch.eye(hcols)
+    with pytest.raises(ConfigError, match=fragment):
+        prune_weight(torch.randn(8, cols), H, **kwargs)
+
+
+def test_nan_statistics_are_refused():
+    H = torch.eye(16)
+    H[2, 2] = float("nan")
+    with pytest.raises(ConfigError, match="NaN"):
+        prune_weight(torch.randn(4, 16), H, name="model.layers.0.mlp.up_proj")
+
+
+def test_input_weight_is_not_modified():
+    W = torch.randn(8, 32)
+    before = W.clone()
+    prune_weight(W, hessian_of(realistic_inputs(128, 32)), "thanos", "2:4")
+    assert torch.equal(W, before)

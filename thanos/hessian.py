@@ -1,0 +1,111 @@
+"""Layer statistics (ALGORITHM.md section 1) and the damped inverse factor (section 6).
+
+`HessianAccumulator` streams calibration inputs into `H = X X^T / N` in fp32 without keeping
+them. `inverse_upper_factor` returns `U` with `inv(H + damping) = U^T U`, escalating the damping
+when a factorisation fails, which is all the block solvers need.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_ESCALATIONS = 6
+
+
+class FactorizationError(RuntimeError):
+    """The damped Hessian stayed singular after every escalation."""
+
+
+class HessianAccumulator:
+    """Running mean of `x x^T` over calibration tokens, in fp32.
+
+    >>> acc = HessianAccumulator(576)
+    >>> acc.add(hidden_states)          # (..., 576), any float dtype; nothing is stored
+    >>> acc.hessian                      # (576, 576) fp32, mean over all tokens seen
+
+    `tokens` counts what was seen, so partial statistics from several processes combine as
+    `sum(H_k * tokens_k) / sum(tokens_k)`.
+    """
+
+    def __init__(self, columns: int, device: "torch.device | str | None" = None):
+        self.columns = columns
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        if inputs.shape[-1] != self.columns:
+            raise ValueError(f"inputs have {inputs.shape[-1]} features, the accumulator expects {self.columns}")
+        x = inputs.reshape(-1, self.columns).to(device=self.hessian.device, dtype=torch.float32)  # (N, c)
+        new = x.shape[0]
+        if new == 0:
+            return
+        total = self.tokens + new
+        # Running mean keeps magnitudes bounded for long calibration runs.
+        self.hessian.mul_(self.tokens / total)
+        self.hessian.addmm_(x.T, x, alpha=1.0 / total)
+        self.tokens = total
+
+    def merge(self, hessian: torch.Tensor, tokens: int) -> None:
+        """Fold in statistics gathered elsewhere (another process, another shard)."""
+        total = self.tokens + tokens
+        if total == 0:
+            return
+        self.hessian.mul_(self.tokens / total).add_(hessian.to(self.hessian), alpha=tokens / total)
+        self.tokens = total
+
+
+@dataclasses.dataclass
+class Factorization:
+    """`U` upper triangular with `inv(H + damp_used * mean(diag H) * I) = U^T U`."""
+
+    upper: torch.Tensor
+    damp_used: float
+    escalations: int
+
+
+def handle_dead_inputs_(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Give never-active inputs a unit diagonal and zero their weight columns; returns the mask."""
+    dead = torch.diag(hessian) == 0
+    if dead.any():
+        hessian[dead, dead] = 1.0
+        weight[:, dead] = 0.0
+    return dead
+
+
+def inverse_upper_factor(hessian: torch.Tensor, damp: float, layer: str = "layer") -> Factorization:
+    """Damped `H`, factorised once: the one-Cholesky route of ALGORITHM.md section 6.
+
+    On failure the damping is multiplied by 10 and the factorisation retried, up to
+    `MAX_DAMP_ESCALATIONS` times; each escalation is logged and counted.
+    """
+    columns = hessian.shape[0]
+    mean_diag = torch.diag(hessian).mean()
+    eye = torch.eye(columns, dtype=hessian.dtype, device=hessian.device)
+    current = damp
+    for escalation in range(MAX_DAMP_ESCALATIONS + 1):
+        damped = hessian + (current * mean_diag) * eye
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return Factorization(upper, current, escalation)
+        log.warning("%s: Cholesky failed at damp=%g; retrying with damp=%g", layer, current, current * 10)
+        current *= 10
+    raise FactorizationError(
+        f"{layer}: the Hessian is not positive definite even with damp={current / 10:g}. "
+        "Add calibration samples (more tokens make H better conditioned) or raise --damp."
+    )
+
+
+def reconstruction_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative output error `||(W' - W) X||^2 / ||W X||^2`, computed from `H = X X^T / N`."""
+    delta = pruned.float() - original.float()  # (r, c)
+    base = original.float()
+    num = torch.sum((delta @ hessian) * delta)
+    den = torch.sum((base @ hessian) * base)
+    return float(num / den) if den > 0 else float(num)
