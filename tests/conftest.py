@@ -14,3 +14,66 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+TINY_VOCAB = 384
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE trained in a second on Python's pydoc topics: no download needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from thanos.calibration import default_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([default_text()[:200_000]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
+    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              OPTConfig, OPTForCausalLM)
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256,
+                        tie_word_embeddings=True)
+        cfg = LlamaConfig(**{**settings, **overrides})
+        model = LlamaForCausalLM(cfg)
+    elif kind == "opt":
+        cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=TINY_VOCAB, word_embed_proj_dim=64, max_position_embeddings=256, **overrides)
+        model = OPTForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
+                         bos_token_id=0, eos_token_id=0, **overrides)
+        model = GPT2LMHeadModel(cfg)
+    path = tmp_path_factory.mktemp(f"tiny_{kind}")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return _save_tiny("llama", tmp_path_factory, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return _save_tiny("opt", tmp_path_factory, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer_dir):
+    return _save_tiny("gpt2", tmp_path_factory, tiny_tokenizer_dir)

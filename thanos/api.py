@@ -71,11 +71,12 @@ def prune_weight(
             f"{name}: pruning produced NaN or Inf weights (method {config.method}); check the layer's "
             "calibration statistics for NaN, or raise --damp"
         )
+    if weight.device.type == "cuda":
+        torch.cuda.synchronize(weight.device)
+    seconds = time.perf_counter() - start
     error = None
     if H is not None and H.dim() == 2:
         error = reconstruction_error(weight.detach().to(W), out.weight, H)
-    if weight.device.type == "cuda":
-        torch.cuda.synchronize(weight.device)
     return PruneResult(
         weight=out.weight.to(weight.dtype),
         mask=out.mask,
@@ -84,7 +85,7 @@ def prune_weight(
         error=error,
         damp_used=out.damp_used,
         damp_escalations=out.escalations,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
 
 

@@ -239,3 +239,14 @@ def test_input_weight_is_not_modified():
     before = W.clone()
     prune_weight(W, hessian_of(realistic_inputs(128, 32)), "thanos", "2:4")
     assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("k", [1, 7, 500_000, 2_000_000, 2_100_000])
+def test_kth_smallest_is_exact(k):
+    from thanos.masks import kth_smallest
+
+    values = torch.randn(2_100_000)
+    values[:1000] = 0.0  # a block of ties, as dead inputs produce
+    assert kth_smallest(values, k) == torch.kthvalue(values, k).values
+    skewed = torch.sort(values).values  # sorted input defeats a strided sample's bracket
+    assert kth_smallest(skewed, k) == torch.kthvalue(skewed, k).values

@@ -1,0 +1,202 @@
+"""`thanos-export`: prune, evaluate, export, inspect and benchmark sparse LLMs.
+
+Each command builds its settings from the options and calls one public function; anything the
+CLI does is a few lines of Python for a library user.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from thanos.config import METHODS, ConfigError, PruneConfig
+
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, ImportError)
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+class _Bars:
+    """tqdm bars for the library's progress callbacks (layers, and samples inside a layer)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bars = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, leave=stage == "layers",
+                                          position=0 if stage == "layers" else 1, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+
+
+@click.group(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("-v", "--verbose", is_flag=True, help="Log per-layer details.")
+def main(verbose):
+    """Prune LLMs with Thanos under hardware sparsity patterns (2:4, 4:8), export them to formats
+    that inference engines accelerate, and measure the gain.
+
+    \b
+    Quick start (embedded SmolLM2-135M-Instruct, runs on a CPU):
+      thanos-export prune --pattern 2:4 --out pruned/
+      thanos-export eval pruned/
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers' own loading bars and notices drown our progress; -v brings them back."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def prune_options(f):
+    options = [
+        click.option("--model", type=click.Path(), default=None,
+                     help="Hugging Face model directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
+        click.option("--method", type=click.Choice(METHODS), default="thanos", show_default=True),
+        click.option("--pattern", default="2:4", show_default=True,
+                     help="'n:m' (remove n of every m inputs: 2:4, 4:8), 'unstructured' or 'columns'."),
+        click.option("--sparsity", type=float, default=None,
+                     help="Fraction removed; n:m fixes it at n/m. Default 0.5 for unstructured/columns."),
+        click.option("--block-size", type=int, default=None, help="Columns per block (default: the benchmarked choice)."),
+        click.option("--alpha", type=float, default=0.0, show_default=True,
+                     help="Fraction of outlier rows kept dense (Thanos). >0 breaks hardware 2:4."),
+        click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, x mean(diag H)."),
+        click.option("--calib-file", type=click.Path(), default=None,
+                     help=".txt or .jsonl ({'text': ...} per line). Default: Python's pydoc topics."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration windows (default 128 on GPU, 32 on CPU)."),
+        click.option("--seqlen", type=int, default=None, help="Tokens per window (default 2048 on GPU, 512 on CPU)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--include", multiple=True, default=("*",), show_default=True,
+                     help="Prune only linears matching this name pattern (repeatable), e.g. '*.mlp.*'."),
+        click.option("--exclude", multiple=True, help="Leave linears matching this pattern dense (repeatable)."),
+        click.option("--no-eval", is_flag=True, help="Skip the perplexity before and after."),
+        click.option("--eval-windows", type=int, default=-1,
+                     help="Held-out windows for perplexity (default: all on GPU, 16 on CPU; 0 = all)."),
+        click.option("--offload-activations", is_flag=True, help="Keep calibration activations on the CPU."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own Python code to run."),
+        click.option("--overwrite", is_flag=True, help="Replace a finished pruned model in --out."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def build_job(out, model, method, pattern, sparsity, block_size, alpha, damp, calib_file, calib_samples, seqlen,
+              seed, device, include, exclude, no_eval, eval_windows, offload_activations, trust_remote_code,
+              overwrite):
+    from thanos.pipeline import PruneJob
+
+    config = PruneConfig(method, pattern, sparsity, block_size, alpha, damp)
+    return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
+                    seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
+                    evaluate=not no_eval, eval_windows=None if eval_windows == 0 else eval_windows,
+                    offload_activations=offload_activations, trust_remote_code=trust_remote_code, overwrite=overwrite)
+
+
+def run_prune(job, quiet=False) -> dict:
+    from thanos.pipeline import prune_to_directory
+
+    bars = _Bars(enabled=not quiet)
+    try:
+        return prune_to_directory(job, progress=bars)
+    finally:
+        bars.close()
+
+
+def echo_prune_summary(report: dict) -> None:
+    cal = report["calibration"]
+    click.echo(f"model      {report['model']}")
+    click.echo(f"device     {report['device']}; calibration {cal['samples']} x {cal['seqlen']} tokens "
+               f"from {cal['source']}")
+    cfg = report["config"]
+    click.echo(f"method     {cfg['method']} {cfg['pattern']} (block {cfg['block_size']}, alpha {cfg['alpha']}), "
+               f"overall sparsity {report['sparsity']:.3f}, {report['prune_seconds']:.0f}s")
+    errors = [r["error"] for r in report["layers"] if r["error"] is not None]
+    if errors:
+        worst = max(report["layers"], key=lambda r: r["error"] or 0)
+        click.echo(f"rel. error mean {sum(errors) / len(errors):.4f}, worst {worst['error']:.4f} ({worst['name']})")
+    escalations = sum(r["damp_escalations"] for r in report["layers"])
+    if escalations:
+        click.echo(f"damping    raised {escalations} times (see thanos_report.json)")
+    if "perplexity_before" in report:
+        b, a = report["perplexity_before"], report["perplexity_after"]
+        click.echo(f"perplexity {b['value']:.2f} -> {a['value']:.2f} (held-out, {a['windows']} windows of {a['seqlen']})")
+
+
+@main.command()
+@prune_options
+@click.option("--out", required=True, type=click.Path(), help="Directory for the pruned model and thanos_report.json.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def prune(out, quiet, **options):
+    """Prune a causal LM layer by layer and save it where transformers can load it.
+
+    \b
+    Example:
+      thanos-export prune --pattern 2:4 --calib-samples 32 --seqlen 512 --out smollm2-2of4/
+      thanos-export prune --model ~/llama-2-7b --method sparsegpt --pattern 4:8 --out llama-4of8/
+
+    An interrupted run resumes from its last finished layer when rerun with the same options.
+    """
+    try:
+        job = build_job(out, **options)
+        report = run_prune(job, quiet)
+    except (ConfigError, *USER_ERRORS) as exc:
+        _fail(exc)
+    echo_prune_summary(report)
+    click.echo(f"saved      {out}")
+
+
+@main.command("eval")
+@click.argument("path", type=click.Path())
+@click.option("--text-file", type=click.Path(), default=None, help="Evaluate on the held-out 10% of this file.")
+@click.option("--seqlen", type=int, default=None, help="Window length (default 2048 on GPU, 512 on CPU).")
+@click.option("--windows", type=int, default=-1, help="Windows to use (default: all on GPU, 16 on CPU; 0 = all).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_cmd(path, text_file, seqlen, windows, device, as_json):
+    """Held-out perplexity of a model directory (pruned, compact or dense) or a .gguf file.
+
+    \b
+    Example:
+      thanos-export eval smollm2-2of4/ --windows 0
+    """
+    from thanos.pipeline import evaluate_directory
+
+    try:
+        result = evaluate_directory(path, text_file, seqlen, device, None if windows == 0 else windows)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(f"perplexity {result['perplexity']:.3f} on {result['text']} "
+                   f"({result['windows']} windows of {result['seqlen']}, {result['device']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Time one layer's pruning for each method and print seconds and reconstruction error.
+
+    python -m runtime_bench.solver                          # every shape, method, pattern
+    python -m runtime_bench.solver --shapes 4096x4096 --patterns 2:4 --block-sizes 128
+
+Inputs are realistic in the way that matters to the solvers: the calibration activations have a
+few high-variance channels, as real LLM activations do. The row `thanos (per-block)` is the
+paper's strategy of re-inverting the trailing Hessian at every block, kept as the reference the
+one-Cholesky route is measured against.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+import click
+import torch
+
+from thanos import prune_weight
+from thanos.config import Pattern
+from thanos.hessian import reconstruction_error
+from thanos.solvers.thanos import thanos_prune
+
+SHAPES = ["576x576", "1536x576", "2048x2048", "4096x4096", "4096x11008"]
+PER_BLOCK_MAX_COLUMNS = 4096  # the reference costs O(c^4 / B): past this it takes many minutes on a CPU
+
+
+def layer_problem(rows: int, cols: int, device: str, seed: int = 0):
+    """A weight with LLM-like scale and a Hessian from inputs with a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) / cols**0.5
+    tokens = min(2 * cols, 8192)
+    X = torch.randn(tokens, cols, generator=g)
+    X[:, torch.randperm(cols, generator=g)[: max(4, cols // 256)]] *= 20.0
+    X = X.to(device)
+    H = X.T @ X / tokens
+    return W.to(device), H
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=print):
+    records = []
+    header = "| shape | method | pattern | block | seconds | rel. error |"
+    echo(header)
+    echo("|" + "---|" * 6)
+    for shape in shapes:
+        rows, cols = map(int, shape.lower().split("x"))
+        W, H = layer_problem(rows, cols, device)
+        for pattern in patterns:
+            sparsity = 0.5 if pattern == "unstructured" else None
+            for method in methods:
+                sizes = block_sizes if method in ("thanos", "sparsegpt") else [None]
+                for block in sizes:
+                    res = prune_weight(W, H, method, pattern, sparsity, block_size=block)
+                    rec = dict(shape=shape, method=method, pattern=pattern, block_size=res.config.resolved_block_size,
+                               seconds=res.seconds, error=res.error)
+                    records.append(rec)
+                    echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")
+            if per_block and pattern != "unstructured" and cols <= PER_BLOCK_MAX_COLUMNS:
+                for block in block_sizes:
+                    out, seconds = _timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, block,
+                                                               trailing_inverse="per-block"))
+                    err = reconstruction_error(W, out.weight, H)
+                    records.append(dict(shape=shape, method="thanos (per-block)", pattern=pattern, block_size=block,
+                                        seconds=seconds, error=err))
+                    echo(f"| {shape} | thanos (per-block) | {pattern} | {block} | {seconds:.2f} | {err:.5f} |")
+    return records
+
+
+@click.command()
+@click.option("--shapes", default=",".join(SHAPES), show_default=True, help="Comma-separated ROWSxCOLS.")
+@click.option("--methods", default="thanos,sparsegpt,wanda,magnitude", show_default=True)
+@click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
+@click.option("--block-sizes", default="64,128,512", show_default=True)
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--no-per-block", is_flag=True, help="Skip the slow per-block re-inversion reference.")
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the records as JSON.")
+def main(shapes, methods, patterns, block_sizes, device, no_per_block, json_out):
+    """Benchmark the pruning solvers on single layers of real LLM shapes."""
+    machine = dict(python=platform.python_version(), torch=torch.__version__, device=device,
+                   cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                   gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None)
+    click.echo(f"machine: {json.dumps(machine)}")
+    records = run(shapes.split(","), methods.split(","), patterns.split(","),
+                  [int(b) for b in block_sizes.split(",")], device, per_block=not no_per_block, echo=click.echo)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(dict(machine=machine, results=records), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+import json
+
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from cli import main
+from thanos.models import weight_view
+from tests.thanos.helpers import assert_nm
+
+SMALL = ["--calib-samples", "4", "--seqlen", "32", "--device", "cpu", "--quiet"]
+
+
+def test_help_teaches_with_examples():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0 and "Quick start" in top.output
+    prune = runner.invoke(main, ["prune", "--help"])
+    assert prune.exit_code == 0
+    assert "thanos-export prune --pattern 2:4" in prune.output and "resumes" in prune.output
+
+
+def test_prune_then_eval(tiny_llama_dir, tmp_path):
+    out = tmp_path / "pruned"
+    runner = CliRunner()
+    result = runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--pattern", "4:8", "--eval-windows", "2",
+                                  "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output and "4:8" in result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert_nm(weight_view(model.model.layers[1].mlp.down_proj), 4, 8)
+
+    evaluated = runner.invoke(main, ["eval", str(out), "--seqlen", "32", "--windows", "2", "--device", "cpu", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((out / "thanos_report.json").read_text())
+    assert json.loads(evaluated.stdout)["perplexity"] == report["perplexity_after"]["value"]
+
+
+def test_bad_options_are_one_clear_line(tiny_llama_dir, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--pattern", "2:4", "--sparsity", "0.3",
+                                  "--out", str(tmp_path / "o"), *SMALL])
+    assert result.exit_code == 1
+    assert "Error: pattern 2:4 fixes the sparsity at 0.5" in result.output
+    assert "Traceback" not in result.output
+    missing = runner.invoke(main, ["prune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *SMALL])
+    assert missing.exit_code == 1 and "does not exist" in missing.output

@@ -1,0 +1,173 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from thanos import ConfigError, PruneConfig
+from thanos.calibration import CalibrationError, sample_windows, tokenize_split
+from thanos.checkpoint import OutputDirError
+from thanos.driver import LayerSelection, prunable_linears, prune_model_
+from thanos.models import ModelError, load_model, weight_view
+from thanos.pipeline import PruneJob, prune_to_directory
+from tests.thanos.helpers import assert_nm
+
+SMALL = dict(calib_samples=4, seqlen=32, eval_windows=2, device="cpu")
+
+
+def pruned_weights(model):
+    return {name: weight_view(mod).clone() for layer in prunable_linears(model, LayerSelection()).values()
+            for name, mod in layer.items()}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_opt_dir", "tiny_gpt2_dir"])
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_driver_prunes_every_family(request, fixture, pattern):
+    model, tokenizer = load_model(str(request.getfixturevalue(fixture)))
+    before = {n: w.shape for n, w in pruned_weights(model).items()}
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+    reports = prune_model_(model, samples, PruneConfig(pattern=pattern, sparsity=0.5 if pattern != "2:4" else None))
+    after = pruned_weights(model)
+    assert {n: w.shape for n, w in after.items()} == before
+    assert [r["name"] for r in reports] == list(after)
+    for name, weight in after.items():
+        if pattern == "2:4":
+            assert_nm(weight, 2, 4)  # along the input (K) dimension, Conv1D transposes included
+        else:
+            assert int((weight == 0).sum()) == weight.numel() // 2, name
+    assert all(r["error"] is not None and r["error"] < 1 for r in reports)
+    assert torch.isfinite(model(samples[:1]).logits).all()
+
+
+def test_selection_leaves_excluded_layers_dense(tiny_llama_dir):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    dense_before = weight_view(model.model.layers[0].self_attn.q_proj).clone()
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    reports = prune_model_(model, samples, PruneConfig(), selection=LayerSelection(exclude=("*.self_attn.*",)))
+    assert all(".mlp." in r["name"] for r in reports)
+    assert torch.equal(weight_view(model.model.layers[0].self_attn.q_proj), dense_before)
+
+
+def test_prune_to_directory_loads_with_transformers(tiny_llama_dir, tmp_path):
+    out = tmp_path / "pruned"
+    report = prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir), **SMALL))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for weight in pruned_weights(model).values():
+        assert_nm(weight, 2, 4)
+    on_disk = json.loads((out / "thanos_report.json").read_text())
+    assert on_disk["config"]["pattern"] == "2:4"
+    assert on_disk["sparsity"] == pytest.approx(0.5)
+    assert len(on_disk["layers"]) == 3 * 7
+    assert on_disk["perplexity_after"]["value"] > 1 and on_disk["perplexity_before"]["windows"] == 2
+    assert {"torch", "transformers", "python"} <= set(on_disk["versions"])
+    assert not (out / ".thanos_partial").exists()
+    assert report["calibration"]["samples"] == 4
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tiny_llama_dir, tmp_path):
+    job = PruneJob(out=str(tmp_path / "full"), model=str(tiny_llama_dir), evaluate=False, **SMALL)
+    prune_to_directory(job)
+
+    def die_after_two_layers(stage, done, total):
+        if stage == "layers" and done == 2:
+            raise _Killed
+
+    partial = PruneJob(out=str(tmp_path / "resumed"), model=str(tiny_llama_dir), evaluate=False, **SMALL)
+    with pytest.raises(_Killed):
+        prune_to_directory(partial, progress=die_after_two_layers)
+    saved = sorted(p.name for p in (tmp_path / "resumed" / ".thanos_partial").iterdir())
+    assert saved == ["layer_00000.safetensors", "layer_00001.safetensors", "run.json"]
+
+    solved = []
+    prune_to_directory(partial, progress=lambda stage, done, total: solved.append((stage, done)))
+    assert ("samples", 1) in solved  # the third layer was pruned, so its statistics were gathered
+    full = pruned_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "full"))
+    resumed = pruned_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "resumed"))
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
+
+
+def test_resume_refuses_different_settings(tiny_llama_dir, tmp_path):
+    job = PruneJob(out=str(tmp_path / "run"), model=str(tiny_llama_dir), evaluate=False, **SMALL)
+
+    def die(stage, done, total):
+        if stage == "layers":
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        prune_to_directory(job, progress=die)
+    changed = PruneJob(out=str(tmp_path / "run"), model=str(tiny_llama_dir), evaluate=False, seed=1,
+                       **SMALL)
+    with pytest.raises(OutputDirError, match="different settings \\(seed\\)"):
+        prune_to_directory(changed)
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(tiny_llama_dir, tmp_path):
+    out = tmp_path / "never"
+    cases = [
+        (dict(model=str(tmp_path / "missing")), ModelError, "does not exist"),
+        (dict(model=str(tiny_llama_dir / "config.json")), ModelError, "not .gguf"),
+        (dict(model=str(tiny_llama_dir), seqlen=300_000), CalibrationError, "smaller --seqlen"),
+        (dict(model=str(tiny_llama_dir), seqlen=30_000), CalibrationError, "held-out 10%"),
+        (dict(model=str(tiny_llama_dir), device="cuda:0"), ValueError, "no CUDA GPU"),
+        (dict(model=str(tiny_llama_dir), include=("*.nothing",)), ValueError, "no linear layer matches"),
+    ]
+    for overrides, error, fragment in cases:
+        settings = {**SMALL, **overrides}
+        if torch.cuda.is_available() and overrides.get("device") == "cuda:0":
+            continue
+        with pytest.raises(error, match=fragment):
+            prune_to_directory(PruneJob(out=str(out), **settings))
+        assert not out.exists()
+
+
+def test_pattern_that_width_does_not_divide(tmp_path_factory, tiny_tokenizer_dir, tmp_path):
+    from tests.conftest import _save_tiny
+
+    odd = _save_tiny("llama", tmp_path_factory, tiny_tokenizer_dir, intermediate_size=100)  # down_proj: 100 in
+    with pytest.raises(ModelError, match="down_proj \\(100 inputs\\).*--exclude"):
+        prune_to_directory(PruneJob(out=str(tmp_path / "x"), model=str(odd), config=PruneConfig(pattern="4:8"),
+                                    **SMALL))
+    assert not (tmp_path / "x").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, vocab_size=64)).save_pretrained(tmp_path / "neox")
+    with pytest.raises(ModelError, match="'gpt_neox' is not supported"):
+        from thanos.models import adapter_for
+
+        adapter_for(AutoModelForCausalLM.from_pretrained(tmp_path / "neox"))
+
+
+def test_output_directory_with_other_content(tiny_llama_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="not empty"):
+        prune_to_directory(PruneJob(out=str(tmp_path), model=str(tiny_llama_dir), **SMALL))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_jsonl_calibration(tmp_path, tiny_llama_dir):
+    from thanos.calibration import read_text
+
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "alpha beta"}\n\n{"text": "gamma"}\n')
+    assert read_text(str(f)) == "alpha beta\n\ngamma"
+    f.write_text('{"body": 1}\n')
+    with pytest.raises(CalibrationError, match='c.jsonl:1 has no "text"'):
+        read_text(str(f))
+
+
+def test_default_text_splits_without_overlap(tiny_llama_dir):
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    split = tokenize_split(tokenizer, None)
+    assert split.source == "pydoc_data.topics"
+    assert split.evaluation.numel() > 0 and split.calibration.numel() > 8 * split.evaluation.numel()
+    windows = sample_windows(split.calibration, 8, 64, seed=3)
+    assert windows.shape == (8, 64)
+    assert torch.equal(windows, sample_windows(split.calibration, 8, 64, seed=3))

@@ -1,0 +1,93 @@
+"""Resumable output: each finished decoder layer is committed to disk atomically.
+
+`OUT/.thanos_partial/run.json` records the settings of the run; `layer_00007.safetensors` holds
+layer 7's pruned state with its per-linear report in the file's metadata. A file appears only
+by `os.replace` of a complete temporary, so a killed run leaves whole layers or nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+PARTIAL_DIR = ".thanos_partial"
+REPORT_NAME = "thanos_report.json"
+
+
+class OutputDirError(ValueError):
+    """An output directory that cannot be written or resumed; the message names the fix."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_output_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output path that holds something else, before any work starts."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--out {out} is a file; pass a directory path")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if (out / PARTIAL_DIR / "run.json").is_file():
+        return  # an interrupted run: resumable if the settings match (checked by LayerCheckpoints)
+    if (out / REPORT_NAME).is_file():
+        if overwrite:
+            shutil.rmtree(out)
+            return
+        raise OutputDirError(f"{out} already holds a finished pruned model; pass --overwrite to replace it "
+                             "or choose another --out")
+    raise OutputDirError(f"{out} is not empty and holds no thanos-export run; choose a new or empty --out")
+
+
+class LayerCheckpoints:
+    def __init__(self, out: Path, fingerprint: dict):
+        self.dir = Path(out) / PARTIAL_DIR
+        self.fingerprint = fingerprint
+
+    def open(self) -> int:
+        """Create or validate the partial directory; returns how many layers are already done."""
+        run_file = self.dir / "run.json"
+        if run_file.is_file():
+            previous = json.loads(run_file.read_text())
+            if previous != self.fingerprint:
+                changed = sorted(k for k in set(previous) | set(self.fingerprint)
+                                 if previous.get(k) != self.fingerprint.get(k))
+                raise OutputDirError(
+                    f"{self.dir.parent} holds an interrupted run with different settings ({', '.join(changed)}); "
+                    "rerun with the same settings to resume, or choose another --out"
+                )
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_file, json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        done = 0
+        while self._path(done).is_file():
+            done += 1
+        return done
+
+    def _path(self, index: int) -> Path:
+        return self.dir / f"layer_{index:05d}.safetensors"
+
+    def save(self, index: int, layer: torch.nn.Module, reports: list[dict]) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+        tmp = self._path(index).with_suffix(".tmp")
+        save_file(state, str(tmp), metadata={"reports": json.dumps(reports)})
+        os.replace(tmp, self._path(index))
+
+    def load(self, index: int, layer: torch.nn.Module) -> list[dict]:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        layer.load_state_dict(load_file(str(self._path(index))))
+        with safe_open(str(self._path(index)), "pt") as f:
+            return json.loads(f.metadata()["reports"])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

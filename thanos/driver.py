@@ -1,0 +1,175 @@
+"""The whole-model driver (ALGORITHM.md section 7), written once for every model family.
+
+Capture the first decoder layer's inputs; then for each decoder layer: hook its prunable
+linears to stream statistics, run the calibration samples through it, prune each linear, re-run
+the samples through the pruned layer and feed the outputs to the next layer. Only the layer
+being pruned is on the accelerator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from thanos.api import prune_weight
+from thanos.checkpoint import LayerCheckpoints
+from thanos.config import PruneConfig
+from thanos.hessian import HessianAccumulator
+from thanos.models import ModelError, adapter_for, decoder_layers, is_prunable, set_weight_, weight_view
+
+log = logging.getLogger(__name__)
+
+# progress(stage, done, total): stage is "layers" or "samples"
+Progress = Callable[[str, int, int], None]
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSelection:
+    """Which linears inside the decoder layers are pruned, by fnmatch pattern on the full name."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def __call__(self, name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in self.include) and not any(
+            fnmatch.fnmatch(name, p) for p in self.exclude)
+
+
+def prunable_linears(model: nn.Module, selection: LayerSelection) -> dict[int, dict[str, nn.Module]]:
+    """{layer index: {full name: module}} of the linears that will be pruned."""
+    path = adapter_for(model).layers
+    found = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        found[index] = {f"{path}.{index}.{name}": mod for name, mod in layer.named_modules()
+                        if is_prunable(mod) and selection(f"{path}.{index}.{name}")}
+    return found
+
+
+def check_pattern_fits(linears: dict[int, dict[str, nn.Module]], config: PruneConfig) -> None:
+    if not config.pattern.is_nm:
+        return
+    m = config.pattern.m
+    bad = [f"{name} ({weight_view(mod).shape[1]} inputs)" for layer in linears.values()
+           for name, mod in layer.items() if weight_view(mod).shape[1] % m]
+    if bad:
+        raise ModelError(f"pattern {config.pattern} needs input widths divisible by {m}, but these are not: "
+                         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; leave them out with --exclude "
+                         "or use --pattern unstructured")
+
+
+def _move_non_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
+    """Move every part of the model except its decoder layers (embeddings, rotary, norms)."""
+    path = adapter_for(model).layers
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, samples: torch.Tensor, device, store_device):
+    """Inputs of the first decoder layer for every sample, plus the extra args it was given."""
+    layers = decoder_layers(model)
+    captured, extra = [], {}
+
+    def grab(module, args, kwargs):
+        captured.append(args[0].to(store_device))
+        extra["args"], extra["kwargs"] = args[1:], kwargs
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    _move_non_layers(model, layers, device)
+    try:
+        for sample in samples:
+            try:
+                model(sample[None].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        _move_non_layers(model, layers, "cpu")
+    return captured, extra["args"], extra["kwargs"]
+
+
+def _run_layer(layer, inputs, args, kwargs, device, store_device, progress: Optional[Progress] = None):
+    outputs = []
+    for i, x in enumerate(inputs):
+        y = layer(x.to(device), *args, **kwargs)
+        outputs.append((y[0] if isinstance(y, tuple) else y).to(store_device))
+        if progress:
+            progress("samples", i + 1, len(inputs))
+    return outputs
+
+
+@torch.no_grad()
+def prune_model_(
+    model: nn.Module,
+    samples: torch.Tensor,
+    config: PruneConfig,
+    device: "str | torch.device" = "cpu",
+    selection: LayerSelection = LayerSelection(),
+    checkpoints: Optional[LayerCheckpoints] = None,
+    offload_activations: bool = False,
+    progress: Optional[Progress] = None,
+) -> list[dict]:
+    """Prune `model` in place, layer by layer, on calibration `samples` (n, seqlen); returns per-linear reports.
+
+    With `checkpoints`, each finished layer is saved, and layers already saved are loaded instead
+    of pruned again (the calibration activations are recomputed through them), so a rerun
+    resumes and ends with the same weights as an uninterrupted run.
+    """
+    device = torch.device(device)
+    store_device = torch.device("cpu") if offload_activations else device
+    linears = prunable_linears(model, selection)
+    check_pattern_fits(linears, config)
+    layers = decoder_layers(model)
+    done = checkpoints.open() if checkpoints else 0
+    inputs, args, kwargs = capture_layer_inputs(model, samples, device, store_device)
+    reports: list[dict] = []
+    for index, layer in enumerate(layers):
+        layer.to(device)
+        if index < done:
+            reports += checkpoints.load(index, layer)
+            log.info("layer %d: loaded from the interrupted run", index)
+        else:
+            reports += _prune_layer(layer, linears[index], inputs, args, kwargs, config, device, store_device, progress)
+        inputs = _run_layer(layer, inputs, args, kwargs, device, store_device)
+        layer.to("cpu")
+        if checkpoints and index >= done:
+            checkpoints.save(index, layer, reports[-len(linears[index]):] if linears[index] else [])
+        if progress:
+            progress("layers", index + 1, len(layers))
+    return reports
+
+
+def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, config, device, store_device, progress):
+    stats = {name: HessianAccumulator(weight_view(mod).shape[1], device) for name, mod in linears.items()}
+    hooks = [mod.register_forward_pre_hook(lambda m, a, acc=stats[name]: acc.add(a[0]))
+             for name, mod in linears.items()]
+    try:
+        _run_layer(layer, inputs, args, kwargs, device, store_device, progress)
+    finally:
+        for h in hooks:
+            h.remove()
+    reports = []
+    for name, mod in linears.items():
+        c = config
+        result = prune_weight(weight_view(mod), stats.pop(name).hessian, c.method, c.pattern, c.sparsity,
+                              c.block_size, c.alpha, c.damp, name=name)
+        set_weight_(mod, result.weight)
+        reports.append(dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
+                            error=result.error, seconds=result.seconds, damp_used=result.damp_used,
+                            damp_escalations=result.damp_escalations))
+        log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
+    return reports

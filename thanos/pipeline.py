@@ -1,0 +1,188 @@
+"""Prune a model into a directory that transformers loads, with a report; evaluate one.
+
+This is what `thanos-export prune` and `eval` call: settings in, files out, nothing printed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from thanos.calibration import CalibrationError, sample_windows, tokenize_split
+from thanos.checkpoint import REPORT_NAME, LayerCheckpoints, OutputDirError, atomic_write_text, check_output_dir
+from thanos.config import PruneConfig
+from thanos.driver import LayerSelection, Progress, check_pattern_fits, prunable_linears, prune_model_
+from thanos.evaluate import perplexity
+from thanos.models import describe_source, load_model
+
+log = logging.getLogger(__name__)
+
+GPU_DEFAULTS = dict(samples=128, seqlen=2048, eval_windows=None)
+CPU_DEFAULTS = dict(samples=32, seqlen=512, eval_windows=16)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                         "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+    return device
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneJob:
+    """Everything `thanos-export prune` needs. `None` sizes pick the device's defaults."""
+
+    out: str
+    config: PruneConfig = PruneConfig()
+    model: Optional[str] = None  # HF directory or .gguf; None = embedded SmolLM2-135M-Instruct
+    calib_file: Optional[str] = None
+    calib_samples: Optional[int] = None
+    seqlen: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    evaluate: bool = True
+    eval_windows: Optional[int] = -1  # -1: the device's default; None: the whole held-out text
+    offload_activations: bool = False
+    trust_remote_code: bool = False
+    overwrite: bool = False
+
+    def resolved(self, device: torch.device) -> "PruneJob":
+        defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+        return dataclasses.replace(
+            self,
+            calib_samples=self.calib_samples or defaults["samples"],
+            seqlen=self.seqlen or defaults["seqlen"],
+            eval_windows=defaults["eval_windows"] if self.eval_windows == -1 else self.eval_windows,
+        )
+
+    def fingerprint(self) -> dict:
+        """The settings that decide the pruned weights; a resume must match them."""
+        return dict(model=describe_source(self.model), config=self.config.to_json(), calib_file=self.calib_file,
+                    calib_samples=self.calib_samples, seqlen=self.seqlen, seed=self.seed,
+                    include=list(self.include), exclude=list(self.exclude))
+
+
+def versions() -> dict:
+    import transformers
+
+    return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                thanos_export=_own_version())
+
+
+def _own_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("thanos-export")
+    except Exception:
+        return "source checkout"
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> dict:
+    """Prune `job.model` and write a loadable model directory plus `thanos_report.json`; return the report."""
+    out = Path(job.out)
+    check_output_dir(out, job.overwrite)
+    device = resolve_device(job.device)
+    job = job.resolved(device)
+    started = time.time()
+
+    model, tokenizer = load_model(job.model, trust_remote_code=job.trust_remote_code)
+    selection = LayerSelection(job.include, job.exclude)
+    linears = prunable_linears(model, selection)
+    if not any(linears.values()):
+        raise ValueError(f"no linear layer matches --include {job.include} minus --exclude {job.exclude}; "
+                         "patterns match full names such as 'model.layers.0.mlp.up_proj'")
+    check_pattern_fits(linears, job.config)
+    text = tokenize_split(tokenizer, job.calib_file)
+    samples = sample_windows(text.calibration, job.calib_samples, job.seqlen, job.seed)
+    if job.evaluate and text.evaluation.numel() < job.seqlen:
+        raise CalibrationError(
+            f"the held-out 10% of the text has {text.evaluation.numel()} tokens, fewer than one window of "
+            f"{job.seqlen}; pass --no-eval, a longer --calib-file or a smaller --seqlen")
+
+    report = dict(config=job.config.to_json(), job=dataclasses.asdict(job) | dict(config=None),
+                  model=describe_source(job.model), versions=versions(), device=device_description(device),
+                  calibration=dict(source=text.source, samples=job.calib_samples, seqlen=job.seqlen, seed=job.seed,
+                                   calibration_tokens=text.calibration.numel(), held_out_tokens=text.evaluation.numel()))
+    if job.evaluate:
+        report["perplexity_before"] = _held_out_perplexity(model, text.evaluation, job, device)
+
+    checkpoints = LayerCheckpoints(out, job.fingerprint())
+    layers = prune_model_(model, samples, job.config, device, selection, checkpoints,
+                          job.offload_activations, progress)
+    report["layers"] = layers
+    report["sparsity"] = _overall_sparsity(layers)
+    report["prune_seconds"] = time.time() - started
+    if job.evaluate:
+        report["perplexity_after"] = _held_out_perplexity(model, text.evaluation, job, device)
+    _save_model_dir(model, tokenizer, out, report)
+    checkpoints.remove()
+    return report
+
+
+def _held_out_perplexity(model, tokens, job: PruneJob, device) -> dict:
+    model.to(device)
+    try:
+        value = perplexity(model, tokens, job.seqlen, device, job.eval_windows)
+    finally:
+        model.to("cpu")
+    windows = tokens.numel() // job.seqlen
+    if job.eval_windows is not None:
+        windows = min(windows, job.eval_windows)
+    return dict(value=value, windows=windows, seqlen=job.seqlen)
+
+
+def _overall_sparsity(layers: list[dict]) -> float:
+    total = sum(r["shape"][0] * r["shape"][1] for r in layers)
+    return sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers) / total if total else 0.0
+
+
+def _save_model_dir(model, tokenizer, out: Path, report: dict) -> None:
+    """Write the model into a temporary folder, move it in, then the report: the report marks completion."""
+    staging = out / ".thanos_final"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1, default=str))
+
+
+def evaluate_directory(path: str, text_file: Optional[str] = None, seqlen: Optional[int] = None,
+                       device: str = "auto", max_windows: Optional[int] = -1) -> dict:
+    """Held-out perplexity of a pruned (or any) model directory on the default or a given text."""
+    dev = resolve_device(device)
+    defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
+    seqlen = seqlen or defaults["seqlen"]
+    max_windows = defaults["eval_windows"] if max_windows == -1 else max_windows
+    model, tokenizer = load_model(path)
+    text = tokenize_split(tokenizer, text_file)
+    tokens = text.evaluation
+    model.to(dev)
+    value = perplexity(model, tokens, seqlen, dev, max_windows)
+    windows = min(tokens.numel() // seqlen, max_windows or 10**9)
+    return dict(model=path, text=text.source, perplexity=value, windows=windows, seqlen=seqlen,
+                device=device_description(dev))
+
+
+__all__ = ["PruneJob", "prune_to_directory", "evaluate_directory", "resolve_device", "OutputDirError"]
