@@ -5,6 +5,7 @@ CLI does is a few lines of Python for a library user.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -196,6 +197,189 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json):
     else:
         click.echo(f"perplexity {result['perplexity']:.3f} on {result['text']} "
                    f"({result['windows']} windows of {result['seqlen']}, {result['device']})")
+
+
+TARGETS = ("torch", "onnx", "tensorrt", "safetensors")
+
+
+def export_options(f):
+    options = [
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
+                     show_default=True, help="Precision of the exported weights (ONNX: float32 or float16)."),
+        click.option("--allow-dense", is_flag=True,
+                     help="Hardware targets: build a dense model instead of refusing one that is not 2:4."),
+        click.option("--no-validate", is_flag=True, help="Skip running the export against the pruned model."),
+        click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset."),
+        click.option("--trt-batch", default="1,1,4", show_default=True, help="TensorRT profile min,opt,max batch."),
+        click.option("--trt-seqlen", default="1,128,512", show_default=True,
+                     help="TensorRT profile min,opt,max sequence length."),
+        click.option("--workspace-gib", type=float, default=4.0, show_default=True, help="TensorRT workspace."),
+        click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file to reuse."),
+        click.option("--backend", type=click.Choice(["auto", "cusparselt", "cutlass"]), default="auto",
+                     show_default=True, help="torch semi-structured kernel backend."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _triple(text: str, what: str) -> tuple[int, int, int]:
+    try:
+        low, opt, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{what} needs three integers min,opt,max such as 1,128,512") from None
+    if not low <= opt <= high:
+        raise click.BadParameter(f"{what} must satisfy min <= opt <= max, got {text}")
+    return low, opt, high
+
+
+def build_export_options(dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen, workspace_gib,
+                         timing_cache, backend):
+    from exporters import ExportOptions
+
+    return ExportOptions(dtype=dtype, allow_dense=allow_dense, validate=not no_validate, opset=opset,
+                         batch=_triple(trt_batch, "--trt-batch"), seqlen=_triple(trt_seqlen, "--trt-seqlen"),
+                         workspace_gib=workspace_gib, timing_cache=timing_cache, backend=backend)
+
+
+def echo_export_summary(summary: dict) -> None:
+    nested = summary["onnx"] if isinstance(summary.get("onnx"), dict) else {}
+    written = summary.get("engine") or (summary["onnx"] if isinstance(summary.get("onnx"), str) else None)
+    click.echo(f"exported   {summary['format']}" + (f" -> {written}" if written else ""))
+    if summary.get("ratio"):
+        click.echo(f"compact    {summary['compact_layers']} n:m layers at {summary['ratio']:.4f}x their dense bytes; "
+                   f"round trip {summary.get('round_trip', 'not checked')}")
+    validation = summary.get("validation") or nested.get("validation")
+    if validation:
+        click.echo(f"verified   largest logit difference {validation['max_abs_diff']:.3g} "
+                   f"(tolerance {validation['tolerance']:.3g})")
+    if "eligible" in summary:
+        click.echo(f"tensorrt   {len(summary['eligible'])} layers eligible for sparse math, "
+                   f"{len(summary['sparse_implementation'])} given a sparse kernel")
+    if "converted" in summary:
+        click.echo(f"torch 2:4  {len(summary['converted'])} linears converted ({summary['backend']}), "
+                   f"{len(summary['dense'])} kept dense")
+
+
+def _auto_target() -> str:
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None:
+        return "tensorrt"
+    return "onnx"
+
+
+@main.command("export")
+@click.argument("model_dir", type=click.Path())
+@click.option("--target", type=click.Choice(TARGETS), required=True, help="Output format.")
+@click.option("--out", required=True, type=click.Path(), help="Directory for the exported files.")
+@export_options
+def export_cmd(model_dir, target, out, **options):
+    """Export a pruned model directory and check the export against it.
+
+    \b
+    Targets:
+      onnx         model.onnx (input_ids, attention_mask -> logits), run by onnxruntime to verify
+      tensorrt     a TensorRT engine with sparse weights (needs TensorRT and an NVIDIA GPU)
+      torch        PyTorch semi-structured 2:4 weights (needs a CUDA GPU, compute capability 8.0+)
+      safetensors  compact n:m checkpoint: kept values + 1-bit mask, bit-exact on reload
+    \b
+    Example:
+      thanos-export export smollm2-2of4/ --target onnx --dtype float32 --out smollm2-onnx/
+    """
+    from exporters import ExportError, export
+
+    try:
+        summary = export(target, model_dir, out, build_export_options(**options))
+    except (ConfigError, ExportError, *USER_ERRORS) as exc:
+        _fail(exc)
+    echo_export_summary(summary)
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_cmd(path, as_json):
+    """Per linear layer: shape, sparsity, the n:m pattern along K, and 2:4 hardware eligibility.
+
+    PATH is a pruned model directory, a compact checkpoint directory, or an .onnx file.
+
+    \b
+    Example:
+      thanos-export inspect smollm2-2of4/ --json
+    """
+    from pathlib import Path
+
+    try:
+        if Path(path).suffix == ".onnx":
+            from exporters.onnx_export import onnx_weight_patterns
+
+            layers = onnx_weight_patterns(Path(path))
+        else:
+            from exporters.source import load_pruned, model_patterns
+
+            layers = model_patterns(load_pruned(Path(path))[0])
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps([l.to_json() for l in layers], indent=1))
+        return
+    width = max((len(l.name) for l in layers), default=4)
+    click.echo(f"{'layer':<{width}}  {'shape':>11}  {'dtype':>8}  {'sparsity':>8}  {'n:m':>5}  2:4 hardware")
+    for l in layers:
+        shape = f"{l.shape[0]}x{l.shape[1]}"
+        click.echo(f"{l.name:<{width}}  {shape:>11}  {l.dtype:>8}  {l.sparsity:>8.3f}  {l.pattern or '-':>5}  "
+                   f"{'yes' if l.hardware_2to4 else 'no'}: {l.reason}")
+    eligible = sum(l.hardware_2to4 for l in layers)
+    click.echo(f"{eligible} of {len(layers)} linear layers qualify for 2:4 sparse tensor cores")
+
+
+@main.command("prune-and-build")
+@prune_options
+@click.option("--target", type=click.Choice(("auto",) + TARGETS), default="auto", show_default=True,
+              help="auto: TensorRT where a GPU and TensorRT exist, else ONNX.")
+@click.option("--out", required=True, type=click.Path(), help="Directory: pruned/ and the export go inside.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@export_options
+def prune_and_build(target, out, quiet, dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen,
+                    workspace_gib, timing_cache, backend, **prune_opts):
+    """Prune, export, verify, and write a summary: the whole path to a servable sparse model.
+
+    \b
+    Example (embedded SmolLM2-135M-Instruct):
+      thanos-export prune-and-build --pattern 2:4 --target tensorrt --out build/
+    \b
+    Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
+    with export_summary.json) and OUT/build_summary.json.
+    """
+    from pathlib import Path
+
+    from exporters import ExportError, export
+
+    chosen = _auto_target() if target == "auto" else target
+    try:
+        options = build_export_options(dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen,
+                                       workspace_gib, timing_cache, backend)
+        if chosen == "onnx" and dtype == "bfloat16":
+            options = dataclasses.replace(options, dtype="float16")
+        job = build_job(str(Path(out) / "pruned"), **prune_opts)
+        if chosen in ("tensorrt", "torch") and not allow_dense and (str(job.config.pattern) != "2:4" or job.config.alpha > 0):
+            from exporters.patterns import require_hardware_2to4
+
+            require_hardware_2to4(None, dict(config=job.config.to_json()), chosen)
+        report = run_prune(job, quiet)
+        echo_prune_summary(report)
+        summary = export(chosen, Path(out) / "pruned", Path(out) / chosen, options)
+    except (ConfigError, ExportError, *USER_ERRORS) as exc:
+        _fail(exc)
+    echo_export_summary(summary)
+    build = dict(target=chosen, pruned=str(Path(out) / "pruned"), export=str(Path(out) / chosen),
+                 sparsity=report["sparsity"], perplexity_before=report.get("perplexity_before"),
+                 perplexity_after=report.get("perplexity_after"), export_summary=summary)
+    (Path(out) / "build_summary.json").write_text(json.dumps(build, indent=1, default=str))
+    click.echo(f"summary    {Path(out) / 'build_summary.json'}")
 
 
 if __name__ == "__main__":

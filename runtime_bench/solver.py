@@ -59,10 +59,11 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
         for pattern in patterns:
             sparsity = 0.5 if pattern == "unstructured" else None
             for method in methods:
-                sizes = block_sizes if method in ("thanos", "sparsegpt") else [None]
+                sizes = block_sizes if method in ("thanos", "sparsegpt") and pattern != "columns" else [None]
                 for block in sizes:
                     res = prune_weight(W, H, method, pattern, sparsity, block_size=block)
-                    rec = dict(shape=shape, method=method, pattern=pattern, block_size=res.config.resolved_block_size,
+                    rec = dict(shape=shape, method=method, pattern=pattern,
+                               block_size=res.config.resolved_block_size if block else None,
                                seconds=res.seconds, error=res.error)
                     records.append(rec)
                     echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")

@@ -44,3 +44,43 @@ def test_bad_options_are_one_clear_line(tiny_llama_dir, tmp_path):
     assert "Traceback" not in result.output
     missing = runner.invoke(main, ["prune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *SMALL])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_inspect_table_and_json(tmp_path, tiny_llama_dir):
+    runner = CliRunner()
+    out = tmp_path / "p"
+    assert runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--no-eval", "--out", str(out), *SMALL]).exit_code == 0
+    table = runner.invoke(main, ["inspect", str(out)])
+    assert table.exit_code == 0 and "21 of 21 linear layers qualify" in table.stdout
+    layers = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)
+    assert len(layers) == 21 and all(l["pattern"] == "2:4" for l in layers)
+
+
+def test_export_onnx_then_inspect_it(tmp_path, tiny_llama_dir):
+    runner = CliRunner()
+    pruned = tmp_path / "p"
+    runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--no-eval", "--out", str(pruned), *SMALL])
+    result = runner.invoke(main, ["export", str(pruned), "--target", "onnx", "--dtype", "float32",
+                                  "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert "verified   largest logit difference" in result.stdout
+    inspected = runner.invoke(main, ["inspect", str(tmp_path / "onnx" / "model.onnx")])
+    assert "21 of" in inspected.stdout
+
+
+def test_prune_and_build_refuses_4of8_for_tensorrt_before_pruning(tmp_path, tiny_llama_dir):
+    result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--pattern", "4:8",
+                                       "--target", "tensorrt", "--out", str(tmp_path / "b"), *SMALL])
+    assert result.exit_code == 1 and "--allow-dense" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_prune_and_build_onnx(tmp_path, tiny_llama_dir):
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "auto",
+                                       "--dtype", "float32", "--eval-windows", "1", "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "build_summary.json").read_text())
+    assert summary["target"] == "onnx"  # no GPU + TensorRT here
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "pruned" / "thanos_report.json").is_file()
+    assert summary["export_summary"]["validation"]["max_abs_diff"] <= summary["export_summary"]["validation"]["tolerance"]

@@ -102,6 +102,11 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         directory, kwargs["gguf_file"] = source.parent, source.name
     else:
         directory = source
+        from exporters.compact import is_compact_dir, load_compact
+
+        if is_compact_dir(source):
+            model = load_compact(source, dtype)
+            return model, AutoTokenizer.from_pretrained(source)
         if not (source / "config.json").is_file():
             raise ModelError(f"{source} has no config.json; pass a Hugging Face model directory "
                              "(config.json and *.safetensors) or a .gguf file")

@@ -1,0 +1,143 @@
+"""Compact n:m checkpoints: only the kept values plus a one-bit-per-weight keep mask.
+
+For an n:m layer of shape (out, in) the file holds `NAME.values` (out, in*(m-n)/m) in the
+layer's dtype and `NAME.keep` (out, ceil(in/8)) uint8, the row-wise packed bits of the mask of
+kept positions; every other tensor is stored dense under its own name. For fp16 2:4 that is
+0.5 + 0.0625 = 0.5625 of the dense bytes. Loading scatters the values back and gives the exact
+same bits (`torch.equal`, and -0.0 stays -0.0).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from exporters.patterns import nonzero_bits
+
+COMPACT_FILE = "model.compact.safetensors"
+FORMAT = "thanos-compact/1"
+
+
+def keep_mask(weight: torch.Tensor, n: int, m: int) -> Optional[torch.Tensor]:
+    """Exactly m-n kept positions per group of m (the non-zeros, topped up with zeros in order),
+    or None if some group holds more than m-n non-zeros."""
+    rows, cols = weight.shape
+    nz = nonzero_bits(weight).reshape(rows, cols // m, m)  # (r, c/m, m)
+    if int(nz.sum(-1).max()) > m - n:
+        return None
+    position = torch.arange(m, 0, -1)  # earlier positions win ties among zeros
+    score = nz.to(torch.int64) * (m + 1) + position
+    keep_idx = torch.topk(score, m - n, dim=-1).indices
+    return torch.zeros_like(nz).scatter_(-1, keep_idx, True).reshape(rows, cols)
+
+
+def compress(weight: torch.Tensor, n: int, m: int) -> Optional[dict[str, torch.Tensor]]:
+    keep = keep_mask(weight, n, m)
+    if keep is None:
+        return None
+    rows, cols = weight.shape
+    values = weight[keep].reshape(rows, cols * (m - n) // m)  # row-major: each row's kept values in order
+    packed = torch.from_numpy(np.packbits(keep.numpy(), axis=1))  # (r, ceil(c/8)) uint8
+    return {"values": values.contiguous(), "keep": packed}
+
+
+def decompress(values: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape
+    keep = torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=cols).astype(bool))  # (r, c)
+    dense = torch.zeros(rows, cols, dtype=values.dtype)
+    dense[keep] = values.flatten()
+    return dense
+
+
+def save_compact(model, tokenizer, out: Path, patterns: dict[str, tuple[int, int]],
+                 transposed: set[str], extra_files: tuple[Path, ...] = ()) -> dict:
+    """Write `model` compactly to `out`. `patterns` maps weight names to the (n, m) to store them with."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = _unique_state(model)
+    tensors, layers = {}, {}
+    dense_bytes = compact_bytes = 0
+    for key, tensor in state.items():
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        if name in patterns:
+            n, m = patterns[name]
+            weight = tensor.T if name in transposed else tensor  # (out, in): groups along K
+            parts = compress(weight.cpu(), n, m)
+            if parts is not None:
+                tensors[f"{name}.values"], tensors[f"{name}.keep"] = parts["values"], parts["keep"]
+                layers[name] = dict(shape=list(weight.shape), n=n, m=m, transposed=name in transposed)
+                dense_bytes += weight.numel() * weight.element_size()
+                compact_bytes += sum(p.numel() * p.element_size() for p in parts.values())
+                continue
+        tensors[key] = tensor.detach().cpu().contiguous()
+    save_file(tensors, str(out / COMPACT_FILE), metadata={"format": FORMAT, "layers": json.dumps(layers)})
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    for f in extra_files:
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return dict(compact_layers=len(layers), dense_bytes_of_compact_layers=dense_bytes,
+                compact_bytes=compact_bytes, ratio=compact_bytes / dense_bytes if dense_bytes else None,
+                file_bytes=(out / COMPACT_FILE).stat().st_size)
+
+
+def _unique_state(model) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (the LM head tied to the embeddings)."""
+    seen, state = {}, {}
+    for key, tensor in model.state_dict().items():
+        ptr = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and ptr in seen:
+            continue
+        seen[ptr] = key
+        state[key] = tensor
+    return state
+
+
+def is_compact_dir(path: Path) -> bool:
+    return (Path(path) / COMPACT_FILE).is_file()
+
+
+def read_compact_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / COMPACT_FILE), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+        layers = json.loads(meta["layers"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for name, info in layers.items():
+        dense = decompress(state.pop(f"{name}.values"), state.pop(f"{name}.keep"), tuple(info["shape"]))
+        state[f"{name}.weight"] = dense.T.contiguous() if info["transposed"] else dense
+    return state
+
+
+def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
+    """The transformers model stored in a compact directory, with dense weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    state = read_compact_state(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or next(iter(state.values())).dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    untied = set(missing) - _tied_names(model)
+    if untied or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match its config (missing {sorted(untied)[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def _tied_names(model) -> set[str]:
+    """Parameter names that share their tensor with another name (e.g. lm_head and embeddings)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    return {name for names in by_tensor.values() if len(names) > 1 for name in names}

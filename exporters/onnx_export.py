@@ -1,0 +1,142 @@
+"""`--target onnx`: the full-sequence graph (input_ids, attention_mask -> logits), run by onnxruntime.
+
+Every linear weight becomes a constant initializer. PyTorch exports `x @ W^T` as a MatMul whose
+second input is the folded (K, N) transpose of W, so the n:m groups that ran along W's rows run
+along axis 0 of the initializer; `onnx_weight_patterns` reads the initializers back and checks
+the groups along K, whichever way each one is stored (MatMul (K, N), or Gemm with transB=1 (N, K)).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from exporters import ExportError, ExportFormat, ExportOptions, ValidationError, register
+from exporters.patterns import LayerPattern, analyse
+from exporters.source import load_pruned, model_patterns, prompts
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+TWO_GIB = 2 * 1024**3
+TOLERANCE = {"float32": 1e-3, "float16": 5e-2}  # of the logits' largest magnitude
+
+
+class _LogitsOnly(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(f"ONNX export needs onnx and onnxruntime ({exc}); pip install 'thanos-export[onnx]'") from exc
+
+
+def write_onnx(model, path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
+    """Export `model` (already in its export dtype) to `path`, with external data past the threshold."""
+    import onnx
+
+    ids = torch.ones(1, 8, dtype=torch.long)
+    mask = torch.ones(1, 8, dtype=torch.long)
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+               "logits": {0: "batch", 1: "sequence"}}
+    with torch.no_grad():
+        torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamic_axes=dynamic, opset_version=opset, dynamo=False,
+                          do_constant_folding=True)
+    proto = onnx.load(str(path), load_external_data=True)
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    if size > external_data_threshold:
+        for stale in path.parent.glob("*.onnx.data"):
+            stale.unlink()
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+
+
+def onnx_weight_patterns(path: Path) -> list[LayerPattern]:
+    """Analyse every constant weight of a MatMul/Gemm along its K axis, transposes included."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    layers = []
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        name, transposed = node.input[1], False
+        if node.op_type == "Gemm":
+            transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        producer = producers.get(name)
+        if name not in inits and producer is not None and producer.op_type == "Transpose":
+            name, transposed = producer.input[0], not transposed
+        if name not in inits:
+            continue  # an activation x activation product (attention), not a weight
+        array = numpy_helper.to_array(inits[name])
+        if array.ndim != 2:
+            continue
+        weight = torch.from_numpy(np.ascontiguousarray(array if transposed else array.T))  # (out, in)
+        layers.append(analyse(f"{node.name or node.op_type}:{name}", weight))
+    return layers
+
+
+def run_onnxruntime(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    providers: Optional[list[str]] = None) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+
+
+@register(ExportFormat.ONNX)
+def export_onnx(model_dir: Path, out: Path, options: ExportOptions) -> dict:
+    _require_onnx()
+    if options.dtype not in TOLERANCE:
+        raise ExportError(f"ONNX export supports float32 and float16, not {options.dtype}")
+    model, tokenizer, report = load_pruned(model_dir, options.dtype)
+    torch_layers = model_patterns(model)
+    path = out / ONNX_FILE
+    write_onnx(model, path, options.opset)
+    tokenizer.save_pretrained(out)
+
+    onnx_layers = onnx_weight_patterns(path)
+    pruned_in_torch = sum(1 for l in torch_layers if l.pattern)
+    kept_in_onnx = sum(1 for l in onnx_layers if l.pattern)
+    if kept_in_onnx < pruned_in_torch:
+        raise ExportError(f"the n:m pattern of {pruned_in_torch - kept_in_onnx} pruned layers did not survive the "
+                          "ONNX export (weights were rewritten); please report this with the model's config")
+    summary = dict(onnx=str(path), layers_with_nm_pattern=kept_in_onnx,
+                   onnx_patterns=sorted({l.pattern for l in onnx_layers if l.pattern}))
+    if options.validate:
+        summary.update(validate_onnx(model, tokenizer, path, options.dtype))
+    return summary
+
+
+def validate_onnx(model, tokenizer, path: Path, dtype: str) -> dict:
+    """Run real prompts through onnxruntime and PyTorch; raise if the logits differ too much."""
+    ids = prompts(tokenizer)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # one left-padded row, as batched serving produces
+    with torch.no_grad():
+        expected = model.float()(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
+    model.to(torch.float16 if dtype == "float16" else torch.float32)
+    got = run_onnxruntime(path, ids, mask).astype(np.float32)
+    valid = mask.bool().numpy()
+    diff = float(np.abs(got - expected)[valid].max())
+    scale = float(np.abs(expected[valid]).max())
+    tolerance = TOLERANCE[dtype] * scale
+    if diff > tolerance:
+        raise ValidationError(f"ONNX ({dtype}) logits on {ids.shape[0]} prompts", diff, tolerance)
+    return dict(validation=dict(prompts=ids.shape[0], tokens=int(valid.sum()), max_abs_diff=diff,
+                                tolerance=tolerance, runtime="onnxruntime CPUExecutionProvider"))

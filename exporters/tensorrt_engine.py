@@ -1,0 +1,119 @@
+"""`--target tensorrt`: an engine built from the ONNX export with sparse weights enabled.
+
+TensorRT 10 takes precision from builder flags (FP16/BF16); TensorRT 11 networks are strongly
+typed, so precision comes from the ONNX types (we export fp16). The builder's verbose log is
+captured, and the layers it reports as eligible for sparse math, and those it gave a sparse
+implementation, are listed in the summary.
+
+Weight layout: TensorRT looks for 2:4 along the reduction (K) dimension of constant weights.
+Our ONNX stores each linear as MatMul(x, B) with B a (K, N) initializer whose groups of 4 run
+along K (axis 0); `exporters.onnx_export.onnx_weight_patterns` verifies that before the build.
+The builder log is the authority on what it accepted, and the summary reports it.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from exporters import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
+from exporters.onnx_export import export_onnx
+from exporters.patterns import require_hardware_2to4
+from exporters.source import load_pruned, model_patterns
+
+log = logging.getLogger(__name__)
+ENGINE_FILE = "model.engine"
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendMissingError(
+            f"TensorRT is not installed ({exc}); `pip install tensorrt` on a machine with an NVIDIA GPU "
+            "(or use --target onnx). The ONNX model was still written.") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendMissingError("TensorRT needs an NVIDIA GPU and none is visible here; the ONNX model was "
+                                  "still written. Build the engine on the serving machine with --target tensorrt")
+    return trt
+
+
+def parse_sparsity_log(lines: list[str]) -> dict:
+    """Pull TensorRT's '(Sparsity)' report lines apart: eligible layers and those picked sparse."""
+    eligible, picked = [], []
+    for line in lines:
+        match = re.search(r"Layers eligible for sparse math:\s*(.*)", line)
+        if match:
+            eligible += [s.strip() for s in match.group(1).split(",") if s.strip()]
+        match = re.search(r"picked sparse implementation for layers:\s*(.*)", line)
+        if match:
+            picked += [s.strip() for s in match.group(1).split(",") if s.strip()]
+    return dict(eligible=eligible, sparse_implementation=picked)
+
+
+def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, sparse: bool = True) -> dict:
+    trt = _import_tensorrt()
+    lines: list[str] = []
+
+    class _Capture(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            lines.append(msg)
+            if severity <= trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+
+    logger = _Capture()
+    major = int(trt.__version__.split(".")[0])
+    builder = trt.Builder(logger)
+    flags = 0
+    if major >= 11:  # strongly typed: precision comes from the ONNX types
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 1024**3))
+    if sparse:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if major < 11 and options.dtype in ("float16", "bfloat16"):
+        config.set_flag(trt.BuilderFlag.FP16 if options.dtype == "float16" else trt.BuilderFlag.BF16)
+    profile = builder.create_optimization_profile()
+    for name in ("input_ids", "attention_mask"):
+        shapes = [(b, s) for b, s in zip(options.batch, options.seqlen)]
+        profile.set_shape(name, *shapes)
+    config.add_optimization_profile(profile)
+    cache_path = Path(options.timing_cache) if options.timing_cache else engine_path.with_suffix(".timing.cache")
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    logger.min_severity = trt.ILogger.Severity.VERBOSE
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError("TensorRT failed to build the engine; see tensorrt_build.log")
+    engine_path.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    (engine_path.parent / "tensorrt_build.log").write_text("\n".join(lines))
+    return dict(engine=str(engine_path), tensorrt=trt.__version__, sparse_weights=sparse,
+                timing_cache=str(cache_path), **parse_sparsity_log(lines))
+
+
+@register(ExportFormat.TENSORRT)
+def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
+    model, _, report = load_pruned(model_dir, options.dtype)
+    sparse = True
+    try:
+        require_hardware_2to4(model_patterns(model), report, "TensorRT")
+    except ValueError:
+        if not options.allow_dense:
+            raise
+        sparse = False
+    del model
+    onnx_summary = export_onnx(model_dir, out, ExportOptions(**{**options.to_json(), "dtype": "float16"
+                                                                 if options.dtype == "bfloat16" else options.dtype}))
+    return dict(onnx=onnx_summary, **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))

@@ -1,0 +1,105 @@
+"""`--target torch`: PyTorch semi-structured 2:4 weights (`to_sparse_semi_structured`).
+
+Needs a CUDA GPU of compute capability 8.0+ and fp16/bf16 weights. The backend is chosen
+explicitly: cuSPARSELt on Hopper (PyTorch's CUTLASS path is not enabled there), CUTLASS where
+asked for. Linears that do not qualify stay dense and are listed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from exporters import BackendMissingError, ExportFormat, ExportOptions, ValidationError, register
+from exporters.patterns import analyse, require_hardware_2to4
+from exporters.source import DTYPES, load_pruned, model_patterns, prompts
+from thanos.driver import LayerSelection, prunable_linears
+from thanos.models import weight_view
+
+log = logging.getLogger(__name__)
+TOLERANCE = 2e-2  # of the logits' largest magnitude: sparse kernels accumulate in another order
+
+
+def require_sparse_gpu(device: "str | torch.device" = "cuda") -> torch.device:
+    if not torch.cuda.is_available():
+        raise BackendMissingError(
+            "torch semi-structured 2:4 needs a CUDA GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper); "
+            f"torch {torch.__version__} sees none here. Use --target onnx or safetensors on this machine")
+    device = torch.device(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise BackendMissingError(f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; "
+                                  "2:4 sparse tensor cores need 8.0 or newer")
+    return device
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    if requested in ("cusparselt", "cutlass"):
+        return requested
+    major, _ = torch.cuda.get_device_capability(device)
+    return "cusparselt" if major >= 9 else "cutlass"
+
+
+@dataclasses.dataclass
+class SemiStructuredReport:
+    backend: str
+    converted: list[str]
+    dense: dict[str, str]  # name -> why it stayed dense
+
+
+@torch.no_grad()
+def to_semi_structured_(model, backend: str = "auto") -> SemiStructuredReport:
+    """Replace every qualifying linear weight of `model` (on a CUDA GPU, fp16/bf16) in place."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    device = require_sparse_gpu(next(model.parameters()).device)
+    chosen = pick_backend(backend, device)
+    SparseSemiStructuredTensor._FORCE_CUTLASS = chosen == "cutlass"
+    converted, dense = [], {}
+    for layer in prunable_linears(model, LayerSelection()).values():
+        for name, mod in layer.items():
+            info = analyse(name, weight_view(mod), chosen)
+            if type(mod).__name__ == "Conv1D":
+                dense[name] = "GPT-2 Conv1D (x @ W) is not an nn.Linear; semi-structured needs F.linear"
+            elif not info.hardware_2to4 or mod.weight.dtype not in (torch.float16, torch.bfloat16):
+                dense[name] = info.reason if not info.hardware_2to4 else f"dtype {mod.weight.dtype}"
+            else:
+                mod.weight = torch.nn.Parameter(to_sparse_semi_structured(mod.weight.data), requires_grad=False)
+                converted.append(name)
+    return SemiStructuredReport(chosen, converted, dense)
+
+
+def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backend: str = "auto",
+                         device: str = "cuda"):
+    """A ready-to-run sparse model from a pruned directory: (model, report)."""
+    dev = require_sparse_gpu(device)
+    model, _, _ = load_pruned(Path(model_dir), dtype)
+    model.to(dev)
+    return model, to_semi_structured_(model, backend)
+
+
+@register(ExportFormat.TORCH)
+def export_torch(model_dir: Path, out: Path, options: ExportOptions) -> dict:
+    require_sparse_gpu()
+    model, tokenizer, report = load_pruned(model_dir, options.dtype)
+    if not options.allow_dense:
+        require_hardware_2to4(model_patterns(model), report, "torch semi-structured")
+    model.to("cuda")
+    ids = prompts(tokenizer).cuda()
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits.float()
+    result = to_semi_structured_(model, options.backend)
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits.float()
+    diff, scale = float((got - expected).abs().max()), float(expected.abs().max())
+    if diff > TOLERANCE * scale:
+        raise ValidationError("torch semi-structured logits", diff, TOLERANCE * scale)
+    # The weights on disk stay the pruned dense ones (in the export dtype); the loader converts them.
+    model_dense, _, _ = load_pruned(model_dir, options.dtype)
+    model_dense.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return dict(backend=result.backend, converted=result.converted, dense=result.dense,
+                validation=dict(max_abs_diff=diff, tolerance=TOLERANCE * scale),
+                load_with="exporters.torch_sparse.load_semi_structured(OUT)")

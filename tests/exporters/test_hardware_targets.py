@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from exporters import BackendMissingError, ExportOptions, export
+from exporters.patterns import NotHardwareSparseError
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU exists")
+
+
+@no_gpu
+def test_torch_target_without_gpu_is_a_clear_error(pruned_llama_2of4, tmp_path):
+    with pytest.raises(BackendMissingError, match="needs a CUDA GPU.*--target onnx"):
+        export("torch", pruned_llama_2of4, tmp_path)
+
+
+@no_gpu
+def test_tensorrt_target_without_tensorrt_still_writes_onnx(pruned_llama_2of4, tmp_path):
+    with pytest.raises(BackendMissingError, match="ONNX model was still written"):
+        export("tensorrt", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float32"))
+    assert (tmp_path / "model.onnx").is_file()
+
+
+def test_tensorrt_refuses_4of8(pruned_llama_4of8, tmp_path):
+    with pytest.raises(NotHardwareSparseError, match="pattern 4:8.*--allow-dense"):
+        export("tensorrt", pruned_llama_4of8, tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_sparsity_log_parsing():
+    from exporters.tensorrt_engine import parse_sparsity_log
+
+    lines = ["[V] (Sparsity) Layers eligible for sparse math: /m/q/MatMul, /m/k/MatMul",
+             "[V] (Sparsity) TRT inference plan picked sparse implementation for layers: /m/q/MatMul",
+             "unrelated"]
+    assert parse_sparsity_log(lines) == {"eligible": ["/m/q/MatMul", "/m/k/MatMul"],
+                                         "sparse_implementation": ["/m/q/MatMul"]}
+
+
+@pytest.mark.gpu
+def test_semi_structured_matches_dense_pruned_model(pruned_llama_2of4, tmp_path):
+    # needs: CUDA capability 8.0+; the tiny model's 64-wide linears meet cuSPARSELt's 16x16 constraint
+    summary = export("torch", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float16"))
+    assert len(summary["converted"]) == 21
+    assert summary["validation"]["max_abs_diff"] <= summary["validation"]["tolerance"]

@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from exporters import ExportOptions, export
+from exporters.onnx_export import onnx_weight_patterns, run_onnxruntime, write_onnx
+
+
+@pytest.mark.parametrize("fixture", ["pruned_llama_2of4", "pruned_gpt2_2of4"])
+def test_onnx_export_keeps_2of4_and_matches_pytorch(request, fixture, tmp_path):
+    summary = export("onnx", request.getfixturevalue(fixture), tmp_path, ExportOptions(dtype="float32"))
+    assert summary["validation"]["max_abs_diff"] <= summary["validation"]["tolerance"]
+    layers = onnx_weight_patterns(tmp_path / "model.onnx")
+    pruned = [l for l in layers if l.pattern]
+    assert len(pruned) == summary["layers_with_nm_pattern"] == (8 if "gpt2" in fixture else 21)  # every pruned linear
+    assert all(l.pattern == "2:4" for l in pruned)
+
+
+def test_onnx_float16_runs_with_dynamic_axes(pruned_llama_2of4, tmp_path):
+    export("onnx", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float16"))
+    model = AutoModelForCausalLM.from_pretrained(pruned_llama_2of4)
+    for batch, seq in [(1, 5), (3, 17)]:
+        ids = torch.randint(0, 384, (batch, seq))
+        logits = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
+        assert logits.shape == (batch, seq, 384) and logits.dtype == np.float16
+        expected = model(ids).logits.detach().numpy()
+        assert np.abs(logits.astype(np.float32) - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_large_models_use_external_data(pruned_llama_2of4, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(pruned_llama_2of4)
+    write_onnx(model, tmp_path / "model.onnx", external_data_threshold=1024)  # pretend 1 KiB is "over 2 GB"
+    assert (tmp_path / "model.onnx.data").stat().st_size > (tmp_path / "model.onnx").stat().st_size
+    ids = torch.randint(0, 384, (1, 6))
+    logits = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
+    assert np.allclose(logits, model(ids).logits.detach().numpy(), atol=1e-3)
+    assert any(l.pattern == "2:4" for l in onnx_weight_patterns(tmp_path / "model.onnx"))
