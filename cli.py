@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -101,6 +103,8 @@ def prune_options(f):
         click.option("--offload-activations", is_flag=True, help="Keep calibration activations on the CPU."),
         click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own Python code to run."),
         click.option("--overwrite", is_flag=True, help="Replace a finished pruned model in --out."),
+        click.option("--distributed", is_flag=True,
+                     help="Under torchrun: shard calibration and solves over the ranks (rank 0 writes)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -109,14 +113,15 @@ def prune_options(f):
 
 def build_job(out, model, method, pattern, sparsity, block_size, alpha, damp, calib_file, calib_samples, seqlen,
               seed, device, include, exclude, no_eval, eval_windows, offload_activations, trust_remote_code,
-              overwrite):
+              overwrite, distributed=False):
     from thanos.pipeline import PruneJob
 
     config = PruneConfig(method, pattern, sparsity, block_size, alpha, damp)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
                     seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
                     evaluate=not no_eval, eval_windows=None if eval_windows == 0 else eval_windows,
-                    offload_activations=offload_activations, trust_remote_code=trust_remote_code, overwrite=overwrite)
+                    offload_activations=offload_activations, trust_remote_code=trust_remote_code, overwrite=overwrite,
+                    distributed=distributed)
 
 
 def run_prune(job, quiet=False) -> dict:
@@ -168,6 +173,13 @@ def prune(out, quiet, **options):
         report = run_prune(job, quiet)
     except (ConfigError, *USER_ERRORS) as exc:
         _fail(exc)
+    finally:
+        if options.get("distributed"):
+            from thanos.parallel import shutdown
+
+            shutdown()
+    if report.get("ranks") and int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 speaks for the group
     echo_prune_summary(report)
     click.echo(f"saved      {out}")
 
@@ -261,6 +273,12 @@ def echo_export_summary(summary: dict) -> None:
                    f"{len(summary['dense'])} kept dense")
 
 
+def _gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _auto_target() -> str:
     import importlib.util
 
@@ -342,8 +360,9 @@ def inspect_cmd(path, as_json):
               help="auto: TensorRT where a GPU and TensorRT exist, else ONNX.")
 @click.option("--out", required=True, type=click.Path(), help="Directory: pruned/ and the export go inside.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--bench", is_flag=True, help="Append a quick latency bench (OUT/bench/report.md).")
 @export_options
-def prune_and_build(target, out, quiet, dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen,
+def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen,
                     workspace_gib, timing_cache, backend, **prune_opts):
     """Prune, export, verify, and write a summary: the whole path to a servable sparse model.
 
@@ -378,8 +397,67 @@ def prune_and_build(target, out, quiet, dtype, allow_dense, no_validate, opset, 
     build = dict(target=chosen, pruned=str(Path(out) / "pruned"), export=str(Path(out) / chosen),
                  sparsity=report["sparsity"], perplexity_before=report.get("perplexity_before"),
                  perplexity_after=report.get("perplexity_after"), export_summary=summary)
+    if bench:
+        from runtime_bench.bench import BenchSettings, run_bench
+
+        quick = BenchSettings(target=str(Path(out) / "pruned"), out=str(Path(out) / "bench"), tokens=(1, 256, 2048),
+                              grid=((1, 128),), dtypes=(dtype,) if _gpu() else ("float32",),
+                              device=prune_opts["device"], decode_steps=8)
+        bench_summary = run_bench(quick)
+        build["bench"] = str(Path(out) / "bench" / "report.md")
+        build["bench_crossovers"] = bench_summary["crossovers"]
+        click.echo(f"bench      {build['bench']}")
     (Path(out) / "build_summary.json").write_text(json.dumps(build, indent=1, default=str))
     click.echo(f"summary    {Path(out) / 'build_summary.json'}")
+
+
+@main.command("bench")
+@click.argument("target")
+@click.option("--out", required=True, type=click.Path(), help="Directory for report.json, report.md and plots.")
+@click.option("--backends", default=",".join(["torch-dense", "torch-2:4", "onnxruntime", "tensorrt-dense",
+                                               "tensorrt-sparse"]), show_default=True)
+@click.option("--tokens", default="1,16,64,256,1024,4096,16384", show_default=True, help="GEMM token counts M.")
+@click.option("--shapes", default="", help="Extra named GEMM shape sets: llama2-7b, llama2-70b, smollm2-135m.")
+@click.option("--dtypes", default="float16,bfloat16", show_default=True, help="GEMM dtypes (CPU runs float32).")
+@click.option("--grid", default="1x128,1x512,4x512", show_default=True, help="Model-level prefill batch x seq.")
+@click.option("--levels", default="gemm,model", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, device, quiet):
+    """Measure latency and memory, dense versus 2:4, as report.json + report.md + PNG plots.
+
+    TARGET is a pruned model directory, or random:smollm2-135m / random:llama2-7b for a model of
+    real shapes with random 2:4 weights (kernel speed depends on shapes, dtype and pattern, not
+    on the values). Backends a machine lacks are reported as skipped, with the reason.
+
+    \b
+    Example:
+      thanos-export bench build/pruned --shapes llama2-7b --out bench/
+    """
+    from runtime_bench.bench import BenchSettings, run_bench
+
+    try:
+        settings = BenchSettings(
+            target=target, out=out, backends=tuple(b for b in backends.split(",") if b),
+            tokens=tuple(int(t) for t in tokens.split(",")), shapes=tuple(s for s in shapes.split(",") if s),
+            dtypes=tuple(d for d in dtypes.split(",") if d),
+            grid=tuple(tuple(int(v) for v in g.split("x")) for g in grid.split(",")),
+            levels=tuple(levels.split(",")), device=device)
+        bars = _Bars(enabled=not quiet)
+        try:
+            summary = run_bench(settings, bars)
+        finally:
+            bars.close()
+    except USER_ERRORS as exc:
+        _fail(exc)
+    ok = sum(r["status"] == "ok" for r in summary["results"])
+    skipped = sum(r["status"] == "skipped" for r in summary["results"])
+    click.echo(f"measured   {ok} figures, {skipped} skipped (reasons in report.md)")
+    for c in summary["crossovers"]:
+        click.echo(f"crossover  {c['backend']} {c['dtype']} {c['shape'][0]}x{c['shape'][1]}: "
+                   f"{c['crossover_tokens'] if c['crossover_tokens'] is not None else 'never'} tokens, "
+                   f"best {c['best_speedup']:.2f}x")
+    click.echo(f"report     {Path(out) / 'report.md'}")
 
 
 if __name__ == "__main__":

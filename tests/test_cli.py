@@ -78,9 +78,11 @@ def test_prune_and_build_refuses_4of8_for_tensorrt_before_pruning(tmp_path, tiny
 def test_prune_and_build_onnx(tmp_path, tiny_llama_dir):
     out = tmp_path / "b"
     result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "auto",
-                                       "--dtype", "float32", "--eval-windows", "1", "--out", str(out), *SMALL])
+                                       "--dtype", "float32", "--eval-windows", "1", "--bench", "--out", str(out), *SMALL])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "build_summary.json").read_text())
     assert summary["target"] == "onnx"  # no GPU + TensorRT here
     assert (out / "onnx" / "model.onnx").is_file() and (out / "pruned" / "thanos_report.json").is_file()
     assert summary["export_summary"]["validation"]["max_abs_diff"] <= summary["export_summary"]["validation"]["tolerance"]
+    bench = json.loads((out / "bench" / "report.json").read_text())
+    assert any(r["status"] == "ok" and r["level"] == "gemm" for r in bench["results"])

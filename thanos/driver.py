@@ -20,6 +20,7 @@ from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
 from thanos.hessian import HessianAccumulator
 from thanos.models import ModelError, adapter_for, decoder_layers, is_prunable, set_weight_, weight_view
+from thanos.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +123,23 @@ def prune_model_(
     checkpoints: Optional[LayerCheckpoints] = None,
     offload_activations: bool = False,
     progress: Optional[Progress] = None,
+    parallel: Optional[Parallel] = None,
 ) -> list[dict]:
     """Prune `model` in place, layer by layer, on calibration `samples` (n, seqlen); returns per-linear reports.
 
     With `checkpoints`, each finished layer is saved, and layers already saved are loaded instead
     of pruned again (the calibration activations are recomputed through them), so a rerun
-    resumes and ends with the same weights as an uninterrupted run.
+    resumes and ends with the same weights as an uninterrupted run. With an active `parallel`
+    group, each rank runs its shard of `samples` and solves its share of the linears.
     """
+    parallel = parallel or Parallel()
     device = torch.device(device)
     store_device = torch.device("cpu") if offload_activations else device
     linears = prunable_linears(model, selection)
     check_pattern_fits(linears, config)
     layers = decoder_layers(model)
-    done = checkpoints.open() if checkpoints else 0
-    inputs, args, kwargs = capture_layer_inputs(model, samples, device, store_device)
+    done = _open_checkpoints(checkpoints, parallel)
+    inputs, args, kwargs = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
     reports: list[dict] = []
     for index, layer in enumerate(layers):
         layer.to(device)
@@ -143,17 +147,24 @@ def prune_model_(
             reports += checkpoints.load(index, layer)
             log.info("layer %d: loaded from the interrupted run", index)
         else:
-            reports += _prune_layer(layer, linears[index], inputs, args, kwargs, config, device, store_device, progress)
+            reports += _prune_layer(layer, linears[index], inputs, args, kwargs, config, device, store_device,
+                                    progress, parallel)
         inputs = _run_layer(layer, inputs, args, kwargs, device, store_device)
         layer.to("cpu")
-        if checkpoints and index >= done:
+        if checkpoints and index >= done and parallel.is_main:
             checkpoints.save(index, layer, reports[-len(linears[index]):] if linears[index] else [])
         if progress:
             progress("layers", index + 1, len(layers))
     return reports
 
 
-def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, config, device, store_device, progress):
+def _open_checkpoints(checkpoints: Optional[LayerCheckpoints], parallel: Parallel) -> int:
+    """Rank 0 opens (or validates) the partial directory; every rank learns how many layers are done."""
+    return parallel.run_on_main(checkpoints.open) if checkpoints else 0
+
+
+def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, config, device, store_device, progress,
+                 parallel: Parallel):
     stats = {name: HessianAccumulator(weight_view(mod).shape[1], device) for name, mod in linears.items()}
     hooks = [mod.register_forward_pre_hook(lambda m, a, acc=stats[name]: acc.add(a[0]))
              for name, mod in linears.items()]
@@ -162,14 +173,24 @@ def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, con
     finally:
         for h in hooks:
             h.remove()
-    reports = []
+    owners = parallel.owners({name: float(weight_view(mod).shape[0]) * weight_view(mod).shape[1] ** 2
+                              for name, mod in linears.items()})
+    for name in linears:  # all reductions first, so no rank waits on another's solve
+        parallel.reduce_stats_(stats[name])
+    reports = {}
     for name, mod in linears.items():
+        if owners[name] != parallel.rank:
+            stats.pop(name)
+            continue
         c = config
         result = prune_weight(weight_view(mod), stats.pop(name).hessian, c.method, c.pattern, c.sparsity,
                               c.block_size, c.alpha, c.damp, name=name)
         set_weight_(mod, result.weight)
-        reports.append(dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
-                            error=result.error, seconds=result.seconds, damp_used=result.damp_used,
-                            damp_escalations=result.damp_escalations))
+        reports[name] = dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
+                             error=result.error, seconds=result.seconds, damp_used=result.damp_used,
+                             damp_escalations=result.damp_escalations, rank=parallel.rank)
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
-    return reports
+    for name, mod in linears.items():
+        parallel.broadcast_(mod.weight.data, owners[name])
+        reports[name] = parallel.broadcast_object(reports.get(name), owners[name])
+    return [reports[name] for name in linears]

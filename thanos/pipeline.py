@@ -22,6 +22,7 @@ from thanos.config import PruneConfig
 from thanos.driver import LayerSelection, Progress, check_pattern_fits, prunable_linears, prune_model_
 from thanos.evaluate import perplexity
 from thanos.models import describe_source, load_model
+from thanos.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class PruneJob:
     offload_activations: bool = False
     trust_remote_code: bool = False
     overwrite: bool = False
+    distributed: bool = False  # under torchrun: shard calibration and solves across ranks
 
     def resolved(self, device: torch.device) -> "PruneJob":
         defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
@@ -100,9 +102,17 @@ def device_description(device: torch.device) -> str:
 def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> dict:
     """Prune `job.model` and write a loadable model directory plus `thanos_report.json`; return the report."""
     out = Path(job.out)
-    check_output_dir(out, job.overwrite)
-    device = resolve_device(job.device)
+    if job.distributed:
+        from thanos.parallel import init_from_env
+
+        device = init_from_env()
+    else:
+        device = resolve_device(job.device)
+    parallel = Parallel()
+    parallel.run_on_main(lambda: check_output_dir(out, job.overwrite))
     job = job.resolved(device)
+    if not parallel.is_main:
+        progress = None
     started = time.time()
 
     model, tokenizer = load_model(job.model, trust_remote_code=job.trust_remote_code)
@@ -119,23 +129,30 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
             f"the held-out 10% of the text has {text.evaluation.numel()} tokens, fewer than one window of "
             f"{job.seqlen}; pass --no-eval, a longer --calib-file or a smaller --seqlen")
 
-    report = dict(config=job.config.to_json(), job=dataclasses.asdict(job) | dict(config=None),
+    report = dict(config=job.config.to_json(), job={k: v for k, v in dataclasses.asdict(job).items() if k != "config"},
                   model=describe_source(job.model), versions=versions(), device=device_description(device),
                   calibration=dict(source=text.source, samples=job.calib_samples, seqlen=job.seqlen, seed=job.seed,
                                    calibration_tokens=text.calibration.numel(), held_out_tokens=text.evaluation.numel()))
-    if job.evaluate:
+    if parallel.world > 1:
+        report["ranks"] = parallel.world
+    evaluate = job.evaluate and parallel.is_main
+    if evaluate:
         report["perplexity_before"] = _held_out_perplexity(model, text.evaluation, job, device)
 
     checkpoints = LayerCheckpoints(out, job.fingerprint())
     layers = prune_model_(model, samples, job.config, device, selection, checkpoints,
-                          job.offload_activations, progress)
+                          job.offload_activations, progress, parallel)
     report["layers"] = layers
     report["sparsity"] = _overall_sparsity(layers)
     report["prune_seconds"] = time.time() - started
-    if job.evaluate:
+    if evaluate:
         report["perplexity_after"] = _held_out_perplexity(model, text.evaluation, job, device)
-    _save_model_dir(model, tokenizer, out, report)
-    checkpoints.remove()
+
+    def finish():
+        _save_model_dir(model, tokenizer, out, report)
+        checkpoints.remove()
+
+    parallel.run_on_main(finish)
     return report
 
 

@@ -1,0 +1,60 @@
+"""`run_bench`: the GEMM and model levels for one target, written as a report."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm
+from runtime_bench.model import ALL_BACKENDS, random_model, run_model
+from runtime_bench.protocol import machine
+from runtime_bench.report import write_report
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    target: str  # a model directory, or random:smollm2-135m / random:llama2-7b
+    out: str
+    backends: tuple[str, ...] = tuple(ALL_BACKENDS)
+    tokens: tuple[int, ...] = tuple(DEFAULT_TOKENS)
+    shapes: tuple[str, ...] = ()  # named shape sets added to the model's own linear shapes
+    dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    grid: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (4, 512))
+    device: str = "auto"
+    levels: tuple[str, ...] = ("gemm", "model")
+    decode_steps: int = 16
+
+
+def run_bench(settings: BenchSettings, progress=None) -> dict:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+    model, model_dir = _load_target(settings.target, device)
+    shapes = sorted({tuple(mod.weight.shape) if type(mod).__name__ != "Conv1D" else tuple(mod.weight.shape[::-1])
+                     for mod in model.modules() if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"}
+                    - {(model.config.vocab_size, model.config.hidden_size)})
+    for name in settings.shapes:
+        if name not in SHAPE_SETS:
+            raise ValueError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
+        shapes += [s for s in SHAPE_SETS[name] if s not in shapes]
+    records = []
+    if "gemm" in settings.levels:
+        records += run_gemm(shapes, list(settings.tokens), list(settings.dtypes), device,
+                            [b for b in settings.backends if b.startswith("torch-2:4")] or None, progress=progress)
+    if "model" in settings.levels:
+        records += run_model(model, model_dir, list(settings.grid), device, list(settings.backends),
+                             settings.decode_steps, progress)
+    info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes])
+    return write_report(Path(settings.out), machine(), info, records)
+
+
+def _load_target(target: str, device: str):
+    if target.startswith("random:"):
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        return random_model(target.split(":", 1)[1], dtype, device), None
+    from thanos.models import load_model
+
+    model, _ = load_model(target)
+    if device.startswith("cuda"):
+        model.half()
+    return model.to(device), Path(target)

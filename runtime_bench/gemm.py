@@ -1,0 +1,115 @@
+"""GEMM level: dense versus 2:4 semi-structured linears over token counts M, per weight shape."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from runtime_bench.protocol import measure
+
+# (out_features, in_features) of the distinct linears of named models.
+SHAPE_SETS = {
+    "smollm2-135m": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+    "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "llama2-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
+}
+DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def two_four_weight(rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """A random weight with exact 2:4 groups along K (kernel speed depends on shape, not values)."""
+    w = torch.randn(rows, cols, device=device, dtype=torch.float32)
+    groups = w.reshape(rows, cols // 4, 4)
+    drop = torch.topk(groups.abs(), 2, dim=-1, largest=False).indices
+    return groups.scatter(-1, drop, 0.0).reshape(rows, cols).to(dtype)
+
+
+def sparse_backends(device: str) -> dict[str, Optional[str]]:
+    """{backend: None if usable here, else the reason it is skipped}."""
+    if not device.startswith("cuda"):
+        reason = "needs a CUDA GPU (compute capability 8.0+); this run is on the CPU"
+        return {"torch-2:4-cusparselt": reason, "torch-2:4-cutlass": reason}
+    major, _ = torch.cuda.get_device_capability()
+    backends = {"torch-2:4-cusparselt": None, "torch-2:4-cutlass": None}
+    if major < 8:
+        backends = {k: f"compute capability {major}.x < 8.0" for k in backends}
+    elif major >= 9:
+        backends["torch-2:4-cutlass"] = "PyTorch's CUTLASS 2:4 kernels are not enabled on Hopper (sm90)"
+    return backends
+
+
+def _sparse_linear(weight: torch.Tensor, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend.endswith("cutlass")
+    sparse = to_sparse_semi_structured(weight)
+    return lambda x: F.linear(x, sparse)
+
+
+def run_gemm(shapes: list[tuple[int, int]], tokens: list[int], dtypes: list[str], device: str,
+             backends: Optional[list[str]] = None, budget_s: float = 0.5, progress=None) -> list[dict]:
+    records = []
+    sparse = sparse_backends(device)
+    if backends:
+        sparse = {k: v for k, v in sparse.items() if any(k.startswith(b) for b in backends)}
+    total = len(shapes) * len(tokens) * len(dtypes)
+    done = 0
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        if not device.startswith("cuda") and dtype != torch.float32:
+            for shape in shapes:
+                records.append(dict(level="gemm", backend="torch-dense", status="skipped", dtype=dtype_name,
+                                    shape=list(shape), reason=f"{dtype_name} matmul on the CPU is not a serving path"))
+            done += len(shapes) * len(tokens)
+            continue
+        for rows, cols in shapes:
+            weight = two_four_weight(rows, cols, dtype, device)
+            kernels = {"torch-dense": lambda x, w=weight: F.linear(x, w)}
+            for name, reason in sparse.items():
+                if reason is None:
+                    try:
+                        kernels[name] = _sparse_linear(weight, name)
+                    except (RuntimeError, NotImplementedError) as exc:
+                        sparse[name] = f"{type(exc).__name__}: {exc}"[:200]
+            for name, reason in sparse.items():
+                if reason is not None:
+                    records.append(dict(level="gemm", backend=name, status="skipped", reason=reason,
+                                        dtype=dtype_name, shape=[rows, cols]))
+            for m in tokens:
+                x = torch.randn(m, cols, device=device, dtype=dtype)
+                dense_ms = None
+                for name, kernel in kernels.items():
+                    t = measure(lambda: kernel(x), device, budget_s=budget_s)
+                    rec = dict(level="gemm", backend=name, status="ok", dtype=dtype_name, shape=[rows, cols],
+                               tokens=m, weight_bytes=weight.numel() * weight.element_size(),
+                               tflops=2 * m * rows * cols / (t.median_ms * 1e-3) / 1e12, **t.to_json())
+                    if name == "torch-dense":
+                        dense_ms = t.median_ms
+                    else:
+                        rec["speedup"] = dense_ms / t.median_ms
+                    records.append(rec)
+                done += 1
+                if progress:
+                    progress("gemm", done, total)
+    return records
+
+
+def crossovers(records: list[dict]) -> list[dict]:
+    """Per (backend, dtype, shape): the smallest M from which the sparse kernel stays faster."""
+    out = {}
+    for r in records:
+        if r["status"] == "ok" and "speedup" in r:
+            out.setdefault((r["backend"], r["dtype"], tuple(r["shape"])), []).append((r["tokens"], r["speedup"]))
+    rows = []
+    for (backend, dtype, shape), points in sorted(out.items()):
+        points.sort()
+        cross = None
+        for i, (m, _) in enumerate(points):
+            if all(s > 1.0 for _, s in points[i:]):
+                cross = m
+                break
+        rows.append(dict(backend=backend, dtype=dtype, shape=list(shape), crossover_tokens=cross,
+                         best_speedup=max(s for _, s in points), speedup_at_max_tokens=points[-1][1]))
+    return rows

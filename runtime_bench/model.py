@@ -1,0 +1,149 @@
+"""Model level: prefill latency over (batch, sequence) and decode tokens/s, per backend.
+
+Backends: torch dense, torch 2:4 semi-structured (CUDA), onnxruntime on the exported ONNX,
+TensorRT dense and sparse engines. Whatever this machine lacks is recorded as skipped, with why.
+"""
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from runtime_bench.protocol import measure
+
+ALL_BACKENDS = ["torch-dense", "torch-2:4", "onnxruntime", "tensorrt-dense", "tensorrt-sparse"]
+RANDOM_CONFIGS = {
+    # Real shapes, random weights: kernel speed depends on shapes, dtype and pattern, not on values.
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def random_model(name: str, dtype=torch.float16, device="cpu"):
+    """A LLaMA-architecture model of a real config with random 2:4 weights in every decoder linear."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from runtime_bench.gemm import two_four_weight
+    from thanos.driver import LayerSelection, prunable_linears
+
+    if name not in RANDOM_CONFIGS:
+        raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_CONFIGS)}")
+    config = LlamaConfig(**RANDOM_CONFIGS[name], max_position_embeddings=4096)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for layer in prunable_linears(model, LayerSelection()).values():
+            for mod in layer.values():
+                mod.weight.copy_(two_four_weight(*mod.weight.shape, dtype, device))
+    return model
+
+
+def _prefill(model, batch: int, seq: int, device: str):
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+
+    def run():
+        with torch.no_grad():
+            model(ids, use_cache=False)
+
+    return run
+
+
+def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str) -> dict:
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+
+    def run():
+        with torch.no_grad():
+            cache = DynamicCache()
+            out = model(ids, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+
+    t = measure(run, device, warmup=1, min_repeats=2, max_repeats=5, budget_s=2.0)
+    return dict(tokens_per_s=batch * steps / (t.median_ms / 1e3), **t.to_json())
+
+
+def run_model(model, model_dir: Optional[Path], grid: list[tuple[int, int]], device: str,
+              backends: list[str], decode_steps: int = 16, progress=None) -> list[dict]:
+    """Measure every backend in `backends` on `model` (and its directory, for exports)."""
+    records = []
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cuda = device.startswith("cuda")
+
+    def skip(backend, reason):
+        records.append(dict(level="model", backend=backend, status="skipped", reason=reason))
+
+    def time_torch(backend, m):
+        for i, (batch, seq) in enumerate(grid):
+            t = measure(_prefill(m, batch, seq, device), device, budget_s=1.0)
+            records.append(dict(level="model", backend=backend, status="ok", phase="prefill", batch=batch,
+                                seqlen=seq, tokens_per_s=batch * seq / (t.median_ms / 1e3),
+                                weight_bytes=weight_bytes, **t.to_json()))
+            if progress:
+                progress(backend, i + 1, len(grid))
+        records.append(dict(level="model", backend=backend, status="ok", phase="decode", batch=1,
+                            seqlen=grid[0][1], steps=decode_steps, weight_bytes=weight_bytes,
+                            **_decode_tokens_per_s(m, 1, grid[0][1], decode_steps, device)))
+
+    if "torch-dense" in backends:
+        time_torch("torch-dense", model)
+    if "torch-2:4" in backends:
+        if not cuda:
+            skip("torch-2:4", "needs a CUDA GPU of compute capability 8.0+; this run is on the CPU")
+        else:
+            import copy
+
+            from exporters.torch_sparse import to_semi_structured_
+
+            sparse = copy.deepcopy(model)
+            report = to_semi_structured_(sparse)
+            time_torch("torch-2:4", sparse)
+            records[-1]["converted_linears"] = len(report.converted)
+            del sparse
+    if "onnxruntime" in backends:
+        records += _onnxruntime(model, grid, progress)
+    for backend in ("tensorrt-dense", "tensorrt-sparse"):
+        if backend in backends:
+            if not cuda or importlib.util.find_spec("tensorrt") is None:
+                skip(backend, "TensorRT needs an NVIDIA GPU and the tensorrt package; "
+                              f"{'no GPU' if not cuda else 'tensorrt is not installed'} here")
+            else:
+                skip(backend, "engine timing is not implemented yet; build one with `thanos-export export --target tensorrt`")
+    return records
+
+
+def _onnxruntime(model, grid, progress) -> list[dict]:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return [dict(level="model", backend="onnxruntime", status="skipped",
+                     reason="onnxruntime is not installed (pip install 'thanos-export[onnx]')")]
+    import onnxruntime as ort
+
+    from exporters.onnx_export import write_onnx
+
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        cpu_model = model.to("cpu").float()
+        write_onnx(cpu_model, path)
+        file_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for i, (batch, seq) in enumerate(grid):
+            ids = torch.randint(0, model.config.vocab_size, (batch, seq)).numpy()
+            feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
+            t = measure(lambda: session.run(["logits"], feed), "cpu", budget_s=1.0)
+            records.append(dict(level="model", backend="onnxruntime", status="ok", phase="prefill", batch=batch,
+                                seqlen=seq, tokens_per_s=batch * seq / (t.median_ms / 1e3), file_bytes=file_bytes,
+                                provider="CPUExecutionProvider", dtype="float32", **t.to_json()))
+            if progress:
+                progress("onnxruntime", i + 1, len(grid))
+    records.append(dict(level="model", backend="onnxruntime", status="skipped", phase="decode",
+                        reason="the exported graph has no KV cache, so decode would recompute the whole prefix"))
+    return records

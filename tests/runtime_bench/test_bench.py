@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from runtime_bench.bench import BenchSettings, run_bench
+from runtime_bench.gemm import crossovers, two_four_weight
+from runtime_bench.protocol import measure
+from tests.thanos.helpers import assert_nm
+
+
+def test_protocol_reports_median_p90_and_memory():
+    calls = []
+    t = measure(lambda: calls.append(torch.randn(64, 64) @ torch.randn(64, 64)), "cpu", warmup=2, min_repeats=4,
+                max_repeats=4)
+    assert len(calls) == 6 and t.repeats == 4  # warm-up runs are not counted
+    assert 0 < t.median_ms <= t.p90_ms
+    assert t.peak_memory_bytes > 0 and t.memory_kind == "process RSS peak"
+
+
+def test_two_four_weights_are_exact():
+    assert_nm(two_four_weight(32, 64, torch.float32, "cpu"), 2, 4)
+
+
+def test_crossover_is_where_sparse_stays_faster():
+    recs = [dict(level="gemm", status="ok", backend="b", dtype="float16", shape=[8, 8], tokens=m, speedup=s)
+            for m, s in [(1, 0.6), (16, 1.1), (64, 0.9), (256, 1.3), (1024, 1.5)]]
+    (row,) = crossovers(recs)
+    assert row["crossover_tokens"] == 256 and row["best_speedup"] == 1.5
+
+
+def test_cpu_bench_writes_reports(tiny_llama_dir, tmp_path):
+    out = tmp_path / "bench"
+    summary = run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(out), tokens=(1, 32), dtypes=("float32",),
+                                      grid=((1, 16), (2, 16)), device="cpu", decode_steps=2))
+    report = json.loads((out / "report.json").read_text())
+    assert report["machine"]["torch"] == torch.__version__ and "cpu" in report["machine"]
+    assert report["results"] == json.loads(json.dumps(summary["results"], default=str))
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} >= {"torch-dense", "onnxruntime"}
+    assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in ok)
+    decode = [r for r in ok if r.get("phase") == "decode"]
+    assert decode and decode[0]["tokens_per_s"] > 0
+    skipped = [r for r in report["results"] if r["status"] == "skipped"]
+    if not torch.cuda.is_available():
+        assert {"torch-2:4", "tensorrt-sparse", "torch-2:4-cusparselt"} <= {r["backend"] for r in skipped}
+    assert all(r["reason"] for r in skipped)
+    md = (out / "report.md").read_text()
+    assert "## Model level" in md and "## Skipped" in md and "![model_latency.png]" in md
+    assert (out / "model_latency.png").stat().st_size > 1000
+
+
+def test_bench_cli_rejects_unknown_shape_set(tiny_llama_dir, tmp_path):
+    result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), "--shapes", "gpt5", "--levels", "gemm",
+                                       "--device", "cpu", "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 1 and "unknown shape set 'gpt5'" in result.output
+
+
+@pytest.mark.gpu
+def test_gpu_gemm_measures_semi_structured(tmp_path):
+    summary = run_bench(BenchSettings(target="random:smollm2-135m", out=str(tmp_path), tokens=(1, 1024),
+                                      levels=("gemm",), dtypes=("float16",)))
+    assert any(r["status"] == "ok" and "speedup" in r for r in summary["results"])

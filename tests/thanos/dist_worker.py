@@ -1,0 +1,28 @@
+"""Entry point of the processes that tests/thanos/test_parallel.py spawns (must be importable)."""
+import os
+
+
+def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = -1) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch
+
+    torch.set_num_threads(1)
+    from thanos import driver
+    from thanos.parallel import shutdown
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    if rank == 1 and die_on_layer >= 0:
+        original, calls = driver._prune_layer, []
+
+        def dying(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > die_on_layer:
+                os._exit(3)  # a rank that dies mid-run, without cleaning up
+            return original(*args, **kwargs)
+
+        driver._prune_layer = dying
+    try:
+        prune_to_directory(PruneJob(distributed=True, **job_kwargs))
+    finally:
+        shutdown()

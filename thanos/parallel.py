@@ -1,0 +1,120 @@
+"""Pruning across processes with torch.distributed (launched by torchrun; NCCL on GPUs, gloo on CPUs).
+
+Data-parallel calibration: each rank runs its shard of the calibration samples, and the layer
+statistics are summed across ranks (token counts included), so every rank holds the Hessian a
+single process would. Layer-parallel solving: the linears of a decoder layer are dealt out by
+cost, each rank solves its share and broadcasts the pruned weights.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from thanos.hessian import HessianAccumulator
+
+log = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+    """A rank died or the rendezvous failed; finished layers are kept, so a rerun resumes."""
+
+
+class Parallel:
+    """This process's place in the group. A group of one behaves exactly like a single process."""
+
+    def __init__(self):
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, samples: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of the calibration samples (n, seqlen)."""
+        return torch.tensor_split(samples, self.world)[self.rank]
+
+    def reduce_stats_(self, acc: HessianAccumulator) -> None:
+        """Sum H * tokens and tokens over ranks: every rank ends with the global mean."""
+        if not self.active:
+            return
+        weighted = acc.hessian * acc.tokens
+        tokens = torch.tensor([float(acc.tokens)], device=acc.hessian.device, dtype=torch.float64)
+        self._call(dist.all_reduce, weighted)
+        self._call(dist.all_reduce, tokens)
+        acc.tokens = int(tokens.item())
+        acc.hessian = weighted / max(acc.tokens, 1)
+
+    def owners(self, costs: dict[str, float]) -> dict[str, int]:
+        """Deal the linears out by cost, largest first, each to the least loaded rank."""
+        load = [0.0] * self.world
+        owner = {}
+        for name, cost in sorted(costs.items(), key=lambda kv: -kv[1]):
+            rank = min(range(self.world), key=lambda r: load[r])
+            owner[name] = rank
+            load[rank] += cost
+        return owner
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        if self.active:
+            self._call(dist.broadcast, tensor, src)
+
+    def broadcast_object(self, value, src: int = 0):
+        if not self.active:
+            return value
+        box = [value]
+        self._call(dist.broadcast_object_list, box, src)
+        return box[0]
+
+    def run_on_main(self, fn):
+        """Run `fn` on rank 0 and hand every rank its result, or its exception to raise."""
+        outcome = None
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except Exception as exc:  # every rank must hear about it, or the others wait forever
+                outcome = ("error", exc)
+        kind, value = self.broadcast_object(outcome)
+        if kind == "error":
+            raise value
+        return value
+
+    def barrier(self) -> None:
+        if self.active:
+            self._call(dist.barrier)
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise DistributedError(
+                f"rank {self.rank}: a collective failed ({exc}). A rank died or lost its connection; the finished "
+                "layers are saved, so rerunning the same command resumes") from exc
+
+
+def init_from_env(timeout_s: float = 600) -> torch.device:
+    """Join the torchrun group; returns this rank's device (cuda:LOCAL_RANK, or cpu with gloo)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise DistributedError("--distributed needs torchrun: `torchrun --nproc-per-node N -m thanos.distributed "
+                               "<prune options>`, which sets RANK, WORLD_SIZE and MASTER_ADDR")
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:
+        raise DistributedError(f"the rendezvous failed ({exc}); check MASTER_ADDR/MASTER_PORT and that every "
+                               "rank was launched") from exc
+    return torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
