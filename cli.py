@@ -142,6 +142,7 @@ def echo_prune_summary(report: dict) -> None:
     cfg = report["config"]
     click.echo(f"method     {cfg['method']} {cfg['pattern']} (block {cfg['block_size']}, alpha {cfg['alpha']}), "
                f"overall sparsity {report['sparsity']:.3f}, {report['prune_seconds']:.0f}s")
+    _echo_layer_table(report["layers"])
     errors = [r["error"] for r in report["layers"] if r["error"] is not None]
     if errors:
         worst = max(report["layers"], key=lambda r: r["error"] or 0)
@@ -152,6 +153,19 @@ def echo_prune_summary(report: dict) -> None:
     if "perplexity_before" in report:
         b, a = report["perplexity_before"], report["perplexity_after"]
         click.echo(f"perplexity {b['value']:.2f} -> {a['value']:.2f} (held-out, {a['windows']} windows of {a['seqlen']})")
+
+
+def _echo_layer_table(layers: list[dict]) -> None:
+    """One row per kind of linear (q_proj, down_proj, ...) over all decoder layers."""
+    kinds: dict[str, list[dict]] = {}
+    for r in layers:
+        kinds.setdefault(r["name"].rsplit(".", 1)[-1], []).append(r)
+    click.echo(f"{'linear':<12} {'count':>5} {'shape':>11} {'sparsity':>8} {'mean err':>9} {'max err':>9} {'seconds':>8}")
+    for kind, rows in kinds.items():
+        errors = [r["error"] for r in rows if r["error"] is not None] or [float("nan")]
+        shape = "x".join(map(str, rows[0]["shape"]))
+        click.echo(f"{kind:<12} {len(rows):>5} {shape:>11} {sum(r['sparsity'] for r in rows) / len(rows):>8.3f} "
+                   f"{sum(errors) / len(errors):>9.4f} {max(errors):>9.4f} {sum(r['seconds'] for r in rows):>8.1f}")
 
 
 @main.command()
@@ -328,8 +342,6 @@ def inspect_cmd(path, as_json):
     Example:
       thanos-export inspect smollm2-2of4/ --json
     """
-    from pathlib import Path
-
     try:
         if Path(path).suffix == ".onnx":
             from exporters.onnx_export import onnx_weight_patterns
@@ -373,8 +385,6 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.
     """
-    from pathlib import Path
-
     from exporters import ExportError, export
 
     chosen = _auto_target() if target == "auto" else target

@@ -8,6 +8,7 @@ the groups along K, whichever way each one is stored (MatMul (K, N), or Gemm wit
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 TWO_GIB = 2 * 1024**3
-TOLERANCE = {"float32": 1e-3, "float16": 5e-2}  # of the logits' largest magnitude
+TOLERANCE = {"float32": 1e-3, "float16": 1e-2}  # of the logits' largest magnitude
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -50,7 +51,10 @@ def write_onnx(model, path: Path, opset: int = 18, external_data_threshold: int 
     mask = torch.ones(1, 8, dtype=torch.long)
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                "logits": {0: "batch", 1: "sequence"}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python branch in transformers' masking code; the dynamic
+        # axes are checked for real by running the graph at other shapes (tests/exporters).
+        warnings.simplefilter("ignore")
         torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["logits"], dynamic_axes=dynamic, opset_version=opset, dynamo=False,
                           do_constant_folding=True)

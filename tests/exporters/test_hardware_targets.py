@@ -42,3 +42,13 @@ def test_semi_structured_matches_dense_pruned_model(pruned_llama_2of4, tmp_path)
     summary = export("torch", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float16"))
     assert len(summary["converted"]) == 21
     assert summary["validation"]["max_abs_diff"] <= summary["validation"]["tolerance"]
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_has_sparse_layers(pruned_llama_2of4, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed on this GPU machine")
+    summary = export("tensorrt", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float16", seqlen=(1, 16, 64)))
+    assert (tmp_path / "model.engine").stat().st_size > 0
+    assert (tmp_path / "tensorrt_build.log").is_file()
+    assert summary["sparse_weights"] is True
+    assert isinstance(summary["eligible"], list)  # what TensorRT reported, possibly empty for 64-wide layers
