@@ -116,5 +116,10 @@ def init_from_env(timeout_s: float = 600) -> torch.device:
 
 
 def shutdown() -> None:
+    """Leave the group cleanly: wait for every rank, so none tears down sockets a peer still reads."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer already died: nothing left to wait for
+            pass
         dist.destroy_process_group()

@@ -250,3 +250,17 @@ def test_kth_smallest_is_exact(k):
     assert kth_smallest(values, k) == torch.kthvalue(values, k).values
     skewed = torch.sort(values).values  # sorted input defeats a strided sample's bracket
     assert kth_smallest(skewed, k) == torch.kthvalue(skewed, k).values
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_matches_cpu(method, dtype):
+    W = torch.randn(64, 256).to(dtype)
+    H = hessian_of(realistic_inputs(1024, 256))
+    cpu = prune_weight(W, H, method, "2:4")
+    gpu = prune_weight(W.cuda(), H.cuda(), method, "2:4")
+    assert gpu.weight.device.type == "cuda" and gpu.weight.dtype == dtype
+    assert_nm(gpu.weight.cpu(), 2, 4)
+    assert (gpu.mask.cpu() != cpu.mask).float().mean() < 0.01  # fp32 maths on both; rare near-ties may flip
+    assert gpu.error == pytest.approx(cpu.error, rel=0.02)
