@@ -163,33 +163,69 @@ def _open_checkpoints(checkpoints: Optional[LayerCheckpoints], parallel: Paralle
     return parallel.run_on_main(checkpoints.open) if checkpoints else 0
 
 
+class SharedInputStatistics:
+    """Streams each distinct input of a layer's linears once.
+
+    q/k/v (and gate/up) read the very same tensor, so they share one accumulator: a third of
+    the statistics memory and work for attention. Inputs are matched by object identity within
+    one forward pass, holding a reference so that no other tensor can take the same address.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], device):
+        self.widths = {name: weight_view(mod).shape[1] for name, mod in linears.items()}
+        self.device = device
+        self.source: dict[str, str] = {}  # linear -> linear whose accumulator it reads
+        self.stats: dict[str, HessianAccumulator] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def new_pass(self, *_) -> None:
+        self._seen.clear()
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[0] is x:
+            self.source.setdefault(name, seen[1])
+            return
+        self._seen[id(x)] = (x, name)
+        self.source.setdefault(name, name)
+        if name not in self.stats:
+            self.stats[name] = HessianAccumulator(self.widths[name], self.device)
+        self.stats[name].add(x)
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.stats[self.source[name]].hessian
+
+
 def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, config, device, store_device, progress,
                  parallel: Parallel):
-    stats = {name: HessianAccumulator(weight_view(mod).shape[1], device) for name, mod in linears.items()}
-    hooks = [mod.register_forward_pre_hook(lambda m, a, acc=stats[name]: acc.add(a[0]))
-             for name, mod in linears.items()]
+    shared = SharedInputStatistics(linears, device)
+    hooks = [layer.register_forward_pre_hook(shared.new_pass)]
+    hooks += [mod.register_forward_pre_hook(lambda m, a, name=name: shared.add(name, a[0]))
+              for name, mod in linears.items()]
     try:
         _run_layer(layer, inputs, args, kwargs, device, store_device, progress)
     finally:
         for h in hooks:
             h.remove()
+        shared.new_pass()
     owners = parallel.owners({name: float(weight_view(mod).shape[0]) * weight_view(mod).shape[1] ** 2
                               for name, mod in linears.items()})
     for name in linears:  # all reductions first, so no rank waits on another's solve
-        parallel.reduce_stats_(stats[name])
+        if name in shared.stats:
+            parallel.reduce_stats_(shared.stats[name])
     reports = {}
     for name, mod in linears.items():
         if owners[name] != parallel.rank:
-            stats.pop(name)
             continue
         c = config
-        result = prune_weight(weight_view(mod), stats.pop(name).hessian, c.method, c.pattern, c.sparsity,
+        result = prune_weight(weight_view(mod), shared.hessian(name), c.method, c.pattern, c.sparsity,
                               c.block_size, c.alpha, c.damp, name=name)
         set_weight_(mod, result.weight)
         reports[name] = dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
                              error=result.error, seconds=result.seconds, damp_used=result.damp_used,
                              damp_escalations=result.damp_escalations, rank=parallel.rank)
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
+    del shared
     for name, mod in linears.items():
         parallel.broadcast_(mod.weight.data, owners[name])
         reports[name] = parallel.broadcast_object(reports.get(name), owners[name])

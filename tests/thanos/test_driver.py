@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from thanos import ConfigError, PruneConfig
+from thanos import ConfigError, HessianAccumulator, PruneConfig
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import OutputDirError
 from thanos.driver import LayerSelection, prunable_linears, prune_model_
@@ -171,3 +171,30 @@ def test_default_text_splits_without_overlap(tiny_llama_dir):
     windows = sample_windows(split.calibration, 8, 64, seed=3)
     assert windows.shape == (8, 64)
     assert torch.equal(windows, sample_windows(split.calibration, 8, 64, seed=3))
+
+
+def test_linears_reading_one_input_share_statistics(tiny_llama_dir):
+    from thanos.driver import SharedInputStatistics, _run_layer, capture_layer_inputs
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 3, 32)
+    inputs, args, kwargs = capture_layer_inputs(model, samples, "cpu", "cpu")
+    layer = model.model.layers[0]
+    linears = prunable_linears(model, LayerSelection())[0]
+    shared = SharedInputStatistics(linears, "cpu")
+    hooks = [layer.register_forward_pre_hook(shared.new_pass)]
+    own = {}
+    for name, mod in linears.items():
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: shared.add(name, a[0])))
+        own[name] = HessianAccumulator(mod.in_features)
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, acc=own[name]: acc.add(a[0])))
+    with torch.no_grad():
+        _run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+    for h in hooks:
+        h.remove()
+    short = {n.rsplit(".", 1)[-1]: shared.source[n].rsplit(".", 1)[-1] for n in linears}
+    assert short == {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
+                     "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}
+    assert len(shared.stats) == 4
+    for name in linears:  # sharing changes nothing: each linear's statistics are its own inputs'
+        assert torch.equal(shared.hessian(name), own[name].hessian)
