@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm
@@ -29,7 +27,7 @@ class BenchSettings:
 
 def run_bench(settings: BenchSettings, progress=None) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
-    model, model_dir = _load_target(settings.target, device)
+    model = _load_target(settings.target, device)
     shapes = sorted({tuple(mod.weight.shape) if type(mod).__name__ != "Conv1D" else tuple(mod.weight.shape[::-1])
                      for mod in model.modules() if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"}
                     - {(model.config.vocab_size, model.config.hidden_size)})
@@ -42,8 +40,8 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         records += run_gemm(shapes, list(settings.tokens), list(settings.dtypes), device,
                             [b for b in settings.backends if b.startswith("torch-2:4")] or None, progress=progress)
     if "model" in settings.levels:
-        records += run_model(model, model_dir, list(settings.grid), device, list(settings.backends),
-                             settings.decode_steps, progress)
+        records += run_model(model, list(settings.grid), device, list(settings.backends), settings.decode_steps,
+                             progress)
     info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes])
     return write_report(Path(settings.out), machine(), info, records)
 
@@ -51,10 +49,10 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
 def _load_target(target: str, device: str):
     if target.startswith("random:"):
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        return random_model(target.split(":", 1)[1], dtype, device), None
+        return random_model(target.split(":", 1)[1], dtype, device)
     from thanos.models import load_model
 
     model, _ = load_model(target)
     if device.startswith("cuda"):
         model.half()
-    return model.to(device), Path(target)
+    return model.to(device)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 from runtime_bench.protocol import measure
@@ -71,9 +69,9 @@ def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str
     return dict(tokens_per_s=batch * steps / (t.median_ms / 1e3), **t.to_json())
 
 
-def run_model(model, model_dir: Optional[Path], grid: list[tuple[int, int]], device: str,
-              backends: list[str], decode_steps: int = 16, progress=None) -> list[dict]:
-    """Measure every backend in `backends` on `model` (and its directory, for exports)."""
+def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[str], decode_steps: int = 16,
+              progress=None) -> list[dict]:
+    """Measure every backend in `backends` on `model` (the ONNX one is exported on the fly)."""
     records = []
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cuda = device.startswith("cuda")

@@ -98,8 +98,12 @@ class Parallel:
                 "layers are saved, so rerunning the same command resumes") from exc
 
 
-def init_from_env(timeout_s: float = 600) -> torch.device:
-    """Join the torchrun group; returns this rank's device (cuda:LOCAL_RANK, or cpu with gloo)."""
+def init_from_env(timeout_s: float = 3600) -> torch.device:
+    """Join the torchrun group; returns this rank's device (cuda:LOCAL_RANK, or cpu with gloo).
+
+    The timeout is long because the other ranks wait while rank 0 alone evaluates perplexity; a
+    rank that dies is still noticed at once on gloo (its sockets close).
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise DistributedError("--distributed needs torchrun: `torchrun --nproc-per-node N -m thanos.distributed "
                                "<prune options>`, which sets RANK, WORLD_SIZE and MASTER_ADDR")
