@@ -348,9 +348,9 @@ def inspect_cmd(path, as_json):
 
             layers = onnx_weight_patterns(Path(path))
         else:
-            from exporters.source import load_pruned, model_patterns
+            from exporters.source import directory_patterns
 
-            layers = model_patterns(load_pruned(Path(path))[0])
+            layers = directory_patterns(Path(path))
     except USER_ERRORS as exc:
         _fail(exc)
     if as_json:

@@ -29,6 +29,38 @@ def model_patterns(model) -> list[LayerPattern]:
     return [analyse(name, w) for name, w in linear_weights(model).items()]
 
 
+def directory_patterns(model_dir: Path) -> list[LayerPattern]:
+    """Analyse a model directory's linears one tensor at a time, without loading the model.
+
+    The model is built on the meta device (no memory) only to learn which tensors are decoder
+    linears and which are stored transposed (GPT-2's Conv1D); the weights are then read lazily
+    from the safetensors files, so a 70B checkpoint needs one tensor's memory, not the model's.
+    Directories without safetensors (and compact or GGUF models) are loaded whole.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from exporters.compact import is_compact_dir
+
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
+    if not files or is_compact_dir(model_dir):
+        return model_patterns(load_pruned(model_dir)[0])
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    wanted = {f"{name}.weight": type(mod).__name__ == "Conv1D"
+              for layer in prunable_linears(skeleton, LayerSelection()).values() for name, mod in layer.items()}
+    layers = []
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    tensor = f.get_tensor(key)
+                    layers.append(analyse(key[: -len(".weight")], tensor.T if wanted[key] else tensor))
+    order = {key[: -len(".weight")]: i for i, key in enumerate(wanted)}
+    return sorted(layers, key=lambda l: order[l.name])
+
+
 def load_pruned(model_dir: Path, dtype: Optional[str] = None):
     """(model, tokenizer, report) from a pruned or compact directory, optionally cast."""
     model, tokenizer = load_model(str(model_dir))

@@ -139,9 +139,15 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
     if evaluate:
         report["perplexity_before"] = _held_out_perplexity(model, text.evaluation, job, device)
 
+    needed = activation_bytes(model, len(parallel.shard(samples)), job.seqlen)
+    offload = job.offload_activations or activations_exceed_gpu(needed, device)
+    if offload and not job.offload_activations:
+        log.warning("calibration activations (%.1f GiB) would take over half the free GPU memory; keeping them "
+                    "on the CPU", needed / 2**30)
+    report["activations"] = dict(bytes=needed, kept_on="cpu" if offload else str(device))
+
     checkpoints = LayerCheckpoints(out, job.fingerprint())
-    layers = prune_model_(model, samples, job.config, device, selection, checkpoints,
-                          job.offload_activations, progress, parallel)
+    layers = prune_model_(model, samples, job.config, device, selection, checkpoints, offload, progress, parallel)
     report["layers"] = layers
     report["sparsity"] = _overall_sparsity(layers)
     report["prune_seconds"] = time.time() - started
@@ -154,6 +160,20 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
 
     parallel.run_on_main(finish)
     return report
+
+
+def activation_bytes(model, samples: int, seqlen: int) -> int:
+    """Memory of one decoder layer's calibration inputs and outputs, all samples together."""
+    element = next(model.parameters()).element_size()
+    return 2 * samples * seqlen * model.config.hidden_size * element
+
+
+def activations_exceed_gpu(needed: int, device: torch.device) -> bool:
+    """True when the activations would take over half of the GPU's free memory (never on a CPU)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed > free // 2
 
 
 def _held_out_perplexity(model, tokens, job: PruneJob, device) -> dict:

@@ -35,3 +35,14 @@ def test_refusals_explain_why_and_what_to_do():
         require_hardware_2to4(None, {"config": {"pattern": "2:4", "alpha": 0.1}}, "TensorRT")
     ok = [analyse("l", torch.tensor([[1.0, 0, 2, 0] * 8] * 16))]
     require_hardware_2to4(ok, {"config": {"pattern": "2:4", "alpha": 0.0}}, "TensorRT")
+
+
+@pytest.mark.parametrize("fixture", ["pruned_llama_2of4", "pruned_gpt2_2of4"])
+def test_lazy_directory_inspection_equals_loading_the_model(request, fixture):
+    from exporters.source import directory_patterns, load_pruned, model_patterns
+
+    path = request.getfixturevalue(fixture)
+    lazy = [l.to_json() for l in directory_patterns(path)]
+    loaded = [l.to_json() for l in model_patterns(load_pruned(path)[0])]
+    assert lazy == loaded and len(lazy) in (8, 21)
+    assert all(l["pattern"] == "2:4" for l in lazy)

@@ -62,6 +62,8 @@ def test_prune_to_directory_loads_with_transformers(tiny_llama_dir, tmp_path):
     assert {"torch", "transformers", "python"} <= set(on_disk["versions"])
     assert not (out / ".thanos_partial").exists()
     assert report["calibration"]["samples"] == 4
+    # 4 samples x 32 tokens x 64 hidden x fp32, inputs and outputs; a CPU run keeps them where they are
+    assert report["activations"] == {"bytes": 2 * 4 * 32 * 64 * 4, "kept_on": "cpu"}
 
 
 class _Killed(Exception):
