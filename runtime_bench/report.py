@@ -37,14 +37,8 @@ def _plots(out: Path, records: list[dict]) -> list[str]:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens M")
-        ax.set_ylabel("dense time / 2:4 time")
-        ax.set_title("2:4 speed-up versus tokens")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "gemm_speedup.png", dpi=120)
-        plt.close(fig)
-        names.append("gemm_speedup.png")
+        names.append(_save(plt, fig, ax, out / "gemm_speedup.png", "tokens M", "dense time / 2:4 time",
+                           "2:4 speed-up versus tokens"))
     model = [r for r in records if r["level"] == "model" and r["status"] == "ok" and r.get("phase") == "prefill"]
     if model:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -57,15 +51,20 @@ def _plots(out: Path, records: list[dict]) -> list[str]:
             values = dict(points)
             ax.bar([j + i * width for j in range(len(labels))], [values.get(l, 0) for l in labels], width, label=backend)
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))], labels)
-        ax.set_xlabel("batch x sequence")
-        ax.set_ylabel("prefill median ms")
-        ax.set_title("prefill latency by backend")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "model_latency.png", dpi=120)
-        plt.close(fig)
-        names.append("model_latency.png")
+        names.append(_save(plt, fig, ax, out / "model_latency.png", "batch x sequence", "prefill median ms",
+                           "prefill latency by backend"))
     return names
+
+
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
 
 
 def _markdown(summary: dict, plots: list[str]) -> str:
