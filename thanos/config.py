@@ -14,8 +14,8 @@ Method = Literal["thanos", "sparsegpt", "wanda", "magnitude"]
 
 # Default block sizes (columns per block). The paper uses 128 for unstructured and 512 for n:m.
 # `python -m runtime_bench.solver` (table in the README) shows why we use 128 for n:m too: the
-# batched k x k solves grow with the square of the block size, so 512 costs 3-4x the time of 128
-# (over 5x SparseGPT's) for a reconstruction error lower by only 0.5-3% relative.
+# batched k x k solves grow with the square of the block size, so 512 costs 1.1-4x the time of 128
+# (2.7-8.4x SparseGPT's) for a reconstruction error lower by only 0.2-3.1% relative.
 DEFAULT_BLOCK_SIZE = {"unstructured": 128, "nm": 128, "columns": None}
 SPARSEGPT_BLOCK_SIZE = 128
 
