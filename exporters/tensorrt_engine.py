@@ -63,7 +63,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
 
         def log(self, severity, msg):
             lines.append(msg)
-            if severity <= trt.ILogger.Severity.WARNING:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 log.warning("TensorRT: %s", msg)
 
     logger = _Capture()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -43,13 +43,15 @@ def prune_weight(
     *,
     name: str = "layer",
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> PruneResult:
     """Prune one linear weight (r x c) given its input statistics `hessian` (c x c, mean x x^T).
 
     Runs on the weight's device in fp32 whatever the weight's dtype, and returns the weight in
     its own dtype. `method` is thanos, sparsegpt, wanda or magnitude (magnitude needs no
     hessian; wanda also accepts the diagonal alone as a (c,) tensor). See `PruneConfig` for
-    `pattern`, `sparsity`, `block_size`, `alpha` and `damp`.
+    `pattern`, `sparsity`, `block_size`, `alpha` and `damp`. `progress(columns_done, columns)`
+    is called after each block by the block solvers (thanos, sparsegpt).
     """
     config = PruneConfig(method, Pattern.parse(pattern), sparsity, block_size, alpha, damp)
     _check_inputs(weight, hessian, config, name)
@@ -59,9 +61,10 @@ def prune_weight(
     pattern = config.pattern
     if config.method == "thanos":
         out = thanos_prune(W, H, pattern, config.sparsity, config.resolved_block_size, config.alpha, damp,
-                           layer=name, solve_memory=solve_memory)
+                           layer=name, solve_memory=solve_memory, progress=progress)
     elif config.method == "sparsegpt":
-        out = sparsegpt_prune(W, H, pattern, config.sparsity, config.resolved_block_size, damp, layer=name)
+        out = sparsegpt_prune(W, H, pattern, config.sparsity, config.resolved_block_size, damp, layer=name,
+                              progress=progress)
     elif config.method == "wanda":
         out = wanda_prune(W, H if H.dim() == 1 else torch.diag(H), pattern, config.sparsity)
     else:

@@ -24,8 +24,9 @@ from thanos.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
-# progress(stage, done, total): stage is "layers" or "samples"
+# progress(stage, done, total): stage is "layers", "samples", or "columns" inside a wide layer's solve
 Progress = Callable[[str, int, int], None]
+WIDE_LAYER_COLUMNS = 4096  # layers this wide take long enough to solve that they report progress
 
 
 class _Captured(Exception):
@@ -218,8 +219,10 @@ def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, con
         if owners[name] != parallel.rank:
             continue
         c = config
+        wide = weight_view(mod).shape[1] >= WIDE_LAYER_COLUMNS
         result = prune_weight(weight_view(mod), shared.hessian(name), c.method, c.pattern, c.sparsity,
-                              c.block_size, c.alpha, c.damp, name=name)
+                              c.block_size, c.alpha, c.damp, name=name,
+                              progress=(lambda done, total: progress("columns", done, total)) if progress and wide else None)
         set_weight_(mod, result.weight)
         reports[name] = dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
                              error=result.error, seconds=result.seconds, damp_used=result.damp_used,

@@ -264,3 +264,10 @@ def test_cuda_matches_cpu(method, dtype):
     assert_nm(gpu.weight.cpu(), 2, 4)
     assert (gpu.mask.cpu() != cpu.mask).float().mean() < 0.01  # fp32 maths on both; rare near-ties may flip
     assert gpu.error == pytest.approx(cpu.error, rel=0.02)
+
+
+@pytest.mark.parametrize("method", ["thanos", "sparsegpt"])
+def test_block_solvers_report_progress(method):
+    seen = []
+    prune_weight(torch.randn(8, 96), torch.eye(96), method, "2:4", block_size=32, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(32, 96), (64, 96), (96, 96)]

@@ -8,6 +8,7 @@ matrix gets the block's accumulated errors in one GEMM. The mask is chosen adapt
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 
@@ -19,7 +20,7 @@ from thanos.solvers import SolverOutput
 
 def sparsegpt_prune(
     W: torch.Tensor, H: torch.Tensor, pattern: Pattern, sparsity: float, block_size: int,
-    damp: float = 0.01, layer: str = "layer",
+    damp: float = 0.01, layer: str = "layer", progress: Optional[Callable[[int, int], None]] = None,
 ) -> SolverOutput:
     if pattern.kind == "columns":
         raise ConfigError("SparseGPT prunes unstructured or n:m; for whole columns use method 'thanos'")
@@ -54,4 +55,6 @@ def sparsegpt_prune(
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        if progress:
+            progress(i2, cols)
     return SolverOutput(W, mask, factor.damp_used, factor.escalations)

@@ -7,7 +7,7 @@ removal set inside the block, `B` the block size, `Lam` the r x B matrix of scat
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -42,6 +42,7 @@ def thanos_prune(
     layer: str = "layer",
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
     trailing_inverse: Literal["one-cholesky", "per-block"] = "one-cholesky",
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> SolverOutput:
     """Prune `W` (r x c, fp32, modified in place and returned) under `pattern`.
 
@@ -65,7 +66,7 @@ def thanos_prune(
         damped = None
         if trailing_inverse == "per-block":
             damped = H + factor.damp_used * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
-        _prune_blocks(Wp, mask_p, U, s, pattern, sparsity, block_size or W.shape[1], solve_memory, damped)
+        _prune_blocks(Wp, mask_p, U, s, pattern, sparsity, block_size or W.shape[1], solve_memory, damped, progress)
 
     W[rows] = Wp
     mask = torch.zeros_like(W, dtype=torch.bool)
@@ -73,7 +74,7 @@ def thanos_prune(
     return SolverOutput(W, mask, factor.damp_used, factor.escalations)
 
 
-def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H):
+def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H, progress=None):
     rows, cols = W.shape
     budget = math.floor(sparsity * rows * cols)  # unstructured: Z, the layer's exact zero count
     removed = 0
@@ -94,6 +95,8 @@ def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H):
 
         _remove_weights(W, i1, block_mask, G_block, solve_memory)
         mask[:, i1:i2] = block_mask
+        if progress:
+            progress(i2, cols)
 
 
 def _remove_weights(W, i1, block_mask, G_block, solve_memory):
