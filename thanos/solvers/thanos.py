@@ -13,7 +13,7 @@ import torch
 
 from thanos.config import Pattern
 from thanos.hessian import handle_dead_inputs_, inverse_upper_factor
-from thanos.masks import leading_mask_of_region, nm_mask, wanda_metric
+from thanos.masks import leading_mask_of_region, nm_mask, smallest_mask, wanda_metric
 from thanos.solvers import SolverOutput
 
 DEFAULT_SOLVE_MEMORY = 512 * 2**20  # bytes for one chunk of batched k x k systems
@@ -152,7 +152,7 @@ def _prune_columns(W, mask, U, s, sparsity):
     k = math.ceil(sparsity * cols)
     if k == 0:
         return
-    q = torch.sort(torch.topk((W * W).sum(0) * s, k, largest=False).indices).values  # (k,)
+    q = smallest_mask((W * W).sum(0) * s, k).nonzero().flatten()  # (k,), ascending column order
     G_q = U[:, q].T @ U  # (k, c): rows q of inv(H) = U^T U
     L, info = torch.linalg.cholesky_ex(G_q[:, q])  # (k, k)
     if info.item() == 0:
