@@ -386,6 +386,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     with export_summary.json) and OUT/build_summary.json.
     """
     from exporters import ExportError, export
+    from exporters.patterns import require_hardware_2to4
 
     chosen = _auto_target() if target == "auto" else target
     try:
@@ -394,9 +395,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
         if chosen == "onnx" and dtype == "bfloat16":
             options = dataclasses.replace(options, dtype="float16")
         job = build_job(str(Path(out) / "pruned"), **prune_opts)
-        if chosen in ("tensorrt", "torch") and not allow_dense and (str(job.config.pattern) != "2:4" or job.config.alpha > 0):
-            from exporters.patterns import require_hardware_2to4
-
+        if chosen in ("tensorrt", "torch") and not allow_dense:  # refuse before pruning, not after
             require_hardware_2to4(None, dict(config=job.config.to_json()), chosen)
         report = run_prune(job, quiet)
         echo_prune_summary(report)

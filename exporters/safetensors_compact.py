@@ -10,7 +10,7 @@ from exporters.compact import load_compact, save_compact
 from exporters.source import load_pruned
 from thanos.config import Pattern
 from thanos.driver import LayerSelection, prunable_linears
-from thanos.models import weight_view
+from thanos.models import stores_transposed, weight_view
 from exporters.patterns import analyse
 
 
@@ -21,7 +21,7 @@ def export_compact(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     patterns, transposed = {}, set()
     for layer in prunable_linears(model, LayerSelection()).values():
         for name, mod in layer.items():
-            if type(mod).__name__ == "Conv1D":
+            if stores_transposed(mod):
                 transposed.add(name)
             if declared.is_nm:
                 patterns[name] = (declared.n, declared.m)

@@ -9,7 +9,7 @@ import torch
 
 from exporters.patterns import LayerPattern, analyse
 from thanos.driver import LayerSelection, prunable_linears
-from thanos.models import load_model, weight_view
+from thanos.models import load_model, stores_transposed, weight_view
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,7 +48,7 @@ def directory_patterns(model_dir: Path) -> list[LayerPattern]:
         return model_patterns(load_pruned(model_dir)[0])
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    wanted = {f"{name}.weight": type(mod).__name__ == "Conv1D"
+    wanted = {f"{name}.weight": stores_transposed(mod)
               for layer in prunable_linears(skeleton, LayerSelection()).values() for name, mod in layer.items()}
     layers = []
     for file in files:

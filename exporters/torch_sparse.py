@@ -14,9 +14,9 @@ import torch
 
 from exporters import BackendMissingError, ExportFormat, ExportOptions, ValidationError, register
 from exporters.patterns import analyse, require_hardware_2to4
-from exporters.source import DTYPES, load_pruned, model_patterns, prompts
+from exporters.source import load_pruned, model_patterns, prompts
 from thanos.driver import LayerSelection, prunable_linears
-from thanos.models import weight_view
+from thanos.models import stores_transposed, weight_view
 
 log = logging.getLogger(__name__)
 TOLERANCE = 2e-2  # of the logits' largest magnitude: sparse kernels accumulate in another order
@@ -61,7 +61,7 @@ def to_semi_structured_(model, backend: str = "auto") -> SemiStructuredReport:
     for layer in prunable_linears(model, LayerSelection()).values():
         for name, mod in layer.items():
             info = analyse(name, weight_view(mod), chosen)
-            if type(mod).__name__ == "Conv1D":
+            if stores_transposed(mod):
                 dense[name] = "GPT-2 Conv1D (x @ W) is not an nn.Linear; semi-structured needs F.linear"
             elif not info.hardware_2to4 or mod.weight.dtype not in (torch.float16, torch.bfloat16):
                 dense[name] = info.reason if not info.hardware_2to4 else f"dtype {mod.weight.dtype}"

@@ -9,6 +9,7 @@ from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm
 from runtime_bench.model import ALL_BACKENDS, random_model, run_model
 from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
+from thanos.models import is_prunable, weight_view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,8 @@ class BenchSettings:
 def run_bench(settings: BenchSettings, progress=None) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
     model = _load_target(settings.target, device)
-    shapes = sorted({tuple(mod.weight.shape) if type(mod).__name__ != "Conv1D" else tuple(mod.weight.shape[::-1])
-                     for mod in model.modules() if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"}
+    # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
+    shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
                     - {(model.config.vocab_size, model.config.hidden_size)})
     for name in settings.shapes:
         if name not in SHAPE_SETS:

@@ -10,7 +10,6 @@ import json
 import time
 
 import click
-import torch
 
 from thanos import PruneConfig
 from thanos.calibration import sample_windows, tokenize_split

@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
-
 import torch
 
 PARTIAL_DIR = ".thanos_partial"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -228,7 +228,7 @@ def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, con
                              error=result.error, seconds=result.seconds, damp_used=result.damp_used,
                              damp_escalations=result.damp_escalations, rank=parallel.rank)
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
-    del shared
+    shared.stats.clear()  # free the Hessians before the broadcasts
     for name, mod in linears.items():
         parallel.broadcast_(mod.weight.data, owners[name])
         reports[name] = parallel.broadcast_object(reports.get(name), owners[name])

@@ -51,18 +51,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(adapter_for(model).layers)
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """GPT-2's Conv1D keeps its weight as (in_features, out_features) and computes x @ W."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or stores_transposed(module)
 
 
 def weight_view(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features); GPT-2's Conv1D stores it transposed."""
-    return module.weight.data.T if type(module).__name__ == "Conv1D" else module.weight.data
+    """The weight as (out_features, in_features), whichever way the module stores it."""
+    return module.weight.data.T if stores_transposed(module) else module.weight.data
 
 
 def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
-    target = module.weight.data
-    target.copy_(weight.T if type(module).__name__ == "Conv1D" else weight)
+    module.weight.data.copy_(weight.T if stores_transposed(module) else weight)
 
 
 def default_model_file() -> Path:

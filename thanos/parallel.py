@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 

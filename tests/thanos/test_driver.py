@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from thanos import ConfigError, HessianAccumulator, PruneConfig
+from thanos import HessianAccumulator, PruneConfig
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import OutputDirError
 from thanos.driver import LayerSelection, prunable_linears, prune_model_
