@@ -130,7 +130,7 @@ def _remove_weights(W, i1, block_mask, G_block, solve_memory):
             rhs = rhs * keep
         lam = _spd_solve(Gqq, rhs)  # (R, kc)
         Lam[idx_rows] = torch.zeros_like(sub_mask, dtype=W.dtype).scatter_(1, q, lam)
-    W[:, i1:] -= Lam @ G_block
+    W[:, i1:].addmm_(Lam, G_block, alpha=-1.0)  # in place: no r x (c - i1) temporary
     W[:, i1 : i1 + B][block_mask] = 0.0
 
 
