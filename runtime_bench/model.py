@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 from pathlib import Path
+
+import psutil
 import torch
 
 from runtime_bench.protocol import measure
@@ -19,21 +21,37 @@ RANDOM_CONFIGS = {
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
 }
+
+
+def random_config(name: str, **overrides):
+    """The transformers LlamaConfig of a named real model (see RANDOM_CONFIGS)."""
+    from transformers import LlamaConfig
+
+    if name not in RANDOM_CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(RANDOM_CONFIGS)}")
+    return LlamaConfig(**{**RANDOM_CONFIGS[name], "max_position_embeddings": 4096, **overrides})
 
 
 def random_model(name: str, dtype=torch.float16, device="cpu"):
     """A LLaMA-architecture model of a real config with random 2:4 weights in every decoder linear."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from runtime_bench.gemm import two_four_weight
     from thanos.driver import LayerSelection, prunable_linears
 
-    if name not in RANDOM_CONFIGS:
-        raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_CONFIGS)}")
-    config = LlamaConfig(**RANDOM_CONFIGS[name], max_position_embeddings=4096)
+    config = random_config(name)
+    with torch.device("meta"):
+        needed = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) * dtype.itemsize
+    available = torch.cuda.mem_get_info(device)[0] if str(device).startswith("cuda") else psutil.virtual_memory().available
+    if needed > 0.9 * available:
+        raise ValueError(f"random:{name} needs {needed / 2**30:.0f} GiB of weights in {dtype}, more than the "
+                         f"{available / 2**30:.0f} GiB free on {device}; benchmark its matrix shapes with "
+                         f"--levels gemm --shapes {name}, or its pruning cost with python -m runtime_bench.plan")
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     with torch.no_grad():
         for layer in prunable_linears(model, LayerSelection()).values():
             for mod in layer.values():

@@ -67,7 +67,7 @@ def measure(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, min_
 
 def machine() -> dict:
     """What produced the figures: GPU, capability, driver, CUDA and library versions, CPU."""
-    info = dict(cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads(),
+    info = dict(cpu=_cpu_name(), cpu_threads=torch.get_num_threads(),
                 python=platform.python_version(), torch=torch.__version__)
     for module in ("transformers", "onnxruntime", "tensorrt"):
         try:
@@ -81,6 +81,16 @@ def machine() -> dict:
     else:
         info.update(gpu=None, compute_capability=None, cuda=torch.version.cuda, driver=None)
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _driver_version() -> Optional[str]:

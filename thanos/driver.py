@@ -104,7 +104,7 @@ def capture_layer_inputs(model, samples: torch.Tensor, device, store_device):
     return captured, extra["args"], extra["kwargs"]
 
 
-def _run_layer(layer, inputs, args, kwargs, device, store_device, progress: Optional[Progress] = None):
+def run_layer(layer, inputs, args, kwargs, device, store_device, progress: Optional[Progress] = None):
     outputs = []
     for i, x in enumerate(inputs):
         y = layer(x.to(device), *args, **kwargs)
@@ -148,9 +148,9 @@ def prune_model_(
             reports += checkpoints.load(index, layer)
             log.info("layer %d: loaded from the interrupted run", index)
         else:
-            reports += _prune_layer(layer, linears[index], inputs, args, kwargs, config, device, store_device,
+            reports += prune_layer(layer, linears[index], inputs, args, kwargs, config, device, store_device,
                                     progress, parallel)
-        inputs = _run_layer(layer, inputs, args, kwargs, device, store_device)
+        inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
         layer.to("cpu")
         if checkpoints and index >= done and parallel.is_main:
             checkpoints.save(index, layer, reports[-len(linears[index]):] if linears[index] else [])
@@ -196,21 +196,42 @@ class SharedInputStatistics:
     def hessian(self, name: str) -> torch.Tensor:
         return self.stats[self.source[name]].hessian
 
+    @property
+    def nbytes(self) -> int:
+        return sum(acc.hessian.numel() * acc.hessian.element_size() for acc in self.stats.values())
 
-def _prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, config, device, store_device, progress,
+
+def solve_costs(linears: dict[str, nn.Module]) -> dict[str, float]:
+    """Relative cost of each linear's solve: r * c^2, the row updates that dominate it."""
+    return {name: float(weight_view(mod).shape[0]) * weight_view(mod).shape[1] ** 2 for name, mod in linears.items()}
+
+
+def prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, config, device, store_device, progress,
                  parallel: Parallel):
+    shared = collect_statistics(layer, linears, inputs, args, kwargs, device, store_device, progress)
+    return solve_layer(linears, shared, config, progress, parallel)
+
+
+def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device,
+                       progress=None) -> SharedInputStatistics:
+    """Run this rank's samples through `layer`, streaming each linear's input into its Hessian."""
     shared = SharedInputStatistics(linears, device)
     hooks = [layer.register_forward_pre_hook(shared.new_pass)]
     hooks += [mod.register_forward_pre_hook(lambda m, a, name=name: shared.add(name, a[0]))
               for name, mod in linears.items()]
     try:
-        _run_layer(layer, inputs, args, kwargs, device, store_device, progress)
+        run_layer(layer, inputs, args, kwargs, device, store_device, progress)
     finally:
         for h in hooks:
             h.remove()
         shared.new_pass()
-    owners = parallel.owners({name: float(weight_view(mod).shape[0]) * weight_view(mod).shape[1] ** 2
-                              for name, mod in linears.items()})
+    return shared
+
+
+def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress,
+                parallel: Parallel) -> list[dict]:
+    """Reduce the statistics over ranks, solve this rank's linears, and share every pruned weight."""
+    owners = parallel.owners(solve_costs(linears))
     for name in linears:  # all reductions first, so no rank waits on another's solve
         if name in shared.stats:
             parallel.reduce_stats_(shared.stats[name])

@@ -50,14 +50,7 @@ class Parallel:
         acc.hessian = weighted / max(acc.tokens, 1)
 
     def owners(self, costs: dict[str, float]) -> dict[str, int]:
-        """Deal the linears out by cost, largest first, each to the least loaded rank."""
-        load = [0.0] * self.world
-        owner = {}
-        for name, cost in sorted(costs.items(), key=lambda kv: -kv[1]):
-            rank = min(range(self.world), key=lambda r: load[r])
-            owner[name] = rank
-            load[rank] += cost
-        return owner
+        return deal_by_cost(costs, self.world)
 
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         if self.active:
@@ -94,6 +87,17 @@ class Parallel:
             raise DistributedError(
                 f"rank {self.rank}: a collective failed ({exc}). A rank died or lost its connection; the finished "
                 "layers are saved, so rerunning the same command resumes") from exc
+
+
+def deal_by_cost(costs: dict[str, float], ranks: int) -> dict[str, int]:
+    """Deal the linears out by cost, largest first, each to the least loaded rank."""
+    load = [0.0] * ranks
+    owner = {}
+    for name, cost in sorted(costs.items(), key=lambda kv: -kv[1]):
+        rank = min(range(ranks), key=lambda r: load[r])
+        owner[name] = rank
+        load[rank] += cost
+    return owner
 
 
 def init_from_env(timeout_s: float = 3600) -> torch.device:

@@ -13,7 +13,7 @@ def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = 
     from thanos.pipeline import PruneJob, prune_to_directory
 
     if rank == 1 and die_on_layer >= 0:
-        original, calls = driver._prune_layer, []
+        original, calls = driver.prune_layer, []
 
         def dying(*args, **kwargs):
             calls.append(1)
@@ -21,7 +21,7 @@ def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = 
                 os._exit(3)  # a rank that dies mid-run, without cleaning up
             return original(*args, **kwargs)
 
-        driver._prune_layer = dying
+        driver.prune_layer = dying
     try:
         prune_to_directory(PruneJob(distributed=True, **job_kwargs))
     finally:

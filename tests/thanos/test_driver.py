@@ -176,7 +176,7 @@ def test_default_text_splits_without_overlap(tiny_llama_dir):
 
 
 def test_linears_reading_one_input_share_statistics(tiny_llama_dir):
-    from thanos.driver import SharedInputStatistics, _run_layer, capture_layer_inputs
+    from thanos.driver import SharedInputStatistics, run_layer, capture_layer_inputs
 
     model, tokenizer = load_model(str(tiny_llama_dir))
     samples = sample_windows(tokenize_split(tokenizer, None).calibration, 3, 32)
@@ -191,7 +191,7 @@ def test_linears_reading_one_input_share_statistics(tiny_llama_dir):
         own[name] = HessianAccumulator(mod.in_features)
         hooks.append(mod.register_forward_pre_hook(lambda m, a, acc=own[name]: acc.add(a[0])))
     with torch.no_grad():
-        _run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+        run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
     for h in hooks:
         h.remove()
     short = {n.rsplit(".", 1)[-1]: shared.source[n].rsplit(".", 1)[-1] for n in linears}

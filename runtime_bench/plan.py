@@ -1,0 +1,195 @@
+"""Time and memory plan for pruning a whole model, from one decoder layer measured on this machine.
+
+    python -m runtime_bench.plan --config llama2-70b --device cuda --ranks 1,8
+
+Builds one decoder layer of a real config with random weights (the solve and the forward passes
+cost the same whatever the values), captures random calibration tokens in front of it, and times
+the driver's own per-layer steps: moving the layer onto the device (layer offloading), the
+statistics pass, each linear's solve, and the pass through the pruned layer. The plan for the
+whole model multiplies by the layer count. For N ranks (`torchrun`, thanos.distributed) the two
+passes over the samples are divided by N and the solves are dealt out by the same rule the
+distributed driver uses; the all-reduce and broadcast traffic is reported in bytes, not timed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from runtime_bench.model import RANDOM_CONFIGS, random_config
+from runtime_bench.protocol import machine
+from thanos.config import PruneConfig
+from thanos.driver import (LayerSelection, capture_layer_inputs, collect_statistics, prunable_linears, run_layer,
+                           solve_costs, solve_layer)
+from thanos.models import decoder_layers, weight_view
+from thanos.parallel import Parallel, deal_by_cost
+from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
+
+PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    value = fn()
+    _sync(device)
+    return value, time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device: "str | torch.device",
+                  dtype: torch.dtype, offload_activations: bool = True, echo=print) -> dict:
+    """Prune the one random decoder layer of `config` (a transformers LlamaConfig) and time each step."""
+    from transformers import LlamaForCausalLM
+
+    device = torch.device(device)
+    store_device = torch.device("cpu") if offload_activations else device
+    model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    layer = decoder_layers(model)[0]
+    linears = prunable_linears(model, LayerSelection())[0]
+    tokens = torch.randint(0, PLAN_VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(0))
+    inputs, args, kwargs = capture_layer_inputs(model, tokens, device, store_device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _, load_s = _timed(lambda: layer.to(device), device)
+    echo(f"layer on {device} in {load_s:.2f}s; statistics pass over {samples} x {seqlen} tokens ...")
+    shared, statistics_s = _timed(lambda: collect_statistics(layer, linears, inputs, args, kwargs, device,
+                                                             store_device), device)
+    hessian_bytes = shared.nbytes
+    echo(f"statistics in {statistics_s:.2f}s; solving {len(linears)} linears ...")
+    reports = solve_layer(linears, shared, prune, None, Parallel())
+    del shared
+    _, forward_s = _timed(lambda: run_layer(layer, inputs, args, kwargs, device, store_device), device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    _, unload_s = _timed(lambda: layer.to("cpu"), device)
+    return dict(
+        config={k: getattr(config, k) for k in PLANNED_CONFIG_KEYS},
+        prune=prune.to_json(), samples=samples, seqlen=seqlen, device=str(device), dtype=str(dtype),
+        activations_on=str(store_device),
+        seconds=dict(load=load_s, statistics=statistics_s, forward=forward_s, unload=unload_s,
+                     solves={r["name"]: r["seconds"] for r in reports}),
+        solve_costs=solve_costs(linears),
+        bytes=dict(
+            layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
+            prunable_weights=sum(weight_view(m).numel() * weight_view(m).element_size() for m in linears.values()),
+            hessians=hessian_bytes,  # fp32, one per distinct linear input (q/k/v and gate/up share theirs)
+            activations=2 * sum(x.numel() * x.element_size() for x in inputs),  # a layer's inputs and outputs
+            device_peak=peak,
+        ),
+    )
+
+
+PLANNED_CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
+
+
+RANDOM_CONFIGS_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads"]
+
+
+def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
+    """Whole-model time and per-rank memory for each rank count, from one measured layer."""
+    s = layer["seconds"]
+    rows = []
+    for n in ranks:
+        owners = deal_by_cost(layer["solve_costs"], n)
+        per_rank = [sum(t for name, t in s["solves"].items() if owners[name] == r) for r in range(n)]
+        per_layer = s["load"] + (s["statistics"] + s["forward"]) / n + max(per_rank) + s["unload"]
+        traffic = 0 if n == 1 else layer["bytes"]["hessians"] + layer["bytes"]["prunable_weights"]
+        rows.append(dict(
+            ranks=n, seconds_per_layer=per_layer, hours_total=per_layer * layers / 3600,
+            solve_seconds_per_layer=max(per_rank),
+            activation_bytes_per_rank=layer["bytes"]["activations"] / n,
+            collective_bytes_per_layer=traffic,
+        ))
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info: dict) -> str:
+    s, b = layer["seconds"], layer["bytes"]
+    where = machine_info.get("gpu") or machine_info.get("cpu")
+    lines = [
+        f"# Pruning plan: {name} ({layers} decoder layers), {layer['prune']['method']} "
+        f"{layer['prune']['pattern']}, calibration {layer['samples']} x {layer['seqlen']} tokens",
+        "",
+        f"Measured on {where} ({layer['device']}, {layer['dtype']}, torch {machine_info.get('torch')}): one "
+        f"random-weight decoder layer, activations kept on {layer['activations_on']}.",
+        "",
+        "| step, one layer | time |",
+        "| --- | --- |",
+        f"| move the layer onto the device | {_duration(s['load'])} |",
+        f"| statistics pass (forward with Hessian hooks) | {_duration(s['statistics'])} |",
+        *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)} |"
+          for n, t in s["solves"].items()],
+        f"| forward through the pruned layer | {_duration(s['forward'])} |",
+        f"| move the layer back to the host | {_duration(s['unload'])} |",
+        "",
+        "| ranks | per layer | solves per layer (slowest rank) | whole model | activations per rank "
+        "| all-reduce + broadcast per layer |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| {r['ranks']} | {_duration(r['seconds_per_layer'])} | {_duration(r['solve_seconds_per_layer'])} "
+          f"| {_duration(r['hours_total'] * 3600)} | {_size(r['activation_bytes_per_rank'])} "
+          f"| {_size(r['collective_bytes_per_layer'])} |" for r in rows],
+        "",
+        f"One layer holds {_size(b['layer_weights'])} of weights and {_size(b['hessians'])} of fp32 Hessians "
+        f"(one per distinct input)"
+        + (f"; the device allocator peaked at {_size(b['device_peak'])}" if b["device_peak"] is not None else "")
+        + ".",
+        "",
+        "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
+        "by r*c^2 as thanos.distributed does; the collectives are not timed (their bytes are in the table).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--config", "name", type=click.Choice(sorted(RANDOM_CONFIGS)), default="llama2-70b", show_default=True,
+              help="Real model shapes to plan for.")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--ranks", default="1,8", show_default=True, help="Rank counts to plan for, comma-separated.")
+@click.option("--calib-samples", type=int, default=None, help="Calibration windows (default 128 on GPU, 32 on CPU).")
+@click.option("--seqlen", type=int, default=None, help="Tokens per window (default 2048 on GPU, 512 on CPU).")
+@click.option("--pattern", default="2:4", show_default=True)
+@click.option("--method", default="thanos", show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
+@click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
+def main(name, device, ranks, calib_samples, seqlen, pattern, method, json_out, md_out):
+    """Measure one decoder layer's pruning steps and plan the whole model on 1..N ranks."""
+    dev = torch.device(device)
+    defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
+    samples, seqlen = calib_samples or defaults["samples"], seqlen or defaults["seqlen"]
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
+    config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
+    layer = measure_layer(config, PruneConfig(method=method, pattern=pattern), samples, seqlen, dev,
+                          dtype, echo=lambda m: click.echo(m, err=True))
+    rows = plan(layer, layers, [int(r) for r in ranks.split(",")])
+    info = machine()
+    text = markdown(layer, rows, name, layers, info)
+    click.echo(text)
+    if json_out:
+        Path(json_out).write_text(json.dumps(dict(machine=info, model=name, layers=layers, layer=layer, plan=rows),
+                                             indent=2))
+    if md_out:
+        Path(md_out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

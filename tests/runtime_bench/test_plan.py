@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from runtime_bench import plan
+from thanos.config import PruneConfig
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=plan.PLAN_VOCAB)
+    return plan.measure_layer(config, PruneConfig(pattern="2:4"), samples=3, seqlen=16, device="cpu",
+                              dtype=torch.float32, echo=lambda _: None)
+
+
+def test_one_layer_is_measured_step_by_step(measured):
+    solves = measured["seconds"]["solves"]
+    assert [name.rsplit(".", 1)[-1] for name in solves] == LINEARS
+    assert all(t > 0 for t in solves.values())
+    b = measured["bytes"]
+    # q/k/v share one 64 x 64 Hessian and gate/up another; o_proj has its own; down_proj reads 128 wide
+    assert b["hessians"] == 4 * (3 * 64 * 64 + 128 * 128)
+    assert b["activations"] == 2 * 3 * 16 * 64 * 4
+    assert b["device_peak"] is None  # no allocator peak on the CPU
+
+
+def test_plan_divides_passes_and_deals_solves(measured):
+    s = measured["seconds"]
+    one, two, many = plan.plan(measured, layers=10, ranks=[1, 2, 8])
+    everything = s["load"] + s["statistics"] + s["forward"] + s["unload"] + sum(s["solves"].values())
+    assert one["seconds_per_layer"] == pytest.approx(everything)
+    assert one["hours_total"] * 3600 == pytest.approx(10 * everything)
+    assert one["collective_bytes_per_layer"] == 0 < two["collective_bytes_per_layer"]
+    assert max(s["solves"].values()) <= two["solve_seconds_per_layer"] <= sum(s["solves"].values())
+    assert many["solve_seconds_per_layer"] == pytest.approx(max(s["solves"].values()))  # 7 linears, 8 ranks
+    assert many["activation_bytes_per_rank"] == measured["bytes"]["activations"] / 8
+
+
+def test_cli_writes_plan_files(tmp_path):
+    out_json, out_md = tmp_path / "plan.json", tmp_path / "plan.md"
+    result = CliRunner().invoke(plan.main, ["--config", "smollm2-135m", "--device", "cpu", "--calib-samples", "2",
+                                            "--seqlen", "32", "--ranks", "1,4", "--json-out", str(out_json),
+                                            "--md-out", str(out_md)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert data["layers"] == 30 and [r["ranks"] for r in data["plan"]] == [1, 4]
+    assert data["machine"]["torch"] == torch.__version__
+    assert "| 4 |" in out_md.read_text() and "self_attn.q_proj" in out_md.read_text()
