@@ -5,10 +5,12 @@ typed, so precision comes from the ONNX types (we export fp16). The builder's ve
 captured, and the layers it reports as eligible for sparse math, and those it gave a sparse
 implementation, are listed in the summary.
 
-Weight layout: TensorRT looks for 2:4 along the reduction (K) dimension of constant weights.
-Our ONNX stores each linear as MatMul(x, B) with B a (K, N) initializer whose groups of 4 run
-along K (axis 0); `exporters.onnx_export.onnx_weight_patterns` verifies that before the build.
-The builder log is the authority on what it accepted, and the summary reports it.
+Weight layout: TensorRT's developer guide (section "Sparsity") asks of convolution and fully
+connected weights that, for every output channel, each group of four consecutive input channels
+hold at least two zeros: 2:4 along the reduction dimension K, whatever the storage order. Our
+ONNX stores each linear as MatMul(x, B) with B a (K, N) initializer whose groups of 4 run along
+K (axis 0); `exporters.onnx_export.onnx_weight_patterns` verifies that before the build. The
+builder log is the authority on what it accepted, and the summary reports it.
 """
 from __future__ import annotations
 

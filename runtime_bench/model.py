@@ -6,6 +6,7 @@ TensorRT dense and sparse engines. Whatever this machine lacks is recorded as sk
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import tempfile
 from pathlib import Path
 
@@ -73,15 +74,15 @@ def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str
     from transformers import DynamicCache
 
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    # transformers renamed `past_key_values` to `cache` (5.x); the device machine may have either.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def run():
         with torch.no_grad():
-            cache = DynamicCache()
-            out = model(ids, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+            cache = DynamicCache()  # filled in place by every call
+            token = model(ids, **{name: cache}, use_cache=True).logits[:, -1:].argmax(-1)
             for _ in range(steps):
-                out = model(token, past_key_values=out.past_key_values, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
+                token = model(token, **{name: cache}, use_cache=True).logits[:, -1:].argmax(-1)
 
     t = measure(run, device, warmup=1, min_repeats=2, max_repeats=5, budget_s=2.0)
     return dict(tokens_per_s=batch * steps / (t.median_ms / 1e3), **t.to_json())
@@ -126,14 +127,22 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
             del sparse
     if "onnxruntime" in backends:
         records += _onnxruntime(model, grid, progress)
-    for backend in ("tensorrt-dense", "tensorrt-sparse"):
-        if backend in backends:
-            if not cuda or importlib.util.find_spec("tensorrt") is None:
+    wanted = [b for b in ("tensorrt-dense", "tensorrt-sparse") if b in backends]
+    if wanted:
+        if not cuda or importlib.util.find_spec("tensorrt") is None:
+            for backend in wanted:
                 skip(backend, "TensorRT needs an NVIDIA GPU and the tensorrt package; "
                               f"{'no GPU' if not cuda else 'tensorrt is not installed'} here")
-            else:
-                skip(backend, "engine timing is not implemented yet; build one with `thanos-export export --target tensorrt`")
+        else:
+            records += _tensorrt(model, grid, wanted, progress)
     return records
+
+
+def _cpu_copy(model, dtype):
+    """The model as ONNX export wants it (on the CPU), leaving the caller's model where it is."""
+    import copy
+
+    return copy.deepcopy(model).to("cpu", dtype)
 
 
 def _onnxruntime(model, grid, progress) -> list[dict]:
@@ -147,8 +156,7 @@ def _onnxruntime(model, grid, progress) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        cpu_model = model.to("cpu").float()
-        write_onnx(cpu_model, path)
+        write_onnx(_cpu_copy(model, torch.float32), path)
         file_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for i, (batch, seq) in enumerate(grid):
@@ -162,4 +170,53 @@ def _onnxruntime(model, grid, progress) -> list[dict]:
                 progress("onnxruntime", i + 1, len(grid))
     records.append(dict(level="model", backend="onnxruntime", status="skipped", phase="decode",
                         reason="the exported graph has no KV cache, so decode would recompute the whole prefix"))
+    return records
+
+
+def _tensorrt(model, grid, backends: list[str], progress) -> list[dict]:
+    """Build a dense and/or a sparse fp16 engine from one ONNX export and time prefill on each."""
+    import tensorrt as trt
+
+    from exporters import ExportOptions
+    from exporters.onnx_export import write_onnx
+    from exporters.tensorrt_engine import build_engine
+
+    dtypes = {trt.int64: torch.int64, trt.int32: torch.int32, trt.float16: torch.float16,
+              trt.float32: torch.float32, trt.bfloat16: torch.bfloat16}
+    max_batch, max_seq = max(b for b, _ in grid), max(s for _, s in grid)
+    options = ExportOptions(dtype="float16", batch=(1, max_batch, max_batch), seqlen=(1, max_seq, max_seq))
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        write_onnx(_cpu_copy(model, torch.float16), onnx_path)
+        for backend in backends:
+            engine_path = Path(tmp) / f"{backend}.engine"
+            built = build_engine(onnx_path, engine_path, options, sparse=backend == "tensorrt-sparse")
+            free_before = torch.cuda.mem_get_info()[0]
+            engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
+            context = engine.create_execution_context()
+            engine_memory = free_before - torch.cuda.mem_get_info()[0]
+            stream = torch.cuda.current_stream()
+            for i, (batch, seq) in enumerate(grid):
+                ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+                feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                for name, tensor in feeds.items():
+                    feeds[name] = tensor.to(dtypes[engine.get_tensor_dtype(name)])
+                    context.set_input_shape(name, tuple(tensor.shape))
+                feeds["logits"] = torch.empty(tuple(context.get_tensor_shape("logits")),
+                                              dtype=dtypes[engine.get_tensor_dtype("logits")], device="cuda")
+                for name, tensor in feeds.items():
+                    context.set_tensor_address(name, tensor.data_ptr())
+                t = measure(lambda: context.execute_async_v3(stream.cuda_stream), "cuda", budget_s=1.0)
+                records.append(dict(
+                    level="model", backend=backend, status="ok", phase="prefill", batch=batch, seqlen=seq,
+                    tokens_per_s=batch * seq / (t.median_ms / 1e3), dtype="float16",
+                    file_bytes=engine_path.stat().st_size, engine_device_bytes=engine_memory,
+                    tensorrt=built["tensorrt"], sparse_eligible=len(built["eligible"]),
+                    sparse_picked=len(built["sparse_implementation"]),
+                    **{**t.to_json(), "peak_memory_bytes": engine_memory,
+                       "memory_kind": "device memory taken by the engine and its context"}))
+                if progress:
+                    progress(backend, i + 1, len(grid))
+            context = engine = None  # free this engine's memory before building the next
     return records

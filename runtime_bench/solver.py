@@ -11,19 +11,20 @@ one-Cholesky route is measured against.
 from __future__ import annotations
 
 import json
-import platform
 import time
 
 import click
 import torch
 
+from runtime_bench import protocol
 from thanos import prune_weight
 from thanos.config import Pattern
 from thanos.hessian import reconstruction_error
 from thanos.solvers.thanos import thanos_prune
 
 SHAPES = ["576x576", "1536x576", "2048x2048", "4096x4096", "4096x11008"]
-PER_BLOCK_MAX_COLUMNS = 4096  # the reference costs O(c^4 / B): past this it takes many minutes on a CPU
+# The reference costs O(c^4 / B): past 4096 columns it takes many minutes on a CPU, not on a GPU.
+PER_BLOCK_MAX_COLUMNS = {"cpu": 4096, "cuda": 16384}
 
 
 def layer_problem(rows: int, cols: int, device: str, seed: int = 0):
@@ -48,8 +49,19 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _warm_up(device, methods, patterns):
+    """One small solve per method and pattern first, so that no timing includes the kernels' first load."""
+    W, H = layer_problem(64, 64, device)
+    for pattern in patterns:
+        for method in methods:
+            prune_weight(W, H, method, pattern, 0.5 if pattern == "unstructured" else None, block_size=None)
+        if pattern != "unstructured":
+            thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, 32, trailing_inverse="per-block")
+
+
 def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=print):
     records = []
+    _warm_up(device, methods, patterns)
     header = "| shape | method | pattern | block | seconds | rel. error |"
     echo(header)
     echo("|" + "---|" * 6)
@@ -67,7 +79,7 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
                                seconds=res.seconds, error=res.error)
                     records.append(rec)
                     echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")
-            if per_block and pattern != "unstructured" and cols <= PER_BLOCK_MAX_COLUMNS:
+            if per_block and pattern != "unstructured" and cols <= PER_BLOCK_MAX_COLUMNS[torch.device(device).type]:
                 for block in block_sizes:
                     out, seconds = _timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, block,
                                                                trailing_inverse="per-block"))
@@ -88,9 +100,7 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the records as JSON.")
 def main(shapes, methods, patterns, block_sizes, device, no_per_block, json_out):
     """Benchmark the pruning solvers on single layers of real LLM shapes."""
-    machine = dict(python=platform.python_version(), torch=torch.__version__, device=device,
-                   cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                   gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None)
+    machine = dict(protocol.machine(), device=device)
     click.echo(f"machine: {json.dumps(machine)}")
     records = run(shapes.split(","), methods.split(","), patterns.split(","),
                   [int(b) for b in block_sizes.split(",")], device, per_block=not no_per_block, echo=click.echo)

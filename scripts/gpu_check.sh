@@ -1,17 +1,44 @@
 #!/usr/bin/env bash
-# The device run: GPU tests, then the GPU benchmarks, in one go (about 10 minutes on an H200).
-# Runs from the checkout with PYTHONPATH=. (no install); writes reports under ${OUT:-out/gpu}.
-# Random-weight models of real shapes, pruned 2:4: kernel speed depends on shapes, dtype and
-# pattern, not on the values, and the default model's wheel is too large to travel.
+# The device run: GPU benchmarks and GPU tests in one go, sized to about 6 minutes on an H200 so
+# that a 15-minute device budget leaves room for one rerun. Each step has its own time limit, so
+# one slow step cannot starve the rest; the most wanted figures come first.
+# Runs from the checkout with PYTHONPATH=. (no install). Random-weight models of real shapes,
+# pruned 2:4: kernel speed depends on shapes, dtype and pattern, not on the values, and the
+# default model's wheel is too large to travel.
+# Output (at most 8 files, as the device tool returns): $OUT/gpu_check.log, gemm.tar.gz,
+# model.tar.gz, plan_llama2-70b.{json,md}, solver_gpu.json.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
+WORK=$(mktemp -d)
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
-python cli.py bench random:llama2-7b --levels gemm --shapes llama2-70b --dtypes float16,bfloat16 \
-    --backends torch-dense,torch-2:4 --quiet --out "$OUT/gemm" 2>&1 | tee "$OUT/gemm.log"
-python cli.py bench random:smollm2-135m --levels model --grid 1x128,1x2048,8x2048 \
-    --backends torch-dense,torch-2:4,onnxruntime,tensorrt-dense,tensorrt-sparse --quiet --out "$OUT/model" 2>&1 | tee "$OUT/model.log"
-python -m runtime_bench.solver --device cuda --shapes 4096x4096,4096x11008 --patterns 2:4 \
-    --block-sizes 128,512 --json-out "$OUT/solver_gpu.json" 2>&1 | tee "$OUT/solver.log"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+step() {  # step SECONDS NAME COMMAND...
+    local limit=$1 name=$2; shift 2
+    echo "=== $name (limit ${limit}s) $(date +%T)"
+    timeout "$limit" "$@"; echo "=== $name: exit $? $(date +%T)"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+
+step 150 "GEMM level: LLaMA-2-7B and 70B shapes, fp16 and bf16" \
+    python cli.py bench random:llama2-7b --levels gemm --shapes llama2-70b --dtypes float16,bfloat16 \
+    --tokens 1,16,256,1024,4096,16384 --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
+tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
+
+step 60 "Model level: default model's shapes" \
+    python cli.py bench random:smollm2-135m --levels model --grid 1x128,1x2048,8x2048 \
+    --backends torch-dense,torch-2:4,onnxruntime,tensorrt-dense,tensorrt-sparse --quiet --out "$WORK/model"
+tar -czf "$OUT/model.tar.gz" -C "$WORK" model
+
+step 90 "Pruning plan: one LLaMA-2-70B layer, 128 x 2048 calibration tokens" \
+    python -m runtime_bench.plan --config llama2-70b --device cuda --ranks 1,8 \
+    --json-out "$OUT/plan_llama2-70b.json" --md-out "$OUT/plan_llama2-70b.md"
+
+step 60 "Solver on CUDA: one-Cholesky vs per-block re-inversion" \
+    python -m runtime_bench.solver --device cuda --shapes 4096x4096,4096x11008 --patterns 2:4 \
+    --block-sizes 128,512 --json-out "$OUT/solver_gpu.json"
+
+step 120 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests

@@ -63,3 +63,27 @@ def test_gpu_gemm_measures_semi_structured(tmp_path):
     summary = run_bench(BenchSettings(target="random:smollm2-135m", out=str(tmp_path), tokens=(1, 1024),
                                       levels=("gemm",), dtypes=("float16",)))
     assert any(r["status"] == "ok" and "speedup" in r for r in summary["results"])
+
+
+def test_model_level_leaves_the_callers_model_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from runtime_bench.model import run_model
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    records = run_model(model, [(1, 8)], "cpu", ["onnxruntime", "tensorrt-sparse"])
+    assert next(model.parameters()).dtype == torch.bfloat16  # the fp32 ONNX export used a copy
+    assert [(r["backend"], r["status"]) for r in records] == [
+        ("onnxruntime", "ok"), ("onnxruntime", "skipped"), ("tensorrt-sparse", "skipped")]  # no decode without KV cache
+
+
+@pytest.mark.gpu
+def test_gpu_model_level_times_tensorrt_engines(tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed on this GPU machine")
+    summary = run_bench(BenchSettings(target="random:smollm2-135m", out=str(tmp_path), levels=("model",),
+                                      grid=((1, 64),), backends=("tensorrt-dense", "tensorrt-sparse")))
+    timed = {r["backend"]: r for r in summary["results"] if r["status"] == "ok"}
+    assert set(timed) == {"tensorrt-dense", "tensorrt-sparse"}
+    assert timed["tensorrt-sparse"]["sparse_eligible"] > 0 and timed["tensorrt-dense"]["engine_device_bytes"] > 0

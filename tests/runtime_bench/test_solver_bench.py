@@ -1,0 +1,24 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from runtime_bench import solver
+
+
+def test_solver_bench_reference_gives_the_same_error():
+    records = solver.run(["64x128"], ["thanos", "sparsegpt", "wanda"], ["2:4"], [32], "cpu", echo=lambda _: None)
+    by_method = {r["method"]: r for r in records}
+    assert set(by_method) == {"thanos", "sparsegpt", "wanda", "thanos (per-block)"}
+    assert by_method["thanos (per-block)"]["error"] == pytest.approx(by_method["thanos"]["error"], rel=1e-4)
+    assert by_method["thanos"]["error"] < by_method["wanda"]["error"]
+
+
+def test_solver_bench_cli_writes_machine_and_records(tmp_path):
+    out = tmp_path / "solver.json"
+    result = CliRunner().invoke(solver.main, ["--shapes", "32x64", "--methods", "magnitude", "--patterns", "4:8",
+                                              "--block-sizes", "32", "--device", "cpu", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["machine"]["device"] == "cpu" and data["machine"]["cpu"]
+    assert [r["method"] for r in data["results"]] == ["magnitude", "thanos (per-block)"]
