@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import click
 from thanos.config import METHODS, ConfigError, PruneConfig
 
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, ImportError)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def _fail(exc: Exception) -> None:
@@ -453,6 +458,8 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
             grid=tuple(tuple(int(v) for v in g.split("x")) for g in grid.split(",")),
             levels=tuple(levels.split(",")), device=device)
         bars = _Bars(enabled=not quiet)
+        # `timeout` and job schedulers stop with SIGTERM: end like Ctrl-C, so the partial report is written.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             summary = run_bench(settings, bars)
         finally:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+
 import torch
 
 from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm
@@ -36,15 +37,20 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         if name not in SHAPE_SETS:
             raise ValueError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
         shapes += [s for s in SHAPE_SETS[name] if s not in shapes]
-    records = []
-    if "gemm" in settings.levels:
-        records += run_gemm(shapes, list(settings.tokens), list(settings.dtypes), device,
-                            [b for b in settings.backends if b.startswith("torch-2:4")] or None, progress=progress)
-    if "model" in settings.levels:
-        records += run_model(model, list(settings.grid), device, list(settings.backends), settings.decode_steps,
-                             progress)
     info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes])
-    return write_report(Path(settings.out), machine(), info, records)
+    records: list[dict] = []
+    try:
+        if "gemm" in settings.levels:
+            run_gemm(shapes, list(settings.tokens), list(settings.dtypes), device,
+                     [b for b in settings.backends if b.startswith("torch-2:4")] or None, progress=progress,
+                     sink=records)
+        if "model" in settings.levels:
+            run_model(model, list(settings.grid), device, list(settings.backends), settings.decode_steps,
+                      progress, sink=records)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM from a time limit) or failed: keep what was measured
+        write_report(Path(settings.out), machine(), info | dict(complete=False), records)
+        raise
+    return write_report(Path(settings.out), machine(), info | dict(complete=True), records)
 
 
 def _load_target(target: str, device: str):

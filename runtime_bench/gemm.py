@@ -49,8 +49,10 @@ def _sparse_linear(weight: torch.Tensor, backend: str) -> Callable[[torch.Tensor
 
 
 def run_gemm(shapes: list[tuple[int, int]], tokens: list[int], dtypes: list[str], device: str,
-             backends: Optional[list[str]] = None, budget_s: float = 0.5, progress=None) -> list[dict]:
-    records = []
+             backends: Optional[list[str]] = None, budget_s: float = 0.5, progress=None,
+             sink: Optional[list] = None) -> list[dict]:
+    """Time every shape at every M; records go into `sink` as they are measured (and are returned)."""
+    records = [] if sink is None else sink
     sparse = sparse_backends(device)
     if backends:
         sparse = {k: v for k, v in sparse.items() if any(k.startswith(b) for b in backends)}

@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import psutil
 import torch
@@ -89,9 +90,12 @@ def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str
 
 
 def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[str], decode_steps: int = 16,
-              progress=None) -> list[dict]:
-    """Measure every backend in `backends` on `model` (the ONNX one is exported on the fly)."""
-    records = []
+              progress=None, sink: Optional[list] = None) -> list[dict]:
+    """Measure every backend in `backends` on `model` (the ONNX one is exported on the fly).
+
+    Records go into `sink` as they are measured (and are returned), so an interrupted run keeps them.
+    """
+    records = [] if sink is None else sink
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cuda = device.startswith("cuda")
 

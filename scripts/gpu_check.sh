@@ -23,8 +23,8 @@ step() {  # step SECONDS NAME COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
-step 150 "GEMM level: LLaMA-2-7B and 70B shapes, fp16 and bf16" \
-    python cli.py bench random:llama2-7b --levels gemm --shapes llama2-70b --dtypes float16,bfloat16 \
+step 150 "GEMM level: LLaMA-2-7B and 70B shapes (and the default model's), fp16 and bf16" \
+    python cli.py bench random:smollm2-135m --levels gemm --shapes llama2-7b,llama2-70b --dtypes float16,bfloat16 \
     --tokens 1,16,256,1024,4096,16384 --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 

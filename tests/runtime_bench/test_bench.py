@@ -87,3 +87,18 @@ def test_gpu_model_level_times_tensorrt_engines(tmp_path):
     timed = {r["backend"]: r for r in summary["results"] if r["status"] == "ok"}
     assert set(timed) == {"tensorrt-dense", "tensorrt-sparse"}
     assert timed["tensorrt-sparse"]["sparse_eligible"] > 0 and timed["tensorrt-dense"]["engine_device_bytes"] > 0
+
+
+def test_interrupted_bench_keeps_what_it_measured(tiny_llama_dir, tmp_path):
+    def stop_after_first_model_figure(stage, done, total):
+        if stage == "torch-dense":
+            raise KeyboardInterrupt
+
+    out = tmp_path / "bench"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(out), tokens=(1, 8), dtypes=("float32",),
+                                grid=((1, 16), (2, 16)), device="cpu"), stop_after_first_model_figure)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["complete"] is False
+    levels = [r["level"] for r in report["results"] if r["status"] == "ok"]
+    assert levels.count("gemm") >= 2 and levels.count("model") == 1  # the GEMMs and the first prefill figure
