@@ -8,6 +8,7 @@ the groups along K, whichever way each one is stored (MatMul (K, N), or Gemm wit
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -44,27 +45,65 @@ def _require_onnx():
 
 
 def write_onnx(model, path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
-    """Export `model` (already in its export dtype) to `path`, with external data past the threshold."""
+    """Export `model` (already in its export dtype) to `path`, with external data past the threshold.
+
+    The exporter writes into a scratch folder first (past 2 GB it leaves one file per tensor
+    there); the final graph, with a tied LM head sharing the embedding's bytes, is saved at `path`.
+    """
     import onnx
 
     ids = torch.ones(1, 8, dtype=torch.long)
     mask = torch.ones(1, 8, dtype=torch.long)
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                "logits": {0: "batch", 1: "sequence"}}
-    with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about every Python branch in transformers' masking code; the dynamic
-        # axes are checked for real by running the graph at other shapes (tests/exporters).
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], dynamic_axes=dynamic, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
-    proto = onnx.load(str(path), load_external_data=True)
-    size = sum(t.ByteSize() for t in proto.graph.initializer)
-    if size > external_data_threshold:
-        for stale in path.parent.glob("*.onnx.data"):
-            stale.unlink()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch:
+        raw = Path(scratch) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about every Python branch in transformers' masking code; the dynamic
+            # axes are checked for real by running the graph at other shapes (tests/exporters).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(raw),
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                              dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+        proto = onnx.load(str(raw), load_external_data=True)
+    shared = share_tied_embedding(proto)
+    if shared:
+        log.info("LM head shares the embedding's initializer %s", shared)
+    for stale in path.parent.glob(path.name + ".data"):
+        stale.unlink()
+    if sum(t.ByteSize() for t in proto.graph.initializer) > external_data_threshold:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def share_tied_embedding(proto) -> Optional[str]:
+    """Replace a MatMul initializer that is the transpose of the embedding by a Transpose of it.
+
+    With tied embeddings the exporter folds `x @ E^T` into a second copy of E: a fifth of the
+    default model's file. Runtimes fold the Transpose back when they load the graph.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    embeddings = [inits[n.input[0]] for n in proto.graph.node
+                  if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        for emb in embeddings:
+            if list(weight.dims) == list(reversed(emb.dims)) and weight.data_type == emb.data_type \
+                    and np.array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(emb).T):
+                transposed = emb.name + "_transposed"
+                proto.graph.node.insert(0, helper.make_node("Transpose", [emb.name], [transposed], perm=[1, 0],
+                                                            name=transposed))
+                node.input[1] = transposed
+                if not any(weight.name in n.input for n in proto.graph.node):
+                    proto.graph.initializer.remove(weight)
+                return emb.name
+    return None
 
 
 def onnx_weight_patterns(path: Path) -> list[LayerPattern]:
@@ -90,7 +129,7 @@ def onnx_weight_patterns(path: Path) -> list[LayerPattern]:
         array = numpy_helper.to_array(inits[name])
         if array.ndim != 2:
             continue
-        weight = torch.from_numpy(np.ascontiguousarray(array if transposed else array.T))  # (out, in)
+        weight = torch.tensor(array if transposed else array.T)  # (out, in); a copy: onnx's arrays are read-only
         layers.append(analyse(f"{node.name or node.op_type}:{name}", weight))
     return layers
 

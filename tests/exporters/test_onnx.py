@@ -36,3 +36,21 @@ def test_large_models_use_external_data(pruned_llama_2of4, tmp_path):
     logits = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
     assert np.allclose(logits, model(ids).logits.detach().numpy(), atol=1e-3)
     assert any(l.pattern == "2:4" for l in onnx_weight_patterns(tmp_path / "model.onnx"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_lm_head_shares_the_embedding_bytes(tied, tmp_path):
+    import onnx
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    write_onnx(model, tmp_path / "model.onnx")
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    vocab_sized = [t.name for t in proto.graph.initializer if 1000 in t.dims]
+    assert len(vocab_sized) == (1 if tied else 2)  # the untied head is a weight of its own
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no scratch files left behind
+    ids = torch.randint(0, 1000, (2, 7))
+    logits = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
+    assert np.allclose(logits, model(ids).logits.detach().numpy(), atol=1e-4)
