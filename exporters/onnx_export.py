@@ -62,9 +62,18 @@ def write_onnx(model, path: Path, opset: int = 18, external_data_threshold: int 
             # The tracer warns about every Python branch in transformers' masking code; the dynamic
             # axes are checked for real by running the graph at other shapes (tests/exporters).
             warnings.simplefilter("ignore")
-            torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(raw),
-                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                              dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+            try:
+                torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(raw),
+                                  input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                                  dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+            except RuntimeError as exc:
+                import transformers
+
+                if int(transformers.__version__.split(".")[0]) < 5:
+                    raise ExportError(
+                        f"torch.onnx could not trace transformers {transformers.__version__}'s attention-mask code "
+                        f"({exc}); ONNX export needs transformers 5 or newer: pip install 'transformers>=5'") from exc
+                raise
         proto = onnx.load(str(raw), load_external_data=True)
     shared = share_tied_embedding(proto)
     if shared:
