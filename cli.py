@@ -241,6 +241,8 @@ def export_options(f):
                      help="Hardware targets: build a dense model instead of refusing one that is not 2:4."),
         click.option("--no-validate", is_flag=True, help="Skip running the export against the pruned model."),
         click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset."),
+        click.option("--with-cache", is_flag=True,
+                     help="ONNX: also write model_with_cache.onnx, with KV-cache inputs and outputs for decoding."),
         click.option("--trt-batch", default="1,1,4", show_default=True, help="TensorRT profile min,opt,max batch."),
         click.option("--trt-seqlen", default="1,128,512", show_default=True,
                      help="TensorRT profile min,opt,max sequence length."),
@@ -264,11 +266,12 @@ def _triple(text: str, what: str) -> tuple[int, int, int]:
     return low, opt, high
 
 
-def build_export_options(dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen, workspace_gib,
+def build_export_options(dtype, allow_dense, no_validate, opset, with_cache, trt_batch, trt_seqlen, workspace_gib,
                          timing_cache, backend):
     from exporters import ExportOptions
 
     return ExportOptions(dtype=dtype, allow_dense=allow_dense, validate=not no_validate, opset=opset,
+                         with_cache=with_cache,
                          batch=_triple(trt_batch, "--trt-batch"), seqlen=_triple(trt_seqlen, "--trt-seqlen"),
                          workspace_gib=workspace_gib, timing_cache=timing_cache, backend=backend)
 
@@ -280,6 +283,13 @@ def echo_export_summary(summary: dict) -> None:
     if summary.get("ratio"):
         click.echo(f"compact    {summary['compact_layers']} n:m layers at {summary['ratio']:.4f}x their dense bytes; "
                    f"round trip {summary.get('round_trip', 'not checked')}")
+    cached = summary.get("with_cache") or nested.get("with_cache")
+    if cached:
+        click.echo(f"exported   KV-cache graph -> {cached['onnx']}")
+        if cached.get("validation"):
+            v = cached["validation"]
+            click.echo(f"verified   prefill logit difference {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g}); "
+                       f"{v['greedy_tokens_agree']:.0%} of {v['greedy_steps']} greedy tokens as PyTorch")
     validation = summary.get("validation") or nested.get("validation")
     if validation:
         click.echo(f"verified   largest logit difference {validation['max_abs_diff']:.3g} "
@@ -379,8 +389,8 @@ def inspect_cmd(path, as_json):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--bench", is_flag=True, help="Append a quick latency bench (OUT/bench/report.md).")
 @export_options
-def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen,
-                    workspace_gib, timing_cache, backend, **prune_opts):
+def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, opset, with_cache, trt_batch,
+                    trt_seqlen, workspace_gib, timing_cache, backend, **prune_opts):
     """Prune, export, verify, and write a summary: the whole path to a servable sparse model.
 
     \b
@@ -395,7 +405,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 
     chosen = _auto_target() if target == "auto" else target
     try:
-        options = build_export_options(dtype, allow_dense, no_validate, opset, trt_batch, trt_seqlen,
+        options = build_export_options(dtype, allow_dense, no_validate, opset, with_cache, trt_batch, trt_seqlen,
                                        workspace_gib, timing_cache, backend)
         if chosen == "onnx" and dtype == "bfloat16":
             options = dataclasses.replace(options, dtype="float16")

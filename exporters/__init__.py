@@ -49,6 +49,7 @@ class ExportOptions:
     allow_dense: bool = False  # hardware targets: build dense instead of refusing non-2:4 models
     validate: bool = True
     opset: int = 18
+    with_cache: bool = False  # ONNX: also write the KV-cache graph for decoding (exporters.onnx_cache)
     # TensorRT optimisation profile: (min, opt, max) for batch and sequence length
     batch: tuple[int, int, int] = (1, 1, 4)
     seqlen: tuple[int, int, int] = (1, 128, 512)

@@ -45,17 +45,25 @@ def _require_onnx():
 
 
 def write_onnx(model, path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
-    """Export `model` (already in its export dtype) to `path`, with external data past the threshold.
-
-    The exporter writes into a scratch folder first (past 2 GB it leaves one file per tensor
-    there); the final graph, with a tied LM head sharing the embedding's bytes, is saved at `path`.
-    """
-    import onnx
-
+    """Export `model` (already in its export dtype) to `path`, with external data past the threshold."""
     ids = torch.ones(1, 8, dtype=torch.long)
     mask = torch.ones(1, 8, dtype=torch.long)
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                "logits": {0: "batch", 1: "sequence"}}
+    export_graph(_LogitsOnly(model), (ids, mask), ["input_ids", "attention_mask"], ["logits"], dynamic, path, opset,
+                 external_data_threshold)
+
+
+def export_graph(module, example_inputs: tuple, input_names: list[str], output_names: list[str], dynamic_axes: dict,
+                 path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
+    """torch.onnx (TorchScript) export of `module`, post-processed and saved at `path`.
+
+    The exporter writes into a scratch folder first (past 2 GB it leaves one file per tensor
+    there); the final graph, with a tied LM head sharing the embedding's bytes, is saved at `path`
+    (its weights in `path.data` past the threshold).
+    """
+    import onnx
+
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch:
         raw = Path(scratch) / path.name
         with torch.no_grad(), warnings.catch_warnings():
@@ -63,9 +71,9 @@ def write_onnx(model, path: Path, opset: int = 18, external_data_threshold: int 
             # axes are checked for real by running the graph at other shapes (tests/exporters).
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(_LogitsOnly(model).eval(), (ids, mask), str(raw),
-                                  input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                                  dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+                torch.onnx.export(module.eval(), example_inputs, str(raw), input_names=input_names,
+                                  output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
+                                  dynamo=False, do_constant_folding=True)
             except RuntimeError as exc:
                 import transformers
 
@@ -172,7 +180,23 @@ def export_onnx(model_dir: Path, out: Path, options: ExportOptions) -> dict:
                    onnx_patterns=sorted({l.pattern for l in onnx_layers if l.pattern}))
     if options.validate:
         summary.update(validate_onnx(model, tokenizer, path, options.dtype))
+    if options.with_cache:
+        summary["with_cache"] = _export_with_cache(model, tokenizer, out, options)
     return summary
+
+
+def _export_with_cache(model, tokenizer, out: Path, options: ExportOptions) -> dict:
+    from exporters.onnx_cache import WITH_CACHE_FILE, validate_onnx_with_cache, write_onnx_with_cache
+
+    path = out / WITH_CACHE_FILE
+    write_onnx_with_cache(model, path, options.opset)
+    result = dict(onnx=str(path), layers_with_nm_pattern=sum(1 for l in onnx_weight_patterns(path) if l.pattern))
+    if options.validate:
+        ids = prompts(tokenizer)
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0  # one left-padded row
+        result["validation"] = validate_onnx_with_cache(model, ids, mask, path, options.dtype)
+    return result
 
 
 def validate_onnx(model, tokenizer, path: Path, dtype: str) -> dict:

@@ -130,7 +130,7 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
             records[-1]["converted_linears"] = len(report.converted)
             del sparse
     if "onnxruntime" in backends:
-        records += _onnxruntime(model, grid, progress)
+        records += _onnxruntime(model, grid, decode_steps, progress)
     wanted = [b for b in ("tensorrt-dense", "tensorrt-sparse") if b in backends]
     if wanted:
         if not cuda or importlib.util.find_spec("tensorrt") is None:
@@ -149,31 +149,43 @@ def _cpu_copy(model, dtype):
     return copy.deepcopy(model).to("cpu", dtype)
 
 
-def _onnxruntime(model, grid, progress) -> list[dict]:
+def _onnxruntime(model, grid, decode_steps: int, progress) -> list[dict]:
     if importlib.util.find_spec("onnxruntime") is None:
         return [dict(level="model", backend="onnxruntime", status="skipped",
                      reason="onnxruntime is not installed (pip install 'thanos-export[onnx]')")]
     import onnxruntime as ort
 
+    from exporters.onnx_cache import OnnxDecoder, write_onnx_with_cache
     from exporters.onnx_export import write_onnx
 
     records = []
+    common = dict(level="model", backend="onnxruntime", status="ok", provider="CPUExecutionProvider", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
+        cpu_model = _cpu_copy(model, torch.float32)
         path = Path(tmp) / "model.onnx"
-        write_onnx(_cpu_copy(model, torch.float32), path)
+        write_onnx(cpu_model, path)
         file_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for i, (batch, seq) in enumerate(grid):
             ids = torch.randint(0, model.config.vocab_size, (batch, seq)).numpy()
             feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
             t = measure(lambda: session.run(["logits"], feed), "cpu", budget_s=1.0)
-            records.append(dict(level="model", backend="onnxruntime", status="ok", phase="prefill", batch=batch,
-                                seqlen=seq, tokens_per_s=batch * seq / (t.median_ms / 1e3), file_bytes=file_bytes,
-                                provider="CPUExecutionProvider", dtype="float32", **t.to_json()))
+            records.append(dict(common, phase="prefill", batch=batch, seqlen=seq,
+                                tokens_per_s=batch * seq / (t.median_ms / 1e3), file_bytes=file_bytes, **t.to_json()))
             if progress:
                 progress("onnxruntime", i + 1, len(grid))
-    records.append(dict(level="model", backend="onnxruntime", status="skipped", phase="decode",
-                        reason="the exported graph has no KV cache, so decode would recompute the whole prefix"))
+        # Decode on the KV-cache graph: a prefill of the first grid length, then one token per step
+        # (the same count as the PyTorch decode figure).
+        cached = Path(tmp) / "cached" / "model_with_cache.onnx"
+        cached.parent.mkdir()
+        write_onnx_with_cache(cpu_model, cached)
+        decoder = OnnxDecoder(cached)
+        ids = torch.randint(0, model.config.vocab_size, (1, grid[0][1])).numpy()
+        t = measure(lambda: decoder.generate(ids, ids * 0 + 1, decode_steps + 1), "cpu", warmup=1, min_repeats=2,
+                    max_repeats=5, budget_s=2.0)
+        records.append(dict(common, phase="decode", batch=1, seqlen=grid[0][1], steps=decode_steps,
+                            tokens_per_s=decode_steps / (t.median_ms / 1e3),
+                            file_bytes=sum(f.stat().st_size for f in cached.parent.iterdir()), **t.to_json()))
     return records
 
 

@@ -60,12 +60,14 @@ def test_export_onnx_then_inspect_it(tmp_path, tiny_llama_dir):
     runner = CliRunner()
     pruned = tmp_path / "p"
     runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--no-eval", "--out", str(pruned), *SMALL])
-    result = runner.invoke(main, ["export", str(pruned), "--target", "onnx", "--dtype", "float32",
+    result = runner.invoke(main, ["export", str(pruned), "--target", "onnx", "--dtype", "float32", "--with-cache",
                                   "--out", str(tmp_path / "onnx")])
     assert result.exit_code == 0, result.output
     assert "verified   largest logit difference" in result.stdout
-    inspected = runner.invoke(main, ["inspect", str(tmp_path / "onnx" / "model.onnx")])
-    assert "21 of" in inspected.stdout
+    assert "100% of 8 greedy tokens as PyTorch" in result.stdout
+    for graph in ("model.onnx", "model_with_cache.onnx"):
+        inspected = runner.invoke(main, ["inspect", str(tmp_path / "onnx" / graph)])
+        assert "21 of" in inspected.stdout
 
 
 def test_prune_and_build_refuses_4of8_for_tensorrt_before_pruning(tmp_path, tiny_llama_dir):

@@ -1,0 +1,140 @@
+"""ONNX with a KV cache: one graph that prefills (empty past) and decodes (one token per step).
+
+Inputs: `input_ids` (batch, seq), `attention_mask` (batch, past + seq), `position_ids`
+(batch, seq), and `past_key_<i>` / `past_value_<i>` (batch, kv_heads, past, head_dim) for every
+decoder layer; outputs: `logits` (batch, seq, vocab) and `present_key_<i>` / `present_value_<i>`
+(batch, kv_heads, past + seq, head_dim). Batch, sequence and past length are dynamic; a past of
+length 0 is a prefill. Positions are explicit so that left-padded rows count from their first
+real token, as `generate` does. `OnnxDecoder` drives it (greedy) for the checks and the bench.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exporters import ExportError, ValidationError
+from exporters.onnx_export import TOLERANCE, TWO_GIB, export_graph
+
+WITH_CACHE_FILE = "model_with_cache.onnx"
+
+
+def cache_argument(model) -> str:
+    """transformers 5 renamed `past_key_values` to `cache`; use whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class _StepWithCache(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.argument = cache_argument(model)
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self.argument: cache})
+        return (out.logits, *[t for pair in _layer_tensors(cache) for t in pair])
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def write_onnx_with_cache(model, path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
+    """Export `model` (on the CPU, in its export dtype) as the cached graph described above."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ExportError(f"{type(model).__name__} takes no position_ids, which the cached ONNX graph needs; "
+                          "export the full-sequence graph instead (the default)")
+    shapes = [tuple(k.shape) for k, _ in _layer_tensors(_probe_cache(model))]
+    layers = len(shapes)
+    past_len, seq = 3, 2
+    past = [torch.zeros(1, s[1], past_len, s[3], dtype=next(model.parameters()).dtype) for s in shapes for _ in (0, 1)]
+    ids = torch.ones(1, seq, dtype=torch.long)
+    mask = torch.ones(1, past_len + seq, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + seq)[None]
+    inputs, outputs = cache_names(layers, "past"), cache_names(layers, "present")
+    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+               "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+               **{n: {0: "batch", 2: "past"} for n in inputs}, **{n: {0: "batch", 2: "total"} for n in outputs}}
+    export_graph(_StepWithCache(model), (ids, mask, positions, *past), ["input_ids", "attention_mask", "position_ids",
+                 *inputs], ["logits", *outputs], dynamic, path, opset, external_data_threshold)
+
+
+@torch.no_grad()
+def _probe_cache(model):
+    """One real call, for the cache's shapes (kv heads, head dim) whatever the architecture."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(torch.ones(1, 2, dtype=torch.long), use_cache=True, **{cache_argument(model): cache})
+    return cache
+
+
+class OnnxDecoder:
+    """Greedy decoding on the cached graph with onnxruntime: prefill, then one token per step."""
+
+    def __init__(self, path: Path, providers=None):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
+        first = next(i for i in self.session.get_inputs() if i.name.startswith("past_"))
+        self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
+        self.float_type = np.float16 if "float16" in first.type else np.float32
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int):
+        """(new tokens (batch, steps), logits of the prefill (batch, seq, vocab))."""
+        batch = input_ids.shape[0]
+        positions = np.clip(attention_mask.cumsum(1) - 1, 0, None)
+        past = {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.float_type) for n in self.past_names}
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions, **past}
+        tokens, prefill_logits = [], None
+        for _ in range(steps):
+            logits, *presents = self.session.run(None, feed)
+            prefill_logits = logits if prefill_logits is None else prefill_logits
+            token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            tokens.append(token)
+            attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), attention_mask.dtype)], 1)
+            feed = {"input_ids": token, "attention_mask": attention_mask,
+                    "position_ids": feed["position_ids"][:, -1:] + 1, **dict(zip(self.past_names, presents))}
+        return np.concatenate(tokens, 1), prefill_logits
+
+
+def validate_onnx_with_cache(model, ids: torch.Tensor, mask: torch.Tensor, path: Path, dtype: str,
+                             steps: int = 8) -> dict:
+    """The cached graph must reproduce PyTorch: prefill logits within tolerance, same greedy tokens."""
+    tokens, logits = OnnxDecoder(path).generate(ids.numpy(), mask.numpy(), steps)
+    export_dtype = next(model.parameters()).dtype
+    model.float()  # the reference in fp32; the export dtype is restored below
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.numpy()
+        sequence, full_mask = ids, mask
+        reference = []
+        for _ in range(steps):  # greedy without any cache: the plain definition
+            positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+            token = model(input_ids=sequence, attention_mask=full_mask, position_ids=positions,
+                          use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            reference.append(token)
+            sequence = torch.cat([sequence, token], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(token)], 1)
+    model.to(export_dtype)
+    valid = mask.bool().numpy()
+    diff = float(np.abs(logits.astype(np.float32) - expected)[valid].max())
+    tolerance = TOLERANCE[dtype] * float(np.abs(expected[valid]).max())
+    if diff > tolerance:
+        raise ValidationError(f"cached ONNX ({dtype}) prefill logits", diff, tolerance)
+    agree = float((tokens == torch.cat(reference, 1).numpy()).mean())
+    return dict(max_abs_diff=diff, tolerance=tolerance, greedy_steps=steps, greedy_tokens_agree=agree)
