@@ -235,4 +235,7 @@ def _tensorrt(model, grid, backends: list[str], progress) -> list[dict]:
                 if progress:
                     progress(backend, i + 1, len(grid))
             context = engine = None  # free this engine's memory before building the next
+            records.append(dict(level="model", backend=backend, status="skipped", phase="decode",
+                                reason="decode needs an engine of the KV-cache graph (model_with_cache.onnx) with a "
+                                       "profile over the past length; not built yet"))
     return records
