@@ -240,6 +240,9 @@ def export_options(f):
         click.option("--allow-dense", is_flag=True,
                      help="Hardware targets: build a dense model instead of refusing one that is not 2:4."),
         click.option("--no-validate", is_flag=True, help="Skip running the export against the pruned model."),
+        click.option("--split-dense-rows", is_flag=True,
+                     help="alpha > 0 models: run each layer's dense outlier rows as a separate dense product, "
+                          "so the other rows stay 2:4 for sparse kernels."),
         click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset."),
         click.option("--with-cache", is_flag=True,
                      help="ONNX: also write model_with_cache.onnx, with KV-cache inputs and outputs for decoding."),
@@ -266,12 +269,12 @@ def _triple(text: str, what: str) -> tuple[int, int, int]:
     return low, opt, high
 
 
-def build_export_options(dtype, allow_dense, no_validate, opset, with_cache, trt_batch, trt_seqlen, workspace_gib,
-                         timing_cache, backend):
+def build_export_options(dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache, trt_batch, trt_seqlen,
+                         workspace_gib, timing_cache, backend):
     from exporters import ExportOptions
 
     return ExportOptions(dtype=dtype, allow_dense=allow_dense, validate=not no_validate, opset=opset,
-                         with_cache=with_cache,
+                         with_cache=with_cache, split_dense_rows=split_dense_rows,
                          batch=_triple(trt_batch, "--trt-batch"), seqlen=_triple(trt_seqlen, "--trt-seqlen"),
                          workspace_gib=workspace_gib, timing_cache=timing_cache, backend=backend)
 
@@ -283,6 +286,10 @@ def echo_export_summary(summary: dict) -> None:
     if summary.get("ratio"):
         click.echo(f"compact    {summary['compact_layers']} n:m layers at {summary['ratio']:.4f}x their dense bytes; "
                    f"round trip {summary.get('round_trip', 'not checked')}")
+    split = summary.get("split_rows") or nested.get("split_rows")
+    if split:
+        outliers = sum(v["outlier_rows"] for v in split.values())
+        click.echo(f"split      {len(split)} linears into a 2:4 part and a dense part ({outliers} outlier rows in all)")
     cached = summary.get("with_cache") or nested.get("with_cache")
     if cached:
         click.echo(f"exported   KV-cache graph -> {cached['onnx']}")
@@ -389,8 +396,8 @@ def inspect_cmd(path, as_json):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--bench", is_flag=True, help="Append a quick latency bench (OUT/bench/report.md).")
 @export_options
-def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, opset, with_cache, trt_batch,
-                    trt_seqlen, workspace_gib, timing_cache, backend, **prune_opts):
+def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache,
+                    trt_batch, trt_seqlen, workspace_gib, timing_cache, backend, **prune_opts):
     """Prune, export, verify, and write a summary: the whole path to a servable sparse model.
 
     \b
@@ -405,13 +412,13 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 
     chosen = _auto_target() if target == "auto" else target
     try:
-        options = build_export_options(dtype, allow_dense, no_validate, opset, with_cache, trt_batch, trt_seqlen,
-                                       workspace_gib, timing_cache, backend)
+        options = build_export_options(dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache,
+                                       trt_batch, trt_seqlen, workspace_gib, timing_cache, backend)
         if chosen == "onnx" and dtype == "bfloat16":
             options = dataclasses.replace(options, dtype="float16")
         job = build_job(str(Path(out) / "pruned"), **prune_opts)
         if chosen in ("tensorrt", "torch") and not allow_dense:  # refuse before pruning, not after
-            require_hardware_2to4(None, dict(config=job.config.to_json()), chosen)
+            require_hardware_2to4(None, dict(config=job.config.to_json()), chosen, split_dense_rows)
         report = run_prune(job, quiet)
         echo_prune_summary(report)
         summary = export(chosen, Path(out) / "pruned", Path(out) / chosen, options)

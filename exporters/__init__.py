@@ -47,6 +47,7 @@ class ValidationError(ExportError):
 class ExportOptions:
     dtype: str = "float16"  # float32, float16 or bfloat16 (ONNX: float32 or float16)
     allow_dense: bool = False  # hardware targets: build dense instead of refusing non-2:4 models
+    split_dense_rows: bool = False  # alpha > 0: a 2:4 linear plus a dense one per layer (exporters.row_split)
     validate: bool = True
     opset: int = 18
     with_cache: bool = False  # ONNX: also write the KV-cache graph for decoding (exporters.onnx_cache)

@@ -164,7 +164,7 @@ def export_onnx(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     _require_onnx()
     if options.dtype not in TOLERANCE:
         raise ExportError(f"ONNX export supports float32 and float16, not {options.dtype}")
-    model, tokenizer, report = load_pruned(model_dir, options.dtype)
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows)
     torch_layers = model_patterns(model)
     path = out / ONNX_FILE
     write_onnx(model, path, options.opset)
@@ -178,6 +178,8 @@ def export_onnx(model_dir: Path, out: Path, options: ExportOptions) -> dict:
                           "ONNX export (weights were rewritten); please report this with the model's config")
     summary = dict(onnx=str(path), layers_with_nm_pattern=kept_in_onnx,
                    onnx_patterns=sorted({l.pattern for l in onnx_layers if l.pattern}))
+    if options.split_dense_rows:
+        summary["split_rows"] = report["split_rows"]
     if options.validate:
         summary.update(validate_onnx(model, tokenizer, path, options.dtype))
     if options.with_cache:

@@ -81,15 +81,23 @@ def analyse_all(weights: Iterable[tuple[str, torch.Tensor]], backend: str = "cus
     return [analyse(name, w, backend) for name, w in weights]
 
 
-def require_hardware_2to4(layers: Optional[list[LayerPattern]], report: Optional[dict], target: str) -> None:
-    """Refuse a model that sparse tensor cores cannot run as 2:4, saying why and what to do."""
+def require_hardware_2to4(layers: Optional[list[LayerPattern]], report: Optional[dict], target: str,
+                          split_dense_rows: bool = False) -> None:
+    """Refuse a model that sparse tensor cores cannot run as 2:4, saying why and what to do.
+
+    With `split_dense_rows` the outlier rows of alpha > 0 live in separate dense linears
+    (`*.dense_rows`, exporters.row_split), which are meant to stay dense.
+    """
     config = (report or {}).get("config", {})
     why = []
     if config.get("pattern") and config["pattern"] != "2:4":
         why.append(f"it was pruned with pattern {config['pattern']}, and sparse tensor cores need 2:4 along K")
-    if config.get("alpha", 0) > 0:
-        why.append(f"alpha={config['alpha']} kept outlier rows dense, which breaks 2:4 in those rows")
-    pruned = [l for l in layers or [] if l.sparsity >= 0.25]
+    if config.get("alpha", 0) > 0 and not split_dense_rows:
+        why.append(f"alpha={config['alpha']} kept outlier rows dense, which breaks 2:4 in those rows "
+                   "(--split-dense-rows runs those rows as a separate dense product)")
+    left_dense = {name for name, rows in (report or {}).get("split_rows", {}).items() if rows["sparse_rows"] == 0}
+    pruned = [l for l in layers or [] if l.sparsity >= 0.25 and l.name not in left_dense
+              and not (split_dense_rows and l.name.endswith(".dense_rows"))]
     broken = [l.name for l in pruned if not l.hardware_2to4]
     if layers is not None and not pruned:
         why.append("none of its linear layers is pruned")

@@ -61,12 +61,21 @@ def directory_patterns(model_dir: Path) -> list[LayerPattern]:
     return sorted(layers, key=lambda l: order[l.name])
 
 
-def load_pruned(model_dir: Path, dtype: Optional[str] = None):
-    """(model, tokenizer, report) from a pruned or compact directory, optionally cast."""
+def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False):
+    """(model, tokenizer, report) from a pruned or compact directory, optionally cast.
+
+    `split_dense_rows` turns each linear with dense outlier rows (alpha > 0) into a 2:4 part and
+    a dense part (exporters.row_split); the report then lists them under "split_rows".
+    """
     model, tokenizer = load_model(str(model_dir))
     if dtype:
         model.to(DTYPES[dtype])
-    return model, tokenizer, read_report(model_dir)
+    report = read_report(model_dir)
+    if split_dense_rows:
+        from exporters.row_split import split_dense_rows_
+
+        report = dict(report or {}, split_rows=split_dense_rows_(model))
+    return model, tokenizer, report
 
 
 def prompts(tokenizer, count: int = 2, length: int = 24) -> torch.Tensor:

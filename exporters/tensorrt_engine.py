@@ -107,10 +107,10 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
 
 @register(ExportFormat.TENSORRT)
 def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
-    model, _, report = load_pruned(model_dir, options.dtype)
+    model, _, report = load_pruned(model_dir, options.dtype, options.split_dense_rows)
     sparse = True
     try:
-        require_hardware_2to4(model_patterns(model), report, "TensorRT")
+        require_hardware_2to4(model_patterns(model), report, "TensorRT", options.split_dense_rows)
     except ValueError:
         if not options.allow_dense:
             raise

@@ -72,10 +72,13 @@ def to_semi_structured_(model, backend: str = "auto") -> SemiStructuredReport:
 
 
 def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backend: str = "auto",
-                         device: str = "cuda"):
-    """A ready-to-run sparse model from a pruned directory: (model, report)."""
+                         device: str = "cuda", split_dense_rows: bool = False):
+    """A ready-to-run sparse model from a pruned directory: (model, report).
+
+    `split_dense_rows`: an alpha > 0 model's outlier rows run as separate dense linears.
+    """
     dev = require_sparse_gpu(device)
-    model, _, _ = load_pruned(Path(model_dir), dtype)
+    model, _, _ = load_pruned(Path(model_dir), dtype, split_dense_rows)
     model.to(dev)
     return model, to_semi_structured_(model, backend)
 
@@ -83,9 +86,9 @@ def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backen
 @register(ExportFormat.TORCH)
 def export_torch(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     require_sparse_gpu()
-    model, tokenizer, report = load_pruned(model_dir, options.dtype)
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows)
     if not options.allow_dense:
-        require_hardware_2to4(model_patterns(model), report, "torch semi-structured")
+        require_hardware_2to4(model_patterns(model), report, "torch semi-structured", options.split_dense_rows)
     model.to("cuda")
     ids = prompts(tokenizer).cuda()
     with torch.no_grad():
@@ -100,6 +103,8 @@ def export_torch(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     model_dense, _, _ = load_pruned(model_dir, options.dtype)
     model_dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    split = ", split_dense_rows=True" if options.split_dense_rows else ""
     return dict(backend=result.backend, converted=result.converted, dense=result.dense,
+                split_rows=(report or {}).get("split_rows"),
                 validation=dict(max_abs_diff=diff, tolerance=TOLERANCE * scale),
-                load_with="exporters.torch_sparse.load_semi_structured(OUT)")
+                load_with=f"exporters.torch_sparse.load_semi_structured(OUT{split})")
