@@ -407,7 +407,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.
     """
-    from exporters import ExportError, export
+    from exporters import ExportError, check_options_apply, export
     from exporters.patterns import require_hardware_2to4
 
     chosen = _auto_target() if target == "auto" else target
@@ -417,7 +417,8 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
         if chosen == "onnx" and dtype == "bfloat16":
             options = dataclasses.replace(options, dtype="float16")
         job = build_job(str(Path(out) / "pruned"), **prune_opts)
-        if chosen in ("tensorrt", "torch") and not allow_dense:  # refuse before pruning, not after
+        check_options_apply(chosen, options)  # refuse before pruning, not after
+        if chosen in ("tensorrt", "torch") and not allow_dense:
             require_hardware_2to4(None, dict(config=job.config.to_json()), chosen, split_dense_rows)
         report = run_prune(job, quiet)
         echo_prune_summary(report)

@@ -78,6 +78,7 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
            options: ExportOptions = ExportOptions()) -> dict:
     """Export a pruned model directory to `fmt`, verify it, and write `export_summary.json` in `out`."""
     fmt = ExportFormat(fmt)
+    check_options_apply(fmt, options)
     _load_all()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,10 +88,26 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     return summary
 
 
+# Options that only some targets use: asking for one elsewhere is a mistake worth an error.
+_OPTION_TARGETS = {
+    "with_cache": ({"onnx", "tensorrt"}, "--with-cache"),
+    "split_dense_rows": ({"onnx", "tensorrt", "torch"}, "--split-dense-rows"),
+}
+
+
+def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> None:
+    """Raise ExportError for an option the target would ignore (before any work is done)."""
+    fmt = ExportFormat(fmt)
+    for field, (targets, flag) in _OPTION_TARGETS.items():
+        if getattr(options, field) and fmt.value not in targets:
+            raise ExportError(f"{flag} applies to the {' / '.join(sorted(targets))} targets, not {fmt.value}; "
+                              "drop it, or pick one of those targets")
+
+
 def _load_all() -> None:
     # Importing the modules registers them; heavy backends inside them stay lazy.
     from exporters import onnx_export, safetensors_compact, tensorrt_engine, torch_sparse  # noqa: F401
 
 
 __all__ = ["ExportFormat", "ExportOptions", "ExportError", "BackendMissingError", "ValidationError",
-           "export", "load_compact", "register"]
+           "check_options_apply", "export", "load_compact", "register"]

@@ -88,3 +88,10 @@ def test_prune_and_build_onnx(tmp_path, tiny_llama_dir):
     assert summary["export_summary"]["validation"]["max_abs_diff"] <= summary["export_summary"]["validation"]["tolerance"]
     bench = json.loads((out / "bench" / "report.json").read_text())
     assert any(r["status"] == "ok" and r["level"] == "gemm" for r in bench["results"])
+
+
+def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_path, tiny_llama_dir):
+    result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "safetensors",
+                                       "--with-cache", "--out", str(tmp_path / "b"), *SMALL])
+    assert result.exit_code == 1 and "--with-cache applies to the onnx / tensorrt targets" in result.output
+    assert not (tmp_path / "b" / "pruned").exists()

@@ -49,3 +49,12 @@ def test_eval_accepts_a_compact_directory(pruned_llama_2of4, tmp_path):
     dense = evaluate_directory(str(pruned_llama_2of4), seqlen=32, device="cpu", max_windows=2)
     compact = evaluate_directory(str(tmp_path / "c"), seqlen=32, device="cpu", max_windows=2)
     assert compact["perplexity"] == dense["perplexity"]
+
+
+@pytest.mark.parametrize("flag", ["with_cache", "split_dense_rows"])
+def test_options_for_other_targets_are_refused(pruned_llama_2of4, tmp_path, flag):
+    from exporters import ExportError
+
+    with pytest.raises(ExportError, match="applies to the"):
+        export("safetensors", pruned_llama_2of4, tmp_path, ExportOptions(**{flag: True}))
+    assert not any(tmp_path.iterdir())  # refused before writing anything
