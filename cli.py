@@ -211,11 +211,13 @@ def prune(out, quiet, **options):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(path, text_file, seqlen, windows, device, as_json):
-    """Held-out perplexity of a model directory (pruned, compact or dense) or a .gguf file.
+    """Held-out perplexity of a model directory (pruned, compact or dense), a .gguf file, or an
+    exported model.onnx (run by onnxruntime, with the tokenizer saved beside it).
 
     \b
-    Example:
+    Examples:
       thanos-export eval smollm2-2of4/ --windows 0
+      thanos-export eval build/onnx/model.onnx      # the export itself, as a runtime runs it
     """
     from thanos.pipeline import evaluate_directory
 

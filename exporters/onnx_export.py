@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import types
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -157,6 +158,34 @@ def run_onnxruntime(path: Path, input_ids: torch.Tensor, attention_mask: torch.T
 
     session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
     return session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+
+
+class OnnxCausalLM:
+    """An exported ONNX model called like a transformers causal LM (`model(ids).logits`), for evaluation.
+
+    Takes either graph: the full-sequence one, or the KV-cache one fed an empty past.
+    """
+
+    def __init__(self, path: Path, providers: Optional[list[str]] = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        self.provider = self.session.get_providers()[0]
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_):
+        ids = input_ids.cpu().numpy()
+        mask = np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.clip(mask.cumsum(1) - 1, 0, None)
+        for name, info in self.inputs.items():
+            if name.startswith("past_"):
+                dtype = np.float16 if "float16" in info.type else np.float32
+                feed[name] = np.zeros((ids.shape[0], info.shape[1], 0, info.shape[3]), dtype)
+        logits = self.session.run(["logits"], feed)[0]
+        return types.SimpleNamespace(logits=torch.from_numpy(logits.astype(np.float32)))
 
 
 @register(ExportFormat.ONNX)

@@ -212,14 +212,34 @@ def evaluate_directory(path: str, text_file: Optional[str] = None, seqlen: Optio
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     seqlen = seqlen or defaults["seqlen"]
     max_windows = defaults["eval_windows"] if max_windows == -1 else max_windows
-    model, tokenizer = load_model(path)
+    if str(path).endswith(".onnx"):
+        model, tokenizer = _load_onnx(Path(path))
+        dev, where = torch.device("cpu"), f"onnxruntime {model.provider}"  # logits come back on the host
+    else:
+        model, tokenizer = load_model(path)
+        model.to(dev)
+        where = device_description(dev)
     text = tokenize_split(tokenizer, text_file)
     tokens = text.evaluation
-    model.to(dev)
     value = perplexity(model, tokens, seqlen, dev, max_windows)
     windows = min(tokens.numel() // seqlen, max_windows or 10**9)
-    return dict(model=path, text=text.source, perplexity=value, windows=windows, seqlen=seqlen,
-                device=device_description(dev))
+    return dict(model=path, text=text.source, perplexity=value, windows=windows, seqlen=seqlen, device=where)
+
+
+def _load_onnx(path: Path):
+    """An exported ONNX model run by onnxruntime, with the tokenizer the export saved beside it."""
+    from transformers import AutoTokenizer
+
+    from exporters.onnx_export import OnnxCausalLM
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the model.onnx an export wrote")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no tokenizer beside {path} ({exc}); evaluate the folder `thanos-export export "
+                         "--target onnx` wrote, which holds one") from exc
+    return OnnxCausalLM(path), tokenizer
 
 
 __all__ = ["PruneJob", "prune_to_directory", "evaluate_directory", "resolve_device", "OutputDirError"]

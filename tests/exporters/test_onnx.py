@@ -79,3 +79,15 @@ def test_kv_cache_graph_takes_any_batch_and_past_length(pruned_llama_2of4, tmp_p
         with torch.no_grad():
             expected = model(ids).logits.numpy()
         assert np.abs(logits - expected).max() < 1e-3 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_eval_runs_the_exported_onnx(pruned_llama_2of4, tmp_path, with_cache):
+    from thanos.pipeline import evaluate_directory
+
+    export("onnx", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float32", with_cache=with_cache, validate=False))
+    graph = tmp_path / ("model_with_cache.onnx" if with_cache else "model.onnx")
+    onnx_result = evaluate_directory(str(graph), seqlen=32, device="cpu", max_windows=4)
+    torch_result = evaluate_directory(str(pruned_llama_2of4), seqlen=32, device="cpu", max_windows=4)
+    assert onnx_result["device"] == "onnxruntime CPUExecutionProvider" and onnx_result["windows"] == 4
+    assert onnx_result["perplexity"] == pytest.approx(torch_result["perplexity"], rel=1e-4)
