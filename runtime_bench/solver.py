@@ -59,8 +59,9 @@ def _warm_up(device, methods, patterns):
             thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, 32, trailing_inverse="per-block")
 
 
-def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=print):
+def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=print, per_block_max_columns=None):
     records = []
+    per_block_max_columns = per_block_max_columns or PER_BLOCK_MAX_COLUMNS[torch.device(device).type]
     _warm_up(device, methods, patterns)
     header = "| shape | method | pattern | block | seconds | rel. error |"
     echo(header)
@@ -79,7 +80,7 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
                                seconds=res.seconds, error=res.error)
                     records.append(rec)
                     echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")
-            if per_block and pattern != "unstructured" and cols <= PER_BLOCK_MAX_COLUMNS[torch.device(device).type]:
+            if per_block and pattern != "unstructured" and cols <= per_block_max_columns:
                 for block in block_sizes:
                     out, seconds = _timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, block,
                                                                trailing_inverse="per-block"))
@@ -97,13 +98,16 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
 @click.option("--block-sizes", default="64,128,512", show_default=True)
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--no-per-block", is_flag=True, help="Skip the slow per-block re-inversion reference.")
+@click.option("--per-block-up-to", type=int, default=None,
+              help="Widest layer (columns) to run the reference on (default 4096 on a CPU, 16384 on a GPU).")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the records as JSON.")
-def main(shapes, methods, patterns, block_sizes, device, no_per_block, json_out):
+def main(shapes, methods, patterns, block_sizes, device, no_per_block, per_block_up_to, json_out):
     """Benchmark the pruning solvers on single layers of real LLM shapes."""
     machine = dict(protocol.machine(), device=device)
     click.echo(f"machine: {json.dumps(machine)}")
     records = run(shapes.split(","), methods.split(","), patterns.split(","),
-                  [int(b) for b in block_sizes.split(",")], device, per_block=not no_per_block, echo=click.echo)
+                  [int(b) for b in block_sizes.split(",")], device, per_block=not no_per_block, echo=click.echo,
+                  per_block_max_columns=per_block_up_to)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(dict(machine=machine, results=records), f, indent=1)
