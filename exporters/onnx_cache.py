@@ -17,13 +17,9 @@ import torch
 
 from exporters import ExportError, ValidationError
 from exporters.onnx_export import TOLERANCE, TWO_GIB, export_graph
+from thanos.models import cache_argument
 
 WITH_CACHE_FILE = "model_with_cache.onnx"
-
-
-def cache_argument(model) -> str:
-    """transformers 5 renamed `past_key_values` to `cache`; use whichever this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

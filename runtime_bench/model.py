@@ -6,7 +6,6 @@ TensorRT dense and sparse engines. Whatever this machine lacks is recorded as sk
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -74,9 +73,10 @@ def _prefill(model, batch: int, seq: int, device: str):
 def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str) -> dict:
     from transformers import DynamicCache
 
+    from thanos.models import cache_argument
+
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-    # transformers renamed `past_key_values` to `cache` (5.x); the device machine may have either.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = cache_argument(model)  # the device machine's transformers may predate the rename
 
     def run():
         with torch.no_grad():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import logging
 from pathlib import Path
 from typing import Optional
@@ -67,6 +68,11 @@ def weight_view(module: nn.Module) -> torch.Tensor:
 
 def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
     module.weight.data.copy_(weight.T if stores_transposed(module) else weight)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: transformers 5 renamed `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def default_model_file() -> Path:
