@@ -50,6 +50,15 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return layer
 
 
+def kernel_rows(weight: torch.Tensor) -> torch.Tensor:
+    """(r,) True for the rows the 2:4 part takes: the 2:4 rows, rounded down to a multiple of ROW_MULTIPLE."""
+    sparse = two_four_rows(weight)
+    extra = int(sparse.sum()) % ROW_MULTIPLE
+    if extra:
+        sparse[sparse.nonzero().flatten()[-extra:]] = False
+    return sparse
+
+
 @torch.no_grad()
 def split_dense_rows_(model) -> dict[str, dict]:
     """Split every linear that is 2:4 except in some rows; returns {name: {sparse_rows, dense_rows, outlier_rows}}.
@@ -68,10 +77,7 @@ def split_dense_rows_(model) -> dict[str, dict]:
             if int(sparse.sum()) < ROW_MULTIPLE:  # too few 2:4 rows for the kernels: the layer stays dense
                 done[name] = dict(sparse_rows=0, dense_rows=weight.shape[0], outlier_rows=dense_count)
                 continue
-            # Round the 2:4 part down to the kernels' row multiple; the rest rides in the dense part.
-            extra = int(sparse.sum()) % ROW_MULTIPLE
-            if extra:
-                sparse[sparse.nonzero().flatten()[-extra:]] = False
+            sparse = kernel_rows(weight)  # the rest rides in the dense part
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child,
                     RowSplitLinear(weight, getattr(mod, "bias", None), sparse))

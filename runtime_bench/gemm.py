@@ -15,6 +15,7 @@ SHAPE_SETS = {
     "llama2-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+OUTLIER_ROWS = 0.05  # the dense-row share timed by the torch-2:4-dense-rows backend (a typical alpha)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -30,9 +31,9 @@ def sparse_backends(device: str) -> dict[str, Optional[str]]:
     """{backend: None if usable here, else the reason it is skipped}."""
     if not device.startswith("cuda"):
         reason = "needs a CUDA GPU (compute capability 8.0+); this run is on the CPU"
-        return {"torch-2:4-cusparselt": reason, "torch-2:4-cutlass": reason}
+        return {"torch-2:4-cusparselt": reason, "torch-2:4-cutlass": reason, "torch-2:4-dense-rows": reason}
     major, _ = torch.cuda.get_device_capability()
-    backends = {"torch-2:4-cusparselt": None, "torch-2:4-cutlass": None}
+    backends = {"torch-2:4-cusparselt": None, "torch-2:4-cutlass": None, "torch-2:4-dense-rows": None}
     if major < 8:
         backends = {k: f"compute capability {major}.x < 8.0" for k in backends}
     elif major >= 9:
@@ -44,8 +45,21 @@ def _sparse_linear(weight: torch.Tensor, backend: str) -> Callable[[torch.Tensor
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     SparseSemiStructuredTensor._FORCE_CUTLASS = backend.endswith("cutlass")
+    if backend == "torch-2:4-dense-rows":
+        return _split_linear(weight, to_sparse_semi_structured)
     sparse = to_sparse_semi_structured(weight)
     return lambda x: F.linear(x, sparse)
+
+
+def _split_linear(weight: torch.Tensor, to_sparse) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A Thanos alpha > 0 layer as exported with --split-dense-rows: OUTLIER_ROWS of the rows dense."""
+    from exporters.row_split import RowSplitLinear, kernel_rows
+
+    w = weight.clone()
+    w[: max(1, round(OUTLIER_ROWS * w.shape[0]))] = torch.randn_like(w[0])  # dense outlier rows
+    split = RowSplitLinear(w, None, kernel_rows(w))
+    split.sparse_rows.weight = torch.nn.Parameter(to_sparse(split.sparse_rows.weight.data), requires_grad=False)
+    return split
 
 
 def run_gemm(shapes: list[tuple[int, int]], tokens: list[int], dtypes: list[str], device: str,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device run: GPU benchmarks and GPU tests in one go, sized to about 6 minutes on an H200 so
+# The device run: GPU benchmarks and GPU tests in one go, sized to about 6 minutes on an H200 (7 at every step's limit) so
 # that a 15-minute device budget leaves room for one rerun. Each step has its own time limit, so
 # one slow step cannot starve the rest; the most wanted figures come first.
 # Runs from the checkout with PYTHONPATH=. (no install). Random-weight models of real shapes,
@@ -23,7 +23,7 @@ step() {  # step SECONDS NAME COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
-step 150 "GEMM level: LLaMA-2-7B and 70B shapes (and the default model's), fp16 and bf16" \
+step 200 "GEMM level: LLaMA-2-7B and 70B shapes (and the default model's), fp16 and bf16, 2:4 and 2:4 + 5% dense rows" \
     python cli.py bench random:smollm2-135m --levels gemm --shapes llama2-7b,llama2-70b --dtypes float16,bfloat16 \
     --tokens 1,16,256,1024,4096,16384 --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm

@@ -94,3 +94,17 @@ def test_gpu_torch_target_runs_the_split_on_sparse_kernels(pruned_with_outliers,
     summary = export("torch", pruned_with_outliers, tmp_path, ExportOptions(dtype="float16", split_dense_rows=True))
     assert len(summary["converted"]) == 15 and all(n.endswith(".sparse_rows") for n in summary["converted"])
     assert summary["validation"]["max_abs_diff"] <= summary["validation"]["tolerance"]
+
+
+def test_the_gemm_benchmarks_split_layer_computes_the_same_product():
+    from runtime_bench.gemm import OUTLIER_ROWS, _split_linear
+
+    w = two_four_weight(200, 64, torch.float32, "cpu")
+    split = _split_linear(w, lambda t: t)  # the dense stand-in for the semi-structured conversion
+    dense_rows = split.dense_rows.weight.shape[0]
+    assert split.sparse_rows.weight.shape[0] == 160 and dense_rows == 40  # 10 outlier rows + 30 to round
+    assert round(OUTLIER_ROWS * 200) == 10
+    x = torch.randn(7, 64)
+    w_used = torch.empty_like(w)
+    w_used[split.order.argsort()] = torch.cat([split.sparse_rows.weight, split.dense_rows.weight])
+    torch.testing.assert_close(split(x), x @ w_used.T)
