@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device run: GPU benchmarks and GPU tests in one go. Each step has its own time limit (530 s
-# in all, so run it with timeout_s 560), so one slow step cannot starve the rest, and the most
+# The device run: GPU benchmarks and GPU tests in one go. Each step has its own time limit (420 s
+# in all, so run it with timeout_s 450, which leaves a 15-minute budget room for a partial rerun), so one slow step cannot starve the rest, and the most
 # wanted figures come first; a step stopped by its limit still leaves its partial report.
 # Never run yet: how long each step really takes on an H200 is for its log to say.
 # Runs from the checkout with PYTHONPATH=. (no install). Random-weight models of real shapes,
@@ -24,13 +24,13 @@ step() {  # step SECONDS NAME COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
-step 200 "GEMM level: LLaMA-2-7B and 70B shapes (and the default model's), fp16 and bf16, 2:4 and 2:4 + 5% dense rows" \
+step 150 "GEMM level: LLaMA-2-7B and 70B shapes (and the default model's), fp16 and bf16, 2:4 and 2:4 + 5% dense rows" \
     python cli.py bench random:smollm2-135m --levels gemm --shapes llama2-7b,llama2-70b --dtypes float16,bfloat16 \
     --tokens 1,16,256,1024,4096,16384 --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 
 # onnxruntime runs on the CPU there (its figures are measured on the development machine).
-step 60 "Model level: default model's shapes" \
+step 45 "Model level: default model's shapes" \
     python cli.py bench random:smollm2-135m --levels model --grid 1x128,1x2048,8x2048 \
     --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse --quiet --out "$WORK/model"
 tar -czf "$OUT/model.tar.gz" -C "$WORK" model
@@ -39,8 +39,8 @@ step 90 "Pruning plan: one LLaMA-2-70B layer, 128 x 2048 calibration tokens" \
     python -m runtime_bench.plan --config llama2-70b --device cuda --ranks 1,8 \
     --json-out "$OUT/plan_llama2-70b.json" --md-out "$OUT/plan_llama2-70b.md"
 
-step 60 "Solver on CUDA: one-Cholesky vs per-block re-inversion" \
+step 45 "Solver on CUDA: one-Cholesky vs per-block re-inversion" \
     python -m runtime_bench.solver --device cuda --shapes 4096x4096,4096x11008 --patterns 2:4 \
     --block-sizes 128,512 --json-out "$OUT/solver_gpu.json"
 
-step 120 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests
+step 90 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests
