@@ -13,6 +13,7 @@ distributed driver uses; the all-reduce and broadcast traffic is reported in byt
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -181,6 +182,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
 def main(name, device, ranks, calib_samples, seqlen, pattern, method, json_out, md_out):
     """Measure one decoder layer's pruning steps and plan the whole model on 1..N ranks."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each solve's time as it finishes
     dev = torch.device(device)
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     samples, seqlen = calib_samples or defaults["samples"], seqlen or defaults["seqlen"]
