@@ -460,9 +460,10 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, device, quiet):
     """Measure latency and memory, dense versus 2:4, as report.json + report.md + PNG plots.
 
-    TARGET is a pruned model directory, or random:smollm2-135m / random:llama2-7b for a model of
-    real shapes with random 2:4 weights (kernel speed depends on shapes, dtype and pattern, not
-    on the values). Backends a machine lacks are reported as skipped, with the reason.
+    TARGET is a pruned model directory, or random:smollm2-135m / random:llama2-7b /
+    random:llama2-70b for a model of real shapes with random 2:4 weights (kernel speed depends on
+    shapes, dtype and pattern, not on the values; with --levels gemm the model is not built, so
+    70B shapes need no 140 GB). Backends a machine lacks are reported as skipped, with the reason.
 
     \b
     Example:
@@ -495,6 +496,14 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
                    f"best {c['best_speedup']:.2f}x")
     click.echo(f"report     {Path(out) / 'report.md'}")
 
+
+def _add_plan_command() -> None:
+    from runtime_bench.plan import main as plan
+
+    main.add_command(plan, "plan")
+
+
+_add_plan_command()
 
 if __name__ == "__main__":
     main()

@@ -29,10 +29,14 @@ class BenchSettings:
 
 def run_bench(settings: BenchSettings, progress=None) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
-    model = _load_target(settings.target, device)
-    # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
-    shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
-                    - {(model.config.vocab_size, model.config.hidden_size)})
+    random_name = settings.target.split(":", 1)[1] if settings.target.startswith("random:") else None
+    if "model" not in settings.levels and random_name in SHAPE_SETS:
+        model, shapes = None, list(SHAPE_SETS[random_name])  # GEMMs only: no need to build the model
+    else:
+        model = _load_target(settings.target, device)
+        # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
+        shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
+                        - {(model.config.vocab_size, model.config.hidden_size)})
     for name in settings.shapes:
         if name not in SHAPE_SETS:
             raise ValueError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")

@@ -181,7 +181,16 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
 def main(name, device, ranks, calib_samples, seqlen, pattern, method, json_out, md_out):
-    """Measure one decoder layer's pruning steps and plan the whole model on 1..N ranks."""
+    """Time and memory plan for pruning a big model, from one decoder layer measured here.
+
+    Builds one random-weight decoder layer of the named config, times the driver's own steps on
+    it (moving the layer to the device, the statistics pass, each solve, the pruned pass), and
+    multiplies out for 1 process with layer offloading and for N torchrun ranks.
+
+    \b
+    Example:
+      thanos-export plan --config llama2-70b --device cuda --ranks 1,8 --md-out plan.md
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each solve's time as it finishes
     dev = torch.device(device)
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS

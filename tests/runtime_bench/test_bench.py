@@ -103,3 +103,10 @@ def test_interrupted_bench_keeps_what_it_measured(tiny_llama_dir, tmp_path):
     assert report["settings"]["complete"] is False
     levels = [r["level"] for r in report["results"] if r["status"] == "ok"]
     assert levels.count("gemm") >= 2 and levels.count("model") == 1  # the GEMMs and the first prefill figure
+
+
+def test_gemm_only_bench_of_a_named_model_does_not_build_it(tmp_path):
+    summary = run_bench(BenchSettings(target="random:llama2-70b", out=str(tmp_path), levels=("gemm",), tokens=(1,),
+                                      dtypes=("float32",), device="cpu"))  # 138 GB of weights if it were built
+    assert summary["settings"]["gemm_shapes"] == [[8192, 8192], [1024, 8192], [28672, 8192], [8192, 28672]]
+    assert [r["shape"] for r in summary["results"] if r["status"] == "ok"] == summary["settings"]["gemm_shapes"]

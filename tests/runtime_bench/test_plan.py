@@ -45,7 +45,9 @@ def test_plan_divides_passes_and_deals_solves(measured):
 
 def test_cli_writes_plan_files(tmp_path):
     out_json, out_md = tmp_path / "plan.json", tmp_path / "plan.md"
-    result = CliRunner().invoke(plan.main, ["--config", "smollm2-135m", "--device", "cpu", "--calib-samples", "2",
+    from cli import main
+
+    result = CliRunner().invoke(main, ["plan", "--config", "smollm2-135m", "--device", "cpu", "--calib-samples", "2",
                                             "--seqlen", "32", "--ranks", "1,4", "--json-out", str(out_json),
                                             "--md-out", str(out_md)])
     assert result.exit_code == 0, result.output
