@@ -8,6 +8,10 @@
 # default model's wheel is too large to travel.
 # Output (at most 8 files, as the device tool returns): $OUT/gpu_check.log, gemm.tar.gz,
 # model.tar.gz, plan_llama2-70b.{json,md}, solver_gpu.json.
+# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=450), then give_back.
+# Afterwards, here: untar the two reports into docs/results/h200/ (gemm/, model/), copy the other
+# files beside them, list them in docs/results/README.md, and quote the figures in the README
+# (crossover M per shape, best speed-up, the 70B plan, one-Cholesky vs per-block on CUDA).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
