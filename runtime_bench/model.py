@@ -130,7 +130,7 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
             records[-1]["converted_linears"] = len(report.converted)
             del sparse
     if "onnxruntime" in backends:
-        records += _onnxruntime(model, grid, decode_steps, progress)
+        records += _onnxruntime(model, grid, decode_steps, progress, cuda)
     wanted = [b for b in ("tensorrt-dense", "tensorrt-sparse") if b in backends]
     if wanted:
         if not cuda or importlib.util.find_spec("tensorrt") is None:
@@ -149,7 +149,7 @@ def _cpu_copy(model, dtype):
     return copy.deepcopy(model).to("cpu", dtype)
 
 
-def _onnxruntime(model, grid, decode_steps: int, progress) -> list[dict]:
+def _onnxruntime(model, grid, decode_steps: int, progress, cuda: bool = False) -> list[dict]:
     if importlib.util.find_spec("onnxruntime") is None:
         return [dict(level="model", backend="onnxruntime", status="skipped",
                      reason="onnxruntime is not installed (pip install 'thanos-export[onnx]')")]
@@ -158,14 +158,18 @@ def _onnxruntime(model, grid, decode_steps: int, progress) -> list[dict]:
     from exporters.onnx_cache import OnnxDecoder, write_onnx_with_cache
     from exporters.onnx_export import write_onnx
 
+    # onnxruntime's CUDA provider where this build has one and the run is on a GPU; else the CPU's.
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
     records = []
-    common = dict(level="model", backend="onnxruntime", status="ok", provider="CPUExecutionProvider", dtype="float32")
+    common = dict(level="model", backend="onnxruntime", status="ok", provider=providers[0], dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         cpu_model = _cpu_copy(model, torch.float32)
         path = Path(tmp) / "model.onnx"
         write_onnx(cpu_model, path)
         file_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), providers=providers)
         for i, (batch, seq) in enumerate(grid):
             ids = torch.randint(0, model.config.vocab_size, (batch, seq)).numpy()
             feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
@@ -179,7 +183,7 @@ def _onnxruntime(model, grid, decode_steps: int, progress) -> list[dict]:
         cached = Path(tmp) / "cached" / "model_with_cache.onnx"
         cached.parent.mkdir()
         write_onnx_with_cache(cpu_model, cached)
-        decoder = OnnxDecoder(cached)
+        decoder = OnnxDecoder(cached, providers)
         ids = torch.randint(0, model.config.vocab_size, (1, grid[0][1])).numpy()
         t = measure(lambda: decoder.generate(ids, ids * 0 + 1, decode_steps + 1), "cpu", warmup=1, min_repeats=2,
                     max_repeats=5, budget_s=2.0)
