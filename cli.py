@@ -452,7 +452,8 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
                                                "tensorrt-sparse"]), show_default=True)
 @click.option("--tokens", default="1,16,64,256,1024,4096,16384", show_default=True, help="GEMM token counts M.")
 @click.option("--shapes", default="", help="Extra named GEMM shape sets: llama2-7b, llama2-70b, smollm2-135m.")
-@click.option("--dtypes", default="float16,bfloat16", show_default=True, help="GEMM dtypes (CPU runs float32).")
+@click.option("--dtypes", default="", help="GEMM dtypes, comma-separated (default: float16,bfloat16 on a GPU, "
+                                          "float32 on the CPU, where half-precision matmuls are no serving path).")
 @click.option("--grid", default="1x128,1x512,4x512", show_default=True, help="Model-level prefill batch x seq.")
 @click.option("--levels", default="gemm,model", show_default=True)
 @click.option("--device", default="auto", show_default=True)

@@ -20,7 +20,7 @@ class BenchSettings:
     backends: tuple[str, ...] = tuple(ALL_BACKENDS)
     tokens: tuple[int, ...] = tuple(DEFAULT_TOKENS)
     shapes: tuple[str, ...] = ()  # named shape sets added to the model's own linear shapes
-    dtypes: tuple[str, ...] = ("float16", "bfloat16")
+    dtypes: tuple[str, ...] = ()  # GEMM dtypes; empty: float16 and bfloat16 on a GPU, float32 on the CPU
     grid: tuple[tuple[int, int], ...] = ((1, 128), (1, 512), (4, 512))
     device: str = "auto"
     levels: tuple[str, ...] = ("gemm", "model")
@@ -41,11 +41,12 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         if name not in SHAPE_SETS:
             raise ValueError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
         shapes += [s for s in SHAPE_SETS[name] if s not in shapes]
-    info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes])
+    dtypes = list(settings.dtypes) or (["float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
+    info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes], dtypes=dtypes)
     records: list[dict] = []
     try:
         if "gemm" in settings.levels:
-            run_gemm(shapes, list(settings.tokens), list(settings.dtypes), device,
+            run_gemm(shapes, list(settings.tokens), dtypes, device,
                      [b for b in settings.backends if b.startswith("torch-2:4")] or None, progress=progress,
                      sink=records)
         if "model" in settings.levels:

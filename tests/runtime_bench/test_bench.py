@@ -110,3 +110,10 @@ def test_gemm_only_bench_of_a_named_model_does_not_build_it(tmp_path):
                                       dtypes=("float32",), device="cpu"))  # 138 GB of weights if it were built
     assert summary["settings"]["gemm_shapes"] == [[8192, 8192], [1024, 8192], [28672, 8192], [8192, 28672]]
     assert [r["shape"] for r in summary["results"] if r["status"] == "ok"] == summary["settings"]["gemm_shapes"]
+
+
+def test_cpu_bench_defaults_to_float32_gemms(tmp_path):
+    summary = run_bench(BenchSettings(target="random:llama2-7b", out=str(tmp_path), levels=("gemm",), tokens=(1,),
+                                      device="cpu"))
+    assert summary["settings"]["dtypes"] == ["float32"]
+    assert {r["dtype"] for r in summary["results"] if r["status"] == "ok"} == {"float32"}
