@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from runtime_bench.plan import main as plan_command
 from thanos.config import METHODS, ConfigError, PruneConfig
 
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, ImportError)
@@ -498,13 +499,7 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
     click.echo(f"report     {Path(out) / 'report.md'}")
 
 
-def _add_plan_command() -> None:
-    from runtime_bench.plan import main as plan
-
-    main.add_command(plan, "plan")
-
-
-_add_plan_command()
+main.add_command(plan_command, "plan")  # defined beside the tool it runs
 
 if __name__ == "__main__":
     main()

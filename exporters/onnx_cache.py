@@ -78,6 +78,18 @@ def _probe_cache(model):
     return cache
 
 
+def prefill_feed(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict:
+    """Inputs for a first call of either graph: positions from the mask and an empty past, where it takes them."""
+    feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+    for arg in session.get_inputs():
+        if arg.name == "position_ids":
+            feed["position_ids"] = np.clip(attention_mask.cumsum(1) - 1, 0, None)
+        elif arg.name.startswith("past_"):
+            dtype = np.float16 if "float16" in arg.type else np.float32
+            feed[arg.name] = np.zeros((input_ids.shape[0], arg.shape[1], 0, arg.shape[3]), dtype)
+    return feed
+
+
 class OnnxDecoder:
     """Greedy decoding on the cached graph with onnxruntime: prefill, then one token per step."""
 
@@ -86,16 +98,11 @@ class OnnxDecoder:
 
         self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
-        first = next(i for i in self.session.get_inputs() if i.name.startswith("past_"))
-        self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
-        self.float_type = np.float16 if "float16" in first.type else np.float32
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int):
         """(new tokens (batch, steps), logits of the prefill (batch, seq, vocab))."""
         batch = input_ids.shape[0]
-        positions = np.clip(attention_mask.cumsum(1) - 1, 0, None)
-        past = {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), self.float_type) for n in self.past_names}
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions, **past}
+        feed = prefill_feed(self.session, input_ids, attention_mask)
         tokens, prefill_logits = [], None
         for _ in range(steps):
             logits, *presents = self.session.run(None, feed)

@@ -172,19 +172,13 @@ class OnnxCausalLM:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
         self.provider = self.session.get_providers()[0]
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_):
+        from exporters.onnx_cache import prefill_feed
+
         ids = input_ids.cpu().numpy()
         mask = np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()
-        feed = {"input_ids": ids, "attention_mask": mask}
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.clip(mask.cumsum(1) - 1, 0, None)
-        for name, info in self.inputs.items():
-            if name.startswith("past_"):
-                dtype = np.float16 if "float16" in info.type else np.float32
-                feed[name] = np.zeros((ids.shape[0], info.shape[1], 0, info.shape[3]), dtype)
-        logits = self.session.run(["logits"], feed)[0]
+        logits = self.session.run(["logits"], prefill_feed(self.session, ids, mask))[0]
         return types.SimpleNamespace(logits=torch.from_numpy(logits.astype(np.float32)))
 
 

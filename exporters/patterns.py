@@ -30,11 +30,15 @@ def nonzero_bits(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous().view(ints) != 0
 
 
-def max_nonzeros_per_group(weight: torch.Tensor, m: int) -> Optional[int]:
+def nonzeros_per_group(weight: torch.Tensor, m: int) -> Optional[torch.Tensor]:
+    """(rows, cols / m) counts of stored values in each group of m along K; None if m does not divide cols."""
     rows, cols = weight.shape
-    if cols % m:
-        return None
-    return int(nonzero_bits(weight).reshape(rows, cols // m, m).sum(-1).max()) if weight.numel() else 0
+    return None if cols % m else nonzero_bits(weight).reshape(rows, cols // m, m).sum(-1)
+
+
+def max_nonzeros_per_group(weight: torch.Tensor, m: int) -> Optional[int]:
+    counts = nonzeros_per_group(weight, m)
+    return None if counts is None else int(counts.max()) if counts.numel() else 0
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporters.patterns import nonzero_bits
+from exporters.patterns import nonzeros_per_group
 from thanos.driver import LayerSelection, prunable_linears
 from thanos.models import weight_view
 
@@ -22,10 +22,8 @@ ROW_MULTIPLE = 32  # rows of a semi-structured weight: 16 for cuSPARSELt, 32 for
 
 def two_four_rows(weight: torch.Tensor) -> torch.Tensor:
     """(r,) True for the rows of an (out, in) weight in which every group of 4 holds at most 2 values."""
-    rows, cols = weight.shape
-    if cols % 4:
-        return torch.zeros(rows, dtype=torch.bool)
-    return (nonzero_bits(weight).reshape(rows, cols // 4, 4).sum(-1) <= 2).all(-1)
+    counts = nonzeros_per_group(weight, 4)
+    return torch.zeros(weight.shape[0], dtype=torch.bool) if counts is None else (counts <= 2).all(-1)
 
 
 class RowSplitLinear(nn.Module):
@@ -50,9 +48,9 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return layer
 
 
-def kernel_rows(weight: torch.Tensor) -> torch.Tensor:
-    """(r,) True for the rows the 2:4 part takes: the 2:4 rows, rounded down to a multiple of ROW_MULTIPLE."""
-    sparse = two_four_rows(weight)
+def kernel_rows(two_four: torch.Tensor) -> torch.Tensor:
+    """The rows the 2:4 part takes: the 2:4 rows (`two_four_rows`), rounded down to a multiple of ROW_MULTIPLE."""
+    sparse = two_four.clone()
     extra = int(sparse.sum()) % ROW_MULTIPLE
     if extra:
         sparse[sparse.nonzero().flatten()[-extra:]] = False
@@ -70,17 +68,17 @@ def split_dense_rows_(model) -> dict[str, dict]:
     for layer in prunable_linears(model, LayerSelection()).values():
         for name, mod in layer.items():
             weight = weight_view(mod)
-            sparse = two_four_rows(weight)
-            dense_count = int((~sparse).sum())
-            if dense_count == 0 or not sparse.any():
+            two_four = two_four_rows(weight)
+            outliers = int((~two_four).sum())
+            if outliers == 0 or not two_four.any():
                 continue  # already 2:4 everywhere, or not pruned to 2:4 at all
-            if int(sparse.sum()) < ROW_MULTIPLE:  # too few 2:4 rows for the kernels: the layer stays dense
-                done[name] = dict(sparse_rows=0, dense_rows=weight.shape[0], outlier_rows=dense_count)
+            sparse = kernel_rows(two_four)  # the 2:4 rows left over ride in the dense part
+            if not sparse.any():  # too few 2:4 rows for the kernels: the layer stays dense
+                done[name] = dict(sparse_rows=0, dense_rows=weight.shape[0], outlier_rows=outliers)
                 continue
-            sparse = kernel_rows(weight)  # the rest rides in the dense part
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child,
                     RowSplitLinear(weight, getattr(mod, "bias", None), sparse))
             done[name] = dict(sparse_rows=int(sparse.sum()), dense_rows=int((~sparse).sum()),
-                              outlier_rows=dense_count)
+                              outlier_rows=outliers)
     return done

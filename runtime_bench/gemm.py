@@ -53,11 +53,11 @@ def _sparse_linear(weight: torch.Tensor, backend: str) -> Callable[[torch.Tensor
 
 def _split_linear(weight: torch.Tensor, to_sparse) -> Callable[[torch.Tensor], torch.Tensor]:
     """A Thanos alpha > 0 layer as exported with --split-dense-rows: OUTLIER_ROWS of the rows dense."""
-    from exporters.row_split import RowSplitLinear, kernel_rows
+    from exporters.row_split import RowSplitLinear, kernel_rows, two_four_rows
 
     w = weight.clone()
     w[: max(1, round(OUTLIER_ROWS * w.shape[0]))] = torch.randn_like(w[0])  # dense outlier rows
-    split = RowSplitLinear(w, None, kernel_rows(w))
+    split = RowSplitLinear(w, None, kernel_rows(two_four_rows(w)))
     split.sparse_rows.weight = torch.nn.Parameter(to_sparse(split.sparse_rows.weight.data), requires_grad=False)
     return split
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import click
 import torch
 
 from runtime_bench.model import RANDOM_CONFIGS, random_config
-from runtime_bench.protocol import machine
+from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
 from thanos.config import PruneConfig
 from thanos.driver import (LayerSelection, capture_layer_inputs, collect_statistics, prunable_linears, run_layer,
@@ -31,19 +30,6 @@ from thanos.parallel import Parallel, deal_by_cost
 from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
 
 PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    value = fn()
-    _sync(device)
-    return value, time.perf_counter() - start
 
 
 def _warm_up(device: torch.device, prune: PruneConfig) -> None:
@@ -68,18 +54,18 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     _warm_up(device, prune)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, load_s = _timed(lambda: layer.to(device), device)
+    _, load_s = timed(lambda: layer.to(device), device)
     run_layer(layer, inputs[:1], args, kwargs, device, store_device)  # first calls load the kernels; untimed
     echo(f"layer on {device} in {load_s:.2f}s; statistics pass over {samples} x {seqlen} tokens ...")
-    shared, statistics_s = _timed(lambda: collect_statistics(layer, linears, inputs, args, kwargs, device,
+    shared, statistics_s = timed(lambda: collect_statistics(layer, linears, inputs, args, kwargs, device,
                                                              store_device), device)
     hessian_bytes = shared.nbytes
     echo(f"statistics in {statistics_s:.2f}s; solving {len(linears)} linears ...")
     reports = solve_layer(linears, shared, prune, None, Parallel())
     del shared
-    _, forward_s = _timed(lambda: run_layer(layer, inputs, args, kwargs, device, store_device), device)
+    _, forward_s = timed(lambda: run_layer(layer, inputs, args, kwargs, device, store_device), device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    _, unload_s = _timed(lambda: layer.to("cpu"), device)
+    _, unload_s = timed(lambda: layer.to("cpu"), device)
     return dict(
         config={k: getattr(config, k) for k in PLANNED_CONFIG_KEYS},
         prune=prune.to_json(), samples=samples, seqlen=seqlen, device=str(device), dtype=str(dtype),

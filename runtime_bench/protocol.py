@@ -27,6 +27,18 @@ class Timing:
         return dataclasses.asdict(self)
 
 
+def timed(fn: Callable[[], object], device: "str | torch.device" = "cpu") -> tuple[object, float]:
+    """(fn(), seconds) for one call, the device synchronised before and after (long steps, no repeats)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return value, time.perf_counter() - start
+
+
 def _rss() -> int:
     import psutil
 

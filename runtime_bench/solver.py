@@ -11,7 +11,6 @@ one-Cholesky route is measured against.
 from __future__ import annotations
 
 import json
-import time
 
 import click
 import torch
@@ -37,16 +36,6 @@ def layer_problem(rows: int, cols: int, device: str, seed: int = 0):
     X = X.to(device)
     H = X.T @ X / tokens
     return W.to(device), H
-
-
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
 
 
 def _warm_up(device, methods, patterns):
@@ -82,8 +71,8 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
                     echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")
             if per_block and pattern != "unstructured" and cols <= per_block_max_columns:
                 for block in block_sizes:
-                    out, seconds = _timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, block,
-                                                               trailing_inverse="per-block"))
+                    out, seconds = protocol.timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, block,
+                                                               trailing_inverse="per-block"), device)
                     err = reconstruction_error(W, out.weight, H)
                     records.append(dict(shape=shape, method="thanos (per-block)", pattern=pattern, block_size=block,
                                         seconds=seconds, error=err))

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+
 import torch
 
 PARTIAL_DIR = ".thanos_partial"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+
 import torch
 import torch.distributed as dist
 
