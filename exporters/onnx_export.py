@@ -183,11 +183,12 @@ class OnnxCausalLM:
 
 
 @register(ExportFormat.ONNX)
-def export_onnx(model_dir: Path, out: Path, options: ExportOptions) -> dict:
+def export_onnx(model_dir: Path, out: Path, options: ExportOptions, loaded: Optional[tuple] = None) -> dict:
+    """`loaded`: the (model, tokenizer, report) of `load_pruned`, when a caller has it already."""
     _require_onnx()
     if options.dtype not in TOLERANCE:
         raise ExportError(f"ONNX export supports float32 and float16, not {options.dtype}")
-    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows)
+    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows)
     torch_layers = model_patterns(model)
     path = out / ONNX_FILE
     write_onnx(model, path, options.opset)

@@ -107,15 +107,15 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
 
 @register(ExportFormat.TENSORRT)
 def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
-    model, _, report = load_pruned(model_dir, options.dtype, options.split_dense_rows)
+    onnx_options = ExportOptions(**{**options.to_json(), "dtype": "float16"
+                                    if options.dtype == "bfloat16" else options.dtype})
+    loaded = load_pruned(model_dir, onnx_options.dtype, options.split_dense_rows)  # once, for both steps
     sparse = True
     try:
-        require_hardware_2to4(model_patterns(model), report, "TensorRT", options.split_dense_rows)
+        require_hardware_2to4(model_patterns(loaded[0]), loaded[2], "TensorRT", options.split_dense_rows)
     except ValueError:
         if not options.allow_dense:
             raise
         sparse = False
-    del model
-    onnx_summary = export_onnx(model_dir, out, ExportOptions(**{**options.to_json(), "dtype": "float16"
-                                                                 if options.dtype == "bfloat16" else options.dtype}))
+    onnx_summary = export_onnx(model_dir, out, onnx_options, loaded)
     return dict(onnx=onnx_summary, **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))
