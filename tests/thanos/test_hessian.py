@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from thanos import HessianAccumulator
+from thanos import HessianAccumulator, hessian
 from thanos.hessian import inverse_upper_factor, reconstruction_error
 from tests.thanos.helpers import damped
 
@@ -43,3 +44,13 @@ def test_reconstruction_error_matches_direct_computation():
     W2[:, :3] = 0
     direct = ((W2 - W) @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()
     assert abs(reconstruction_error(W, W2, X.T @ X / 64) - float(direct)) < 1e-5
+
+
+@pytest.mark.parametrize("n", [5, 37, 64])
+def test_lower_triangular_inverse_by_halves(monkeypatch, n):
+    monkeypatch.setattr(hessian, "TRIANGULAR_INVERSE_BASE", 8)  # recurse even on small inputs
+    X = torch.randn(n, 2 * n, dtype=torch.float64)
+    L = torch.linalg.cholesky(X @ X.T / (2 * n) + 0.1 * torch.eye(n, dtype=torch.float64))
+    inverse = hessian.lower_triangular_inverse(L)
+    assert torch.equal(inverse, torch.tril(inverse))
+    assert torch.allclose(inverse @ L, torch.eye(n, dtype=torch.float64), atol=1e-10)
