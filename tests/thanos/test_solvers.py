@@ -90,6 +90,38 @@ def test_per_block_strategy_of_the_solver_agrees():
     assert torch.allclose(fast.weight, slow.weight, atol=1e-4)
 
 
+def test_per_block_strategy_refuses_columns():
+    from thanos.config import Pattern
+    from thanos.solvers.thanos import thanos_prune
+
+    with pytest.raises(ValueError, match="block-wise"):
+        thanos_prune(torch.randn(4, 16), torch.eye(16), Pattern.parse("columns"), 0.5, None, trailing_inverse="per-block")
+
+
+@pytest.mark.parametrize("k", [16, 17, 33, 64, 101])
+def test_batched_cholesky_recursion_equals_lapack(k):
+    from thanos.solvers.thanos import _batched_cholesky
+
+    X = torch.randn(6, k, 2 * k, dtype=torch.float64)
+    A = X @ X.mT / (2 * k) + 0.01 * torch.eye(k, dtype=torch.float64)
+    L, info = _batched_cholesky(A)
+    assert torch.equal(info, torch.zeros(6, dtype=info.dtype))
+    assert torch.allclose(L, torch.linalg.cholesky(A), atol=1e-10)
+
+
+def test_spd_solve_flags_and_recovers_an_indefinite_system():
+    from thanos.solvers.thanos import _batched_cholesky, _spd_solve
+
+    X = torch.randn(3, 40, 80)
+    A = X @ X.mT / 80 + 0.1 * torch.eye(40)
+    A[1, 30, 30] = -5.0  # indefinite in the second half: the recursion's Schur complement fails
+    b = torch.randn(3, 40)
+    _, info = _batched_cholesky(A)
+    assert info.tolist()[0] == 0 and info.tolist()[1] != 0 and info.tolist()[2] == 0
+    x = _spd_solve(A, b)
+    assert torch.allclose(torch.linalg.solve(A, b), x, atol=1e-4)
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_sparsegpt_with_identity_hessian_is_magnitude(pattern):
     W = torch.randn(24, 64)

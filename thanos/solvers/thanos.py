@@ -17,9 +17,16 @@ from thanos.masks import leading_mask_of_region, nm_mask, smallest_mask, wanda_m
 from thanos.solvers import SolverOutput
 
 DEFAULT_SOLVE_MEMORY = 512 * 2**20  # bytes for one chunk of batched k x k systems
-# Rows per chunk of batched solves when the memory budget allows more: small enough that the
-# rows of a chunk (sorted by k) need little padding, large enough to keep kernels busy.
+# Rows per chunk of batched solves on an accelerator when the memory budget allows more: small
+# enough that the rows of a chunk (sorted by k) need little padding, large enough to keep
+# kernels busy.
 ROWS_PER_CHUNK = 1024
+# On a CPU a chunk's systems are sized to stay in one core's L2 cache through the gather, the
+# factorisation and the solves: at 4096x4096, 2:4, this ran 1.1x faster than 1024 rows with
+# B = 128 (k = 64) and 1.3x with B = 512 (k = 256, 2048x2048).
+CPU_CHUNK_BYTES = 4 * 2**20
+# Largest system that `_batched_cholesky` hands to LAPACK whole on a CPU.
+CHOLESKY_BASE = 16
 
 
 def outlier_rows(W: torch.Tensor, s: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -46,14 +53,23 @@ def thanos_prune(
 ) -> SolverOutput:
     """Prune `W` (r x c, fp32, modified in place and returned) under `pattern`.
 
-    `trailing_inverse="per-block"` re-inverts `H[i1:, i1:]` at every block, as the paper's code
-    does; it gives the same answer more slowly and exists so the benchmark can show the gap.
+    `trailing_inverse="per-block"` is the paper's strategy, kept as the benchmark's reference:
+    `torch.linalg.inv(H[i1:, i1:])` at every block, as `lib/thanos.py` in the paper's code
+    does, with the damping as given (the paper's code does not escalate it). It gives the same
+    answer as the one-Cholesky route, more slowly.
     """
     H = H.clone()
     s = torch.diag(H).clone()  # Wanda's s_j, before the dead-input fix and damping
     handle_dead_inputs_(W, H)
-    factor = inverse_upper_factor(H, damp, layer)
-    U = factor.upper  # inv(H + damping) = U^T U
+    if trailing_inverse == "per-block":
+        if pattern.kind == "columns":
+            raise ValueError("trailing_inverse='per-block' applies to block-wise patterns, not 'columns'")
+        U, damped = None, H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+        damp_used, escalations = damp, 0
+    else:
+        factor = inverse_upper_factor(H, damp, layer)
+        U, damped = factor.upper, None  # inv(H + damping) = U^T U
+        damp_used, escalations = factor.damp_used, factor.escalations
 
     dense_rows = outlier_rows(W, s, alpha)
     rows = (~dense_rows).nonzero().flatten()
@@ -63,15 +79,12 @@ def thanos_prune(
     if pattern.kind == "columns":
         _prune_columns(Wp, mask_p, U, s, sparsity)
     else:
-        damped = None
-        if trailing_inverse == "per-block":
-            damped = H + factor.damp_used * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
         _prune_blocks(Wp, mask_p, U, s, pattern, sparsity, block_size or W.shape[1], solve_memory, damped, progress)
 
     W[rows] = Wp
     mask = torch.zeros_like(W, dtype=torch.bool)
     mask[rows] = mask_p
-    return SolverOutput(W, mask, factor.damp_used, factor.escalations)
+    return SolverOutput(W, mask, damp_used, escalations)
 
 
 def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H, progress=None):
@@ -84,7 +97,7 @@ def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H, p
             # inv(H[i1:, i1:]) = U[i1:, i1:]^T U[i1:, i1:]; its first B rows:
             G_block = U[i1:i2, i1:i2].T @ U[i1:i2, i1:]  # (B, c - i1)
         else:
-            G_block = torch.cholesky_inverse(torch.linalg.cholesky(damped_H[i1:, i1:]))[: i2 - i1]
+            G_block = torch.linalg.inv(damped_H[i1:, i1:])[: i2 - i1]
 
         if pattern.is_nm:
             block_mask = nm_mask(wanda_metric(W[:, i1:i2], s[i1:i2]), pattern.n, pattern.m)
@@ -104,39 +117,54 @@ def _remove_weights(W, i1, block_mask, G_block, solve_memory):
     B = block_mask.shape[1]
     G_bb = G_block[:, :B]  # (B, B), inverse of the active Hessian restricted to the block
     counts = block_mask.sum(dim=1)  # (r,) k per row
-    active = (counts > 0).nonzero().flatten()
-    if active.numel() == 0:
-        return
-    # Rows sorted by k, so each chunk pads its systems only to a k close to its own rows'.
-    active = active[torch.argsort(counts[active], stable=True)]
-    Lam = torch.zeros(W.shape[0], B, dtype=W.dtype, device=W.device)  # (r, B)
     k_max = int(counts.max())
-    chunk = max(1, min(ROWS_PER_CHUNK, solve_memory // (3 * 4 * k_max * k_max)))
-    for start in range(0, active.numel(), chunk):
-        idx_rows = active[start : start + chunk]
+    if k_max == 0:
+        return
+    if bool((counts == k_max).all()):
+        # n:m: every row removes k_max weights, so chunks are plain row ranges with no padding.
+        order = None
+        n_rows = W.shape[0]
+    else:
+        # Rows sorted by k, so each chunk pads its systems only to a k close to its own rows'.
+        active = (counts > 0).nonzero().flatten()
+        order = active[torch.argsort(counts[active], stable=True)]
+        n_rows = order.numel()
+    Lam = torch.zeros(W.shape[0], B, dtype=W.dtype, device=W.device)  # (r, B)
+    chunk = max(1, min(_rows_per_chunk(W.device, k_max), solve_memory // (3 * 4 * k_max * k_max)))
+    for start in range(0, n_rows, chunk):
+        idx_rows = slice(start, start + chunk) if order is None else order[start : start + chunk]
         sub_mask = block_mask[idx_rows]  # (R, B)
         k = counts[idx_rows]  # (R,)
-        kc = int(k.max())
+        kc = k_max if order is None else int(k.max())
         # Removed positions first (stable sort keeps column order), then padding positions.
         q = torch.argsort((~sub_mask).to(torch.int8), dim=1, stable=True)[:, :kc]  # (R, kc)
-        valid = torch.arange(kc, device=W.device)[None, :] < k[:, None]  # (R, kc)
-        Gqq = G_bb[q[:, :, None], q[:, None, :]]  # (R, kc, kc)
+        # G_bb[q_i][:, q_i] for every row: whole rows first, then columns (3x faster on a CPU
+        # than indexing both dimensions at once).
+        Gqq = torch.gather(G_bb.index_select(0, q.flatten()).view(*q.shape, B), 2, q[:, None, :].expand(-1, kc, -1))
         rhs = torch.gather(W[idx_rows, i1 : i1 + B], 1, q)  # (R, kc)
-        if not bool(valid.all()):
-            # Pad with identity rows/columns and zero right-hand side: no effect on lambda.
-            keep = valid.to(W.dtype)
-            Gqq.mul_(keep[:, :, None]).mul_(keep[:, None, :])
-            Gqq.diagonal(dim1=1, dim2=2).add_(1.0 - keep)
-            rhs = rhs * keep
+        if order is not None:
+            valid = torch.arange(kc, device=W.device)[None, :] < k[:, None]  # (R, kc)
+            if not bool(valid.all()):
+                # Pad with identity rows/columns and zero right-hand side: no effect on lambda.
+                keep = valid.to(W.dtype)
+                Gqq.mul_(keep[:, :, None]).mul_(keep[:, None, :])
+                Gqq.diagonal(dim1=1, dim2=2).add_(1.0 - keep)
+                rhs = rhs * keep
         lam = _spd_solve(Gqq, rhs)  # (R, kc)
         Lam[idx_rows] = torch.zeros_like(sub_mask, dtype=W.dtype).scatter_(1, q, lam)
     W[:, i1:].addmm_(Lam, G_block, alpha=-1.0)  # in place: no r x (c - i1) temporary
-    W[:, i1 : i1 + B][block_mask] = 0.0
+    W[:, i1 : i1 + B].masked_fill_(block_mask, 0.0)
+
+
+def _rows_per_chunk(device: torch.device, k: int) -> int:
+    if device.type == "cpu":
+        return max(1, CPU_CHUNK_BYTES // (4 * k * k))
+    return ROWS_PER_CHUNK
 
 
 def _spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Solve batched SPD systems A x = b (A: (R, k, k), b: (R, k)) by Cholesky, LU where that fails."""
-    L, info = torch.linalg.cholesky_ex(A)  # (R, k, k), A = L L^T
+    L, info = _batched_cholesky(A)  # (R, k, k), A = L L^T
     # Two triangular solves are several times faster than cholesky_solve on CPU builds.
     y = torch.linalg.solve_triangular(L, b[..., None], upper=False)
     x = torch.linalg.solve_triangular(L.mT, y, upper=True)[..., 0]
@@ -144,6 +172,29 @@ def _spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if bool(bad.any()):
         x[bad] = torch.linalg.solve(A[bad], b[bad])
     return x
+
+
+def _batched_cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factors of a batch of SPD matrices (R, k, k), and a non-zero flag per failure.
+
+    LAPACK (MKL) factorises small matrices slowly one by one, so on a CPU the factorisation
+    recurses on halves down to `CHOLESKY_BASE` columns; the off-diagonal block is a batched
+    triangular solve and the Schur complement a batched matrix product. Measured per 4 MiB chunk
+    here: 1.3x faster than one `cholesky_ex` at k = 64, 2.4x at k = 128, 1.5x at k = 256.
+    """
+    k = A.shape[-1]
+    if A.device.type != "cpu" or k <= CHOLESKY_BASE:
+        return torch.linalg.cholesky_ex(A)
+    h = k // 2
+    L11, info11 = _batched_cholesky(A[:, :h, :h])
+    L21 = torch.linalg.solve_triangular(L11.mT, A[:, h:, :h], upper=True, left=False)  # L21 L11^T = A21
+    L22, info22 = _batched_cholesky(torch.baddbmm(A[:, h:, h:], L21, L21.mT, alpha=-1.0))
+    L = torch.empty_like(A)
+    L[:, :h, :h] = L11
+    L[:, h:, :h] = L21
+    L[:, h:, h:] = L22
+    L[:, :h, h:] = 0.0
+    return L, info11 | info22
 
 
 def _prune_columns(W, mask, U, s, sparsity):
