@@ -5,8 +5,8 @@
 
 Inputs are realistic in the way that matters to the solvers: the calibration activations have a
 few high-variance channels, as real LLM activations do. The row `thanos (per-block)` is the
-paper's strategy of re-inverting the trailing Hessian at every block, kept as the reference the
-one-Cholesky route is measured against.
+paper's strategy of re-inverting the trailing Hessian at every block (`torch.linalg.inv`, as
+the paper's code calls it), kept as the reference the one-Cholesky route is measured against.
 """
 from __future__ import annotations
 
