@@ -95,7 +95,10 @@ def inverse_upper_factor(hessian: torch.Tensor, damp: float, layer: str = "layer
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info.item() == 0:
-            upper = lower_triangular_inverse(lower).flip(0, 1)
+            inverse = lower_triangular_inverse(lower)
+            del lower
+            upper = inverse.flip(0, 1)
+            del inverse
             if torch.isfinite(upper.sum()):  # any inf or NaN entry makes the sum non-finite
                 return Factorization(upper, current, escalation)
         log.warning("%s: Cholesky failed at damp=%g; retrying with damp=%g", layer, current, current * 10)
@@ -126,7 +129,7 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(lower)
     out[:h, :h] = lower_triangular_inverse(lower[:h, :h])
     out[h:, h:] = lower_triangular_inverse(lower[h:, h:])
-    out[h:, :h] = torch.linalg.solve_triangular(lower[h:, h:], -(lower[h:, :h] @ out[:h, :h]), upper=False)
+    out[h:, :h] = torch.linalg.solve_triangular(lower[h:, h:], (lower[h:, :h] @ out[:h, :h]).neg_(), upper=False)
     return out
 
 
