@@ -48,7 +48,9 @@ def _warm_up(device, methods, patterns):
             thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, 32, trailing_inverse="per-block")
 
 
-def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=print, per_block_max_columns=None):
+def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=print, per_block_max_columns=None,
+        repeat=1):
+    """Time every (shape, pattern, method, block size); each timing is the fastest of `repeat` runs."""
     records = []
     per_block_max_columns = per_block_max_columns or PER_BLOCK_MAX_COLUMNS[torch.device(device).type]
     _warm_up(device, methods, patterns)
@@ -63,19 +65,21 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
             for method in methods:
                 sizes = block_sizes if method in ("thanos", "sparsegpt") and pattern != "columns" else [None]
                 for block in sizes:
-                    res = prune_weight(W, H, method, pattern, sparsity, block_size=block)
+                    res = min((prune_weight(W, H, method, pattern, sparsity, block_size=block) for _ in range(repeat)),
+                              key=lambda r: r.seconds)
                     rec = dict(shape=shape, method=method, pattern=pattern,
                                block_size=res.config.resolved_block_size if block else None,
-                               seconds=res.seconds, error=res.error)
+                               seconds=res.seconds, error=res.error, repeat=repeat)
                     records.append(rec)
                     echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")
             if per_block and pattern != "unstructured" and cols <= per_block_max_columns:
                 for block in block_sizes:
-                    out, seconds = protocol.timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, block,
-                                                               trailing_inverse="per-block"), device)
+                    out, seconds = min((protocol.timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5,
+                                                                            block, trailing_inverse="per-block"), device)
+                                        for _ in range(repeat)), key=lambda pair: pair[1])
                     err = reconstruction_error(W, out.weight, H)
                     records.append(dict(shape=shape, method="thanos (per-block)", pattern=pattern, block_size=block,
-                                        seconds=seconds, error=err))
+                                        seconds=seconds, error=err, repeat=repeat))
                     echo(f"| {shape} | thanos (per-block) | {pattern} | {block} | {seconds:.2f} | {err:.5f} |")
     return records
 
@@ -89,14 +93,16 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
 @click.option("--no-per-block", is_flag=True, help="Skip the slow per-block re-inversion reference.")
 @click.option("--per-block-up-to", type=int, default=None,
               help="Widest layer (columns) to run the reference on (default 4096 on a CPU, 16384 on a GPU).")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Time each solve this many times and keep the fastest (single timings on a shared machine vary).")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the records as JSON.")
-def main(shapes, methods, patterns, block_sizes, device, no_per_block, per_block_up_to, json_out):
+def main(shapes, methods, patterns, block_sizes, device, no_per_block, per_block_up_to, repeat, json_out):
     """Benchmark the pruning solvers on single layers of real LLM shapes."""
     machine = dict(protocol.machine(), device=device)
     click.echo(f"machine: {json.dumps(machine)}")
     records = run(shapes.split(","), methods.split(","), patterns.split(","),
                   [int(b) for b in block_sizes.split(",")], device, per_block=not no_per_block, echo=click.echo,
-                  per_block_max_columns=per_block_up_to)
+                  per_block_max_columns=per_block_up_to, repeat=repeat)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(dict(machine=machine, results=records), f, indent=1)

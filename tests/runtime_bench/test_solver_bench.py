@@ -22,3 +22,18 @@ def test_solver_bench_cli_writes_machine_and_records(tmp_path):
     data = json.loads(out.read_text())
     assert data["machine"]["device"] == "cpu" and data["machine"]["cpu"]
     assert [r["method"] for r in data["results"]] == ["magnitude", "thanos (per-block)"]
+
+
+def test_repeat_times_each_solve_that_often_and_keeps_the_fastest(monkeypatch):
+    calls = []
+    real = solver.prune_weight
+
+    def counting(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result.seconds)
+        return result
+
+    monkeypatch.setattr(solver, "prune_weight", counting)
+    records = solver.run(["32x64"], ["thanos"], ["2:4"], [32], "cpu", per_block=False, echo=lambda _: None, repeat=3)
+    assert len(calls) == 3 + 1  # three timed runs, plus the warm-up's one
+    assert records[0]["repeat"] == 3 and records[0]["seconds"] == min(calls[1:])
