@@ -46,16 +46,14 @@ def leading_mask_of_region(region_metric: torch.Tensor, count: int, block_cols: 
     threshold (k-th smallest value) replaces a full top-k over the region, and ties at the
     threshold go to the block first, so no block ever removes more than the budget allows.
     """
-    rows, width = region_metric.shape
     block = region_metric[:, :block_cols]
     if count <= 0:
         return torch.zeros_like(block, dtype=torch.bool)
     if count >= region_metric.numel():
         return torch.ones_like(block, dtype=torch.bool)
-    flat = region_metric.flatten()
-    threshold = kth_smallest(flat, count)
+    threshold, strictly_below = kth_smallest_and_rank(region_metric.flatten(), count)
     below = block < threshold
-    ties_needed = count - int((flat < threshold).sum())
+    ties_needed = count - strictly_below
     ties = (block == threshold).flatten()
     if ties_needed > 0 and ties.any():
         tie_idx = ties.nonzero().flatten()[:ties_needed]
@@ -66,24 +64,40 @@ def leading_mask_of_region(region_metric: torch.Tensor, count: int, block_cols: 
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k-th smallest (1-based) of a 1-D tensor, cheaper than `kthvalue` on large inputs.
+    """Exact k-th smallest (1-based) of a 1-D tensor, cheaper than `kthvalue` on large inputs."""
+    return kth_smallest_and_rank(values, k)[0]
 
-    A strided sample brackets the answer; only the values inside the bracket go through
-    `kthvalue`. If the bracket misses (it can, values are not random), fall back to the full one.
+
+# Values drawn to bracket the k-th smallest of a large tensor.
+SAMPLE_SIZE = 1 << 16
+
+
+def kth_smallest_and_rank(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th smallest (1-based) of a 1-D tensor, and how many values are strictly below it.
+
+    A sample brackets the answer, so that only the values inside the bracket go through
+    `kthvalue` and the whole tensor is read by three comparisons. The sample is spread by the
+    golden ratio rather than by a fixed stride, which on a row-major matrix would see only a few
+    columns. If the bracket misses (it can, values are not random), the full `kthvalue` answers.
     """
     n = values.numel()
     if n <= 1 << 20:
-        return torch.kthvalue(values, k).values
-    stride = n // (1 << 16)
-    sample = values[::stride]  # (~65k,)
-    position = (k - 0.5) / n * sample.numel()
-    margin = 4.0 * sample.numel() ** 0.5 + 8
-    lo_idx = int(max(1, min(sample.numel(), position - margin)))
-    hi_idx = int(max(1, min(sample.numel(), position + margin)))
-    lo = torch.kthvalue(sample, lo_idx).values
-    hi = torch.kthvalue(sample, hi_idx).values
-    below = int((values < lo).sum())
-    band = values[(values >= lo) & (values <= hi)]
+        threshold = torch.kthvalue(values, k).values
+        return threshold, int((values < threshold).sum())
+    positions = (torch.arange(SAMPLE_SIZE, dtype=torch.float64, device=values.device) * (0.6180339887498949 * n)) % n
+    sample = values[positions.long()]
+    position = (k - 0.5) / n * SAMPLE_SIZE
+    margin = 4.0 * SAMPLE_SIZE**0.5 + 8
+    lo_idx, hi_idx = int(position - margin), int(position + margin)
+    # An open end when the bracket would reach past the sample: nothing can be missed there.
+    in_band = values >= torch.kthvalue(sample, lo_idx).values if lo_idx >= 1 else None
+    below = n - int(in_band.sum()) if in_band is not None else 0
+    if hi_idx <= SAMPLE_SIZE:
+        upper = values <= torch.kthvalue(sample, hi_idx).values
+        in_band = upper if in_band is None else in_band & upper
+    band = values[in_band] if in_band is not None else values
     if below < k <= below + band.numel():
-        return torch.kthvalue(band, k - below).values
-    return torch.kthvalue(values, k).values
+        threshold = torch.kthvalue(band, k - below).values
+        return threshold, below + int((band < threshold).sum())
+    threshold = torch.kthvalue(values, k).values
+    return threshold, int((values < threshold).sum())

@@ -275,13 +275,27 @@ def test_input_weight_is_not_modified():
 
 @pytest.mark.parametrize("k", [1, 7, 500_000, 2_000_000, 2_100_000])
 def test_kth_smallest_is_exact(k):
-    from thanos.masks import kth_smallest
+    from thanos.masks import kth_smallest, kth_smallest_and_rank
 
     values = torch.randn(2_100_000)
     values[:1000] = 0.0  # a block of ties, as dead inputs produce
     assert kth_smallest(values, k) == torch.kthvalue(values, k).values
     skewed = torch.sort(values).values  # sorted input defeats a strided sample's bracket
     assert kth_smallest(skewed, k) == torch.kthvalue(skewed, k).values
+    threshold, below = kth_smallest_and_rank(values, k)
+    assert below == int((values < threshold).sum()) and below < k
+
+
+def test_kth_smallest_when_the_sample_misses():
+    from thanos import masks
+
+    n, k = 2_100_000, 1_000_000
+    values = torch.rand(n) + 1.0
+    positions = (torch.arange(masks.SAMPLE_SIZE, dtype=torch.float64) * (0.6180339887498949 * n)) % n
+    values[positions.long()] = 0.0  # every sampled value is a minimum: the bracket holds only them
+    threshold, below = masks.kth_smallest_and_rank(values, k)
+    assert threshold == torch.kthvalue(values, k).values
+    assert below == int((values < threshold).sum())
 
 
 @pytest.mark.gpu
