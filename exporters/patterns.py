@@ -6,7 +6,7 @@ i.e. the reduction (K) dimension, the layout sparse tensor cores need.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -79,10 +79,6 @@ def analyse(name: str, weight: torch.Tensor, backend: str = "cusparselt") -> Lay
     else:
         ok, reason = True, "2:4"
     return LayerPattern(name, (rows, cols), str(weight.dtype).replace("torch.", ""), sparsity, pattern, ok, reason)
-
-
-def analyse_all(weights: Iterable[tuple[str, torch.Tensor]], backend: str = "cusparselt") -> list[LayerPattern]:
-    return [analyse(name, w, backend) for name, w in weights]
 
 
 def require_hardware_2to4(layers: Optional[list[LayerPattern]], report: Optional[dict], target: str,

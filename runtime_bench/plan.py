@@ -30,6 +30,7 @@ from thanos.parallel import Parallel, deal_by_cost
 from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
 
 PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
+PLANNED_CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
 
 
 def _warm_up(device: torch.device, prune: PruneConfig) -> None:
@@ -81,13 +82,6 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
             device_peak=peak,
         ),
     )
-
-
-PLANNED_CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
-
-
-RANDOM_CONFIGS_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads"]
 
 
 def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:

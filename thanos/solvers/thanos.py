@@ -117,39 +117,32 @@ def _remove_weights(W, i1, block_mask, G_block, solve_memory):
     B = block_mask.shape[1]
     G_bb = G_block[:, :B]  # (B, B), inverse of the active Hessian restricted to the block
     counts = block_mask.sum(dim=1)  # (r,) k per row
-    k_max = int(counts.max())
-    if k_max == 0:
+    active = (counts > 0).nonzero().flatten()
+    if active.numel() == 0:
         return
-    if bool((counts == k_max).all()):
-        # n:m: every row removes k_max weights, so chunks are plain row ranges with no padding.
-        order = None
-        n_rows = W.shape[0]
-    else:
-        # Rows sorted by k, so each chunk pads its systems only to a k close to its own rows'.
-        active = (counts > 0).nonzero().flatten()
-        order = active[torch.argsort(counts[active], stable=True)]
-        n_rows = order.numel()
+    # Rows sorted by k, so each chunk pads its systems only to a k close to its own rows'.
+    active = active[torch.argsort(counts[active], stable=True)]
     Lam = torch.zeros(W.shape[0], B, dtype=W.dtype, device=W.device)  # (r, B)
+    k_max = int(counts.max())
     chunk = max(1, min(_rows_per_chunk(W.device, k_max), solve_memory // (3 * 4 * k_max * k_max)))
-    for start in range(0, n_rows, chunk):
-        idx_rows = slice(start, start + chunk) if order is None else order[start : start + chunk]
+    for start in range(0, active.numel(), chunk):
+        idx_rows = active[start : start + chunk]
         sub_mask = block_mask[idx_rows]  # (R, B)
         k = counts[idx_rows]  # (R,)
-        kc = k_max if order is None else int(k.max())
+        kc = int(k.max())
         # Removed positions first (stable sort keeps column order), then padding positions.
         q = torch.argsort((~sub_mask).to(torch.int8), dim=1, stable=True)[:, :kc]  # (R, kc)
+        valid = torch.arange(kc, device=W.device)[None, :] < k[:, None]  # (R, kc)
         # G_bb[q_i][:, q_i] for every row: whole rows first, then columns (3x faster on a CPU
         # than indexing both dimensions at once).
         Gqq = torch.gather(G_bb.index_select(0, q.flatten()).view(*q.shape, B), 2, q[:, None, :].expand(-1, kc, -1))
         rhs = torch.gather(W[idx_rows, i1 : i1 + B], 1, q)  # (R, kc)
-        if order is not None:
-            valid = torch.arange(kc, device=W.device)[None, :] < k[:, None]  # (R, kc)
-            if not bool(valid.all()):
-                # Pad with identity rows/columns and zero right-hand side: no effect on lambda.
-                keep = valid.to(W.dtype)
-                Gqq.mul_(keep[:, :, None]).mul_(keep[:, None, :])
-                Gqq.diagonal(dim1=1, dim2=2).add_(1.0 - keep)
-                rhs = rhs * keep
+        if not bool(valid.all()):
+            # Pad with identity rows/columns and zero right-hand side: no effect on lambda.
+            keep = valid.to(W.dtype)
+            Gqq.mul_(keep[:, :, None]).mul_(keep[:, None, :])
+            Gqq.diagonal(dim1=1, dim2=2).add_(1.0 - keep)
+            rhs = rhs * keep
         lam = _spd_solve(Gqq, rhs)  # (R, kc)
         Lam[idx_rows] = torch.zeros_like(sub_mask, dtype=W.dtype).scatter_(1, q, lam)
     W[:, i1:].addmm_(Lam, G_block, alpha=-1.0)  # in place: no r x (c - i1) temporary
