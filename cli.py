@@ -238,8 +238,10 @@ TARGETS = ("torch", "onnx", "tensorrt", "safetensors")
 
 def export_options(f):
     options = [
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float16",
-                     show_default=True, help="Precision of the exported weights (ONNX: float32 or float16)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+                     help="Precision of the exported weights (ONNX: float32 or float16). Default: float16 for "
+                          "onnx, tensorrt and torch (the summary reports the cast); the model's own for "
+                          "safetensors, which is lossless."),
         click.option("--allow-dense", is_flag=True,
                      help="Hardware targets: build a dense model instead of refusing one that is not 2:4."),
         click.option("--no-validate", is_flag=True, help="Skip running the export against the pruned model."),
@@ -286,6 +288,9 @@ def echo_export_summary(summary: dict) -> None:
     nested = summary["onnx"] if isinstance(summary.get("onnx"), dict) else {}
     written = summary.get("engine") or (summary["onnx"] if isinstance(summary.get("onnx"), str) else None)
     click.echo(f"exported   {summary['format']}" + (f" -> {written}" if written else ""))
+    dtypes = summary.get("dtype") or {}
+    if dtypes.get("source") and dtypes.get("export") and dtypes["source"] != dtypes["export"]:
+        click.echo(f"cast       weights {dtypes['source']} -> {dtypes['export']} (--dtype {dtypes['source']} keeps them)")
     if summary.get("ratio"):
         click.echo(f"compact    {summary['compact_layers']} n:m layers at {summary['ratio']:.4f}x their dense bytes; "
                    f"round trip {summary.get('round_trip', 'not checked')}")
@@ -331,9 +336,10 @@ def _auto_target() -> str:
 @main.command("export")
 @click.argument("model_dir", type=click.Path())
 @click.option("--target", type=click.Choice(TARGETS), required=True, help="Output format.")
-@click.option("--out", required=True, type=click.Path(), help="Directory for the exported files.")
+@click.option("--out", required=True, type=click.Path(), help="Directory for the exported files (new or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out, once the new one is verified.")
 @export_options
-def export_cmd(model_dir, target, out, **options):
+def export_cmd(model_dir, target, out, overwrite, **options):
     """Export a pruned model directory and check the export against it.
 
     \b
@@ -349,7 +355,7 @@ def export_cmd(model_dir, target, out, **options):
     from exporters import ExportError, export
 
     try:
-        summary = export(target, model_dir, out, build_export_options(**options))
+        summary = export(target, model_dir, out, build_export_options(**options), overwrite=overwrite)
     except (ConfigError, ExportError, *USER_ERRORS) as exc:
         _fail(exc)
     echo_export_summary(summary)
@@ -436,7 +442,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
         from runtime_bench.bench import BenchSettings, run_bench
 
         quick = BenchSettings(target=str(Path(out) / "pruned"), out=str(Path(out) / "bench"), tokens=(1, 256, 2048),
-                              grid=((1, 128),), dtypes=(dtype,) if _gpu() else ("float32",),
+                              grid=((1, 128),), dtypes=(dtype or "float16",) if _gpu() else ("float32",),
                               device=prune_opts["device"], decode_steps=8)
         bench_summary = run_bench(quick)
         build["bench"] = str(Path(out) / "bench" / "report.md")

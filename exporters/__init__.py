@@ -11,10 +11,12 @@ import dataclasses
 import enum
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 from exporters.compact import load_compact
+from thanos.outputs import begin_staging, check_disjoint, commit_staging
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ class ValidationError(ExportError):
 
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
-    dtype: str = "float16"  # float32, float16 or bfloat16 (ONNX: float32 or float16)
+    # float32, float16 or bfloat16 (ONNX: float32 or float16); None: the target's default
+    # (`DEFAULT_DTYPE`), and the summary reports any cast from the source's dtype.
+    dtype: Optional[str] = None
     allow_dense: bool = False  # hardware targets: build dense instead of refusing non-2:4 models
     split_dense_rows: bool = False  # alpha > 0: a 2:4 linear plus a dense one per layer (exporters.row_split)
     validate: bool = True
@@ -62,6 +66,10 @@ class ExportOptions:
         return dataclasses.asdict(self)
 
 
+# Serving targets run in half precision; the compact checkpoint is the lossless format and keeps
+# the source's dtype (None) unless a dtype is asked for.
+DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "safetensors": None}
+
 Exporter = Callable[[Path, Path, ExportOptions], dict]
 _REGISTRY: dict[ExportFormat, Exporter] = {}
 
@@ -75,17 +83,65 @@ def register(fmt: ExportFormat):
 
 
 def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path",
-           options: ExportOptions = ExportOptions()) -> dict:
-    """Export a pruned model directory to `fmt`, verify it, and write `export_summary.json` in `out`."""
+           options: ExportOptions = ExportOptions(), overwrite: bool = False) -> dict:
+    """Export a pruned model directory to `fmt`, verify it, and write `export_summary.json` in `out`.
+
+    The export is built in a staging sibling of `out` and moved into place only once it is
+    written and verified, so `out` never holds a half-written or unverified export. `out` must be
+    new, empty, or (with `overwrite`) a previous export; it may not overlap `model_dir`.
+    """
     fmt = ExportFormat(fmt)
     check_options_apply(fmt, options)
-    _load_all()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = _REGISTRY[fmt](Path(model_dir), out, options)
-    summary = dict(format=fmt.value, source=str(model_dir), options=options.to_json(), **summary)
-    (out / "export_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    check_export_dir(model_dir, out, overwrite)
+    if options.dtype is None:
+        options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[fmt.value])
+    _load_all()
+    from exporters.source import saved_dtype
+
+    dtypes = dict(source=saved_dtype(Path(model_dir)))
+    dtypes["export"] = options.dtype or dtypes["source"]
+    staging = begin_staging(out)
+    try:
+        summary = _REGISTRY[fmt](Path(model_dir), staging, options)
+        summary = _relocated(dict(format=fmt.value, source=str(model_dir), options=options.to_json(), dtype=dtypes,
+                                  **summary), str(staging), str(out))
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
+        commit_staging(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
+
+
+SUMMARY_NAME = "export_summary.json"
+
+
+def check_export_dir(model_dir: "str | Path", out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an `out` that overlaps the source or holds something else."""
+    if not Path(model_dir).exists():
+        raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
+                          "wrote")
+    check_disjoint(out, [model_dir])
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; pass a directory path")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / SUMMARY_NAME).is_file():
+        raise ExportError(f"{out} is not empty and holds no export; choose a new or empty --out")
+    if not overwrite:
+        raise ExportError(f"{out} already holds an export; pass --overwrite to replace it (once the new one is "
+                          "verified) or choose another --out")
+
+
+def _relocated(value, old: str, new: str):
+    """`value` with paths under the staging directory pointing where the export ends up."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value.startswith(old) else value
+    if isinstance(value, dict):
+        return {k: _relocated(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_relocated(v, old, new) for v in value)
+    return value
 
 
 # Options that only some targets use: asking for one elsewhere is a mistake worth an error.

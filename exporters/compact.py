@@ -123,7 +123,7 @@ def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     state = read_compact_state(path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or next(iter(state.values())).dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)

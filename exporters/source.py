@@ -19,6 +19,19 @@ def read_report(model_dir: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def saved_dtype(model_dir: Path) -> Optional[str]:
+    """The dtype a model directory's config declares for its weights ("float32", ...), if any."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return None
+    value = data.get("dtype") or data.get("torch_dtype")
+    return str(value).replace("torch.", "") if value else None
+
+
 def linear_weights(model) -> dict[str, torch.Tensor]:
     """{module name: (out, in) weight} for every linear inside the decoder layers."""
     return {name: weight_view(mod) for layer in prunable_linears(model, LayerSelection()).values()
@@ -47,7 +60,7 @@ def directory_patterns(model_dir: Path) -> list[LayerPattern]:
     if not files or is_compact_dir(model_dir):
         return model_patterns(load_pruned(model_dir)[0])
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=False))
     wanted = {f"{name}.weight": stores_transposed(mod)
               for layer in prunable_linears(skeleton, LayerSelection()).values() for name, mod in layer.items()}
     layers = []

@@ -13,34 +13,29 @@ from pathlib import Path
 
 import torch
 
+from thanos.outputs import OutputDirError, atomic_write_text  # noqa: F401  (re-exported)
+
 PARTIAL_DIR = ".thanos_partial"
 REPORT_NAME = "thanos_report.json"
 
 
-class OutputDirError(ValueError):
-    """An output directory that cannot be written or resumed; the message names the fix."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def check_output_dir(out: Path, overwrite: bool = False) -> None:
-    """Refuse an output path that holds something else, before any work starts."""
+    """Refuse an output path that holds something else, before any work starts.
+
+    Nothing is deleted here: with `overwrite`, a finished model is replaced only when the new one
+    is complete (`thanos.outputs.commit_staging`).
+    """
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--out {out} is a file; pass a directory path")
     if not out.exists() or not any(out.iterdir()):
         return
-    if (out / PARTIAL_DIR / "run.json").is_file():
-        return  # an interrupted run: resumable if the settings match (checked by LayerCheckpoints)
     if (out / REPORT_NAME).is_file():
         if overwrite:
-            shutil.rmtree(out)
             return
-        raise OutputDirError(f"{out} already holds a finished pruned model; pass --overwrite to replace it "
-                             "or choose another --out")
+        raise OutputDirError(f"{out} already holds a finished pruned model; pass --overwrite to replace it (once "
+                             "the new one is complete) or choose another --out")
+    if (out / PARTIAL_DIR / "run.json").is_file():
+        return  # an interrupted run: resumable if the settings match (checked by LayerCheckpoints)
     raise OutputDirError(f"{out} is not empty and holds no thanos-export run; choose a new or empty --out")
 
 

@@ -116,7 +116,7 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
 
         if is_compact_dir(source):
             model = load_compact(source, dtype)
-            return model, AutoTokenizer.from_pretrained(source)
+            return model, AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if not (source / "config.json").is_file():
             raise ModelError(f"{source} has no config.json; pass a Hugging Face model directory "
                              "(config.json and *.safetensors) or a .gguf file")

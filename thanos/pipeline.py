@@ -7,9 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,11 +15,12 @@ from typing import Optional
 import torch
 
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
-from thanos.checkpoint import REPORT_NAME, LayerCheckpoints, OutputDirError, atomic_write_text, check_output_dir
+from thanos.checkpoint import REPORT_NAME, LayerCheckpoints, check_output_dir
 from thanos.config import PruneConfig
 from thanos.driver import LayerSelection, Progress, check_pattern_fits, prunable_linears, prune_model_
 from thanos.evaluate import perplexity
-from thanos.models import describe_source, load_model
+from thanos.models import default_model_file, describe_source, load_model
+from thanos.outputs import OutputDirError, begin_staging, check_disjoint, commit_staging
 from thanos.parallel import Parallel
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,8 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
     else:
         device = resolve_device(job.device)
     parallel = Parallel()
-    parallel.run_on_main(lambda: check_output_dir(out, job.overwrite))
+    inputs = (job.model if job.model is not None else default_model_file(), job.calib_file)
+    parallel.run_on_main(lambda: (check_disjoint(out, inputs), check_output_dir(out, job.overwrite)))
     job = job.resolved(device)
     if not parallel.is_main:
         progress = None
@@ -194,15 +194,16 @@ def _overall_sparsity(layers: list[dict]) -> float:
 
 
 def _save_model_dir(model, tokenizer, out: Path, report: dict) -> None:
-    """Write the model into a temporary folder, move it in, then the report: the report marks completion."""
-    staging = out / ".thanos_final"
-    shutil.rmtree(staging, ignore_errors=True)
+    """Write the model, tokenizer and report into a staging sibling, then move it to `out` whole.
+
+    The move replaces whatever `out` held (an old model under --overwrite, the partial layers)
+    only now, so an interrupted save leaves the old output or the resumable partial run.
+    """
+    staging = begin_staging(out)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    staging.rmdir()
-    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=1, default=str))
+    (staging / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
+    commit_staging(staging, out)
 
 
 def evaluate_directory(path: str, text_file: Optional[str] = None, seqlen: Optional[int] = None,
@@ -235,7 +236,7 @@ def _load_onnx(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the model.onnx an export wrote")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"no tokenizer beside {path} ({exc}); evaluate the folder `thanos-export export "
                          "--target onnx` wrote, which holds one") from exc
