@@ -416,7 +416,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.
     """
-    from exporters import ExportError, check_options_apply, export
+    from exporters import ExportError, check_backend, check_options_apply, export
     from exporters.patterns import require_hardware_2to4
 
     chosen = _auto_target() if target == "auto" else target
@@ -429,6 +429,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
         check_options_apply(chosen, options)  # refuse before pruning, not after
         if chosen in ("tensorrt", "torch") and not allow_dense:
             require_hardware_2to4(None, dict(config=job.config.to_json()), chosen, split_dense_rows)
+        check_backend(chosen)
         report = run_prune(job, quiet)
         echo_prune_summary(report)
         summary = export(chosen, Path(out) / "pruned", Path(out) / chosen, options)

@@ -160,10 +160,23 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
                               "drop it, or pick one of those targets")
 
 
+def check_backend(fmt: "str | ExportFormat") -> None:
+    """Raise BackendMissingError now if `fmt` cannot be built on this machine (before any pruning)."""
+    fmt = ExportFormat(fmt)
+    if fmt is ExportFormat.TENSORRT:
+        from exporters.tensorrt_engine import _import_tensorrt
+
+        _import_tensorrt()
+    elif fmt is ExportFormat.TORCH:
+        from exporters.torch_sparse import require_sparse_gpu
+
+        require_sparse_gpu()
+
+
 def _load_all() -> None:
     # Importing the modules registers them; heavy backends inside them stay lazy.
     from exporters import onnx_export, safetensors_compact, tensorrt_engine, torch_sparse  # noqa: F401
 
 
 __all__ = ["ExportFormat", "ExportOptions", "ExportError", "BackendMissingError", "ValidationError",
-           "check_options_apply", "export", "load_compact", "register"]
+           "check_backend", "check_options_apply", "export", "load_compact", "register"]

@@ -32,13 +32,13 @@ def _import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise BackendMissingError(
-            f"TensorRT is not installed ({exc}); `pip install tensorrt` on a machine with an NVIDIA GPU "
-            "(or use --target onnx). The ONNX model was still written.") from exc
+            f"TensorRT is not installed ({exc}); `pip install tensorrt` on a machine with an NVIDIA GPU, "
+            "or use --target onnx here and build the engine on the serving machine") from exc
     import torch
 
     if not torch.cuda.is_available():
-        raise BackendMissingError("TensorRT needs an NVIDIA GPU and none is visible here; the ONNX model was "
-                                  "still written. Build the engine on the serving machine with --target tensorrt")
+        raise BackendMissingError("TensorRT needs an NVIDIA GPU and none is visible here; use --target onnx here "
+                                  "and build the engine on the serving machine with --target tensorrt")
     return trt
 
 
@@ -117,5 +117,6 @@ def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
         if not options.allow_dense:
             raise
         sparse = False
+    _import_tensorrt()  # before the ONNX export, which takes minutes on a big model
     onnx_summary = export_onnx(model_dir, out, onnx_options, loaded)
     return dict(onnx=onnx_summary, **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))

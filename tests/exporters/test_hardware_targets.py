@@ -14,10 +14,16 @@ def test_torch_target_without_gpu_is_a_clear_error(pruned_llama_2of4, tmp_path):
 
 
 @no_gpu
-def test_tensorrt_target_without_tensorrt_still_writes_onnx(pruned_llama_2of4, tmp_path):
-    with pytest.raises(BackendMissingError, match="ONNX model was still written"):
-        export("tensorrt", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float32"))
-    assert (tmp_path / "model.onnx").is_file()
+def test_tensorrt_target_without_tensorrt_fails_before_the_onnx_work(pruned_llama_2of4, tmp_path, monkeypatch):
+    from exporters import tensorrt_engine
+
+    def never(*args, **kwargs):
+        raise AssertionError("the ONNX export ran before the TensorRT check")
+
+    monkeypatch.setattr(tensorrt_engine, "export_onnx", never)
+    with pytest.raises(BackendMissingError, match="--target onnx"):
+        export("tensorrt", pruned_llama_2of4, tmp_path / "engine", ExportOptions(dtype="float32"))
+    assert not (tmp_path / "engine").exists() and not list(tmp_path.iterdir())
 
 
 def test_tensorrt_refuses_4of8(pruned_llama_4of8, tmp_path):
