@@ -16,9 +16,12 @@ from pathlib import Path
 import click
 
 from runtime_bench.plan import main as plan_command
-from thanos.config import METHODS, ConfigError, PruneConfig
+from thanos.config import METHODS, PRESETS, PruneConfig
+from thanos.errors import ThanosExportError
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, ImportError)
+# Errors whose message names the fix: printed as one line. Anything else (a CUDA out-of-memory, a
+# bug) keeps its traceback. A missing optional package is an ImportError with the install hint.
+USER_ERRORS = (ThanosExportError, FileNotFoundError, ImportError)
 
 
 def _interrupt(signum, frame) -> None:
@@ -90,21 +93,36 @@ def prune_options(f):
                      help="'n:m' (remove n of every m inputs: 2:4, 4:8), 'unstructured' or 'columns'."),
         click.option("--sparsity", type=float, default=None,
                      help="Fraction removed; n:m fixes it at n/m. Default 0.5 for unstructured/columns."),
-        click.option("--block-size", type=int, default=None, help="Columns per block (default: the benchmarked choice)."),
+        click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+                     help="Thanos quality/time setting: " + "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
+                          + ". Measured in docs/results/perplexity_smollm2_cpu.md."),
+        click.option("--block-size", type=int, default=None, help="Columns per block (default: the preset's)."),
+        click.option("--refit-iterations", type=click.IntRange(min=0), default=None,
+                     help="Conjugate-gradient iterations refitting the kept weights on the final mask "
+                          "(default: the preset's for thanos, 0 for the other methods)."),
+        click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
+                     help="Passes of decoder-block reconstruction after each layer is pruned (default: the "
+                          "preset's for thanos, 0 for the other methods)."),
+        click.option("--reconstruct-target", type=click.Choice(["layer", "dense"]), default="layer",
+                     show_default=True,
+                     help="What the reconstruction aims at: the dense layer's outputs on the pruned inputs, or "
+                          "the dense model's own activations (one more pass over the samples per layer)."),
         click.option("--alpha", type=float, default=0.0, show_default=True,
                      help="Fraction of outlier rows kept dense (Thanos). >0 breaks hardware 2:4."),
         click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, x mean(diag H)."),
         click.option("--calib-file", type=click.Path(), default=None,
                      help=".txt or .jsonl ({'text': ...} per line). Default: Python's pydoc topics."),
-        click.option("--calib-samples", type=int, default=None, help="Calibration windows (default 128 on GPU, 32 on CPU)."),
-        click.option("--seqlen", type=int, default=None, help="Tokens per window (default 2048 on GPU, 512 on CPU)."),
+        click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+                     help="Calibration windows (default 128 on GPU, 32 on CPU)."),
+        click.option("--seqlen", type=click.IntRange(min=1), default=None,
+                     help="Tokens per window (default 2048 on GPU, 512 on CPU; at most the model's context)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--include", multiple=True, default=("*",), show_default=True,
                      help="Prune only linears matching this name pattern (repeatable), e.g. '*.mlp.*'."),
         click.option("--exclude", multiple=True, help="Leave linears matching this pattern dense (repeatable)."),
         click.option("--no-eval", is_flag=True, help="Skip the perplexity before and after."),
-        click.option("--eval-windows", type=int, default=-1,
+        click.option("--eval-windows", type=click.IntRange(min=0), default=None,
                      help="Held-out windows for perplexity (default: all on GPU, 16 on CPU; 0 = all)."),
         click.option("--offload-activations", is_flag=True, help="Keep calibration activations on the CPU."),
         click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own Python code to run."),
@@ -117,15 +135,16 @@ def prune_options(f):
     return f
 
 
-def build_job(out, model, method, pattern, sparsity, block_size, alpha, damp, calib_file, calib_samples, seqlen,
-              seed, device, include, exclude, no_eval, eval_windows, offload_activations, trust_remote_code,
-              overwrite, distributed=False):
+def build_job(out, model, method, pattern, sparsity, preset, block_size, refit_iterations, reconstruct_epochs,
+              reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device, include, exclude,
+              no_eval, eval_windows, offload_activations, trust_remote_code, overwrite, distributed=False):
     from thanos.pipeline import PruneJob
 
-    config = PruneConfig(method, pattern, sparsity, block_size, alpha, damp)
+    config = PruneConfig(method, pattern, sparsity, block_size, alpha, damp, refit_iterations=refit_iterations,
+                         reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target, preset=preset)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
                     seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
-                    evaluate=not no_eval, eval_windows=None if eval_windows == 0 else eval_windows,
+                    evaluate=not no_eval, eval_windows=-1 if eval_windows is None else (eval_windows or None),
                     offload_activations=offload_activations, trust_remote_code=trust_remote_code, overwrite=overwrite,
                     distributed=distributed)
 
@@ -146,7 +165,11 @@ def echo_prune_summary(report: dict) -> None:
     click.echo(f"device     {report['device']}; calibration {cal['samples']} x {cal['seqlen']} tokens "
                f"from {cal['source']}")
     cfg = report["config"]
-    click.echo(f"method     {cfg['method']} {cfg['pattern']} (block {cfg['block_size']}, alpha {cfg['alpha']}), "
+    preset = f"preset {cfg['preset']}, " if cfg["method"] == "thanos" else ""
+    refit = f", refit {cfg['refit_iterations']}" if cfg.get("refit_iterations") else ""
+    if cfg.get("reconstruct_epochs"):
+        refit += f", reconstruction {cfg['reconstruct_epochs']} x towards the {cfg['reconstruct_target']} target"
+    click.echo(f"method     {cfg['method']} {cfg['pattern']} ({preset}block {cfg['block_size']}{refit}, alpha {cfg['alpha']}), "
                f"overall sparsity {report['sparsity']:.3f}, {report['prune_seconds']:.0f}s")
     _echo_layer_table(report["layers"])
     errors = [r["error"] for r in report["layers"] if r["error"] is not None]
@@ -191,7 +214,7 @@ def prune(out, quiet, **options):
     try:
         job = build_job(out, **options)
         report = run_prune(job, quiet)
-    except (ConfigError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     finally:
         if options.get("distributed"):
@@ -207,8 +230,9 @@ def prune(out, quiet, **options):
 @main.command("eval")
 @click.argument("path", type=click.Path())
 @click.option("--text-file", type=click.Path(), default=None, help="Evaluate on the held-out 10% of this file.")
-@click.option("--seqlen", type=int, default=None, help="Window length (default 2048 on GPU, 512 on CPU).")
-@click.option("--windows", type=int, default=-1, help="Windows to use (default: all on GPU, 16 on CPU; 0 = all).")
+@click.option("--seqlen", type=click.IntRange(min=1), default=None, help="Window length (default 2048 on GPU, 512 on CPU).")
+@click.option("--windows", type=click.IntRange(min=0), default=None,
+              help="Windows to use (default: all on GPU, 16 on CPU; 0 = all).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(path, text_file, seqlen, windows, device, as_json):
@@ -223,7 +247,7 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json):
     from thanos.pipeline import evaluate_directory
 
     try:
-        result = evaluate_directory(path, text_file, seqlen, device, None if windows == 0 else windows)
+        result = evaluate_directory(path, text_file, seqlen, device, -1 if windows is None else (windows or None))
     except USER_ERRORS as exc:
         _fail(exc)
     if as_json:
@@ -352,11 +376,11 @@ def export_cmd(model_dir, target, out, overwrite, **options):
     Example:
       thanos-export export smollm2-2of4/ --target onnx --dtype float32 --out smollm2-onnx/
     """
-    from exporters import ExportError, export
+    from exporters import export
 
     try:
         summary = export(target, model_dir, out, build_export_options(**options), overwrite=overwrite)
-    except (ConfigError, ExportError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     echo_export_summary(summary)
 
@@ -416,7 +440,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.
     """
-    from exporters import ExportError, check_backend, check_options_apply, export
+    from exporters import check_backend, check_options_apply, export
     from exporters.patterns import require_hardware_2to4
 
     chosen = _auto_target() if target == "auto" else target
@@ -433,7 +457,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
         report = run_prune(job, quiet)
         echo_prune_summary(report)
         summary = export(chosen, Path(out) / "pruned", Path(out) / chosen, options)
-    except (ConfigError, ExportError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         _fail(exc)
     echo_export_summary(summary)
     build = dict(target=chosen, pruned=str(Path(out) / "pruned"), export=str(Path(out) / chosen),

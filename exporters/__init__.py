@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from exporters.compact import load_compact
+from thanos.errors import ThanosExportError
 from thanos.outputs import begin_staging, check_disjoint, commit_staging
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class ExportFormat(str, enum.Enum):
     SAFETENSORS = "safetensors"
 
 
-class ExportError(RuntimeError):
+class ExportError(ThanosExportError, RuntimeError):
     """An export that could not be made or did not match the pruned model."""
 
 

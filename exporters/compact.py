@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from exporters.patterns import nonzero_bits
+from thanos.errors import InputError
 
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT = "thanos-compact/1"
@@ -109,7 +110,7 @@ def read_compact_state(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(Path(path) / COMPACT_FILE), "pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+            raise InputError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
         layers = json.loads(meta["layers"])
         state = {k: f.get_tensor(k) for k in f.keys()}
     for name, info in layers.items():
@@ -130,7 +131,7 @@ def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
     model.tie_weights()
     untied = set(missing) - _tied_names(model)
     if untied or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match its config (missing {sorted(untied)[:3]}, "
+        raise InputError(f"{path}: checkpoint does not match its config (missing {sorted(untied)[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return model.eval()
 

@@ -20,6 +20,7 @@ import torch
 from exporters import ExportError, ExportFormat, ExportOptions, ValidationError, register
 from exporters.patterns import LayerPattern, analyse
 from exporters.source import load_pruned, model_patterns, prompts
+from thanos.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,9 @@ def share_tied_embedding(proto) -> Optional[str]:
 
 def onnx_weight_patterns(path: Path) -> list[LayerPattern]:
     """Analyse every constant weight of a MatMul/Gemm along its K axis, transposes included."""
-    import onnx
     from onnx import numpy_helper
 
-    proto = onnx.load(str(path), load_external_data=True)
+    proto = _load_onnx_proto(path)
     inits = {t.name: t for t in proto.graph.initializer}
     producers = {out: node for node in proto.graph.node for out in node.output}
     layers = []
@@ -160,6 +160,18 @@ def run_onnxruntime(path: Path, input_ids: torch.Tensor, attention_mask: torch.T
     return session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
 
 
+def _load_onnx_proto(path: Path):
+    import onnx
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the model.onnx an export wrote")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf's DecodeError, a missing external-data file, ...
+        raise InputError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); it may be truncated "
+                         "or not ONNX: export it again with `thanos-export export --target onnx`") from exc
+
+
 class OnnxCausalLM:
     """An exported ONNX model called like a transformers causal LM (`model(ids).logits`), for evaluation.
 
@@ -170,7 +182,11 @@ class OnnxCausalLM:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf classes
+            raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc}); it may be truncated "
+                             "or not ONNX: export it again with `thanos-export export --target onnx`") from exc
         self.provider = self.session.get_providers()[0]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_):

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from thanos.errors import ThanosExportError
+
 # Shape constraints of torch's semi-structured kernels, per backend and dtype: (row multiple,
 # column multiple) of the sparse weight (torch.sparse.semi_structured). cuSPARSELt is the backend
 # on Hopper; CUTLASS is the other.
@@ -20,7 +22,7 @@ SEMI_STRUCTURED_SHAPES = {
 HARDWARE_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class NotHardwareSparseError(ValueError):
+class NotHardwareSparseError(ThanosExportError, ValueError):
     """A model whose pruned layers are not 2:4 along K; the message says why and what to do."""
 
 

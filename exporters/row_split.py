@@ -1,4 +1,4 @@
-"""Outlier rows (alpha > 0) made hardware-usable: a 2:4 product plus a small dense one (ALGORITHM.md 5).
+"""Outlier rows (alpha > 0) made hardware-usable: a 2:4 product plus a small dense one (docs/ALGORITHM.md 5).
 
 Thanos with alpha > 0 keeps its outlier rows dense, so the layer as a whole is not 2:4 and
 sparse tensor cores cannot take it. `split_dense_rows_` replaces each such linear by a

@@ -9,6 +9,7 @@ import torch
 
 from exporters.patterns import LayerPattern, analyse
 from thanos.driver import LayerSelection, prunable_linears
+from thanos.errors import InputError
 from thanos.models import load_model, stores_transposed, weight_view
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,11 +66,15 @@ def directory_patterns(model_dir: Path) -> list[LayerPattern]:
               for layer in prunable_linears(skeleton, LayerSelection()).values() for name, mod in layer.items()}
     layers = []
     for file in files:
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                if key in wanted:
-                    tensor = f.get_tensor(key)
-                    layers.append(analyse(key[: -len(".weight")], tensor.T if wanted[key] else tensor))
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    if key in wanted:
+                        tensor = f.get_tensor(key)
+                        layers.append(analyse(key[: -len(".weight")], tensor.T if wanted[key] else tensor))
+        except Exception as exc:  # safetensors' own error class for a truncated or foreign file
+            raise InputError(f"{file} cannot be read ({type(exc).__name__}: {exc}); it may be truncated: copy or "
+                             "export the model again") from exc
     order = {key[: -len(".weight")]: i for i, key in enumerate(wanted)}
     return sorted(layers, key=lambda l: order[l.name])
 

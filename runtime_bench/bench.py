@@ -10,6 +10,7 @@ from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm
 from runtime_bench.model import ALL_BACKENDS, random_model, run_model
 from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
+from thanos.errors import InputError
 from thanos.models import is_prunable, weight_view
 
 
@@ -39,7 +40,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
                         - {(model.config.vocab_size, model.config.hidden_size)})
     for name in settings.shapes:
         if name not in SHAPE_SETS:
-            raise ValueError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
+            raise InputError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
         shapes += [s for s in SHAPE_SETS[name] if s not in shapes]
     dtypes = list(settings.dtypes) or (["float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
     info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes], dtypes=dtypes)

@@ -14,6 +14,7 @@ import psutil
 import torch
 
 from runtime_bench.protocol import measure
+from thanos.errors import InputError
 
 ALL_BACKENDS = ["torch-dense", "torch-2:4", "onnxruntime", "tensorrt-dense", "tensorrt-sparse"]
 RANDOM_CONFIGS = {
@@ -32,7 +33,7 @@ def random_config(name: str, **overrides):
     from transformers import LlamaConfig
 
     if name not in RANDOM_CONFIGS:
-        raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(RANDOM_CONFIGS)}")
+        raise InputError(f"unknown model config {name!r}; choose one of {', '.join(RANDOM_CONFIGS)}")
     return LlamaConfig(**{**RANDOM_CONFIGS[name], "max_position_embeddings": 4096, **overrides})
 
 
@@ -48,7 +49,7 @@ def random_model(name: str, dtype=torch.float16, device="cpu"):
         needed = sum(p.numel() for p in LlamaForCausalLM(config).parameters()) * dtype.itemsize
     available = torch.cuda.mem_get_info(device)[0] if str(device).startswith("cuda") else psutil.virtual_memory().available
     if needed > 0.9 * available:
-        raise ValueError(f"random:{name} needs {needed / 2**30:.0f} GiB of weights in {dtype}, more than the "
+        raise InputError(f"random:{name} needs {needed / 2**30:.0f} GiB of weights in {dtype}, more than the "
                          f"{available / 2**30:.0f} GiB free on {device}; benchmark its matrix shapes with "
                          f"--levels gemm --shapes {name}, or its pruning cost with python -m runtime_bench.plan")
     with torch.device(device):

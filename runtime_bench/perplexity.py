@@ -1,66 +1,262 @@
-"""Held-out perplexity and pruning time of every method on one model, same calibration for all.
+"""Whole-model comparison: held-out perplexity and pruning time of every method and preset.
+
+Every method sees the same calibration windows for a given seed; each (pattern, method) pair runs
+once per seed, so the table shows the mean and the spread over seeds. Perplexity is measured on
+two texts: the held-out 10% of the calibration text (same kind), and a text of another kind
+(IDLE's change log, `idlelib/NEWS.txt`, shipped with CPython), which is what a user's prompts
+look like to a model calibrated on documentation.
 
     python -m runtime_bench.perplexity                       # embedded SmolLM2-135M-Instruct
-    python -m runtime_bench.perplexity --patterns 2:4 --methods thanos,sparsegpt
+    python -m runtime_bench.perplexity --patterns 2:4 --methods thanos:default,sparsegpt --seeds 0
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
+import statistics
 import time
+from pathlib import Path
+from typing import Callable, Optional
 
-import click
+import torch
 
 from thanos import PruneConfig
 from thanos.calibration import sample_windows, tokenize_split
+from thanos.config import PRESETS
 from thanos.driver import prune_model_
 from thanos.evaluate import perplexity
 from thanos.models import describe_source, load_model
 from thanos.pipeline import device_description, resolve_device, versions
 
+log = logging.getLogger(__name__)
 
-@click.command()
-@click.option("--model", default=None, help="Model directory or .gguf (default: the embedded SmolLM2-135M).")
-@click.option("--methods", default="thanos,sparsegpt,wanda,magnitude", show_default=True)
-@click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
-@click.option("--samples", default=32, show_default=True)
-@click.option("--seqlen", default=512, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--json-out", type=click.Path(dir_okay=False))
-def main(model, methods, patterns, samples, seqlen, device, json_out):
-    """Compare methods on held-out perplexity (all held-out windows) and pruning time."""
-    dev = resolve_device(device)
-    base, tokenizer = load_model(model)
+# method names: "dense", "magnitude", "wanda", "sparsegpt", "modelopt-sparsegpt", "thanos:<preset>"
+DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "modelopt-sparsegpt",
+                   *(f"thanos:{name}" for name in PRESETS))
+SEED_FREE = {"magnitude"}  # needs no calibration data: one run stands for every seed
+
+
+def other_kind_text() -> Optional[Path]:
+    """IDLE's change log from the running CPython: English prose about code, unlike pydoc topics."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("idlelib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "NEWS.txt"
+    return path if path.is_file() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    model: Optional[str] = None
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    patterns: tuple[str, ...] = ("2:4", "4:8", "unstructured")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    samples: int = 32
+    seqlen: int = 512
+    other_windows: Optional[int] = 16  # windows of the other-kind text (None: all)
+    device: str = "auto"
+
+
+def method_config(method: str, pattern: str) -> PruneConfig:
+    sparsity = 0.5 if pattern == "unstructured" else None
+    if method.startswith("thanos:"):
+        return PruneConfig("thanos", pattern, sparsity, preset=method.split(":", 1)[1])
+    return PruneConfig(method, pattern, sparsity)
+
+
+def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
+    """Prune a fresh copy of the model per (pattern, method, seed); returns settings and one row per run."""
+    dev = resolve_device(settings.device)
+    base, tokenizer = load_model(settings.model)
     text = tokenize_split(tokenizer, None)
-    calib = sample_windows(text.calibration, samples, seqlen, seed=0)
-    settings = dict(model=describe_source(model), calibration=f"{samples} x {seqlen} tokens of {text.source}",
-                    held_out_tokens=text.evaluation.numel(), seqlen=seqlen, device=device_description(dev),
-                    versions=versions())
-    click.echo(json.dumps(settings))
+    other_path = other_kind_text()
+    other = None
+    if other_path is not None:
+        other = torch.tensor(tokenizer(other_path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
+    info = dict(model=describe_source(settings.model), settings=dataclasses.asdict(settings),
+                calibration=f"{settings.samples} x {settings.seqlen} tokens of {text.source}",
+                held_out=dict(text=f"{text.source} (last 10%)", tokens=text.evaluation.numel()),
+                other_text=dict(text=str(other_path), tokens=other.numel(), windows=settings.other_windows)
+                if other is not None else "skipped: idlelib is not installed with this Python",
+                device=device_description(dev), versions=versions())
+    echo(json.dumps(info))
 
-    def held_out(m):
-        m.to(dev)
-        value = perplexity(m, text.evaluation, seqlen, dev)
-        m.to("cpu")
-        return value
+    def measure(model) -> dict:
+        model.to(dev)
+        try:
+            values = dict(held_out=perplexity(model, text.evaluation, settings.seqlen, dev))
+            if other is not None:
+                values["other"] = perplexity(model, other, settings.seqlen, dev, settings.other_windows)
+        finally:
+            model.to("cpu")
+        return values
 
-    rows = [dict(method="dense", pattern="-", perplexity=held_out(base), seconds=0.0)]
-    click.echo("| method | pattern | perplexity | prune seconds |\n|---|---|---|---|")
-    click.echo(f"| dense | - | {rows[0]['perplexity']:.2f} | - |")
-    for pattern in patterns.split(","):
-        for method in methods.split(","):
-            model_copy = copy.deepcopy(base)
-            config = PruneConfig(method, pattern, 0.5 if pattern == "unstructured" else None)
-            start = time.perf_counter()
-            prune_model_(model_copy, calib, config, dev)
-            seconds = time.perf_counter() - start
-            rows.append(dict(method=method, pattern=pattern, perplexity=held_out(model_copy), seconds=seconds,
-                             block_size=config.resolved_block_size))
-            click.echo(f"| {method} | {pattern} | {rows[-1]['perplexity']:.2f} | {seconds:.1f} |")
-            del model_copy
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(dict(settings=settings, results=rows), f, indent=1)
+    rows = [dict(method="dense", pattern="-", seed=None, seconds=0.0, **measure(base))]
+    echo(_row_line(rows[0]))
+    for pattern in settings.patterns:
+        for method in settings.methods:
+            for seed in (settings.seeds[:1] if method in SEED_FREE else settings.seeds):
+                row = dict(method=method, pattern=pattern, seed=seed)
+                try:
+                    model, seconds, config = _prune(base, method, pattern, text.calibration, settings, seed, dev)
+                except _Skipped as exc:
+                    row.update(status="skipped", reason=str(exc))
+                    rows.append(row)
+                    echo(f"| {method} | {pattern} | skipped: {exc} |")
+                    break
+                row.update(status="ok", seconds=seconds, config=config, **measure(model))
+                rows.append(row)
+                echo(_row_line(row))
+                del model
+    return dict(settings=info, results=rows, summary=summarise(rows))
+
+
+class _Skipped(Exception):
+    pass
+
+
+def _prune(base, method, pattern, calibration, settings: Comparison, seed: int, dev):
+    samples = sample_windows(calibration, settings.samples, settings.seqlen, seed)
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    if method == "modelopt-sparsegpt":
+        config = _modelopt_sparsegpt_(model, samples, pattern, dev)
+    else:
+        prune_config = method_config(method, pattern)
+        prune_model_(model, samples, prune_config, dev)
+        config = prune_config.to_json()
+    return model, time.perf_counter() - start, config
+
+
+def _modelopt_sparsegpt_(model, samples, pattern: str, dev) -> dict:
+    """NVIDIA ModelOpt's SparseGPT, as a TensorRT user would run it (optional dependency)."""
+    try:
+        import modelopt.torch.sparsity as mts
+    except ImportError as exc:
+        raise _Skipped(f"nvidia-modelopt is not installed ({exc}); `pip install nvidia-modelopt` adds it") from exc
+    if pattern != "2:4":
+        raise _Skipped(f"ModelOpt's SparseGPT prunes to 2:4 only, not {pattern}")
+    model.to(dev)
+    loader = [dict(input_ids=s[None].to(dev)) for s in samples]
+    try:
+        mts.sparsify(model, "sparsegpt", config={"data_loader": loader, "collect_func": lambda batch: batch})
+        mts.export(model)
+    except Exception as exc:  # a failure inside a third-party tool is reported, not fatal
+        raise _Skipped(f"ModelOpt's SparseGPT failed here: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.to("cpu")
+    return dict(method="modelopt-sparsegpt", pattern=pattern)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread (sample standard deviation) over seeds, per (pattern, method)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row.get("status", "ok") == "ok":
+            groups.setdefault((row["pattern"], row["method"]), []).append(row)
+    out = []
+    for (pattern, method), runs in groups.items():
+        entry = dict(pattern=pattern, method=method, runs=len(runs),
+                     seconds=statistics.fmean(r["seconds"] for r in runs))
+        for key in ("held_out", "other"):
+            values = [r[key] for r in runs if key in r]
+            if values:
+                entry[key] = statistics.fmean(values)
+                entry[f"{key}_spread"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    other = s["other_text"]
+    lines = [f"Model {s['model']}, calibration {s['calibration']}, {s['device']}, torch "
+             f"{s['versions']['torch']}, transformers {s['versions']['transformers']}.",
+             f"Held-out: {s['held_out']['text']}, {s['held_out']['tokens']} tokens. Other kind: "
+             + (f"{Path(other['text']).name}, {other['windows'] or 'all'} windows." if isinstance(other, dict) else other),
+             "Perplexity: mean ± sample standard deviation over the calibration seeds (runs); seconds: whole-model "
+             "pruning wall time, calibration passes included.", "",
+             "| pattern | method | runs | held-out perplexity | other-kind perplexity | prune seconds |",
+             "|---|---|---|---|---|---|"]
+    for e in result["summary"]:
+        cells = []
+        for key in ("held_out", "other"):
+            cells.append(f"{e[key]:.2f} ± {e[key + '_spread']:.2f}" if key in e else "-")
+        lines.append(f"| {e['pattern']} | {e['method']} | {e['runs']} | {cells[0]} | {cells[1]} | {e['seconds']:.0f} |")
+    for row in result["results"]:
+        if row.get("status") == "skipped":
+            lines.append(f"| {row['pattern']} | {row['method']} | 0 | skipped: {row['reason']} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Optional[Path]:
+    """Perplexity (other-kind text, else held-out) against pruning time: one panel per pattern."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    summary = [e for e in result["summary"] if e["pattern"] != "-" and e["method"] != "magnitude"]
+    patterns = sorted({e["pattern"] for e in summary})
+    if not patterns:
+        return None
+    key = "other" if all("other" in e for e in summary) else "held_out"
+    fig, axes = plt.subplots(1, len(patterns), figsize=(5 * len(patterns), 4.2), squeeze=False)
+    for ax, pattern in zip(axes[0], patterns):
+        for e in (e for e in summary if e["pattern"] == pattern):
+            ax.errorbar(e["seconds"], e[key], yerr=e[f"{key}_spread"], marker="o", capsize=3, label=e["method"])
+            ax.annotate(e["method"], (e["seconds"], e[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_title(f"{pattern}")
+        ax.set_xlabel("whole-model pruning seconds")
+        ax.set_ylabel(f"perplexity ({'other-kind' if key == 'other' else 'held-out'} text)")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _row_line(row: dict) -> str:
+    other = f"{row['other']:.2f}" if "other" in row else "-"
+    seed = "-" if row.get("seed") is None else row["seed"]
+    return (f"| {row['method']} | {row['pattern']} | seed {seed} | held-out {row['held_out']:.2f} | "
+            f"other {other} | {row['seconds']:.1f} s |")
+
+
+def main(argv=None) -> None:
+    """`python -m runtime_bench.perplexity`: a thin wrapper; the options mirror `Comparison`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m runtime_bench.perplexity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--patterns", default="2:4,4:8,unstructured")
+    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds; each gives other windows")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--other-windows", type=int, default=16, help="windows of the other-kind text (0: all)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME.png (NAME without suffix)")
+    args = parser.parse_args(argv)
+    settings = Comparison(model=args.model, methods=tuple(args.methods.split(",")),
+                          patterns=tuple(args.patterns.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
+                          samples=args.samples, seqlen=args.seqlen, other_windows=args.other_windows or None,
+                          device=args.device)
+    result = compare(settings, echo=lambda line: print(line, flush=True))
+    print(markdown(result))
+    if args.out:
+        stem = Path(args.out)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        stem.with_suffix(".md").write_text(markdown(result))
+        plot(result, stem.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import torch
 from runtime_bench.model import RANDOM_CONFIGS, random_config
 from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
-from thanos.config import PruneConfig
-from thanos.driver import (LayerSelection, capture_layer_inputs, collect_statistics, prunable_linears, run_layer,
-                           solve_costs, solve_layer)
+from thanos.config import PRESETS, PruneConfig
+from thanos.driver import (LayerSelection, LayerStep, capture_layer_inputs, collect_statistics, prunable_linears,
+                           prune_layer, run_layer, solve_costs, solve_layer)
 from thanos.models import decoder_layers, weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
@@ -58,12 +58,24 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     _, load_s = timed(lambda: layer.to(device), device)
     run_layer(layer, inputs[:1], args, kwargs, device, store_device)  # first calls load the kernels; untimed
     echo(f"layer on {device} in {load_s:.2f}s; statistics pass over {samples} x {seqlen} tokens ...")
-    shared, statistics_s = timed(lambda: collect_statistics(layer, linears, inputs, args, kwargs, device,
-                                                             store_device), device)
-    hessian_bytes = shared.nbytes
-    echo(f"statistics in {statistics_s:.2f}s; solving {len(linears)} linears ...")
-    reports = solve_layer(linears, shared, prune, None, Parallel())
-    del shared
+    reconstruction_s = 0.0
+    if prune.reconstruct_epochs:
+        # The tuning follows the solves inside the driver's layer step: time the whole step and
+        # count what is neither a solve nor the tuning as the statistics pass.
+        dense = list(inputs) if prune.reconstruct_target == "dense" else None
+        step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device)
+        # one sample is enough to learn how many distinct inputs (and so Hessians) the layer has
+        hessian_bytes = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device).nbytes
+        (reports, _), total_s = timed(lambda: prune_layer(step, prune, None, Parallel()), device)
+        reconstruction_s = reports[0].get("reconstruction", {}).get("seconds", 0.0) if reports else 0.0
+        statistics_s = total_s - reconstruction_s - sum(r["seconds"] for r in reports)
+    else:
+        shared, statistics_s = timed(lambda: collect_statistics(layer, linears, inputs, args, kwargs, device,
+                                                                 store_device), device)
+        hessian_bytes = shared.nbytes
+        echo(f"statistics in {statistics_s:.2f}s; solving {len(linears)} linears ...")
+        reports = solve_layer(linears, shared, prune, None, Parallel())
+        del shared
     _, forward_s = timed(lambda: run_layer(layer, inputs, args, kwargs, device, store_device), device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     _, unload_s = timed(lambda: layer.to("cpu"), device)
@@ -72,7 +84,8 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
         prune=prune.to_json(), samples=samples, seqlen=seqlen, device=str(device), dtype=str(dtype),
         activations_on=str(store_device),
         seconds=dict(load=load_s, statistics=statistics_s, forward=forward_s, unload=unload_s,
-                     solves={r["name"]: r["seconds"] for r in reports}),
+                     solves={r["name"]: r["seconds"] for r in reports},
+                     refits={r["name"]: r["refit_seconds"] for r in reports}, reconstruction=reconstruction_s),
         solve_costs=solve_costs(linears),
         bytes=dict(
             layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
@@ -91,7 +104,8 @@ def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
     for n in ranks:
         owners = deal_by_cost(layer["solve_costs"], n)
         per_rank = [sum(t for name, t in s["solves"].items() if owners[name] == r) for r in range(n)]
-        per_layer = s["load"] + (s["statistics"] + s["forward"]) / n + max(per_rank) + s["unload"]
+        per_layer = (s["load"] + (s["statistics"] + s["forward"] + s.get("reconstruction", 0.0)) / n + max(per_rank)
+                     + s["unload"])
         traffic = 0 if n == 1 else layer["bytes"]["hessians"] + layer["bytes"]["prunable_weights"]
         rows.append(dict(
             ranks=n, seconds_per_layer=per_layer, hours_total=per_layer * layers / 3600,
@@ -126,8 +140,11 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         "| --- | --- |",
         f"| move the layer onto the device | {_duration(s['load'])} |",
         f"| statistics pass (forward with Hessian hooks) | {_duration(s['statistics'])} |",
-        *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)} |"
+        *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)}"
+          + (f" (refit {_duration(s['refits'][n])})" if s.get("refits", {}).get(n) else "") + " |"
           for n, t in s["solves"].items()],
+        *([f"| decoder-block reconstruction ({layer['prune']['reconstruct_epochs']} epochs) | "
+           f"{_duration(s['reconstruction'])} |"] if s.get("reconstruction") else []),
         f"| forward through the pruned layer | {_duration(s['forward'])} |",
         f"| move the layer back to the host | {_duration(s['unload'])} |",
         "",
@@ -158,9 +175,11 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
 @click.option("--seqlen", type=int, default=None, help="Tokens per window (default 2048 on GPU, 512 on CPU).")
 @click.option("--pattern", default="2:4", show_default=True)
 @click.option("--method", default="thanos", show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+              help="Thanos preset to time (its refit, dense targets and reconstruction included).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
-def main(name, device, ranks, calib_samples, seqlen, pattern, method, json_out, md_out):
+def main(name, device, ranks, calib_samples, seqlen, pattern, method, preset, json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
     Builds one random-weight decoder layer of the named config, times the driver's own steps on
@@ -178,7 +197,7 @@ def main(name, device, ranks, calib_samples, seqlen, pattern, method, json_out, 
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
     config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
-    layer = measure_layer(config, PruneConfig(method=method, pattern=pattern), samples, seqlen, dev,
+    layer = measure_layer(config, PruneConfig(method=method, pattern=pattern, preset=preset), samples, seqlen, dev,
                           dtype, echo=lambda m: click.echo(m, err=True))
     rows = plan(layer, layers, [int(r) for r in ranks.split(",")])
     info = machine()

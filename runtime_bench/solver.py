@@ -43,7 +43,7 @@ def _warm_up(device, methods, patterns):
     W, H = layer_problem(64, 64, device)
     for pattern in patterns:
         for method in methods:
-            prune_weight(W, H, method, pattern, 0.5 if pattern == "unstructured" else None, block_size=None)
+            prune_weight(W, H, method, pattern, 0.5 if pattern == "unstructured" else None, block_size=None, preset="fast")
         if pattern != "unstructured":
             thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, 32, trailing_inverse="per-block")
 
@@ -65,7 +65,7 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
             for method in methods:
                 sizes = block_sizes if method in ("thanos", "sparsegpt") and pattern != "columns" else [None]
                 for block in sizes:
-                    res = min((prune_weight(W, H, method, pattern, sparsity, block_size=block) for _ in range(repeat)),
+                    res = min((prune_weight(W, H, method, pattern, sparsity, block_size=block, preset="fast") for _ in range(repeat)),
                               key=lambda r: r.seconds)
                     rec = dict(shape=shape, method=method, pattern=pattern,
                                block_size=res.config.resolved_block_size if block else None,

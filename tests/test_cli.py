@@ -44,6 +44,10 @@ def test_bad_options_are_one_clear_line(tiny_llama_dir, tmp_path):
     assert "Traceback" not in result.output
     missing = runner.invoke(main, ["prune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), *SMALL])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+    for flag, value in (("--calib-samples", "0"), ("--seqlen", "0"), ("--eval-windows", "-1")):
+        refused = runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *SMALL,
+                                       flag, value])
+        assert refused.exit_code == 2 and flag in refused.output, refused.output  # click's usage error
 
 
 def test_inspect_table_and_json(tmp_path, tiny_llama_dir):
@@ -95,3 +99,23 @@ def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_
                                        "--with-cache", "--out", str(tmp_path / "b"), *SMALL])
     assert result.exit_code == 1 and "--with-cache applies to the onnx / tensorrt targets" in result.output
     assert not (tmp_path / "b" / "pruned").exists()
+
+
+def test_own_errors_are_one_line_and_everything_else_keeps_its_traceback(monkeypatch, tmp_path):
+    import thanos.pipeline
+    from thanos.errors import InputError
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(thanos.pipeline, "prune_to_directory", out_of_memory)
+    crashed = CliRunner().invoke(main, ["prune", "--out", str(tmp_path / "o"), *SMALL])
+    assert isinstance(crashed.exception, RuntimeError)  # not turned into a one-line "Error:"
+    assert "Error: CUDA out of memory" not in crashed.output
+
+    def bad_input(*args, **kwargs):
+        raise InputError("the thing is wrong; pass the right thing")
+
+    monkeypatch.setattr(thanos.pipeline, "prune_to_directory", bad_input)
+    refused = CliRunner().invoke(main, ["prune", "--out", str(tmp_path / "o"), *SMALL])
+    assert refused.exit_code == 1 and refused.output == "Error: the thing is wrong; pass the right thing\n"

@@ -8,14 +8,17 @@ from typing import Callable, Optional
 import torch
 
 from thanos.config import ConfigError, Pattern, PruneConfig
+from thanos.errors import ThanosExportError
 from thanos.hessian import reconstruction_error
+from thanos.refit import refit_on_support
+from thanos.solvers import SolverOutput
 from thanos.solvers.magnitude import magnitude_prune
 from thanos.solvers.sparsegpt import sparsegpt_prune
 from thanos.solvers.thanos import DEFAULT_SOLVE_MEMORY, thanos_prune
 from thanos.solvers.wanda import wanda_prune
 
 
-class PruningError(RuntimeError):
+class PruningError(ThanosExportError, RuntimeError):
     """A solver produced something unusable (NaN or Inf); the message names the layer."""
 
 
@@ -28,54 +31,59 @@ class PruneResult:
     error: Optional[float]  # relative reconstruction error ||(W'-W)X||^2 / ||WX||^2, if H given
     damp_used: float
     damp_escalations: int
-    seconds: float
+    seconds: float  # the whole solve, refit included
+    refit_seconds: float = 0.0
 
 
 def prune_weight(
     weight: torch.Tensor,
     hessian: Optional[torch.Tensor],
-    method: str = "thanos",
+    method: "str | PruneConfig" = "thanos",
     pattern: "str | Pattern" = "2:4",
     sparsity: Optional[float] = None,
     block_size: Optional[int] = None,
     alpha: float = 0.0,
     damp: float = 0.01,
     *,
+    refit_iterations: Optional[int] = None,
+    preset: str = "default",
     name: str = "layer",
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> PruneResult:
     """Prune one linear weight (r x c) given its input statistics `hessian` (c x c, mean x x^T).
 
-    Runs on the weight's device in fp32 whatever the weight's dtype, and returns the weight in
-    its own dtype. `method` is thanos, sparsegpt, wanda or magnitude (magnitude needs no
-    hessian; wanda also accepts the diagonal alone as a (c,) tensor). See `PruneConfig` for
-    `pattern`, `sparsity`, `block_size`, `alpha` and `damp`. `progress(columns_done, columns)`
-    is called after each block by the block solvers (thanos, sparsegpt).
+    Pass a `PruneConfig` as the third argument, or its fields as keyword arguments: `method` is
+    thanos, sparsegpt, wanda or magnitude (magnitude needs no hessian; wanda also accepts the
+    diagonal alone as a (c,) tensor); see `PruneConfig` for the rest. Runs on the weight's
+    device in fp32 whatever the weight's dtype, and returns the weight in its own dtype.
+
+    `progress(columns_done, columns)` is called after each block by the block solvers (thanos,
+    sparsegpt).
     """
-    config = PruneConfig(method, Pattern.parse(pattern), sparsity, block_size, alpha, damp)
+    if isinstance(method, PruneConfig):
+        config = method
+    else:
+        config = PruneConfig(method, Pattern.parse(pattern), sparsity, block_size, alpha, damp, refit_iterations,
+                             preset=preset)
     _check_inputs(weight, hessian, config, name)
     start = time.perf_counter()
     W = weight.detach().to(torch.float32).clone()  # (r, c) fp32 working copy
     H = None if hessian is None else hessian.detach().to(device=W.device, dtype=torch.float32)
-    pattern = config.pattern
-    if config.method == "thanos":
-        out = thanos_prune(W, H, pattern, config.sparsity, config.resolved_block_size, config.alpha, damp,
-                           layer=name, solve_memory=solve_memory, progress=progress)
-    elif config.method == "sparsegpt":
-        out = sparsegpt_prune(W, H, pattern, config.sparsity, config.resolved_block_size, damp, layer=name,
-                              progress=progress)
-    elif config.method == "wanda":
-        out = wanda_prune(W, H if H.dim() == 1 else torch.diag(H), pattern, config.sparsity)
-    else:
-        out = magnitude_prune(W, pattern, config.sparsity)
+    target = W.clone() if config.refit_iterations else W  # the solvers modify W in place
+    out = _solve(W, H, config, name, solve_memory, progress)
+    refit_start = time.perf_counter()
+    if config.refit_iterations and H is not None and H.dim() == 2:
+        damp_used = max(out.damp_used, config.damp)
+        out.weight = refit_on_support(out.weight, out.mask, target, H, damp_used, config.refit_iterations)
+    if weight.device.type == "cuda":
+        torch.cuda.synchronize(weight.device)
+    refit_seconds = time.perf_counter() - refit_start
     if not torch.isfinite(out.weight).all():
         raise PruningError(
             f"{name}: pruning produced NaN or Inf weights (method {config.method}); check the layer's "
             "calibration statistics for NaN, or raise --damp"
         )
-    if weight.device.type == "cuda":
-        torch.cuda.synchronize(weight.device)
     seconds = time.perf_counter() - start
     error = None
     if H is not None and H.dim() == 2:
@@ -89,7 +97,22 @@ def prune_weight(
         damp_used=out.damp_used,
         damp_escalations=out.escalations,
         seconds=seconds,
+        refit_seconds=refit_seconds,
     )
+
+
+def _solve(W, H, config: PruneConfig, name: str, solve_memory: int, progress) -> SolverOutput:
+    """Run the configured solver on `W` (fp32, modified in place)."""
+    pattern = config.pattern
+    if config.method == "thanos":
+        return thanos_prune(W, H, pattern, config.sparsity, config.resolved_block_size, config.alpha, config.damp,
+                            layer=name, solve_memory=solve_memory, progress=progress)
+    if config.method == "sparsegpt":
+        return sparsegpt_prune(W, H, pattern, config.sparsity, config.resolved_block_size, config.damp, layer=name,
+                               progress=progress)
+    if config.method == "wanda":
+        return wanda_prune(W, H if H.dim() == 1 else torch.diag(H), pattern, config.sparsity)
+    return magnitude_prune(W, pattern, config.sparsity)
 
 
 def _check_inputs(weight, hessian, config: PruneConfig, name: str) -> None:

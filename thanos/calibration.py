@@ -12,10 +12,12 @@ from typing import Optional
 
 import torch
 
+from thanos.errors import ThanosExportError
+
 HELD_OUT_FRACTION = 0.1
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ThanosExportError, ValueError):
     """Calibration text that cannot be used; the message names the fix."""
 
 

@@ -48,7 +48,10 @@ class LayerCheckpoints:
         """Create or validate the partial directory; returns how many layers are already done."""
         run_file = self.dir / "run.json"
         if run_file.is_file():
-            previous = json.loads(run_file.read_text())
+            try:
+                previous = json.loads(run_file.read_text())
+            except ValueError as exc:
+                raise OutputDirError(f"{run_file} is damaged ({exc}); delete {self.dir} to start the run over") from exc
             if previous != self.fingerprint:
                 changed = sorted(k for k in set(previous) | set(self.fingerprint)
                                  if previous.get(k) != self.fingerprint.get(k))
@@ -79,9 +82,14 @@ class LayerCheckpoints:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        layer.load_state_dict(load_file(str(self._path(index))))
-        with safe_open(str(self._path(index)), "pt") as f:
-            return json.loads(f.metadata()["reports"])
+        path = self._path(index)
+        try:
+            layer.load_state_dict(load_file(str(path)))
+            with safe_open(str(path), "pt") as f:
+                return json.loads(f.metadata()["reports"])
+        except Exception as exc:  # truncated or foreign file: say which, and how to redo just that layer
+            raise OutputDirError(f"the saved layer {path} is damaged ({type(exc).__name__}: {exc}); delete that "
+                                 "file and rerun the same command to prune the layer again") from exc
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

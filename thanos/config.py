@@ -9,18 +9,38 @@ import dataclasses
 import re
 from typing import Literal, Optional
 
+from thanos.errors import ThanosExportError
+
 METHODS = ("thanos", "sparsegpt", "wanda", "magnitude")
 Method = Literal["thanos", "sparsegpt", "wanda", "magnitude"]
 
-# Default block sizes (columns per block). The paper uses 128 for unstructured and 512 for n:m.
-# `python -m runtime_bench.solver` (table in the README) shows why we use 128 for n:m too: the
-# batched k x k solves grow with the square of the block size, so 512 costs 1.1-4x the time of 128
-# (2.7-8.4x SparseGPT's) for a reconstruction error lower by only 0.2-3.1% relative.
+# Default block sizes (columns per block) of the methods without presets. The paper uses 128 for
+# unstructured and 512 for n:m; SparseGPT's reference code uses 128.
 DEFAULT_BLOCK_SIZE = {"unstructured": 128, "nm": 128, "columns": None}
 SPARSEGPT_BLOCK_SIZE = 128
 
 
-class ConfigError(ValueError):
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named Thanos setting, chosen on whole-model perplexity and pruning time (docs/results/)."""
+
+    block_size: dict  # pattern kind -> columns per block (None: the whole row)
+    refit_iterations: int
+    reconstruct_epochs: int
+    summary: str
+
+
+PRESETS = {
+    "fast": Preset({"nm": 128, "unstructured": 128, "columns": None}, 0, 0,
+                   "the paper's block-wise solve alone"),
+    "default": Preset({"nm": 64, "unstructured": 128, "columns": None}, 20, 0,
+                      "block-wise solve, then the kept weights refit on the final mask"),
+    "best": Preset({"nm": 64, "unstructured": 128, "columns": None}, 20, 1,
+                   "the default, then each decoder layer tuned towards the dense layer's outputs"),
+}
+
+
+class ConfigError(ThanosExportError, ValueError):
     """A pruning setting that cannot work; the message says what to pass instead."""
 
 
@@ -29,7 +49,7 @@ class Pattern:
     """Where zeros may go. `kind` is 'unstructured', 'nm' or 'columns'.
 
     For n:m, `n` weights are removed from every group of `m` consecutive input columns of a row
-    (ALGORITHM.md section 4), leaving at most m - n non-zeros: "2:4" is NVIDIA's sparse tensor
+    (docs/ALGORITHM.md section 4), leaving at most m - n non-zeros: "2:4" is NVIDIA's sparse tensor
     core layout.
     """
 
@@ -74,7 +94,11 @@ class PruneConfig:
     """Everything that decides how one weight matrix is pruned. Validates itself.
 
     `sparsity=None` means 0.5 for unstructured and columns, and n/m for an n:m pattern (which
-    fixes the sparsity). `block_size=None` picks `DEFAULT_BLOCK_SIZE` for the pattern.
+    fixes the sparsity). For Thanos, `preset` (a name in `PRESETS`) fills the block size and the
+    refit iterations that are left as None; `block_size=None` picks `DEFAULT_BLOCK_SIZE` for the
+    other methods. `refit_iterations` re-solves the kept weights for the final mask
+    (`thanos.refit`); `reconstruct_epochs` tunes each pruned decoder layer's kept weights towards
+    `reconstruct_target` in a whole-model run (`thanos.reconstruct`).
     """
 
     method: str = "thanos"
@@ -83,11 +107,25 @@ class PruneConfig:
     block_size: Optional[int] = None
     alpha: float = 0.0
     damp: float = 0.01
+    refit_iterations: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
+    reconstruct_epochs: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
+    reconstruct_lr: float = 1e-5
+    reconstruct_target: str = "layer"  # "layer": the dense layer's outputs; "dense": the dense model's
+    preset: str = "default"
 
     def __post_init__(self):
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[self.preset]
+        for field in ("refit_iterations", "reconstruct_epochs"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, getattr(preset, field) if self.method == "thanos" else 0)
+        if self.reconstruct_target not in ("layer", "dense"):
+            raise ConfigError(f"reconstruct_target must be 'layer' (the dense layer's outputs) or 'dense' (the dense "
+                              f"model's activations), got {self.reconstruct_target!r}")
         pattern = self.pattern
         if pattern.is_nm:
             implied = pattern.n / pattern.m
@@ -108,6 +146,11 @@ class PruneConfig:
             raise ConfigError(f"alpha (dense outlier rows) is a Thanos option; use alpha=0 with method {self.method!r}")
         if self.damp <= 0:
             raise ConfigError(f"damp must be positive (0.01 is the usual value), got {self.damp}")
+        if self.reconstruct_epochs < 0 or self.reconstruct_lr <= 0:
+            raise ConfigError(f"reconstruct_epochs must be >= 0 and reconstruct_lr > 0, got {self.reconstruct_epochs} "
+                              f"and {self.reconstruct_lr}")
+        if self.refit_iterations < 0:
+            raise ConfigError(f"refit_iterations must be 0 (no refit) or positive, got {self.refit_iterations}")
         if self.block_size is not None:
             if self.block_size <= 0:
                 raise ConfigError(f"block_size must be positive, got {self.block_size}")
@@ -124,6 +167,8 @@ class PruneConfig:
             return self.block_size
         if self.method == "sparsegpt":
             return SPARSEGPT_BLOCK_SIZE
+        if self.method == "thanos":
+            return PRESETS[self.preset].block_size[self.pattern.kind]
         return DEFAULT_BLOCK_SIZE[self.pattern.kind]
 
     def to_json(self) -> dict:

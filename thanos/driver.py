@@ -1,4 +1,4 @@
-"""The whole-model driver (ALGORITHM.md section 7), written once for every model family.
+"""The whole-model driver (docs/ALGORITHM.md section 7), written once for every model family.
 
 Capture the first decoder layer's inputs; then for each decoder layer: hook its prunable
 linears to stream statistics, run the calibration samples through it, prune each linear, re-run
@@ -21,6 +21,7 @@ from thanos.config import PruneConfig
 from thanos.hessian import HessianAccumulator
 from thanos.models import ModelError, adapter_for, decoder_layers, is_prunable, set_weight_, weight_view
 from thanos.parallel import Parallel
+from thanos.reconstruct import reconstruct_layer_
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,15 @@ def capture_layer_inputs(model, samples: torch.Tensor, device, store_device):
 def run_layer(layer, inputs, args, kwargs, device, store_device, progress: Optional[Progress] = None):
     outputs = []
     for i, x in enumerate(inputs):
-        y = layer(x.to(device), *args, **kwargs)
-        outputs.append((y[0] if isinstance(y, tuple) else y).to(store_device))
+        outputs.append(_forward(layer, x, args, kwargs, device, store_device))
         if progress:
             progress("samples", i + 1, len(inputs))
     return outputs
+
+
+def _forward(layer, x, args, kwargs, device, store_device) -> torch.Tensor:
+    y = layer(x.to(device), *args, **kwargs)
+    return (y[0] if isinstance(y, tuple) else y).to(store_device)
 
 
 @torch.no_grad()
@@ -141,15 +146,21 @@ def prune_model_(
     layers = decoder_layers(model)
     done = _open_checkpoints(checkpoints, parallel)
     inputs, args, kwargs = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
+    # A reconstruction aimed at the dense model needs its activations beside the pruned path's.
+    dense_inputs = list(inputs) if config.reconstruct_epochs and config.reconstruct_target == "dense" else None
     reports: list[dict] = []
     for index, layer in enumerate(layers):
         layer.to(device)
         if index < done:
+            if dense_inputs is not None:  # the layer is still dense until its checkpoint is loaded
+                dense_inputs = run_layer(layer, dense_inputs, args, kwargs, device, store_device)
             reports += checkpoints.load(index, layer)
             log.info("layer %d: loaded from the interrupted run", index)
         else:
-            reports += prune_layer(layer, linears[index], inputs, args, kwargs, config, device, store_device,
-                                    progress, parallel)
+            step = LayerStep(layer, linears[index], inputs, dense_inputs, args, kwargs, device, store_device,
+                             parallel.shard_indices(len(samples)), len(samples))
+            layer_reports, dense_inputs = prune_layer(step, config, progress, parallel)
+            reports += layer_reports
         inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
         layer.to("cpu")
         if checkpoints and index >= done and parallel.is_main:
@@ -178,6 +189,7 @@ class SharedInputStatistics:
         self.source: dict[str, str] = {}  # linear -> linear whose accumulator it reads
         self.stats: dict[str, HessianAccumulator] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self.layer_outputs: Optional[list[torch.Tensor]] = None  # the dense layer on the pruned path's inputs
 
     def new_pass(self, *_) -> None:
         self._seen.clear()
@@ -196,6 +208,7 @@ class SharedInputStatistics:
     def hessian(self, name: str) -> torch.Tensor:
         return self.stats[self.source[name]].hessian
 
+
     @property
     def nbytes(self) -> int:
         return sum(acc.hessian.numel() * acc.hessian.element_size() for acc in self.stats.values())
@@ -206,21 +219,66 @@ def solve_costs(linears: dict[str, nn.Module]) -> dict[str, float]:
     return {name: float(weight_view(mod).shape[0]) * weight_view(mod).shape[1] ** 2 for name, mod in linears.items()}
 
 
-def prune_layer(layer, linears: dict[str, nn.Module], inputs, args, kwargs, config, device, store_device, progress,
-                 parallel: Parallel):
-    shared = collect_statistics(layer, linears, inputs, args, kwargs, device, store_device, progress)
-    return solve_layer(linears, shared, config, progress, parallel)
+@dataclasses.dataclass
+class LayerStep:
+    """What pruning one decoder layer works on: the layer, its linears, and the activations."""
+
+    layer: nn.Module
+    linears: dict[str, nn.Module]
+    inputs: list[torch.Tensor]  # the pruned path's activations at this layer, one per sample
+    dense_inputs: Optional[list[torch.Tensor]]  # the dense model's, when the reconstruction aims at them
+    args: tuple
+    kwargs: dict
+    device: torch.device
+    store_device: torch.device
+    sample_indices: Optional[list[int]] = None  # global index of each of this rank's samples
+    samples_total: Optional[int] = None  # samples over all ranks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self.layer, x, self.args, self.kwargs, self.device, self.device)
+
+
+def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progress], parallel: Parallel):
+    """Statistics, solves and (if asked) decoder-block reconstruction for one layer.
+
+    Returns its per-linear reports and, when the reconstruction aims at the dense model's
+    activations, the dense model's outputs of this layer (the next layer's dense inputs).
+    """
+    reconstruct = config.reconstruct_epochs > 0 and bool(step.linears)
+    shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
+                                step.store_device, progress, keep_outputs=reconstruct and step.dense_inputs is None)
+    dense_outputs = None
+    if step.dense_inputs is not None:  # the layer is still dense here
+        dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
+                                  step.store_device)
+    reports = solve_layer(step.linears, shared, config, progress, parallel)
+    if reconstruct:
+        # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
+        targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
+        weights = [mod.weight for mod in step.linears.values()]
+        result = reconstruct_layer_(step.layer, weights, step.inputs, targets, step.forward,
+                                    config.reconstruct_epochs, config.reconstruct_lr, step.sample_indices,
+                                    step.samples_total, parallel.all_reduce_ if parallel.active else None)
+        log.info("layer reconstruction: loss %.4g -> %.4g%s (%.1fs)", result.loss_before, result.loss_after,
+                 "" if result.kept else " (discarded: no better)", result.seconds)
+        for report in reports:
+            report["reconstruction"] = dataclasses.asdict(result)
+    return reports, dense_outputs
 
 
 def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device,
-                       progress=None) -> SharedInputStatistics:
-    """Run this rank's samples through `layer`, streaming each linear's input into its Hessian."""
+                       progress=None, keep_outputs: bool = False) -> SharedInputStatistics:
+    """Run this rank's samples through `layer`, streaming each linear's input into its Hessian.
+
+    `keep_outputs` keeps the still-dense layer's outputs on `inputs` in `layer_outputs`.
+    """
     shared = SharedInputStatistics(linears, device)
     hooks = [layer.register_forward_pre_hook(shared.new_pass)]
     hooks += [mod.register_forward_pre_hook(lambda m, a, name=name: shared.add(name, a[0]))
               for name, mod in linears.items()]
     try:
-        run_layer(layer, inputs, args, kwargs, device, store_device, progress)
+        outputs = run_layer(layer, inputs, args, kwargs, device, store_device, progress)
+        shared.layer_outputs = outputs if keep_outputs else None
     finally:
         for h in hooks:
             h.remove()
@@ -239,14 +297,13 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
     for name, mod in linears.items():
         if owners[name] != parallel.rank:
             continue
-        c = config
         wide = weight_view(mod).shape[1] >= WIDE_LAYER_COLUMNS
-        result = prune_weight(weight_view(mod), shared.hessian(name), c.method, c.pattern, c.sparsity,
-                              c.block_size, c.alpha, c.damp, name=name,
+        result = prune_weight(weight_view(mod), shared.hessian(name), config, name=name,
                               progress=(lambda done, total: progress("columns", done, total)) if progress and wide else None)
         set_weight_(mod, result.weight)
         reports[name] = dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
-                             error=result.error, seconds=result.seconds, damp_used=result.damp_used,
+                             error=result.error, seconds=result.seconds, refit_seconds=result.refit_seconds,
+                             damp_used=result.damp_used,
                              damp_escalations=result.damp_escalations, rank=parallel.rank)
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
     shared.stats.clear()  # free the Hessians before the broadcasts

@@ -7,6 +7,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from thanos.errors import InputError
+
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, seqlen: int, device: "str | torch.device" = "cpu",
@@ -16,7 +18,7 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, device: "str | torch.de
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows == 0:
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
+        raise InputError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}; "
                          "pass a longer text or a smaller --seqlen")
     total, count = 0.0, 0
     for i in range(windows):

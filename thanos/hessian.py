@@ -1,4 +1,4 @@
-"""Layer statistics (ALGORITHM.md section 1) and the damped inverse factor (section 6).
+"""Layer statistics (docs/ALGORITHM.md section 1) and the damped inverse factor (section 6).
 
 `HessianAccumulator` streams calibration inputs into `H = X X^T / N` in fp32 without keeping
 them. `inverse_upper_factor` returns `U` with `inv(H + damping) = U^T U`, escalating the damping
@@ -11,12 +11,14 @@ import logging
 
 import torch
 
+from thanos.errors import ThanosExportError
+
 log = logging.getLogger(__name__)
 
 MAX_DAMP_ESCALATIONS = 6
 
 
-class FactorizationError(RuntimeError):
+class FactorizationError(ThanosExportError, RuntimeError):
     """The damped Hessian stayed singular after every escalation."""
 
 
@@ -77,7 +79,7 @@ def handle_dead_inputs_(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Te
 
 
 def inverse_upper_factor(hessian: torch.Tensor, damp: float, layer: str = "layer") -> Factorization:
-    """Damped `H`, factorised once: the one-Cholesky route of ALGORITHM.md section 6.
+    """Damped `H`, factorised once: the one-Cholesky route of docs/ALGORITHM.md section 6.
 
     `U` comes from one Cholesky factorisation and one triangular inverse, without forming
     `inv(H)`: with `P` the reversal permutation, `P H P = L L^T` gives `H = V V^T` for the upper

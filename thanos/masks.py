@@ -1,4 +1,4 @@
-"""Mask selection: which weights to remove, given an importance metric (ALGORITHM.md section 4).
+"""Mask selection: which weights to remove, given an importance metric (docs/ALGORITHM.md section 4).
 
 All functions return a bool tensor, True where a weight is removed.
 """

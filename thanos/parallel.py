@@ -14,12 +14,13 @@ import os
 import torch
 import torch.distributed as dist
 
+from thanos.errors import ThanosExportError
 from thanos.hessian import HessianAccumulator
 
 log = logging.getLogger(__name__)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ThanosExportError, RuntimeError):
     """A rank died or the rendezvous failed; finished layers are kept, so a rerun resumes."""
 
 
@@ -38,6 +39,15 @@ class Parallel:
     def shard(self, samples: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous share of the calibration samples (n, seqlen)."""
         return torch.tensor_split(samples, self.world)[self.rank]
+
+    def shard_indices(self, count: int) -> list[int]:
+        """Global indices of the samples `shard` gives this rank, out of `count`."""
+        return torch.tensor_split(torch.arange(count), self.world)[self.rank].tolist()
+
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over ranks, in place (a no-op in a group of one)."""
+        if self.active:
+            self._call(dist.all_reduce, tensor)
 
     def reduce_stats_(self, acc: HessianAccumulator) -> None:
         """Sum H * tokens and tokens over ranks: every rank ends with the global mean."""

@@ -18,6 +18,7 @@ from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import REPORT_NAME, LayerCheckpoints, check_output_dir
 from thanos.config import PruneConfig
 from thanos.driver import LayerSelection, Progress, check_pattern_fits, prunable_linears, prune_model_
+from thanos.errors import InputError
 from thanos.evaluate import perplexity
 from thanos.models import default_model_file, describe_source, load_model
 from thanos.outputs import OutputDirError, begin_staging, check_disjoint, commit_staging
@@ -34,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+        raise InputError(f"--device {name} was asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
                          "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
     return device
 
@@ -59,6 +60,15 @@ class PruneJob:
     trust_remote_code: bool = False
     overwrite: bool = False
     distributed: bool = False  # under torchrun: shard calibration and solves across ranks
+
+    def __post_init__(self):
+        for name in ("calib_samples", "seqlen"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise CalibrationError(f"{name} must be a positive number, got {value}; leave it out for the default")
+        if self.eval_windows is not None and self.eval_windows <= 0 and self.eval_windows != -1:
+            raise CalibrationError(f"eval_windows must be positive, None (all) or -1 (the device's default), "
+                                   f"got {self.eval_windows}")
 
     def resolved(self, device: torch.device) -> "PruneJob":
         defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
@@ -119,9 +129,13 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
     selection = LayerSelection(job.include, job.exclude)
     linears = prunable_linears(model, selection)
     if not any(linears.values()):
-        raise ValueError(f"no linear layer matches --include {job.include} minus --exclude {job.exclude}; "
+        raise InputError(f"no linear layer matches --include {job.include} minus --exclude {job.exclude}; "
                          "patterns match full names such as 'model.layers.0.mlp.up_proj'")
     check_pattern_fits(linears, job.config)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and job.seqlen > context:
+        raise CalibrationError(f"--seqlen {job.seqlen} is longer than the model's context of {context} tokens; "
+                               f"pass --seqlen {context} or less")
     text = tokenize_split(tokenizer, job.calib_file)
     samples = sample_windows(text.calibration, job.calib_samples, job.seqlen, job.seed)
     if job.evaluate and text.evaluation.numel() < job.seqlen:
@@ -238,7 +252,7 @@ def _load_onnx(path: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"no tokenizer beside {path} ({exc}); evaluate the folder `thanos-export export "
+        raise InputError(f"no tokenizer beside {path} ({exc}); evaluate the folder `thanos-export export "
                          "--target onnx` wrote, which holds one") from exc
     return OnnxCausalLM(path), tokenizer
 

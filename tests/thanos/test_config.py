@@ -1,6 +1,7 @@
 import pytest
 
 from thanos import ConfigError, Pattern, PruneConfig
+from thanos.config import PRESETS
 
 
 def test_pattern_parsing():
@@ -47,5 +48,22 @@ def test_other_bad_settings():
 
 def test_config_serialises_resolved_values():
     data = PruneConfig(pattern="unstructured", sparsity=0.6).to_json()
+    preset = PRESETS["default"]
     assert data == {"method": "thanos", "pattern": "unstructured", "sparsity": 0.6,
-                    "block_size": 128, "alpha": 0.0, "damp": 0.01}
+                    "block_size": preset.block_size["unstructured"], "alpha": 0.0, "damp": 0.01,
+                    "refit_iterations": preset.refit_iterations, "reconstruct_epochs": preset.reconstruct_epochs,
+                    "reconstruct_lr": 1e-5, "reconstruct_target": "layer", "preset": "default"}
+
+
+def test_presets_fill_only_what_is_not_given():
+    best = PruneConfig(preset="best")
+    assert best.refit_iterations == PRESETS["best"].refit_iterations
+    assert best.reconstruct_epochs == PRESETS["best"].reconstruct_epochs
+    assert best.resolved_block_size == PRESETS["best"].block_size["nm"]
+    assert PruneConfig(preset="best", refit_iterations=0, block_size=32).to_json()["refit_iterations"] == 0
+    assert PruneConfig(preset="best", block_size=32).resolved_block_size == 32
+    assert PruneConfig(method="sparsegpt", preset="best").refit_iterations == 0  # presets are Thanos settings
+    with pytest.raises(ConfigError, match="choose one of fast, default, best"):
+        PruneConfig(preset="fastest")
+    with pytest.raises(ConfigError, match="refit_iterations"):
+        PruneConfig(refit_iterations=-1)

@@ -70,15 +70,26 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_equals_uninterrupted(tiny_llama_dir, tmp_path):
-    job = PruneJob(out=str(tmp_path / "full"), model=str(tiny_llama_dir), evaluate=False, **SMALL)
+RESUME_CONFIGS = {
+    "default": PruneConfig(),
+    "fast": PruneConfig(preset="fast"),
+    "best": PruneConfig(preset="best"),
+    "reconstruction towards the dense model": PruneConfig(reconstruct_epochs=1, reconstruct_lr=1e-3,
+                                                          reconstruct_target="dense"),
+}
+
+
+@pytest.mark.parametrize("config", RESUME_CONFIGS.values(), ids=RESUME_CONFIGS.keys())
+def test_resume_equals_uninterrupted(tiny_llama_dir, tmp_path, config):
+    job = PruneJob(out=str(tmp_path / "full"), model=str(tiny_llama_dir), evaluate=False, config=config, **SMALL)
     prune_to_directory(job)
 
     def die_after_two_layers(stage, done, total):
         if stage == "layers" and done == 2:
             raise _Killed
 
-    partial = PruneJob(out=str(tmp_path / "resumed"), model=str(tiny_llama_dir), evaluate=False, **SMALL)
+    partial = PruneJob(out=str(tmp_path / "resumed"), model=str(tiny_llama_dir), evaluate=False, config=config,
+                       **SMALL)
     with pytest.raises(_Killed):
         prune_to_directory(partial, progress=die_after_two_layers)
     saved = sorted(p.name for p in (tmp_path / "resumed" / ".thanos_partial").iterdir())
@@ -107,13 +118,17 @@ def test_resume_refuses_different_settings(tiny_llama_dir, tmp_path):
         prune_to_directory(changed)
 
 
-def test_bad_inputs_fail_clearly_and_write_nothing(tiny_llama_dir, tmp_path):
+def test_bad_inputs_fail_clearly_and_write_nothing(tiny_llama_dir, tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    from tests.conftest import _save_tiny
+
+    long_context = _save_tiny("llama", tmp_path_factory, tiny_tokenizer_dir, max_position_embeddings=1_000_000)
     out = tmp_path / "never"
     cases = [
         (dict(model=str(tmp_path / "missing")), ModelError, "does not exist"),
         (dict(model=str(tiny_llama_dir / "config.json")), ModelError, "not .gguf"),
-        (dict(model=str(tiny_llama_dir), seqlen=300_000), CalibrationError, "smaller --seqlen"),
-        (dict(model=str(tiny_llama_dir), seqlen=30_000), CalibrationError, "held-out 10%"),
+        (dict(model=str(tiny_llama_dir), seqlen=300), CalibrationError, "longer than the model's context of 256"),
+        (dict(model=str(long_context), seqlen=900_000), CalibrationError, "smaller --seqlen"),
+        (dict(model=str(long_context), seqlen=60_000), CalibrationError, "held-out 10%"),
         (dict(model=str(tiny_llama_dir), device="cuda:0"), ValueError, "no CUDA GPU"),
         (dict(model=str(tiny_llama_dir), include=("*.nothing",)), ValueError, "no linear layer matches"),
     ]
@@ -145,6 +160,12 @@ def test_unsupported_architecture(tmp_path):
         from thanos.models import adapter_for
 
         adapter_for(AutoModelForCausalLM.from_pretrained(tmp_path / "neox"))
+
+
+@pytest.mark.parametrize("field, value", [("calib_samples", 0), ("seqlen", 0), ("eval_windows", -2)])
+def test_impossible_sizes_are_refused_not_replaced(field, value, tmp_path):
+    with pytest.raises(CalibrationError, match=field):
+        PruneJob(out=str(tmp_path / "o"), **{field: value})
 
 
 def test_output_directory_with_other_content(tiny_llama_dir, tmp_path):

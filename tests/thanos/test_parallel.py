@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.thanos import dist_worker
 from tests.thanos.test_driver import SMALL, pruned_weights
+from thanos import PruneConfig
 from thanos.parallel import Parallel
 from thanos.pipeline import PruneJob, prune_to_directory
 
@@ -35,9 +36,11 @@ def test_owners_balance_cost():
     assert owners == {"big": 0, "mid": 1, "small": 1}
 
 
-@pytest.mark.parametrize("calib_samples", [4])
-def test_two_gloo_ranks_match_one_process(tiny_llama_dir, tmp_path, calib_samples):
-    common = dict(model=str(tiny_llama_dir), evaluate=False, **{**SMALL, "calib_samples": calib_samples})
+@pytest.mark.parametrize("preset", ["default", "best"])
+def test_two_gloo_ranks_match_one_process(tiny_llama_dir, tmp_path, preset):
+    # 8 samples: two reconstruction steps per epoch, each mixing samples of both ranks
+    common = dict(model=str(tiny_llama_dir), evaluate=False, config=PruneConfig(preset=preset),
+                  **{**SMALL, "calib_samples": 8})
     prune_to_directory(PruneJob(out=str(tmp_path / "single"), **common))
     assert _launch(2, dict(out=str(tmp_path / "dist"), **common)) == [0, 0]
     single = pruned_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "single"))

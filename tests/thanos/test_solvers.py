@@ -3,14 +3,19 @@ import math
 import pytest
 import torch
 
-from thanos import ConfigError, prune_weight
+import functools
+
+from thanos import ConfigError, prune_weight as _prune_weight
 from tests.thanos.helpers import assert_nm, damped, hessian_of, realistic_inputs
+
+# The solvers themselves, without the refit the default preset adds (tested in test_refit.py).
+prune_weight = functools.partial(_prune_weight, preset="fast")
 
 METHODS = ["thanos", "sparsegpt", "wanda", "magnitude"]
 
 
 def naive_thanos(W, H, pattern, sparsity, B, damp=0.01):
-    """ALGORITHM.md sections 2-4 row by row, re-inverting the trailing Hessian at every block."""
+    """docs/ALGORITHM.md sections 2-4 row by row, re-inverting the trailing Hessian at every block."""
     W = W.double().clone()
     H = H.double()
     s = torch.diag(H)

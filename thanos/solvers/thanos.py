@@ -1,6 +1,6 @@
-"""Thanos: block-wise multi-weight OBS with dynamic Wanda masks (ALGORITHM.md sections 2-6).
+"""Thanos: block-wise multi-weight OBS with dynamic Wanda masks (docs/ALGORITHM.md sections 2-6).
 
-Symbols follow ALGORITHM.md: `W` (r x c) the weight, `H` (c x c) the Hessian, `s = diag(H)`,
+Symbols follow docs/ALGORITHM.md: `W` (r x c) the weight, `H` (c x c) the Hessian, `s = diag(H)`,
 `U` the upper Cholesky factor of `inv(H)`, `G` the inverse of the active Hessian, `q` a row's
 removal set inside the block, `B` the block size, `Lam` the r x B matrix of scattered lambdas.
 """
@@ -30,7 +30,7 @@ CHOLESKY_BASE = 16
 
 
 def outlier_rows(W: torch.Tensor, s: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Rows kept dense (ALGORITHM.md section 5): the top floor(alpha * r) by `sum_j W_ij^2 s_j`."""
+    """Rows kept dense (docs/ALGORITHM.md section 5): the top floor(alpha * r) by `sum_j W_ij^2 s_j`."""
     count = math.floor(alpha * W.shape[0])
     keep = torch.zeros(W.shape[0], dtype=torch.bool, device=W.device)
     if count:

@@ -1,0 +1,90 @@
+"""Every kind of file the tool reads, damaged: one line that names the file and the fix, no traceback."""
+import json
+import pickle
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+
+SMALL = ["--calib-samples", "2", "--seqlen", "32", "--device", "cpu", "--quiet", "--no-eval"]
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.fixture
+def truncated_model(tmp_path, pruned_llama_2of4):
+    folder = tmp_path / "truncated"
+    shutil.copytree(pruned_llama_2of4, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def test_a_truncated_safetensors_file_is_named_on_every_command(truncated_model, tmp_path):
+    runner = CliRunner()
+    _one_line_error(runner.invoke(main, ["inspect", str(truncated_model)]), "model.safetensors", "truncated")
+    _one_line_error(runner.invoke(main, ["eval", str(truncated_model), "--device", "cpu"]), str(truncated_model),
+                    "truncated")
+    _one_line_error(runner.invoke(main, ["prune", "--model", str(truncated_model), "--out", str(tmp_path / "o"),
+                                         *SMALL]), str(truncated_model))
+    _one_line_error(runner.invoke(main, ["export", str(truncated_model), "--target", "safetensors", "--out",
+                                         str(tmp_path / "e")]), str(truncated_model))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_a_pickle_checkpoint_is_refused_with_a_message(tmp_path, pruned_llama_2of4):
+    folder = tmp_path / "pickled"
+    shutil.copytree(pruned_llama_2of4, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "weights"}))
+    _one_line_error(CliRunner().invoke(main, ["eval", str(folder), "--device", "cpu"]), str(folder))
+
+
+def test_junk_onnx_is_named(tmp_path):
+    junk = tmp_path / "model.onnx"
+    junk.write_bytes(b"\x00\xffnot a protobuf" * 10)
+    _one_line_error(CliRunner().invoke(main, ["inspect", str(junk)]), str(junk), "export it again")
+
+
+def _interrupted_run(tiny_llama_dir, out):
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    class Killed(Exception):
+        pass
+
+    def die(stage, done, total):
+        if stage == "layers" and done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir), evaluate=False, calib_samples=2,
+                                    seqlen=32, device="cpu"), progress=die)
+    return out / ".thanos_partial"
+
+
+def test_a_damaged_saved_layer_names_the_file_to_delete(tiny_llama_dir, tmp_path):
+    partial = _interrupted_run(tiny_llama_dir, tmp_path / "run")
+    layer = partial / "layer_00001.safetensors"
+    layer.write_bytes(layer.read_bytes()[:100])
+    result = CliRunner().invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "run"),
+                                       *SMALL])
+    _one_line_error(result, "layer_00001.safetensors", "delete that file")
+    layer.unlink()  # the advice works: the rerun prunes that layer again and finishes
+    again = CliRunner().invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "run"), *SMALL])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "run" / "thanos_report.json").read_text())["sparsity"] > 0.4
+
+
+def test_an_empty_run_file_says_how_to_start_over(tiny_llama_dir, tmp_path):
+    partial = _interrupted_run(tiny_llama_dir, tmp_path / "run")
+    (partial / "run.json").write_text("")
+    result = CliRunner().invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "run"),
+                                       *SMALL])
+    _one_line_error(result, "run.json", "start the run over")

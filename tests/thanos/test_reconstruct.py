@@ -1,0 +1,72 @@
+"""Decoder-block reconstruction: masks frozen, the layer's output error never goes up."""
+import copy
+
+import torch
+
+from thanos import PruneConfig
+from thanos.calibration import sample_windows, tokenize_split
+from thanos.driver import LayerSelection, capture_layer_inputs, prunable_linears, prune_model_, run_layer
+from thanos.models import load_model, weight_view
+from thanos.reconstruct import reconstruct_layer_
+from tests.thanos.helpers import assert_nm
+
+
+def _magnitude_2of4_(weight):
+    w = weight.data  # (out, in)
+    groups = w.abs().reshape(w.shape[0], -1, 4)
+    drop = groups.argsort(-1)[..., :2]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, drop, True).reshape(w.shape)
+    w.masked_fill_(mask, 0.0)
+    return mask
+
+
+def _layer_setup(tiny_llama_dir):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 6, 32)
+    inputs, args, kwargs = capture_layer_inputs(model, samples, "cpu", "cpu")
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        targets = run_layer(copy.deepcopy(layer), inputs, args, kwargs, "cpu", "cpu")
+    linears = prunable_linears(model, LayerSelection())[0]
+    masks = {name: _magnitude_2of4_(mod.weight) for name, mod in linears.items()}
+
+    def forward(x):
+        y = layer(x, *args, **kwargs)
+        return y[0] if isinstance(y, tuple) else y
+
+    return layer, linears, masks, inputs, targets, forward
+
+
+def test_reconstruction_lowers_the_error_and_keeps_every_mask(tiny_llama_dir):
+    layer, linears, masks, inputs, targets, forward = _layer_setup(tiny_llama_dir)
+    norms = {n: p.detach().clone() for n, p in layer.named_parameters() if "proj" not in n}
+    result = reconstruct_layer_(layer, [m.weight for m in linears.values()], inputs, targets, forward, epochs=3, lr=1e-3)
+    assert result.kept and result.loss_after < result.loss_before
+    for name, mod in linears.items():
+        assert torch.equal(mod.weight[masks[name]], torch.zeros(int(masks[name].sum())))
+        assert_nm(mod.weight, 2, 4)
+        assert not mod.weight.requires_grad and mod.weight.grad is None
+    for n, p in layer.named_parameters():  # only the pruned linears' weights move
+        if n in norms:
+            assert torch.equal(p, norms[n]) and p.requires_grad
+
+
+def test_reconstruction_that_does_not_help_is_discarded(tiny_llama_dir):
+    layer, linears, masks, inputs, targets, forward = _layer_setup(tiny_llama_dir)
+    before = {n: m.weight.detach().clone() for n, m in linears.items()}
+    result = reconstruct_layer_(layer, [m.weight for m in linears.values()], inputs, targets, forward, epochs=1, lr=10.0)
+    assert not result.kept and result.loss_after == result.loss_before
+    assert all(torch.equal(m.weight, before[n]) for n, m in linears.items())
+
+
+def test_driver_reconstructs_each_layer_and_reports_it(tiny_llama_dir):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+    config = PruneConfig(pattern="2:4", reconstruct_epochs=2, reconstruct_lr=1e-3)
+    assert PruneConfig(preset="best").reconstruct_epochs > 0 and PruneConfig(method="sparsegpt").reconstruct_epochs == 0
+    reports = prune_model_(model, samples, config)
+    for name, mod in prunable_linears(model, LayerSelection())[0].items():
+        assert_nm(weight_view(mod), 2, 4)
+    steps = [r["reconstruction"] for r in reports]
+    assert all(s["loss_after"] <= s["loss_before"] for s in steps)
+    assert any(s["kept"] and s["loss_after"] < s["loss_before"] for s in steps)

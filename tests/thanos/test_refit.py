@@ -1,0 +1,68 @@
+"""The refit on the final support: the per-row exact solve, reached by conjugate gradients."""
+import pytest
+import torch
+
+from thanos import PruneConfig, prune_weight
+from thanos.refit import damped_hessian, refit_on_support
+from tests.thanos.helpers import assert_nm, hessian_of, realistic_inputs
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def exact_support_solve(target, H, mask, damp):
+    """Per row, in float64: argmin (x - t) Hd (x - t)^T with x zero on the mask."""
+    Hd = damped_hessian(H.double(), damp)
+    out = torch.zeros_like(target, dtype=torch.float64)
+    for i in range(target.shape[0]):
+        keep = (~mask[i]).nonzero().flatten()
+        rhs = (target[i].double() @ Hd)[keep]
+        out[i, keep] = torch.linalg.solve(Hd[keep][:, keep], rhs)
+    return out
+
+
+def objective(X, target, Hd):
+    delta = (X.double() - target.double())
+    return ((delta @ Hd.double()) * delta).sum(1)  # (r,)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
+def test_refit_converges_to_the_exact_solve_on_the_support(pattern):
+    X_in = realistic_inputs(512, 48, seed=1)
+    H = hessian_of(X_in)
+    W = torch.randn(24, 48, generator=torch.Generator().manual_seed(2))
+    pruned = prune_weight(W, H, "thanos", pattern, 0.5 if pattern == "unstructured" else None, block_size=16)
+    refit = refit_on_support(pruned.weight, pruned.mask, W, H, 0.01, iterations=200)
+    exact = exact_support_solve(W, H, pruned.mask, 0.01)
+    Hd = damped_hessian(H.double(), 0.01)
+    eig = torch.linalg.eigvalsh(Hd)
+    # CG in fp32 reaches the solution to round-off amplified by the condition number.
+    tol = 50 * EPS * float(eig.max() / eig.min()) * float(exact.abs().max())
+    assert (refit.double() - exact).abs().max() <= tol
+    assert torch.equal(refit[pruned.mask], torch.zeros(int(pruned.mask.sum())))
+
+
+def test_refit_never_raises_the_objective_and_keeps_the_pattern():
+    X_in = realistic_inputs(256, 64, seed=3)
+    H = hessian_of(X_in)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    pruned = prune_weight(W, H, "thanos", "2:4", block_size=16)
+    Hd = damped_hessian(H, 0.01)
+    before = objective(pruned.weight, W, Hd)
+    for iterations in (1, 3, 10):
+        refit = refit_on_support(pruned.weight, pruned.mask, W, H, 0.01, iterations)
+        after = objective(refit, W, Hd)
+        scale = 64 * EPS * objective(torch.zeros_like(W), W, Hd)  # round-off of one evaluation
+        assert bool((after <= before + scale).all())
+        assert_nm(refit, 2, 4)
+    assert float(after.sum()) < float(before.sum())  # block-wise updates leave something to recover
+
+
+def test_prune_weight_with_refit_reports_a_lower_error_and_the_same_mask():
+    X_in = realistic_inputs(512, 64, seed=5)
+    H = hessian_of(X_in)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0))
+    refit = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20))
+    assert torch.equal(plain.mask, refit.mask)
+    assert refit.error < plain.error
+    assert refit.config.refit_iterations == 20

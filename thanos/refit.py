@@ -1,0 +1,55 @@
+"""Refit on the final support: the kept weights re-solved once the mask is fixed (docs/ALGORITHM.md section 8).
+
+The block solvers freeze a block's kept weights once it is done, so later removals in the same
+row are never compensated by them. Once the whole mask is known, the best kept weights of every
+row solve a small least-squares problem on that row's support; `refit_on_support` solves all rows
+together by Jacobi-preconditioned conjugate gradients, a pure tensor function like the solvers.
+"""
+from __future__ import annotations
+
+import torch
+
+from thanos.hessian import handle_dead_inputs_
+
+
+def damped_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """A copy of `H` with dead inputs given a unit diagonal and `damp * mean(diag H)` added."""
+    Hd = H.clone()
+    handle_dead_inputs_(torch.empty(0, H.shape[0], device=H.device), Hd)
+    Hd.diagonal().add_(damp * torch.diag(Hd).mean())
+    return Hd
+
+
+def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, H: torch.Tensor, damp: float,
+                     iterations: int) -> torch.Tensor:
+    """Kept weights re-solved for the fixed `mask`: `iterations` of preconditioned CG from `X`.
+
+    Minimises `(x - t) Hd (x - t)^T` for every row `x` of the result, with `x` zero where `mask`
+    is True (True = removed), `t` the row of `target`, `Hd` the damped `H`. Every row has its own
+    support, so the rows iterate together with a step length each; one iteration is one
+    (r x c) @ (c x c) product. `X` (r x c, zero on the mask) is the starting point and is not
+    modified; the result is exactly zero on the mask, so the pattern cannot change.
+    """
+    if iterations <= 0:
+        return X.clone()
+    Hd = damped_hessian(H, damp)
+    keep = (~mask).to(X.dtype)  # (r, c) K
+    inv_diag = 1.0 / Hd.diagonal()  # (c,) Jacobi preconditioner
+    X = X * keep
+    R = ((target - X) @ Hd) * keep  # residual of the normal equations on the support
+    Z = R * inv_diag
+    P = Z.clone()
+    rz = (R * Z).sum(1)  # (r,)
+    tiny = torch.finfo(X.dtype).tiny
+    for _ in range(iterations):
+        AP = (P @ Hd) * keep
+        curvature = (P * AP).sum(1)
+        step = torch.where(curvature > tiny, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
+        X.addcmul_(step[:, None], P)
+        R.addcmul_(step[:, None], AP, value=-1.0)
+        Z = R * inv_diag
+        rz_new = (R * Z).sum(1)
+        beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
+        P = Z + beta[:, None] * P
+        rz = rz_new
+    return X * keep
