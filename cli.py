@@ -246,8 +246,14 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json):
     """
     from thanos.pipeline import evaluate_directory
 
+    windows = -1 if windows is None else (windows or None)
     try:
-        result = evaluate_directory(path, text_file, seqlen, device, -1 if windows is None else (windows or None))
+        if str(path).endswith(".onnx"):
+            from exporters.onnx_graph import evaluate_onnx
+
+            result = evaluate_onnx(path, text_file, seqlen, windows)
+        else:
+            result = evaluate_directory(path, text_file, seqlen, device, windows)
     except USER_ERRORS as exc:
         _fail(exc)
     if as_json:
@@ -399,7 +405,7 @@ def inspect_cmd(path, as_json):
     """
     try:
         if Path(path).suffix == ".onnx":
-            from exporters.onnx_export import onnx_weight_patterns
+            from exporters.onnx_graph import onnx_weight_patterns
 
             layers = onnx_weight_patterns(Path(path))
         else:

@@ -8,79 +8,17 @@ One module per format, behind one registry keyed by `ExportFormat`:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
 
+from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat, ExportOptions,
+                            ValidationError, register)
 from exporters.compact import load_compact
-from thanos.errors import ThanosExportError
 from thanos.outputs import begin_staging, check_disjoint, commit_staging
 
 log = logging.getLogger(__name__)
-
-
-class ExportFormat(str, enum.Enum):
-    TORCH = "torch"
-    ONNX = "onnx"
-    TENSORRT = "tensorrt"
-    SAFETENSORS = "safetensors"
-
-
-class ExportError(ThanosExportError, RuntimeError):
-    """An export that could not be made or did not match the pruned model."""
-
-
-class BackendMissingError(ExportError):
-    """An optional runtime (TensorRT, a CUDA GPU) is not available; the message says what to install."""
-
-
-class ValidationError(ExportError):
-    """An exported model whose outputs differ from the pruned PyTorch model by more than the tolerance."""
-
-    def __init__(self, what: str, max_diff: float, tolerance: float):
-        super().__init__(f"{what}: largest difference from the pruned PyTorch model is {max_diff:.3g}, "
-                         f"over the tolerance {tolerance:.3g}")
-        self.max_diff, self.tolerance = max_diff, tolerance
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    # float32, float16 or bfloat16 (ONNX: float32 or float16); None: the target's default
-    # (`DEFAULT_DTYPE`), and the summary reports any cast from the source's dtype.
-    dtype: Optional[str] = None
-    allow_dense: bool = False  # hardware targets: build dense instead of refusing non-2:4 models
-    split_dense_rows: bool = False  # alpha > 0: a 2:4 linear plus a dense one per layer (exporters.row_split)
-    validate: bool = True
-    opset: int = 18
-    with_cache: bool = False  # ONNX: also write the KV-cache graph for decoding (exporters.onnx_cache)
-    # TensorRT optimisation profile: (min, opt, max) for batch and sequence length
-    batch: tuple[int, int, int] = (1, 1, 4)
-    seqlen: tuple[int, int, int] = (1, 128, 512)
-    workspace_gib: float = 4.0
-    timing_cache: Optional[str] = None
-    backend: str = "auto"  # torch semi-structured: auto, cusparselt or cutlass
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# Serving targets run in half precision; the compact checkpoint is the lossless format and keeps
-# the source's dtype (None) unless a dtype is asked for.
-DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "safetensors": None}
-
-Exporter = Callable[[Path, Path, ExportOptions], dict]
-_REGISTRY: dict[ExportFormat, Exporter] = {}
-
-
-def register(fmt: ExportFormat):
-    def decorator(fn: Exporter) -> Exporter:
-        _REGISTRY[fmt] = fn
-        return fn
-
-    return decorator
 
 
 def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path",

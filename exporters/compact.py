@@ -3,8 +3,8 @@
 For an n:m layer of shape (out, in) the file holds `NAME.values` (out, in*(m-n)/m) in the
 layer's dtype and `NAME.keep` (out, ceil(in/8)) uint8, the row-wise packed bits of the mask of
 kept positions; every other tensor is stored dense under its own name. For fp16 2:4 that is
-0.5 + 0.0625 = 0.5625 of the dense bytes. Loading scatters the values back and gives the exact
-same bits (`torch.equal`, and -0.0 stays -0.0).
+0.5 + 0.0625 = 0.5625 of the dense bytes. Reading (`thanos.compact`) scatters the values back
+and gives the exact same bits (`torch.equal`, and -0.0 stays -0.0).
 """
 from __future__ import annotations
 
@@ -17,10 +17,7 @@ import numpy as np
 import torch
 
 from exporters.patterns import nonzero_bits
-from thanos.errors import InputError
-
-COMPACT_FILE = "model.compact.safetensors"
-FORMAT = "thanos-compact/1"
+from thanos.compact import COMPACT_FILE, FORMAT, decompress, is_compact_dir, load_compact  # noqa: F401 (re-exported)
 
 
 def keep_mask(weight: torch.Tensor, n: int, m: int) -> Optional[torch.Tensor]:
@@ -44,14 +41,6 @@ def compress(weight: torch.Tensor, n: int, m: int) -> Optional[dict[str, torch.T
     values = weight[keep].reshape(rows, cols * (m - n) // m)  # row-major: each row's kept values in order
     packed = torch.from_numpy(np.packbits(keep.numpy(), axis=1))  # (r, ceil(c/8)) uint8
     return {"values": values.contiguous(), "keep": packed}
-
-
-def decompress(values: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    rows, cols = shape
-    keep = torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=cols).astype(bool))  # (r, c)
-    dense = torch.zeros(rows, cols, dtype=values.dtype)
-    dense[keep] = values.flatten()
-    return dense
 
 
 def save_compact(model, tokenizer, out: Path, patterns: dict[str, tuple[int, int]],
@@ -98,47 +87,3 @@ def _unique_state(model) -> dict[str, torch.Tensor]:
         seen[ptr] = key
         state[key] = tensor
     return state
-
-
-def is_compact_dir(path: Path) -> bool:
-    return (Path(path) / COMPACT_FILE).is_file()
-
-
-def read_compact_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / COMPACT_FILE), "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
-        layers = json.loads(meta["layers"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for name, info in layers.items():
-        dense = decompress(state.pop(f"{name}.values"), state.pop(f"{name}.keep"), tuple(info["shape"]))
-        state[f"{name}.weight"] = dense.T.contiguous() if info["transposed"] else dense
-    return state
-
-
-def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
-    """The transformers model stored in a compact directory, with dense weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    state = read_compact_state(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or next(iter(state.values())).dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    untied = set(missing) - _tied_names(model)
-    if untied or unexpected:
-        raise InputError(f"{path}: checkpoint does not match its config (missing {sorted(untied)[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    return model.eval()
-
-
-def _tied_names(model) -> set[str]:
-    """Parameter names that share their tensor with another name (e.g. lm_head and embeddings)."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(param), []).append(name)
-    return {name for names in by_tensor.values() if len(names) > 1 for name in names}

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporters import ExportError, ValidationError
-from exporters.onnx_export import TOLERANCE, TWO_GIB, export_graph
+from exporters.base import ExportError, ValidationError
+from exporters.onnx_graph import TOLERANCE, TWO_GIB, export_graph, prefill_feed
 from thanos.models import cache_argument
 
 WITH_CACHE_FILE = "model_with_cache.onnx"
@@ -76,18 +76,6 @@ def _probe_cache(model):
     cache = DynamicCache(config=model.config)
     model(torch.ones(1, 2, dtype=torch.long), use_cache=True, **{cache_argument(model): cache})
     return cache
-
-
-def prefill_feed(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict:
-    """Inputs for a first call of either graph: positions from the mask and an empty past, where it takes them."""
-    feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-    for arg in session.get_inputs():
-        if arg.name == "position_ids":
-            feed["position_ids"] = np.clip(attention_mask.cumsum(1) - 1, 0, None)
-        elif arg.name.startswith("past_"):
-            dtype = np.float16 if "float16" in arg.type else np.float32
-            feed[arg.name] = np.zeros((input_ids.shape[0], arg.shape[1], 0, arg.shape[3]), dtype)
-    return feed
 
 
 class OnnxDecoder:

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-from exporters import ExportError, ExportFormat, ExportOptions, register
+from exporters.base import ExportError, ExportFormat, ExportOptions, register
 from exporters.compact import load_compact, save_compact
 from exporters.source import load_pruned
 from thanos.config import Pattern
-from thanos.driver import LayerSelection, prunable_linears
+from thanos.models import LayerSelection, prunable_linears
 from thanos.models import stores_transposed, weight_view
 from exporters.patterns import analyse
 

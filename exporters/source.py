@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from exporters.patterns import LayerPattern, analyse
-from thanos.driver import LayerSelection, prunable_linears
+from thanos.models import LayerSelection, prunable_linears
 from thanos.errors import InputError
 from thanos.models import load_model, stores_transposed, weight_view
 
@@ -54,7 +54,7 @@ def directory_patterns(model_dir: Path) -> list[LayerPattern]:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from exporters.compact import is_compact_dir
+    from thanos.compact import is_compact_dir
 
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []

@@ -18,7 +18,7 @@ import logging
 import re
 from pathlib import Path
 
-from exporters import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
+from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
 from exporters.onnx_export import export_onnx
 from exporters.patterns import require_hardware_2to4
 from exporters.source import load_pruned, model_patterns

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from exporters import BackendMissingError, ExportFormat, ExportOptions, ValidationError, register
+from exporters.base import BackendMissingError, ExportFormat, ExportOptions, ValidationError, register
 from exporters.patterns import analyse, require_hardware_2to4
 from exporters.source import load_pruned, model_patterns, prompts
-from thanos.driver import LayerSelection, prunable_linears
+from thanos.models import LayerSelection, prunable_linears
 from thanos.models import stores_transposed, weight_view
 
 log = logging.getLogger(__name__)

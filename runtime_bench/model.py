@@ -42,7 +42,7 @@ def random_model(name: str, dtype=torch.float16, device="cpu"):
     from transformers import LlamaForCausalLM
 
     from runtime_bench.gemm import two_four_weight
-    from thanos.driver import LayerSelection, prunable_linears
+    from thanos.models import LayerSelection, prunable_linears
 
     config = random_config(name)
     with torch.device("meta"):

@@ -6,7 +6,7 @@ Builds one decoder layer of a real config with random weights (the solve and the
 cost the same whatever the values), captures random calibration tokens in front of it, and times
 the driver's own per-layer steps: moving the layer onto the device (layer offloading), the
 statistics pass, each linear's solve, and the pass through the pruned layer. The plan for the
-whole model multiplies by the layer count. For N ranks (`torchrun`, thanos.distributed) the two
+whole model multiplies by the layer count. For N ranks (`torchrun ... prune --distributed`) the two
 passes over the samples are divided by N and the solves are dealt out by the same rule the
 distributed driver uses; the all-reduce and broadcast traffic is reported in bytes, not timed.
 """
@@ -23,9 +23,9 @@ from runtime_bench.model import RANDOM_CONFIGS, random_config
 from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
-from thanos.driver import (LayerSelection, LayerStep, capture_layer_inputs, collect_statistics, prunable_linears,
-                           prune_layer, run_layer, solve_costs, solve_layer)
-from thanos.models import decoder_layers, weight_view
+from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs,
+                           solve_layer)
+from thanos.models import LayerSelection, decoder_layers, prunable_linears, weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
 
@@ -161,7 +161,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         + ".",
         "",
         "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
-        "by r*c^2 as thanos.distributed does; the collectives are not timed (their bytes are in the table).",
+        "by r*c^2 as `prune --distributed` does; the collectives are not timed (their bytes are in the table).",
     ]
     return "\n".join(lines) + "\n"
 

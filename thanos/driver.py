@@ -8,7 +8,6 @@ being pruned is on the accelerator.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 from typing import Callable, Optional
 
@@ -19,7 +18,8 @@ from thanos.api import prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
 from thanos.hessian import HessianAccumulator
-from thanos.models import ModelError, adapter_for, decoder_layers, is_prunable, set_weight_, weight_view
+from thanos.models import (LayerSelection, ModelError, adapter_for, decoder_layers, prunable_linears,
+                           set_weight_, weight_view)
 from thanos.parallel import Parallel
 from thanos.reconstruct import reconstruct_layer_
 
@@ -32,28 +32,6 @@ WIDE_LAYER_COLUMNS = 4096  # layers this wide take long enough to solve that the
 
 class _Captured(Exception):
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSelection:
-    """Which linears inside the decoder layers are pruned, by fnmatch pattern on the full name."""
-
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-
-    def __call__(self, name: str) -> bool:
-        return any(fnmatch.fnmatch(name, p) for p in self.include) and not any(
-            fnmatch.fnmatch(name, p) for p in self.exclude)
-
-
-def prunable_linears(model: nn.Module, selection: LayerSelection) -> dict[int, dict[str, nn.Module]]:
-    """{layer index: {full name: module}} of the linears that will be pruned."""
-    path = adapter_for(model).layers
-    found = {}
-    for index, layer in enumerate(decoder_layers(model)):
-        found[index] = {f"{path}.{index}.{name}": mod for name, mod in layer.named_modules()
-                        if is_prunable(mod) and selection(f"{path}.{index}.{name}")}
-    return found
 
 
 def check_pattern_fits(linears: dict[int, dict[str, nn.Module]], config: PruneConfig) -> None:

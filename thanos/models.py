@@ -6,6 +6,7 @@ weights; everything else about pruning is written once in `thanos.driver`.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib.util
 import inspect
 import logging
@@ -114,7 +115,7 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         directory, kwargs["gguf_file"] = source.parent, source.name
     else:
         directory = source
-        from exporters.compact import is_compact_dir, load_compact
+        from thanos.compact import is_compact_dir, load_compact
 
         if is_compact_dir(source):
             try:
@@ -139,3 +140,25 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         model.hf_quantizer = None
     adapter_for(model)
     return model, tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSelection:
+    """Which linears inside the decoder layers are pruned, by fnmatch pattern on the full name."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def __call__(self, name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in self.include) and not any(
+            fnmatch.fnmatch(name, p) for p in self.exclude)
+
+
+def prunable_linears(model: nn.Module, selection: LayerSelection) -> dict[int, dict[str, nn.Module]]:
+    """{layer index: {full name: module}} of the linears that will be pruned."""
+    path = adapter_for(model).layers
+    found = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        found[index] = {f"{path}.{index}.{name}": mod for name, mod in layer.named_modules()
+                        if is_prunable(mod) and selection(f"{path}.{index}.{name}")}
+    return found

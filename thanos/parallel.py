@@ -118,7 +118,7 @@ def init_from_env(timeout_s: float = 3600) -> torch.device:
     rank that dies is still noticed at once on gloo (its sockets close).
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise DistributedError("--distributed needs torchrun: `torchrun --nproc-per-node N -m thanos.distributed "
+        raise DistributedError("--distributed needs torchrun: `torchrun --nproc-per-node N -m cli prune --distributed "
                                "<prune options>`, which sets RANK, WORLD_SIZE and MASTER_ADDR")
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

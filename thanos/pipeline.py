@@ -17,10 +17,10 @@ import torch
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import REPORT_NAME, LayerCheckpoints, check_output_dir
 from thanos.config import PruneConfig
-from thanos.driver import LayerSelection, Progress, check_pattern_fits, prunable_linears, prune_model_
+from thanos.driver import Progress, check_pattern_fits, prune_model_
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
-from thanos.models import default_model_file, describe_source, load_model
+from thanos.models import LayerSelection, default_model_file, describe_source, load_model, prunable_linears
 from thanos.outputs import OutputDirError, begin_staging, check_disjoint, commit_staging
 from thanos.parallel import Parallel
 
@@ -222,39 +222,27 @@ def _save_model_dir(model, tokenizer, out: Path, report: dict) -> None:
 
 def evaluate_directory(path: str, text_file: Optional[str] = None, seqlen: Optional[int] = None,
                        device: str = "auto", max_windows: Optional[int] = -1) -> dict:
-    """Held-out perplexity of a pruned (or any) model directory on the default or a given text."""
+    """Held-out perplexity of a pruned (or any) model directory, compact checkpoint or .gguf file.
+
+    (An exported model.onnx is evaluated by `exporters.onnx_graph.evaluate_onnx`.)
+    """
     dev = resolve_device(device)
+    model, tokenizer = load_model(path)
+    model.to(dev)
+    return evaluate_model(model, tokenizer, path, text_file, seqlen, dev, max_windows, device_description(dev))
+
+
+def evaluate_model(model, tokenizer, path: str, text_file: Optional[str], seqlen: Optional[int],
+                   dev: torch.device, max_windows: Optional[int], where: str) -> dict:
+    """Perplexity of any `model(ids).logits` callable on the held-out part of the default or a given text."""
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     seqlen = seqlen or defaults["seqlen"]
     max_windows = defaults["eval_windows"] if max_windows == -1 else max_windows
-    if str(path).endswith(".onnx"):
-        model, tokenizer = _load_onnx(Path(path))
-        dev, where = torch.device("cpu"), f"onnxruntime {model.provider}"  # logits come back on the host
-    else:
-        model, tokenizer = load_model(path)
-        model.to(dev)
-        where = device_description(dev)
     text = tokenize_split(tokenizer, text_file)
     tokens = text.evaluation
     value = perplexity(model, tokens, seqlen, dev, max_windows)
     windows = min(tokens.numel() // seqlen, max_windows or 10**9)
     return dict(model=path, text=text.source, perplexity=value, windows=windows, seqlen=seqlen, device=where)
-
-
-def _load_onnx(path: Path):
-    """An exported ONNX model run by onnxruntime, with the tokenizer the export saved beside it."""
-    from transformers import AutoTokenizer
-
-    from exporters.onnx_export import OnnxCausalLM
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass the model.onnx an export wrote")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"no tokenizer beside {path} ({exc}); evaluate the folder `thanos-export export "
-                         "--target onnx` wrote, which holds one") from exc
-    return OnnxCausalLM(path), tokenizer
 
 
 __all__ = ["PruneJob", "prune_to_directory", "evaluate_directory", "resolve_device", "OutputDirError"]

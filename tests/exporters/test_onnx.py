@@ -83,11 +83,12 @@ def test_kv_cache_graph_takes_any_batch_and_past_length(pruned_llama_2of4, tmp_p
 
 @pytest.mark.parametrize("with_cache", [False, True])
 def test_eval_runs_the_exported_onnx(pruned_llama_2of4, tmp_path, with_cache):
+    from exporters.onnx_graph import evaluate_onnx
     from thanos.pipeline import evaluate_directory
 
     export("onnx", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float32", with_cache=with_cache, validate=False))
     graph = tmp_path / ("model_with_cache.onnx" if with_cache else "model.onnx")
-    onnx_result = evaluate_directory(str(graph), seqlen=32, device="cpu", max_windows=4)
+    onnx_result = evaluate_onnx(graph, seqlen=32, max_windows=4)
     torch_result = evaluate_directory(str(pruned_llama_2of4), seqlen=32, device="cpu", max_windows=4)
     assert onnx_result["device"] == "onnxruntime CPUExecutionProvider" and onnx_result["windows"] == 4
     assert onnx_result["perplexity"] == pytest.approx(torch_result["perplexity"], rel=1e-4)

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from thanos import HessianAccumulator, PruneConfig
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import OutputDirError
-from thanos.driver import LayerSelection, prunable_linears, prune_model_
-from thanos.models import ModelError, load_model, weight_view
+from thanos.driver import prune_model_
+from thanos.models import LayerSelection, ModelError, load_model, prunable_linears, weight_view
 from thanos.pipeline import PruneJob, prune_to_directory
 from tests.thanos.helpers import assert_nm
 

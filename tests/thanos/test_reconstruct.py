@@ -5,8 +5,8 @@ import torch
 
 from thanos import PruneConfig
 from thanos.calibration import sample_windows, tokenize_split
-from thanos.driver import LayerSelection, capture_layer_inputs, prunable_linears, prune_model_, run_layer
-from thanos.models import load_model, weight_view
+from thanos.driver import capture_layer_inputs, prune_model_, run_layer
+from thanos.models import LayerSelection, load_model, prunable_linears, weight_view
 from thanos.reconstruct import reconstruct_layer_
 from tests.thanos.helpers import assert_nm
 

@@ -1,0 +1,207 @@
+"""What every ONNX graph of ours shares: export and save, read back, run with onnxruntime.
+
+`onnx_export` (the full-sequence graph, the registered exporter) and `onnx_cache` (the KV-cache
+graph) both stand on this module, so neither imports the other's internals.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import types
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from exporters.base import ExportError
+from exporters.patterns import LayerPattern, analyse
+from thanos.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TWO_GIB = 2 * 1024**3
+TOLERANCE = {"float32": 1e-3, "float16": 1e-2}  # of the logits' largest magnitude
+
+
+def require_onnx():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise ExportError(f"ONNX export needs onnx and onnxruntime ({exc}); pip install 'thanos-export[onnx]'") from exc
+
+
+def export_graph(module, example_inputs: tuple, input_names: list[str], output_names: list[str], dynamic_axes: dict,
+                 path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
+    """torch.onnx (TorchScript) export of `module`, post-processed and saved at `path`.
+
+    The exporter writes into a scratch folder first (past 2 GB it leaves one file per tensor
+    there); the final graph, with a tied LM head sharing the embedding's bytes, is saved at `path`
+    (its weights in `path.data` past the threshold).
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch:
+        raw = Path(scratch) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about every Python branch in transformers' masking code; the dynamic
+            # axes are checked for real by running the graph at other shapes (tests/exporters).
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(module.eval(), example_inputs, str(raw), input_names=input_names,
+                                  output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
+                                  dynamo=False, do_constant_folding=True)
+            except RuntimeError as exc:
+                import transformers
+
+                if int(transformers.__version__.split(".")[0]) < 5:
+                    raise ExportError(
+                        f"torch.onnx could not trace transformers {transformers.__version__}'s attention-mask code "
+                        f"({exc}); ONNX export needs transformers 5 or newer: pip install 'transformers>=5'") from exc
+                raise
+        proto = onnx.load(str(raw), load_external_data=True)
+    shared = share_tied_embedding(proto)
+    if shared:
+        log.info("LM head shares the embedding's initializer %s", shared)
+    for stale in path.parent.glob(path.name + ".data"):
+        stale.unlink()
+    if sum(t.ByteSize() for t in proto.graph.initializer) > external_data_threshold:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def share_tied_embedding(proto) -> Optional[str]:
+    """Replace a MatMul initializer that is the transpose of the embedding by a Transpose of it.
+
+    With tied embeddings the exporter folds `x @ E^T` into a second copy of E: a fifth of the
+    default model's file. Runtimes fold the Transpose back when they load the graph.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    embeddings = [inits[n.input[0]] for n in proto.graph.node
+                  if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        for emb in embeddings:
+            if list(weight.dims) == list(reversed(emb.dims)) and weight.data_type == emb.data_type \
+                    and np.array_equal(numpy_helper.to_array(weight), numpy_helper.to_array(emb).T):
+                transposed = emb.name + "_transposed"
+                proto.graph.node.insert(0, helper.make_node("Transpose", [emb.name], [transposed], perm=[1, 0],
+                                                            name=transposed))
+                node.input[1] = transposed
+                if not any(weight.name in n.input for n in proto.graph.node):
+                    proto.graph.initializer.remove(weight)
+                return emb.name
+    return None
+
+
+def onnx_weight_patterns(path: Path) -> list[LayerPattern]:
+    """Analyse every constant weight of a MatMul/Gemm along its K axis, transposes included."""
+    from onnx import numpy_helper
+
+    proto = load_onnx_proto(path)
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    layers = []
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        name, transposed = node.input[1], False
+        if node.op_type == "Gemm":
+            transposed = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        producer = producers.get(name)
+        if name not in inits and producer is not None and producer.op_type == "Transpose":
+            name, transposed = producer.input[0], not transposed
+        if name not in inits:
+            continue  # an activation x activation product (attention), not a weight
+        array = numpy_helper.to_array(inits[name])
+        if array.ndim != 2:
+            continue
+        weight = torch.tensor(array if transposed else array.T)  # (out, in); a copy: onnx's arrays are read-only
+        layers.append(analyse(f"{node.name or node.op_type}:{name}", weight))
+    return layers
+
+
+def run_onnxruntime(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    providers: Optional[list[str]] = None) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    return session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+
+
+def load_onnx_proto(path: Path):
+    import onnx
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the model.onnx an export wrote")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf's DecodeError, a missing external-data file, ...
+        raise InputError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); it may be truncated "
+                         "or not ONNX: export it again with `thanos-export export --target onnx`") from exc
+
+
+class OnnxCausalLM:
+    """An exported ONNX model called like a transformers causal LM (`model(ids).logits`), for evaluation.
+
+    Takes either graph: the full-sequence one, or the KV-cache one fed an empty past.
+    """
+
+    def __init__(self, path: Path, providers: Optional[list[str]] = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf classes
+            raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc}); it may be truncated "
+                             "or not ONNX: export it again with `thanos-export export --target onnx`") from exc
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **_):
+        ids = input_ids.cpu().numpy()
+        mask = np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()
+        logits = self.session.run(["logits"], prefill_feed(self.session, ids, mask))[0]
+        return types.SimpleNamespace(logits=torch.from_numpy(logits.astype(np.float32)))
+
+
+def prefill_feed(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> dict:
+    """Inputs for a first call of either graph: positions from the mask and an empty past, where it takes them."""
+    feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+    for arg in session.get_inputs():
+        if arg.name == "position_ids":
+            feed["position_ids"] = np.clip(attention_mask.cumsum(1) - 1, 0, None)
+        elif arg.name.startswith("past_"):
+            dtype = np.float16 if "float16" in arg.type else np.float32
+            feed[arg.name] = np.zeros((input_ids.shape[0], arg.shape[1], 0, arg.shape[3]), dtype)
+    return feed
+
+
+
+
+def evaluate_onnx(path: "str | Path", text_file: Optional[str] = None, seqlen: Optional[int] = None,
+                  max_windows: Optional[int] = -1) -> dict:
+    """Held-out perplexity of an exported model.onnx, run by onnxruntime with the tokenizer beside it."""
+    from transformers import AutoTokenizer
+
+    from thanos.pipeline import evaluate_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the model.onnx an export wrote")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"no tokenizer beside {path} ({exc}); evaluate the folder `thanos-export export "
+                         "--target onnx` wrote, which holds one") from exc
+    model = OnnxCausalLM(path)
+    return evaluate_model(model, tokenizer, str(path), text_file, seqlen, torch.device("cpu"), max_windows,
+                          where=f"onnxruntime {model.provider}")  # logits come back on the host

@@ -1,0 +1,73 @@
+"""Reading compact n:m checkpoints (`thanos-export export --target safetensors`) back as dense models.
+
+The format: for an n:m layer of shape (out, in) the file holds `NAME.values` (out, in*(m-n)/m) in
+the layer's dtype and `NAME.keep` (out, ceil(in/8)) uint8, the row-wise packed bits of the mask of
+kept positions; every other tensor is stored dense under its own name. Reading lives here, below
+the exporters, because every command that loads a model accepts such a directory; writing is
+`exporters.compact`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from thanos.errors import InputError
+
+COMPACT_FILE = "model.compact.safetensors"
+FORMAT = "thanos-compact/1"
+
+
+def decompress(values: torch.Tensor, packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    rows, cols = shape
+    keep = torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=cols).astype(bool))  # (r, c)
+    dense = torch.zeros(rows, cols, dtype=values.dtype)
+    dense[keep] = values.flatten()
+    return dense
+
+
+def is_compact_dir(path: Path) -> bool:
+    return (Path(path) / COMPACT_FILE).is_file()
+
+
+def read_compact_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / COMPACT_FILE), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise InputError(f"{path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+        layers = json.loads(meta["layers"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for name, info in layers.items():
+        dense = decompress(state.pop(f"{name}.values"), state.pop(f"{name}.keep"), tuple(info["shape"]))
+        state[f"{name}.weight"] = dense.T.contiguous() if info["transposed"] else dense
+    return state
+
+
+def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
+    """The transformers model stored in a compact directory, with dense weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    state = read_compact_state(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or next(iter(state.values())).dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    untied = set(missing) - _tied_names(model)
+    if untied or unexpected:
+        raise InputError(f"{path}: checkpoint does not match its config (missing {sorted(untied)[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def _tied_names(model) -> set[str]:
+    """Parameter names that share their tensor with another name (e.g. lm_head and embeddings)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    return {name for names in by_tensor.values() if len(names) > 1 for name in names}
