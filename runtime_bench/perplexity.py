@@ -27,7 +27,7 @@ from thanos.calibration import sample_windows, tokenize_split
 from thanos.config import PRESETS
 from thanos.driver import prune_model_
 from thanos.evaluate import perplexity
-from thanos.models import describe_source, load_model
+from thanos.models import LayerSelection, describe_source, load_model, prunable_linears, weight_view
 from thanos.pipeline import device_description, resolve_device, versions
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
                     rows.append(row)
                     echo(f"| {method} | {pattern} | skipped: {exc} |")
                     break
-                row.update(status="ok", seconds=seconds, config=config, **measure(model))
+                row.update(status="ok", seconds=seconds, config=config, pattern_violations=pattern_violations(model, pattern),
+                           **measure(model))
                 rows.append(row)
                 echo(_row_line(row))
                 del model
@@ -149,7 +150,23 @@ def _modelopt_sparsegpt_(model, samples, pattern: str, dev) -> dict:
         raise _Skipped(f"ModelOpt's SparseGPT failed here: {type(exc).__name__}: {exc}") from exc
     finally:
         model.to("cpu")
-    return dict(method="modelopt-sparsegpt", pattern=pattern)
+    import modelopt
+
+    return dict(method="modelopt-sparsegpt", pattern=pattern, modelopt=modelopt.__version__)
+
+
+def pattern_violations(model, pattern: str) -> int:
+    """Groups of m inputs holding more than m - n non-zeros, over every prunable linear (0: exact n:m)."""
+    config = PruneConfig("magnitude", pattern, 0.5 if pattern == "unstructured" else None).pattern
+    if not config.is_nm:
+        return 0
+    bad = 0
+    for layer in prunable_linears(model, LayerSelection()).values():
+        for module in layer.values():
+            w = weight_view(module)
+            groups = (w != 0).reshape(w.shape[0], -1, config.m).sum(-1)
+            bad += int((groups > config.m - config.n).sum())
+    return bad
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -28,14 +28,15 @@ class Preset:
     refit_iterations: int
     reconstruct_epochs: int
     summary: str
+    reconstruct_lr: float = 3e-4  # Adam's step; also the default when reconstruction is asked for by hand
 
 
 PRESETS = {
     "fast": Preset({"nm": 128, "unstructured": 128, "columns": None}, 0, 0,
                    "the paper's block-wise solve alone"),
-    "default": Preset({"nm": 64, "unstructured": 128, "columns": None}, 20, 0,
-                      "block-wise solve, then the kept weights refit on the final mask"),
-    "best": Preset({"nm": 64, "unstructured": 128, "columns": None}, 20, 1,
+    "default": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 0,
+                      "smaller blocks, then the kept weights refit on the final mask"),
+    "best": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 1,
                    "the default, then each decoder layer tuned towards the dense layer's outputs"),
 }
 
@@ -109,7 +110,7 @@ class PruneConfig:
     damp: float = 0.01
     refit_iterations: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
     reconstruct_epochs: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
-    reconstruct_lr: float = 1e-5
+    reconstruct_lr: Optional[float] = None  # None: the preset's
     reconstruct_target: str = "layer"  # "layer": the dense layer's outputs; "dense": the dense model's
     preset: str = "default"
 
@@ -123,6 +124,8 @@ class PruneConfig:
         for field in ("refit_iterations", "reconstruct_epochs"):
             if getattr(self, field) is None:
                 object.__setattr__(self, field, getattr(preset, field) if self.method == "thanos" else 0)
+        if self.reconstruct_lr is None:
+            object.__setattr__(self, "reconstruct_lr", preset.reconstruct_lr)
         if self.reconstruct_target not in ("layer", "dense"):
             raise ConfigError(f"reconstruct_target must be 'layer' (the dense layer's outputs) or 'dense' (the dense "
                               f"model's activations), got {self.reconstruct_target!r}")

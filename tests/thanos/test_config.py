@@ -52,7 +52,7 @@ def test_config_serialises_resolved_values():
     assert data == {"method": "thanos", "pattern": "unstructured", "sparsity": 0.6,
                     "block_size": preset.block_size["unstructured"], "alpha": 0.0, "damp": 0.01,
                     "refit_iterations": preset.refit_iterations, "reconstruct_epochs": preset.reconstruct_epochs,
-                    "reconstruct_lr": 1e-5, "reconstruct_target": "layer", "preset": "default"}
+                    "reconstruct_lr": preset.reconstruct_lr, "reconstruct_target": "layer", "preset": "default"}
 
 
 def test_presets_fill_only_what_is_not_given():
