@@ -5,7 +5,6 @@ CLI does is a few lines of Python for a library user.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import click
 
-from runtime_bench.plan import main as plan_command
 from thanos.config import METHODS, PRESETS, PruneConfig
 from thanos.errors import ThanosExportError
 
@@ -347,22 +345,6 @@ def echo_export_summary(summary: dict) -> None:
                    f"{len(summary['dense'])} kept dense")
 
 
-def _gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _auto_target() -> str:
-    import importlib.util
-
-    import torch
-
-    if torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None:
-        return "tensorrt"
-    return "onnx"
-
-
 @main.command("export")
 @click.argument("model_dir", type=click.Path())
 @click.option("--target", type=click.Choice(TARGETS), required=True, help="Output format.")
@@ -446,41 +428,23 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.
     """
-    from exporters import check_backend, check_options_apply, export
-    from exporters.patterns import require_hardware_2to4
+    from runtime_bench.build import SUMMARY_NAME, BuildJob, prune_and_build as build_api
 
-    chosen = _auto_target() if target == "auto" else target
+    bars = _Bars(enabled=not quiet)
     try:
         options = build_export_options(dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache,
                                        trt_batch, trt_seqlen, workspace_gib, timing_cache, backend)
-        if chosen == "onnx" and dtype == "bfloat16":
-            options = dataclasses.replace(options, dtype="float16")
-        job = build_job(str(Path(out) / "pruned"), **prune_opts)
-        check_options_apply(chosen, options)  # refuse before pruning, not after
-        if chosen in ("tensorrt", "torch") and not allow_dense:
-            require_hardware_2to4(None, dict(config=job.config.to_json()), chosen, split_dense_rows)
-        check_backend(chosen)
-        report = run_prune(job, quiet)
-        echo_prune_summary(report)
-        summary = export(chosen, Path(out) / "pruned", Path(out) / chosen, options)
+        job = BuildJob(out=out, prune=build_job(str(Path(out) / "pruned"), **prune_opts), target=target,
+                       options=options, bench=bench)
+        build = build_api(job, bars, on_pruned=lambda report: (bars.close(), echo_prune_summary(report)),
+                          on_exported=echo_export_summary)
     except USER_ERRORS as exc:
         _fail(exc)
-    echo_export_summary(summary)
-    build = dict(target=chosen, pruned=str(Path(out) / "pruned"), export=str(Path(out) / chosen),
-                 sparsity=report["sparsity"], perplexity_before=report.get("perplexity_before"),
-                 perplexity_after=report.get("perplexity_after"), export_summary=summary)
-    if bench:
-        from runtime_bench.bench import BenchSettings, run_bench
-
-        quick = BenchSettings(target=str(Path(out) / "pruned"), out=str(Path(out) / "bench"), tokens=(1, 256, 2048),
-                              grid=((1, 128),), dtypes=(dtype or "float16",) if _gpu() else ("float32",),
-                              device=prune_opts["device"], decode_steps=8)
-        bench_summary = run_bench(quick)
-        build["bench"] = str(Path(out) / "bench" / "report.md")
-        build["bench_crossovers"] = bench_summary["crossovers"]
+    finally:
+        bars.close()
+    if build.get("bench"):
         click.echo(f"bench      {build['bench']}")
-    (Path(out) / "build_summary.json").write_text(json.dumps(build, indent=1, default=str))
-    click.echo(f"summary    {Path(out) / 'build_summary.json'}")
+    click.echo(f"summary    {Path(out) / SUMMARY_NAME}")
 
 
 @main.command("bench")
@@ -536,7 +500,41 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
     click.echo(f"report     {Path(out) / 'report.md'}")
 
 
-main.add_command(plan_command, "plan")  # defined beside the tool it runs
+@main.command("plan")
+@click.option("--config", "name", type=click.Choice(["smollm2-135m", "llama2-7b", "llama2-70b"]), default="llama2-70b",
+              show_default=True, help="Real model shapes to plan for.")
+@click.option("--device", default=None, help="cuda or cpu (default: cuda where a GPU is visible).")
+@click.option("--ranks", default="1,8", show_default=True, help="Rank counts to plan for, comma-separated.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+              help="Calibration windows (default 128 on GPU, 32 on CPU).")
+@click.option("--seqlen", type=click.IntRange(min=1), default=None, help="Tokens per window (default 2048 on GPU, 512 on CPU).")
+@click.option("--pattern", default="2:4", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="thanos", show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+              help="Thanos preset to time (its refit and reconstruction included).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
+@click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
+def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, json_out, md_out):
+    """Time and memory plan for pruning a big model, from one decoder layer measured here.
+
+    Builds one random-weight decoder layer of the named config, times the driver's own steps on
+    it (moving the layer to the device, the statistics pass, each solve with its refit, the
+    reconstruction, the pruned pass), and multiplies out for 1 process with layer offloading and
+    for N torchrun ranks.
+
+    \b
+    Example:
+      thanos-export plan --config llama2-70b --device cuda --ranks 1,8 --md-out plan.md
+    """
+    from runtime_bench.plan import run_plan
+
+    logging.getLogger("thanos").setLevel(logging.INFO)  # each solve's time as it finishes
+    try:
+        text = run_plan(name, device, tuple(int(r) for r in ranks.split(",")), calib_samples, seqlen, pattern, method,
+                        preset, json_out, md_out, echo=lambda m: click.echo(m, err=True))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(text)
 
 if __name__ == "__main__":
     main()

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
+from typing import Optional
 
-import click
 import torch
 
 from runtime_bench.model import RANDOM_CONFIGS, random_config
@@ -166,48 +167,49 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
     return "\n".join(lines) + "\n"
 
 
-@click.command()
-@click.option("--config", "name", type=click.Choice(sorted(RANDOM_CONFIGS)), default="llama2-70b", show_default=True,
-              help="Real model shapes to plan for.")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@click.option("--ranks", default="1,8", show_default=True, help="Rank counts to plan for, comma-separated.")
-@click.option("--calib-samples", type=int, default=None, help="Calibration windows (default 128 on GPU, 32 on CPU).")
-@click.option("--seqlen", type=int, default=None, help="Tokens per window (default 2048 on GPU, 512 on CPU).")
-@click.option("--pattern", default="2:4", show_default=True)
-@click.option("--method", default="thanos", show_default=True)
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
-              help="Thanos preset to time (its refit, dense targets and reconstruction included).")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
-@click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
-def main(name, device, ranks, calib_samples, seqlen, pattern, method, preset, json_out, md_out):
-    """Time and memory plan for pruning a big model, from one decoder layer measured here.
-
-    Builds one random-weight decoder layer of the named config, times the driver's own steps on
-    it (moving the layer to the device, the statistics pass, each solve, the pruned pass), and
-    multiplies out for 1 process with layer offloading and for N torchrun ranks.
-
-    \b
-    Example:
-      thanos-export plan --config llama2-70b --device cuda --ranks 1,8 --md-out plan.md
-    """
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each solve's time as it finishes
-    dev = torch.device(device)
+def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
+             calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
+             method: str = "thanos", preset: str = "default", json_out: Optional[str] = None,
+             md_out: Optional[str] = None, echo=print) -> str:
+    """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     samples, seqlen = calib_samples or defaults["samples"], seqlen or defaults["seqlen"]
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
     config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
     layer = measure_layer(config, PruneConfig(method=method, pattern=pattern, preset=preset), samples, seqlen, dev,
-                          dtype, echo=lambda m: click.echo(m, err=True))
-    rows = plan(layer, layers, [int(r) for r in ranks.split(",")])
+                          dtype, echo=echo)
+    rows = plan(layer, layers, list(ranks))
     info = machine()
     text = markdown(layer, rows, name, layers, info)
-    click.echo(text)
     if json_out:
         Path(json_out).write_text(json.dumps(dict(machine=info, model=name, layers=layers, layer=layer, plan=rows),
                                              indent=2))
     if md_out:
         Path(md_out).write_text(text)
+    return text
+
+
+def main(argv=None) -> None:
+    """`python -m runtime_bench.plan`: the same as `thanos-export plan` (see its --help)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m runtime_bench.plan", description=run_plan.__doc__)
+    parser.add_argument("--config", dest="name", choices=sorted(RANDOM_CONFIGS), default="llama2-70b")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--ranks", default="1,8")
+    parser.add_argument("--calib-samples", type=int, default=None)
+    parser.add_argument("--seqlen", type=int, default=None)
+    parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--method", default="thanos")
+    parser.add_argument("--preset", choices=list(PRESETS), default="default")
+    parser.add_argument("--json-out", default=None)
+    parser.add_argument("--md-out", default=None)
+    args = vars(parser.parse_args(argv))
+    args["ranks"] = tuple(int(r) for r in args["ranks"].split(","))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each solve's time as it finishes
+    print(run_plan(**args, echo=lambda m: print(m, file=sys.stderr)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import click
 import torch
 
 from runtime_bench import protocol
@@ -84,27 +83,33 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
     return records
 
 
-@click.command()
-@click.option("--shapes", default=",".join(SHAPES), show_default=True, help="Comma-separated ROWSxCOLS.")
-@click.option("--methods", default="thanos,sparsegpt,wanda,magnitude", show_default=True)
-@click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
-@click.option("--block-sizes", default="64,128,512", show_default=True)
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
-@click.option("--no-per-block", is_flag=True, help="Skip the slow per-block re-inversion reference.")
-@click.option("--per-block-up-to", type=int, default=None,
-              help="Widest layer (columns) to run the reference on (default 4096 on a CPU, 16384 on a GPU).")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Time each solve this many times and keep the fastest (single timings on a shared machine vary).")
-@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the records as JSON.")
-def main(shapes, methods, patterns, block_sizes, device, no_per_block, per_block_up_to, repeat, json_out):
-    """Benchmark the pruning solvers on single layers of real LLM shapes."""
-    machine = dict(protocol.machine(), device=device)
-    click.echo(f"machine: {json.dumps(machine)}")
-    records = run(shapes.split(","), methods.split(","), patterns.split(","),
-                  [int(b) for b in block_sizes.split(",")], device, per_block=not no_per_block, echo=click.echo,
-                  per_block_max_columns=per_block_up_to, repeat=repeat)
-    if json_out:
-        with open(json_out, "w") as f:
+def main(argv=None) -> None:
+    """`python -m runtime_bench.solver`: benchmark the pruning solvers on single layers of real LLM shapes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m runtime_bench.solver", description=main.__doc__)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated ROWSxCOLS")
+    parser.add_argument("--methods", default="thanos,sparsegpt,wanda,magnitude")
+    parser.add_argument("--patterns", default="2:4,4:8,unstructured")
+    parser.add_argument("--block-sizes", default="64,128,512")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-per-block", action="store_true", help="skip the slow per-block re-inversion reference")
+    parser.add_argument("--per-block-up-to", type=int, default=None,
+                        help="widest layer (columns) to run the reference on (default 4096 on a CPU, 16384 on a GPU)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time each solve this many times and keep the fastest (timings on a shared machine vary)")
+    parser.add_argument("--json-out", default=None, help="also write the records as JSON")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    machine = dict(protocol.machine(), device=args.device)
+    print(f"machine: {json.dumps(machine)}", flush=True)
+    records = run(args.shapes.split(","), args.methods.split(","), args.patterns.split(","),
+                  [int(b) for b in args.block_sizes.split(",")], args.device, per_block=not args.no_per_block,
+                  echo=lambda line: print(line, flush=True), per_block_max_columns=args.per_block_up_to,
+                  repeat=args.repeat)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
             json.dump(dict(machine=machine, results=records), f, indent=1)
 
 

@@ -76,3 +76,14 @@ def test_the_graph_is_read_correctly():
     assert "thanos.api" in graph["thanos.driver"]
     assert "exporters.tensorrt_engine" in graph["exporters"]  # imported inside a function
     assert "thanos.config" in graph["cli"]
+
+
+def test_click_lives_in_the_cli_only():
+    users = []
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "click" for n in names):
+                users.append(name)
+    assert set(users) == {"cli"}, f"click imported outside cli.py: {sorted(set(users) - {'cli'})}"

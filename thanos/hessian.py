@@ -83,8 +83,8 @@ def inverse_upper_factor(hessian: torch.Tensor, damp: float, layer: str = "layer
 
     `U` comes from one Cholesky factorisation and one triangular inverse, without forming
     `inv(H)`: with `P` the reversal permutation, `P H P = L L^T` gives `H = V V^T` for the upper
-    triangular `V = P L P`, so `inv(H) = U^T U` with `U = inv(V) = P inv(L) P`. (Inverting `H`
-    and factorising the inverse again, as SparseGPT does, took 1.8x as long at 4096 columns here.)
+    triangular `V = P L P`, so `inv(H) = U^T U` with `U = inv(V) = P inv(L) P`. This skips the
+    inversion and second factorisation SparseGPT's route takes (timings: docs/results/solver_cpu.md).
 
     On failure the damping is multiplied by 10 and the factorisation retried, up to
     `MAX_DAMP_ESCALATIONS` times; each escalation is logged and counted.
@@ -120,8 +120,7 @@ def lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
 
     A triangular solve against the identity spends most of its flops on known zeros; by halves,
     `inv([[A, 0], [C, D]]) = [[inv(A), 0], [-inv(D) C inv(A), inv(D)]]` moves part of the work
-    into a matrix product. Measured on a 2-core CPU: 0.23 s instead of 0.31 s at 4096 columns,
-    3.0 s instead of 4.8 s at 11008.
+    into a matrix product (faster from a few thousand columns on; docs/results/solver_cpu.md).
     """
     n = lower.shape[0]
     if n <= TRIANGULAR_INVERSE_BASE:

@@ -21,9 +21,8 @@ DEFAULT_SOLVE_MEMORY = 512 * 2**20  # bytes for one chunk of batched k x k syste
 # enough that the rows of a chunk (sorted by k) need little padding, large enough to keep
 # kernels busy.
 ROWS_PER_CHUNK = 1024
-# On a CPU a chunk's systems are sized to stay in cache (2 MiB of L2 per core here) through the
-# gather, the factorisation and the solves. 4 MiB beat 1, 2 and 16 MiB and 1024-row chunks in the
-# solver benchmark (2048x2048, 2:4, B = 512: 3.1 s against 4.1 s with 1024 rows).
+# On a CPU a chunk's systems are sized to stay in cache through the gather, the factorisation
+# and the solves; 4 MiB was the fastest of the sizes the solver benchmark tried.
 CPU_CHUNK_BYTES = 4 * 2**20
 # Largest system that `_batched_cholesky` hands to LAPACK whole on a CPU.
 CHOLESKY_BASE = 16
@@ -133,7 +132,7 @@ def _remove_weights(W, i1, block_mask, G_block, solve_memory):
         # Removed positions first (stable sort keeps column order), then padding positions.
         q = torch.argsort((~sub_mask).to(torch.int8), dim=1, stable=True)[:, :kc]  # (R, kc)
         valid = torch.arange(kc, device=W.device)[None, :] < k[:, None]  # (R, kc)
-        # G_bb[q_i][:, q_i] for every row: whole rows first, then columns (3x faster on a CPU
+        # G_bb[q_i][:, q_i] for every row: whole rows first, then columns (much faster on a CPU
         # than indexing both dimensions at once).
         Gqq = torch.gather(G_bb.index_select(0, q.flatten()).view(*q.shape, B), 2, q[:, None, :].expand(-1, kc, -1))
         rhs = torch.gather(W[idx_rows, i1 : i1 + B], 1, q)  # (R, kc)
@@ -158,7 +157,7 @@ def _rows_per_chunk(device: torch.device, k: int) -> int:
 def _spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Solve batched SPD systems A x = b (A: (R, k, k), b: (R, k)) by Cholesky, LU where that fails."""
     L, info = _batched_cholesky(A)  # (R, k, k), A = L L^T
-    # Two triangular solves are faster than cholesky_solve on CPU builds (1.3x for 256 systems of 64).
+    # Two triangular solves are faster than cholesky_solve on CPU builds.
     y = torch.linalg.solve_triangular(L, b[..., None], upper=False)
     x = torch.linalg.solve_triangular(L.mT, y, upper=True)[..., 0]
     bad = info != 0
@@ -172,8 +171,8 @@ def _batched_cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     LAPACK (MKL) factorises small matrices slowly one by one, so on a CPU the factorisation
     recurses on halves down to `CHOLESKY_BASE` columns; the off-diagonal block is a batched
-    triangular solve and the Schur complement a batched matrix product. Measured per 4 MiB chunk
-    here: 1.3x faster than one `cholesky_ex` at k = 64, 2.1x at k = 128, 1.4x at k = 256.
+    triangular solve and the Schur complement a batched matrix product, which beats one
+    `cholesky_ex` call on the sizes the solver benchmark uses.
     """
     k = A.shape[-1]
     if A.device.type != "cpu" or k <= CHOLESKY_BASE:
