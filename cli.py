@@ -36,9 +36,16 @@ class _Bars:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.bars = {}
+        # Redirected to a file, nested bars would fill it with cursor-movement escapes: one plain
+        # line per finished layer instead.
+        self.plain = not sys.stderr.isatty()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
+            return
+        if self.plain:
+            if stage == "layers":
+                click.echo(f"layer {done}/{total} done", err=True)
             return
         from tqdm.auto import tqdm
 

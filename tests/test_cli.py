@@ -119,3 +119,12 @@ def test_own_errors_are_one_line_and_everything_else_keeps_its_traceback(monkeyp
     monkeypatch.setattr(thanos.pipeline, "prune_to_directory", bad_input)
     refused = CliRunner().invoke(main, ["prune", "--out", str(tmp_path / "o"), *SMALL])
     assert refused.exit_code == 1 and refused.output == "Error: the thing is wrong; pass the right thing\n"
+
+
+def test_progress_redirected_to_a_file_is_plain_lines(tiny_llama_dir, tmp_path):
+    runner = CliRunner()  # its stderr is not a terminal, as with `2> log`
+    args = ["prune", "--model", str(tiny_llama_dir), "--no-eval", "--out", str(tmp_path / "p"),
+            *[a for a in SMALL if a != "--quiet"]]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" not in result.stderr and "layer 3/3 done" in result.stderr

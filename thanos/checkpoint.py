@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ class LayerCheckpoints:
     def __init__(self, out: Path, fingerprint: dict):
         self.dir = Path(out) / PARTIAL_DIR
         self.fingerprint = fingerprint
+        self.earlier_seconds = 0.0  # time spent by the interrupted runs this one resumes
+        self._opened_at = time.time()
 
     def open(self) -> int:
         """Create or validate the partial directory; returns how many layers are already done."""
@@ -65,6 +68,13 @@ class LayerCheckpoints:
         done = 0
         while self._path(done).is_file():
             done += 1
+        elapsed = self.dir / "elapsed.json"
+        if done and elapsed.is_file():
+            try:
+                self.earlier_seconds = float(json.loads(elapsed.read_text())["seconds"])
+            except (ValueError, KeyError, TypeError):
+                self.earlier_seconds = 0.0  # only the report's total time depends on it
+        self._opened_at = time.time()
         return done
 
     def _path(self, index: int) -> Path:
@@ -77,6 +87,8 @@ class LayerCheckpoints:
         tmp = self._path(index).with_suffix(".tmp")
         save_file(state, str(tmp), metadata={"reports": json.dumps(reports)})
         os.replace(tmp, self._path(index))
+        spent = self.earlier_seconds + time.time() - self._opened_at
+        atomic_write_text(self.dir / "elapsed.json", json.dumps(dict(seconds=spent)))
 
     def load(self, index: int, layer: torch.nn.Module) -> list[dict]:
         from safetensors import safe_open

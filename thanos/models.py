@@ -94,7 +94,21 @@ def default_model_file() -> Path:
 
 
 def describe_source(path: Optional[str]) -> str:
-    return str(default_model_file()) if path is None else str(Path(path))
+    """The model as a report names it: the path as given, or the default model's package and file
+    (not this machine's absolute path to it)."""
+    return f"{DEFAULT_MODEL_PACKAGE}/{DEFAULT_MODEL_FILE}" if path is None else str(path)
+
+
+def source_files(path: Optional[str]) -> dict[str, list[int]]:
+    """{file name: [size, modification time in ns]} of a model's weight and config files.
+
+    A resume compares it, so a model changed in place is never mixed with layers pruned from
+    its old version.
+    """
+    source = default_model_file() if path is None else Path(path)
+    files = [source] if source.is_file() else sorted(
+        f for f in source.glob("*") if f.is_file() and f.suffix in (".safetensors", ".json", ".gguf", ".bin"))
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False):

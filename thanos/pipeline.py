@@ -20,7 +20,8 @@ from thanos.config import PruneConfig
 from thanos.driver import Progress, check_pattern_fits, prune_model_
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
-from thanos.models import LayerSelection, default_model_file, describe_source, load_model, prunable_linears
+from thanos.models import (LayerSelection, default_model_file, describe_source, load_model, prunable_linears,
+                           source_files)
 from thanos.outputs import OutputDirError, begin_staging, check_disjoint, commit_staging
 from thanos.parallel import Parallel
 
@@ -81,7 +82,8 @@ class PruneJob:
 
     def fingerprint(self) -> dict:
         """The settings that decide the pruned weights; a resume must match them."""
-        return dict(model=describe_source(self.model), config=self.config.to_json(), calib_file=self.calib_file,
+        return dict(model=describe_source(self.model), model_files=source_files(self.model),
+                    config=self.config.to_json(), calib_file=self.calib_file,
                     calib_samples=self.calib_samples, seqlen=self.seqlen, seed=self.seed,
                     include=list(self.include), exclude=list(self.exclude))
 
@@ -164,7 +166,7 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
     layers = prune_model_(model, samples, job.config, device, selection, checkpoints, offload, progress, parallel)
     report["layers"] = layers
     report["sparsity"] = _overall_sparsity(layers)
-    report["prune_seconds"] = time.time() - started
+    report["prune_seconds"] = checkpoints.earlier_seconds + time.time() - started  # every run of a resumed job
     if evaluate:
         report["perplexity_after"] = _held_out_perplexity(model, text.evaluation, job, device)
 

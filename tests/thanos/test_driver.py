@@ -118,6 +118,48 @@ def test_resume_refuses_different_settings(tiny_llama_dir, tmp_path):
         prune_to_directory(changed)
 
 
+def test_resume_refuses_a_model_changed_in_place_and_counts_every_runs_time(tiny_llama_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    job = PruneJob(out=str(tmp_path / "run"), model=str(model), evaluate=False, **SMALL)
+
+    def die_after_two_layers(stage, done, total):
+        if stage == "layers" and done == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        prune_to_directory(job, progress=die_after_two_layers)
+    first = json.loads((tmp_path / "run" / ".thanos_partial" / "elapsed.json").read_text())["seconds"]
+    assert first > 0
+    config = model / "config.json"
+    original = config.read_text()
+    config.write_text(original.replace("{", '{"note": "edited", ', 1))  # same settings, different files
+    with pytest.raises(OutputDirError, match="model_files"):
+        prune_to_directory(job)
+    config.write_text(original)
+    import os
+
+    os.utime(config, ns=(0, 0))  # back to the same bytes, but the file changed: still refused
+    with pytest.raises(OutputDirError, match="model_files"):
+        prune_to_directory(job)
+
+
+def test_prune_seconds_add_up_over_a_resume(tiny_llama_dir, tmp_path):
+    job = PruneJob(out=str(tmp_path / "run"), model=str(tiny_llama_dir), evaluate=False, **SMALL)
+
+    def die_after_two_layers(stage, done, total):
+        if stage == "layers" and done == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        prune_to_directory(job, progress=die_after_two_layers)
+    first = json.loads((tmp_path / "run" / ".thanos_partial" / "elapsed.json").read_text())["seconds"]
+    report = prune_to_directory(job)
+    assert report["prune_seconds"] > first
+
+
 def test_bad_inputs_fail_clearly_and_write_nothing(tiny_llama_dir, tmp_path, tmp_path_factory, tiny_tokenizer_dir):
     from tests.conftest import _save_tiny
 

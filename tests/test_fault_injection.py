@@ -1,0 +1,85 @@
+"""SIGKILL in the middle of a prune or an export, then rerun: the result equals an uninterrupted
+run, and nothing half-written ever sits at an output's final name.
+
+Each victim runs in a subprocess that kills itself with SIGKILL (no cleanup, no finally blocks)
+at a chosen point, reached through the library's own progress callback or by wrapping one step.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from thanos.models import LayerSelection, prunable_linears, weight_view
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(calib_samples=2, seqlen=32, evaluate=False, device="cpu")
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+
+
+def _run_victim(code: str) -> int:
+    script = "import os, signal\n" + textwrap.dedent(code)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=300).returncode
+
+
+def _weights(path) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return {name: weight_view(mod).clone() for layer in prunable_linears(model, LayerSelection()).values()
+            for name, mod in layer.items()}
+
+
+@pytest.mark.parametrize("stage, point", [("layers", 1), ("layers", 2), ("samples", 1)])
+def test_prune_killed_then_rerun_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path, stage, point):
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    prune_to_directory(PruneJob(out=str(tmp_path / "full"), model=str(tiny_llama_dir), **SMALL))
+    out = tmp_path / "killed"
+    code = _run_victim(f"""
+        from thanos.pipeline import PruneJob, prune_to_directory
+        seen = []
+        def progress(stage, done, total):
+            if stage == {stage!r}:
+                seen.append(done)
+                if len(seen) == {point}:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        prune_to_directory(PruneJob(out={str(out)!r}, model={str(tiny_llama_dir)!r}, **{SMALL!r}), progress=progress)
+    """)
+    assert code == -signal.SIGKILL
+    assert not (out / "thanos_report.json").exists()  # no finished-looking model
+    prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir), **SMALL))
+    full, resumed = _weights(tmp_path / "full"), _weights(out)
+    assert all(torch.equal(full[n], resumed[n]) for n in full)
+    assert not list(tmp_path.glob(".killed.*"))
+
+
+@pytest.mark.parametrize("target, step", [("onnx", "exporters.onnx_export.validate_onnx"),
+                                          ("safetensors", "exporters.safetensors_compact.load_compact")])
+def test_export_killed_leaves_nothing_at_its_name_and_a_rerun_succeeds(pruned_llama_2of4, tmp_path, target, step):
+    out = tmp_path / "export"
+    module, _, name = step.rpartition(".")
+    code = _run_victim(f"""
+        import importlib
+        module = importlib.import_module({module!r})
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)  # the files are written, the check has not run
+        setattr(module, {name!r}, die)
+        from exporters import ExportOptions, export
+        export({target!r}, {str(pruned_llama_2of4)!r}, {str(out)!r}, ExportOptions(dtype="float32"))
+    """)
+    assert code == -signal.SIGKILL
+    assert not out.exists()  # the unverified files stayed in the staging sibling
+    from exporters import ExportOptions, export
+
+    summary = export(target, pruned_llama_2of4, out, ExportOptions(dtype="float32"))
+    assert (out / "export_summary.json").is_file() and summary["format"] == target
+    assert not list(tmp_path.glob(".export.*"))  # the rerun cleared the killed run's staging folder
+    written = json.loads((out / "export_summary.json").read_text())
+    assert str(tmp_path / ".export.staging") not in json.dumps(written)
