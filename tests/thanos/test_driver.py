@@ -93,7 +93,7 @@ def test_resume_equals_uninterrupted(tiny_llama_dir, tmp_path, config):
     with pytest.raises(_Killed):
         prune_to_directory(partial, progress=die_after_two_layers)
     saved = sorted(p.name for p in (tmp_path / "resumed" / ".thanos_partial").iterdir())
-    assert saved == ["layer_00000.safetensors", "layer_00001.safetensors", "run.json"]
+    assert saved == ["elapsed.json", "layer_00000.safetensors", "layer_00001.safetensors", "run.json"]
 
     solved = []
     prune_to_directory(partial, progress=lambda stage, done, total: solved.append((stage, done)))
