@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,29 +119,31 @@ def test_resume_refuses_different_settings(tiny_llama_dir, tmp_path):
         prune_to_directory(changed)
 
 
-def test_resume_refuses_a_model_changed_in_place_and_counts_every_runs_time(tiny_llama_dir, tmp_path):
-    import shutil
-
-    model = tmp_path / "model"
-    shutil.copytree(tiny_llama_dir, model)
-    job = PruneJob(out=str(tmp_path / "run"), model=str(model), evaluate=False, **SMALL)
-
+def _interrupt_after_two_layers(job) -> float:
+    """Run `job` until two layers are saved; returns the seconds the partial run recorded."""
     def die_after_two_layers(stage, done, total):
         if stage == "layers" and done == 2:
             raise _Killed
 
     with pytest.raises(_Killed):
         prune_to_directory(job, progress=die_after_two_layers)
-    first = json.loads((tmp_path / "run" / ".thanos_partial" / "elapsed.json").read_text())["seconds"]
-    assert first > 0
+    return json.loads((Path(job.out) / ".thanos_partial" / "elapsed.json").read_text())["seconds"]
+
+
+def test_resume_refuses_a_model_changed_in_place(tiny_llama_dir, tmp_path):
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    job = PruneJob(out=str(tmp_path / "run"), model=str(model), evaluate=False, **SMALL)
+    _interrupt_after_two_layers(job)
     config = model / "config.json"
     original = config.read_text()
     config.write_text(original.replace("{", '{"note": "edited", ', 1))  # same settings, different files
     with pytest.raises(OutputDirError, match="model_files"):
         prune_to_directory(job)
     config.write_text(original)
-    import os
-
     os.utime(config, ns=(0, 0))  # back to the same bytes, but the file changed: still refused
     with pytest.raises(OutputDirError, match="model_files"):
         prune_to_directory(job)
@@ -148,14 +151,8 @@ def test_resume_refuses_a_model_changed_in_place_and_counts_every_runs_time(tiny
 
 def test_prune_seconds_add_up_over_a_resume(tiny_llama_dir, tmp_path):
     job = PruneJob(out=str(tmp_path / "run"), model=str(tiny_llama_dir), evaluate=False, **SMALL)
-
-    def die_after_two_layers(stage, done, total):
-        if stage == "layers" and done == 2:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        prune_to_directory(job, progress=die_after_two_layers)
-    first = json.loads((tmp_path / "run" / ".thanos_partial" / "elapsed.json").read_text())["seconds"]
+    first = _interrupt_after_two_layers(job)
+    assert first > 0
     report = prune_to_directory(job)
     assert report["prune_seconds"] > first
 
