@@ -100,7 +100,7 @@ def prune_options(f):
                      help="Fraction removed; n:m fixes it at n/m. Default 0.5 for unstructured/columns."),
         click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
                      help="Thanos quality/time setting: " + "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
-                          + ". Measured in docs/results/perplexity_smollm2_cpu.md."),
+                          + ". Measured in docs/results/perplexity_2of4_cpu.md."),
         click.option("--block-size", type=int, default=None, help="Columns per block (default: the preset's)."),
         click.option("--refit-iterations", type=click.IntRange(min=0), default=None,
                      help="Conjugate-gradient iterations refitting the kept weights on the final mask "
@@ -149,9 +149,14 @@ def build_job(out, model, method, pattern, sparsity, preset, block_size, refit_i
                          reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target, preset=preset)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
                     seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
-                    evaluate=not no_eval, eval_windows=-1 if eval_windows is None else (eval_windows or None),
+                    evaluate=not no_eval, eval_windows=_windows(eval_windows),
                     offload_activations=offload_activations, trust_remote_code=trust_remote_code, overwrite=overwrite,
                     distributed=distributed)
+
+
+def _windows(option: "int | None") -> "int | None":
+    """--eval-windows / --windows to the library's value: -1 the device's default, None all of them."""
+    return -1 if option is None else (option or None)
 
 
 def run_prune(job, quiet=False) -> dict:
@@ -251,7 +256,7 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json):
     """
     from thanos.pipeline import evaluate_directory
 
-    windows = -1 if windows is None else (windows or None)
+    windows = _windows(windows)
     try:
         if str(path).endswith(".onnx"):
             from exporters.onnx_graph import evaluate_onnx

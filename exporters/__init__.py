@@ -15,10 +15,12 @@ from pathlib import Path
 
 from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat, ExportOptions,
                             ValidationError, register)
-from exporters.compact import load_compact
+from thanos.compact import load_compact
 from thanos.outputs import begin_staging, check_disjoint, commit_staging
 
 log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "export_summary.json"
 
 
 def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path",
@@ -51,8 +53,6 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
         shutil.rmtree(staging, ignore_errors=True)
     return summary
 
-
-SUMMARY_NAME = "export_summary.json"
 
 
 def check_export_dir(model_dir: "str | Path", out: Path, overwrite: bool) -> None:
@@ -103,9 +103,9 @@ def check_backend(fmt: "str | ExportFormat") -> None:
     """Raise BackendMissingError now if `fmt` cannot be built on this machine (before any pruning)."""
     fmt = ExportFormat(fmt)
     if fmt is ExportFormat.TENSORRT:
-        from exporters.tensorrt_engine import _import_tensorrt
+        from exporters.tensorrt_engine import require_tensorrt
 
-        _import_tensorrt()
+        require_tensorrt()
     elif fmt is ExportFormat.TORCH:
         from exporters.torch_sparse import require_sparse_gpu
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from exporters.patterns import nonzero_bits
-from thanos.compact import COMPACT_FILE, FORMAT, decompress, is_compact_dir, load_compact  # noqa: F401 (re-exported)
+from thanos.compact import COMPACT_FILE, FORMAT
 
 
 def keep_mask(weight: torch.Tensor, n: int, m: int) -> Optional[torch.Tensor]:

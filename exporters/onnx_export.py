@@ -16,8 +16,7 @@ import torch
 
 from exporters.base import ExportError, ExportFormat, ExportOptions, ValidationError, register
 from exporters.onnx_cache import WITH_CACHE_FILE, validate_onnx_with_cache, write_onnx_with_cache
-from exporters.onnx_graph import (TOLERANCE, TWO_GIB, OnnxCausalLM, evaluate_onnx, export_graph,  # noqa: F401
-                                  onnx_weight_patterns, require_onnx, run_onnxruntime)
+from exporters.onnx_graph import TOLERANCE, TWO_GIB, export_graph, onnx_weight_patterns, require_onnx, run_onnxruntime
 from exporters.source import load_pruned, model_patterns, prompts
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from exporters.base import ExportError, ExportFormat, ExportOptions, register
-from exporters.compact import load_compact, save_compact
+from exporters.compact import save_compact
+from thanos.compact import load_compact
 from exporters.source import load_pruned
 from thanos.config import Pattern
 from thanos.models import LayerSelection, prunable_linears

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 ENGINE_FILE = "model.engine"
 
 
-def _import_tensorrt():
+def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -56,7 +56,7 @@ def parse_sparsity_log(lines: list[str]) -> dict:
 
 
 def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, sparse: bool = True) -> dict:
-    trt = _import_tensorrt()
+    trt = require_tensorrt()
     lines: list[str] = []
 
     class _Capture(trt.ILogger):
@@ -117,6 +117,6 @@ def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
         if not options.allow_dense:
             raise
         sparse = False
-    _import_tensorrt()  # before the ONNX export, which takes minutes on a big model
+    require_tensorrt()  # before the ONNX export, which takes minutes on a big model
     onnx_summary = export_onnx(model_dir, out, onnx_options, loaded)
     return dict(onnx=onnx_summary, **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))

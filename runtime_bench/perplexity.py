@@ -22,12 +22,14 @@ from typing import Callable, Optional
 
 import torch
 
+from exporters.patterns import nonzeros_per_group
+from exporters.source import linear_weights
 from thanos import PruneConfig
 from thanos.calibration import sample_windows, tokenize_split
-from thanos.config import PRESETS
+from thanos.config import PRESETS, Pattern
 from thanos.driver import prune_model_
 from thanos.evaluate import perplexity
-from thanos.models import LayerSelection, describe_source, load_model, prunable_linears, weight_view
+from thanos.models import describe_source, load_model
 from thanos.pipeline import device_description, resolve_device, versions
 
 log = logging.getLogger(__name__)
@@ -157,16 +159,10 @@ def _modelopt_sparsegpt_(model, samples, pattern: str, dev) -> dict:
 
 def pattern_violations(model, pattern: str) -> int:
     """Groups of m inputs holding more than m - n non-zeros, over every prunable linear (0: exact n:m)."""
-    config = PruneConfig("magnitude", pattern, 0.5 if pattern == "unstructured" else None).pattern
-    if not config.is_nm:
+    parsed = Pattern.parse(pattern)
+    if not parsed.is_nm:
         return 0
-    bad = 0
-    for layer in prunable_linears(model, LayerSelection()).values():
-        for module in layer.values():
-            w = weight_view(module)
-            groups = (w != 0).reshape(w.shape[0], -1, config.m).sum(-1)
-            bad += int((groups > config.m - config.n).sum())
-    return bad
+    return sum(int((nonzeros_per_group(w, parsed.m) > parsed.m - parsed.n).sum()) for w in linear_weights(model).values())
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from thanos.outputs import OutputDirError, atomic_write_text  # noqa: F401  (re-exported)
+from thanos.outputs import OutputDirError, atomic_write_text
 
 PARTIAL_DIR = ".thanos_partial"
 REPORT_NAME = "thanos_report.json"

@@ -126,6 +126,7 @@ def prune_model_(
     inputs, args, kwargs = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
     # A reconstruction aimed at the dense model needs its activations beside the pruned path's.
     dense_inputs = list(inputs) if config.reconstruct_epochs and config.reconstruct_target == "dense" else None
+    sample_indices = parallel.shard_indices(len(samples))
     reports: list[dict] = []
     for index, layer in enumerate(layers):
         layer.to(device)
@@ -136,7 +137,7 @@ def prune_model_(
             log.info("layer %d: loaded from the interrupted run", index)
         else:
             step = LayerStep(layer, linears[index], inputs, dense_inputs, args, kwargs, device, store_device,
-                             parallel.shard_indices(len(samples)), len(samples))
+                             sample_indices, len(samples))
             layer_reports, dense_inputs = prune_layer(step, config, progress, parallel)
             reports += layer_reports
         inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
@@ -185,7 +186,6 @@ class SharedInputStatistics:
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.stats[self.source[name]].hessian
-
 
     @property
     def nbytes(self) -> int:

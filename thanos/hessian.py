@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Optional
 
 import torch
 
@@ -69,12 +70,14 @@ class Factorization:
     escalations: int
 
 
-def handle_dead_inputs_(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Give never-active inputs a unit diagonal and zero their weight columns; returns the mask."""
+def handle_dead_inputs_(weight: Optional[torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
+    """Give never-active inputs a unit diagonal and zero their weight columns (if a weight is given);
+    returns the mask."""
     dead = torch.diag(hessian) == 0
     if dead.any():
         hessian[dead, dead] = 1.0
-        weight[:, dead] = 0.0
+        if weight is not None:
+            weight[:, dead] = 0.0
     return dead
 
 

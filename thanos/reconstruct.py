@@ -52,6 +52,7 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
     total = len(inputs) if total is None else total
     steps = max(1, math.ceil(total / SAMPLES_PER_STEP))
     step_sizes = [len(range(k, total, steps)) for k in range(steps)]  # samples in each step, over all ranks
+    own = [[j for j, index in enumerate(indices) if index % steps == k] for k in range(steps)]  # this rank's
     keep = [(w != 0).to(w.dtype) for w in weights]
     saved = [w.detach().clone() for w in weights]
     trainable = {id(w) for w in weights}
@@ -67,10 +68,9 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
         with torch.enable_grad():
             for _ in range(epochs):
                 for k in range(steps):
-                    for j, index in enumerate(indices):
-                        if index % steps == k:
-                            out = forward(inputs[j])
-                            (_relative_mse(out, targets[j].to(out)) / step_sizes[k]).backward()
+                    for j in own[k]:
+                        out = forward(inputs[j])
+                        (_relative_mse(out, targets[j].to(out)) / step_sizes[k]).backward()
                     for w, mask in zip(weights, keep):
                         if all_reduce:
                             all_reduce(w.grad)

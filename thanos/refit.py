@@ -15,7 +15,7 @@ from thanos.hessian import handle_dead_inputs_
 def damped_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
     """A copy of `H` with dead inputs given a unit diagonal and `damp * mean(diag H)` added."""
     Hd = H.clone()
-    handle_dead_inputs_(torch.empty(0, H.shape[0], device=H.device), Hd)
+    handle_dead_inputs_(None, Hd)
     Hd.diagonal().add_(damp * torch.diag(Hd).mean())
     return Hd
 

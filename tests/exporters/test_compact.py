@@ -3,7 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from exporters import ExportOptions, export, load_compact
-from exporters.compact import COMPACT_FILE, compress, decompress
+from exporters.compact import COMPACT_FILE, compress
+from thanos.compact import decompress
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
