@@ -273,7 +273,7 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json):
                    f"({result['windows']} windows of {result['seqlen']}, {result['device']})")
 
 
-TARGETS = ("torch", "onnx", "tensorrt", "safetensors")
+TARGETS = ("torch", "onnx", "genai", "tensorrt", "safetensors")
 
 
 def export_options(f):
@@ -349,6 +349,13 @@ def echo_export_summary(summary: dict) -> None:
     if validation:
         click.echo(f"verified   largest logit difference {validation['max_abs_diff']:.3g} "
                    f"(tolerance {validation['tolerance']:.3g})")
+    generation = summary.get("generation")
+    if generation:
+        lengths = ", ".join(str(p["prompt_tokens"]) for p in generation["prompts"])
+        agreement = ("the same greedy tokens as transformers" if generation["identical"] else
+                     f"greedy tokens as transformers' up to new token {generation['first_divergence']}")
+        click.echo(f"verified   {generation['runtime']}: {agreement} on prompts of {lengths} tokens "
+                   f"({generation['prompts'][0]['new_tokens']} new tokens each)")
     if "eligible" in summary:
         click.echo(f"tensorrt   {len(summary['eligible'])} layers eligible for sparse math, "
                    f"{len(summary['sparse_implementation'])} given a sparse kernel")
@@ -369,6 +376,8 @@ def export_cmd(model_dir, target, out, overwrite, **options):
     \b
     Targets:
       onnx         model.onnx (input_ids, attention_mask -> logits), run by onnxruntime to verify
+      genai        an ONNX Runtime GenAI folder (KV-cache graph, genai_config.json, tokenizer): the runtime
+                   greedy-generates from real prompts and must give transformers' tokens
       tensorrt     a TensorRT engine with sparse weights (needs TensorRT and an NVIDIA GPU)
       torch        PyTorch semi-structured 2:4 weights (needs a CUDA GPU, compute capability 8.0+)
       safetensors  compact n:m checkpoint: kept values + 1-bit mask, bit-exact on reload
@@ -383,6 +392,41 @@ def export_cmd(model_dir, target, out, overwrite, **options):
     except USER_ERRORS as exc:
         _fail(exc)
     echo_export_summary(summary)
+
+
+@main.command("generate")
+@click.argument("target", type=click.Path())
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--compare", "dense", default=None,
+              help="A second model to continue the same prompt (the dense one: a directory, a .gguf file, or "
+                   "'default' for the embedded SmolLM2-135M-Instruct).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (GenAI folders: its CUDA provider).")
+def generate_cmd(target, prompt, max_new_tokens, dense, device):
+    """Stream a greedy continuation of --prompt from TARGET, and its tokens/s.
+
+    TARGET is a pruned or compact model directory (run by transformers), a folder written by
+    `export --target genai` (run by ONNX Runtime GenAI), a .gguf file, or 'default'. With
+    --compare, the second model continues the same prompt below it, so the two can be read
+    side by side. Decoding is greedy: the only difference between the two is the weights.
+
+    \b
+    Example:
+      thanos-export generate build/genai --prompt "The import statement" --compare default
+    """
+    from runtime_bench.generate import generate_text, target_kind
+
+    for source in (target, dense) if dense else (target,):
+        try:
+            click.echo(f"== {source} ({target_kind(source)})", err=True)
+            click.echo(prompt, nl=False)
+            result = generate_text(source, prompt, max_new_tokens, lambda text: click.echo(text, nl=False), device)
+        except USER_ERRORS as exc:
+            click.echo()
+            _fail(exc)
+        click.echo()
+        click.echo(f"== {result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} tokens/s "
+                   f"({result.runtime}, prompt {result.prompt_tokens} tokens, prefill included)", err=True)
 
 
 @main.command("inspect")
@@ -462,8 +506,9 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 @main.command("bench")
 @click.argument("target")
 @click.option("--out", required=True, type=click.Path(), help="Directory for report.json, report.md and plots.")
-@click.option("--backends", default=",".join(["torch-dense", "torch-2:4", "onnxruntime", "tensorrt-dense",
-                                               "tensorrt-sparse"]), show_default=True)
+@click.option("--backends", default=",".join(["torch-dense", "torch-2:4", "onnxruntime", "onnxruntime-tensorrt", "genai",
+                                               "tensorrt-dense", "tensorrt-sparse"]), show_default=True,
+              help="What a backend lacks here (a GPU, a package) is recorded as skipped, with the reason.")
 @click.option("--tokens", default="1,16,64,256,1024,4096,16384", show_default=True, help="GEMM token counts M.")
 @click.option("--shapes", default="", help="Extra named GEMM shape sets: llama2-7b, llama2-70b, smollm2-135m.")
 @click.option("--dtypes", default="", help="GEMM dtypes, comma-separated (default: float16,bfloat16 on a GPU, "

@@ -86,7 +86,7 @@ def _relocated(value, old: str, new: str):
 # Options that only some targets use: asking for one elsewhere is a mistake worth an error.
 _OPTION_TARGETS = {
     "with_cache": ({"onnx", "tensorrt"}, "--with-cache"),
-    "split_dense_rows": ({"onnx", "tensorrt", "torch"}, "--split-dense-rows"),
+    "split_dense_rows": ({"onnx", "genai", "tensorrt", "torch"}, "--split-dense-rows"),
 }
 
 
@@ -106,6 +106,10 @@ def check_backend(fmt: "str | ExportFormat") -> None:
         from exporters.tensorrt_engine import require_tensorrt
 
         require_tensorrt()
+    elif fmt is ExportFormat.GENAI:
+        from exporters.genai import require_genai
+
+        require_genai()
     elif fmt is ExportFormat.TORCH:
         from exporters.torch_sparse import require_sparse_gpu
 
@@ -114,7 +118,7 @@ def check_backend(fmt: "str | ExportFormat") -> None:
 
 def _load_all() -> None:
     # Importing the modules registers them; heavy backends inside them stay lazy.
-    from exporters import onnx_export, safetensors_compact, tensorrt_engine, torch_sparse  # noqa: F401
+    from exporters import genai, onnx_export, safetensors_compact, tensorrt_engine, torch_sparse  # noqa: F401
 
 
 __all__ = ["ExportFormat", "ExportOptions", "ExportError", "BackendMissingError", "ValidationError",

@@ -14,6 +14,7 @@ class ExportFormat(str, enum.Enum):
     ONNX = "onnx"
     TENSORRT = "tensorrt"
     SAFETENSORS = "safetensors"
+    GENAI = "genai"
 
 
 class ExportError(ThanosExportError, RuntimeError):
@@ -56,7 +57,7 @@ class ExportOptions:
 
 # Serving targets run in half precision; the compact checkpoint is the lossless format and keeps
 # the source's dtype (None) unless a dtype is asked for.
-DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "safetensors": None}
+DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "genai": "float16", "safetensors": None}
 
 Exporter = Callable[[Path, Path, ExportOptions], dict]
 _REGISTRY: dict[ExportFormat, Exporter] = {}

@@ -1,14 +1,16 @@
 """ONNX with a KV cache: one graph that prefills (empty past) and decodes (one token per step).
 
 Inputs: `input_ids` (batch, seq), `attention_mask` (batch, past + seq), `position_ids`
-(batch, seq), and `past_key_<i>` / `past_value_<i>` (batch, kv_heads, past, head_dim) for every
-decoder layer; outputs: `logits` (batch, seq, vocab) and `present_key_<i>` / `present_value_<i>`
-(batch, kv_heads, past + seq, head_dim). Batch, sequence and past length are dynamic; a past of
+(batch, seq), and a past key and value (batch, kv_heads, past, head_dim) for every decoder layer;
+outputs: `logits` (batch, seq, vocab) and a present key and value (batch, kv_heads, past + seq,
+head_dim) per layer. The cache tensors are named by a `CacheNames`: ours (`past_key_<i>`,
+`present_key_<i>`, ...) or ONNX Runtime GenAI's (`past_key_values.<i>.key`, `present.<i>.key`). Batch, sequence and past length are dynamic; a past of
 length 0 is a prefill. Positions are explicit so that left-padded rows count from their first
 real token, as `generate` does. `OnnxDecoder` drives it (greedy) for the checks and the bench.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -44,11 +46,28 @@ class _StepWithCache(torch.nn.Module):
         return (out.logits, *[t for pair in _layer_tensors(cache) for t in pair])
 
 
-def cache_names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+@dataclasses.dataclass(frozen=True)
+class CacheNames:
+    """The cache tensors' names, as %-formats of the layer index."""
+
+    past_key: str = "past_key_%d"
+    past_value: str = "past_value_%d"
+    present_key: str = "present_key_%d"
+    present_value: str = "present_value_%d"
+
+    def inputs(self, layers: int) -> list[str]:
+        return [name % i for i in range(layers) for name in (self.past_key, self.past_value)]
+
+    def outputs(self, layers: int) -> list[str]:
+        return [name % i for i in range(layers) for name in (self.present_key, self.present_value)]
 
 
-def write_onnx_with_cache(model, path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
+# What ONNX Runtime GenAI's configs (and optimum's exports) call them.
+GENAI_NAMES = CacheNames("past_key_values.%d.key", "past_key_values.%d.value", "present.%d.key", "present.%d.value")
+
+
+def write_onnx_with_cache(model, path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB,
+                          names: CacheNames = CacheNames()) -> None:
     """Export `model` (on the CPU, in its export dtype) as the cached graph described above."""
     if "position_ids" not in inspect.signature(model.forward).parameters:
         raise ExportError(f"{type(model).__name__} takes no position_ids, which the cached ONNX graph needs; "
@@ -60,7 +79,7 @@ def write_onnx_with_cache(model, path: Path, opset: int = 18, external_data_thre
     ids = torch.ones(1, seq, dtype=torch.long)
     mask = torch.ones(1, past_len + seq, dtype=torch.long)
     positions = torch.arange(past_len, past_len + seq)[None]
-    inputs, outputs = cache_names(layers, "past"), cache_names(layers, "present")
+    inputs, outputs = names.inputs(layers), names.outputs(layers)
     dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
                "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
                **{n: {0: "batch", 2: "past"} for n in inputs}, **{n: {0: "batch", 2: "total"} for n in outputs}}

@@ -16,7 +16,8 @@ import torch
 
 from exporters.base import ExportError, ExportFormat, ExportOptions, ValidationError, register
 from exporters.onnx_cache import WITH_CACHE_FILE, validate_onnx_with_cache, write_onnx_with_cache
-from exporters.onnx_graph import TOLERANCE, TWO_GIB, export_graph, onnx_weight_patterns, require_onnx, run_onnxruntime
+from exporters.onnx_graph import (TOLERANCE, TWO_GIB, check_patterns_kept, export_graph, onnx_weight_patterns,
+                                  require_onnx, run_onnxruntime)
 from exporters.source import load_pruned, model_patterns, prompts
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,7 @@ def export_onnx(model_dir: Path, out: Path, options: ExportOptions, loaded: Opti
     write_onnx(model, path, options.opset)
     tokenizer.save_pretrained(out)
 
-    onnx_layers = onnx_weight_patterns(path)
-    pruned_in_torch = sum(1 for l in torch_layers if l.pattern)
-    kept_in_onnx = sum(1 for l in onnx_layers if l.pattern)
-    if kept_in_onnx < pruned_in_torch:
-        raise ExportError(f"the n:m pattern of {pruned_in_torch - kept_in_onnx} pruned layers did not survive the "
-                          "ONNX export (weights were rewritten); please report this with the model's config")
-    summary = dict(onnx=str(path), layers_with_nm_pattern=kept_in_onnx,
-                   onnx_patterns=sorted({l.pattern for l in onnx_layers if l.pattern}))
+    summary = dict(onnx=str(path), **check_patterns_kept(torch_layers, path))
     if options.split_dense_rows:
         summary["split_rows"] = report["split_rows"]
     if options.validate:

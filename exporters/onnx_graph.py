@@ -129,6 +129,18 @@ def onnx_weight_patterns(path: Path) -> list[LayerPattern]:
     return layers
 
 
+def check_patterns_kept(torch_layers: list[LayerPattern], path: Path) -> dict:
+    """Every linear pruned to n:m in PyTorch must still be n:m in the graph's initializers at `path`."""
+    onnx_layers = onnx_weight_patterns(path)
+    pruned_in_torch = sum(1 for l in torch_layers if l.pattern)
+    kept_in_onnx = sum(1 for l in onnx_layers if l.pattern)
+    if kept_in_onnx < pruned_in_torch:
+        raise ExportError(f"the n:m pattern of {pruned_in_torch - kept_in_onnx} pruned layers did not survive the "
+                          f"ONNX export to {path.name} (weights were rewritten); please report this with the model's "
+                          "config")
+    return dict(layers_with_nm_pattern=kept_in_onnx, onnx_patterns=sorted({l.pattern for l in onnx_layers if l.pattern}))
+
+
 def run_onnxruntime(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     providers: Optional[list[str]] = None) -> np.ndarray:
     import onnxruntime as ort

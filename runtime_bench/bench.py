@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm
+from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm, sparse_backends
 from runtime_bench.model import ALL_BACKENDS, random_model, run_model
 from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
@@ -30,6 +30,10 @@ class BenchSettings:
 
 def run_bench(settings: BenchSettings, progress=None) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+    known = ALL_BACKENDS + list(sparse_backends("cpu"))  # model-level names, then the GEMM kernels' own
+    unknown = [b for b in settings.backends if b not in known]
+    if unknown:
+        raise InputError(f"unknown backend {unknown[0]!r}; choose from {', '.join(known)}")
     random_name = settings.target.split(":", 1)[1] if settings.target.startswith("random:") else None
     if "model" not in settings.levels and random_name in SHAPE_SETS:
         model, shapes = None, list(SHAPE_SETS[random_name])  # GEMMs only: no need to build the model

@@ -1,7 +1,10 @@
 """Model level: prefill latency over (batch, sequence) and decode tokens/s, per backend.
 
-Backends: torch dense, torch 2:4 semi-structured (CUDA), onnxruntime on the exported ONNX,
-TensorRT dense and sparse engines. Whatever this machine lacks is recorded as skipped, with why.
+Backends: torch dense, torch 2:4 semi-structured (CUDA), onnxruntime on the exported ONNX (its
+CUDA provider on a GPU where the build has it), onnxruntime's TensorRT provider with sparse
+weights allowed, ONNX Runtime GenAI on the `--target genai` folder, TensorRT dense and sparse
+engines. Whatever this machine lacks is recorded as skipped, with why; each record names the
+provider that ran.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import torch
 from runtime_bench.protocol import measure
 from thanos.errors import InputError
 
-ALL_BACKENDS = ["torch-dense", "torch-2:4", "onnxruntime", "tensorrt-dense", "tensorrt-sparse"]
+ALL_BACKENDS = ["torch-dense", "torch-2:4", "onnxruntime", "onnxruntime-tensorrt", "genai", "tensorrt-dense",
+                "tensorrt-sparse"]
 RANDOM_CONFIGS = {
     # Real shapes, random weights: kernel speed depends on shapes, dtype and pattern, not on values.
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -132,6 +136,10 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
             del sparse
     if "onnxruntime" in backends:
         records += _onnxruntime(model, grid, decode_steps, progress, cuda)
+    if "onnxruntime-tensorrt" in backends:
+        records += _onnxruntime_tensorrt(model, grid, progress, cuda)
+    if "genai" in backends:
+        records += _genai(model, grid, decode_steps, progress, cuda)
     wanted = [b for b in ("tensorrt-dense", "tensorrt-sparse") if b in backends]
     if wanted:
         if not cuda or importlib.util.find_spec("tensorrt") is None:
@@ -157,28 +165,15 @@ def _onnxruntime(model, grid, decode_steps: int, progress, cuda: bool = False) -
     import onnxruntime as ort
 
     from exporters.onnx_cache import OnnxDecoder, write_onnx_with_cache
-    from exporters.onnx_export import write_onnx
 
     # onnxruntime's CUDA provider where this build has one and the run is on a GPU; else the CPU's.
     providers = ["CPUExecutionProvider"]
     if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    records = []
-    common = dict(level="model", backend="onnxruntime", status="ok", provider=providers[0], dtype="float32")
+    common = dict(level="model", backend="onnxruntime", status="ok", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         cpu_model = _cpu_copy(model, torch.float32)
-        path = Path(tmp) / "model.onnx"
-        write_onnx(cpu_model, path)
-        file_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
-        session = ort.InferenceSession(str(path), providers=providers)
-        for i, (batch, seq) in enumerate(grid):
-            ids = torch.randint(0, model.config.vocab_size, (batch, seq)).numpy()
-            feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
-            t = measure(lambda: session.run(["logits"], feed), "cpu", budget_s=1.0)
-            records.append(dict(common, phase="prefill", batch=batch, seqlen=seq,
-                                tokens_per_s=batch * seq / (t.median_ms / 1e3), file_bytes=file_bytes, **t.to_json()))
-            if progress:
-                progress("onnxruntime", i + 1, len(grid))
+        records = _onnx_prefill(cpu_model, Path(tmp), grid, providers, common, progress)
         # Decode on the KV-cache graph: a prefill of the first grid length, then one token per step
         # (the same count as the PyTorch decode figure).
         cached = Path(tmp) / "cached" / "model_with_cache.onnx"
@@ -188,9 +183,93 @@ def _onnxruntime(model, grid, decode_steps: int, progress, cuda: bool = False) -
         ids = torch.randint(0, model.config.vocab_size, (1, grid[0][1])).numpy()
         t = measure(lambda: decoder.generate(ids, ids * 0 + 1, decode_steps + 1), "cpu", warmup=1, min_repeats=2,
                     max_repeats=5, budget_s=2.0)
-        records.append(dict(common, phase="decode", batch=1, seqlen=grid[0][1], steps=decode_steps,
-                            tokens_per_s=decode_steps / (t.median_ms / 1e3),
+        records.append(dict(common, provider=decoder.session.get_providers()[0], phase="decode", batch=1,
+                            seqlen=grid[0][1], steps=decode_steps, tokens_per_s=decode_steps / (t.median_ms / 1e3),
                             file_bytes=sum(f.stat().st_size for f in cached.parent.iterdir()), **t.to_json()))
+    return records
+
+
+def _onnx_prefill(cpu_model, folder: Path, grid, providers, common: dict, progress, provider_options=None) -> list:
+    """Export the full-sequence graph into `folder` and time one prefill per grid point."""
+    import onnxruntime as ort
+
+    from exporters.onnx_export import write_onnx
+
+    path = folder / "model.onnx"
+    write_onnx(cpu_model, path)
+    file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    session = ort.InferenceSession(str(path), providers=providers, provider_options=provider_options)
+    records = []
+    for i, (batch, seq) in enumerate(grid):
+        ids = torch.randint(0, cpu_model.config.vocab_size, (batch, seq)).numpy()
+        feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
+        t = measure(lambda: session.run(["logits"], feed), "cpu", budget_s=1.0)
+        records.append(dict(common, provider=session.get_providers()[0], phase="prefill", batch=batch, seqlen=seq,
+                            tokens_per_s=batch * seq / (t.median_ms / 1e3), file_bytes=file_bytes, **t.to_json()))
+        if progress:
+            progress(common["backend"], i + 1, len(grid))
+    return records
+
+
+def _onnxruntime_tensorrt(model, grid, progress, cuda: bool) -> list[dict]:
+    """onnxruntime's TensorRT provider in float16 with sparse weights allowed (TensorRT picks the kernels)."""
+    backend = "onnxruntime-tensorrt"
+    available = []
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if not cuda or "TensorrtExecutionProvider" not in available:
+        why = "no GPU in this run" if not cuda else f"this onnxruntime build has no TensorRT provider ({available})"
+        return [dict(level="model", backend=backend, status="skipped",
+                     reason=f"needs onnxruntime-gpu with its TensorRT provider and an NVIDIA GPU: {why}")]
+    options = [{"trt_fp16_enable": True, "trt_sparsity_enable": True}, {}]
+    with tempfile.TemporaryDirectory() as tmp:
+        return _onnx_prefill(_cpu_copy(model, torch.float16), Path(tmp), grid,
+                             ["TensorrtExecutionProvider", "CPUExecutionProvider"],
+                             dict(level="model", backend=backend, status="ok", dtype="float16", sparsity_enabled=True),
+                             progress, options)
+
+
+def _genai(model, grid, decode_steps: int, progress, cuda: bool) -> list[dict]:
+    """ONNX Runtime GenAI on the `--target genai` folder: prefill through its generator, then decode."""
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return [dict(level="model", backend="genai", status="skipped",
+                     reason="onnxruntime-genai is not installed (pip install 'thanos-export[genai]', or "
+                            "onnxruntime-genai-cuda with the gpu extra)")]
+    import onnxruntime_genai as og
+
+    from exporters.genai import GenaiModel, write_genai_folder
+
+    provider = "cuda" if cuda and og.is_cuda_available() else "cpu"
+    dtype = torch.float16 if provider == "cuda" else torch.float32
+    common = dict(level="model", backend="genai", status="ok", provider=provider, dtype=str(dtype)[6:],
+                  runtime=f"onnxruntime-genai {og.__version__}")
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_genai_folder(_cpu_copy(model, dtype), None, folder)
+        runtime = GenaiModel(folder, provider, tokenizer=False)
+        file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+        def prefill(ids):
+            params = og.GeneratorParams(runtime.model)
+            params.set_search_options(batch_size=ids.shape[0], max_length=ids.shape[1] + 1)
+            og.Generator(runtime.model, params).append_tokens(ids)
+
+        for i, (batch, seq) in enumerate(grid):
+            ids = torch.randint(0, model.config.vocab_size, (batch, seq)).numpy()
+            t = measure(lambda: prefill(ids), "cpu", budget_s=1.0)
+            records.append(dict(common, phase="prefill", batch=batch, seqlen=seq, file_bytes=file_bytes,
+                                tokens_per_s=batch * seq / (t.median_ms / 1e3), **t.to_json()))
+            if progress:
+                progress("genai", i + 1, len(grid))
+        # Decode: the first grid length as the prompt, then `decode_steps` tokens (the others' protocol).
+        prompt = torch.randint(0, model.config.vocab_size, (grid[0][1],)).tolist()
+        t = measure(lambda: runtime.generate(prompt, decode_steps, max_length=len(prompt) + decode_steps), "cpu",
+                    warmup=1, min_repeats=2, max_repeats=5, budget_s=2.0)
+        records.append(dict(common, phase="decode", batch=1, seqlen=grid[0][1], steps=decode_steps,
+                            tokens_per_s=decode_steps / (t.median_ms / 1e3), file_bytes=file_bytes, **t.to_json()))
     return records
 
 

@@ -93,10 +93,11 @@ def _markdown(summary: dict, plots: list[str]) -> str:
                          f"{c['best_speedup']:.2f}x | {c['speedup_at_max_tokens']:.2f}x |")
     model = [r for r in summary["results"] if r["level"] == "model" and r["status"] == "ok"]
     if model:
-        lines += ["", "## Model level", "", "| backend | phase | batch x seq | median ms | p90 ms | tokens/s | peak memory |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Model level", "",
+                  "| backend | provider | phase | batch x seq | median ms | p90 ms | tokens/s | peak memory |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in model:
-            lines.append(f"| {r['backend']} | {r['phase']} | {r['batch']}x{r['seqlen']} | {r['median_ms']:.2f} | "
+            lines.append(f"| {r['backend']} | {r.get('provider', '-')} | {r['phase']} | {r['batch']}x{r['seqlen']} | {r['median_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {r['tokens_per_s']:.1f} | "
                          f"{(r.get('peak_memory_bytes') or 0) / 2**20:.0f} MiB ({r['memory_kind']}) |")
     skipped = [r for r in summary["results"] if r["status"] == "skipped"]

@@ -33,10 +33,12 @@ step 150 "GEMM level: LLaMA-2-7B and 70B shapes (and the default model's), fp16 
     --tokens 1,16,256,1024,4096,16384 --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 
-# onnxruntime runs on the CPU there (its figures are measured on the development machine).
+# The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or
+# onnxruntime-genai-cuda they are measured, else recorded as skipped with the reason.
 step 45 "Model level: default model's shapes" \
     python cli.py bench random:smollm2-135m --levels model --grid 1x128,1x2048,8x2048 \
-    --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse --quiet --out "$WORK/model"
+    --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse,onnxruntime-tensorrt,genai --quiet \
+    --out "$WORK/model"
 tar -czf "$OUT/model.tar.gz" -C "$WORK" model
 
 step 90 "Pruning plan: one LLaMA-2-70B layer, 128 x 2048 calibration tokens" \

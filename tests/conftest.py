@@ -102,3 +102,9 @@ def pruned_llama_4of8(tmp_path_factory, tiny_llama_dir):
 @pytest.fixture(scope="session")
 def pruned_gpt2_2of4(tmp_path_factory, tiny_gpt2_dir):
     return _pruned(tmp_path_factory, tiny_gpt2_dir, "2:4")
+
+
+@pytest.fixture(scope="session")
+def pruned_with_outliers(tmp_path_factory, tiny_llama_dir):
+    """2:4 with 5% dense outlier rows (alpha): what --split-dense-rows exports."""
+    return _pruned(tmp_path_factory, tiny_llama_dir, "2:4", alpha=0.05)

@@ -52,13 +52,6 @@ def test_split_model_keeps_its_logits_and_rounds_the_sparse_rows(tmp_path):
     torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=tolerance)
 
 
-@pytest.fixture(scope="module")
-def pruned_with_outliers(tmp_path_factory, tiny_llama_dir):
-    from tests.conftest import _pruned
-
-    return _pruned(tmp_path_factory, tiny_llama_dir, "2:4", alpha=0.05)
-
-
 def test_hardware_targets_refuse_outlier_rows_and_name_the_split(pruned_with_outliers, tmp_path):
     from exporters import ExportOptions, export
     from exporters.patterns import NotHardwareSparseError

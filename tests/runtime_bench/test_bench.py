@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from runtime_bench.bench import BenchSettings, run_bench
 from runtime_bench.gemm import crossovers, two_four_weight
 from runtime_bench.protocol import measure
 from tests.thanos.helpers import assert_nm
+from thanos.errors import InputError
 
 
 def test_protocol_reports_median_p90_and_memory():
@@ -39,14 +41,17 @@ def test_cpu_bench_writes_reports(tiny_llama_dir, tmp_path):
     assert report["machine"]["torch"] == torch.__version__ and "cpu" in report["machine"]
     assert report["results"] == json.loads(json.dumps(summary["results"], default=str))
     ok = [r for r in report["results"] if r["status"] == "ok"]
-    assert {r["backend"] for r in ok} >= {"torch-dense", "onnxruntime"}
+    runtimes = {"onnxruntime"} | ({"genai"} if importlib.util.find_spec("onnxruntime_genai") else set())
+    assert {r["backend"] for r in ok} >= {"torch-dense"} | runtimes
     assert all(r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] for r in ok)
+    assert all(r["provider"] for r in ok if r["backend"] in runtimes)  # which provider ran is recorded
     decode = [r for r in ok if r.get("phase") == "decode"]
-    assert {r["backend"] for r in decode} == {"torch-dense", "onnxruntime"}  # onnxruntime on the KV-cache graph
+    assert {r["backend"] for r in decode} == {"torch-dense"} | runtimes  # the runtimes on their KV-cache graphs
     assert all(r["tokens_per_s"] > 0 for r in decode)
     skipped = [r for r in report["results"] if r["status"] == "skipped"]
     if not torch.cuda.is_available():
-        assert {"torch-2:4", "tensorrt-sparse", "torch-2:4-cusparselt"} <= {r["backend"] for r in skipped}
+        assert {"torch-2:4", "tensorrt-sparse", "torch-2:4-cusparselt", "onnxruntime-tensorrt"} <= \
+            {r["backend"] for r in skipped}
     assert all(r["reason"] for r in skipped)
     md = (out / "report.md").read_text()
     assert "## Model level" in md and "## Skipped" in md and "![model_latency.png]" in md
@@ -117,3 +122,8 @@ def test_cpu_bench_defaults_to_float32_gemms(tmp_path):
                                       device="cpu"))
     assert summary["settings"]["dtypes"] == ["float32"]
     assert {r["dtype"] for r in summary["results"] if r["status"] == "ok"} == {"float32"}
+
+
+def test_bench_rejects_an_unknown_backend(tiny_llama_dir, tmp_path):
+    with pytest.raises(InputError, match="unknown backend 'onnx'.*genai"):
+        run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(tmp_path), backends=("onnx",), device="cpu"))

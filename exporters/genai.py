@@ -1,0 +1,272 @@
+"""`--target genai`: a folder that ONNX Runtime GenAI loads and generates text from.
+
+ONNX Runtime GenAI (`onnxruntime-genai`; `onnxruntime-genai-cuda` on NVIDIA GPUs) is the ONNX
+serving runtime for LLMs: it runs a KV-cache decoder graph with its own cache management, search
+and batching. Its folder holds:
+
+* `model.onnx` (+ `model.onnx.data` past 2 GB): the KV-cache graph of `onnx_cache`, with the
+  cache tensors named as GenAI's configs name them (`past_key_values.<i>.key` in,
+  `present.<i>.key` out); the pruned linears stay n:m in its initializers;
+* `genai_config.json`: the architecture, the special tokens and the search defaults, filled from
+  the model's config and generation config;
+* the tokenizer files (`tokenizer.json`, `tokenizer_config.json`), which GenAI reads itself.
+
+The export ends by loading the folder in `onnxruntime_genai` and greedy-generating from real
+prompts: the tokens must equal transformers' on the pruned model (float32), or agree at least
+over the first `FP16_AGREEING` tokens (float16, where rounding may flip a near tie later on).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
+from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
+from exporters.onnx_graph import TWO_GIB, check_patterns_kept, require_onnx
+from exporters.source import load_pruned, model_patterns
+from thanos.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "genai_config.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+NEW_TOKENS = 32  # per verification prompt
+FP16_AGREEING = 8  # float16 exports must match transformers' greedy tokens at least this far
+PROMPT_LENGTHS = (16, 64, 384)  # tokens of held-out text; the last is cut to what the context allows
+
+
+def require_genai():
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError as exc:
+        raise BackendMissingError(f"the genai target needs onnxruntime-genai ({exc}); pip install "
+                                  "'thanos-export[genai]' (or onnxruntime-genai-cuda on an NVIDIA GPU)") from exc
+
+
+def is_genai_folder(path: "str | Path") -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def genai_config(model) -> dict:
+    """`genai_config.json` for `model` (a transformers causal LM), exported by `write_genai_folder`."""
+    config, generation = model.config, getattr(model, "generation_config", None)
+    heads = config.num_attention_heads
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context is None:
+        raise ExportError(f"{type(model).__name__}'s config gives no context length (max_position_embeddings); "
+                          "GenAI needs one")
+
+    def setting(name, default=None):
+        value = getattr(generation, name, None) if generation is not None else None
+        value = getattr(config, name, None) if value is None else value
+        return default if value is None else value
+
+    eos = setting("eos_token_id")
+    pad = setting("pad_token_id", eos[0] if isinstance(eos, list) else eos)
+    inputs = dict(input_ids="input_ids", attention_mask="attention_mask", position_ids="position_ids",
+                  past_key_names=GENAI_NAMES.past_key, past_value_names=GENAI_NAMES.past_value)
+    outputs = dict(logits="logits", present_key_names=GENAI_NAMES.present_key,
+                   present_value_names=GENAI_NAMES.present_value)
+    decoder = dict(session_options=dict(log_id="onnxruntime-genai", provider_options=[]), filename=MODEL_FILE,
+                   head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                   hidden_size=config.hidden_size, inputs=inputs, outputs=outputs, num_attention_heads=heads,
+                   num_hidden_layers=config.num_hidden_layers,
+                   num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads)
+    search = dict(do_sample=bool(setting("do_sample", False)), temperature=float(setting("temperature", 1.0)),
+                  top_k=int(setting("top_k", 50)), top_p=float(setting("top_p", 1.0)),
+                  repetition_penalty=float(setting("repetition_penalty", 1.0)), num_beams=1, num_return_sequences=1,
+                  min_length=0, max_length=int(context), length_penalty=1.0, no_repeat_ngram_size=0,
+                  diversity_penalty=0.0, early_stopping=True,
+                  past_present_share_buffer=False)  # the graph's past and present differ in length
+    return dict(model=dict(bos_token_id=setting("bos_token_id"), eos_token_id=eos, pad_token_id=pad,
+                           context_length=int(context), decoder=decoder, type=config.model_type,
+                           vocab_size=config.vocab_size), search=search)
+
+
+def write_genai_folder(model, tokenizer, out: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
+    """Write the graph, `genai_config.json` and the tokenizer files for `model` (on the CPU, export dtype).
+
+    `tokenizer=None` leaves the tokenizer out: the runtime then generates from token ids only (the bench).
+    """
+    write_onnx_with_cache(model, out / MODEL_FILE, opset, external_data_threshold, names=GENAI_NAMES)
+    (out / CONFIG_FILE).write_text(json.dumps(genai_config(model), indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def check_genai_folder(folder: "str | Path", tokenizer: bool = True) -> dict:
+    """The folder's `genai_config.json`, after checking that its files exist and its names match the graph.
+
+    Raises InputError naming the missing or mismatched file (GenAI's own messages name neither).
+    `tokenizer=False` accepts a folder without tokenizer files.
+    """
+    import onnx
+
+    folder = Path(folder)
+    again = "export the folder again with `thanos-export export MODEL --target genai --out DIR`"
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise InputError(f"{folder} has no {CONFIG_FILE}, so it is not an ONNX Runtime GenAI folder; {again}")
+    try:
+        config = json.loads(config_path.read_text())
+        decoder = config["model"]["decoder"]
+        layers = int(decoder["num_hidden_layers"])
+        graph_file = folder / decoder["filename"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{config_path} is not a readable GenAI config ({type(exc).__name__}: {exc}); {again}") from exc
+    for needed in (graph_file, folder / TOKENIZER_FILE) if tokenizer else (graph_file,):
+        if not needed.is_file():
+            raise InputError(f"{needed} is missing ({config_path.name} needs it); {again}")
+    try:
+        graph = onnx.load(str(graph_file), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError for a truncated or foreign file
+        raise InputError(f"{graph_file} is not a readable ONNX model ({type(exc).__name__}: {exc}); {again}") from exc
+    have = dict(inputs={i.name for i in graph.input}, outputs={o.name for o in graph.output})
+    for role in ("inputs", "outputs"):
+        for key, name in decoder.get(role, {}).items():
+            names = [name % i for i in range(layers)] if key.endswith("_names") else [name]
+            missing = [n for n in names if n not in have[role]]
+            if missing:
+                raise InputError(f"{config_path.name} names the graph {role[:-1]} {missing[0]!r} ({key}), which "
+                                 f"{graph_file.name} does not have (its {role}: {', '.join(sorted(have[role])[:6])}, "
+                                 f"...); the two files do not belong together: {again}")
+    return config
+
+
+class GenaiModel:
+    """A GenAI folder loaded in `onnxruntime_genai`, for greedy generation from token ids."""
+
+    def __init__(self, folder: "str | Path", provider: str = "cpu", tokenizer: bool = True):
+        require_genai()
+        import onnxruntime_genai as og
+
+        self.folder = Path(folder)
+        self.config = check_genai_folder(self.folder, tokenizer)
+        settings = og.Config(str(self.folder))
+        settings.clear_providers()
+        if provider != "cpu":
+            settings.append_provider(provider)
+        try:
+            self.model = og.Model(settings)
+        except Exception as exc:  # onnxruntime_genai raises plain RuntimeErrors
+            raise ExportError(f"onnxruntime-genai {og.__version__} cannot load {self.folder} ({exc}); its model type "
+                              f"is {self.config['model'].get('type')!r}") from exc
+        self.provider = provider
+        self.version = og.__version__
+
+    def tokenizer(self):
+        import onnxruntime_genai as og
+
+        return og.Tokenizer(self.model)
+
+    def generate(self, ids: list[int], max_new_tokens: int, on_token: Optional[Callable[[int], None]] = None,
+                 max_length: Optional[int] = None) -> list[int]:
+        """Greedy continuation of `ids`; stops after `max_new_tokens` or at an end-of-sequence token."""
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, num_beams=1, repetition_penalty=1.0, min_length=0,
+                                  max_length=max_length or len(ids) + max_new_tokens)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens([int(i) for i in ids])
+        new: list[int] = []
+        while not generator.is_done() and len(new) < max_new_tokens:
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+            if on_token:
+                on_token(new[-1])
+        return new
+
+
+def transformers_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy search (its `generate`), with the stopping tokens GenAI is given."""
+    from transformers import GenerationConfig
+
+    config = genai_config(model)["model"]
+    settings = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                eos_token_id=config["eos_token_id"], pad_token_id=config["pad_token_id"])
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=settings)
+    return out[0, len(ids):].tolist()
+
+
+def verification_prompts(tokenizer, context: int) -> list[str]:
+    """Real text: held-out windows of the default calibration text, the longest cut to fit the context."""
+    from thanos.calibration import tokenize_split
+
+    held_out = tokenize_split(tokenizer, None).evaluation.tolist()
+    texts, start = [], 0
+    for length in PROMPT_LENGTHS:
+        length = min(length, context - NEW_TOKENS - 8)
+        texts.append(tokenizer.decode(held_out[start : start + length]))
+        start += length
+    return texts
+
+
+def verify_folder(model, tokenizer, folder: Path, dtype: str) -> dict:
+    """Greedy tokens of GenAI on `folder` against transformers on `model` (the pruned model, in float32)."""
+    runtime = GenaiModel(folder)
+    genai_tokenizer = runtime.tokenizer()
+    export_dtype = next(model.parameters()).dtype
+    model.float()
+    results = []
+    try:
+        for text in verification_prompts(tokenizer, genai_config(model)["model"]["context_length"]):
+            ids = tokenizer(text)["input_ids"]
+            theirs = [int(i) for i in genai_tokenizer.encode(text)]
+            if theirs != ids:
+                raise ExportError(f"GenAI's tokenizer reads {folder / TOKENIZER_FILE} differently from transformers' "
+                                  f"({len(theirs)} tokens against {len(ids)} for a {len(text)}-character prompt); "
+                                  "the folder would serve other token ids than the model was pruned on")
+            start = time.perf_counter()
+            got = runtime.generate(ids, NEW_TOKENS)
+            seconds = time.perf_counter() - start
+            expected = transformers_greedy(model, ids, NEW_TOKENS)
+            divergence = first_divergence(got, expected)
+            results.append(dict(prompt_tokens=len(ids), new_tokens=len(got), first_divergence=divergence,
+                                genai_tokens_per_s=len(got) / seconds if seconds > 0 else None))
+    finally:
+        model.to(export_dtype)
+    worst = min((r["first_divergence"] for r in results if r["first_divergence"] is not None), default=None)
+    if dtype == "float32" and worst is not None:
+        raise ExportError(f"GenAI's greedy tokens (float32) differ from transformers' at new token {worst}; "
+                          "they must be identical: please report this with the model's config")
+    if worst is not None and worst < FP16_AGREEING:
+        raise ExportError(f"GenAI's greedy tokens ({dtype}) differ from transformers' at new token {worst}, within "
+                          f"the first {FP16_AGREEING}; export with --dtype float32, or report this")
+    return dict(runtime=f"onnxruntime-genai {runtime.version} ({runtime.provider})", reference="transformers float32",
+                prompts=results, identical=worst is None, first_divergence=worst)
+
+
+def first_divergence(got: list[int], expected: list[int]) -> Optional[int]:
+    """Index of the first token that differs (a shorter list differs where it ends); None if equal."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            return i
+    return None if len(got) == len(expected) else min(len(got), len(expected))
+
+
+@register(ExportFormat.GENAI)
+def export_genai(model_dir: Path, out: Path, options: ExportOptions, loaded: Optional[tuple] = None) -> dict:
+    require_onnx()
+    require_genai()
+    if options.dtype not in ("float32", "float16"):
+        raise ExportError(f"the genai target supports float32 and float16, not {options.dtype}")
+    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows)
+    write_genai_folder(model, tokenizer, out, options.opset)
+    summary = dict(genai=str(out), onnx=str(out / MODEL_FILE), files=sorted(p.name for p in out.iterdir()),
+                   **check_patterns_kept(model_patterns(model), out / MODEL_FILE))
+    if options.split_dense_rows:
+        summary["split_rows"] = report["split_rows"]
+    check_genai_folder(out)
+    if options.validate:
+        summary["generation"] = verify_folder(model, tokenizer, out, options.dtype)
+    return summary
+

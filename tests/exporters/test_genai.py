@@ -1,0 +1,144 @@
+"""`--target genai`: folders that ONNX Runtime GenAI loads and generates the same tokens from."""
+import json
+import shutil
+
+import onnx
+import pytest
+
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the genai extra)")
+
+from exporters import ExportOptions, export  # noqa: E402
+from exporters.genai import (GenaiModel, check_genai_folder, first_divergence, transformers_greedy,  # noqa: E402
+                             verification_prompts)
+from exporters.source import load_pruned  # noqa: E402
+from thanos.errors import InputError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def genai_folder(tmp_path_factory, pruned_llama_2of4):
+    out = tmp_path_factory.mktemp("genai") / "fp32"
+    summary = export("genai", pruned_llama_2of4, out, ExportOptions(dtype="float32"))
+    return out, summary
+
+
+def test_genai_generates_transformers_greedy_tokens(genai_folder, pruned_llama_2of4):
+    out, summary = genai_folder
+    generation = summary["generation"]
+    assert generation["identical"] and len(generation["prompts"]) == 3
+    assert all(p["new_tokens"] == 32 for p in generation["prompts"])
+    assert summary["layers_with_nm_pattern"] == 3 * 7  # every pruned linear is 2:4 in the graph's initializers
+    # The same check, independently of the export's own: a fresh runtime on the written folder.
+    model, tokenizer, _ = load_pruned(pruned_llama_2of4, "float32")
+    runtime = GenaiModel(out)
+    for text in verification_prompts(tokenizer, model.config.max_position_embeddings)[:2]:
+        ids = tokenizer(text)["input_ids"]
+        assert [int(t) for t in runtime.tokenizer().encode(text)] == ids
+        assert runtime.generate(ids, 16) == transformers_greedy(model, ids, 16)
+
+
+def test_genai_config_describes_the_graph_and_the_model(genai_folder, pruned_llama_2of4):
+    out, _ = genai_folder
+    config = json.loads((out / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    source = json.loads((pruned_llama_2of4 / "config.json").read_text())
+    assert (decoder["num_hidden_layers"], decoder["num_attention_heads"], decoder["num_key_value_heads"]) == \
+        (source["num_hidden_layers"], source["num_attention_heads"], source["num_key_value_heads"])
+    assert decoder["head_size"] * decoder["num_attention_heads"] == source["hidden_size"]
+    assert config["model"]["context_length"] == source["max_position_embeddings"]
+    graph = onnx.load(str(out / decoder["filename"]), load_external_data=False).graph
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    layers = decoder["num_hidden_layers"]
+    assert {"input_ids", "attention_mask", "position_ids"} <= inputs and "logits" in outputs
+    assert {decoder["inputs"]["past_key_names"] % i for i in range(layers)} <= inputs
+    assert {decoder["outputs"]["present_value_names"] % i for i in range(layers)} <= outputs
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+
+
+def test_float16_export_reports_where_tokens_first_differ(pruned_llama_2of4, tmp_path):
+    summary = export("genai", pruned_llama_2of4, tmp_path / "fp16", ExportOptions(dtype="float16"))
+    generation = summary["generation"]
+    worst = generation["first_divergence"]
+    assert generation["identical"] == (worst is None)
+    assert worst is None or worst >= 8
+    assert summary["dtype"]["export"] == "float16"
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("tokenizer.json", "tokenizer.json"),
+    ("model.onnx", "model.onnx"),
+    ("genai_config.json", "genai_config.json"),
+    ("rename", "genai_config.json"),
+])
+def test_a_damaged_folder_names_the_file(genai_folder, tmp_path, damage, named):
+    folder = tmp_path / "copy"
+    shutil.copytree(genai_folder[0], folder)
+    if damage == "rename":  # a config that names cache inputs the graph does not have
+        path = folder / "genai_config.json"
+        config = json.loads(path.read_text())
+        config["model"]["decoder"]["inputs"]["past_key_names"] = "past.%d.key"
+        path.write_text(json.dumps(config))
+    else:
+        (folder / damage).unlink()
+    with pytest.raises(InputError, match=named.replace(".", r"\.")) as error:
+        GenaiModel(folder)
+    assert "export the folder again" in str(error.value)
+    if damage == "rename":
+        assert "past.0.key" in str(error.value)
+
+
+def test_split_dense_rows_and_compact_checkpoints_export_too(pruned_with_outliers, pruned_llama_2of4, tmp_path):
+    split = export("genai", pruned_with_outliers, tmp_path / "split", ExportOptions(dtype="float32",
+                                                                                    split_dense_rows=True))
+    assert split["generation"]["identical"] and split["split_rows"]
+    export("safetensors", pruned_llama_2of4, tmp_path / "compact")
+    compact = export("genai", tmp_path / "compact", tmp_path / "from-compact", ExportOptions(dtype="float32"))
+    assert compact["generation"]["identical"] and compact["layers_with_nm_pattern"] == 3 * 7
+
+
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 5, 3], [1, 2, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_check_accepts_a_folder_without_tokenizer_only_when_told(genai_folder, tmp_path):
+    folder = tmp_path / "ids-only"
+    shutil.copytree(genai_folder[0], folder)
+    (folder / "tokenizer.json").unlink()
+    assert check_genai_folder(folder, tokenizer=False)["model"]["type"] == "llama"
+    with pytest.raises(InputError, match="tokenizer"):
+        check_genai_folder(folder)
+
+
+def test_generate_streams_text_from_every_kind_of_target(genai_folder, pruned_llama_2of4, tiny_llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    export("safetensors", pruned_llama_2of4, tmp_path / "compact")
+    runner = CliRunner()
+    outputs = {}
+    for target in (genai_folder[0], pruned_llama_2of4, tmp_path / "compact"):
+        result = runner.invoke(main, ["generate", str(target), "--prompt", "The import statement",
+                                      "--max-new-tokens", "12", "--compare", str(tiny_llama_dir)])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.count("The import statement") == 2  # the pruned model's text, then the dense one's
+        assert result.stderr.count("tokens/s") == 2
+        outputs[target] = result.stdout.split("\n")[0]
+    # Greedy: the three forms of one pruned model continue the prompt alike.
+    assert len(set(outputs.values())) == 1 and len(outputs[genai_folder[0]]) > len("The import statement")
+    missing = runner.invoke(main, ["generate", str(tmp_path / "nothing"), "--prompt", "x"])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+@pytest.mark.slow
+def test_default_model_serves_from_genai(tmp_path):
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    pruned = tmp_path / "pruned"
+    prune_to_directory(PruneJob(out=str(pruned), calib_samples=2, seqlen=64, evaluate=False, device="cpu"))
+    summary = export("genai", pruned, tmp_path / "genai")  # float16, the serving default
+    generation = summary["generation"]
+    assert [p["prompt_tokens"] for p in generation["prompts"]][-1] > 300  # the long prompt is long
+    assert generation["first_divergence"] is None or generation["first_divergence"] >= 8
+    assert summary["layers_with_nm_pattern"] == 30 * 7
