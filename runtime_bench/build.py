@@ -49,7 +49,7 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
     out = Path(job.out)
     target = auto_target() if job.target == "auto" else job.target
     options = job.options
-    if target == "onnx" and options.dtype == "bfloat16":
+    if target in ("onnx", "genai") and options.dtype == "bfloat16":
         options = dataclasses.replace(options, dtype="float16")  # ONNX has no bfloat16 path here
     prune_job = dataclasses.replace(job.prune, out=str(out / "pruned"))
     check_options_apply(target, options)

@@ -142,3 +142,28 @@ def test_default_model_serves_from_genai(tmp_path):
     assert [p["prompt_tokens"] for p in generation["prompts"]][-1] > 300  # the long prompt is long
     assert generation["first_divergence"] is None or generation["first_divergence"] >= 8
     assert summary["layers_with_nm_pattern"] == 30 * 7
+
+
+def test_prune_and_build_genai(tiny_llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "genai",
+                                       "--dtype", "float32", "--calib-samples", "4", "--seqlen", "32", "--device",
+                                       "cpu", "--quiet", "--out", str(tmp_path / "build")])
+    assert result.exit_code == 0, result.output
+    assert "the same greedy tokens as transformers" in result.output
+    summary = json.loads((tmp_path / "build" / "build_summary.json").read_text())
+    assert summary["target"] == "genai" and summary["export_summary"]["generation"]["identical"]
+    assert GenaiModel(tmp_path / "build" / "genai").config["model"]["type"] == "llama"
+
+
+def test_external_data_folder_loads_and_generates(pruned_llama_2of4, tmp_path):
+    from exporters.genai import write_genai_folder
+
+    model, tokenizer, _ = load_pruned(pruned_llama_2of4, "float32")
+    write_genai_folder(model, tokenizer, tmp_path, external_data_threshold=0)  # as a model past 2 GB is written
+    assert (tmp_path / "model.onnx.data").stat().st_size > (tmp_path / "model.onnx").stat().st_size
+    ids = tokenizer("The import statement")["input_ids"]
+    assert GenaiModel(tmp_path).generate(ids, 8) == transformers_greedy(model, ids, 8)
