@@ -86,7 +86,9 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
         activations_on=str(store_device),
         seconds=dict(load=load_s, statistics=statistics_s, forward=forward_s, unload=unload_s,
                      solves={r["name"]: r["seconds"] for r in reports},
-                     refits={r["name"]: r["refit_seconds"] for r in reports}, reconstruction=reconstruction_s),
+                     refits={r["name"]: r["refit_seconds"] for r in reports},
+                     searches={r["name"]: r.get("search_seconds", 0.0) for r in reports},
+                     reconstruction=reconstruction_s),
         solve_costs=solve_costs(linears),
         bytes=dict(
             layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
@@ -123,6 +125,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
+def _parts(seconds: dict, name: str) -> str:
+    """' (mask search x, refit y)': the steps after the block solve, where they ran."""
+    parts = [f"{label} {_duration(seconds[key][name])}" for key, label in (("searches", "mask search"),
+                                                                           ("refits", "refit"))
+             if seconds.get(key, {}).get(name)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
@@ -142,8 +152,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         f"| move the layer onto the device | {_duration(s['load'])} |",
         f"| statistics pass (forward with Hessian hooks) | {_duration(s['statistics'])} |",
         *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)}"
-          + (f" (refit {_duration(s['refits'][n])})" if s.get("refits", {}).get(n) else "") + " |"
-          for n, t in s["solves"].items()],
+          + _parts(s, n) + " |" for n, t in s["solves"].items()],
         *([f"| decoder-block reconstruction ({layer['prune']['reconstruct_epochs']} epochs) | "
            f"{_duration(s['reconstruction'])} |"] if s.get("reconstruction") else []),
         f"| forward through the pruned layer | {_duration(s['forward'])} |",

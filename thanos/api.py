@@ -10,7 +10,8 @@ import torch
 from thanos.config import ConfigError, Pattern, PruneConfig
 from thanos.errors import ThanosExportError
 from thanos.hessian import reconstruction_error
-from thanos.refit import refit_on_support
+from thanos.mask_search import SearchResult, admm_mask_search
+from thanos.refit import damped_hessian, refit_on_support
 from thanos.solvers import SolverOutput
 from thanos.solvers.magnitude import magnitude_prune
 from thanos.solvers.sparsegpt import sparsegpt_prune
@@ -31,8 +32,10 @@ class PruneResult:
     error: Optional[float]  # relative reconstruction error ||(W'-W)X||^2 / ||WX||^2, if H given
     damp_used: float
     damp_escalations: int
-    seconds: float  # the whole solve, refit included
+    seconds: float  # the whole solve, mask search and refit included
     refit_seconds: float = 0.0
+    search_seconds: float = 0.0
+    mask_changed: float = 0.0  # share of entries the mask search moved between removed and kept
 
 
 def prune_weight(
@@ -70,15 +73,18 @@ def prune_weight(
     start = time.perf_counter()
     W = weight.detach().to(torch.float32).clone()  # (r, c) fp32 working copy
     H = None if hessian is None else hessian.detach().to(device=W.device, dtype=torch.float32)
-    target = W.clone() if config.refit_iterations else W  # the solvers modify W in place
+    full_h = H is not None and H.dim() == 2
+    after = full_h and (config.refit_iterations or config.mask_search_iterations)
+    target = W.clone() if after else W  # the solvers modify W in place
     out = _solve(W, H, config, name, solve_memory, progress)
-    refit_start = time.perf_counter()
-    if config.refit_iterations and H is not None and H.dim() == 2:
-        damp_used = max(out.damp_used, config.damp)
-        out.weight = refit_on_support(out.weight, out.mask, target, H, damp_used, config.refit_iterations)
-    if weight.device.type == "cuda":
-        torch.cuda.synchronize(weight.device)
-    refit_seconds = time.perf_counter() - refit_start
+    search_start = time.perf_counter()
+    found = None
+    if config.mask_search_iterations and full_h:
+        found = admm_mask_search(out.weight, out.mask, target, H, max(out.damp_used, config.damp), config.pattern,
+                                 config.mask_search_iterations)
+    refit_start = _synchronized_clock(weight)
+    changed = _refit_(out, found, target, H, config) if full_h else 0.0
+    refit_seconds = _synchronized_clock(weight) - refit_start
     if not torch.isfinite(out.weight).all():
         raise PruningError(
             f"{name}: pruning produced NaN or Inf weights (method {config.method}); check the layer's "
@@ -98,7 +104,46 @@ def prune_weight(
         damp_escalations=out.escalations,
         seconds=seconds,
         refit_seconds=refit_seconds,
+        search_seconds=refit_start - search_start,
+        mask_changed=changed,
     )
+
+
+def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tensor, H: torch.Tensor,
+           config: PruneConfig) -> float:
+    """Refit `out` on its support and, after a mask search, `found` on its own; keep the better.
+
+    Comparing after the refit keeps the promise that the search never ends worse than the
+    solver's mask would have. Returns the share of mask entries the search moved (0 if it lost).
+    """
+    damp = max(out.damp_used, config.damp)
+
+    def refit(weight, mask):
+        if not config.refit_iterations:
+            return weight
+        return refit_on_support(weight, mask, target, H, damp, config.refit_iterations)
+
+    out.weight = refit(out.weight, out.mask)
+    if found is None:
+        return 0.0
+    searched = refit(found.weight, found.mask)
+    Hd = damped_hessian(H, damp)
+    if quadratic_error(searched, target, Hd) > quadratic_error(out.weight, target, Hd):
+        return 0.0
+    out.weight, out.mask = searched, found.mask
+    return found.changed
+
+
+def quadratic_error(weight: torch.Tensor, target: torch.Tensor, Hd: torch.Tensor) -> float:
+    """sum over rows of (w - t) Hd (w - t)^T, the objective the refit and the search minimise."""
+    delta = (weight - target).double()
+    return float(((delta @ Hd.double()) * delta).sum())
+
+
+def _synchronized_clock(weight: torch.Tensor) -> float:
+    if weight.device.type == "cuda":
+        torch.cuda.synchronize(weight.device)
+    return time.perf_counter()
 
 
 def _solve(W, H, config: PruneConfig, name: str, solve_memory: int, progress) -> SolverOutput:

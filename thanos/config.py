@@ -29,6 +29,7 @@ class Preset:
     reconstruct_epochs: int
     summary: str
     reconstruct_lr: float = 3e-4  # Adam's step; also the default when reconstruction is asked for by hand
+    mask_search_iterations: int = 0  # ADMM iterations over mask and weights before the refit (thanos.mask_search)
 
 
 PRESETS = {
@@ -97,7 +98,8 @@ class PruneConfig:
     `sparsity=None` means 0.5 for unstructured and columns, and n/m for an n:m pattern (which
     fixes the sparsity). For Thanos, `preset` (a name in `PRESETS`) fills the block size and the
     refit iterations that are left as None; `block_size=None` picks `DEFAULT_BLOCK_SIZE` for the
-    other methods. `refit_iterations` re-solves the kept weights for the final mask
+    other methods. `mask_search_iterations` moves mask and weights together from the solver's
+    result (`thanos.mask_search`); `refit_iterations` re-solves the kept weights for the final mask
     (`thanos.refit`); `reconstruct_epochs` tunes each pruned decoder layer's kept weights towards
     `reconstruct_target` in a whole-model run (`thanos.reconstruct`).
     """
@@ -109,6 +111,7 @@ class PruneConfig:
     alpha: float = 0.0
     damp: float = 0.01
     refit_iterations: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
+    mask_search_iterations: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
     reconstruct_epochs: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
     reconstruct_lr: Optional[float] = None  # None: the preset's
     reconstruct_target: str = "layer"  # "layer": the dense layer's outputs; "dense": the dense model's
@@ -121,7 +124,7 @@ class PruneConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         preset = PRESETS[self.preset]
-        for field in ("refit_iterations", "reconstruct_epochs"):
+        for field in ("refit_iterations", "mask_search_iterations", "reconstruct_epochs"):
             if getattr(self, field) is None:
                 object.__setattr__(self, field, getattr(preset, field) if self.method == "thanos" else 0)
         if self.reconstruct_lr is None:
@@ -154,6 +157,12 @@ class PruneConfig:
                               f"and {self.reconstruct_lr}")
         if self.refit_iterations < 0:
             raise ConfigError(f"refit_iterations must be 0 (no refit) or positive, got {self.refit_iterations}")
+        if self.mask_search_iterations < 0:
+            raise ConfigError(f"mask_search_iterations must be 0 (no search) or positive, got "
+                              f"{self.mask_search_iterations}")
+        if self.mask_search_iterations and pattern.kind == "columns":
+            raise ConfigError("mask search moves single weights, which would break the 'columns' pattern; "
+                              "use mask_search_iterations=0 with it")
         if self.block_size is not None:
             if self.block_size <= 0:
                 raise ConfigError(f"block_size must be positive, got {self.block_size}")

@@ -281,6 +281,7 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
         set_weight_(mod, result.weight)
         reports[name] = dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
                              error=result.error, seconds=result.seconds, refit_seconds=result.refit_seconds,
+                             search_seconds=result.search_seconds, mask_changed=result.mask_changed,
                              damp_used=result.damp_used,
                              damp_escalations=result.damp_escalations, rank=parallel.rank)
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)

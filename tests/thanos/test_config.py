@@ -51,7 +51,9 @@ def test_config_serialises_resolved_values():
     preset = PRESETS["default"]
     assert data == {"method": "thanos", "pattern": "unstructured", "sparsity": 0.6,
                     "block_size": preset.block_size["unstructured"], "alpha": 0.0, "damp": 0.01,
-                    "refit_iterations": preset.refit_iterations, "reconstruct_epochs": preset.reconstruct_epochs,
+                    "refit_iterations": preset.refit_iterations,
+                    "mask_search_iterations": preset.mask_search_iterations,
+                    "reconstruct_epochs": preset.reconstruct_epochs,
                     "reconstruct_lr": preset.reconstruct_lr, "reconstruct_target": "layer", "preset": "default"}
 
 

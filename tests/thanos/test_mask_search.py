@@ -1,0 +1,87 @@
+"""Mask search by ADMM: the pattern stays exact, and the result is never worse than the solver's mask."""
+import pytest
+import torch
+
+from thanos import PruneConfig, prune_weight
+from thanos.api import quadratic_error
+from thanos.config import ConfigError, Pattern
+from thanos.mask_search import admm_mask_search, project
+from thanos.refit import damped_hessian
+from tests.thanos.helpers import assert_nm, hessian_of, realistic_inputs
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def test_projection_keeps_the_largest_per_group_and_the_rows_counts():
+    Z = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    start = torch.zeros(6, 16, dtype=torch.bool)
+    start[:5, ::2] = True  # rows 0-4 half removed; row 5 a dense outlier row
+    D, mask = project(Z, start, Pattern.parse("2:4"))
+    assert_nm(D[:5], 2, 4)
+    assert not mask[5].any() and torch.equal(D[5], Z[5])
+    kept = Z[:5].abs().reshape(5, 4, 4).topk(2, -1).values.sort(-1).values
+    assert torch.equal(D[:5].abs().reshape(5, 4, 4).sort(-1).values[..., 2:], kept)
+    start[0, :] = False
+    start[0, :3] = True  # unstructured: each row keeps as many as its starting mask
+    D, mask = project(Z, start, Pattern.parse("unstructured"))
+    assert torch.equal(mask.sum(1), start.sum(1))
+    assert float(Z[0].abs()[mask[0]].max()) <= float(Z[0].abs()[~mask[0]].min())
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
+def test_search_then_refit_lowers_the_error_and_keeps_the_pattern(pattern):
+    X_in = realistic_inputs(512, 64, seed=5)
+    H = hessian_of(X_in)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    sparsity = 0.5 if pattern == "unstructured" else None
+    plain = prune_weight(W, H, PruneConfig("thanos", pattern, sparsity, block_size=16, refit_iterations=50))
+    searched = prune_weight(W, H, PruneConfig("thanos", pattern, sparsity, block_size=16, refit_iterations=50,
+                                              mask_search_iterations=30))
+    Hd = damped_hessian(H, 0.01)
+    before, after = quadratic_error(plain.weight, W, Hd), quadratic_error(searched.weight, W, Hd)
+    round_off = 64 * 64 * EPS * quadratic_error(torch.zeros_like(W), W, Hd)  # sums of c products over 64 rows
+    assert after <= before + round_off
+    assert after < before and searched.mask_changed > 0  # here the search finds a better support
+    assert torch.equal(searched.weight[searched.mask], torch.zeros(int(searched.mask.sum())))
+    if pattern == "unstructured":
+        assert torch.equal(searched.mask.sum(1), plain.mask.sum(1))
+    else:
+        p = Pattern.parse(pattern)
+        assert_nm(searched.weight, p.n, p.m)
+
+
+def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
+    import thanos.api as api
+    from thanos.mask_search import SearchResult
+
+    X_in = realistic_inputs(256, 32, seed=7)
+    H = hessian_of(X_in)
+    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(8))
+    plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20))
+
+    def worse(X, mask, target, H, damp, pattern, iterations):  # the opposite pair of every group's choice
+        flipped = mask.reshape(16, 8, 4).flip(-1).reshape(16, 32)
+        return SearchResult(target.masked_fill(flipped, 0.0), flipped, 1.0)
+
+    monkeypatch.setattr(api, "admm_mask_search", worse)
+    kept = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
+                                          mask_search_iterations=5))
+    assert torch.equal(kept.mask, plain.mask) and torch.equal(kept.weight, plain.weight)
+    assert kept.mask_changed == 0.0
+
+
+def test_search_starts_from_its_inputs_without_changing_them():
+    X_in = realistic_inputs(256, 32, seed=9)
+    H = hessian_of(X_in)
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(10))
+    pruned = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0))
+    weight, mask = pruned.weight.clone(), pruned.mask.clone()
+    found = admm_mask_search(pruned.weight, pruned.mask, W, H, 0.01, Pattern.parse("2:4"), 9)
+    assert torch.equal(pruned.weight, weight) and torch.equal(pruned.mask, mask)
+    assert found.weight.dtype == torch.float32
+    assert found.changed == float((found.mask != mask).float().mean())
+
+
+def test_columns_pattern_refuses_a_search():
+    with pytest.raises(ConfigError, match="columns"):
+        PruneConfig("thanos", "columns", mask_search_iterations=10)
