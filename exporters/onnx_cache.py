@@ -4,9 +4,9 @@ Inputs: `input_ids` (batch, seq), `attention_mask` (batch, past + seq), `positio
 (batch, seq), and a past key and value (batch, kv_heads, past, head_dim) for every decoder layer;
 outputs: `logits` (batch, seq, vocab) and a present key and value (batch, kv_heads, past + seq,
 head_dim) per layer. The cache tensors are named by a `CacheNames`: ours (`past_key_<i>`,
-`present_key_<i>`, ...) or ONNX Runtime GenAI's (`past_key_values.<i>.key`, `present.<i>.key`). Batch, sequence and past length are dynamic; a past of
-length 0 is a prefill. Positions are explicit so that left-padded rows count from their first
-real token, as `generate` does. `OnnxDecoder` drives it (greedy) for the checks and the bench.
+`present_key_<i>`, ...) or ONNX Runtime GenAI's (`past_key_values.<i>.key`, `present.<i>.key`).
+Batch, sequence and past length are dynamic; a past of length 0 is a prefill. Positions are
+explicit so that left-padded rows count from their first real token, as `generate` does. `OnnxDecoder` drives it (greedy) for the checks and the bench.
 """
 from __future__ import annotations
 

@@ -157,6 +157,39 @@ def _modelopt_sparsegpt_(model, samples, pattern: str, dev) -> dict:
     return dict(method="modelopt-sparsegpt", pattern=pattern, modelopt=modelopt.__version__)
 
 
+def check_carry(settings: dict, earlier: dict, source: str) -> None:
+    """Raise ValueError unless `earlier` was measured on the same model, calibration and texts.
+
+    `settings` may be partial (only the model is known before a run): what it lacks is not compared.
+    The model is compared by file or folder name, as reports before the embedded model was named
+    by its package gave this machine's path to it.
+    """
+    mismatched = [key for key in ("model", "calibration", "held_out", "other_text")
+                  if key in settings and _comparable(key, settings[key]) != _comparable(key, earlier["settings"].get(key))]
+    if mismatched:
+        raise ValueError(f"{source} was measured with another {', '.join(mismatched)}; it cannot share a table "
+                         "with this run")
+
+
+def _comparable(key: str, value):
+    return Path(value).name if key == "model" and isinstance(value, str) else value
+
+
+def carry_rows(result: dict, earlier: dict, source: str) -> dict:
+    """`result` with the rows of `earlier` for (pattern, method) pairs it did not run, on the patterns it ran.
+
+    For methods whose code did not change: their earlier runs stand beside the new ones. Refused
+    unless both were measured on the same model, calibration and texts. Carried rows name `source`.
+    """
+    check_carry(result["settings"], earlier, source)
+    ran = {(r["pattern"], r["method"]) for r in result["results"]}
+    patterns = {pattern for pattern, _ in ran}
+    carried = [dict(r, carried_from=source) for r in earlier["results"]
+               if r["pattern"] in patterns and (r["pattern"], r["method"]) not in ran]
+    rows = result["results"] + carried
+    return dict(result, results=rows, summary=summarise(rows))
+
+
 def pattern_violations(model, pattern: str) -> int:
     """Groups of m inputs holding more than m - n non-zeros, over every prunable linear (0: exact n:m)."""
     parsed = Pattern.parse(pattern)
@@ -203,6 +236,10 @@ def markdown(result: dict) -> str:
     for row in result["results"]:
         if row.get("status") == "skipped":
             lines.append(f"| {row['pattern']} | {row['method']} | 0 | skipped: {row['reason']} | | |")
+    carried = sorted({r["carried_from"] for r in result["results"] if r.get("carried_from")})
+    if carried:
+        lines += ["", f"Rows of the methods not re-run in this run come from {', '.join(carried)} (same model, "
+                      "calibration and texts)."]
     return "\n".join(lines) + "\n"
 
 
@@ -257,12 +294,24 @@ def main(argv=None) -> None:
     parser.add_argument("--other-windows", type=int, default=16, help="windows of the other-kind text (0: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME.png (NAME without suffix)")
+    parser.add_argument("--carry", default=None,
+                        help="an earlier NAME.json: its rows for methods not run now join the table (same model, "
+                             "calibration and texts; for methods whose code has not changed since)")
     args = parser.parse_args(argv)
     settings = Comparison(model=args.model, methods=tuple(args.methods.split(",")),
                           patterns=tuple(args.patterns.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
                           samples=args.samples, seqlen=args.seqlen, other_windows=args.other_windows or None,
                           device=args.device)
+    earlier = None
+    if args.carry:  # checked before any work, as far as the settings are known
+        earlier = json.loads(Path(args.carry).read_text())
+        check_carry(dict(model=describe_source(settings.model)), earlier, args.carry)
     result = compare(settings, echo=lambda line: print(line, flush=True))
+    if earlier is not None:
+        try:
+            result = carry_rows(result, earlier, args.carry)
+        except ValueError as exc:  # keep this run's rows: write them alone
+            print(f"not carried: {exc}", flush=True)
     print(markdown(result))
     if args.out:
         stem = Path(args.out)

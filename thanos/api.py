@@ -49,6 +49,7 @@ def prune_weight(
     damp: float = 0.01,
     *,
     refit_iterations: Optional[int] = None,
+    mask_search_iterations: Optional[int] = None,
     preset: str = "default",
     name: str = "layer",
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
@@ -68,7 +69,7 @@ def prune_weight(
         config = method
     else:
         config = PruneConfig(method, Pattern.parse(pattern), sparsity, block_size, alpha, damp, refit_iterations,
-                             preset=preset)
+                             mask_search_iterations, preset=preset)
     _check_inputs(weight, hessian, config, name)
     start = time.perf_counter()
     W = weight.detach().to(torch.float32).clone()  # (r, c) fp32 working copy

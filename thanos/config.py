@@ -28,17 +28,19 @@ class Preset:
     refit_iterations: int
     reconstruct_epochs: int
     summary: str
-    reconstruct_lr: float = 3e-4  # Adam's step; also the default when reconstruction is asked for by hand
+    reconstruct_lr: float = 1e-3  # Adam's step; also the default when reconstruction is asked for by hand
     mask_search_iterations: int = 0  # ADMM iterations over mask and weights before the refit (thanos.mask_search)
 
 
 PRESETS = {
     "fast": Preset({"nm": 128, "unstructured": 128, "columns": None}, 0, 0,
                    "the paper's block-wise solve alone"),
-    "default": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 0,
-                      "smaller blocks, then the kept weights refit on the final mask"),
-    "best": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 1,
-                   "the default, then each decoder layer tuned towards the dense layer's outputs"),
+    "default": Preset({"nm": 32, "unstructured": 128, "columns": None}, 10, 0,
+                      "smaller blocks, a short mask search, then the kept weights refit on the final mask",
+                      mask_search_iterations=10),
+    "best": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 2,
+                   "a longer mask search and refit, then each decoder layer tuned towards the dense layer's outputs",
+                   mask_search_iterations=30),
 }
 
 
@@ -124,6 +126,11 @@ class PruneConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         preset = PRESETS[self.preset]
+        if self.mask_search_iterations and self.pattern.kind == "columns":
+            raise ConfigError("mask search moves single weights, which would break the 'columns' pattern; "
+                              "use mask_search_iterations=0 with it")
+        if self.pattern.kind == "columns":
+            object.__setattr__(self, "mask_search_iterations", 0)  # the presets' search is for weight patterns
         for field in ("refit_iterations", "mask_search_iterations", "reconstruct_epochs"):
             if getattr(self, field) is None:
                 object.__setattr__(self, field, getattr(preset, field) if self.method == "thanos" else 0)
@@ -160,9 +167,6 @@ class PruneConfig:
         if self.mask_search_iterations < 0:
             raise ConfigError(f"mask_search_iterations must be 0 (no search) or positive, got "
                               f"{self.mask_search_iterations}")
-        if self.mask_search_iterations and pattern.kind == "columns":
-            raise ConfigError("mask search moves single weights, which would break the 'columns' pattern; "
-                              "use mask_search_iterations=0 with it")
         if self.block_size is not None:
             if self.block_size <= 0:
                 raise ConfigError(f"block_size must be positive, got {self.block_size}")

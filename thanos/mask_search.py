@@ -23,9 +23,10 @@ import torch
 from thanos.config import Pattern
 from thanos.refit import damped_hessian
 
-# Penalty schedule, in units of the scaled Hessian's unit diagonal: start low so the support can move, then raise it
-# every `RHO_EVERY` iterations by a factor that depends on how many weights changed support.
-RHO_START = 0.1
+# Penalty schedule, in units of the scaled Hessian's unit diagonal: start at RHO_SPAN / iterations
+# (low, so the support can move; a shorter search starts nearer the solver's weights), then raise
+# it every `RHO_EVERY` iterations by a factor that depends on how many weights changed support.
+RHO_SPAN = 3.0
 RHO_EVERY = 3
 RHO_GROWTH = ((0.1, 1.3), (0.005, 1.2), (0.0, 1.1))  # (share of kept weights that moved, factor)
 
@@ -62,21 +63,24 @@ def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
                      pattern: Pattern, iterations: int) -> SearchResult:
     """`iterations` of ADMM from (`X`, `mask`) towards `target` under `pattern`; inputs are not modified.
 
-    Runs in float64: the ridge solves divide by eigenvalues of Hd that span several orders of
-    magnitude. Returns the projected copy D, which has the pattern exactly.
+    The eigendecomposition runs in float64 (the scaled Hessian's eigenvalues span several orders
+    of magnitude); the iterations in float32, since every ridge solve divides by an eigenvalue
+    plus rho >= RHO_SPAN / iterations, which bounds its condition number. Returns the projected copy D,
+    which has the pattern exactly.
     """
-    dtype = X.dtype
+    dtype, work = X.dtype, torch.float32
     Hd = damped_hessian(H, damp).double()
     # In units where every input has unit variance (w_j sqrt(Hd_jj), Hd scaled to a unit
     # diagonal), so the projection's magnitudes weigh each input by its size.
     scale = Hd.diagonal().sqrt()
     Hs = Hd / scale[:, None] / scale[None, :]
     eigenvalues, Q = torch.linalg.eigh(Hs)
-    B = (target.double() * scale) @ Hs
-    D = X.double() * scale * ~mask
+    B = ((target.double() * scale) @ Hs).to(work)
+    eigenvalues, Q, scale = eigenvalues.to(work), Q.to(work), scale.to(work)
+    D = X.to(work) * scale * ~mask
     V = torch.zeros_like(D)
     current = mask.clone()
-    rho = RHO_START
+    rho = RHO_SPAN / max(iterations, 1)
     kept = max(int((~mask).sum()), 1)
     moved = 0
     for t in range(iterations):

@@ -34,7 +34,8 @@ def test_search_then_refit_lowers_the_error_and_keeps_the_pattern(pattern):
     H = hessian_of(X_in)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
     sparsity = 0.5 if pattern == "unstructured" else None
-    plain = prune_weight(W, H, PruneConfig("thanos", pattern, sparsity, block_size=16, refit_iterations=50))
+    plain = prune_weight(W, H, PruneConfig("thanos", pattern, sparsity, block_size=16, refit_iterations=50,
+                                           mask_search_iterations=0))
     searched = prune_weight(W, H, PruneConfig("thanos", pattern, sparsity, block_size=16, refit_iterations=50,
                                               mask_search_iterations=30))
     Hd = damped_hessian(H, 0.01)
@@ -57,7 +58,8 @@ def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
     X_in = realistic_inputs(256, 32, seed=7)
     H = hessian_of(X_in)
     W = torch.randn(16, 32, generator=torch.Generator().manual_seed(8))
-    plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20))
+    plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
+                                           mask_search_iterations=0))
 
     def worse(X, mask, target, H, damp, pattern, iterations):  # the opposite pair of every group's choice
         flipped = mask.reshape(16, 8, 4).flip(-1).reshape(16, 32)
@@ -74,7 +76,8 @@ def test_search_starts_from_its_inputs_without_changing_them():
     X_in = realistic_inputs(256, 32, seed=9)
     H = hessian_of(X_in)
     W = torch.randn(8, 32, generator=torch.Generator().manual_seed(10))
-    pruned = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0))
+    pruned = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0,
+                                            mask_search_iterations=0))
     weight, mask = pruned.weight.clone(), pruned.mask.clone()
     found = admm_mask_search(pruned.weight, pruned.mask, W, H, 0.01, Pattern.parse("2:4"), 9)
     assert torch.equal(pruned.weight, weight) and torch.equal(pruned.mask, mask)

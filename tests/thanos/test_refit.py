@@ -30,7 +30,8 @@ def test_refit_converges_to_the_exact_solve_on_the_support(pattern):
     X_in = realistic_inputs(512, 48, seed=1)
     H = hessian_of(X_in)
     W = torch.randn(24, 48, generator=torch.Generator().manual_seed(2))
-    pruned = prune_weight(W, H, "thanos", pattern, 0.5 if pattern == "unstructured" else None, block_size=16)
+    pruned = prune_weight(W, H, "thanos", pattern, 0.5 if pattern == "unstructured" else None, block_size=16,
+                          refit_iterations=0, mask_search_iterations=0)
     refit = refit_on_support(pruned.weight, pruned.mask, W, H, 0.01, iterations=200)
     exact = exact_support_solve(W, H, pruned.mask, 0.01)
     Hd = damped_hessian(H.double(), 0.01)
@@ -45,7 +46,7 @@ def test_refit_never_raises_the_objective_and_keeps_the_pattern():
     X_in = realistic_inputs(256, 64, seed=3)
     H = hessian_of(X_in)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
-    pruned = prune_weight(W, H, "thanos", "2:4", block_size=16)
+    pruned = prune_weight(W, H, "thanos", "2:4", block_size=16, refit_iterations=0, mask_search_iterations=0)
     Hd = damped_hessian(H, 0.01)
     before = objective(pruned.weight, W, Hd)
     for iterations in (1, 3, 10):
@@ -61,8 +62,10 @@ def test_prune_weight_with_refit_reports_a_lower_error_and_the_same_mask():
     X_in = realistic_inputs(512, 64, seed=5)
     H = hessian_of(X_in)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
-    plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0))
-    refit = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20))
+    plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0,
+                                           mask_search_iterations=0))
+    refit = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
+                                           mask_search_iterations=0))
     assert torch.equal(plain.mask, refit.mask)
     assert refit.error < plain.error
     assert refit.config.refit_iterations == 20

