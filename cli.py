@@ -574,16 +574,16 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
 @click.option("--pattern", default="2:4", show_default=True)
 @click.option("--method", type=click.Choice(METHODS), default="thanos", show_default=True)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
-              help="Thanos preset to time (its refit and reconstruction included).")
+              help="Thanos preset to time (its mask search, refit and reconstruction included).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
 def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
     Builds one random-weight decoder layer of the named config, times the driver's own steps on
-    it (moving the layer to the device, the statistics pass, each solve with its refit, the
-    reconstruction, the pruned pass), and multiplies out for 1 process with layer offloading and
-    for N torchrun ranks.
+    it (moving the layer to the device, the statistics pass, each solve with its mask search and
+    refit, the reconstruction, the pruned pass), and multiplies out for 1 process with layer
+    offloading and for N torchrun ranks.
 
     \b
     Example:

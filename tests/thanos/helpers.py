@@ -13,6 +13,12 @@ def hessian_of(X: torch.Tensor) -> torch.Tensor:
     return X.T @ X / X.shape[0]
 
 
+def layer_problem(tokens: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, H): a random (rows x cols) weight and the Hessian of realistic inputs, both seeded."""
+    H = hessian_of(realistic_inputs(tokens, cols, seed=seed))
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 1)), H
+
+
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     return H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
 

@@ -7,7 +7,7 @@ from thanos.api import quadratic_error
 from thanos.config import ConfigError, Pattern
 from thanos.mask_search import admm_mask_search, project
 from thanos.refit import damped_hessian
-from tests.thanos.helpers import assert_nm, hessian_of, realistic_inputs
+from tests.thanos.helpers import assert_nm, layer_problem
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -30,9 +30,7 @@ def test_projection_keeps_the_largest_per_group_and_the_rows_counts():
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured"])
 def test_search_then_refit_lowers_the_error_and_keeps_the_pattern(pattern):
-    X_in = realistic_inputs(512, 64, seed=5)
-    H = hessian_of(X_in)
-    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(6))
+    W, H = layer_problem(512, 32, 64, seed=5)
     sparsity = 0.5 if pattern == "unstructured" else None
     plain = prune_weight(W, H, PruneConfig("thanos", pattern, sparsity, block_size=16, refit_iterations=50,
                                            mask_search_iterations=0))
@@ -55,9 +53,7 @@ def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
     import thanos.api as api
     from thanos.mask_search import SearchResult
 
-    X_in = realistic_inputs(256, 32, seed=7)
-    H = hessian_of(X_in)
-    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(8))
+    W, H = layer_problem(256, 16, 32, seed=7)
     plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
                                            mask_search_iterations=0))
 
@@ -73,9 +69,7 @@ def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
 
 
 def test_search_starts_from_its_inputs_without_changing_them():
-    X_in = realistic_inputs(256, 32, seed=9)
-    H = hessian_of(X_in)
-    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(10))
+    W, H = layer_problem(256, 8, 32, seed=9)
     pruned = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0,
                                             mask_search_iterations=0))
     weight, mask = pruned.weight.clone(), pruned.mask.clone()

@@ -65,9 +65,11 @@ def _assert_same_model(path_a, path_b):
     ids = torch.arange(64)[None] * 5 % model_a.config.vocab_size
     with torch.no_grad():
         logits_a, logits_b = model_a(ids).logits, model_b(ids).logits
-    # 2% of the largest logit: the tiny random model's badly conditioned layers turn fp32 round-off
-    # in the summed statistics into differences of this size (0.5-0.7% measured with the refit).
-    assert (logits_a - logits_b).abs().max() <= 0.02 * logits_a.abs().max()
+    # The tiny random model's badly conditioned layers turn fp32 round-off in the summed
+    # statistics (and the ranks' own thread counts) into differences of this size: 0.5-0.7% of
+    # the largest logit with the refit alone, 4-5% since the mask search flips near-ties in
+    # about 1% of the mask entries. Not equality: README, "Pruning across processes".
+    assert (logits_a - logits_b).abs().max() <= 0.08 * logits_a.abs().max()
 
 
 def test_dead_rank_then_rerun_resumes(tiny_llama_dir, tmp_path):
