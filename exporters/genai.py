@@ -30,6 +30,7 @@ from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
 from exporters.onnx_graph import TWO_GIB, check_patterns_kept, require_onnx
 from exporters.source import load_pruned, model_patterns
 from thanos.errors import InputError
+from thanos.models import context_length
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def genai_config(model) -> dict:
     """`genai_config.json` for `model` (a transformers causal LM), exported by `write_genai_folder`."""
     config, generation = model.config, getattr(model, "generation_config", None)
     heads = config.num_attention_heads
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    context = context_length(model)
     if context is None:
         raise ExportError(f"{type(model).__name__}'s config gives no context length (max_position_embeddings); "
                           "GenAI needs one")
@@ -265,8 +266,9 @@ def export_genai(model_dir: Path, out: Path, options: ExportOptions, loaded: Opt
                    **check_patterns_kept(model_patterns(model), out / MODEL_FILE))
     if options.split_dense_rows:
         summary["split_rows"] = report["split_rows"]
-    check_genai_folder(out)
     if options.validate:
-        summary["generation"] = verify_folder(model, tokenizer, out, options.dtype)
+        summary["generation"] = verify_folder(model, tokenizer, out, options.dtype)  # loading checks the folder
+    else:
+        check_genai_folder(out)
     return summary
 

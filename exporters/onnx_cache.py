@@ -6,7 +6,8 @@ outputs: `logits` (batch, seq, vocab) and a present key and value (batch, kv_hea
 head_dim) per layer. The cache tensors are named by a `CacheNames`: ours (`past_key_<i>`,
 `present_key_<i>`, ...) or ONNX Runtime GenAI's (`past_key_values.<i>.key`, `present.<i>.key`).
 Batch, sequence and past length are dynamic; a past of length 0 is a prefill. Positions are
-explicit so that left-padded rows count from their first real token, as `generate` does. `OnnxDecoder` drives it (greedy) for the checks and the bench.
+explicit so that left-padded rows count from their first real token, as `generate` does.
+`OnnxDecoder` drives it (greedy) for the checks and the bench.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -58,12 +58,12 @@ def _genai(source: str, prompt: str, max_new_tokens: int, on_text, device: str) 
 def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device: str) -> Generation:
     from transformers import DynamicCache
 
-    from thanos.models import cache_argument
+    from thanos.models import cache_argument, context_length
 
     model, tokenizer = load_model(None if source == DEFAULT_SOURCE else source)
     model.to(device)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     steps = _limit(context, ids[0].tolist(), max_new_tokens) - ids.shape[1] if context else max_new_tokens
     stops = _stop_tokens(model, tokenizer)
     cache, argument = DynamicCache(config=model.config), cache_argument(model)

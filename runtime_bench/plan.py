@@ -87,7 +87,7 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
         seconds=dict(load=load_s, statistics=statistics_s, forward=forward_s, unload=unload_s,
                      solves={r["name"]: r["seconds"] for r in reports},
                      refits={r["name"]: r["refit_seconds"] for r in reports},
-                     searches={r["name"]: r.get("search_seconds", 0.0) for r in reports},
+                     searches={r["name"]: r["search_seconds"] for r in reports},
                      reconstruction=reconstruction_s),
         solve_costs=solve_costs(linears),
         bytes=dict(

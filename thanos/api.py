@@ -78,13 +78,13 @@ def prune_weight(
     after = full_h and (config.refit_iterations or config.mask_search_iterations)
     target = W.clone() if after else W  # the solvers modify W in place
     out = _solve(W, H, config, name, solve_memory, progress)
-    search_start = time.perf_counter()
+    damp = max(out.damp_used, config.damp)
+    search_start = _synchronized_clock(weight)
     found = None
     if config.mask_search_iterations and full_h:
-        found = admm_mask_search(out.weight, out.mask, target, H, max(out.damp_used, config.damp), config.pattern,
-                                 config.mask_search_iterations)
+        found = admm_mask_search(out.weight, out.mask, target, H, damp, config.pattern, config.mask_search_iterations)
     refit_start = _synchronized_clock(weight)
-    changed = _refit_(out, found, target, H, config) if full_h else 0.0
+    changed = _refit_(out, found, target, H, damp, config.refit_iterations) if full_h else 0.0
     refit_seconds = _synchronized_clock(weight) - refit_start
     if not torch.isfinite(out.weight).all():
         raise PruningError(
@@ -93,7 +93,7 @@ def prune_weight(
         )
     seconds = time.perf_counter() - start
     error = None
-    if H is not None and H.dim() == 2:
+    if full_h:
         error = reconstruction_error(weight.detach().to(W), out.weight, H)
     return PruneResult(
         weight=out.weight.to(weight.dtype),
@@ -110,19 +110,15 @@ def prune_weight(
     )
 
 
-def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tensor, H: torch.Tensor,
-           config: PruneConfig) -> float:
+def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tensor, H: torch.Tensor, damp: float,
+           iterations: int) -> float:
     """Refit `out` on its support and, after a mask search, `found` on its own; keep the better.
 
     Comparing after the refit keeps the promise that the search never ends worse than the
     solver's mask would have. Returns the share of mask entries the search moved (0 if it lost).
     """
-    damp = max(out.damp_used, config.damp)
-
     def refit(weight, mask):
-        if not config.refit_iterations:
-            return weight
-        return refit_on_support(weight, mask, target, H, damp, config.refit_iterations)
+        return refit_on_support(weight, mask, target, H, damp, iterations) if iterations else weight
 
     out.weight = refit(out.weight, out.mask)
     if found is None:

@@ -93,6 +93,11 @@ def default_model_file() -> Path:
     return path
 
 
+def context_length(model: nn.Module) -> Optional[int]:
+    """The longest sequence the model's positions cover, if its config says (GPT-2 maps n_positions here)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def describe_source(path: Optional[str]) -> str:
     """The model as a report names it: the path as given, or the default model's package and file
     (not this machine's absolute path to it)."""

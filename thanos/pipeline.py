@@ -20,8 +20,8 @@ from thanos.config import PruneConfig
 from thanos.driver import Progress, check_pattern_fits, prune_model_
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
-from thanos.models import (LayerSelection, default_model_file, describe_source, load_model, prunable_linears,
-                           source_files)
+from thanos.models import (LayerSelection, context_length, default_model_file, describe_source, load_model,
+                           prunable_linears, source_files)
 from thanos.outputs import OutputDirError, begin_staging, check_disjoint, commit_staging
 from thanos.parallel import Parallel
 
@@ -134,7 +134,7 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
         raise InputError(f"no linear layer matches --include {job.include} minus --exclude {job.exclude}; "
                          "patterns match full names such as 'model.layers.0.mlp.up_proj'")
     check_pattern_fits(linears, job.config)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model)
     if context and job.seqlen > context:
         raise CalibrationError(f"--seqlen {job.seqlen} is longer than the model's context of {context} tokens; "
                                f"pass --seqlen {context} or less")
