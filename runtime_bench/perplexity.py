@@ -176,18 +176,24 @@ def _comparable(key: str, value):
 
 
 def carry_rows(result: dict, earlier: dict, source: str) -> dict:
-    """`result` with the rows of `earlier` for (pattern, method) pairs it did not run, on the patterns it ran.
+    """`result` with the runs of `earlier` it did not make itself, on the patterns it ran.
 
-    For methods whose code did not change: their earlier runs stand beside the new ones. Refused
-    unless both were measured on the same model, calibration and texts. Carried rows name `source`.
+    A run is a (pattern, method, seed): an earlier run of the same triple is replaced by this one's,
+    the others stand beside it, so later seeds can be added to an earlier table, or methods whose
+    code did not change carried unmeasured. Refused unless both were measured on the same model,
+    calibration and texts. Carried rows name `source`.
     """
     check_carry(result["settings"], earlier, source)
-    ran = {(r["pattern"], r["method"]) for r in result["results"]}
-    patterns = {pattern for pattern, _ in ran}
-    carried = [dict(r, carried_from=source) for r in earlier["results"]
-               if r["pattern"] in patterns and (r["pattern"], r["method"]) not in ran]
+    ran = {_run_key(r) for r in result["results"]}
+    patterns = {r["pattern"] for r in result["results"]}
+    carried = [dict(r, carried_from=r.get("carried_from", source)) for r in earlier["results"]
+               if r["pattern"] in patterns and _run_key(r) not in ran]
     rows = result["results"] + carried
     return dict(result, results=rows, summary=summarise(rows))
+
+
+def _run_key(row: dict) -> tuple:
+    return row["pattern"], row["method"], row.get("seed")
 
 
 def pattern_violations(model, pattern: str) -> int:
@@ -236,10 +242,13 @@ def markdown(result: dict) -> str:
     for row in result["results"]:
         if row.get("status") == "skipped":
             lines.append(f"| {row['pattern']} | {row['method']} | 0 | skipped: {row['reason']} | | |")
-    carried = sorted({r["carried_from"] for r in result["results"] if r.get("carried_from")})
+    carried: dict[str, int] = {}
+    for row in result["results"]:
+        if row.get("carried_from"):
+            carried[row["carried_from"]] = carried.get(row["carried_from"], 0) + 1
     if carried:
-        lines += ["", f"Rows of the methods not re-run in this run come from {', '.join(carried)} (same model, "
-                      "calibration and texts)."]
+        lines += ["", "Runs carried from earlier files (same model, calibration and texts): "
+                  + ", ".join(f"{count} from {source}" for source, count in sorted(carried.items())) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -294,23 +303,23 @@ def main(argv=None) -> None:
     parser.add_argument("--other-windows", type=int, default=16, help="windows of the other-kind text (0: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME.png (NAME without suffix)")
-    parser.add_argument("--carry", default=None,
-                        help="an earlier NAME.json: its rows for methods not run now join the table (same model, "
-                             "calibration and texts; for methods whose code has not changed since)")
+    parser.add_argument("--carry", action="append", default=[],
+                        help="an earlier NAME.json (repeatable): its runs (pattern, method, seed) not made now join "
+                             "the table, on the patterns run now (same model, calibration and texts required; only "
+                             "for methods whose code has not changed since)")
     args = parser.parse_args(argv)
     settings = Comparison(model=args.model, methods=tuple(args.methods.split(",")),
                           patterns=tuple(args.patterns.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
                           samples=args.samples, seqlen=args.seqlen, other_windows=args.other_windows or None,
                           device=args.device)
-    earlier = None
-    if args.carry:  # checked before any work, as far as the settings are known
-        earlier = json.loads(Path(args.carry).read_text())
-        check_carry(dict(model=describe_source(settings.model)), earlier, args.carry)
+    earlier = {source: json.loads(Path(source).read_text()) for source in args.carry}
+    for source, rows in earlier.items():  # checked before any work, as far as the settings are known
+        check_carry(dict(model=describe_source(settings.model)), rows, source)
     result = compare(settings, echo=lambda line: print(line, flush=True))
-    if earlier is not None:
+    for source, rows in earlier.items():
         try:
-            result = carry_rows(result, earlier, args.carry)
-        except ValueError as exc:  # keep this run's rows: write them alone
+            result = carry_rows(result, rows, source)
+        except ValueError as exc:  # keep this run's rows: write them without the earlier ones
             print(f"not carried: {exc}", flush=True)
     print(markdown(result))
     if args.out:

@@ -12,7 +12,7 @@ def _row(method, pattern, seed, held):
     return dict(method=method, pattern=pattern, seed=seed, status="ok", seconds=1.0, held_out=held)
 
 
-def test_carried_rows_fill_the_methods_not_rerun_on_the_patterns_run():
+def test_carried_runs_fill_the_runs_not_made_on_the_patterns_run():
     earlier = dict(settings=dict(SETTINGS, model="/some/where/SmolLM2-135M-Instruct.Q4_1.gguf"), results=[
         _row("sparsegpt", "2:4", 0, 20.0), _row("sparsegpt", "2:4", 1, 22.0), _row("thanos:best", "2:4", 0, 16.0),
         _row("sparsegpt", "4:8", 0, 17.0)])
@@ -22,7 +22,17 @@ def test_carried_rows_fill_the_methods_not_rerun_on_the_patterns_run():
     assert methods[("2:4", "thanos:best")]["held_out"] == 14.0  # the new run's row, not the old one
     assert methods[("2:4", "sparsegpt")]["held_out"] == 21.0 and methods[("2:4", "sparsegpt")]["runs"] == 2
     assert ("4:8", "sparsegpt") not in methods  # a pattern this run did not measure stays out
-    assert "come from old.json" in markdown(merged)
+    assert "2 from old.json" in markdown(merged)
+
+
+def test_later_seeds_join_an_earlier_table_and_replace_only_their_own_runs():
+    earlier = dict(settings=SETTINGS, results=[_row("thanos:best", "4:8", 0, 13.0), _row("thanos:best", "4:8", 1, 99.0)])
+    new = dict(settings=SETTINGS, results=[_row("thanos:best", "4:8", 1, 14.0), _row("thanos:best", "4:8", 2, 15.0)])
+    merged = carry_rows(new, earlier, "seed0.json")
+    (best,) = merged["summary"]
+    assert best["runs"] == 3 and best["held_out"] == 14.0  # seeds 0, 1 (the new one), 2
+    again = carry_rows(merged, dict(settings=SETTINGS, results=[_row("wanda", "4:8", 0, 20.0)]), "wanda.json")
+    assert {r.get("carried_from") for r in again["results"]} == {None, "seed0.json", "wanda.json"}
 
 
 def test_an_earlier_run_on_other_text_is_refused():
