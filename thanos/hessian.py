@@ -1,8 +1,8 @@
 """Layer statistics (docs/ALGORITHM.md section 1) and the damped inverse factor (section 6).
 
-`HessianAccumulator` streams calibration inputs into `H = X X^T / N` in fp32 without keeping
-them. `inverse_upper_factor` returns `U` with `inv(H + damping) = U^T U`, escalating the damping
-when a factorisation fails, which is all the block solvers need.
+`HessianAccumulator` streams calibration inputs into `H = X X^T / N` without keeping them.
+`inverse_upper_factor` returns `U` with `inv(H + damping) = U^T U`, escalating the damping when a
+factorisation fails, which is all the block solvers need.
 """
 from __future__ import annotations
 
@@ -24,41 +24,55 @@ class FactorizationError(ThanosExportError, RuntimeError):
 
 
 class HessianAccumulator:
-    """Running mean of `x x^T` over calibration tokens, in fp32.
+    """Mean of `x x^T` over calibration tokens: fp32 products per call, summed in fp64.
 
     >>> acc = HessianAccumulator(576)
     >>> acc.add(hidden_states)          # (..., 576), any float dtype; nothing is stored
     >>> acc.hessian                      # (576, 576) fp32, mean over all tokens seen
 
-    `tokens` counts what was seen, so partial statistics from several processes combine as
-    `sum(H_k * tokens_k) / sum(tokens_k)`.
+    The driver adds one calibration sample per call, so each sample's fp32 product is the same
+    however the samples are sharded over processes; adding those in fp64 is exact unless they
+    span more than 2^29 in magnitude, and what is left after rounding to fp32 is the same in
+    any order: one process and N ranks (`thanos.parallel`) read the same Hessian.
+    Reading `hessian` ends the accumulation (the fp64 sum is freed); the fp32 mean it returns
+    may be changed in place (reordered, `thanos.permute`) and is what later readers get.
     """
 
     def __init__(self, columns: int, device: "torch.device | str | None" = None):
         self.columns = columns
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.sum: Optional[torch.Tensor] = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self.tokens = 0
+        self._mean: Optional[torch.Tensor] = None
 
     def add(self, inputs: torch.Tensor) -> None:
         if inputs.shape[-1] != self.columns:
             raise ValueError(f"inputs have {inputs.shape[-1]} features, the accumulator expects {self.columns}")
-        x = inputs.reshape(-1, self.columns).to(device=self.hessian.device, dtype=torch.float32)  # (N, c)
-        new = x.shape[0]
-        if new == 0:
+        if self.sum is None:
+            raise RuntimeError("these statistics were already read; start a new HessianAccumulator")
+        x = inputs.reshape(-1, self.columns).to(device=self.sum.device, dtype=torch.float32)  # (N, c)
+        if x.shape[0] == 0:
             return
-        total = self.tokens + new
-        # Running mean keeps magnitudes bounded for long calibration runs.
-        self.hessian.mul_(self.tokens / total)
-        self.hessian.addmm_(x.T, x, alpha=1.0 / total)
-        self.tokens = total
+        self.sum += x.T @ x
+        self.tokens += x.shape[0]
 
-    def merge(self, hessian: torch.Tensor, tokens: int) -> None:
-        """Fold in statistics gathered elsewhere (another process, another shard)."""
-        total = self.tokens + tokens
-        if total == 0:
-            return
-        self.hessian.mul_(self.tokens / total).add_(hessian.to(self.hessian), alpha=tokens / total)
-        self.tokens = total
+    def merge(self, other: "HessianAccumulator") -> None:
+        """Fold in another accumulator's statistics (another shard), before either is read."""
+        if self.sum is None or other.sum is None:
+            raise RuntimeError("merge statistics before reading them")
+        self.sum += other.sum.to(self.sum.device)
+        self.tokens += other.tokens
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self._mean is None:
+            self._mean = (self.sum / max(self.tokens, 1)).to(torch.float32)
+            self.sum = None
+        return self._mean
+
+    @property
+    def nbytes(self) -> int:
+        held = self._mean if self.sum is None else self.sum
+        return held.numel() * held.element_size()
 
 
 @dataclasses.dataclass

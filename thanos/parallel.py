@@ -50,15 +50,13 @@ class Parallel:
             self._call(dist.all_reduce, tensor)
 
     def reduce_stats_(self, acc: HessianAccumulator) -> None:
-        """Sum H * tokens and tokens over ranks: every rank ends with the global mean."""
+        """Sum the fp64 statistics and token counts over ranks: every rank reads the single process's Hessian."""
         if not self.active:
             return
-        weighted = acc.hessian * acc.tokens
-        tokens = torch.tensor([float(acc.tokens)], device=acc.hessian.device, dtype=torch.float64)
-        self._call(dist.all_reduce, weighted)
+        tokens = torch.tensor([float(acc.tokens)], device=acc.sum.device, dtype=torch.float64)
+        self._call(dist.all_reduce, acc.sum)
         self._call(dist.all_reduce, tokens)
         acc.tokens = int(tokens.item())
-        acc.hessian = weighted / max(acc.tokens, 1)
 
     def owners(self, costs: dict[str, float]) -> dict[str, int]:
         return deal_by_cost(costs, self.world)

@@ -68,13 +68,19 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
         with torch.enable_grad():
             for _ in range(epochs):
                 for k in range(steps):
+                    # Each sample's gradient alone, summed in fp64: the same sum whichever rank holds
+                    # which sample (as the statistics, thanos.hessian.HessianAccumulator).
+                    sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
                     for j in own[k]:
                         out = forward(inputs[j])
                         (_relative_mse(out, targets[j].to(out)) / step_sizes[k]).backward()
-                    for w, mask in zip(weights, keep):
+                        for total_grad, w in zip(sums, weights):
+                            total_grad += w.grad
+                            w.grad.zero_()
+                    for w, total_grad, mask in zip(weights, sums, keep):
                         if all_reduce:
-                            all_reduce(w.grad)
-                        w.grad.mul_(mask)
+                            all_reduce(total_grad)
+                        w.grad.copy_(total_grad).mul_(mask)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=False)
                     with torch.no_grad():

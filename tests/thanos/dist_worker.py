@@ -26,3 +26,13 @@ def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = 
         prune_to_directory(PruneJob(distributed=True, **job_kwargs))
     finally:
         shutdown()
+
+
+def run_single(job_kwargs: dict) -> None:
+    """One process at the ranks' thread count: thread counts change BLAS round-off, ranks do not."""
+    import torch
+
+    torch.set_num_threads(1)
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    prune_to_directory(PruneJob(**job_kwargs))
