@@ -108,6 +108,10 @@ def prune_options(f):
         click.option("--mask-search-iterations", type=click.IntRange(min=0), default=None,
                      help="ADMM iterations moving mask and kept weights together before the refit, kept only "
                           "where they lower the layer's error (default: the preset's for thanos, 0 for the others)."),
+        click.option("--permute-channels/--no-permute-channels", default=None,
+                     help="Reorder the channels the model leaves free (gate/up rows with down_proj's inputs, "
+                          "v_proj rows with o_proj's, within a head) so each n:m group drops less; the dense "
+                          "model computes the same (default: the preset's for thanos, off for the others)."),
         click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
                      help="Passes of decoder-block reconstruction after each layer is pruned (default: the "
                           "preset's for thanos, 0 for the other methods)."),
@@ -144,13 +148,14 @@ def prune_options(f):
 
 
 def build_job(out, model, method, pattern, sparsity, preset, block_size, refit_iterations, mask_search_iterations,
-              reconstruct_epochs, reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device,
+              permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device,
               include, exclude, no_eval, eval_windows, offload_activations, trust_remote_code, overwrite,
               distributed=False):
     from thanos.pipeline import PruneJob
 
     config = PruneConfig(method, pattern, sparsity, block_size, alpha, damp, refit_iterations=refit_iterations,
-                         mask_search_iterations=mask_search_iterations, reconstruct_epochs=reconstruct_epochs,
+                         mask_search_iterations=mask_search_iterations, permute_channels=permute_channels,
+                         reconstruct_epochs=reconstruct_epochs,
                          reconstruct_target=reconstruct_target, preset=preset)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
                     seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
@@ -181,7 +186,8 @@ def echo_prune_summary(report: dict) -> None:
                f"from {cal['source']}")
     cfg = report["config"]
     preset = f"preset {cfg['preset']}, " if cfg["method"] == "thanos" else ""
-    refit = f", mask search {cfg['mask_search_iterations']}" if cfg.get("mask_search_iterations") else ""
+    refit = ", channels permuted" if cfg.get("permute_channels") else ""
+    refit += f", mask search {cfg['mask_search_iterations']}" if cfg.get("mask_search_iterations") else ""
     refit += f", refit {cfg['refit_iterations']}" if cfg.get("refit_iterations") else ""
     if cfg.get("reconstruct_epochs"):
         refit += f", reconstruction {cfg['reconstruct_epochs']} x towards the {cfg['reconstruct_target']} target"

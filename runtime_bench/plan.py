@@ -24,10 +24,10 @@ from runtime_bench.model import RANDOM_CONFIGS, random_config
 from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
-from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs,
-                           solve_layer)
-from thanos.models import LayerSelection, decoder_layers, prunable_linears, weight_view
+from thanos.driver import LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs
+from thanos.models import LayerSelection, adapter_for, decoder_layers, prunable_linears, weight_view
 from thanos.parallel import Parallel, deal_by_cost
+from thanos.permute import ChannelLayout
 from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
 
 PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
@@ -59,24 +59,19 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     _, load_s = timed(lambda: layer.to(device), device)
     run_layer(layer, inputs[:1], args, kwargs, device, store_device)  # first calls load the kernels; untimed
     echo(f"layer on {device} in {load_s:.2f}s; statistics pass over {samples} x {seqlen} tokens ...")
-    reconstruction_s = 0.0
-    if prune.reconstruct_epochs:
-        # The tuning follows the solves inside the driver's layer step: time the whole step and
-        # count what is neither a solve nor the tuning as the statistics pass.
-        dense = list(inputs) if prune.reconstruct_target == "dense" else None
-        step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device)
-        # one sample is enough to learn how many distinct inputs (and so Hessians) the layer has
-        hessian_bytes = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device).nbytes
-        (reports, _), total_s = timed(lambda: prune_layer(step, prune, None, Parallel()), device)
-        reconstruction_s = reports[0].get("reconstruction", {}).get("seconds", 0.0) if reports else 0.0
-        statistics_s = total_s - reconstruction_s - sum(r["seconds"] for r in reports)
-    else:
-        shared, statistics_s = timed(lambda: collect_statistics(layer, linears, inputs, args, kwargs, device,
-                                                                 store_device), device)
-        hessian_bytes = shared.nbytes
-        echo(f"statistics in {statistics_s:.2f}s; solving {len(linears)} linears ...")
-        reports = solve_layer(linears, shared, prune, None, Parallel())
-        del shared
+    # The driver's own layer step, timed whole: what is neither a permutation, a solve nor the
+    # reconstruction is the statistics pass (the reductions are no-ops in one process).
+    dense = list(inputs) if prune.reconstruct_epochs and prune.reconstruct_target == "dense" else None
+    layout = ChannelLayout.of(model) if prune.permute_channels else None
+    step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device, prefix=f"{adapter_for(model).layers}.0.",
+                     layout=layout)
+    # one sample is enough to learn how many distinct inputs (and so Hessians) the layer has
+    hessian_bytes = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device).nbytes
+    echo(f"statistics and {len(linears)} solves ...")
+    (reports, _), total_s = timed(lambda: prune_layer(step, prune, None, Parallel()), device)
+    reconstruction_s = reports[0].get("reconstruction", {}).get("seconds", 0.0) if reports else 0.0
+    permutation_s = sum(r.get("permutation", {}).get("seconds", 0.0) for r in reports)
+    statistics_s = total_s - reconstruction_s - permutation_s - sum(r["seconds"] for r in reports)
     _, forward_s = timed(lambda: run_layer(layer, inputs, args, kwargs, device, store_device), device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     _, unload_s = timed(lambda: layer.to("cpu"), device)
@@ -88,12 +83,13 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      solves={r["name"]: r["seconds"] for r in reports},
                      refits={r["name"]: r["refit_seconds"] for r in reports},
                      searches={r["name"]: r["search_seconds"] for r in reports},
-                     reconstruction=reconstruction_s),
+                     reconstruction=reconstruction_s, permutation=permutation_s),
         solve_costs=solve_costs(linears),
         bytes=dict(
             layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
             prunable_weights=sum(weight_view(m).numel() * weight_view(m).element_size() for m in linears.values()),
-            hessians=hessian_bytes,  # fp32, one per distinct linear input (q/k/v and gate/up share theirs)
+            # fp64 sums while they stream, one per distinct linear input (q/k/v and gate/up share theirs)
+            hessians=hessian_bytes,
             activations=2 * sum(x.numel() * x.element_size() for x in inputs),  # a layer's inputs and outputs
             device_peak=peak,
         ),
@@ -107,8 +103,9 @@ def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
     for n in ranks:
         owners = deal_by_cost(layer["solve_costs"], n)
         per_rank = [sum(t for name, t in s["solves"].items() if owners[name] == r) for r in range(n)]
-        per_layer = (s["load"] + (s["statistics"] + s["forward"] + s.get("reconstruction", 0.0)) / n + max(per_rank)
-                     + s["unload"])
+        # every rank computes the same channel orders (they are cheap next to the solves)
+        per_layer = (s["load"] + (s["statistics"] + s["forward"] + s.get("reconstruction", 0.0)) / n
+                     + s.get("permutation", 0.0) + max(per_rank) + s["unload"])
         traffic = 0 if n == 1 else layer["bytes"]["hessians"] + layer["bytes"]["prunable_weights"]
         rows.append(dict(
             ranks=n, seconds_per_layer=per_layer, hours_total=per_layer * layers / 3600,
@@ -151,6 +148,8 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         "| --- | --- |",
         f"| move the layer onto the device | {_duration(s['load'])} |",
         f"| statistics pass (forward with Hessian hooks) | {_duration(s['statistics'])} |",
+        *([f"| channel permutations (o_proj, down_proj) | {_duration(s['permutation'])} |"]
+          if s.get("permutation") else []),
         *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)}"
           + _parts(s, n) + " |" for n, t in s["solves"].items()],
         *([f"| decoder-block reconstruction ({layer['prune']['reconstruct_epochs']} epochs) | "
@@ -165,8 +164,8 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
           f"| {_duration(r['hours_total'] * 3600)} | {_size(r['activation_bytes_per_rank'])} "
           f"| {_size(r['collective_bytes_per_layer'])} |" for r in rows],
         "",
-        f"One layer holds {_size(b['layer_weights'])} of weights and {_size(b['hessians'])} of fp32 Hessians "
-        f"(one per distinct input)"
+        f"One layer holds {_size(b['layer_weights'])} of weights and {_size(b['hessians'])} of Hessian sums "
+        f"(fp64 while the statistics stream, one per distinct input)"
         + (f"; the device allocator peaked at {_size(b['device_peak'])}" if b["device_peak"] is not None else "")
         + ".",
         "",

@@ -30,6 +30,7 @@ class Preset:
     summary: str
     reconstruct_lr: float = 1e-3  # Adam's step; also the default when reconstruction is asked for by hand
     mask_search_iterations: int = 0  # ADMM iterations over mask and weights before the refit (thanos.mask_search)
+    permute_channels: bool = False  # reorder free channels before n:m pruning (thanos.permute)
 
 
 PRESETS = {
@@ -103,7 +104,9 @@ class PruneConfig:
     other methods. `mask_search_iterations` moves mask and weights together from the solver's
     result (`thanos.mask_search`); `refit_iterations` re-solves the kept weights for the final mask
     (`thanos.refit`); `reconstruct_epochs` tunes each pruned decoder layer's kept weights towards
-    `reconstruct_target` in a whole-model run (`thanos.reconstruct`).
+    `reconstruct_target` in a whole-model run (`thanos.reconstruct`); `permute_channels` reorders
+    the channels a model family leaves free before an n:m pattern groups them, in a whole-model
+    run (`thanos.permute`).
     """
 
     method: str = "thanos"
@@ -118,6 +121,7 @@ class PruneConfig:
     reconstruct_lr: Optional[float] = None  # None: the preset's
     reconstruct_target: str = "layer"  # "layer": the dense layer's outputs; "dense": the dense model's
     preset: str = "default"
+    permute_channels: Optional[bool] = None  # None: the preset's for n:m (Thanos), off otherwise
 
     def __post_init__(self):
         object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
@@ -131,6 +135,12 @@ class PruneConfig:
                               "use mask_search_iterations=0 with it")
         if self.pattern.kind == "columns":
             object.__setattr__(self, "mask_search_iterations", 0)  # the presets' search is for weight patterns
+        if self.permute_channels and not self.pattern.is_nm:
+            raise ConfigError(f"channel permutations only change which channels share an n:m group; pattern "
+                              f"{self.pattern} has no groups, so leave permute_channels off with it")
+        if self.permute_channels is None:
+            object.__setattr__(self, "permute_channels",
+                               preset.permute_channels and self.method == "thanos" and self.pattern.is_nm)
         for field in ("refit_iterations", "mask_search_iterations", "reconstruct_epochs"):
             if getattr(self, field) is None:
                 object.__setattr__(self, field, getattr(preset, field) if self.method == "thanos" else 0)

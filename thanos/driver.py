@@ -21,6 +21,7 @@ from thanos.hessian import HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, decoder_layers, prunable_linears,
                            set_weight_, weight_view)
 from thanos.parallel import Parallel
+from thanos.permute import ChannelLayout, permute_free_channels_
 from thanos.reconstruct import reconstruct_layer_
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ def prune_model_(
     # A reconstruction aimed at the dense model needs its activations beside the pruned path's.
     dense_inputs = list(inputs) if config.reconstruct_epochs and config.reconstruct_target == "dense" else None
     sample_indices = parallel.shard_indices(len(samples))
+    layout = ChannelLayout.of(model) if config.permute_channels else None
+    prefix = adapter_for(model).layers
     reports: list[dict] = []
     for index, layer in enumerate(layers):
         layer.to(device)
@@ -137,7 +140,7 @@ def prune_model_(
             log.info("layer %d: loaded from the interrupted run", index)
         else:
             step = LayerStep(layer, linears[index], inputs, dense_inputs, args, kwargs, device, store_device,
-                             sample_indices, len(samples))
+                             sample_indices, len(samples), f"{prefix}.{index}.", layout)
             layer_reports, dense_inputs = prune_layer(step, config, progress, parallel)
             reports += layer_reports
         inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
@@ -187,9 +190,15 @@ class SharedInputStatistics:
     def hessian(self, name: str) -> torch.Tensor:
         return self.stats[self.source[name]].hessian
 
+    def own_hessian(self, name: str) -> Optional[torch.Tensor]:
+        """`name`'s Hessian if no other linear reads it (so it may be reordered in place), else None."""
+        if self.source.get(name) != name or sum(source == name for source in self.source.values()) > 1:
+            return None
+        return self.stats[name].hessian
+
     @property
     def nbytes(self) -> int:
-        return sum(acc.hessian.numel() * acc.hessian.element_size() for acc in self.stats.values())
+        return sum(acc.nbytes for acc in self.stats.values())
 
 
 def solve_costs(linears: dict[str, nn.Module]) -> dict[str, float]:
@@ -211,6 +220,8 @@ class LayerStep:
     store_device: torch.device
     sample_indices: Optional[list[int]] = None  # global index of each of this rank's samples
     samples_total: Optional[int] = None  # samples over all ranks
+    prefix: str = ""  # the layer's linears' full names start with it
+    layout: Optional[ChannelLayout] = None  # channels to reorder before the solves (None: none)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self.layer, x, self.args, self.kwargs, self.device, self.device)
@@ -229,7 +240,11 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     if step.dense_inputs is not None:  # the layer is still dense here
         dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
                                   step.store_device)
-    reports = solve_layer(step.linears, shared, config, progress, parallel)
+    permute = None
+    if step.layout is not None:
+        def permute(hessian_of):
+            return permute_free_channels_(step.layer, step.prefix, step.layout, hessian_of, config.pattern)
+    reports = solve_layer(step.linears, shared, config, progress, parallel, permute)
     if reconstruct:
         # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
         targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
@@ -265,12 +280,17 @@ def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwarg
 
 
 def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress,
-                parallel: Parallel) -> list[dict]:
-    """Reduce the statistics over ranks, solve this rank's linears, and share every pruned weight."""
+                parallel: Parallel, permute: Optional[Callable] = None) -> list[dict]:
+    """Reduce the statistics over ranks, solve this rank's linears, and share every pruned weight.
+
+    `permute(hessian_of)`, if given, reorders free channels on every rank (the same way, from the
+    reduced statistics) before any solve, and returns `thanos.permute.PermutationReport`s.
+    """
     owners = parallel.owners(solve_costs(linears))
     for name in linears:  # all reductions first, so no rank waits on another's solve
         if name in shared.stats:
             parallel.reduce_stats_(shared.stats[name])
+    permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared.own_hessian)} if permute else {}
     reports = {}
     for name, mod in linears.items():
         if owners[name] != parallel.rank:
@@ -283,7 +303,8 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
                              error=result.error, seconds=result.seconds, refit_seconds=result.refit_seconds,
                              search_seconds=result.search_seconds, mask_changed=result.mask_changed,
                              damp_used=result.damp_used,
-                             damp_escalations=result.damp_escalations, rank=parallel.rank)
+                             damp_escalations=result.damp_escalations, rank=parallel.rank,
+                             **({"permutation": permuted[name]} if name in permuted else {}))
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
     shared.stats.clear()  # free the Hessians before the broadcasts
     for name, mod in linears.items():

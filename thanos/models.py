@@ -29,15 +29,36 @@ class ModelError(ThanosExportError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class FreeChannels:
+    """Channels that go from `producers`' rows to `consumer`'s input columns through elementwise maps only.
+
+    Reordering them on both sides leaves the model's function unchanged (`thanos.permute`).
+    `per_head`: attention values, which may move only within their head; the query heads that
+    share a KV head move together. Names are relative to a decoder layer.
+    """
+
+    producers: tuple[str, ...]
+    consumer: str
+    per_head: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Adapter:
     layers: str  # dotted path of the decoder layers' ModuleList
+    free_channels: tuple[FreeChannels, ...] = ()
 
 
-# model_type -> where the decoder layers are. LLaMA-style families share one entry.
+_LLAMA_FREE = (FreeChannels(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+               FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True))
+
+# model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
+# families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
-    **{t: Adapter("model.layers") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")},
-    "opt": Adapter("model.decoder.layers"),
-    "gpt2": Adapter("transformer.h"),
+    **{t: Adapter("model.layers", _LLAMA_FREE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+    "phi3": Adapter("model.layers"),
+    "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
+                                            FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True))),
+    "gpt2": Adapter("transformer.h", (FreeChannels(("mlp.c_fc",), "mlp.c_proj"),)),
 }
 
 
@@ -49,6 +70,15 @@ def adapter_for(model: nn.Module) -> Adapter:
             "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
         )
     return ADAPTERS[model_type]
+
+
+def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:
+    """(channels per head, query heads per KV head) from the model's config; head size None if unknown."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return head_dim, (heads // kv_heads if heads and kv_heads else 1)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

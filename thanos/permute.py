@@ -1,0 +1,185 @@
+"""Free channel permutations for n:m patterns (docs/ALGORITHM.md section 11).
+
+An n:m mask groups m consecutive input columns of a linear. Which channels share a group is free
+wherever those channels are rows of an earlier linear that reach this one through elementwise
+maps only: reorder the producer's rows and the consumer's columns the same way and the model
+computes the same function (gate/up rows with down_proj's columns; v_proj's rows, within each
+head, with o_proj's columns). The order is chosen so that the n weights each group must lose
+are, summed over rows, the least salient ones.
+
+Saliency is w^2 * H_jj, the error a weight's removal costs if the inputs were uncorrelated (the
+solver then compensates, so this only ranks orders). The search, after the channel allocation
+of RIA (Zhang et al., 2024): for each position k of the groups, take every group's k-th channel
+out and give each group back one of them by a linear assignment. With the other m - 1 channels
+fixed, a group that receives a channel of saliency x per row loses the n - 1 smallest of the
+others plus min(x, t), t being the others' n-th smallest; so the assignment's cost is
+sum over rows of min(x, t), exact for that step, and no step raises the total.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from thanos.config import Pattern
+from thanos.models import FreeChannels, adapter_for, attention_heads, weight_view
+
+log = logging.getLogger(__name__)
+
+WINDOW_GROUPS = 256  # groups searched together: bounds the assignment (cubic) and cost (rows x window^2) work
+SWEEPS = 2  # passes over the m positions; a second pass still finds a little, a third almost nothing
+
+
+def pruned_saliency(scores: torch.Tensor, n: int, m: int) -> float:
+    """Sum over rows and groups of m columns of the n smallest `scores` (r x c): what the mask loses."""
+    rows, columns = scores.shape
+    return float(scores.reshape(rows, columns // m, m).sort(dim=-1).values[..., :n].sum(dtype=torch.float64))
+
+
+def group_order(scores: torch.Tensor, n: int, m: int, sweeps: int = SWEEPS,
+                window: int = WINDOW_GROUPS) -> torch.Tensor:
+    """A column order (new column j is old column order[j]) that lowers `pruned_saliency` of `scores`.
+
+    Channels move only within windows of `window` groups. Never worse than the given order.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    rows, columns = scores.shape
+    groups = columns // m
+    order = torch.arange(columns, device=scores.device)
+    scores = scores.to(torch.float32)
+    for _ in range(sweeps):
+        moved = False
+        for k in range(m):
+            slots = order.view(groups, m)  # a view: assigning into it reorders `order`
+            for start in range(0, groups, window):
+                block = slots[start:start + window]
+                grouped = scores[:, block]  # (r, g, m)
+                candidates = grouped[:, :, k]  # (r, g): the channel each group gives up
+                others = torch.cat([grouped[:, :, :k], grouped[:, :, k + 1:]], dim=-1)
+                threshold = others.sort(dim=-1).values[:, :, n - 1]  # (r, g)
+                cost = _assignment_cost(candidates, threshold)
+                _, choice = linear_sum_assignment(cost.cpu().numpy())
+                choice = torch.as_tensor(choice, device=order.device)
+                gain = float(cost.diagonal().sum() - cost[torch.arange(len(choice)), choice].sum())
+                if gain > 1e-9 * float(cost.diagonal().abs().sum()):  # an assignment no better by round-off stays
+                    block[:, k] = block[choice, k].clone()
+                    moved = True
+        if not moved:
+            break
+    return order
+
+
+def _assignment_cost(candidates: torch.Tensor, threshold: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """cost[g, j] = sum over rows of min(candidates[:, j], threshold[:, g]), in float64."""
+    rows, groups = candidates.shape
+    cost = torch.empty(groups, groups, dtype=torch.float64, device=candidates.device)
+    step = max(1, chunk_elements // max(1, rows * groups))
+    for start in range(0, groups, step):
+        pair = torch.minimum(candidates[:, None, :], threshold[:, start:start + step, None])  # (r, s, g)
+        cost[start:start + step] = pair.sum(dim=0, dtype=torch.float64)
+    return cost
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelLayout:
+    """What a model family allows to be reordered in each decoder layer, and its attention heads."""
+
+    free: tuple[FreeChannels, ...]
+    head_dim: Optional[int]  # channels per attention head
+    kv_repeats: int  # query heads per KV head
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ChannelLayout":
+        return cls(adapter_for(model).free_channels, *attention_heads(model))
+
+
+@dataclasses.dataclass
+class PermutationReport:
+    consumer: str
+    moved: float  # share of the consumer's columns that changed place
+    saliency_before: float  # pruned_saliency in the original order
+    saliency_after: float
+    seconds: float
+
+
+def permute_free_channels_(layer: nn.Module, prefix: str, layout: ChannelLayout,
+                           hessian_of: Callable[[str], Optional[torch.Tensor]],
+                           pattern: Pattern) -> list[PermutationReport]:
+    """Reorder each pruned consumer's input channels (and its producers' rows, and its Hessian) in place.
+
+    `prefix` + relative name is a linear's full name; `hessian_of(full name)` is the consumer's
+    Hessian, to be reordered in place, or None when that linear is not pruned (then it is left
+    alone). Every rank computes the same order from the same reduced statistics.
+    """
+    if not pattern.is_nm:
+        return []
+    reports = []
+    head_dim, kv_repeats = layout.head_dim, layout.kv_repeats
+    for spec in layout.free:
+        hessian = hessian_of(prefix + spec.consumer)
+        if hessian is None:
+            continue
+        start = time.perf_counter()
+        consumer = layer.get_submodule(spec.consumer)
+        weight = weight_view(consumer)
+        scores = weight.to(torch.float32) ** 2 * hessian.diagonal().to(weight.device, torch.float32)[None, :]
+        if spec.per_head:
+            order = _per_head_order(scores, head_dim, kv_repeats, pattern)
+        else:
+            order = group_order(scores, pattern.n, pattern.m)
+        if order is None:
+            continue
+        columns = _head_columns(order, head_dim, kv_repeats) if spec.per_head else order
+        before = pruned_saliency(scores, pattern.n, pattern.m)
+        after = pruned_saliency(scores[:, columns], pattern.n, pattern.m)
+        _reorder_columns_(consumer, columns)
+        hessian.copy_(hessian[columns][:, columns])
+        for name in spec.producers:
+            _reorder_rows_(layer.get_submodule(name), order)
+        moved = float((columns != torch.arange(len(columns), device=columns.device)).float().mean())
+        reports.append(PermutationReport(prefix + spec.consumer, moved, before, after, time.perf_counter() - start))
+        log.info("%s: channels permuted (%.0f%% moved), pruned saliency %.4g -> %.4g", prefix + spec.consumer,
+                 100 * moved, before, after)
+    return reports
+
+
+def _per_head_order(scores: torch.Tensor, head_dim: Optional[int], kv_repeats: int,
+                    pattern: Pattern) -> Optional[torch.Tensor]:
+    """The producer's row order: each KV head's channels reordered, the same for every query head reading it.
+
+    Scores of the query heads that share a KV head are stacked as rows, so one order serves them all.
+    """
+    if head_dim is None or head_dim % pattern.m:
+        return None
+    rows, columns = scores.shape
+    kv_heads = columns // (head_dim * kv_repeats)
+    by_head = scores.reshape(rows, kv_heads, kv_repeats, head_dim)
+    orders = [group_order(by_head[:, h].permute(1, 0, 2).reshape(kv_repeats * rows, head_dim), pattern.n, pattern.m)
+              + h * head_dim for h in range(kv_heads)]
+    return torch.cat(orders)
+
+
+def _head_columns(kv_order: torch.Tensor, head_dim: int, kv_repeats: int) -> torch.Tensor:
+    """The consumer's column order from the KV channels' order: query head q reads KV head q // kv_repeats."""
+    kv_heads = len(kv_order) // head_dim
+    per_kv = kv_order.view(kv_heads, head_dim) % head_dim
+    heads = [per_kv[q // kv_repeats] + q * head_dim for q in range(kv_heads * kv_repeats)]
+    return torch.cat(heads)
+
+
+def _reorder_columns_(module: nn.Module, columns: torch.Tensor) -> None:
+    weight = weight_view(module)
+    weight.copy_(weight[:, columns])
+
+
+def _reorder_rows_(module: nn.Module, rows: torch.Tensor) -> None:
+    weight = weight_view(module)
+    weight.copy_(weight[rows])
+    bias = getattr(module, "bias", None)
+    if bias is not None and bias.shape[0] == len(rows):
+        bias.data.copy_(bias.data[rows])
