@@ -148,8 +148,8 @@ def prune_options(f):
 
 
 def build_job(out, model, method, pattern, sparsity, preset, block_size, refit_iterations, mask_search_iterations,
-              permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device,
-              include, exclude, no_eval, eval_windows, offload_activations, trust_remote_code, overwrite,
+              permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen,
+              seed, device, include, exclude, no_eval, eval_windows, offload_activations, trust_remote_code, overwrite,
               distributed=False):
     from thanos.pipeline import PruneJob
 
@@ -581,9 +581,11 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
 @click.option("--method", type=click.Choice(METHODS), default="thanos", show_default=True)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
               help="Thanos preset to time (its mask search, refit and reconstruction included).")
+@click.option("--permute-channels/--no-permute-channels", default=None,
+              help="Time the channel permutations or not (default: the preset's; they need scipy).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
-def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, json_out, md_out):
+def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, permute_channels, json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
     Builds one random-weight decoder layer of the named config, times the driver's own steps on
@@ -600,7 +602,8 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
     logging.getLogger("thanos").setLevel(logging.INFO)  # each solve's time as it finishes
     try:
         text = run_plan(name, device, tuple(int(r) for r in ranks.split(",")), calib_samples, seqlen, pattern, method,
-                        preset, json_out, md_out, echo=lambda m: click.echo(m, err=True))
+                        preset, json_out, md_out, echo=lambda m: click.echo(m, err=True),
+                        permute_channels=permute_channels)
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(text)

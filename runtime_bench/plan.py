@@ -63,8 +63,8 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     # reconstruction is the statistics pass (the reductions are no-ops in one process).
     dense = list(inputs) if prune.reconstruct_epochs and prune.reconstruct_target == "dense" else None
     layout = ChannelLayout.of(model) if prune.permute_channels else None
-    step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device, prefix=f"{adapter_for(model).layers}.0.",
-                     layout=layout)
+    step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device,
+                     prefix=f"{adapter_for(model).layers}.0.", layout=layout)
     # one sample is enough to learn how many distinct inputs (and so Hessians) the layer has
     hessian_bytes = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device).nbytes
     echo(f"statistics and {len(linears)} solves ...")
@@ -178,7 +178,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
 def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
              calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
              method: str = "thanos", preset: str = "default", json_out: Optional[str] = None,
-             md_out: Optional[str] = None, echo=print) -> str:
+             md_out: Optional[str] = None, echo=print, permute_channels: Optional[bool] = None) -> str:
     """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
@@ -186,8 +186,8 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
     config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
-    layer = measure_layer(config, PruneConfig(method=method, pattern=pattern, preset=preset), samples, seqlen, dev,
-                          dtype, echo=echo)
+    prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels)
+    layer = measure_layer(config, prune, samples, seqlen, dev, dtype, echo=echo)
     rows = plan(layer, layers, list(ranks))
     info = machine()
     text = markdown(layer, rows, name, layers, info)
@@ -212,6 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--method", default="thanos")
     parser.add_argument("--preset", choices=list(PRESETS), default="default")
+    parser.add_argument("--permute-channels", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the channel permutations or not (default: the preset's)")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--md-out", default=None)
     args = vars(parser.parse_args(argv))

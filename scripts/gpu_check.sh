@@ -41,8 +41,11 @@ step 45 "Model level: default model's shapes" \
     --out "$WORK/model"
 tar -czf "$OUT/model.tar.gz" -C "$WORK" model
 
-step 90 "Pruning plan: one LLaMA-2-70B layer, 128 x 2048 calibration tokens" \
-    python -m runtime_bench.plan --config llama2-70b --device cuda --ranks 1,8 \
+# The default preset permutes channels with scipy's linear assignment; a machine without scipy
+# plans without them (the plan's report records which).
+PERMUTE=$(python -c "import scipy" 2>/dev/null && echo --permute-channels || echo --no-permute-channels)
+step 90 "Pruning plan: one LLaMA-2-70B layer, 128 x 2048 calibration tokens ($PERMUTE)" \
+    python -m runtime_bench.plan --config llama2-70b --device cuda --ranks 1,8 $PERMUTE \
     --json-out "$OUT/plan_llama2-70b.json" --md-out "$OUT/plan_llama2-70b.md"
 
 step 45 "Solver on CUDA: one-Cholesky vs per-block re-inversion" \

@@ -37,11 +37,11 @@ PRESETS = {
     "fast": Preset({"nm": 128, "unstructured": 128, "columns": None}, 0, 0,
                    "the paper's block-wise solve alone"),
     "default": Preset({"nm": 32, "unstructured": 128, "columns": None}, 10, 0,
-                      "smaller blocks, a short mask search, then the kept weights refit on the final mask",
-                      mask_search_iterations=10),
+                      "free channels permuted for n:m, smaller blocks, a short mask search, then the kept weights "
+                      "refit on the final mask", mask_search_iterations=10, permute_channels=True),
     "best": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 2,
-                   "a longer mask search and refit, then each decoder layer tuned towards the dense layer's outputs",
-                   mask_search_iterations=30),
+                   "as default with a longer mask search and refit, then each decoder layer tuned towards the dense "
+                   "layer's outputs", mask_search_iterations=30, permute_channels=True),
 }
 
 

@@ -26,12 +26,15 @@ import torch
 from torch import nn
 
 from thanos.config import Pattern
+from thanos.errors import ThanosExportError
 from thanos.models import FreeChannels, adapter_for, attention_heads, weight_view
 
 log = logging.getLogger(__name__)
 
-WINDOW_GROUPS = 256  # groups searched together: bounds the assignment (cubic) and cost (rows x window^2) work
-SWEEPS = 2  # passes over the m positions; a second pass still finds a little, a third almost nothing
+# Groups searched together: a window's costs take rows x window^2 work and its assignment window^3,
+# and small windows keep most of the gain (docs/results/preset_trials_2of4_cpu.md, round 3).
+WINDOW_GROUPS = 64
+SWEEPS = 2  # passes over the m positions; the search stops early when a pass moves nothing
 
 
 def pruned_saliency(scores: torch.Tensor, n: int, m: int) -> float:
@@ -46,8 +49,7 @@ def group_order(scores: torch.Tensor, n: int, m: int, sweeps: int = SWEEPS,
 
     Channels move only within windows of `window` groups. Never worse than the given order.
     """
-    from scipy.optimize import linear_sum_assignment
-
+    linear_sum_assignment = _assignment_solver()
     rows, columns = scores.shape
     groups = columns // m
     order = torch.arange(columns, device=scores.device)
@@ -72,6 +74,20 @@ def group_order(scores: torch.Tensor, n: int, m: int, sweeps: int = SWEEPS,
         if not moved:
             break
     return order
+
+
+def _assignment_solver():
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as exc:
+        raise PermutationError("channel permutations need scipy's linear assignment, and scipy is not installed: "
+                               "`pip install scipy` (a declared dependency), or prune with --no-permute-channels"
+                               ) from exc
+    return linear_sum_assignment
+
+
+class PermutationError(ThanosExportError, RuntimeError):
+    """Channels could not be permuted; the message names the fix."""
 
 
 def _assignment_cost(candidates: torch.Tensor, threshold: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:

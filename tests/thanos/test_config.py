@@ -54,7 +54,9 @@ def test_config_serialises_resolved_values():
                     "refit_iterations": preset.refit_iterations,
                     "mask_search_iterations": preset.mask_search_iterations,
                     "reconstruct_epochs": preset.reconstruct_epochs,
-                    "reconstruct_lr": preset.reconstruct_lr, "reconstruct_target": "layer", "preset": "default"}
+                    "reconstruct_lr": preset.reconstruct_lr, "reconstruct_target": "layer", "preset": "default",
+                    "permute_channels": False}  # unstructured has no groups to permute
+    assert PruneConfig(pattern="2:4").to_json()["permute_channels"] == preset.permute_channels
 
 
 def test_presets_fill_only_what_is_not_given():

@@ -58,7 +58,8 @@ def _layer_setup(model_dir, index=0):
     return model, layers[index], linears, inputs, args, kwargs
 
 
-@pytest.mark.parametrize("fixture,prefix", [("tiny_llama_dir", "model.layers.0."), ("tiny_opt_dir", "model.decoder.layers.0."),
+@pytest.mark.parametrize("fixture,prefix", [("tiny_llama_dir", "model.layers.0."),
+                                            ("tiny_opt_dir", "model.decoder.layers.0."),
                                             ("tiny_gpt2_dir", "transformer.h.0.")])
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_reordering_leaves_the_layer_and_the_model_unchanged_and_moves_the_statistics_along(
@@ -78,6 +79,26 @@ def test_reordering_leaves_the_layer_and_the_model_unchanged_and_moves_the_stati
     for report in reports:  # the reordered Hessian is the reordered layer's own statistics
         reordered, measured = shared.hessian(report.consumer), again.hessian(report.consumer)
         assert (reordered - measured).abs().max() <= 8 * width * EPS * measured.abs().max()
+
+
+def test_every_layer_reordered_leaves_the_dense_models_logits_unchanged(tiny_llama_dir):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 3, 32)
+    with torch.no_grad():
+        before = model(samples).logits
+        inputs, args, kwargs = capture_layer_inputs(model, samples, "cpu", "cpu")
+        moved = 0
+        per_layer = prunable_linears(model, LayerSelection()).values()
+        for index, (layer, linears) in enumerate(zip(decoder_layers(model), per_layer)):
+            shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu")
+            moved += len(permute_free_channels_(layer, f"model.layers.{index}.", ChannelLayout.of(model),
+                                                shared.own_hessian, Pattern.parse("2:4")))
+            inputs = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+        after = model(samples).logits
+    assert moved == 2 * len(decoder_layers(model))
+    # each layer's sums change order: fp32 round-off of the widest sum, once per layer and for the head
+    bound = (len(decoder_layers(model)) + 1) * 8 * model.config.intermediate_size * EPS * before.abs().max()
+    assert (before - after).abs().max() <= bound
 
 
 def test_query_heads_sharing_a_kv_head_move_together(tiny_llama_dir):
