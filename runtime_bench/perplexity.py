@@ -175,19 +175,20 @@ def _comparable(key: str, value):
     return Path(value).name if key == "model" and isinstance(value, str) else value
 
 
-def carry_rows(result: dict, earlier: dict, source: str) -> dict:
-    """`result` with the runs of `earlier` it did not make itself, on the patterns it ran.
+def carry_rows(result: dict, earlier: dict, source: str, every_pattern: bool = False) -> dict:
+    """`result` with the runs of `earlier` it did not make itself, on the patterns it ran (or all).
 
     A run is a (pattern, method, seed): an earlier run of the same triple is replaced by this one's,
     the others stand beside it, so later seeds can be added to an earlier table, or methods whose
-    code did not change carried unmeasured. Refused unless both were measured on the same model,
-    calibration and texts. Carried rows name `source`.
+    code did not change carried unmeasured; `every_pattern` joins tables of other patterns into
+    one. Refused unless both were measured on the same model, calibration and texts. Carried rows
+    name `source`.
     """
     check_carry(result["settings"], earlier, source)
     ran = {_run_key(r) for r in result["results"]}
     patterns = {r["pattern"] for r in result["results"]}
     carried = [dict(r, carried_from=r.get("carried_from", source)) for r in earlier["results"]
-               if r["pattern"] in patterns and _run_key(r) not in ran]
+               if (every_pattern or r["pattern"] in patterns) and _run_key(r) not in ran]
     rows = result["results"] + carried
     return dict(result, results=rows, summary=summarise(rows))
 
@@ -307,7 +308,16 @@ def main(argv=None) -> None:
                         help="an earlier NAME.json (repeatable): its runs (pattern, method, seed) not made now join "
                              "the table, on the patterns run now (same model, calibration and texts required; only "
                              "for methods whose code has not changed since)")
+    parser.add_argument("--join", nargs="+", default=None, metavar="NAME.json",
+                        help="measure nothing: join these runs' files (same model, calibration and texts; the first "
+                             "one's runs win) into one table, written with --out")
     args = parser.parse_args(argv)
+    if args.join:
+        result = json.loads(Path(args.join[0]).read_text())
+        for source in args.join[1:]:
+            result = carry_rows(result, json.loads(Path(source).read_text()), source, every_pattern=True)
+        _write(result, args.out)
+        return
     settings = Comparison(model=args.model, methods=tuple(args.methods.split(",")),
                           patterns=tuple(args.patterns.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
                           samples=args.samples, seqlen=args.seqlen, other_windows=args.other_windows or None,
@@ -321,9 +331,14 @@ def main(argv=None) -> None:
             result = carry_rows(result, rows, source)
         except ValueError as exc:  # keep this run's rows: write them without the earlier ones
             print(f"not carried: {exc}", flush=True)
+    _write(result, args.out)
+
+
+def _write(result: dict, out: Optional[str]) -> None:
+    """Print the table; with `out`, write NAME.json, NAME.md and NAME.png."""
     print(markdown(result))
-    if args.out:
-        stem = Path(args.out)
+    if out:
+        stem = Path(out)
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         stem.with_suffix(".md").write_text(markdown(result))

@@ -1,4 +1,6 @@
 """The comparison table: rows of an earlier run carried beside a new one, only when comparable."""
+import json
+
 import pytest
 
 from runtime_bench.perplexity import carry_rows, check_carry, markdown
@@ -41,3 +43,20 @@ def test_an_earlier_run_on_other_text_is_refused():
         carry_rows(dict(settings=SETTINGS, results=[]), earlier, "old.json")
     with pytest.raises(ValueError, match="another model"):
         check_carry(dict(model="llama-2-7b"), dict(settings=SETTINGS), "old.json")
+
+
+def test_join_makes_one_table_of_several_patterns_files(tmp_path):
+    from runtime_bench.perplexity import main
+
+    files = []
+    for pattern, held in (("2:4", 20.0), ("4:8", 17.0)):
+        path = tmp_path / f"{pattern.replace(':', 'of')}.json"
+        path.write_text(json.dumps(dict(settings=SETTINGS, results=[
+            dict(method="dense", pattern="-", seed=None, status="ok", seconds=0.0, held_out=10.0),
+            _row("sparsegpt", pattern, 0, held)])))
+        files.append(str(path))
+    main(["--join", *files, "--out", str(tmp_path / "all")])
+    joined = json.loads((tmp_path / "all.json").read_text())
+    assert {(e["pattern"], e["method"]) for e in joined["summary"]} == {("-", "dense"), ("2:4", "sparsegpt"),
+                                                                         ("4:8", "sparsegpt")}
+    assert "| 4:8 | sparsegpt | 1 | 17.00" in (tmp_path / "all.md").read_text()
