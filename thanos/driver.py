@@ -129,6 +129,9 @@ def prune_model_(
     dense_inputs = list(inputs) if config.reconstruct_epochs and config.reconstruct_target == "dense" else None
     sample_indices = parallel.shard_indices(len(samples))
     layout = ChannelLayout.of(model) if config.permute_channels else None
+    if layout is not None and not layout.free:
+        log.warning("no free channels are known for %r models: pruning without channel permutations",
+                    model.config.model_type)
     prefix = adapter_for(model).layers
     reports: list[dict] = []
     for index, layer in enumerate(layers):
