@@ -186,12 +186,12 @@ def echo_prune_summary(report: dict) -> None:
                f"from {cal['source']}")
     cfg = report["config"]
     preset = f"preset {cfg['preset']}, " if cfg["method"] == "thanos" else ""
-    refit = ", channels permuted" if cfg.get("permute_channels") else ""
-    refit += f", mask search {cfg['mask_search_iterations']}" if cfg.get("mask_search_iterations") else ""
-    refit += f", refit {cfg['refit_iterations']}" if cfg.get("refit_iterations") else ""
+    steps = ", channels permuted" if cfg.get("permute_channels") else ""
+    steps += f", mask search {cfg['mask_search_iterations']}" if cfg.get("mask_search_iterations") else ""
+    steps += f", refit {cfg['refit_iterations']}" if cfg.get("refit_iterations") else ""
     if cfg.get("reconstruct_epochs"):
-        refit += f", reconstruction {cfg['reconstruct_epochs']} x towards the {cfg['reconstruct_target']} target"
-    click.echo(f"method     {cfg['method']} {cfg['pattern']} ({preset}block {cfg['block_size']}{refit}, alpha {cfg['alpha']}), "
+        steps += f", reconstruction {cfg['reconstruct_epochs']} x towards the {cfg['reconstruct_target']} target"
+    click.echo(f"method     {cfg['method']} {cfg['pattern']} ({preset}block {cfg['block_size']}{steps}, alpha {cfg['alpha']}), "
                f"overall sparsity {report['sparsity']:.3f}, {report['prune_seconds']:.0f}s")
     _echo_layer_table(report["layers"])
     errors = [r["error"] for r in report["layers"] if r["error"] is not None]

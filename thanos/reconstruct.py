@@ -63,14 +63,16 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
         w.requires_grad_(True)
         w.grad = torch.zeros_like(w)
     optimizer = torch.optim.Adam(weights, lr=lr)
+    # Each step's gradient is summed per sample in fp64: the same sum whichever rank holds which
+    # sample (as the statistics, thanos.hessian.HessianAccumulator).
+    sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
     try:
         before = _loss(inputs, targets, forward, total, all_reduce)
         with torch.enable_grad():
             for _ in range(epochs):
                 for k in range(steps):
-                    # Each sample's gradient alone, summed in fp64: the same sum whichever rank holds
-                    # which sample (as the statistics, thanos.hessian.HessianAccumulator).
-                    sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+                    for total_grad in sums:
+                        total_grad.zero_()
                     for j in own[k]:
                         out = forward(inputs[j])
                         (_relative_mse(out, targets[j].to(out)) / step_sizes[k]).backward()
