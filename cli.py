@@ -5,6 +5,7 @@ CLI does is a few lines of Python for a library user.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,8 +23,14 @@ from thanos.errors import ThanosExportError
 USER_ERRORS = (ThanosExportError, FileNotFoundError, ImportError)
 
 
+class _Signalled(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
+    raise _Signalled(signum)
 
 
 def _fail(exc: Exception) -> None:
@@ -89,6 +96,28 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+trust_option = click.option("--trust-remote-code", is_flag=True,
+                            help="Allow the model directory's own Python code (auto_map in config.json) to run.")
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """`timeout` and job schedulers stop with SIGTERM: end like Ctrl-C, so the command can say what it kept."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(exc: KeyboardInterrupt, kept: Path) -> None:
+    """Say what an interrupted run keeps, and exit as the signal asked (130 for Ctrl-C, 143 for SIGTERM)."""
+    said = (f"what was finished is kept in {kept}; run the same command again to resume from it" if kept.is_dir()
+            else "nothing was finished")
+    click.echo(f"Stopped ({exc or 'SIGINT'}): {said}.", err=True)
+    sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+
+
 def prune_options(f):
     options = [
         click.option("--model", type=click.Path(), default=None,
@@ -137,8 +166,9 @@ def prune_options(f):
         click.option("--eval-windows", type=click.IntRange(min=0), default=None,
                      help="Held-out windows for perplexity (default: all on GPU, 16 on CPU; 0 = all)."),
         click.option("--offload-activations", is_flag=True, help="Keep calibration activations on the CPU."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own Python code to run."),
-        click.option("--overwrite", is_flag=True, help="Replace a finished pruned model in --out."),
+        trust_option,
+        click.option("--overwrite", is_flag=True, help="Replace a finished pruned model (or build) in --out, once "
+                                                      "the new one is complete."),
         click.option("--distributed", is_flag=True,
                      help="Under torchrun: shard calibration and solves over the ranks (rank 0 writes)."),
     ]
@@ -235,9 +265,12 @@ def prune(out, quiet, **options):
     """
     try:
         job = build_job(out, **options)
-        report = run_prune(job, quiet)
+        with _stop_on_sigterm():
+            report = run_prune(job, quiet)
     except USER_ERRORS as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _stopped(exc, Path(out) / ".thanos_partial")
     finally:
         if options.get("distributed"):
             from thanos.parallel import shutdown
@@ -257,7 +290,8 @@ def prune(out, quiet, **options):
               help="Windows to use (default: all on GPU, 16 on CPU; 0 = all).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(path, text_file, seqlen, windows, device, as_json):
+@trust_option
+def eval_cmd(path, text_file, seqlen, windows, device, as_json, trust_remote_code):
     """Held-out perplexity of a model directory (pruned, compact or dense), a .gguf file, or an
     exported model.onnx (run by onnxruntime, with the tokenizer saved beside it).
 
@@ -275,7 +309,7 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json):
 
             result = evaluate_onnx(path, text_file, seqlen, windows)
         else:
-            result = evaluate_directory(path, text_file, seqlen, device, windows)
+            result = evaluate_directory(path, text_file, seqlen, device, windows, trust_remote_code)
     except USER_ERRORS as exc:
         _fail(exc)
     if as_json:
@@ -327,13 +361,14 @@ def _triple(text: str, what: str) -> tuple[int, int, int]:
 
 
 def build_export_options(dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache, trt_batch, trt_seqlen,
-                         workspace_gib, timing_cache, backend):
+                         workspace_gib, timing_cache, backend, trust_remote_code=False):
     from exporters import ExportOptions
 
     return ExportOptions(dtype=dtype, allow_dense=allow_dense, validate=not no_validate, opset=opset,
                          with_cache=with_cache, split_dense_rows=split_dense_rows,
                          batch=_triple(trt_batch, "--trt-batch"), seqlen=_triple(trt_seqlen, "--trt-seqlen"),
-                         workspace_gib=workspace_gib, timing_cache=timing_cache, backend=backend)
+                         workspace_gib=workspace_gib, timing_cache=timing_cache, backend=backend,
+                         trust_remote_code=trust_remote_code)
 
 
 def echo_export_summary(summary: dict) -> None:
@@ -382,7 +417,8 @@ def echo_export_summary(summary: dict) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Directory for the exported files (new or empty).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out, once the new one is verified.")
 @export_options
-def export_cmd(model_dir, target, out, overwrite, **options):
+@trust_option
+def export_cmd(model_dir, target, out, overwrite, trust_remote_code, **options):
     """Export a pruned model directory and check the export against it.
 
     \b
@@ -400,7 +436,8 @@ def export_cmd(model_dir, target, out, overwrite, **options):
     from exporters import export
 
     try:
-        summary = export(target, model_dir, out, build_export_options(**options), overwrite=overwrite)
+        summary = export(target, model_dir, out, build_export_options(**options, trust_remote_code=trust_remote_code),
+                         overwrite=overwrite)
     except USER_ERRORS as exc:
         _fail(exc)
     echo_export_summary(summary)
@@ -414,7 +451,8 @@ def export_cmd(model_dir, target, out, overwrite, **options):
               help="A second model to continue the same prompt (the dense one: a directory, a .gguf file, or "
                    "'default' for the embedded SmolLM2-135M-Instruct).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (GenAI folders: its CUDA provider).")
-def generate_cmd(target, prompt, max_new_tokens, dense, device):
+@trust_option
+def generate_cmd(target, prompt, max_new_tokens, dense, device, trust_remote_code):
     """Stream a greedy continuation of --prompt from TARGET, and its tokens/s.
 
     TARGET is a pruned or compact model directory (run by transformers), a folder written by
@@ -432,7 +470,8 @@ def generate_cmd(target, prompt, max_new_tokens, dense, device):
         try:
             click.echo(f"== {source} ({target_kind(source)})", err=True)
             click.echo(prompt, nl=False)
-            result = generate_text(source, prompt, max_new_tokens, lambda text: click.echo(text, nl=False), device)
+            result = generate_text(source, prompt, max_new_tokens, lambda text: click.echo(text, nl=False), device,
+                                   trust_remote_code)
         except USER_ERRORS as exc:
             click.echo()
             _fail(exc)
@@ -444,7 +483,8 @@ def generate_cmd(target, prompt, max_new_tokens, dense, device):
 @main.command("inspect")
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect_cmd(path, as_json):
+@trust_option
+def inspect_cmd(path, as_json, trust_remote_code):
     """Per linear layer: shape, sparsity, the n:m pattern along K, and 2:4 hardware eligibility.
 
     PATH is a pruned model directory, a compact checkpoint directory, or an .onnx file.
@@ -461,7 +501,7 @@ def inspect_cmd(path, as_json):
         else:
             from exporters.source import directory_patterns
 
-            layers = directory_patterns(Path(path))
+            layers = directory_patterns(Path(path), trust_remote_code)
     except USER_ERRORS as exc:
         _fail(exc)
     if as_json:
@@ -504,12 +544,24 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
                                        trt_batch, trt_seqlen, workspace_gib, timing_cache, backend)
         job = BuildJob(out=out, prune=build_job(str(Path(out) / "pruned"), **prune_opts), target=target,
                        options=options, bench=bench)
-        build = build_api(job, bars, on_pruned=lambda report: (bars.close(), echo_prune_summary(report)),
-                          on_exported=echo_export_summary)
+        with _stop_on_sigterm():
+            build = build_api(job, bars, on_pruned=lambda report: (bars.close(), echo_prune_summary(report)),
+                              on_exported=echo_export_summary)
     except USER_ERRORS as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        bars.close()
+        from thanos.outputs import staging_path
+
+        _stopped(exc, staging_path(Path(out)))
     finally:
         bars.close()
+        if prune_opts.get("distributed"):
+            from thanos.parallel import shutdown
+
+            shutdown()
+    if "rank" in build:
+        return  # rank 0 speaks for the group
     if build.get("bench"):
         click.echo(f"bench      {build['bench']}")
     click.echo(f"summary    {Path(out) / SUMMARY_NAME}")
@@ -529,7 +581,8 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 @click.option("--levels", default="gemm,model", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
-def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, device, quiet):
+@trust_option
+def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, device, quiet, trust_remote_code):
     """Measure latency and memory, dense versus 2:4, as report.json + report.md + PNG plots.
 
     TARGET is a pruned model directory, or random:smollm2-135m / random:llama2-7b /
@@ -549,12 +602,11 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
             tokens=tuple(int(t) for t in tokens.split(",")), shapes=tuple(s for s in shapes.split(",") if s),
             dtypes=tuple(d for d in dtypes.split(",") if d),
             grid=tuple(tuple(int(v) for v in g.split("x")) for g in grid.split(",")),
-            levels=tuple(levels.split(",")), device=device)
+            levels=tuple(levels.split(",")), device=device, trust_remote_code=trust_remote_code)
         bars = _Bars(enabled=not quiet)
-        # `timeout` and job schedulers stop with SIGTERM: end like Ctrl-C, so the partial report is written.
-        signal.signal(signal.SIGTERM, _interrupt)
         try:
-            summary = run_bench(settings, bars)
+            with _stop_on_sigterm():  # the partial report is written
+                summary = run_bench(settings, bars)
         finally:
             bars.close()
     except USER_ERRORS as exc:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat, ExportOptions,
                             ValidationError, register)
 from thanos.compact import load_compact
-from thanos.outputs import begin_staging, check_disjoint, commit_staging
+from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
+                            write_error)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,17 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     fmt = ExportFormat(fmt)
     check_options_apply(fmt, options)
     out = Path(out)
-    check_export_dir(model_dir, out, overwrite)
+    if not Path(model_dir).exists():
+        raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
+                          "wrote")
+    check_disjoint(out, [model_dir])
+    check_writable(out)
+    with output_lock(out):
+        check_export_dir(out, overwrite)
+        return _export(fmt, Path(model_dir), out, options)
+
+
+def _export(fmt: ExportFormat, model_dir: Path, out: Path, options: ExportOptions) -> dict:
     if options.dtype is None:
         options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[fmt.value])
     _load_all()
@@ -42,27 +52,22 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
 
     dtypes = dict(source=saved_dtype(Path(model_dir)))
     dtypes["export"] = options.dtype or dtypes["source"]
-    staging = begin_staging(out)
+    staging = begin_staging(out, [model_dir])
     try:
-        summary = _REGISTRY[fmt](Path(model_dir), staging, options)
-        summary = _relocated(dict(format=fmt.value, source=str(model_dir), options=options.to_json(), dtype=dtypes,
-                                  **summary), str(staging), str(out))
+        summary = _REGISTRY[fmt](model_dir, staging, options)
+        summary = relocated(dict(format=fmt.value, source=str(model_dir), options=options.to_json(), dtype=dtypes,
+                                 **summary), str(staging), str(out))
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
         commit_staging(staging, out)
+    except Exception as exc:  # a full or read-only disk is one line; anything else as it was
+        raise write_error(exc, out) or exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
     return summary
 
 
-
-def check_export_dir(model_dir: "str | Path", out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an `out` that overlaps the source or holds something else."""
-    if not Path(model_dir).exists():
-        raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
-                          "wrote")
-    check_disjoint(out, [model_dir])
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; pass a directory path")
+def check_export_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an `out` that holds something else, or an export without `overwrite`."""
     if not out.exists() or not any(out.iterdir()):
         return
     if not (out / SUMMARY_NAME).is_file():
@@ -72,14 +77,14 @@ def check_export_dir(model_dir: "str | Path", out: Path, overwrite: bool) -> Non
                           "verified) or choose another --out")
 
 
-def _relocated(value, old: str, new: str):
-    """`value` with paths under the staging directory pointing where the export ends up."""
+def relocated(value, old: str, new: str):
+    """`value` with paths under the staging directory pointing where the output ends up."""
     if isinstance(value, str):
         return new + value[len(old):] if value.startswith(old) else value
     if isinstance(value, dict):
-        return {k: _relocated(v, old, new) for k, v in value.items()}
+        return {k: relocated(v, old, new) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_relocated(v, old, new) for v in value)
+        return type(value)(relocated(v, old, new) for v in value)
     return value
 
 
@@ -122,4 +127,4 @@ def _load_all() -> None:
 
 
 __all__ = ["ExportFormat", "ExportOptions", "ExportError", "BackendMissingError", "ValidationError",
-           "check_backend", "check_options_apply", "export", "load_compact", "register"]
+           "check_backend", "check_options_apply", "export", "load_compact", "register", "relocated"]

@@ -50,6 +50,7 @@ class ExportOptions:
     workspace_gib: float = 4.0
     timing_cache: Optional[str] = None
     backend: str = "auto"  # torch semi-structured: auto, cusparselt or cutlass
+    trust_remote_code: bool = False  # let the model directory's own Python code run while loading it
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -101,6 +101,17 @@ def write_genai_folder(model, tokenizer, out: Path, opset: int = 18, external_da
         tokenizer.save_pretrained(out)
 
 
+def _inside(folder: Path, name: str, config_path: Path) -> Path:
+    """`folder / name`, refused before anything is opened when it would lead outside the folder."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{config_path} names no decoder file; export the folder again")
+    path = (folder / name).resolve()
+    if folder.resolve() not in path.parents:
+        raise InputError(f"{config_path} names the file {name!r}, which lies outside {folder}; a GenAI folder "
+                         "only reads its own files: export the folder again")
+    return path
+
+
 def check_genai_folder(folder: "str | Path", tokenizer: bool = True) -> dict:
     """The folder's `genai_config.json`, after checking that its files exist and its names match the graph.
 
@@ -118,9 +129,10 @@ def check_genai_folder(folder: "str | Path", tokenizer: bool = True) -> dict:
         config = json.loads(config_path.read_text())
         decoder = config["model"]["decoder"]
         layers = int(decoder["num_hidden_layers"])
-        graph_file = folder / decoder["filename"]
+        name = decoder["filename"]
     except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{config_path} is not a readable GenAI config ({type(exc).__name__}: {exc}); {again}") from exc
+    graph_file = _inside(folder, name, config_path)
     for needed in (graph_file, folder / TOKENIZER_FILE) if tokenizer else (graph_file,):
         if not needed.is_file():
             raise InputError(f"{needed} is missing ({config_path.name} needs it); {again}")
@@ -260,7 +272,7 @@ def export_genai(model_dir: Path, out: Path, options: ExportOptions, loaded: Opt
     require_genai()
     if options.dtype not in ("float32", "float16"):
         raise ExportError(f"the genai target supports float32 and float16, not {options.dtype}")
-    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows)
+    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
     write_genai_folder(model, tokenizer, out, options.opset)
     summary = dict(genai=str(out), onnx=str(out / MODEL_FILE), files=sorted(p.name for p in out.iterdir()),
                    **check_patterns_kept(model_patterns(model), out / MODEL_FILE))

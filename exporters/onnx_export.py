@@ -50,7 +50,7 @@ def export_onnx(model_dir: Path, out: Path, options: ExportOptions, loaded: Opti
     require_onnx()
     if options.dtype not in TOLERANCE:
         raise ExportError(f"ONNX export supports float32 and float16, not {options.dtype}")
-    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows)
+    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
     torch_layers = model_patterns(model)
     path = out / ONNX_FILE
     write_onnx(model, path, options.opset)

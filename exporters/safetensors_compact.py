@@ -17,7 +17,7 @@ from exporters.patterns import analyse
 
 @register(ExportFormat.SAFETENSORS)
 def export_compact(model_dir: Path, out: Path, options: ExportOptions) -> dict:
-    model, tokenizer, report = load_pruned(model_dir, options.dtype)
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)
     declared = Pattern.parse((report or {}).get("config", {}).get("pattern", "unstructured"))
     patterns, transposed = {}, set()
     for layer in prunable_linears(model, LayerSelection()).values():

@@ -43,7 +43,7 @@ def model_patterns(model) -> list[LayerPattern]:
     return [analyse(name, w) for name, w in linear_weights(model).items()]
 
 
-def directory_patterns(model_dir: Path) -> list[LayerPattern]:
+def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list[LayerPattern]:
     """Analyse a model directory's linears one tensor at a time, without loading the model.
 
     The model is built on the meta device (no memory) only to learn which tensors are decoder
@@ -59,9 +59,16 @@ def directory_patterns(model_dir: Path) -> list[LayerPattern]:
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
     if not files or is_compact_dir(model_dir):
-        return model_patterns(load_pruned(model_dir)[0])
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=False))
+        return model_patterns(load_pruned(model_dir, trust_remote_code=trust_remote_code)[0])
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise InputError(f"{model_dir} needs its own Python code to load (auto_map in config.json), which runs only "
+                         "when allowed: read that code, then pass --trust-remote-code") from exc
     wanted = {f"{name}.weight": stores_transposed(mod)
               for layer in prunable_linears(skeleton, LayerSelection()).values() for name, mod in layer.items()}
     layers = []
@@ -79,13 +86,14 @@ def directory_patterns(model_dir: Path) -> list[LayerPattern]:
     return sorted(layers, key=lambda l: order[l.name])
 
 
-def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False):
+def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False,
+                trust_remote_code: bool = False):
     """(model, tokenizer, report) from a pruned or compact directory, optionally cast.
 
     `split_dense_rows` turns each linear with dense outlier rows (alpha > 0) into a 2:4 part and
     a dense part (exporters.row_split); the report then lists them under "split_rows".
     """
-    model, tokenizer = load_model(str(model_dir))
+    model, tokenizer = load_model(str(model_dir), trust_remote_code=trust_remote_code)
     if dtype:
         model.to(DTYPES[dtype])
     report = read_report(model_dir)

@@ -109,7 +109,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
 def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     onnx_options = ExportOptions(**{**options.to_json(), "dtype": "float16"
                                     if options.dtype == "bfloat16" else options.dtype})
-    loaded = load_pruned(model_dir, onnx_options.dtype, options.split_dense_rows)  # once, for both steps
+    loaded = load_pruned(model_dir, onnx_options.dtype, options.split_dense_rows, options.trust_remote_code)  # once, for both steps
     sparse = True
     try:
         require_hardware_2to4(model_patterns(loaded[0]), loaded[2], "TensorRT", options.split_dense_rows)

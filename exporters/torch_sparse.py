@@ -86,7 +86,7 @@ def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backen
 @register(ExportFormat.TORCH)
 def export_torch(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     require_sparse_gpu()
-    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows)
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
     if not options.allow_dense:
         require_hardware_2to4(model_patterns(model), report, "torch semi-structured", options.split_dense_rows)
     model.to("cuda")
@@ -100,7 +100,7 @@ def export_torch(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     if diff > TOLERANCE * scale:
         raise ValidationError("torch semi-structured logits", diff, TOLERANCE * scale)
     # The weights on disk stay the pruned dense ones (in the export dtype); the loader converts them.
-    model_dense, _, _ = load_pruned(model_dir, options.dtype)
+    model_dense, _, _ = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)
     model_dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
     split = ", split_dense_rows=True" if options.split_dense_rows else ""

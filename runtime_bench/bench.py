@@ -26,6 +26,7 @@ class BenchSettings:
     device: str = "auto"
     levels: tuple[str, ...] = ("gemm", "model")
     decode_steps: int = 16
+    trust_remote_code: bool = False  # let a model directory's own Python code run while loading it
 
 
 def run_bench(settings: BenchSettings, progress=None) -> dict:
@@ -38,7 +39,7 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     if "model" not in settings.levels and random_name in SHAPE_SETS:
         model, shapes = None, list(SHAPE_SETS[random_name])  # GEMMs only: no need to build the model
     else:
-        model = _load_target(settings.target, device)
+        model = _load_target(settings.target, device, settings.trust_remote_code)
         # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
         shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
                         - {(model.config.vocab_size, model.config.hidden_size)})
@@ -63,13 +64,13 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     return write_report(Path(settings.out), machine(), info | dict(complete=True), records)
 
 
-def _load_target(target: str, device: str):
+def _load_target(target: str, device: str, trust_remote_code: bool = False):
     if target.startswith("random:"):
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         return random_model(target.split(":", 1)[1], dtype, device)
     from thanos.models import load_model
 
-    model, _ = load_model(target)
+    model, _ = load_model(target, trust_remote_code=trust_remote_code)
     if device.startswith("cuda"):
         model.half()
     return model.to(device)

@@ -6,18 +6,26 @@ pattern the hardware cannot run, a missing backend) happens before the pruning s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from exporters import ExportOptions, check_backend, check_options_apply, export
+from exporters import ExportOptions, check_backend, check_options_apply, export, relocated
 from exporters.patterns import require_hardware_2to4
+from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME
 from thanos.driver import Progress
+from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_writable, commit_staging,
+                            discard_staging, output_lock)
+from thanos.parallel import Parallel
 from thanos.pipeline import PruneJob, prune_to_directory
+
+log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "build_summary.json"
 
@@ -31,7 +39,8 @@ def auto_target() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class BuildJob:
-    """A prune job plus where its export goes. `prune.out` is ignored: the model goes to OUT/pruned."""
+    """A prune job plus where its export goes. `prune.out` is ignored: the model goes to OUT/pruned;
+    `prune.overwrite` replaces a finished build in `out`, as a whole, once the new one is complete."""
 
     out: str
     prune: PruneJob
@@ -44,36 +53,98 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
                     on_pruned=None, on_exported=None) -> dict:
     """Prune into OUT/pruned, export to OUT/<target>, optionally bench, write OUT/build_summary.json.
 
-    `on_pruned(report)` and `on_exported(summary)` let a caller show each stage as it ends.
+    The build folder is one output: it is made whole in a staging sibling and moved into place at
+    the end, replacing an earlier build (with `overwrite`) only then, so OUT never holds a new
+    model beside an old export. A failed build keeps its pruned layers in the staging folder and
+    the same call resumes from them. Under torchrun every rank prunes; rank 0 alone exports,
+    benches and writes. `on_pruned(report)` and `on_exported(summary)` let a caller show each
+    stage as it ends (rank 0 only).
     """
     out = Path(job.out)
     target = auto_target() if job.target == "auto" else job.target
     options = job.options
     if target in ("onnx", "genai") and options.dtype == "bfloat16":
         options = dataclasses.replace(options, dtype="float16")  # ONNX has no bfloat16 path here
-    prune_job = dataclasses.replace(job.prune, out=str(out / "pruned"))
+    if job.prune.trust_remote_code:
+        options = dataclasses.replace(options, trust_remote_code=True)
     check_options_apply(target, options)
     if target in ("tensorrt", "torch") and not options.allow_dense:
-        require_hardware_2to4(None, dict(config=prune_job.config.to_json()), target, options.split_dense_rows)
+        require_hardware_2to4(None, dict(config=job.prune.config.to_json()), target, options.split_dense_rows)
     check_backend(target)
-    report = prune_to_directory(prune_job, progress)
+    if job.prune.distributed:
+        from thanos.parallel import init_from_env
+
+        init_from_env()
+    parallel = Parallel()
+    inputs = job.prune.inputs()
+    with contextlib.ExitStack() as held:
+        def claim() -> Path:  # rank 0 owns the folder; the other ranks only prune into its staging
+            check_disjoint(out, inputs)
+            check_writable(out)
+            held.enter_context(output_lock(out))
+            check_build_dir(out, job.prune.overwrite)
+            return begin_staging(out, inputs, keep=True)
+
+        staging = parallel.run_on_main(claim)
+        if not parallel.is_main:
+            prune_to_directory(_prune_job(job, staging))
+            return dict(target=target, rank=parallel.rank)
+        try:
+            build = _build(job, target, options, staging, progress, on_pruned, on_exported)
+            build = relocated(build, str(staging), str(out))
+            (staging / SUMMARY_NAME).write_text(json.dumps(build, indent=1, default=str))
+            commit_staging(staging, out)
+        except BaseException:
+            _keep_or_discard(staging)
+            raise
+    return build
+
+
+def _prune_job(job: BuildJob, staging: Path) -> PruneJob:
+    # The staging folder is this build's own: a finished model in it from a failed build with the
+    # same settings is reused, one with other settings replaced.
+    return dataclasses.replace(job.prune, out=str(staging / "pruned"), overwrite=True, reuse_finished=True)
+
+
+def _build(job: BuildJob, target: str, options, staging: Path, progress, on_pruned, on_exported) -> dict:
+    report = prune_to_directory(_prune_job(job, staging), progress)
     if on_pruned:
         on_pruned(report)
-    summary = export(target, out / "pruned", out / target, options)
+    summary = export(target, staging / "pruned", staging / target, options, overwrite=True)
     if on_exported:
         on_exported(summary)
-    build = dict(target=target, pruned=str(out / "pruned"), export=str(out / target), sparsity=report["sparsity"],
-                 perplexity_before=report.get("perplexity_before"), perplexity_after=report.get("perplexity_after"),
-                 export_summary=summary)
+    build = dict(target=target, pruned=str(staging / "pruned"), export=str(staging / target),
+                 sparsity=report["sparsity"], perplexity_before=report.get("perplexity_before"),
+                 perplexity_after=report.get("perplexity_after"), export_summary=summary)
     if job.bench:
         from runtime_bench.bench import BenchSettings, run_bench
 
         gpu = torch.cuda.is_available() and job.prune.device != "cpu"
-        quick = BenchSettings(target=str(out / "pruned"), out=str(out / "bench"), tokens=(1, 256, 2048),
+        quick = BenchSettings(target=str(staging / "pruned"), out=str(staging / "bench"), tokens=(1, 256, 2048),
                               grid=((1, 128),), dtypes=(options.dtype or "float16",) if gpu else ("float32",),
                               device=job.prune.device, decode_steps=8)
         bench_summary = run_bench(quick)
-        build["bench"] = str(out / "bench" / "report.md")
+        build["bench"] = str(staging / "bench" / "report.md")
         build["bench_crossovers"] = bench_summary["crossovers"]
-    (out / SUMMARY_NAME).write_text(json.dumps(build, indent=1, default=str))
     return build
+
+
+def check_build_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a build folder that holds something else, or a finished build without `overwrite`."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / SUMMARY_NAME).is_file():
+        raise OutputDirError(f"{out} is not empty and holds no finished build ({SUMMARY_NAME}); choose a new or "
+                             "empty --out")
+    if not overwrite:
+        raise OutputDirError(f"{out} already holds a finished build; pass --overwrite to replace it as a whole (once "
+                             "the new one is complete) or choose another --out")
+
+
+def _keep_or_discard(staging: Path) -> None:
+    """After a failed build: keep the staging folder if it holds pruning work to resume, else remove it."""
+    pruned = staging / "pruned"
+    if (pruned / PARTIAL_DIR).is_dir() or (pruned / REPORT_NAME).is_file():
+        log.warning("the pruning done so far is kept in %s; running the same command again resumes from it", staging)
+    else:
+        discard_staging(staging)

@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 
 from exporters.genai import GenaiModel, is_genai_folder
+from thanos.errors import InputError
 from thanos.models import describe_source, load_model
+from thanos.pipeline import resolve_device
 
 DEFAULT_SOURCE = "default"  # names the embedded default model where a path is expected
 
@@ -34,11 +36,13 @@ class Generation:
 
 
 def generate_text(source: str, prompt: str, max_new_tokens: int, on_text: Callable[[str], None] = lambda _: None,
-                  device: str = "cpu") -> Generation:
+                  device: str = "cpu", trust_remote_code: bool = False) -> Generation:
     """Greedy continuation of `prompt` by the model at `source`; `on_text` gets each new piece of text."""
+    if not prompt.strip():
+        raise InputError("--prompt is empty; give the text the model should continue")
     if is_genai_folder(source):
         return _genai(source, prompt, max_new_tokens, on_text, device)
-    return _transformers(source, prompt, max_new_tokens, on_text, device)
+    return _transformers(source, prompt, max_new_tokens, on_text, str(resolve_device(device)), trust_remote_code)
 
 
 def _genai(source: str, prompt: str, max_new_tokens: int, on_text, device: str) -> Generation:
@@ -55,12 +59,13 @@ def _genai(source: str, prompt: str, max_new_tokens: int, on_text, device: str) 
 
 
 @torch.no_grad()
-def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device: str) -> Generation:
+def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device: str,
+                  trust_remote_code: bool) -> Generation:
     from transformers import DynamicCache
 
     from thanos.models import cache_argument, context_length
 
-    model, tokenizer = load_model(None if source == DEFAULT_SOURCE else source)
+    model, tokenizer = load_model(None if source == DEFAULT_SOURCE else source, trust_remote_code=trust_remote_code)
     model.to(device)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     context = context_length(model)
@@ -90,9 +95,9 @@ def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device
 
 def _limit(context: int, ids: list, max_new_tokens: int) -> int:
     """Total length to generate to: the prompt plus `max_new_tokens`, within the context."""
+    if not ids:
+        raise InputError("--prompt gives no tokens with this model's tokenizer; give the text it should continue")
     if len(ids) >= context:
-        from thanos.errors import InputError
-
         raise InputError(f"the prompt is {len(ids)} tokens, at or past the model's context of {context}; "
                          "shorten --prompt")
     return min(context, len(ids) + max_new_tokens)

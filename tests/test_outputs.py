@@ -1,13 +1,20 @@
 """Nothing the user has is lost: outputs never replace their inputs, and --overwrite waits for success."""
+import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from cli import main
 from exporters import ExportOptions, export
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--device", "cpu", "--quiet", "--no-eval"]
 
 
@@ -115,3 +122,174 @@ def test_inspect_never_runs_a_folders_code(tmp_path, pruned_llama_2of4):
         result = runner.invoke(main, command, input="y\ny\n")  # a user who would answer yes to a prompt
         assert not marker.exists(), command
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+
+
+# --- staging folders, locks, unwritable and full disks -------------------------------------------
+
+def _refused(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.output.startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_a_folder_at_the_staging_name_is_never_removed(tiny_llama_dir, pruned_llama_2of4, tmp_path):
+    runner = CliRunner()
+    as_input = tmp_path / ".pv.staging"  # the model sits where `--out pv` would be staged
+    shutil.copytree(tiny_llama_dir, as_input)
+    before = _files(as_input)
+    _refused(runner.invoke(main, ["prune", "--model", str(as_input), "--out", str(tmp_path / "pv"), *SMALL]),
+             ".pv.staging", "the input")
+    assert _files(as_input) == before
+
+    source = tmp_path / ".victim.staging"  # an export whose source sits at its staging name
+    shutil.copytree(pruned_llama_2of4, source)
+    before_source = _files(source)
+    _refused(runner.invoke(main, ["export", str(source), "--target", "safetensors", "--out", str(tmp_path / "victim")]),
+             ".victim.staging")
+    assert _files(source) == before_source and not (tmp_path / "victim").exists()
+
+    foreign = tmp_path / ".mine.staging"  # not an input, but not the tool's either
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    _refused(runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "mine"), *SMALL]),
+             "was not made by thanos-export")
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_overwrite_never_removes_a_folder_named_like_its_aside(tiny_llama_dir, tmp_path):
+    """The old output is moved aside into a fresh folder of the run's own, never onto a fixed name."""
+    runner = CliRunner()
+    out = tmp_path / "pv"
+    assert runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(out), *SMALL]).exit_code == 0
+    model = tmp_path / ".pv.replaced"
+    shutil.copytree(tiny_llama_dir, model)
+    before = _files(model)
+    again = runner.invoke(main, ["prune", "--model", str(model), "--out", str(out), "--overwrite", *SMALL])
+    assert again.exit_code == 0, again.output
+    assert _files(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pv.replaced", "pv"]
+
+
+def test_a_second_run_into_a_locked_output_is_refused(tiny_llama_dir, tmp_path):
+    out = tmp_path / "pv"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom thanos.outputs import output_lock\n"
+                               f"with output_lock(Path({str(out)!r})):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)\n"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        runner = CliRunner()
+        _refused(runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(out), *SMALL]),
+                 "another thanos-export run", str(holder.pid))
+        _refused(runner.invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "safetensors",
+                                      "--out", str(out), *SMALL]), "another thanos-export run")
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, the lock file stays behind
+        holder.wait()
+    assert (tmp_path / ".pv.lock").exists() and not out.exists()
+    # The system released the dead holder's lock: the stale file does not block the next run.
+    done = CliRunner().invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(out), *SMALL])
+    assert done.exit_code == 0, done.output
+    assert not (tmp_path / ".pv.lock").exists()
+
+
+def test_an_unwritable_output_is_refused_before_loading(tiny_llama_dir, tmp_path, monkeypatch):
+    import thanos.pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(thanos.pipeline, "load_model", never)
+    runner = CliRunner()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    _refused(runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(a_file / "sub"), *SMALL]),
+             "is a file")
+    _refused(runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(a_file), *SMALL]),
+             "is a file")
+    with _mounted(tmp_path / "ro", "ro,size=1m"):
+        _refused(runner.invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "ro" / "o"),
+                                      *SMALL]), "cannot be written")
+        _refused(runner.invoke(main, ["export", str(tiny_llama_dir), "--target", "safetensors",
+                                      "--out", str(tmp_path / "ro" / "e")]), "cannot be written")
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tiny_llama_dir, tmp_path):
+    """A disk that fills while the model is saved: one line, the staging folder gone, the layers kept."""
+    disk = tmp_path / "disk"
+    out = disk / "pv"
+    args = ["prune", "--model", str(tiny_llama_dir), "--out", str(out), *SMALL]
+    with _mounted(disk, "size=600k"):  # the three saved layers fit, the whole model beside them does not
+        full = CliRunner().invoke(main, args)
+        _refused(full, "is full", "run the same command again", ".thanos_partial")
+        assert sorted(p.name for p in disk.iterdir()) == ["pv"]  # no staging folder keeps the disk full
+        assert len(list((out / ".thanos_partial").glob("layer_*.safetensors"))) == 3
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        resumed = CliRunner().invoke(main, args)
+        assert resumed.exit_code == 0, resumed.output
+        assert (out / "thanos_report.json").is_file() and not (out / ".thanos_partial").exists()
+
+
+@contextlib.contextmanager
+def _mounted(path, options):
+    """A small tmpfs at `path` (root only): real read-only and full disks, not simulated ones."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8); this test runs where CI runs as root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"this machine refuses to mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+# --- prune-and-build: the build folder is one output ---------------------------------------------
+
+def test_a_failed_build_overwrite_keeps_the_old_build_and_resumes(tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    import runtime_bench.build
+    from exporters import ExportError
+
+    out = tmp_path / "build"
+    runner = CliRunner()
+    build = ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "safetensors", "--out", str(out), *SMALL]
+    assert runner.invoke(main, build).exit_code == 0
+    before = _files(out)
+
+    real_export, calls = runtime_bench.build.export, []
+
+    def failing_export(*args, **kwargs):
+        calls.append(1)
+        raise ExportError("the export broke")
+
+    monkeypatch.setattr(runtime_bench.build, "export", failing_export)
+    failed = runner.invoke(main, [*build, "--overwrite", "--pattern", "4:8"])
+    assert failed.exit_code == 1 and failed.output.endswith("Error: the export broke\n"), failed.output
+    assert _files(out) == before  # the old model, export and summary, all together
+    staging = tmp_path / ".build.staging"
+    assert (staging / "pruned" / "thanos_report.json").is_file()  # the finished pruning is kept for the rerun
+    assert "running the same command again resumes" in caplog.text
+
+    monkeypatch.setattr(runtime_bench.build, "export", real_export)
+    pruned_at = (staging / "pruned" / "thanos_report.json").stat().st_mtime_ns
+    caplog.clear()
+    again = runner.invoke(main, [*build, "--overwrite", "--pattern", "4:8"])
+    assert again.exit_code == 0, again.output
+    assert "reusing it" in caplog.text  # the rerun did not prune again
+    assert (out / "pruned" / "thanos_report.json").stat().st_mtime_ns == pruned_at
+    summary = json.loads((out / "build_summary.json").read_text())
+    assert json.loads((out / "pruned" / "thanos_report.json").read_text())["config"]["pattern"] == "4:8"
+    assert summary["export"] == str(out / "safetensors") and str(staging) not in json.dumps(summary)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]
+
+
+def test_prune_and_build_refuses_a_finished_build_without_overwrite(tiny_llama_dir, tmp_path):
+    out = tmp_path / "build"
+    build = ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "safetensors", "--out", str(out), *SMALL]
+    assert CliRunner().invoke(main, build).exit_code == 0
+    before = _files(out)
+    _refused(CliRunner().invoke(main, build), "already holds a finished build", "--overwrite")
+    assert _files(out) == before

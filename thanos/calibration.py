@@ -32,6 +32,8 @@ def read_text(path: Optional[str]) -> str:
     if path is None:
         return default_text()
     file = Path(path)
+    if file.is_dir():
+        raise CalibrationError(f"text file {file} is a directory; pass a .txt or .jsonl file")
     if not file.is_file():
         raise CalibrationError(f"text file {file} does not exist; pass a .txt or .jsonl file")
     try:

@@ -20,18 +20,19 @@ PARTIAL_DIR = ".thanos_partial"
 REPORT_NAME = "thanos_report.json"
 
 
-def check_output_dir(out: Path, overwrite: bool = False) -> None:
+def check_output_dir(out: Path, overwrite: bool = False, reuse_finished: bool = False) -> None:
     """Refuse an output path that holds something else, before any work starts.
 
     Nothing is deleted here: with `overwrite`, a finished model is replaced only when the new one
-    is complete (`thanos.outputs.commit_staging`).
+    is complete (`thanos.outputs.commit_staging`); `reuse_finished` lets the caller keep a finished
+    model made with the same settings.
     """
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--out {out} is a file; pass a directory path")
     if not out.exists() or not any(out.iterdir()):
         return
     if (out / REPORT_NAME).is_file():
-        if overwrite:
+        if overwrite or reuse_finished:
             return
         raise OutputDirError(f"{out} already holds a finished pruned model; pass --overwrite to replace it (once "
                              "the new one is complete) or choose another --out")
@@ -85,8 +86,12 @@ class LayerCheckpoints:
 
         state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
         tmp = self._path(index).with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"reports": json.dumps(reports)})
-        os.replace(tmp, self._path(index))
+        try:
+            save_file(state, str(tmp), metadata={"reports": json.dumps(reports)})
+            os.replace(tmp, self._path(index))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not stay full of a half-written layer
+            raise
         spent = self.earlier_seconds + time.time() - self._opened_at
         atomic_write_text(self.dir / "elapsed.json", json.dumps(dict(seconds=spent)))
 

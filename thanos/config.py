@@ -6,6 +6,7 @@ with a message that names the fix, so solvers can trust what they are given.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Literal, Optional
 
@@ -67,10 +68,10 @@ class Pattern:
             raise ConfigError(f"unknown pattern kind {self.kind!r}; use 'unstructured', 'n:m' or 'columns'")
         if self.kind == "nm":
             if not (0 < self.n < self.m):
-                raise ConfigError(
-                    f"pattern '{self.n}:{self.m}' is impossible: n:m removes n of every m weights, "
-                    f"so 0 < n < m is required (did you mean '{min(self.n, self.m)}:{max(self.n, self.m)}'?)"
-                )
+                swapped = (f" (did you mean '{self.m}:{self.n}'?)" if 0 < self.m < self.n
+                           else "; for example '2:4' or '4:8'")
+                raise ConfigError(f"pattern '{self.n}:{self.m}' is impossible: n:m removes n of every m weights, "
+                                  f"so 0 < n < m is required{swapped}")
 
     @classmethod
     def parse(cls, text: "str | Pattern") -> "Pattern":
@@ -167,9 +168,9 @@ class PruneConfig:
             raise ConfigError(f"alpha (fraction of dense outlier rows) must be in [0, 1), got {self.alpha}")
         if self.alpha > 0 and self.method != "thanos":
             raise ConfigError(f"alpha (dense outlier rows) is a Thanos option; use alpha=0 with method {self.method!r}")
-        if self.damp <= 0:
-            raise ConfigError(f"damp must be positive (0.01 is the usual value), got {self.damp}")
-        if self.reconstruct_epochs < 0 or self.reconstruct_lr <= 0:
+        if not (math.isfinite(self.damp) and self.damp > 0):
+            raise ConfigError(f"damp must be a positive finite number (0.01 is the usual value), got {self.damp}")
+        if self.reconstruct_epochs < 0 or not (math.isfinite(self.reconstruct_lr) and self.reconstruct_lr > 0):
             raise ConfigError(f"reconstruct_epochs must be >= 0 and reconstruct_lr > 0, got {self.reconstruct_epochs} "
                               f"and {self.reconstruct_lr}")
         if self.refit_iterations < 0:

@@ -178,10 +178,18 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
                              "(config.json and *.safetensors) or a .gguf file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", **kwargs)
+        # Mismatched sizes are reported below by name, not by transformers' own log.
+        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+    except MemoryError:
+        raise
     except Exception as exc:  # a truncated safetensors file, a refused pickle, a bad config: one message
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{source} needs its own Python code to load (auto_map in config.json), which runs only "
+                             "when allowed: read that code, then pass --trust-remote-code") from exc
         raise ModelError(f"could not load a causal LM from {source} ({type(exc).__name__}: {exc}); if a weight "
                          "file is truncated or damaged, copy or download it again") from exc
+    _check_loading_info(source, info)
     model.eval()
     # A dequantised GGUF model is a plain model: saving it must not claim GGUF quantisation.
     if getattr(model.config, "quantization_config", None) and "gguf" in str(model.config.quantization_config):
@@ -189,6 +197,28 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         model.hf_quantizer = None
     adapter_for(model)
     return model, tokenizer
+
+
+def _check_loading_info(source: Path, info: dict) -> None:
+    """Refuse weights that do not match the config: transformers would fill missing tensors with
+    random values, drop extra ones, and only log it."""
+    def listed(names) -> str:
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    fix = "config.json does not match the weight files: use the config they were saved with"
+    if info.get("mismatched_keys"):
+        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        more = len(info["mismatched_keys"]) - 1
+        raise ModelError(f"{source}: {name} is {'x'.join(map(str, stored))} in the weight files, but config.json "
+                         f"makes it {'x'.join(map(str, expected))}{f' ({more} more tensors differ)' if more else ''}; "
+                         f"{fix}")
+    if info.get("missing_keys"):
+        raise ModelError(f"{source}: the weight files lack {listed(info['missing_keys'])}, which config.json "
+                         f"needs (they would be random); {fix}, or copy the missing weight file")
+    if info.get("unexpected_keys"):
+        raise ModelError(f"{source}: the weight files hold {listed(info['unexpected_keys'])}, which config.json "
+                         f"has no place for (they would be dropped); {fix}")
 
 
 @dataclasses.dataclass(frozen=True)

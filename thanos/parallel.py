@@ -120,6 +120,9 @@ def init_from_env(timeout_s: float = 3600) -> torch.device:
                                "<prune options>`, which sets RANK, WORLD_SIZE and MASTER_ADDR")
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if dist.is_initialized():  # joined already by a caller (prune-and-build claims its folder first)
+        return device
     if cuda:
         torch.cuda.set_device(local_rank)
     try:
@@ -127,7 +130,7 @@ def init_from_env(timeout_s: float = 3600) -> torch.device:
     except Exception as exc:
         raise DistributedError(f"the rendezvous failed ({exc}); check MASTER_ADDR/MASTER_PORT and that every "
                                "rank was launched") from exc
-    return torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    return device
 
 
 def shutdown() -> None:

@@ -4,7 +4,9 @@ This is what `thanos-export prune` and `eval` call: settings in, files out, noth
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -15,14 +17,15 @@ from typing import Optional
 import torch
 
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
-from thanos.checkpoint import REPORT_NAME, LayerCheckpoints, check_output_dir
+from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME, LayerCheckpoints, check_output_dir
 from thanos.config import PruneConfig
 from thanos.driver import Progress, check_pattern_fits, prune_model_
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
-from thanos.models import (LayerSelection, context_length, default_model_file, describe_source, load_model,
+from thanos.models import (LayerSelection, ModelError, context_length, default_model_file, describe_source, load_model,
                            prunable_linears, source_files)
-from thanos.outputs import OutputDirError, begin_staging, check_disjoint, commit_staging
+from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_staging, check_writable, commit_staging,
+                            discard_staging, output_lock, write_error)
 from thanos.parallel import Parallel
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class PruneJob:
     trust_remote_code: bool = False
     overwrite: bool = False
     distributed: bool = False  # under torchrun: shard calibration and solves across ranks
+    reuse_finished: bool = False  # a finished model in `out` with this job's fingerprint is kept, not pruned again
 
     def __post_init__(self):
         for name in ("calib_samples", "seqlen"):
@@ -80,10 +84,19 @@ class PruneJob:
             eval_windows=defaults["eval_windows"] if self.eval_windows == -1 else self.eval_windows,
         )
 
-    def fingerprint(self) -> dict:
-        """The settings that decide the pruned weights; a resume must match them."""
+    def inputs(self) -> tuple:
+        """The paths this job reads, which its output may never overlap."""
+        return (self.model if self.model is not None else default_model_file(), self.calib_file)
+
+    def fingerprint(self, samples: torch.Tensor) -> dict:
+        """What decides the pruned weights; a resume must match it.
+
+        The calibration enters by the digest of the token windows used (`samples`), not by the
+        file's name, so a file rewritten between two runs is never mixed into one model.
+        """
+        digest = hashlib.sha256(samples.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
         return dict(model=describe_source(self.model), model_files=source_files(self.model),
-                    config=self.config.to_json(), calib_file=self.calib_file,
+                    config=self.config.to_json(), calibration_digest=digest,
                     calib_samples=self.calib_samples, seqlen=self.seqlen, seed=self.seed,
                     include=list(self.include), exclude=list(self.exclude))
 
@@ -111,7 +124,10 @@ def device_description(device: torch.device) -> str:
 
 
 def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> dict:
-    """Prune `job.model` and write a loadable model directory plus `thanos_report.json`; return the report."""
+    """Prune `job.model` and write a loadable model directory plus `thanos_report.json`; return the report.
+
+    Rank 0 holds a lock on the output for the whole run, so a second run into it is refused.
+    """
     out = Path(job.out)
     if job.distributed:
         from thanos.parallel import init_from_env
@@ -120,14 +136,22 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
     else:
         device = resolve_device(job.device)
     parallel = Parallel()
-    inputs = (job.model if job.model is not None else default_model_file(), job.calib_file)
-    parallel.run_on_main(lambda: (check_disjoint(out, inputs), check_output_dir(out, job.overwrite)))
+    inputs = job.inputs()
+    parallel.run_on_main(lambda: (check_disjoint(out, inputs), check_staging(out, inputs), check_writable(out)))
+    lock = output_lock(out) if parallel.is_main else contextlib.nullcontext()
+    with lock:
+        parallel.run_on_main(lambda: check_output_dir(out, job.overwrite, job.reuse_finished))
+        return _prune(job, out, device, parallel, progress)
+
+
+def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, progress: Optional[Progress]) -> dict:
     job = job.resolved(device)
     if not parallel.is_main:
         progress = None
     started = time.time()
 
     model, tokenizer = load_model(job.model, trust_remote_code=job.trust_remote_code)
+    check_finite(model)
     selection = LayerSelection(job.include, job.exclude)
     linears = prunable_linears(model, selection)
     if not any(linears.values()):
@@ -144,11 +168,19 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
         raise CalibrationError(
             f"the held-out 10% of the text has {text.evaluation.numel()} tokens, fewer than one window of "
             f"{job.seqlen}; pass --no-eval, a longer --calib-file or a smaller --seqlen")
+    fingerprint = job.fingerprint(samples)
+    if job.reuse_finished:
+        earlier = _finished_report(out)
+        if earlier is not None and earlier.get("fingerprint") == fingerprint:
+            log.warning("%s already holds a model pruned with these settings and calibration tokens; reusing it", out)
+            return earlier
 
     report = dict(config=job.config.to_json(), job={k: v for k, v in dataclasses.asdict(job).items() if k != "config"},
                   model=describe_source(job.model), versions=versions(), device=device_description(device),
                   calibration=dict(source=text.source, samples=job.calib_samples, seqlen=job.seqlen, seed=job.seed,
-                                   calibration_tokens=text.calibration.numel(), held_out_tokens=text.evaluation.numel()))
+                                   calibration_tokens=text.calibration.numel(), held_out_tokens=text.evaluation.numel(),
+                                   digest=fingerprint["calibration_digest"]),
+                  fingerprint=fingerprint)
     if parallel.world > 1:
         report["ranks"] = parallel.world
     evaluate = job.evaluate and parallel.is_main
@@ -162,8 +194,12 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
                     "on the CPU", needed / 2**30)
     report["activations"] = dict(bytes=needed, kept_on="cpu" if offload else str(device))
 
-    checkpoints = LayerCheckpoints(out, job.fingerprint())
-    layers = prune_model_(model, samples, job.config, device, selection, checkpoints, offload, progress, parallel)
+    checkpoints = LayerCheckpoints(out, fingerprint)
+    try:
+        layers = prune_model_(model, samples, job.config, device, selection, checkpoints, offload, progress, parallel)
+    except Exception as exc:  # a full or read-only disk is one line; anything else as it was
+        raise write_error(exc, out, kept=f"the finished layers stay in {checkpoints.dir} and the rerun resumes "
+                                         "from them") or exc
     report["layers"] = layers
     report["sparsity"] = _overall_sparsity(layers)
     report["prune_seconds"] = checkpoints.earlier_seconds + time.time() - started  # every run of a resumed job
@@ -171,11 +207,27 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
         report["perplexity_after"] = _held_out_perplexity(model, text.evaluation, job, device)
 
     def finish():
-        _save_model_dir(model, tokenizer, out, report)
+        _save_model_dir(model, tokenizer, out, report, job.inputs())
         checkpoints.remove()
 
     parallel.run_on_main(finish)
     return report
+
+
+def _finished_report(out: Path) -> Optional[dict]:
+    try:
+        return json.loads((out / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_finite(model) -> None:
+    """Refuse a model whose weights hold NaN or Inf, naming the first such tensor (pruning cannot mend it)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelError(f"the source model's {name} holds {bad} NaN or infinite values; the checkpoint is "
+                             "damaged or was saved after a diverged step: use an intact copy")
 
 
 def activation_bytes(model, samples: int, seqlen: int) -> int:
@@ -209,27 +261,36 @@ def _overall_sparsity(layers: list[dict]) -> float:
     return sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in layers) / total if total else 0.0
 
 
-def _save_model_dir(model, tokenizer, out: Path, report: dict) -> None:
+def _save_model_dir(model, tokenizer, out: Path, report: dict, inputs: tuple) -> None:
     """Write the model, tokenizer and report into a staging sibling, then move it to `out` whole.
 
     The move replaces whatever `out` held (an old model under --overwrite, the partial layers)
-    only now, so an interrupted save leaves the old output or the resumable partial run.
+    only now, so an interrupted save leaves the old output or the resumable partial run; a failed
+    save removes its staging folder (a full disk stays full otherwise).
     """
-    staging = begin_staging(out)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
-    commit_staging(staging, out)
+    staging = begin_staging(out, inputs)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
+        commit_staging(staging, out)
+    except Exception as exc:  # a full or read-only disk is one line; anything else as it was
+        discard_staging(staging)
+        raise write_error(exc, out, kept=f"the finished layers stay in {out / PARTIAL_DIR} and the rerun resumes "
+                                         "from them") or exc
+    except BaseException:
+        discard_staging(staging)
+        raise
 
 
 def evaluate_directory(path: str, text_file: Optional[str] = None, seqlen: Optional[int] = None,
-                       device: str = "auto", max_windows: Optional[int] = -1) -> dict:
+                       device: str = "auto", max_windows: Optional[int] = -1, trust_remote_code: bool = False) -> dict:
     """Held-out perplexity of a pruned (or any) model directory, compact checkpoint or .gguf file.
 
     (An exported model.onnx is evaluated by `exporters.onnx_graph.evaluate_onnx`.)
     """
     dev = resolve_device(device)
-    model, tokenizer = load_model(path)
+    model, tokenizer = load_model(path, trust_remote_code=trust_remote_code)
     model.to(dev)
     return evaluate_model(model, tokenizer, path, text_file, seqlen, dev, max_windows, device_description(dev))
 
@@ -239,6 +300,10 @@ def evaluate_model(model, tokenizer, path: str, text_file: Optional[str], seqlen
     """Perplexity of any `model(ids).logits` callable on the held-out part of the default or a given text."""
     defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
     seqlen = seqlen or defaults["seqlen"]
+    context = context_length(model) if hasattr(model, "config") else None
+    if context and seqlen > context:
+        raise CalibrationError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens; "
+                               f"pass --seqlen {context} or less")
     max_windows = defaults["eval_windows"] if max_windows == -1 else max_windows
     text = tokenize_split(tokenizer, text_file)
     tokens = text.evaluation

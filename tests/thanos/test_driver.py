@@ -115,8 +115,25 @@ def test_resume_refuses_different_settings(tiny_llama_dir, tmp_path):
         prune_to_directory(job, progress=die)
     changed = PruneJob(out=str(tmp_path / "run"), model=str(tiny_llama_dir), evaluate=False, seed=1,
                        **SMALL)
-    with pytest.raises(OutputDirError, match="different settings \\(seed\\)"):
+    with pytest.raises(OutputDirError, match="different settings \\(calibration_digest, seed\\)"):
         prune_to_directory(changed)
+
+
+def test_resume_refuses_a_calibration_file_rewritten_in_between(tiny_llama_dir, tmp_path):
+    """Same file name, other text: the layers depend on the tokens, so the fingerprint holds their digest."""
+    from thanos.calibration import default_text
+
+    text = tmp_path / "calib.txt"
+    text.write_text(default_text()[:60_000])
+    job = PruneJob(out=str(tmp_path / "run"), model=str(tiny_llama_dir), calib_file=str(text), evaluate=False,
+                   **SMALL)
+    _interrupt_after_two_layers(job)
+    text.write_text(default_text()[60_000:120_000])
+    with pytest.raises(OutputDirError, match="different settings \\(calibration_digest\\)"):
+        prune_to_directory(job)
+    text.write_text(default_text()[:60_000])  # the text the finished layers were pruned on: resumes
+    report = prune_to_directory(job)
+    assert report["calibration"]["digest"] == report["fingerprint"]["calibration_digest"]
 
 
 def _interrupt_after_two_layers(job) -> float:
