@@ -1,4 +1,5 @@
 import json
+import shutil
 
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
@@ -128,3 +129,105 @@ def test_progress_redirected_to_a_file_is_plain_lines(tiny_llama_dir, tmp_path):
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "\x1b[" not in result.stderr and "layer 3/3 done" in result.stderr
+
+
+def test_impossible_numbers_and_patterns_are_one_clear_line(tiny_llama_dir, tmp_path):
+    runner = CliRunner()
+    base = ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "o"), *SMALL]
+    for value in ("nan", "inf", "-1"):
+        refused = runner.invoke(main, [*base, "--damp", value])
+        assert refused.exit_code == 1 and "damp must be a positive finite number" in refused.output, refused.output
+    for pattern, expected in (("4:4", "for example '2:4'"), ("2:0", "for example '2:4'"), ("4:2", "did you mean '2:4'")):
+        refused = runner.invoke(main, [*base, "--pattern", pattern])
+        assert refused.exit_code == 1 and expected in refused.output, refused.output
+        assert "did you mean '4:4'" not in refused.output and "'0:2'" not in refused.output
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    refused = runner.invoke(main, [*base, "--calib-file", str(folder)])
+    assert refused.exit_code == 1 and "is a directory" in refused.output, refused.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_windows_past_the_context(pruned_llama_2of4):
+    refused = CliRunner().invoke(main, ["eval", str(pruned_llama_2of4), "--seqlen", "4096", "--device", "cpu"])
+    assert refused.exit_code == 1 and "context of 256 tokens" in refused.output and "--seqlen 256" in refused.output
+
+
+def test_generate_refuses_an_empty_prompt_and_a_missing_gpu(pruned_llama_2of4):
+    import torch
+
+    runner = CliRunner()
+    for prompt in ("", "   "):
+        refused = runner.invoke(main, ["generate", str(pruned_llama_2of4), "--prompt", prompt])
+        assert refused.exit_code == 1 and "--prompt is empty" in refused.output, refused.output
+    if not torch.cuda.is_available():
+        refused = runner.invoke(main, ["generate", str(pruned_llama_2of4), "--prompt", "x", "--device", "cuda"])
+        assert refused.exit_code == 1 and "torch sees no CUDA GPU" in refused.output, refused.output
+        assert "Traceback" not in refused.output
+
+
+def test_sigterm_during_prune_says_what_is_kept_and_the_rerun_resumes(tiny_llama_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "p"
+    command = [sys.executable, "-m", "cli", "prune", "--model", str(tiny_llama_dir), "--out", str(out), "--no-eval",
+               "--calib-samples", "32", "--seqlen", "128", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    run = subprocess.Popen(command, cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in run.stderr:  # plain progress lines: stderr is a pipe
+        if line.startswith("layer 1/3 done"):
+            run.send_signal(signal.SIGTERM)
+            break
+    stderr = run.stderr.read()
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM, stderr
+    assert "Stopped (SIGTERM)" in stderr and "run the same command again to resume" in stderr, stderr
+    assert str(out / ".thanos_partial") in stderr and "Traceback" not in stderr
+    assert subprocess.run(command, cwd=root, env=env, capture_output=True).returncode == 0
+    assert (out / "thanos_report.json").is_file()
+
+
+def _remote_code_model(source, folder, marker):
+    """A copy of `source` that only its own Python code can load; the code leaves `marker` when it runs."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "tiny_custom"
+    config["auto_map"] = {"AutoConfig": "custom_llama.CustomConfig", "AutoModelForCausalLM": "custom_llama.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom_llama.py").write_text(
+        f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class CustomConfig(LlamaConfig):  # a family the pruner knows, behind a type only this code loads\n"
+        "    model_type = 'llama'\n\n"
+        "    def __init__(self, **kwargs):\n        kwargs.pop('model_type', None)\n        super().__init__(**kwargs)\n\n\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    return folder
+
+
+def test_every_command_that_loads_a_model_takes_trust_remote_code(tiny_llama_dir, tmp_path):
+    marker = tmp_path / "ran"
+    folder = _remote_code_model(tiny_llama_dir, tmp_path / "custom", marker)
+    runner = CliRunner()
+    commands = {
+        "prune": ["prune", "--model", str(folder), "--out", str(tmp_path / "p"), *SMALL, "--no-eval"],
+        "prune-and-build": ["prune-and-build", "--model", str(folder), "--target", "safetensors",
+                            "--out", str(tmp_path / "b"), *SMALL, "--no-eval"],
+        "eval": ["eval", str(folder), "--device", "cpu", "--seqlen", "32", "--windows", "1"],
+        "export": ["export", str(folder), "--target", "safetensors", "--out", str(tmp_path / "e")],
+        "generate": ["generate", str(folder), "--prompt", "def", "--max-new-tokens", "2"],
+        "inspect": ["inspect", str(folder)],
+    }
+    for name, args in commands.items():
+        refused = runner.invoke(main, args)
+        assert refused.exit_code == 1 and "pass --trust-remote-code" in refused.output, (name, refused.output)
+        assert "hf.co" not in refused.output and "truncated" not in refused.output, (name, refused.output)
+        assert not marker.exists(), name
+    for name, args in commands.items():
+        allowed = runner.invoke(main, [*args, "--trust-remote-code"])
+        assert allowed.exit_code == 0, (name, allowed.output)
+    assert marker.exists()
+    assert (tmp_path / "b" / "build_summary.json").is_file() and (tmp_path / "e" / "export_summary.json").is_file()

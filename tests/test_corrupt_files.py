@@ -88,3 +88,39 @@ def test_an_empty_run_file_says_how_to_start_over(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(main, ["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "run"),
                                        *SMALL])
     _one_line_error(result, "run.json", "start the run over")
+
+
+def _edited_copy(source, folder, **config_changes):
+    shutil.copytree(source, folder)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config_changes}))
+    return folder
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    (dict(num_hidden_layers=4), ("lack", "model.layers.3.")),  # transformers would make layer 3 random
+    (dict(num_hidden_layers=2), ("hold", "model.layers.2.")),  # ... or drop layer 2
+    (dict(intermediate_size=96), ("mlp.down_proj.weight is 64x128 in the weight files", "makes it 64x96")),
+], ids=["missing-layer", "extra-layer", "intermediate-size"])
+def test_weights_that_do_not_match_the_config_are_refused_by_name(tiny_llama_dir, tmp_path, changes, fragments):
+    folder = _edited_copy(tiny_llama_dir, tmp_path / "edited", **changes)
+    runner = CliRunner()
+    _one_line_error(runner.invoke(main, ["prune", "--model", str(folder), "--out", str(tmp_path / "o"), *SMALL]),
+                    str(folder), "config.json", *fragments)
+    _one_line_error(runner.invoke(main, ["eval", str(folder), "--device", "cpu"]), *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_in_the_source_weights_is_named(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny_llama_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    weights["model.layers.1.mlp.up_proj.weight"][4, 5] = float("inf")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for preset in ("fast", "default"):
+        _one_line_error(CliRunner().invoke(main, ["prune", "--model", str(folder), "--preset", preset, "--out",
+                                                  str(tmp_path / "o"), *SMALL]),
+                        "model.layers.1.mlp.up_proj.weight holds 2 NaN or infinite values", "source model")

@@ -167,3 +167,22 @@ def test_external_data_folder_loads_and_generates(pruned_llama_2of4, tmp_path):
     assert (tmp_path / "model.onnx.data").stat().st_size > (tmp_path / "model.onnx").stat().st_size
     ids = tokenizer("The import statement")["input_ids"]
     assert GenaiModel(tmp_path).generate(ids, 8) == transformers_greedy(model, ids, 8)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../x.onnx", "../outside.onnx"])
+def test_a_config_naming_a_file_outside_the_folder_is_refused_before_opening_it(genai_folder, tmp_path, monkeypatch,
+                                                                              name):
+    folder = tmp_path / "copy"
+    shutil.copytree(genai_folder[0], folder)
+    shutil.copy(folder / "model.onnx", tmp_path / "outside.onnx")  # a real graph, but not the folder's own
+    path = folder / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["decoder"]["filename"] = name
+    path.write_text(json.dumps(config))
+
+    def opened(*args, **kwargs):
+        raise AssertionError("a file outside the folder was opened")
+
+    monkeypatch.setattr(onnx, "load", opened)
+    with pytest.raises(InputError, match="lies outside"):
+        GenaiModel(folder)

@@ -36,3 +36,29 @@ def run_single(job_kwargs: dict) -> None:
     from thanos.pipeline import PruneJob, prune_to_directory
 
     prune_to_directory(PruneJob(**job_kwargs))
+
+
+def run_build(rank: int, world: int, port: int, build_kwargs: dict, prune_kwargs: dict) -> None:
+    """One rank of `prune-and-build --distributed`, through the CLI as torchrun would run it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import contextlib
+    import io
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    from cli import main
+
+    args = ["prune-and-build", "--distributed", "--quiet", "--no-eval", "--device", "cpu"]
+    for key, value in {**build_kwargs, **prune_kwargs}.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            main(args, standalone_mode=False)
+        except SystemExit as exc:
+            sys.exit(exc.code)
+    with open(build_kwargs["out"] + f".rank{rank}.txt", "w") as f:
+        f.write(printed.getvalue())

@@ -70,3 +70,22 @@ def test_dead_rank_then_rerun_resumes(tiny_llama_dir, tmp_path):
     assert _launch(2, dict(out=str(out), **common)) == [0, 0]
     _single(dict(out=str(tmp_path / "single"), **common))
     _assert_same_model(tmp_path / "single", out)
+
+
+def test_prune_and_build_under_two_ranks_exports_once(tiny_llama_dir, tmp_path):
+    """Every rank prunes; rank 0 alone exports and writes the summary, and alone speaks."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    out = tmp_path / "build"
+    procs = [ctx.Process(target=dist_worker.run_build,
+                         args=(r, 2, port, dict(out=str(out), target="safetensors"),
+                               dict(model=str(tiny_llama_dir), calib_samples=4, seqlen=32))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (out / "build_summary.json").is_file() and (out / "safetensors" / "export_summary.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "build.rank0.txt", "build.rank1.txt"]
+    assert "summary    " in (tmp_path / "build.rank0.txt").read_text()
+    assert (tmp_path / "build.rank1.txt").read_text() == ""
