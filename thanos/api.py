@@ -71,7 +71,7 @@ def prune_weight(
         config = PruneConfig(method, Pattern.parse(pattern), sparsity, block_size, alpha, damp, refit_iterations,
                              mask_search_iterations, preset=preset)
     _check_inputs(weight, hessian, config, name)
-    start = time.perf_counter()
+    start = _synchronized_clock(weight)
     W = weight.detach().to(torch.float32).clone()  # (r, c) fp32 working copy
     H = None if hessian is None else hessian.detach().to(device=W.device, dtype=torch.float32)
     full_h = H is not None and H.dim() == 2
@@ -91,7 +91,7 @@ def prune_weight(
             f"{name}: pruning produced NaN or Inf weights (method {config.method}); check the layer's "
             "calibration statistics for NaN, or raise --damp"
         )
-    seconds = time.perf_counter() - start
+    seconds = _synchronized_clock(weight) - start
     error = None
     if full_h:
         error = reconstruction_error(weight.detach().to(W), out.weight, H)

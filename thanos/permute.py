@@ -67,7 +67,8 @@ def group_order(scores: torch.Tensor, n: int, m: int, sweeps: int = SWEEPS,
                 cost = _assignment_cost(candidates, threshold)
                 _, choice = linear_sum_assignment(cost.cpu().numpy())
                 choice = torch.as_tensor(choice, device=order.device)
-                gain = float(cost.diagonal().sum() - cost[torch.arange(len(choice)), choice].sum())
+                kept = cost[torch.arange(len(choice), device=cost.device), choice.to(cost.device)]
+                gain = float(cost.diagonal().sum() - kept.sum())
                 if gain > 1e-9 * float(cost.diagonal().abs().sum()):  # an assignment no better by round-off stays
                     block[:, k] = block[choice, k].clone()
                     moved = True

@@ -46,6 +46,10 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
     over ranks: every rank then takes the same steps as one process holding all the samples. The
     tuned weights are kept only if the loss over all samples went down; otherwise they are
     restored, so the layer never ends worse on its calibration data.
+
+    A half-precision layer (fp16, bf16) is tuned in fp32 and written back in its own dtype: Adam's
+    epsilon (1e-8) is 0 in fp16, so its update would be 0/0 wherever a gradient is 0. Both losses
+    are measured in the layer's own dtype, so the comparison sees the weights as they are kept.
     """
     start = time.perf_counter()
     indices = list(range(len(inputs))) if indices is None else indices
@@ -66,15 +70,18 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
     # Each step's gradient is summed per sample in fp64: the same sum whichever rank holds which
     # sample (as the statistics, thanos.hessian.HessianAccumulator).
     sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    dtype = weights[0].dtype
+    tuned = forward if dtype == torch.float32 else (lambda x: forward(x.float()))
     try:
-        before = _loss(inputs, targets, forward, total, all_reduce)
+        before = _loss(inputs, targets, forward, total, all_reduce, weights[0].device)
+        layer.float()  # the parameters keep their identity: `weights` and the optimiser see fp32 data
         with torch.enable_grad():
             for _ in range(epochs):
                 for k in range(steps):
                     for total_grad in sums:
                         total_grad.zero_()
                     for j in own[k]:
-                        out = forward(inputs[j])
+                        out = tuned(inputs[j])
                         (_relative_mse(out, targets[j].to(out)) / step_sizes[k]).backward()
                         for total_grad, w in zip(sums, weights):
                             total_grad += w.grad
@@ -88,13 +95,15 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
                     with torch.no_grad():
                         for w, mask in zip(weights, keep):
                             w.mul_(mask)  # Adam's moments are zero off the mask; this keeps zeros exact
-        after = _loss(inputs, targets, forward, total, all_reduce)
+        layer.to(dtype)
+        after = _loss(inputs, targets, forward, total, all_reduce, weights[0].device)
         kept = after <= before
         if not kept:
             with torch.no_grad():
                 for w, s in zip(weights, saved):
                     w.copy_(s)
     finally:
+        layer.to(dtype)
         for w in weights:
             w.grad = None
             w.requires_grad_(False)
@@ -108,12 +117,15 @@ def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _loss(inputs, targets, forward, total: int, all_reduce) -> float:
-    """Mean relative error over all samples (every rank's, with `all_reduce`)."""
-    summed = torch.zeros(1, dtype=torch.float64)
+def _loss(inputs, targets, forward, total: int, all_reduce, device: torch.device) -> float:
+    """Mean relative error over all samples (every rank's, with `all_reduce`).
+
+    The sum lives where the layer computes: NCCL reduces only tensors on the GPU.
+    """
+    summed = torch.zeros((), dtype=torch.float64, device=device)
     for x, target in zip(inputs, targets):
         out = forward(x)
-        summed += float(_relative_mse(out, target.to(out)))
+        summed += _relative_mse(out, target.to(out)).double()
     if all_reduce:
         all_reduce(summed)
     return float(summed) / max(total, 1)

@@ -40,7 +40,7 @@ def test_other_bad_settings():
         PruneConfig(method="obc")
     with pytest.raises(ConfigError, match="Thanos option"):
         PruneConfig(method="wanda", alpha=0.1)
-    with pytest.raises(ConfigError, match="damp must be positive"):
+    with pytest.raises(ConfigError, match="damp must be a positive finite number"):
         PruneConfig(damp=0)
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         PruneConfig(pattern="unstructured", sparsity=1.0)

@@ -1,6 +1,8 @@
 """Decoder-block reconstruction: masks frozen, the layer's output error never goes up."""
 import copy
+import math
 
+import pytest
 import torch
 
 from thanos import PruneConfig
@@ -70,3 +72,46 @@ def test_driver_reconstructs_each_layer_and_reports_it(tiny_llama_dir):
     steps = [r["reconstruction"] for r in reports]
     assert all(s["loss_after"] <= s["loss_before"] for s in steps)
     assert any(s["kept"] and s["loss_after"] < s["loss_before"] for s in steps)
+
+
+@pytest.fixture(scope="module", params=[torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def half_llama_dir(request, tmp_path_factory, tiny_llama_dir):
+    """The tiny llama as GPU users' checkpoints come: saved in half precision, loaded as such (dtype auto)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=request.param).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return path, request.param
+
+
+@pytest.mark.parametrize("preset", ["fast", "default", "best"])
+def test_half_precision_models_prune_to_finite_exact_weights_in_their_dtype(half_llama_dir, tmp_path, preset):
+    from transformers import AutoModelForCausalLM
+
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    path, dtype = half_llama_dir
+    report = prune_to_directory(PruneJob(out=str(tmp_path / "p"), model=str(path), config=PruneConfig(preset=preset),
+                                         calib_samples=8, seqlen=32, evaluate=False, device="cpu"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+    for layer in prunable_linears(model, LayerSelection()).values():
+        for mod in layer.values():
+            assert_nm(weight_view(mod), 2, 4)
+    assert all(r["error"] is not None and math.isfinite(r["error"]) for r in report["layers"])
+    if preset == "best":
+        # fp16 Adam would divide 0 by 0 at every pruned position and the step would be discarded.
+        steps = {r["name"].rsplit(".", 2)[0]: r["reconstruction"] for r in report["layers"]}
+        assert all(s["kept"] and s["loss_after"] < s["loss_before"] for s in steps.values()), steps
+
+
+def test_the_reconstruction_reduces_on_the_layers_device(tiny_llama_dir):
+    """NCCL reduces only GPU tensors: every tensor handed to the collective lives where the layer does."""
+    layer, linears, masks, inputs, targets, forward = _layer_setup(tiny_llama_dir)
+    seen = []
+    reconstruct_layer_(layer, [m.weight for m in linears.values()], inputs, targets, forward, epochs=1, lr=1e-3,
+                       all_reduce=lambda t: seen.append((t.device, t.dtype)))
+    device = next(iter(linears.values())).weight.device
+    assert seen and all(d == device for d, _ in seen)
+    assert {t for _, t in seen} == {torch.float64}  # fp64 sums: the same in any grouping of samples
