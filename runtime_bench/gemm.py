@@ -81,35 +81,59 @@ def run_gemm(shapes: list[tuple[int, int]], tokens: list[int], dtypes: list[str]
             done += len(shapes) * len(tokens)
             continue
         for rows, cols in shapes:
-            weight = two_four_weight(rows, cols, dtype, device)
-            kernels = {"torch-dense": lambda x, w=weight: F.linear(x, w)}
-            for name, reason in sparse.items():
-                if reason is None:
-                    try:
-                        kernels[name] = _sparse_linear(weight, name)
-                    except (RuntimeError, NotImplementedError) as exc:
-                        sparse[name] = f"{type(exc).__name__}: {exc}"[:200]
-            for name, reason in sparse.items():
-                if reason is not None:
-                    records.append(dict(level="gemm", backend=name, status="skipped", reason=reason,
-                                        dtype=dtype_name, shape=[rows, cols]))
-            for m in tokens:
-                x = torch.randn(m, cols, device=device, dtype=dtype)
-                dense_ms = None
-                for name, kernel in kernels.items():
-                    t = measure(lambda: kernel(x), device, budget_s=budget_s)
-                    rec = dict(level="gemm", backend=name, status="ok", dtype=dtype_name, shape=[rows, cols],
-                               tokens=m, weight_bytes=weight.numel() * weight.element_size(),
-                               tflops=2 * m * rows * cols / (t.median_ms * 1e-3) / 1e12, **t.to_json())
-                    if name == "torch-dense":
-                        dense_ms = t.median_ms
-                    else:
-                        rec["speedup"] = dense_ms / t.median_ms
-                    records.append(rec)
+            def tick():
+                nonlocal done
                 done += 1
                 if progress:
                     progress("gemm", done, total)
+
+            _time_shape(rows, cols, dtype_name, tokens, device, sparse, budget_s, records, tick)
     return records
+
+
+def _time_shape(rows: int, cols: int, dtype_name: str, tokens: list[int], device: str,
+                sparse: dict[str, Optional[str]], budget_s: float, records: list, tick: Callable[[], None]) -> None:
+    """Dense and every usable sparse kernel at one shape, every M; a kernel that fails is recorded as
+    skipped for this shape (and the Ms it did not reach) with its error, and the others go on."""
+    dtype = DTYPES[dtype_name]
+    weight = two_four_weight(rows, cols, dtype, device)
+    kernels = {"torch-dense": lambda x, w=weight: F.linear(x, w)}
+    reasons = dict(sparse)  # this shape's own: a conversion that fails here may work at another shape
+    for name, reason in sparse.items():
+        if reason is None:
+            try:
+                kernels[name] = _sparse_linear(weight, name)
+            except (RuntimeError, NotImplementedError, ValueError) as exc:
+                reasons[name] = _reason(exc)
+    for name, reason in reasons.items():
+        if reason is not None:
+            records.append(dict(level="gemm", backend=name, status="skipped", reason=reason, dtype=dtype_name,
+                                shape=[rows, cols]))
+    for m in tokens:
+        x = torch.randn(m, cols, device=device, dtype=dtype)
+        dense_ms = None
+        for name, kernel in list(kernels.items()):
+            try:
+                t = measure(lambda: kernel(x), device, budget_s=budget_s)
+            except (RuntimeError, NotImplementedError, ValueError) as exc:  # the first product runs only here
+                records.append(dict(level="gemm", backend=name, status="skipped", reason=_reason(exc),
+                                    dtype=dtype_name, shape=[rows, cols], tokens=m))
+                if name == "torch-dense":
+                    break  # no reference to compare against at this M
+                continue
+            rec = dict(level="gemm", backend=name, status="ok", dtype=dtype_name, shape=[rows, cols], tokens=m,
+                       weight_bytes=weight.numel() * weight.element_size(),
+                       tflops=2 * m * rows * cols / (t.median_ms * 1e-3) / 1e12, **t.to_json())
+            if name == "torch-dense":
+                dense_ms = t.median_ms
+            else:
+                rec["speedup"] = dense_ms / t.median_ms
+            records.append(rec)
+        tick()
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def crossovers(records: list[dict]) -> list[dict]:

@@ -119,27 +119,36 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
                             seqlen=grid[0][1], steps=decode_steps, weight_bytes=weight_bytes,
                             **_decode_tokens_per_s(m, 1, grid[0][1], decode_steps, device)))
 
+    def guarded(backend: str, run) -> None:
+        """One backend's failure (a kernel this GPU lacks, out of memory) is its record, not the run's end."""
+        try:
+            run()
+        except (RuntimeError, NotImplementedError, ValueError, ImportError, OSError) as exc:
+            skip(backend, f"{type(exc).__name__}: {exc}"[:200])
+
+    def sparse_torch():
+        import copy
+
+        from exporters.torch_sparse import to_semi_structured_
+
+        sparse = copy.deepcopy(model)
+        report = to_semi_structured_(sparse)
+        time_torch("torch-2:4", sparse)
+        records[-1]["converted_linears"] = len(report.converted)
+
     if "torch-dense" in backends:
-        time_torch("torch-dense", model)
+        guarded("torch-dense", lambda: time_torch("torch-dense", model))
     if "torch-2:4" in backends:
         if not cuda:
             skip("torch-2:4", "needs a CUDA GPU of compute capability 8.0+; this run is on the CPU")
         else:
-            import copy
-
-            from exporters.torch_sparse import to_semi_structured_
-
-            sparse = copy.deepcopy(model)
-            report = to_semi_structured_(sparse)
-            time_torch("torch-2:4", sparse)
-            records[-1]["converted_linears"] = len(report.converted)
-            del sparse
+            guarded("torch-2:4", sparse_torch)
     if "onnxruntime" in backends:
-        records += _onnxruntime(model, grid, decode_steps, progress, cuda)
+        guarded("onnxruntime", lambda: records.extend(_onnxruntime(model, grid, decode_steps, progress, cuda)))
     if "onnxruntime-tensorrt" in backends:
-        records += _onnxruntime_tensorrt(model, grid, progress, cuda)
+        guarded("onnxruntime-tensorrt", lambda: records.extend(_onnxruntime_tensorrt(model, grid, progress, cuda)))
     if "genai" in backends:
-        records += _genai(model, grid, decode_steps, progress, cuda)
+        guarded("genai", lambda: records.extend(_genai(model, grid, decode_steps, progress, cuda)))
     wanted = [b for b in ("tensorrt-dense", "tensorrt-sparse") if b in backends]
     if wanted:
         if not cuda or importlib.util.find_spec("tensorrt") is None:
@@ -147,7 +156,7 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
                 skip(backend, "TensorRT needs an NVIDIA GPU and the tensorrt package; "
                               f"{'no GPU' if not cuda else 'tensorrt is not installed'} here")
         else:
-            records += _tensorrt(model, grid, wanted, progress)
+            guarded("+".join(wanted), lambda: records.extend(_tensorrt(model, grid, wanted, progress)))
     return records
 
 

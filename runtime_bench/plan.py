@@ -21,12 +21,13 @@ from typing import Optional
 import torch
 
 from runtime_bench.model import RANDOM_CONFIGS, random_config
-from runtime_bench.protocol import machine, timed
+from runtime_bench.protocol import machine, stop_on_sigterm, timed
 from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
 from thanos.driver import LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs
 from thanos.models import LayerSelection, adapter_for, decoder_layers, prunable_linears, weight_view
 from thanos.parallel import Parallel, deal_by_cost
+from thanos.outputs import atomic_write_text
 from thanos.permute import ChannelLayout
 from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
 
@@ -42,8 +43,12 @@ def _warm_up(device: torch.device, prune: PruneConfig) -> None:
 
 @torch.no_grad()
 def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device: "str | torch.device",
-                  dtype: torch.dtype, offload_activations: bool = True, echo=print) -> dict:
-    """Prune the one random decoder layer of `config` (a transformers LlamaConfig) and time each step."""
+                  dtype: torch.dtype, offload_activations: bool = True, echo=print, on_partial=None) -> dict:
+    """Prune the one random decoder layer of `config` (a transformers LlamaConfig) and time each step.
+
+    `on_partial(figures)` gets what is measured so far after each step and each solve, so a run
+    stopped by a time limit still leaves its figures.
+    """
     from transformers import LlamaForCausalLM
 
     device = torch.device(device)
@@ -67,8 +72,21 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      prefix=f"{adapter_for(model).layers}.0.", layout=layout)
     # one sample is enough to learn how many distinct inputs (and so Hessians) the layer has
     hessian_bytes = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device).nbytes
+    partial = dict(config={k: getattr(config, k) for k in PLANNED_CONFIG_KEYS}, prune=prune.to_json(),
+                   samples=samples, seqlen=seqlen, device=str(device), dtype=str(dtype),
+                   seconds=dict(load=load_s, solves={}, refits={}, searches={}))
+
+    def solved(report: dict) -> None:
+        for key, field in (("solves", "seconds"), ("refits", "refit_seconds"), ("searches", "search_seconds")):
+            partial["seconds"][key][report["name"]] = report[field]
+        partial.setdefault("errors", {})[report["name"]] = report["error"]
+        if on_partial:
+            on_partial(partial)
+
+    if on_partial:
+        on_partial(partial)
     echo(f"statistics and {len(linears)} solves ...")
-    (reports, _), total_s = timed(lambda: prune_layer(step, prune, None, Parallel()), device)
+    (reports, _), total_s = timed(lambda: prune_layer(step, prune, None, Parallel(), solved), device)
     reconstruction_s = reports[0].get("reconstruction", {}).get("seconds", 0.0) if reports else 0.0
     permutation_s = sum(r.get("permutation", {}).get("seconds", 0.0) for r in reports)
     statistics_s = total_s - reconstruction_s - permutation_s - sum(r["seconds"] for r in reports)
@@ -84,6 +102,7 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      refits={r["name"]: r["refit_seconds"] for r in reports},
                      searches={r["name"]: r["search_seconds"] for r in reports},
                      reconstruction=reconstruction_s, permutation=permutation_s),
+        errors={r["name"]: r["error"] for r in reports},
         solve_costs=solve_costs(linears),
         bytes=dict(
             layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
@@ -187,13 +206,24 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
     layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
     config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
     prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels)
-    layer = measure_layer(config, prune, samples, seqlen, dev, dtype, echo=echo)
-    rows = plan(layer, layers, list(ranks))
     info = machine()
+
+    def write(layer: dict, rows: Optional[list] = None, stopped: Optional[str] = None) -> None:
+        if json_out:  # rewritten after every step: a run stopped by its time limit keeps what it measured
+            figures = dict(machine=info, model=name, layers=layers, complete=rows is not None, layer=layer, plan=rows)
+            atomic_write_text(Path(json_out), json.dumps(figures | ({"stopped": stopped} if stopped else {}),
+                                                         indent=2))
+
+    partial: dict = {}
+    try:
+        layer = measure_layer(config, prune, samples, seqlen, dev, dtype, echo=echo,
+                              on_partial=lambda figures: (partial.update(figures), write(partial)))
+    except BaseException as exc:  # a time limit's SIGTERM or Ctrl-C, or a failure: say so beside the figures
+        write(partial, stopped=f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    rows = plan(layer, layers, list(ranks))
     text = markdown(layer, rows, name, layers, info)
-    if json_out:
-        Path(json_out).write_text(json.dumps(dict(machine=info, model=name, layers=layers, layer=layer, plan=rows),
-                                             indent=2))
+    write(layer, rows)
     if md_out:
         Path(md_out).write_text(text)
     return text
@@ -219,6 +249,7 @@ def main(argv=None) -> None:
     args = vars(parser.parse_args(argv))
     args["ranks"] = tuple(int(r) for r in args["ranks"].split(","))
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each solve's time as it finishes
+    stop_on_sigterm()
     print(run_plan(**args, echo=lambda m: print(m, file=sys.stderr)))
 
 

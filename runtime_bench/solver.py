@@ -11,6 +11,8 @@ the paper's code calls it), kept as the reference the one-Cholesky route is meas
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -18,6 +20,7 @@ from runtime_bench import protocol
 from thanos import prune_weight
 from thanos.config import Pattern
 from thanos.hessian import reconstruction_error
+from thanos.outputs import atomic_write_text
 from thanos.solvers.thanos import thanos_prune
 
 SHAPES = ["576x576", "1536x576", "2048x2048", "4096x4096", "4096x11008"]
@@ -48,9 +51,18 @@ def _warm_up(device, methods, patterns):
 
 
 def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=print, per_block_max_columns=None,
-        repeat=1):
-    """Time every (shape, pattern, method, block size); each timing is the fastest of `repeat` runs."""
-    records = []
+        repeat=1, sink: Optional[list] = None, on_record=None):
+    """Time every (shape, pattern, method, block size); each timing is the fastest of `repeat` runs.
+
+    Records go into `sink` (and are returned); `on_record(records)` is called after each one.
+    """
+    records = [] if sink is None else sink
+
+    def add(rec: dict) -> None:
+        records.append(rec)
+        if on_record:
+            on_record(records)
+
     per_block_max_columns = per_block_max_columns or PER_BLOCK_MAX_COLUMNS[torch.device(device).type]
     _warm_up(device, methods, patterns)
     header = "| shape | method | pattern | block | seconds | rel. error |"
@@ -69,7 +81,7 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
                     rec = dict(shape=shape, method=method, pattern=pattern,
                                block_size=res.config.resolved_block_size if block else None,
                                seconds=res.seconds, error=res.error, repeat=repeat)
-                    records.append(rec)
+                    add(rec)
                     echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")
             if per_block and pattern != "unstructured" and cols <= per_block_max_columns:
                 for block in block_sizes:
@@ -77,8 +89,8 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
                                                                             block, trailing_inverse="per-block"), device)
                                         for _ in range(repeat)), key=lambda pair: pair[1])
                     err = reconstruction_error(W, out.weight, H)
-                    records.append(dict(shape=shape, method="thanos (per-block)", pattern=pattern, block_size=block,
-                                        seconds=seconds, error=err, repeat=repeat))
+                    add(dict(shape=shape, method="thanos (per-block)", pattern=pattern, block_size=block,
+                             seconds=seconds, error=err, repeat=repeat))
                     echo(f"| {shape} | thanos (per-block) | {pattern} | {block} | {seconds:.2f} | {err:.5f} |")
     return records
 
@@ -104,13 +116,24 @@ def main(argv=None) -> None:
         parser.error("--repeat must be at least 1")
     machine = dict(protocol.machine(), device=args.device)
     print(f"machine: {json.dumps(machine)}", flush=True)
-    records = run(args.shapes.split(","), args.methods.split(","), args.patterns.split(","),
-                  [int(b) for b in args.block_sizes.split(",")], args.device, per_block=not args.no_per_block,
-                  echo=lambda line: print(line, flush=True), per_block_max_columns=args.per_block_up_to,
-                  repeat=args.repeat)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(dict(machine=machine, results=records), f, indent=1)
+
+    def write(records: list, complete: bool = False, stopped: Optional[str] = None) -> None:
+        if args.json_out:  # after every record: a run stopped by its time limit keeps what it measured
+            figures = dict(machine=machine, complete=complete, results=records)
+            atomic_write_text(Path(args.json_out), json.dumps(figures | ({"stopped": stopped} if stopped else {}),
+                                                              indent=1))
+
+    protocol.stop_on_sigterm()
+    records: list = []
+    try:
+        run(args.shapes.split(","), args.methods.split(","), args.patterns.split(","),
+            [int(b) for b in args.block_sizes.split(",")], args.device, per_block=not args.no_per_block,
+            echo=lambda line: print(line, flush=True), per_block_max_columns=args.per_block_up_to,
+            repeat=args.repeat, sink=records, on_record=write)
+    except BaseException as exc:
+        write(records, stopped=f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    write(records, complete=True)
 
 
 if __name__ == "__main__":

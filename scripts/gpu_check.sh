@@ -1,23 +1,44 @@
 #!/usr/bin/env bash
-# The device run: GPU benchmarks and GPU tests in one go. Each step has its own time limit (420 s
-# in all, so run it with timeout_s 450, which leaves a 15-minute budget room for a partial rerun), so one slow step cannot starve the rest, and the most
-# wanted figures come first; a step stopped by its limit still leaves its partial report.
-# Never run yet: how long each step really takes on an H200 is for its log to say.
+# The device run: GPU benchmarks and GPU tests in one go, most wanted figures first.
+#
+# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=480), then give_back.
+# The steps' limits add up to 420 s, so a 15-minute device budget (start-up included) leaves room
+# for a partial rerun. Each limit is set from the step's expected work on an H200 (below); a step
+# stopped by its limit still leaves its figures: the benchmarks write after every measurement and
+# on SIGTERM (what `timeout` sends), and every backend call sits inside its skip-with-reason guard,
+# with reasons kept per shape.
+#
+# GPU_CHECK_DEVICE=cpu runs the same steps on tiny shapes (tests/test_gpu_check.py does, in CI), so
+# the script itself is tested everywhere except for what only CUDA does.
+#
 # Runs from the checkout with PYTHONPATH=. (no install). Random-weight models of real shapes,
 # pruned 2:4: kernel speed depends on shapes, dtype and pattern, not on the values, and the
 # default model's wheel is too large to travel.
 # Output (at most 8 files, as the device tool returns): $OUT/gpu_check.log, gemm.tar.gz,
-# model.tar.gz, plan_llama2-70b.{json,md}, solver_gpu.json.
-# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=450), then give_back.
+# model.tar.gz, plan_llama2-70b_default.{json,md}, plan_llama2-70b_fast.json, solver_gpu.json.
 # Afterwards, here: untar the two reports into docs/results/h200/ (gemm/, model/), copy the other
 # files beside them, list them in docs/results/README.md, and quote the figures in the README
 # (crossover M per shape, best speed-up, the 70B plan, one-Cholesky vs per-block on CUDA).
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny shapes, float32
+    GEMM=(--shapes smollm2-135m --dtypes float32 --tokens 1,16)
+    MODEL=(--grid 1x16 --backends torch-dense)
+    PLAN=(--config smollm2-135m --calib-samples 2 --seqlen 32)
+    SOLVER=(--shapes 64x128 --block-sizes 32)
+else
+    GEMM=(--shapes llama2-7b,llama2-70b --dtypes float16 --tokens 1,16,256,1024,4096,16384)
+    MODEL=(--grid 1x128,1x2048,8x2048
+           --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse,onnxruntime-tensorrt,genai)
+    PLAN=(--config llama2-70b)  # 128 x 2048 calibration tokens, the GPU default
+    SOLVER=(--shapes 4096x4096,4096x11008 --block-sizes 128,512)
+fi
 
 step() {  # step SECONDS NAME COMMAND...
     local limit=$1 name=$2; shift 2
@@ -25,31 +46,42 @@ step() {  # step SECONDS NAME COMMAND...
     timeout "$limit" "$@"; echo "=== $name: exit $? $(date +%T)"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+fi
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
-step 150 "GEMM level: LLaMA-2-7B and 70B shapes (and the default model's), fp16 and bf16, 2:4 and 2:4 + 5% dense rows" \
-    python cli.py bench random:smollm2-135m --levels gemm --shapes llama2-7b,llama2-70b --dtypes float16,bfloat16 \
-    --tokens 1,16,256,1024,4096,16384 --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
+# 7 shapes x 6 token counts x 3 kernels (dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on
+# Hopper), at most 0.5 s each with warm-up: ~65 s.
+step 100 "GEMM level: LLaMA-2-7B and 70B shapes, fp16, 2:4 and 2:4 + 5% dense rows" \
+    python cli.py bench random:smollm2-135m --levels gemm "${GEMM[@]}" --device "$DEVICE" \
+    --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 
-# The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or
-# onnxruntime-genai-cuda they are measured, else recorded as skipped with the reason.
-step 45 "Model level: default model's shapes" \
-    python cli.py bench random:smollm2-135m --levels model --grid 1x128,1x2048,8x2048 \
-    --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse,onnxruntime-tensorrt,genai --quiet \
-    --out "$WORK/model"
-tar -czf "$OUT/model.tar.gz" -C "$WORK" model
-
+# One 70B decoder layer: the statistics pass (~4e14 fp32 flop for down_proj's Hessian, seconds),
+# the 28672-wide float64 eigendecomposition of the mask search (the largest single cost, guessed
+# at 30-90 s), 10 search and 10 refit iterations of (r x c) @ (c x c) products (~3e14 flop). The
+# JSON is rewritten after every solve, so a stop at the limit keeps the linears done so far.
 # The default preset permutes channels with scipy's linear assignment; a machine without scipy
 # plans without them (the plan's report records which).
 PERMUTE=$(python -c "import scipy" 2>/dev/null && echo --permute-channels || echo --no-permute-channels)
-step 90 "Pruning plan: one LLaMA-2-70B layer, 128 x 2048 calibration tokens ($PERMUTE)" \
-    python -m runtime_bench.plan --config llama2-70b --device cuda --ranks 1,8 $PERMUTE \
-    --json-out "$OUT/plan_llama2-70b.json" --md-out "$OUT/plan_llama2-70b.md"
+step 160 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
+    python -m runtime_bench.plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset default $PERMUTE \
+    --json-out "$OUT/plan_llama2-70b_default.json" --md-out "$OUT/plan_llama2-70b_default.md"
 
-step 45 "Solver on CUDA: one-Cholesky vs per-block re-inversion" \
-    python -m runtime_bench.solver --device cuda --shapes 4096x4096,4096x11008 --patterns 2:4 \
-    --block-sizes 128,512 --json-out "$OUT/solver_gpu.json"
+step 40 "Pruning plan: one LLaMA-2-70B layer, fast preset (the block solve alone)" \
+    python -m runtime_bench.plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset fast \
+    --json-out "$OUT/plan_llama2-70b_fast.json"
 
-step 90 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests
+step 30 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion" \
+    python -m runtime_bench.solver --device "$DEVICE" "${SOLVER[@]}" --patterns 2:4 --methods thanos,sparsegpt \
+    --json-out "$OUT/solver_gpu.json"
+
+step 60 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests
+
+# The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or
+# onnxruntime-genai-cuda they are measured, else recorded as skipped with the reason.
+step 30 "Model level: default model's shapes" \
+    python cli.py bench random:smollm2-135m --levels model "${MODEL[@]}" --device "$DEVICE" --quiet \
+    --out "$WORK/model"
+tar -czf "$OUT/model.tar.gz" -C "$WORK" model

@@ -230,11 +230,13 @@ class LayerStep:
         return _forward(self.layer, x, self.args, self.kwargs, self.device, self.device)
 
 
-def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progress], parallel: Parallel):
+def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progress], parallel: Parallel,
+                on_report: Optional[Callable[[dict], None]] = None):
     """Statistics, solves and (if asked) decoder-block reconstruction for one layer.
 
     Returns its per-linear reports and, when the reconstruction aims at the dense model's
     activations, the dense model's outputs of this layer (the next layer's dense inputs).
+    `on_report(report)` gets each linear's report as soon as this rank has solved it.
     """
     reconstruct = config.reconstruct_epochs > 0 and bool(step.linears)
     shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
@@ -247,7 +249,7 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     if step.layout is not None:
         def permute(hessian_of):
             return permute_free_channels_(step.layer, step.prefix, step.layout, hessian_of, config.pattern)
-    reports = solve_layer(step.linears, shared, config, progress, parallel, permute)
+    reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report)
     if reconstruct:
         # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
         targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
@@ -283,7 +285,8 @@ def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwarg
 
 
 def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress,
-                parallel: Parallel, permute: Optional[Callable] = None) -> list[dict]:
+                parallel: Parallel, permute: Optional[Callable] = None,
+                on_report: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Reduce the statistics over ranks, solve this rank's linears, and share every pruned weight.
 
     `permute(hessian_of)`, if given, reorders free channels on every rank (the same way, from the
@@ -309,6 +312,8 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
                              damp_escalations=result.damp_escalations, rank=parallel.rank,
                              **({"permutation": permuted[name]} if name in permuted else {}))
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
+        if on_report:
+            on_report(reports[name])
     shared.stats.clear()  # free the Hessians before the broadcasts
     for name, mod in linears.items():
         parallel.broadcast_(mod.weight.data, owners[name])

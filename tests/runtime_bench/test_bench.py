@@ -127,3 +127,43 @@ def test_cpu_bench_defaults_to_float32_gemms(tmp_path):
 def test_bench_rejects_an_unknown_backend(tiny_llama_dir, tmp_path):
     with pytest.raises(InputError, match="unknown backend 'onnx'.*genai"):
         run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(tmp_path), backends=("onnx",), device="cpu"))
+
+
+def test_a_kernel_that_fails_at_one_shape_is_skipped_there_only(monkeypatch):
+    """Reasons are kept per shape: a conversion or a first product that fails at one shape voids nothing else."""
+    from runtime_bench import gemm
+
+    monkeypatch.setattr(gemm, "sparse_backends", lambda device: {"torch-2:4-cusparselt": None})
+
+    def fussy(weight, backend):
+        if weight.shape == (8, 16):
+            raise RuntimeError("conversion refused at this shape")
+        if weight.shape == (16, 32):
+            return lambda x: (_ for _ in ()).throw(RuntimeError("the first product failed"))
+        return lambda x: torch.nn.functional.linear(x, weight)
+
+    monkeypatch.setattr(gemm, "_sparse_linear", fussy)
+    records = gemm.run_gemm([(8, 16), (16, 32), (32, 64)], [1, 4], ["float32"], "cpu", budget_s=0.01)
+    sparse = {(tuple(r["shape"]), r.get("tokens"), r["status"]): r for r in records
+              if r["backend"] == "torch-2:4-cusparselt"}
+    assert "conversion refused" in sparse[((8, 16), None, "skipped")]["reason"]
+    assert "first product failed" in sparse[((16, 32), 1, "skipped")]["reason"]
+    assert ((32, 64), 1, "ok") in sparse and ((32, 64), 4, "ok") in sparse  # the later shape is still timed
+    dense = [r for r in records if r["backend"] == "torch-dense" and r["status"] == "ok"]
+    assert len(dense) == 6
+
+
+def test_a_backend_that_fails_at_the_model_level_is_recorded_and_the_rest_run(monkeypatch):
+    from runtime_bench import model as model_level
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("onnxruntime fell over")
+
+    monkeypatch.setattr(model_level, "_onnxruntime", broken)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=64)).eval()
+    records = model_level.run_model(tiny, [(1, 8)], "cpu", ["onnxruntime", "torch-dense"], decode_steps=2)
+    assert {r["backend"]: r["status"] for r in records} == {"onnxruntime": "skipped", "torch-dense": "ok"}
+    assert "onnxruntime fell over" in next(r["reason"] for r in records if r["backend"] == "onnxruntime")

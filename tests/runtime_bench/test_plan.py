@@ -58,3 +58,37 @@ def test_cli_writes_plan_files(tmp_path):
     assert data["layers"] == 30 and [r["ranks"] for r in data["plan"]] == [1, 4]
     assert data["machine"]["torch"] == torch.__version__
     assert "| 4 |" in out_md.read_text() and "self_attn.q_proj" in out_md.read_text()
+
+
+def test_a_plan_stopped_by_sigterm_keeps_the_solves_it_timed(tmp_path, monkeypatch):
+    """A time limit's SIGTERM after two solves: the JSON holds those two, marked incomplete, and says why."""
+    import os
+    import signal
+
+    from runtime_bench.protocol import stop_on_sigterm
+
+    real = plan.prune_layer
+
+    def terminated_after_two_solves(step, config, progress, parallel, on_report):
+        def report_then_maybe_stop(report):
+            on_report(report)
+            if len(seen := [*report_then_maybe_stop.seen, report["name"]]) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            report_then_maybe_stop.seen = seen
+
+        report_then_maybe_stop.seen = []
+        return real(step, config, progress, parallel, report_then_maybe_stop)
+
+    monkeypatch.setattr(plan, "prune_layer", terminated_after_two_solves)
+    previous = signal.getsignal(signal.SIGTERM)
+    stop_on_sigterm()
+    out = tmp_path / "plan.json"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            plan.run_plan("smollm2-135m", "cpu", (1,), 2, 32, json_out=str(out), echo=lambda _: None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and data["plan"] is None and "SIGTERM" in data["stopped"]
+    assert [n.rsplit(".", 1)[-1] for n in data["layer"]["seconds"]["solves"]] == ["q_proj", "k_proj"]
+    assert all(e > 0 for e in data["layer"]["errors"].values())

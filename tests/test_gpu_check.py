@@ -1,0 +1,35 @@
+"""scripts/gpu_check.sh, dry-run on the CPU: every step runs and leaves its files, so the day a GPU
+is lent the script cannot come back empty for a reason a CPU could have shown."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="the script needs bash and coreutils' timeout")
+def test_every_step_of_the_device_script_runs_on_the_cpu(tmp_path):
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", OUT=str(tmp_path), OMP_NUM_THREADS="2")
+    done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    log = (tmp_path / "gpu_check.log").read_text()
+    steps = re.findall(r"^=== (.+): exit (\d+)", log, flags=re.M)
+    assert len(steps) == 6, log
+    assert all(code == "0" for _, code in steps), log
+    assert done.returncode == 0, done.stderr
+    for name in ("gemm.tar.gz", "model.tar.gz"):
+        with tarfile.open(tmp_path / name) as archive:
+            assert any(member.name.endswith("report.json") for member in archive.getmembers()), name
+    for name in ("plan_llama2-70b_default.json", "plan_llama2-70b_fast.json"):
+        plan = json.loads((tmp_path / name).read_text())
+        assert plan["complete"] and len(plan["layer"]["seconds"]["solves"]) == 7, name
+    assert (tmp_path / "plan_llama2-70b_default.md").is_file()
+    solver = json.loads((tmp_path / "solver_gpu.json").read_text())
+    assert solver["complete"] and {r["method"] for r in solver["results"]} >= {"thanos", "sparsegpt"}
