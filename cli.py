@@ -15,7 +15,11 @@ from pathlib import Path
 
 import click
 
-from thanos.config import METHODS, PRESETS, PruneConfig
+from exporters.base import ExportFormat
+from runtime_bench.gemm import DEFAULT_TOKENS
+from runtime_bench.model import ALL_BACKENDS, RANDOM_CONFIGS
+from thanos.config import PRESETS, PruneConfig
+from thanos.recipe import METHODS
 from thanos.errors import ThanosExportError
 
 # Errors whose message names the fix: printed as one line. Anything else (a CUDA out-of-memory, a
@@ -122,14 +126,17 @@ def prune_options(f):
     options = [
         click.option("--model", type=click.Path(), default=None,
                      help="Hugging Face model directory or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
-        click.option("--method", type=click.Choice(METHODS), default="thanos", show_default=True),
-        click.option("--pattern", default="2:4", show_default=True,
-                     help="'n:m' (remove n of every m inputs: 2:4, 4:8), 'unstructured' or 'columns'."),
+        click.option("--method", type=click.Choice(METHODS), default=None, help="Solver (default: thanos)."),
+        click.option("--pattern", default=None,
+                     help="'n:m' (remove n of every m inputs: 2:4, 4:8), 'unstructured' or 'columns' (default: 2:4)."),
         click.option("--sparsity", type=float, default=None,
                      help="Fraction removed; n:m fixes it at n/m. Default 0.5 for unstructured/columns."),
-        click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
-                     help="Thanos quality/time setting: " + "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
-                          + ". Measured in docs/results/perplexity_2of4_cpu.md."),
+        click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+                     help="Thanos recipe (default: default): " + "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
+                          + ". Measured in docs/results/perplexity_cpu.md. The options below override its steps."),
+        click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+                     help="Repeat a run: a thanos_report.json (its recipe) or a recipe JSON file; the options "
+                          "below override its steps."),
         click.option("--block-size", type=int, default=None, help="Columns per block (default: the preset's)."),
         click.option("--refit-iterations", type=click.IntRange(min=0), default=None,
                      help="Conjugate-gradient iterations refitting the kept weights on the final mask "
@@ -144,13 +151,13 @@ def prune_options(f):
         click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
                      help="Passes of decoder-block reconstruction after each layer is pruned (default: the "
                           "preset's for thanos, 0 for the other methods)."),
-        click.option("--reconstruct-target", type=click.Choice(["layer", "dense"]), default="layer",
-                     show_default=True,
-                     help="What the reconstruction aims at: the dense layer's outputs on the pruned inputs, or "
-                          "the dense model's own activations (one more pass over the samples per layer)."),
-        click.option("--alpha", type=float, default=0.0, show_default=True,
-                     help="Fraction of outlier rows kept dense (Thanos). >0 breaks hardware 2:4."),
-        click.option("--damp", type=float, default=0.01, show_default=True, help="Hessian damping, x mean(diag H)."),
+        click.option("--reconstruct-target", type=click.Choice(["layer", "dense"]), default=None,
+                     help="What the reconstruction aims at: the dense layer's outputs on the pruned inputs "
+                          "(layer, the default), or the dense model's own activations (dense: one more pass over "
+                          "the samples per layer)."),
+        click.option("--alpha", type=float, default=None,
+                     help="Fraction of outlier rows kept dense (Thanos; default 0). >0 breaks hardware 2:4."),
+        click.option("--damp", type=float, default=None, help="Hessian damping, x mean(diag H) (default 0.01)."),
         click.option("--calib-file", type=click.Path(), default=None,
                      help=".txt or .jsonl ({'text': ...} per line). Default: Python's pydoc topics."),
         click.option("--calib-samples", type=click.IntRange(min=1), default=None,
@@ -177,16 +184,30 @@ def prune_options(f):
     return f
 
 
-def build_job(out, model, method, pattern, sparsity, preset, block_size, refit_iterations, mask_search_iterations,
-              permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen,
-              seed, device, include, exclude, no_eval, eval_windows, offload_activations, trust_remote_code, overwrite,
-              distributed=False):
+def build_config(recipe, **options) -> PruneConfig:
+    """The preset (or the recipe file) with the options given on the command line on top."""
+    given = {name: value for name, value in options.items() if value is not None}
+    if recipe is None:
+        return PruneConfig(**given)
+    if "preset" in given:
+        raise click.BadParameter("--preset and --recipe both name the steps; pass one of them", param_hint="--recipe")
+    try:
+        data = json.loads(Path(recipe).read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"{recipe} cannot be read as JSON ({exc})", param_hint="--recipe") from exc
+    return PruneConfig.from_recipe(data.get("recipe", data) if isinstance(data, dict) else data, **given)
+
+
+def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size, refit_iterations,
+              mask_search_iterations, permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file,
+              calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows, offload_activations,
+              trust_remote_code, overwrite, distributed=False):
     from thanos.pipeline import PruneJob
 
-    config = PruneConfig(method, pattern, sparsity, block_size, alpha, damp, refit_iterations=refit_iterations,
-                         mask_search_iterations=mask_search_iterations, permute_channels=permute_channels,
-                         reconstruct_epochs=reconstruct_epochs,
-                         reconstruct_target=reconstruct_target, preset=preset)
+    config = build_config(recipe, method=method, pattern=pattern, sparsity=sparsity, preset=preset,
+                          block_size=block_size, alpha=alpha, damp=damp, refit_iterations=refit_iterations,
+                          mask_search_iterations=mask_search_iterations, permute_channels=permute_channels,
+                          reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
                     seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
                     evaluate=not no_eval, eval_windows=_windows(eval_windows),
@@ -214,14 +235,10 @@ def echo_prune_summary(report: dict) -> None:
     click.echo(f"model      {report['model']}")
     click.echo(f"device     {report['device']}; calibration {cal['samples']} x {cal['seqlen']} tokens "
                f"from {cal['source']}")
-    cfg = report["config"]
-    preset = f"preset {cfg['preset']}, " if cfg["method"] == "thanos" else ""
-    steps = ", channels permuted" if cfg.get("permute_channels") else ""
-    steps += f", mask search {cfg['mask_search_iterations']}" if cfg.get("mask_search_iterations") else ""
-    steps += f", refit {cfg['refit_iterations']}" if cfg.get("refit_iterations") else ""
-    if cfg.get("reconstruct_epochs"):
-        steps += f", reconstruction {cfg['reconstruct_epochs']} x towards the {cfg['reconstruct_target']} target"
-    click.echo(f"method     {cfg['method']} {cfg['pattern']} ({preset}block {cfg['block_size']}{steps}, alpha {cfg['alpha']}), "
+    recipe = report["recipe"]
+    solve = next(step for step in recipe["steps"] if step["step"] == "solve")
+    preset = f"preset {recipe['preset']}: " if recipe.get("preset") else ""
+    click.echo(f"method     {solve['method']} {recipe['pattern']} ({preset}{_steps_in_words(recipe['steps'])}), "
                f"overall sparsity {report['sparsity']:.3f}, {report['prune_seconds']:.0f}s")
     _echo_layer_table(report["layers"])
     errors = [r["error"] for r in report["layers"] if r["error"] is not None]
@@ -234,6 +251,15 @@ def echo_prune_summary(report: dict) -> None:
     if "perplexity_before" in report:
         b, a = report["perplexity_before"], report["perplexity_after"]
         click.echo(f"perplexity {b['value']:.2f} -> {a['value']:.2f} (held-out, {a['windows']} windows of {a['seqlen']})")
+
+
+def _steps_in_words(steps: list[dict]) -> str:
+    words = {"permute": lambda s: "channels permuted",
+             "solve": lambda s: f"block {s['block_size']}" + (f", alpha {s['alpha']}" if s["alpha"] else ""),
+             "mask_search": lambda s: f"mask search {s['iterations']}",
+             "refit": lambda s: f"refit {s['iterations']}",
+             "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target"}
+    return ", ".join(words[s["step"]](s) for s in steps)
 
 
 def _echo_layer_table(layers: list[dict]) -> None:
@@ -319,7 +345,7 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json, trust_remote_cod
                    f"({result['windows']} windows of {result['seqlen']}, {result['device']})")
 
 
-TARGETS = ("torch", "onnx", "genai", "tensorrt", "safetensors")
+TARGETS = tuple(fmt.value for fmt in ExportFormat)
 
 
 def export_options(f):
@@ -372,8 +398,8 @@ def build_export_options(dtype, allow_dense, no_validate, split_dense_rows, opse
 
 
 def echo_export_summary(summary: dict) -> None:
-    nested = summary["onnx"] if isinstance(summary.get("onnx"), dict) else {}
-    written = summary.get("engine") or (summary["onnx"] if isinstance(summary.get("onnx"), str) else None)
+    nested = summary.get("onnx_export", {})  # TensorRT: the ONNX export its engine was built from
+    written = summary.get("engine") or summary.get("onnx")
     click.echo(f"exported   {summary['format']}" + (f" -> {written}" if written else ""))
     dtypes = summary.get("dtype") or {}
     if dtypes.get("source") and dtypes.get("export") and dtypes["source"] != dtypes["export"]:
@@ -570,10 +596,9 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 @main.command("bench")
 @click.argument("target")
 @click.option("--out", required=True, type=click.Path(), help="Directory for report.json, report.md and plots.")
-@click.option("--backends", default=",".join(["torch-dense", "torch-2:4", "onnxruntime", "onnxruntime-tensorrt", "genai",
-                                               "tensorrt-dense", "tensorrt-sparse"]), show_default=True,
+@click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
               help="What a backend lacks here (a GPU, a package) is recorded as skipped, with the reason.")
-@click.option("--tokens", default="1,16,64,256,1024,4096,16384", show_default=True, help="GEMM token counts M.")
+@click.option("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), show_default=True, help="GEMM token counts M.")
 @click.option("--shapes", default="", help="Extra named GEMM shape sets: llama2-7b, llama2-70b, smollm2-135m.")
 @click.option("--dtypes", default="", help="GEMM dtypes, comma-separated (default: float16,bfloat16 on a GPU, "
                                           "float32 on the CPU, where half-precision matmuls are no serving path).")
@@ -622,7 +647,7 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
 
 
 @main.command("plan")
-@click.option("--config", "name", type=click.Choice(["smollm2-135m", "llama2-7b", "llama2-70b"]), default="llama2-70b",
+@click.option("--config", "name", type=click.Choice(list(RANDOM_CONFIGS)), default="llama2-70b",
               show_default=True, help="Real model shapes to plan for.")
 @click.option("--device", default=None, help="cuda or cpu (default: cuda where a GPU is visible).")
 @click.option("--ranks", default="1,8", show_default=True, help="Rank counts to plan for, comma-separated.")
@@ -631,8 +656,8 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
 @click.option("--seqlen", type=click.IntRange(min=1), default=None, help="Tokens per window (default 2048 on GPU, 512 on CPU).")
 @click.option("--pattern", default="2:4", show_default=True)
 @click.option("--method", type=click.Choice(METHODS), default="thanos", show_default=True)
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
-              help="Thanos preset to time (its mask search, refit and reconstruction included).")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+              help="Thanos preset to time (its mask search, refit and reconstruction included; default: default).")
 @click.option("--permute-channels/--no-permute-channels", default=None,
               help="Time the channel permutations or not (default: the preset's; they need scipy).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
 from exporters.onnx_export import export_onnx
-from exporters.patterns import require_hardware_2to4
+from exporters.patterns import NotHardwareSparseError, require_hardware_2to4
 from exporters.source import load_pruned, model_patterns
 
 log = logging.getLogger(__name__)
@@ -109,14 +109,16 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
 def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
     onnx_options = ExportOptions(**{**options.to_json(), "dtype": "float16"
                                     if options.dtype == "bfloat16" else options.dtype})
-    loaded = load_pruned(model_dir, onnx_options.dtype, options.split_dense_rows, options.trust_remote_code)  # once, for both steps
+    # loaded once, for both steps
+    loaded = load_pruned(model_dir, onnx_options.dtype, options.split_dense_rows, options.trust_remote_code)
     sparse = True
     try:
         require_hardware_2to4(model_patterns(loaded[0]), loaded[2], "TensorRT", options.split_dense_rows)
-    except ValueError:
+    except NotHardwareSparseError:
         if not options.allow_dense:
             raise
         sparse = False
     require_tensorrt()  # before the ONNX export, which takes minutes on a big model
     onnx_summary = export_onnx(model_dir, out, onnx_options, loaded)
-    return dict(onnx=onnx_summary, **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))
+    return dict(onnx=onnx_summary["onnx"], onnx_export=onnx_summary,
+                **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))

@@ -10,6 +10,7 @@ from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm, sparse_back
 from runtime_bench.model import ALL_BACKENDS, random_model, run_model
 from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
+from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.models import is_prunable, weight_view
 
@@ -30,7 +31,7 @@ class BenchSettings:
 
 
 def run_bench(settings: BenchSettings, progress=None) -> dict:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else settings.device
+    device = str(resolve_device(settings.device))
     known = ALL_BACKENDS + list(sparse_backends("cpu"))  # model-level names, then the GEMM kernels' own
     unknown = [b for b in settings.backends if b not in known]
     if unknown:

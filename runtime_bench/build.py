@@ -19,6 +19,7 @@ import torch
 from exporters import ExportOptions, check_backend, check_options_apply, export, relocated
 from exporters.patterns import require_hardware_2to4
 from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME
+from thanos.devices import resolve_device
 from thanos.driver import Progress
 from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_writable, commit_staging,
                             discard_staging, output_lock)
@@ -119,7 +120,7 @@ def _build(job: BuildJob, target: str, options, staging: Path, progress, on_prun
     if job.bench:
         from runtime_bench.bench import BenchSettings, run_bench
 
-        gpu = torch.cuda.is_available() and job.prune.device != "cpu"
+        gpu = resolve_device(job.prune.device).type == "cuda"
         quick = BenchSettings(target=str(staging / "pruned"), out=str(staging / "bench"), tokens=(1, 256, 2048),
                               grid=((1, 128),), dtypes=(options.dtype or "float16",) if gpu else ("float32",),
                               device=job.prune.device, decode_steps=8)

@@ -16,7 +16,7 @@ import torch
 from exporters.genai import GenaiModel, is_genai_folder
 from thanos.errors import InputError
 from thanos.models import describe_source, load_model
-from thanos.pipeline import resolve_device
+from thanos.devices import resolve_device
 
 DEFAULT_SOURCE = "default"  # names the embedded default model where a path is expected
 

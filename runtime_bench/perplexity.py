@@ -30,7 +30,8 @@ from thanos.config import PRESETS, Pattern
 from thanos.driver import prune_model_
 from thanos.evaluate import perplexity
 from thanos.models import describe_source, load_model
-from thanos.pipeline import device_description, resolve_device, versions
+from thanos.devices import device_description, resolve_device
+from thanos.pipeline import versions
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from thanos.models import LayerSelection, adapter_for, decoder_layers, prunable_
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
 from thanos.permute import ChannelLayout
-from thanos.pipeline import CPU_DEFAULTS, GPU_DEFAULTS
+from thanos.recipe import Permute, Reconstruct
+from thanos.devices import defaults_for, resolve_device
 
 PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
 PLANNED_CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
@@ -66,8 +67,9 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     echo(f"layer on {device} in {load_s:.2f}s; statistics pass over {samples} x {seqlen} tokens ...")
     # The driver's own layer step, timed whole: what is neither a permutation, a solve nor the
     # reconstruction is the statistics pass (the reductions are no-ops in one process).
-    dense = list(inputs) if prune.reconstruct_epochs and prune.reconstruct_target == "dense" else None
-    layout = ChannelLayout.of(model) if prune.permute_channels else None
+    reconstruct = prune.recipe.get(Reconstruct)
+    dense = list(inputs) if reconstruct and reconstruct.target == "dense" else None
+    layout = ChannelLayout.of(model) if prune.recipe.get(Permute) else None
     step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device,
                      prefix=f"{adapter_for(model).layers}.0.", layout=layout)
     # one sample is enough to learn how many distinct inputs (and so Hessians) the layer has
@@ -196,12 +198,12 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
 
 def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
              calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
-             method: str = "thanos", preset: str = "default", json_out: Optional[str] = None,
+             method: str = "thanos", preset: Optional[str] = None, json_out: Optional[str] = None,
              md_out: Optional[str] = None, echo=print, permute_channels: Optional[bool] = None) -> str:
     """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
-    samples, seqlen = calib_samples or defaults["samples"], seqlen or defaults["seqlen"]
+    dev = resolve_device(device)
+    defaults = defaults_for(dev)
+    samples, seqlen = calib_samples or defaults.samples, seqlen or defaults.seqlen
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
     config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
@@ -241,7 +243,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seqlen", type=int, default=None)
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--method", default="thanos")
-    parser.add_argument("--preset", choices=list(PRESETS), default="default")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None, help="Thanos preset (default: default)")
     parser.add_argument("--permute-channels", action=argparse.BooleanOptionalAction, default=None,
                         help="time the channel permutations or not (default: the preset's)")
     parser.add_argument("--json-out", default=None)

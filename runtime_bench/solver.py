@@ -19,6 +19,7 @@ import torch
 from runtime_bench import protocol
 from thanos import prune_weight
 from thanos.config import Pattern
+from thanos.devices import resolve_device
 from thanos.hessian import reconstruction_error
 from thanos.outputs import atomic_write_text
 from thanos.solvers.thanos import thanos_prune
@@ -40,12 +41,18 @@ def layer_problem(rows: int, cols: int, device: str, seed: int = 0):
     return W.to(device), H
 
 
+def _fast(method: str):
+    """The block solve alone: Thanos' `fast` preset; the other methods have no presets."""
+    return "fast" if method == "thanos" else None
+
+
 def _warm_up(device, methods, patterns):
     """One small solve per method and pattern first, so that no timing includes the kernels' first load."""
     W, H = layer_problem(64, 64, device)
     for pattern in patterns:
         for method in methods:
-            prune_weight(W, H, method, pattern, 0.5 if pattern == "unstructured" else None, block_size=None, preset="fast")
+            prune_weight(W, H, method, pattern, 0.5 if pattern == "unstructured" else None, block_size=None,
+                         preset=_fast(method))
         if pattern != "unstructured":
             thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, 32, trailing_inverse="per-block")
 
@@ -76,7 +83,8 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
             for method in methods:
                 sizes = block_sizes if method in ("thanos", "sparsegpt") and pattern != "columns" else [None]
                 for block in sizes:
-                    res = min((prune_weight(W, H, method, pattern, sparsity, block_size=block, preset="fast") for _ in range(repeat)),
+                    res = min((prune_weight(W, H, method, pattern, sparsity, block_size=block, preset=_fast(method))
+                               for _ in range(repeat)),
                               key=lambda r: r.seconds)
                     rec = dict(shape=shape, method=method, pattern=pattern,
                                block_size=res.config.resolved_block_size if block else None,
@@ -104,7 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default="thanos,sparsegpt,wanda,magnitude")
     parser.add_argument("--patterns", default="2:4,4:8,unstructured")
     parser.add_argument("--block-sizes", default="64,128,512")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu or cuda")
     parser.add_argument("--no-per-block", action="store_true", help="skip the slow per-block re-inversion reference")
     parser.add_argument("--per-block-up-to", type=int, default=None,
                         help="widest layer (columns) to run the reference on (default 4096 on a CPU, 16384 on a GPU)")
@@ -114,6 +122,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    args.device = str(resolve_device(args.device))
     machine = dict(protocol.machine(), device=args.device)
     print(f"machine: {json.dumps(machine)}", flush=True)
 

@@ -1,6 +1,8 @@
 import json
 import shutil
 
+import torch
+
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
@@ -231,3 +233,30 @@ def test_every_command_that_loads_a_model_takes_trust_remote_code(tiny_llama_dir
         assert allowed.exit_code == 0, (name, allowed.output)
     assert marker.exists()
     assert (tmp_path / "b" / "build_summary.json").is_file() and (tmp_path / "e" / "export_summary.json").is_file()
+
+
+def test_a_report_repeats_its_run_with_recipe(tiny_llama_dir, tmp_path):
+    runner = CliRunner()
+    first = tmp_path / "first"
+    args = ["prune", "--model", str(tiny_llama_dir), "--no-eval", *SMALL]
+    done = runner.invoke(main, [*args, "--preset", "best", "--refit-iterations", "3", "--reconstruct-target", "dense",
+                                "--out", str(first)])
+    assert done.exit_code == 0, done.output
+    assert "preset best: channels permuted, block 32, mask search 30, refit 3, reconstruction 2 x towards the " \
+           "dense target" in done.output
+    again = runner.invoke(main, [*args, "--recipe", str(first / "thanos_report.json"), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    reports = [json.loads((tmp_path / name / "thanos_report.json").read_text()) for name in ("first", "again")]
+    assert reports[0]["recipe"] == reports[1]["recipe"] and reports[0]["config"] == reports[1]["config"]
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / name).state_dict() for name in ("first", "again"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # one process, one thread count
+    changed = runner.invoke(main, [*args, "--recipe", str(first / "thanos_report.json"), "--refit-iterations", "4",
+                                   "--out", str(tmp_path / "changed")])
+    assert changed.exit_code == 0 and "refit 4" in changed.output
+    both = runner.invoke(main, [*args, "--recipe", str(first / "thanos_report.json"), "--preset", "fast",
+                                "--out", str(tmp_path / "both")])
+    assert both.exit_code == 2 and "--preset and --recipe" in both.output
+    for refused, message in ((["--method", "wanda", "--preset", "best"], "presets are Thanos recipes"),
+                             (["--reconstruct-target", "dense"], "applies to the reconstruction")):
+        result = runner.invoke(main, [*args, *refused, "--out", str(tmp_path / "refused")])
+        assert result.exit_code == 1 and message in result.output, result.output

@@ -10,13 +10,11 @@ import torch
 from thanos.config import ConfigError, Pattern, PruneConfig
 from thanos.errors import ThanosExportError
 from thanos.hessian import reconstruction_error
-from thanos.mask_search import SearchResult, admm_mask_search
-from thanos.refit import damped_hessian, refit_on_support
+from thanos.mask_search import SearchResult
+from thanos.recipe import MaskSearch, Refit
+from thanos.refit import damped_hessian
 from thanos.solvers import SolverOutput
-from thanos.solvers.magnitude import magnitude_prune
-from thanos.solvers.sparsegpt import sparsegpt_prune
-from thanos.solvers.thanos import DEFAULT_SOLVE_MEMORY, thanos_prune
-from thanos.solvers.wanda import wanda_prune
+from thanos.solvers.thanos import DEFAULT_SOLVE_MEMORY
 
 
 class PruningError(ThanosExportError, RuntimeError):
@@ -50,7 +48,7 @@ def prune_weight(
     *,
     refit_iterations: Optional[int] = None,
     mask_search_iterations: Optional[int] = None,
-    preset: str = "default",
+    preset: Optional[str] = None,
     name: str = "layer",
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
     progress: Optional[Callable[[int, int], None]] = None,
@@ -71,20 +69,22 @@ def prune_weight(
         config = PruneConfig(method, Pattern.parse(pattern), sparsity, block_size, alpha, damp, refit_iterations,
                              mask_search_iterations, preset=preset)
     _check_inputs(weight, hessian, config, name)
+    recipe = config.recipe
+    solve, search, refit = recipe.solve, recipe.get(MaskSearch), recipe.get(Refit)
     start = _synchronized_clock(weight)
     W = weight.detach().to(torch.float32).clone()  # (r, c) fp32 working copy
     H = None if hessian is None else hessian.detach().to(device=W.device, dtype=torch.float32)
     full_h = H is not None and H.dim() == 2
-    after = full_h and (config.refit_iterations or config.mask_search_iterations)
+    after = full_h and (refit or search)
     target = W.clone() if after else W  # the solvers modify W in place
-    out = _solve(W, H, config, name, solve_memory, progress)
-    damp = max(out.damp_used, config.damp)
+    out = solve.run(W, H, recipe.pattern, recipe.sparsity, name, solve_memory, progress)
+    damp = max(out.damp_used, solve.damp)
     search_start = _synchronized_clock(weight)
     found = None
-    if config.mask_search_iterations and full_h:
-        found = admm_mask_search(out.weight, out.mask, target, H, damp, config.pattern, config.mask_search_iterations)
+    if search and full_h:
+        found = search.run(out.weight, out.mask, target, H, damp, recipe.pattern)
     refit_start = _synchronized_clock(weight)
-    changed = _refit_(out, found, target, H, damp, config.refit_iterations) if full_h else 0.0
+    changed = _refit_(out, found, target, H, damp, refit) if full_h else 0.0
     refit_seconds = _synchronized_clock(weight) - refit_start
     if not torch.isfinite(out.weight).all():
         raise PruningError(
@@ -111,14 +111,14 @@ def prune_weight(
 
 
 def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tensor, H: torch.Tensor, damp: float,
-           iterations: int) -> float:
+           step: Optional[Refit]) -> float:
     """Refit `out` on its support and, after a mask search, `found` on its own; keep the better.
 
     Comparing after the refit keeps the promise that the search never ends worse than the
     solver's mask would have. Returns the share of mask entries the search moved (0 if it lost).
     """
     def refit(weight, mask):
-        return refit_on_support(weight, mask, target, H, damp, iterations) if iterations else weight
+        return step.run(weight, mask, target, H, damp) if step else weight
 
     out.weight = refit(out.weight, out.mask)
     if found is None:
@@ -141,20 +141,6 @@ def _synchronized_clock(weight: torch.Tensor) -> float:
     if weight.device.type == "cuda":
         torch.cuda.synchronize(weight.device)
     return time.perf_counter()
-
-
-def _solve(W, H, config: PruneConfig, name: str, solve_memory: int, progress) -> SolverOutput:
-    """Run the configured solver on `W` (fp32, modified in place)."""
-    pattern = config.pattern
-    if config.method == "thanos":
-        return thanos_prune(W, H, pattern, config.sparsity, config.resolved_block_size, config.alpha, config.damp,
-                            layer=name, solve_memory=solve_memory, progress=progress)
-    if config.method == "sparsegpt":
-        return sparsegpt_prune(W, H, pattern, config.sparsity, config.resolved_block_size, config.damp, layer=name,
-                               progress=progress)
-    if config.method == "wanda":
-        return wanda_prune(W, H if H.dim() == 1 else torch.diag(H), pattern, config.sparsity)
-    return magnitude_prune(W, pattern, config.sparsity)
 
 
 def _check_inputs(weight, hessian, config: PruneConfig, name: str) -> None:

@@ -1,19 +1,17 @@
-"""Typed, self-validating pruning settings: the pattern and everything a solver needs to know.
+"""Typed, self-validating pruning settings: a preset plus per-step overrides, built into a recipe.
 
 `"2:4"` is parsed once into a `Pattern`; impossible combinations fail here, at construction,
-with a message that names the fix, so solvers can trust what they are given.
+with a message that names the fix, so solvers can trust what they are given. What runs is the
+`recipe` (`thanos.recipe`): the pattern and the configured steps, recorded in every report.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-from typing import Literal, Optional
+import functools
+from typing import Optional
 
-from thanos.errors import ThanosExportError
-
-METHODS = ("thanos", "sparsegpt", "wanda", "magnitude")
-Method = Literal["thanos", "sparsegpt", "wanda", "magnitude"]
+from thanos.pattern import ConfigError, Pattern
+from thanos.recipe import METHODS, MaskSearch, Permute, Recipe, Reconstruct, Refit, Solve
 
 # Default block sizes (columns per block) of the methods without presets. The paper uses 128 for
 # unstructured and 512 for n:m; SparseGPT's reference code uses 128.
@@ -23,15 +21,24 @@ SPARSEGPT_BLOCK_SIZE = 128
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A named Thanos setting, chosen on whole-model perplexity and pruning time (docs/results/)."""
+    """A named Thanos recipe, chosen on whole-model perplexity and pruning time (docs/results/)."""
 
     block_size: dict  # pattern kind -> columns per block (None: the whole row)
     refit_iterations: int
     reconstruct_epochs: int
     summary: str
     reconstruct_lr: float = 1e-3  # Adam's step; also the default when reconstruction is asked for by hand
-    mask_search_iterations: int = 0  # ADMM iterations over mask and weights before the refit (thanos.mask_search)
-    permute_channels: bool = False  # reorder free channels before n:m pruning (thanos.permute)
+    mask_search_iterations: int = 0  # ADMM iterations over mask and weights (none for 'columns': it moves weights)
+    permute_channels: bool = False  # reorder free channels (n:m only: other patterns have no groups)
+
+    def value(self, option: str, pattern: Pattern):
+        """The preset's value of a step option for `pattern`: no permutations without n:m groups, and no
+        mask search for 'columns' (it moves single weights)."""
+        if option == "permute_channels":
+            return self.permute_channels and pattern.is_nm
+        if option == "mask_search_iterations" and pattern.kind == "columns":
+            return 0
+        return getattr(self, option)
 
 
 PRESETS = {
@@ -44,70 +51,24 @@ PRESETS = {
                    "as default with a longer mask search and refit, then each decoder layer tuned towards the dense "
                    "layer's outputs", mask_search_iterations=30, permute_channels=True),
 }
-
-
-class ConfigError(ThanosExportError, ValueError):
-    """A pruning setting that cannot work; the message says what to pass instead."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Pattern:
-    """Where zeros may go. `kind` is 'unstructured', 'nm' or 'columns'.
-
-    For n:m, `n` weights are removed from every group of `m` consecutive input columns of a row
-    (docs/ALGORITHM.md section 4), leaving at most m - n non-zeros: "2:4" is NVIDIA's sparse tensor
-    core layout.
-    """
-
-    kind: Literal["unstructured", "nm", "columns"]
-    n: int = 0
-    m: int = 0
-
-    def __post_init__(self):
-        if self.kind not in ("unstructured", "nm", "columns"):
-            raise ConfigError(f"unknown pattern kind {self.kind!r}; use 'unstructured', 'n:m' or 'columns'")
-        if self.kind == "nm":
-            if not (0 < self.n < self.m):
-                swapped = (f" (did you mean '{self.m}:{self.n}'?)" if 0 < self.m < self.n
-                           else "; for example '2:4' or '4:8'")
-                raise ConfigError(f"pattern '{self.n}:{self.m}' is impossible: n:m removes n of every m weights, "
-                                  f"so 0 < n < m is required{swapped}")
-
-    @classmethod
-    def parse(cls, text: "str | Pattern") -> "Pattern":
-        if isinstance(text, Pattern):
-            return text
-        value = str(text).strip().lower()
-        if value in ("unstructured", "columns"):
-            return cls(value)
-        match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", value)
-        if not match:
-            raise ConfigError(
-                f"cannot read pattern {text!r}; use 'unstructured', 'columns' or 'n:m' such as '2:4' or '4:8'"
-            )
-        return cls("nm", int(match.group(1)), int(match.group(2)))
-
-    @property
-    def is_nm(self) -> bool:
-        return self.kind == "nm"
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else self.kind
+DEFAULT_PRESET = "default"
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-    """Everything that decides how one weight matrix is pruned. Validates itself.
+    """Everything that decides how a model's weights are pruned: a preset plus per-step overrides.
 
-    `sparsity=None` means 0.5 for unstructured and columns, and n/m for an n:m pattern (which
-    fixes the sparsity). For Thanos, `preset` (a name in `PRESETS`) fills the block size and the
-    refit iterations that are left as None; `block_size=None` picks `DEFAULT_BLOCK_SIZE` for the
-    other methods. `mask_search_iterations` moves mask and weights together from the solver's
-    result (`thanos.mask_search`); `refit_iterations` re-solves the kept weights for the final mask
-    (`thanos.refit`); `reconstruct_epochs` tunes each pruned decoder layer's kept weights towards
-    `reconstruct_target` in a whole-model run (`thanos.reconstruct`); `permute_channels` reorders
-    the channels a model family leaves free before an n:m pattern groups them, in a whole-model
-    run (`thanos.permute`).
+    Validates itself, and builds the `recipe` that runs (`thanos.recipe`): the pattern and the
+    configured steps. `sparsity=None` means 0.5 for unstructured and columns, and n/m for an n:m
+    pattern (which fixes it). For Thanos, `preset` (a name in `PRESETS`, `"default"` if None)
+    fills every step option left as None; the other methods have no presets, and their optional
+    steps are off unless asked for. `block_size=None` picks `DEFAULT_BLOCK_SIZE` for them.
+    `mask_search_iterations` moves mask and weights together from the solver's result;
+    `refit_iterations` re-solves the kept weights for the final mask; `reconstruct_epochs` tunes
+    each pruned decoder layer towards `reconstruct_target` ("layer" if None); `permute_channels`
+    reorders the channels a model family leaves free before an n:m pattern groups them. An option
+    that the recipe would not use (a preset for another method, a reconstruction target without
+    reconstruction) is refused, never ignored.
     """
 
     method: str = "thanos"
@@ -116,41 +77,45 @@ class PruneConfig:
     block_size: Optional[int] = None
     alpha: float = 0.0
     damp: float = 0.01
-    refit_iterations: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
-    mask_search_iterations: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
-    reconstruct_epochs: Optional[int] = None  # None: the preset's (Thanos), 0 for the other methods
-    reconstruct_lr: Optional[float] = None  # None: the preset's
-    reconstruct_target: str = "layer"  # "layer": the dense layer's outputs; "dense": the dense model's
-    preset: str = "default"
-    permute_channels: Optional[bool] = None  # None: the preset's for n:m (Thanos), off otherwise
+    refit_iterations: Optional[int] = None
+    mask_search_iterations: Optional[int] = None
+    reconstruct_epochs: Optional[int] = None
+    reconstruct_lr: Optional[float] = None
+    reconstruct_target: Optional[str] = None
+    preset: Optional[str] = None
+    permute_channels: Optional[bool] = None
+    recipe: Recipe = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "pattern", Pattern.parse(self.pattern))
+        set_ = functools.partial(object.__setattr__, self)
+        set_("pattern", Pattern.parse(self.pattern))
+        pattern = self.pattern
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.preset not in PRESETS:
+        if self.preset is not None and self.method != "thanos":
+            raise ConfigError(f"presets are Thanos recipes; method {self.method!r} has none: drop the preset, or "
+                              "set the steps you want (refit, mask search, ...) one by one")
+        if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        preset = PRESETS[self.preset]
-        if self.mask_search_iterations and self.pattern.kind == "columns":
-            raise ConfigError("mask search moves single weights, which would break the 'columns' pattern; "
-                              "use mask_search_iterations=0 with it")
-        if self.pattern.kind == "columns":
-            object.__setattr__(self, "mask_search_iterations", 0)  # the presets' search is for weight patterns
-        if self.permute_channels and not self.pattern.is_nm:
-            raise ConfigError(f"channel permutations only change which channels share an n:m group; pattern "
-                              f"{self.pattern} has no groups, so leave permute_channels off with it")
-        if self.permute_channels is None:
-            object.__setattr__(self, "permute_channels",
-                               preset.permute_channels and self.method == "thanos" and self.pattern.is_nm)
-        for field in ("refit_iterations", "mask_search_iterations", "reconstruct_epochs"):
+        if self.method == "thanos":
+            set_("preset", self.preset or DEFAULT_PRESET)
+        preset = PRESETS.get(self.preset)
+        for field, off in (("permute_channels", False), ("refit_iterations", 0), ("mask_search_iterations", 0),
+                           ("reconstruct_epochs", 0)):
             if getattr(self, field) is None:
-                object.__setattr__(self, field, getattr(preset, field) if self.method == "thanos" else 0)
+                set_(field, preset.value(field, pattern) if preset else off)
+        for field in ("refit_iterations", "mask_search_iterations", "reconstruct_epochs"):
+            if getattr(self, field) < 0:
+                raise ConfigError(f"{field} must be 0 (the step left out) or positive, got {getattr(self, field)}")
+        if not self.reconstruct_epochs:
+            for field in ("reconstruct_target", "reconstruct_lr"):
+                if getattr(self, field) is not None:
+                    raise ConfigError(f"{field} applies to the reconstruction, which this recipe leaves out; pass "
+                                      "reconstruct_epochs too (or preset 'best'), or drop it")
         if self.reconstruct_lr is None:
-            object.__setattr__(self, "reconstruct_lr", preset.reconstruct_lr)
-        if self.reconstruct_target not in ("layer", "dense"):
-            raise ConfigError(f"reconstruct_target must be 'layer' (the dense layer's outputs) or 'dense' (the dense "
-                              f"model's activations), got {self.reconstruct_target!r}")
-        pattern = self.pattern
+            set_("reconstruct_lr", (preset or PRESETS[DEFAULT_PRESET]).reconstruct_lr)
+        if self.reconstruct_target is None:
+            set_("reconstruct_target", "layer")
         if pattern.is_nm:
             implied = pattern.n / pattern.m
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
@@ -159,34 +124,20 @@ class PruneConfig:
                     f"was asked for; omit sparsity or pass {implied:g}, or use pattern 'unstructured' "
                     f"for sparsity {self.sparsity:g}"
                 )
-            object.__setattr__(self, "sparsity", implied)
+            set_("sparsity", implied)
         elif self.sparsity is None:
-            object.__setattr__(self, "sparsity", 0.5)
+            set_("sparsity", 0.5)
         if not (0.0 <= self.sparsity < 1.0):
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if not (0.0 <= self.alpha < 1.0):
-            raise ConfigError(f"alpha (fraction of dense outlier rows) must be in [0, 1), got {self.alpha}")
-        if self.alpha > 0 and self.method != "thanos":
-            raise ConfigError(f"alpha (dense outlier rows) is a Thanos option; use alpha=0 with method {self.method!r}")
-        if not (math.isfinite(self.damp) and self.damp > 0):
-            raise ConfigError(f"damp must be a positive finite number (0.01 is the usual value), got {self.damp}")
-        if self.reconstruct_epochs < 0 or not (math.isfinite(self.reconstruct_lr) and self.reconstruct_lr > 0):
-            raise ConfigError(f"reconstruct_epochs must be >= 0 and reconstruct_lr > 0, got {self.reconstruct_epochs} "
-                              f"and {self.reconstruct_lr}")
-        if self.refit_iterations < 0:
-            raise ConfigError(f"refit_iterations must be 0 (no refit) or positive, got {self.refit_iterations}")
-        if self.mask_search_iterations < 0:
-            raise ConfigError(f"mask_search_iterations must be 0 (no search) or positive, got "
-                              f"{self.mask_search_iterations}")
-        if self.block_size is not None:
-            if self.block_size <= 0:
-                raise ConfigError(f"block_size must be positive, got {self.block_size}")
-            if pattern.is_nm and self.block_size % pattern.m:
-                lower = max(pattern.m, self.block_size // pattern.m * pattern.m)
-                raise ConfigError(
-                    f"block_size {self.block_size} is not a multiple of m={pattern.m} (pattern {pattern}); "
-                    f"use {lower} or {lower + pattern.m}"
-                )
+        steps = [Permute()] if self.permute_channels else []
+        steps.append(Solve(self.method, self.resolved_block_size, self.alpha, self.damp))
+        if self.mask_search_iterations:
+            steps.append(MaskSearch(self.mask_search_iterations))
+        if self.refit_iterations:
+            steps.append(Refit(self.refit_iterations))
+        if self.reconstruct_epochs:
+            steps.append(Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target))
+        set_("recipe", Recipe(pattern, self.sparsity, tuple(steps), self.preset))  # each step checks itself
 
     @property
     def resolved_block_size(self) -> Optional[int]:
@@ -199,7 +150,26 @@ class PruneConfig:
         return DEFAULT_BLOCK_SIZE[self.pattern.kind]
 
     def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         data["pattern"] = str(self.pattern)
         data["block_size"] = self.resolved_block_size
         return data
+
+    @classmethod
+    def from_recipe(cls, recipe: "Recipe | dict", **overrides) -> "PruneConfig":
+        """The config that runs `recipe` (a Recipe, or its JSON as a report records it), with `overrides`
+        (PruneConfig fields) applied on top."""
+        if isinstance(recipe, dict):
+            recipe = Recipe.from_json(recipe)
+        solve, refit = recipe.solve, recipe.get(Refit)
+        search, reconstruct = recipe.get(MaskSearch), recipe.get(Reconstruct)
+        fields = dict(method=solve.method, pattern=recipe.pattern, sparsity=recipe.sparsity,
+                      block_size=solve.block_size, alpha=solve.alpha, damp=solve.damp,
+                      refit_iterations=refit.iterations if refit else 0,
+                      mask_search_iterations=search.iterations if search else 0,
+                      reconstruct_epochs=reconstruct.epochs if reconstruct else 0,
+                      reconstruct_lr=reconstruct.lr if reconstruct else None,
+                      reconstruct_target=reconstruct.target if reconstruct else None,
+                      permute_channels=recipe.get(Permute) is not None,
+                      preset=recipe.preset if solve.method == "thanos" else None)
+        return cls(**{**fields, **overrides})

@@ -14,15 +14,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from thanos.api import prune_weight
+from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
 from thanos.hessian import HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, decoder_layers, prunable_linears,
                            set_weight_, weight_view)
 from thanos.parallel import Parallel
-from thanos.permute import ChannelLayout, permute_free_channels_
-from thanos.reconstruct import reconstruct_layer_
+from thanos.permute import ChannelLayout
+from thanos.recipe import Permute, Reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,10 @@ def prune_model_(
     done = _open_checkpoints(checkpoints, parallel)
     inputs, args, kwargs = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
     # A reconstruction aimed at the dense model needs its activations beside the pruned path's.
-    dense_inputs = list(inputs) if config.reconstruct_epochs and config.reconstruct_target == "dense" else None
+    reconstruct = config.recipe.get(Reconstruct)
+    dense_inputs = list(inputs) if reconstruct and reconstruct.target == "dense" else None
     sample_indices = parallel.shard_indices(len(samples))
-    layout = ChannelLayout.of(model) if config.permute_channels else None
+    layout = ChannelLayout.of(model) if config.recipe.get(Permute) else None
     if layout is not None and not layout.free:
         log.warning("no free channels are known for %r models: pruning without channel permutations",
                     model.config.model_type)
@@ -238,9 +239,11 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     activations, the dense model's outputs of this layer (the next layer's dense inputs).
     `on_report(report)` gets each linear's report as soon as this rank has solved it.
     """
-    reconstruct = config.reconstruct_epochs > 0 and bool(step.linears)
+    recipe = config.recipe
+    reconstruct = recipe.get(Reconstruct) if step.linears else None
     shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
-                                step.store_device, progress, keep_outputs=reconstruct and step.dense_inputs is None)
+                                step.store_device, progress,
+                                keep_outputs=reconstruct is not None and step.dense_inputs is None)
     dense_outputs = None
     if step.dense_inputs is not None:  # the layer is still dense here
         dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
@@ -248,14 +251,13 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     permute = None
     if step.layout is not None:
         def permute(hessian_of):
-            return permute_free_channels_(step.layer, step.prefix, step.layout, hessian_of, config.pattern)
+            return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, hessian_of, recipe.pattern)
     reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report)
     if reconstruct:
         # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
         targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
         weights = [mod.weight for mod in step.linears.values()]
-        result = reconstruct_layer_(step.layer, weights, step.inputs, targets, step.forward,
-                                    config.reconstruct_epochs, config.reconstruct_lr, step.sample_indices,
+        result = reconstruct.apply_(step.layer, weights, step.inputs, targets, step.forward, step.sample_indices,
                                     step.samples_total, parallel.all_reduce_ if parallel.active else None)
         log.info("layer reconstruction: loss %.4g -> %.4g%s (%.1fs)", result.loss_before, result.loss_after,
                  "" if result.kept else " (discarded: no better)", result.seconds)
@@ -284,6 +286,35 @@ def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwarg
     return shared
 
 
+@dataclasses.dataclass
+class LinearReport:
+    """What the report says about one pruned linear (its entry in thanos_report.json's "layers")."""
+
+    name: str
+    shape: list[int]
+    sparsity: float
+    error: Optional[float]  # relative output error on the calibration statistics
+    seconds: float  # the solve with its mask search and refit
+    refit_seconds: float
+    search_seconds: float
+    mask_changed: float  # share of entries the mask search moved
+    damp_used: float
+    damp_escalations: int
+    rank: int  # the process that solved it
+    permutation: Optional[dict] = None  # thanos.permute.PermutationReport, for a consumer whose inputs moved
+    reconstruction: Optional[dict] = None  # thanos.reconstruct.ReconstructionReport of its decoder layer
+
+    @classmethod
+    def of(cls, name: str, result: PruneResult, rank: int, permutation: Optional[dict] = None) -> "LinearReport":
+        return cls(name, list(result.weight.shape), result.sparsity, result.error, result.seconds,
+                   result.refit_seconds, result.search_seconds, result.mask_changed, result.damp_used,
+                   result.damp_escalations, rank, permutation)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k not in ("permutation", "reconstruction")}
+
+
 def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress,
                 parallel: Parallel, permute: Optional[Callable] = None,
                 on_report: Optional[Callable[[dict], None]] = None) -> list[dict]:
@@ -305,12 +336,7 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
         result = prune_weight(weight_view(mod), shared.hessian(name), config, name=name,
                               progress=(lambda done, total: progress("columns", done, total)) if progress and wide else None)
         set_weight_(mod, result.weight)
-        reports[name] = dict(name=name, shape=list(result.weight.shape), sparsity=result.sparsity,
-                             error=result.error, seconds=result.seconds, refit_seconds=result.refit_seconds,
-                             search_seconds=result.search_seconds, mask_changed=result.mask_changed,
-                             damp_used=result.damp_used,
-                             damp_escalations=result.damp_escalations, rank=parallel.rank,
-                             **({"permutation": permuted[name]} if name in permuted else {}))
+        reports[name] = LinearReport.of(name, result, parallel.rank, permuted.get(name)).to_json()
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
         if on_report:
             on_report(reports[name])

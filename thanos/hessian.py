@@ -55,13 +55,6 @@ class HessianAccumulator:
         self.sum += x.T @ x
         self.tokens += x.shape[0]
 
-    def merge(self, other: "HessianAccumulator") -> None:
-        """Fold in another accumulator's statistics (another shard), before either is read."""
-        if self.sum is None or other.sum is None:
-            raise RuntimeError("merge statistics before reading them")
-        self.sum += other.sum.to(self.sum.device)
-        self.tokens += other.tokens
-
     @property
     def hessian(self) -> torch.Tensor:
         if self._mean is None:

@@ -20,7 +20,7 @@ import dataclasses
 
 import torch
 
-from thanos.config import Pattern
+from thanos.pattern import Pattern
 from thanos.refit import damped_hessian
 
 # Penalty schedule, in units of the scaled Hessian's unit diagonal: start at RHO_SPAN / iterations

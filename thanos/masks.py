@@ -63,11 +63,6 @@ def leading_mask_of_region(region_metric: torch.Tensor, count: int, block_cols: 
     return below
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k-th smallest (1-based) of a 1-D tensor, cheaper than `kthvalue` on large inputs."""
-    return kth_smallest_and_rank(values, k)[0]
-
-
 # Values drawn to bracket the k-th smallest of a large tensor.
 SAMPLE_SIZE = 1 << 16
 

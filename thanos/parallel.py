@@ -92,10 +92,21 @@ class Parallel:
     def _call(self, fn, *args):
         try:
             return fn(*args)
-        except (RuntimeError, dist.DistBackendError) as exc:
+        except RuntimeError as exc:
+            if not _lost_peer(exc):
+                raise  # a CUDA out-of-memory or a bug keeps its own message and traceback
             raise DistributedError(
                 f"rank {self.rank}: a collective failed ({exc}). A rank died or lost its connection; the finished "
                 "layers are saved, so rerunning the same command resumes") from exc
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because a rank or its connection went away (gloo and NCCL say so in words)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("connection", "closed", "peer", "timed out", "timeout", "gloo", "nccl",
+                                         "broken pipe", "socket"))
 
 
 def deal_by_cost(costs: dict[str, float], ranks: int) -> dict[str, int]:

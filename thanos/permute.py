@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from thanos.config import Pattern
+from thanos.pattern import Pattern
 from thanos.errors import ThanosExportError
 from thanos.models import FreeChannels, adapter_for, attention_heads, weight_view
 

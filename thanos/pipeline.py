@@ -20,6 +20,7 @@ from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME, LayerCheckpoints, check_output_dir
 from thanos.config import PruneConfig
 from thanos.driver import Progress, check_pattern_fits, prune_model_
+from thanos.devices import defaults_for, device_description, resolve_device
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
 from thanos.models import (LayerSelection, ModelError, context_length, default_model_file, describe_source, load_model,
@@ -29,20 +30,6 @@ from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check
 from thanos.parallel import Parallel
 
 log = logging.getLogger(__name__)
-
-GPU_DEFAULTS = dict(samples=128, seqlen=2048, eval_windows=None)
-CPU_DEFAULTS = dict(samples=32, seqlen=512, eval_windows=16)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name} was asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
-                         "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
-    return device
-
 
 @dataclasses.dataclass(frozen=True)
 class PruneJob:
@@ -76,12 +63,12 @@ class PruneJob:
                                    f"got {self.eval_windows}")
 
     def resolved(self, device: torch.device) -> "PruneJob":
-        defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+        defaults = defaults_for(device)
         return dataclasses.replace(
             self,
-            calib_samples=self.calib_samples or defaults["samples"],
-            seqlen=self.seqlen or defaults["seqlen"],
-            eval_windows=defaults["eval_windows"] if self.eval_windows == -1 else self.eval_windows,
+            calib_samples=self.calib_samples or defaults.samples,
+            seqlen=self.seqlen or defaults.seqlen,
+            eval_windows=defaults.eval_windows if self.eval_windows == -1 else self.eval_windows,
         )
 
     def inputs(self) -> tuple:
@@ -115,12 +102,6 @@ def _own_version() -> str:
         return version("thanos-export")
     except Exception:
         return "source checkout"
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> dict:
@@ -175,7 +156,7 @@ def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, p
             log.warning("%s already holds a model pruned with these settings and calibration tokens; reusing it", out)
             return earlier
 
-    report = dict(config=job.config.to_json(), job={k: v for k, v in dataclasses.asdict(job).items() if k != "config"},
+    report = dict(config=job.config.to_json(), recipe=job.config.recipe.to_json(), job={k: v for k, v in dataclasses.asdict(job).items() if k != "config"},
                   model=describe_source(job.model), versions=versions(), device=device_description(device),
                   calibration=dict(source=text.source, samples=job.calib_samples, seqlen=job.seqlen, seed=job.seed,
                                    calibration_tokens=text.calibration.numel(), held_out_tokens=text.evaluation.numel(),
@@ -212,6 +193,34 @@ def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, p
 
     parallel.run_on_main(finish)
     return report
+
+
+def prune(model, config: PruneConfig = PruneConfig(), calibration: Optional[torch.Tensor] = None, *,
+          tokenizer=None, samples: Optional[int] = None, seqlen: Optional[int] = None, seed: int = 0,
+          device: str = "auto", progress: Optional[Progress] = None) -> tuple:
+    """Prune a loaded causal LM in memory: (model, recipe, calibration) in, (model, report) out.
+
+    `calibration`: token windows (n, seqlen) to calibrate on; None draws `samples` windows of
+    `seqlen` tokens (the device's defaults) from the default text with `tokenizer`. The model is
+    pruned in place and returned with a report holding the recipe and each linear's record;
+    nothing is written (`prune_to_directory` is the resumable, on-disk route).
+    """
+    dev = resolve_device(device)
+    if calibration is None:
+        if tokenizer is None:
+            raise InputError("pass calibration token windows (n, seqlen), or the tokenizer to draw them from the "
+                             "default text")
+        defaults = defaults_for(dev)
+        text = tokenize_split(tokenizer, None)
+        calibration = sample_windows(text.calibration, samples or defaults.samples, seqlen or defaults.seqlen, seed)
+    if calibration.dim() != 2 or calibration.is_floating_point():
+        raise InputError(f"calibration must be token ids shaped (windows, tokens), got a {calibration.dtype} tensor "
+                         f"of shape {tuple(calibration.shape)}")
+    check_finite(model)
+    layers = prune_model_(model, calibration, config, dev, progress=progress)
+    return model, dict(recipe=config.recipe.to_json(), config=config.to_json(), layers=layers,
+                       sparsity=_overall_sparsity(layers), calibration=dict(samples=calibration.shape[0],
+                                                                            seqlen=calibration.shape[1]))
 
 
 def _finished_report(out: Path) -> Optional[dict]:
@@ -298,13 +307,13 @@ def evaluate_directory(path: str, text_file: Optional[str] = None, seqlen: Optio
 def evaluate_model(model, tokenizer, path: str, text_file: Optional[str], seqlen: Optional[int],
                    dev: torch.device, max_windows: Optional[int], where: str) -> dict:
     """Perplexity of any `model(ids).logits` callable on the held-out part of the default or a given text."""
-    defaults = GPU_DEFAULTS if dev.type == "cuda" else CPU_DEFAULTS
-    seqlen = seqlen or defaults["seqlen"]
+    defaults = defaults_for(dev)
+    seqlen = seqlen or defaults.seqlen
     context = context_length(model) if hasattr(model, "config") else None
     if context and seqlen > context:
         raise CalibrationError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens; "
                                f"pass --seqlen {context} or less")
-    max_windows = defaults["eval_windows"] if max_windows == -1 else max_windows
+    max_windows = defaults.eval_windows if max_windows == -1 else max_windows
     text = tokenize_split(tokenizer, text_file)
     tokens = text.evaluation
     value = perplexity(model, tokens, seqlen, dev, max_windows)
@@ -312,4 +321,4 @@ def evaluate_model(model, tokenizer, path: str, text_file: Optional[str], seqlen
     return dict(model=path, text=text.source, perplexity=value, windows=windows, seqlen=seqlen, device=where)
 
 
-__all__ = ["PruneJob", "prune_to_directory", "evaluate_directory", "resolve_device", "OutputDirError"]
+__all__ = ["PruneJob", "prune", "prune_to_directory", "evaluate_directory", "OutputDirError"]

@@ -57,4 +57,4 @@ def test_tensorrt_engine_has_sparse_layers(pruned_llama_2of4, tmp_path):
     assert (tmp_path / "model.engine").stat().st_size > 0
     assert (tmp_path / "tensorrt_build.log").is_file()
     assert summary["sparse_weights"] is True
-    assert isinstance(summary["eligible"], list)  # what TensorRT reported, possibly empty for 64-wide layers
+    assert summary["eligible"], "TensorRT named no layer eligible for sparse math"

@@ -1,7 +1,10 @@
+import json
+
 import pytest
 
 from thanos import ConfigError, Pattern, PruneConfig
-from thanos.config import PRESETS
+from thanos.config import DEFAULT_BLOCK_SIZE, PRESETS
+from thanos.recipe import Recipe, Reconstruct, Refit
 
 
 def test_pattern_parsing():
@@ -66,8 +69,51 @@ def test_presets_fill_only_what_is_not_given():
     assert best.resolved_block_size == PRESETS["best"].block_size["nm"]
     assert PruneConfig(preset="best", refit_iterations=0, block_size=32).to_json()["refit_iterations"] == 0
     assert PruneConfig(preset="best", block_size=32).resolved_block_size == 32
-    assert PruneConfig(method="sparsegpt", preset="best").refit_iterations == 0  # presets are Thanos settings
+    assert PruneConfig(method="sparsegpt").refit_iterations == 0  # presets are Thanos recipes
     with pytest.raises(ConfigError, match="choose one of fast, default, best"):
         PruneConfig(preset="fastest")
     with pytest.raises(ConfigError, match="refit_iterations"):
         PruneConfig(refit_iterations=-1)
+
+
+def test_options_a_recipe_would_not_use_are_refused():
+    """A preset for another method, a reconstruction target without reconstruction, a search on columns:
+    each names the reason, none is silently ignored."""
+    with pytest.raises(ConfigError, match="presets are Thanos recipes"):
+        PruneConfig(method="sparsegpt", preset="best")
+    for field, value in (("reconstruct_target", "dense"), ("reconstruct_lr", 1e-4)):
+        with pytest.raises(ConfigError, match=f"{field} applies to the reconstruction"):
+            PruneConfig(**{field: value})
+    assert PruneConfig(preset="best", reconstruct_target="dense").recipe.get(Reconstruct).target == "dense"
+    with pytest.raises(ConfigError, match="'columns' pattern"):
+        PruneConfig(pattern="columns", mask_search_iterations=5)
+    with pytest.raises(ConfigError, match="no groups"):
+        PruneConfig(pattern="unstructured", permute_channels=True)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured", "columns"])
+def test_presets_are_named_recipes_of_configured_steps(pattern):
+    kinds = {name: [step.kind for step in PruneConfig(pattern=pattern, preset=name).recipe.steps]
+             for name in PRESETS}
+    assert kinds["fast"] == ["solve"]
+    permute = ["permute"] if pattern in ("2:4", "4:8") else []
+    search = [] if pattern == "columns" else ["mask_search"]
+    assert kinds["default"] == permute + ["solve"] + search + ["refit"]
+    assert kinds["best"] == permute + ["solve"] + search + ["refit", "reconstruct"]
+    assert PruneConfig(method="wanda", pattern=pattern).recipe.to_json()["steps"] == [
+        dict(step="solve", method="wanda", block_size=DEFAULT_BLOCK_SIZE["nm" if ":" in pattern else pattern],
+             alpha=0.0, damp=0.01)]
+
+
+def test_a_recorded_recipe_rebuilds_the_same_config():
+    for config in (PruneConfig(preset="best", reconstruct_target="dense"), PruneConfig(method="sparsegpt",
+                   pattern="4:8", refit_iterations=3), PruneConfig(pattern="unstructured", sparsity=0.6, alpha=0.05)):
+        recorded = json.loads(json.dumps(config.recipe.to_json()))
+        again = PruneConfig.from_recipe(recorded)
+        assert again.to_json() == config.to_json() and again.recipe == config.recipe
+    assert PruneConfig.from_recipe(PruneConfig().recipe, refit_iterations=3).recipe.get(Refit).iterations == 3
+    with pytest.raises(ConfigError, match="unknown recipe step 'prune_harder'"):
+        Recipe.from_json(dict(pattern="2:4", sparsity=0.5, steps=[dict(step="prune_harder")]))
+    with pytest.raises(ConfigError, match="in the order"):
+        Recipe.from_json(dict(pattern="2:4", sparsity=0.5, steps=[dict(step="refit", iterations=1),
+                                                                   dict(step="solve")]))

@@ -10,7 +10,8 @@ from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import OutputDirError
 from thanos.driver import prune_model_
 from thanos.models import LayerSelection, ModelError, load_model, prunable_linears, weight_view
-from thanos.pipeline import PruneJob, prune_to_directory
+from thanos.errors import InputError
+from thanos.pipeline import PruneJob, prune, prune_to_directory
 from tests.thanos.helpers import assert_nm
 
 SMALL = dict(calib_samples=4, seqlen=32, eval_windows=2, device="cpu")
@@ -277,3 +278,19 @@ def test_linears_reading_one_input_share_statistics(tiny_llama_dir):
     assert len(shared.stats) == 4
     for name in linears:  # sharing changes nothing: each linear's statistics are its own inputs'
         assert torch.equal(shared.hessian(name), own[name].hessian)
+
+
+def test_prune_in_memory_equals_the_directory_route(tiny_llama_dir, tmp_path):
+    """`prune(model, config, calibration) -> model, report`: the same weights as prune_to_directory, nothing written."""
+    config = PruneConfig(preset="default")
+    report = prune_to_directory(PruneJob(out=str(tmp_path / "disk"), model=str(tiny_llama_dir), config=config,
+                                         evaluate=False, **SMALL))
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    windows = sample_windows(tokenize_split(tokenizer, None).calibration, SMALL["calib_samples"], SMALL["seqlen"])
+    pruned, memory = prune(model, config, windows, device="cpu")
+    assert pruned is model and memory["recipe"] == report["recipe"]
+    on_disk = pruned_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "disk"))
+    assert all(torch.equal(on_disk[n], w) for n, w in pruned_weights(pruned).items())  # one process, one thread count
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]
+    with pytest.raises(InputError, match="token ids shaped"):
+        prune(model, config, torch.randn(2, 8), device="cpu")

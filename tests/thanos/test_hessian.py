@@ -17,18 +17,12 @@ def test_accumulator_streams_the_mean_of_xxT():
     assert torch.allclose(acc.hessian.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_equals_one_stream():
-    X = torch.randn(200, 8)
-    whole, left, right = HessianAccumulator(8), HessianAccumulator(8), HessianAccumulator(8)
-    whole.add(X)
-    left.add(X[:70])
-    right.add(X[70:])
-    left.merge(right)
-    assert left.tokens == 200
-    eps = torch.finfo(torch.float32).eps  # the products' fp32 sums over 70 vs 200 tokens differ by round-off
-    assert (left.hessian - whole.hessian).abs().max() <= 200 * eps * whole.hessian.abs().max()
+def test_statistics_cannot_grow_after_they_are_read():
+    acc = HessianAccumulator(8)
+    acc.add(torch.randn(20, 8))
+    acc.hessian
     with pytest.raises(RuntimeError, match="already read"):
-        left.add(X)
+        acc.add(torch.randn(20, 8))
 
 
 def test_samples_summed_in_any_grouping_give_the_same_hessian_bit_for_bit():
@@ -41,8 +35,9 @@ def test_samples_summed_in_any_grouping_give_the_same_hessian_bit_for_bit():
     shards = [HessianAccumulator(24) for _ in range(3)]
     for i, x in enumerate(samples):
         shards[i * 3 // len(samples)].add(x)  # contiguous shards, as `Parallel.shard` deals them
-    for shard in shards[1:]:
-        shards[0].merge(shard)
+    for shard in shards[1:]:  # what the all-reduce does (thanos.parallel.Parallel.reduce_stats_)
+        shards[0].sum += shard.sum
+        shards[0].tokens += shard.tokens
     assert torch.equal(shards[0].hessian, one.hessian)
 
 

@@ -50,7 +50,7 @@ def test_search_then_refit_lowers_the_error_and_keeps_the_pattern(pattern):
 
 
 def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
-    import thanos.api as api
+    import thanos.recipe as recipe
     from thanos.mask_search import SearchResult
 
     W, H = layer_problem(256, 16, 32, seed=7)
@@ -61,7 +61,7 @@ def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
         flipped = mask.reshape(16, 8, 4).flip(-1).reshape(16, 32)
         return SearchResult(target.masked_fill(flipped, 0.0), flipped, 1.0)
 
-    monkeypatch.setattr(api, "admm_mask_search", worse)
+    monkeypatch.setattr(recipe, "admm_mask_search", worse)
     kept = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
                                           mask_search_iterations=5))
     assert torch.equal(kept.mask, plain.mask) and torch.equal(kept.weight, plain.weight)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from thanos.config import Pattern
+from thanos.pattern import Pattern
 from thanos.masks import nm_mask, smallest_mask
 from thanos.solvers import SolverOutput
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from thanos.config import ConfigError, Pattern
+from thanos.pattern import ConfigError, Pattern
 from thanos.hessian import handle_dead_inputs_, inverse_upper_factor
 from thanos.masks import smallest_mask
 from thanos.solvers import SolverOutput

@@ -11,7 +11,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from thanos.config import Pattern
+from thanos.pattern import Pattern
 from thanos.hessian import handle_dead_inputs_, inverse_upper_factor
 from thanos.masks import leading_mask_of_region, nm_mask, smallest_mask, wanda_metric
 from thanos.solvers import SolverOutput

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from thanos.config import Pattern
+from thanos.pattern import Pattern
 from thanos.masks import nm_mask, row_smallest_mask, wanda_metric
 from thanos.solvers import SolverOutput
 from thanos.solvers.magnitude import apply_mask, column_mask

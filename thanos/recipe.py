@@ -1,0 +1,217 @@
+"""A pruning run as a recipe: the pattern and an ordered list of steps, each one object.
+
+A step owns its options (with their defaults), their validation, and its work; what it did is
+a record (a dataclass) in the report. The steps, in the order they run:
+
+    Permute      reorder free channels before an n:m pattern groups them      (per decoder layer)
+    Solve        the block solver: the mask and the compensated kept weights  (per linear)
+    MaskSearch   ADMM over mask and weights, from the solver's result          (per linear)
+    Refit        the kept weights re-solved on the final mask                  (per linear)
+    Reconstruct  the pruned decoder layer tuned towards a target               (per decoder layer)
+
+`thanos.config.PruneConfig` builds a recipe from a preset and per-step overrides; every report
+records it (`Recipe.to_json`), and `Recipe.from_json` reads it back, so a run can be repeated.
+Adding a step: a frozen dataclass here with `kind`, its options, `check` and its work, an entry
+in `STEPS`, and the call at its place in `thanos.api.prune_weight` or `thanos.driver.prune_layer`
+(docs/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from thanos.mask_search import admm_mask_search
+from thanos.pattern import ConfigError, Pattern
+from thanos.permute import permute_free_channels_
+from thanos.reconstruct import reconstruct_layer_
+from thanos.refit import refit_on_support
+from thanos.solvers import SolverOutput
+from thanos.solvers.magnitude import magnitude_prune
+from thanos.solvers.sparsegpt import sparsegpt_prune
+from thanos.solvers.thanos import thanos_prune
+from thanos.solvers.wanda import wanda_prune
+
+METHODS = ("thanos", "sparsegpt", "wanda", "magnitude")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    kind: ClassVar[str]
+
+    def check(self, pattern: Pattern) -> None:
+        """Raise ConfigError, naming the fix, if this step cannot work with `pattern`."""
+
+    def to_json(self) -> dict:
+        return {"step": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Permute(Step):
+    """Reorder the channels a model family leaves free (`thanos.permute`), per decoder layer."""
+
+    kind: ClassVar[str] = "permute"
+
+    def check(self, pattern: Pattern) -> None:
+        if not pattern.is_nm:
+            raise ConfigError(f"channel permutations only change which channels share an n:m group; pattern "
+                              f"{pattern} has no groups, so leave permute_channels off with it")
+
+    def apply_(self, layer: nn.Module, prefix: str, layout, hessian_of: Callable, pattern: Pattern) -> list:
+        return permute_free_channels_(layer, prefix, layout, hessian_of, pattern)
+
+
+@dataclasses.dataclass(frozen=True)
+class Solve(Step):
+    """One of the block solvers, or a one-shot mask (wanda, magnitude); `block_size` None = whole rows."""
+
+    kind: ClassVar[str] = "solve"
+    method: str = "thanos"
+    block_size: Optional[int] = None
+    alpha: float = 0.0  # fraction of outlier rows kept dense (Thanos)
+    damp: float = 0.01  # Hessian damping, x mean(diag H)
+
+    def check(self, pattern: Pattern) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not (0.0 <= self.alpha < 1.0):
+            raise ConfigError(f"alpha (fraction of dense outlier rows) must be in [0, 1), got {self.alpha}")
+        if self.alpha > 0 and self.method != "thanos":
+            raise ConfigError(f"alpha (dense outlier rows) is a Thanos option; use alpha=0 with method {self.method!r}")
+        if not (math.isfinite(self.damp) and self.damp > 0):
+            raise ConfigError(f"damp must be a positive finite number (0.01 is the usual value), got {self.damp}")
+        if self.block_size is not None:
+            if self.block_size <= 0:
+                raise ConfigError(f"block_size must be positive, got {self.block_size}")
+            if pattern.is_nm and self.block_size % pattern.m:
+                lower = max(pattern.m, self.block_size // pattern.m * pattern.m)
+                raise ConfigError(f"block_size {self.block_size} is not a multiple of m={pattern.m} (pattern "
+                                  f"{pattern}); use {lower} or {lower + pattern.m}")
+
+    def run(self, W: torch.Tensor, H: Optional[torch.Tensor], pattern: Pattern, sparsity: float, name: str,
+            solve_memory: int, progress) -> SolverOutput:
+        """Prune `W` (fp32, modified in place) given the statistics `H` (c x c, or the diagonal for wanda)."""
+        if self.method == "thanos":
+            return thanos_prune(W, H, pattern, sparsity, self.block_size, self.alpha, self.damp, layer=name,
+                                solve_memory=solve_memory, progress=progress)
+        if self.method == "sparsegpt":
+            return sparsegpt_prune(W, H, pattern, sparsity, self.block_size, self.damp, layer=name, progress=progress)
+        if self.method == "wanda":
+            return wanda_prune(W, H if H.dim() == 1 else torch.diag(H), pattern, sparsity)
+        return magnitude_prune(W, pattern, sparsity)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSearch(Step):
+    """ADMM over mask and weights, from the solver's result (`thanos.mask_search`)."""
+
+    kind: ClassVar[str] = "mask_search"
+    iterations: int = 10
+
+    def check(self, pattern: Pattern) -> None:
+        if self.iterations <= 0:
+            raise ConfigError(f"mask search iterations must be positive, got {self.iterations}; leave the step out "
+                              "for none")
+        if pattern.kind == "columns":
+            raise ConfigError("mask search moves single weights, which would break the 'columns' pattern; "
+                              "use mask_search_iterations=0 with it")
+
+    def run(self, X, mask, target, H, damp: float, pattern: Pattern):
+        return admm_mask_search(X, mask, target, H, damp, pattern, self.iterations)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refit(Step):
+    """The kept weights re-solved on the final mask by conjugate gradients (`thanos.refit`)."""
+
+    kind: ClassVar[str] = "refit"
+    iterations: int = 10
+
+    def check(self, pattern: Pattern) -> None:
+        if self.iterations <= 0:
+            raise ConfigError(f"refit iterations must be positive, got {self.iterations}; leave the step out for none")
+
+    def run(self, X, mask, target, H, damp: float) -> torch.Tensor:
+        return refit_on_support(X, mask, target, H, damp, self.iterations)
+
+
+RECONSTRUCT_TARGETS = ("layer", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruct(Step):
+    """Each pruned decoder layer tuned towards `target` (`thanos.reconstruct`): the dense layer's
+    outputs on the pruned path's inputs ("layer"), or the dense model's own activations ("dense")."""
+
+    kind: ClassVar[str] = "reconstruct"
+    epochs: int = 2
+    lr: float = 1e-3
+    target: str = "layer"
+
+    def check(self, pattern: Pattern) -> None:
+        if self.epochs <= 0 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"reconstruct_epochs must be positive and reconstruct_lr a positive finite number, got "
+                              f"{self.epochs} and {self.lr}")
+        if self.target not in RECONSTRUCT_TARGETS:
+            raise ConfigError(f"reconstruct_target must be 'layer' (the dense layer's outputs) or 'dense' (the dense "
+                              f"model's activations), got {self.target!r}")
+
+    def apply_(self, layer, weights, inputs, targets, forward, indices, total, all_reduce):
+        return reconstruct_layer_(layer, weights, inputs, targets, forward, self.epochs, self.lr, indices, total,
+                                  all_reduce)
+
+
+STEPS: dict[str, type[Step]] = {cls.kind: cls for cls in (Permute, Solve, MaskSearch, Refit, Reconstruct)}
+ORDER = list(STEPS)  # the order steps run in
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The pattern, the sparsity it removes, and the steps that run, in order; validates itself."""
+
+    pattern: Pattern
+    sparsity: float
+    steps: tuple[Step, ...]
+    preset: Optional[str] = None  # the preset it was built from, if any (a label: the steps say everything)
+
+    def __post_init__(self):
+        kinds = [step.kind for step in self.steps]
+        if kinds.count("solve") != 1:
+            raise ConfigError(f"a recipe needs exactly one solve step, got {kinds.count('solve')}")
+        if len(set(kinds)) != len(kinds) or kinds != sorted(kinds, key=ORDER.index):
+            raise ConfigError(f"recipe steps {kinds} must each appear once, in the order {', '.join(ORDER)}")
+        for step in self.steps:
+            step.check(self.pattern)
+
+    def get(self, cls: type) -> Optional[Step]:
+        """The step of this class, or None when the recipe leaves it out."""
+        return next((step for step in self.steps if isinstance(step, cls)), None)
+
+    @property
+    def solve(self) -> Solve:
+        return self.get(Solve)
+
+    def to_json(self) -> dict:
+        return dict(preset=self.preset, pattern=str(self.pattern), sparsity=self.sparsity,
+                    steps=[step.to_json() for step in self.steps])
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Recipe":
+        """Read a recipe back (as `to_json` writes it, e.g. from a thanos_report.json); unknown names are refused."""
+        try:
+            steps = []
+            for entry in data["steps"]:
+                entry = dict(entry)
+                kind = entry.pop("step")
+                if kind not in STEPS:
+                    raise ConfigError(f"unknown recipe step {kind!r}; known steps: {', '.join(ORDER)}")
+                steps.append(STEPS[kind](**entry))
+            return cls(Pattern.parse(data["pattern"]), float(data["sparsity"]), tuple(steps), data.get("preset"))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"not a readable recipe ({type(exc).__name__}: {exc}); a recipe is the \"recipe\" "
+                              "object of a thanos_report.json: pattern, sparsity and a list of steps") from exc
