@@ -118,10 +118,15 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
         device = resolve_device(job.device)
     parallel = Parallel()
     inputs = job.inputs()
-    parallel.run_on_main(lambda: (check_disjoint(out, inputs), check_staging(out, inputs), check_writable(out)))
-    lock = output_lock(out) if parallel.is_main else contextlib.nullcontext()
-    with lock:
-        parallel.run_on_main(lambda: check_output_dir(out, job.overwrite, job.reuse_finished))
+    with contextlib.ExitStack() as held:
+        def claim() -> None:  # on rank 0; every rank hears of a refusal, so none waits for the others
+            check_disjoint(out, inputs)
+            check_staging(out, inputs)
+            check_writable(out)
+            held.enter_context(output_lock(out))
+            check_output_dir(out, job.overwrite, job.reuse_finished)
+
+        parallel.run_on_main(claim)
         return _prune(job, out, device, parallel, progress)
 
 
