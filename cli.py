@@ -286,6 +286,7 @@ def prune(out, quiet, **options):
     Example:
       thanos-export prune --pattern 2:4 --calib-samples 32 --seqlen 512 --out smollm2-2of4/
       thanos-export prune --model ~/llama-2-7b --method sparsegpt --pattern 4:8 --out llama-4of8/
+      thanos-export prune --recipe smollm2-2of4/thanos_report.json --model ~/llama-2-7b --out llama-2of4/
 
     An interrupted run resumes from its last finished layer when rerun with the same options.
     """
