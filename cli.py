@@ -601,8 +601,10 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
               help="What a backend lacks here (a GPU, a package) is recorded as skipped, with the reason.")
 @click.option("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), show_default=True, help="GEMM token counts M.")
 @click.option("--shapes", default="", help="Extra named GEMM shape sets: llama2-7b, llama2-70b, smollm2-135m.")
-@click.option("--dtypes", default="", help="GEMM dtypes, comma-separated (default: float16,bfloat16 on a GPU, "
-                                          "float32 on the CPU, where half-precision matmuls are no serving path).")
+@click.option("--dtypes", default="", help="GEMM dtypes, comma-separated: float16, bfloat16, float32, float8_e4m3fn "
+                                          "(FP8 weights and activations, bf16 out; compute capability 8.9+). Default: "
+                                          "float16,bfloat16 on a GPU, float32 on the CPU, where half-precision matmuls "
+                                          "are no serving path.")
 @click.option("--grid", default="1x128,1x512,4x512", show_default=True, help="Model-level prefill batch x seq.")
 @click.option("--levels", default="gemm,model", show_default=True)
 @click.option("--device", default="auto", show_default=True)

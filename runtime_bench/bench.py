@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from runtime_bench.gemm import DEFAULT_TOKENS, SHAPE_SETS, run_gemm, sparse_backends
+from runtime_bench.gemm import DEFAULT_TOKENS, DTYPES, SHAPE_SETS, run_gemm, sparse_backends
 from runtime_bench.model import ALL_BACKENDS, random_model, run_model
 from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
@@ -49,6 +49,9 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
             raise InputError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
         shapes += [s for s in SHAPE_SETS[name] if s not in shapes]
     dtypes = list(settings.dtypes) or (["float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise InputError(f"unknown GEMM dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
     info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes], dtypes=dtypes)
     records: list[dict] = []
     try:

@@ -16,7 +16,10 @@ SHAPE_SETS = {
 }
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 OUTLIER_ROWS = 0.05  # the dense-row share timed by the torch-2:4-dense-rows backend (a typical alpha)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float8_e4m3fn": torch.float8_e4m3fn}
+FP8 = "float8_e4m3fn"  # weights and activations in FP8 E4M3, products accumulated and returned in bf16
+FP8_ROWS = 16  # FP8 GEMMs take token counts in multiples of 16: smaller M is padded, as serving stacks do
 
 
 def two_four_weight(rows: int, cols: int, dtype, device) -> torch.Tensor:
@@ -97,20 +100,24 @@ def _time_shape(rows: int, cols: int, dtype_name: str, tokens: list[int], device
     skipped for this shape (and the Ms it did not reach) with its error, and the others go on."""
     dtype = DTYPES[dtype_name]
     weight = two_four_weight(rows, cols, dtype, device)
-    kernels = {"torch-dense": lambda x, w=weight: F.linear(x, w)}
-    reasons = dict(sparse)  # this shape's own: a conversion that fails here may work at another shape
-    for name, reason in sparse.items():
-        if reason is None:
-            try:
-                kernels[name] = _sparse_linear(weight, name)
-            except (RuntimeError, NotImplementedError, ValueError) as exc:
-                reasons[name] = _reason(exc)
+    if dtype_name == FP8:
+        kernels, reasons = fp8_kernels(weight, sparse)
+    else:
+        kernels = {"torch-dense": lambda x, w=weight: F.linear(x, w)}
+        reasons = dict(sparse)  # this shape's own: a conversion that fails here may work at another shape
+        for name, reason in sparse.items():
+            if reason is None:
+                try:
+                    kernels[name] = _sparse_linear(weight, name)
+                except (RuntimeError, NotImplementedError, ValueError) as exc:
+                    reasons[name] = _reason(exc)
     for name, reason in reasons.items():
         if reason is not None:
             records.append(dict(level="gemm", backend=name, status="skipped", reason=reason, dtype=dtype_name,
                                 shape=[rows, cols]))
     for m in tokens:
-        x = torch.randn(m, cols, device=device, dtype=dtype)
+        rows_in = -(-m // FP8_ROWS) * FP8_ROWS if dtype_name == FP8 else m
+        x = torch.randn(rows_in, cols, device=device).to(dtype)
         dense_ms = None
         for name, kernel in list(kernels.items()):
             try:
@@ -122,7 +129,7 @@ def _time_shape(rows: int, cols: int, dtype_name: str, tokens: list[int], device
                     break  # no reference to compare against at this M
                 continue
             rec = dict(level="gemm", backend=name, status="ok", dtype=dtype_name, shape=[rows, cols], tokens=m,
-                       weight_bytes=weight.numel() * weight.element_size(),
+                       computed_tokens=rows_in, weight_bytes=weight.numel() * weight.element_size(),
                        tflops=2 * m * rows * cols / (t.median_ms * 1e-3) / 1e12, **t.to_json())
             if name == "torch-dense":
                 dense_ms = t.median_ms
@@ -130,6 +137,28 @@ def _time_shape(rows: int, cols: int, dtype_name: str, tokens: list[int], device
                 rec["speedup"] = dense_ms / t.median_ms
             records.append(rec)
         tick()
+
+
+def fp8_kernels(weight: torch.Tensor, sparse: dict[str, Optional[str]]) -> tuple[dict, dict]:
+    """FP8 E4M3 products with unit scales (the speed does not depend on them): dense through
+    `torch._scaled_mm`, 2:4 through cuSPARSELt (`torch._cslt_compress` / `_cslt_sparse_mm`).
+    Returns (kernels, this shape's skip reasons)."""
+    one = torch.ones((), device=weight.device)
+    kernels = {"torch-dense": lambda x: torch._scaled_mm(x, weight.t(), scale_a=one, scale_b=one,
+                                                         out_dtype=torch.bfloat16)}
+    reasons = {name: reason or "no FP8 2:4 kernel in this backend" for name, reason in sparse.items()}
+    if weight.is_cuda and torch.cuda.get_device_capability(weight.device) < (8, 9):
+        return {}, {"torch-dense": "FP8 needs compute capability 8.9+", **{n: "FP8 needs compute capability 8.9+"
+                                                                         for n in sparse}}
+    if sparse.get("torch-2:4-cusparselt", "") is None:
+        try:
+            compressed = torch._cslt_compress(weight)
+            kernels["torch-2:4-cusparselt"] = lambda x: torch._cslt_sparse_mm(compressed, x.t(),
+                                                                             out_dtype=torch.bfloat16).t()
+            reasons["torch-2:4-cusparselt"] = None
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            reasons["torch-2:4-cusparselt"] = _reason(exc)
+    return kernels, reasons
 
 
 def _reason(exc: Exception) -> str:

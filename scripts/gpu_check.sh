@@ -28,12 +28,12 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny shapes, float32
-    GEMM=(--shapes smollm2-135m --dtypes float32 --tokens 1,16)
+    GEMM=(--shapes smollm2-135m --dtypes float8_e4m3fn,float32 --tokens 1,16)
     MODEL=(--grid 1x16 --backends torch-dense)
     PLAN=(--config smollm2-135m --calib-samples 2 --seqlen 32)
     SOLVER=(--shapes 64x128 --block-sizes 32)
 else
-    GEMM=(--shapes llama2-7b,llama2-70b --dtypes float16 --tokens 1,16,256,1024,4096,16384)
+    GEMM=(--shapes llama2-7b,llama2-70b --dtypes float8_e4m3fn,float16 --tokens 1,16,256,2048,8192)
     MODEL=(--grid 1x128,1x2048,8x2048
            --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse,onnxruntime-tensorrt,genai)
     PLAN=(--config llama2-70b)  # 128 x 2048 calibration tokens, the GPU default
@@ -52,9 +52,9 @@ if [ "$DEVICE" = cuda ]; then
 fi
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
-# 7 shapes x 6 token counts x 3 kernels (dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on
-# Hopper), at most 0.5 s each with warm-up: ~65 s.
-step 100 "GEMM level: LLaMA-2-7B and 70B shapes, fp16, 2:4 and 2:4 + 5% dense rows" \
+# FP8 first (the figure issue 19 needs): 7 shapes x 5 token counts x (2 FP8 kernels + 3 fp16 ones:
+# dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on Hopper), at most 0.5 s each: ~90 s.
+step 120 "GEMM level: LLaMA-2-7B and 70B shapes, FP8 and fp16, dense against 2:4" \
     python cli.py bench random:smollm2-135m --levels gemm "${GEMM[@]}" --device "$DEVICE" \
     --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
@@ -66,7 +66,7 @@ tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 # The default preset permutes channels with scipy's linear assignment; a machine without scipy
 # plans without them (the plan's report records which).
 PERMUTE=$(python -c "import scipy" 2>/dev/null && echo --permute-channels || echo --no-permute-channels)
-step 160 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
+step 150 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
     python -m runtime_bench.plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset default $PERMUTE \
     --json-out "$OUT/plan_llama2-70b_default.json" --md-out "$OUT/plan_llama2-70b_default.md"
 
@@ -82,7 +82,7 @@ step 60 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests
 
 # The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or
 # onnxruntime-genai-cuda they are measured, else recorded as skipped with the reason.
-step 30 "Model level: default model's shapes" \
+step 20 "Model level: default model's shapes" \
     python cli.py bench random:smollm2-135m --levels model "${MODEL[@]}" --device "$DEVICE" --quiet \
     --out "$WORK/model"
 tar -czf "$OUT/model.tar.gz" -C "$WORK" model

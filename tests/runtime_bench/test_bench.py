@@ -167,3 +167,41 @@ def test_a_backend_that_fails_at_the_model_level_is_recorded_and_the_rest_run(mo
     records = model_level.run_model(tiny, [(1, 8)], "cpu", ["onnxruntime", "torch-dense"], decode_steps=2)
     assert {r["backend"]: r["status"] for r in records} == {"onnxruntime": "skipped", "torch-dense": "ok"}
     assert "onnxruntime fell over" in next(r["reason"] for r in records if r["backend"] == "onnxruntime")
+
+
+def test_fp8_dense_kernel_computes_the_product_and_pads_small_token_counts():
+    """The FP8 row of the GEMM level, run where torch has an FP8 matmul (the CPU here): the product of
+    the FP8 values to bf16 round-off, M padded to 16, the 2:4 kernel skipped with its reason."""
+    from runtime_bench import gemm
+
+    weight = gemm.two_four_weight(32, 64, torch.float8_e4m3fn, "cpu")
+    kernels, reasons = gemm.fp8_kernels(weight, {"torch-2:4-cusparselt": "needs a CUDA GPU"})
+    x = torch.randn(16, 64).to(torch.float8_e4m3fn)
+    expected = x.float() @ weight.float().t()
+    got = kernels["torch-dense"](x).float()
+    assert (got - expected).abs().max() <= 2 ** -7 * expected.abs().max()  # bf16 keeps 8 significant bits
+    assert reasons == {"torch-2:4-cusparselt": "needs a CUDA GPU"}
+    records = []
+    gemm._time_shape(32, 64, gemm.FP8, [1, 20], "cpu", {"torch-2:4-cusparselt": "needs a CUDA GPU"}, 0.01, records,
+                     lambda: None)
+    ok = [r for r in records if r["status"] == "ok"]
+    assert [(r["tokens"], r["computed_tokens"]) for r in ok] == [(1, 16), (20, 32)]
+    assert ok[0]["weight_bytes"] == 32 * 64  # one byte a weight
+    assert any(r["status"] == "skipped" and r["backend"] == "torch-2:4-cusparselt" for r in records)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_two_four_matches_dense_or_says_why():
+    from runtime_bench import gemm
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    weight = gemm.two_four_weight(256, 512, torch.float8_e4m3fn, "cuda")
+    kernels, reasons = gemm.fp8_kernels(weight, {"torch-2:4-cusparselt": None})
+    x = torch.randn(64, 512, device="cuda").to(torch.float8_e4m3fn)
+    dense = kernels["torch-dense"](x).float()
+    if "torch-2:4-cusparselt" not in kernels:
+        pytest.skip(f"this torch build has no FP8 2:4 kernel: {reasons['torch-2:4-cusparselt']}")
+    sparse = kernels["torch-2:4-cusparselt"](x).float()
+    assert sparse.shape == dense.shape
+    assert (sparse - dense).abs().max() <= 2 ** -7 * dense.abs().max()
