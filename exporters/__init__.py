@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat, ExportOptions,
                             ValidationError, register)
@@ -24,12 +25,14 @@ SUMMARY_NAME = "export_summary.json"
 
 
 def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path",
-           options: ExportOptions = ExportOptions(), overwrite: bool = False) -> dict:
+           options: ExportOptions = ExportOptions(), overwrite: bool = False, source: Optional[tuple] = None) -> dict:
     """Export a pruned model directory to `fmt`, verify it, and write `export_summary.json` in `out`.
 
     The export is built in a staging sibling of `out` and moved into place only once it is
     written and verified, so `out` never holds a half-written or unverified export. `out` must be
     new, empty, or (with `overwrite`) a previous export; it may not overlap `model_dir`.
+    `source`: the (model, tokenizer, report) `model_dir` was just saved from, still in memory: the
+    exporter uses it instead of reading the directory back (and may cast it in place).
     """
     fmt = ExportFormat(fmt)
     check_options_apply(fmt, options)
@@ -41,10 +44,10 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     check_writable(out)
     with output_lock(out):
         check_export_dir(out, overwrite)
-        return _export(fmt, Path(model_dir), out, options)
+        return _export(fmt, Path(model_dir), out, options, source)
 
 
-def _export(fmt: ExportFormat, model_dir: Path, out: Path, options: ExportOptions) -> dict:
+def _export(fmt: ExportFormat, model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple]) -> dict:
     if options.dtype is None:
         options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[fmt.value])
     _load_all()
@@ -54,7 +57,7 @@ def _export(fmt: ExportFormat, model_dir: Path, out: Path, options: ExportOption
     dtypes["export"] = options.dtype or dtypes["source"]
     staging = begin_staging(out, [model_dir])
     try:
-        summary = _REGISTRY[fmt](model_dir, staging, options)
+        summary = _REGISTRY[fmt](model_dir, staging, options, source)
         summary = relocated(dict(format=fmt.value, source=str(model_dir), options=options.to_json(), dtype=dtypes,
                                  **summary), str(staging), str(out))
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))

@@ -60,7 +60,7 @@ class ExportOptions:
 # the source's dtype (None) unless a dtype is asked for.
 DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "genai": "float16", "safetensors": None}
 
-Exporter = Callable[[Path, Path, ExportOptions], dict]
+Exporter = Callable[[Path, Path, ExportOptions, Optional[tuple]], dict]  # model_dir, out, options, source
 _REGISTRY: dict[ExportFormat, Exporter] = {}
 
 

@@ -267,12 +267,13 @@ def first_divergence(got: list[int], expected: list[int]) -> Optional[int]:
 
 
 @register(ExportFormat.GENAI)
-def export_genai(model_dir: Path, out: Path, options: ExportOptions, loaded: Optional[tuple] = None) -> dict:
+def export_genai(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     require_onnx()
     require_genai()
     if options.dtype not in ("float32", "float16"):
         raise ExportError(f"the genai target supports float32 and float16, not {options.dtype}")
-    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows,
+                                           options.trust_remote_code, source)
     write_genai_folder(model, tokenizer, out, options.opset)
     summary = dict(genai=str(out), onnx=str(out / MODEL_FILE), files=sorted(p.name for p in out.iterdir()),
                    **check_patterns_kept(model_patterns(model), out / MODEL_FILE))

@@ -45,12 +45,15 @@ def write_onnx(model, path: Path, opset: int = 18, external_data_threshold: int 
 
 
 @register(ExportFormat.ONNX)
-def export_onnx(model_dir: Path, out: Path, options: ExportOptions, loaded: Optional[tuple] = None) -> dict:
-    """`loaded`: the (model, tokenizer, report) of `load_pruned`, when a caller has it already."""
+def export_onnx(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None,
+                loaded: Optional[tuple] = None) -> dict:
+    """`source`: the pruned model still in memory (`load_pruned`); `loaded`: what `load_pruned` returned,
+    when a caller has it already."""
     require_onnx()
     if options.dtype not in TOLERANCE:
         raise ExportError(f"ONNX export supports float32 and float16, not {options.dtype}")
-    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
+    model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows,
+                                                     options.trust_remote_code, source)
     torch_layers = model_patterns(model)
     path = out / ONNX_FILE
     write_onnx(model, path, options.opset)

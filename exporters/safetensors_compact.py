@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -16,8 +17,9 @@ from exporters.patterns import analyse
 
 
 @register(ExportFormat.SAFETENSORS)
-def export_compact(model_dir: Path, out: Path, options: ExportOptions) -> dict:
-    model, tokenizer, report = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)
+def export_compact(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code,
+                                           source=source)
     declared = Pattern.parse((report or {}).get("config", {}).get("pattern", "unstructured"))
     patterns, transposed = {}, set()
     for layer in prunable_linears(model, LayerSelection()).values():

@@ -87,16 +87,22 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
 
 
 def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, source: Optional[tuple] = None):
     """(model, tokenizer, report) from a pruned or compact directory, optionally cast.
 
+    `source`: the (model, tokenizer, report) the directory was saved from, still in memory, used
+    instead of reading it back (the model is then cast and split in place: it passes to the export).
     `split_dense_rows` turns each linear with dense outlier rows (alpha > 0) into a 2:4 part and
     a dense part (exporters.row_split); the report then lists them under "split_rows".
     """
-    model, tokenizer = load_model(str(model_dir), trust_remote_code=trust_remote_code)
+    if source is not None:
+        model, tokenizer, report = source
+        report = json.loads(json.dumps(report, default=str))  # as the directory's thanos_report.json reads
+    else:
+        model, tokenizer = load_model(str(model_dir), trust_remote_code=trust_remote_code)
+        report = read_report(model_dir)
     if dtype:
         model.to(DTYPES[dtype])
-    report = read_report(model_dir)
     if split_dense_rows:
         from exporters.row_split import split_dense_rows_
 

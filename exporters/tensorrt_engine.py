@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Optional
 
 from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
 from exporters.onnx_export import export_onnx
@@ -106,11 +107,11 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
 
 
 @register(ExportFormat.TENSORRT)
-def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
+def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     onnx_options = ExportOptions(**{**options.to_json(), "dtype": "float16"
                                     if options.dtype == "bfloat16" else options.dtype})
     # loaded once, for both steps
-    loaded = load_pruned(model_dir, onnx_options.dtype, options.split_dense_rows, options.trust_remote_code)
+    loaded = load_pruned(model_dir, onnx_options.dtype, options.split_dense_rows, options.trust_remote_code, source)
     sparse = True
     try:
         require_hardware_2to4(model_patterns(loaded[0]), loaded[2], "TensorRT", options.split_dense_rows)
@@ -119,6 +120,6 @@ def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions) -> dict:
             raise
         sparse = False
     require_tensorrt()  # before the ONNX export, which takes minutes on a big model
-    onnx_summary = export_onnx(model_dir, out, onnx_options, loaded)
+    onnx_summary = export_onnx(model_dir, out, onnx_options, loaded=loaded)
     return dict(onnx=onnx_summary["onnx"], onnx_export=onnx_summary,
                 **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))

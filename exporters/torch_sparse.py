@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -84,7 +85,8 @@ def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backen
 
 
 @register(ExportFormat.TORCH)
-def export_torch(model_dir: Path, out: Path, options: ExportOptions) -> dict:
+def export_torch(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
+    # `source` is not used: the check needs a dense copy beside the converted model, read from the directory.
     require_sparse_gpu()
     model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
     if not options.allow_dense:

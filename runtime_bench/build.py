@@ -24,7 +24,7 @@ from thanos.driver import Progress
 from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_writable, commit_staging,
                             discard_staging, output_lock)
 from thanos.parallel import Parallel
-from thanos.pipeline import PruneJob, prune_to_directory
+from thanos.pipeline import PruneJob, prune_into, prune_to_directory
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,14 @@ def _prune_job(job: BuildJob, staging: Path) -> PruneJob:
 
 
 def _build(job: BuildJob, target: str, options, staging: Path, progress, on_pruned, on_exported) -> dict:
-    report = prune_to_directory(_prune_job(job, staging), progress)
+    pruned = prune_into(_prune_job(job, staging), progress)
+    report = pruned.report
     if on_pruned:
         on_pruned(report)
-    summary = export(target, staging / "pruned", staging / target, options, overwrite=True)
+    # The pruned model goes to the export in memory, as saved: the directory is not read back.
+    source = (pruned.model, pruned.tokenizer, report) if pruned.model is not None else None
+    summary = export(target, staging / "pruned", staging / target, options, overwrite=True, source=source)
+    del pruned, source
     if on_exported:
         on_exported(summary)
     build = dict(target=target, pruned=str(staging / "pruned"), export=str(staging / target),

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
@@ -293,3 +294,31 @@ def test_prune_and_build_refuses_a_finished_build_without_overwrite(tiny_llama_d
     before = _files(out)
     _refused(CliRunner().invoke(main, build), "already holds a finished build", "--overwrite")
     assert _files(out) == before
+
+
+def test_prune_and_build_exports_the_model_in_memory(tiny_llama_dir, tmp_path, monkeypatch):
+    """The export takes the pruned model as saved, without reading the directory back; the result is
+    the same export (checked bit for bit by the compact round trip)."""
+    import thanos.models
+
+    real, loaded = thanos.models.load_model, []
+
+    def counting(path=None, *args, **kwargs):
+        loaded.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(thanos.models, "load_model", counting)
+    monkeypatch.setattr("thanos.pipeline.load_model", counting)
+    monkeypatch.setattr("exporters.source.load_model", counting)
+    out = tmp_path / "build"
+    done = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "safetensors",
+                                     "--out", str(out), *SMALL])
+    assert done.exit_code == 0, done.output
+    assert loaded == [str(tiny_llama_dir)]  # the source model, once; never the pruned directory
+    summary = json.loads((out / "safetensors" / "export_summary.json").read_text())
+    assert summary["round_trip"] == "bit-exact"
+    from exporters import load_compact
+
+    saved = AutoModelForCausalLM.from_pretrained(out / "pruned").state_dict()
+    compact = load_compact(out / "safetensors").state_dict()
+    assert all(torch.equal(compact[k], v) for k, v in saved.items())  # the export is the directory's model

@@ -104,8 +104,23 @@ def _own_version() -> str:
         return "source checkout"
 
 
+@dataclasses.dataclass
+class Pruned:
+    """What `prune_into` leaves in memory beside the directory it wrote: the model as saved, or None
+    where a finished model with the same fingerprint was reused from the directory."""
+
+    model: Optional[torch.nn.Module]
+    tokenizer: object
+    report: dict
+
+
 def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> dict:
-    """Prune `job.model` and write a loadable model directory plus `thanos_report.json`; return the report.
+    """Prune `job.model` and write a loadable model directory plus `thanos_report.json`; return the report."""
+    return prune_into(job, progress).report
+
+
+def prune_into(job: PruneJob, progress: Optional[Progress] = None) -> Pruned:
+    """`prune_to_directory`, keeping the pruned model in memory for a caller that goes on with it (an export).
 
     Rank 0 holds a lock on the output for the whole run, so a second run into it is refused.
     """
@@ -130,7 +145,7 @@ def prune_to_directory(job: PruneJob, progress: Optional[Progress] = None) -> di
         return _prune(job, out, device, parallel, progress)
 
 
-def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, progress: Optional[Progress]) -> dict:
+def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, progress: Optional[Progress]) -> Pruned:
     job = job.resolved(device)
     if not parallel.is_main:
         progress = None
@@ -159,7 +174,7 @@ def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, p
         earlier = _finished_report(out)
         if earlier is not None and earlier.get("fingerprint") == fingerprint:
             log.warning("%s already holds a model pruned with these settings and calibration tokens; reusing it", out)
-            return earlier
+            return Pruned(None, tokenizer, earlier)
 
     report = dict(config=job.config.to_json(), recipe=job.config.recipe.to_json(), job={k: v for k, v in dataclasses.asdict(job).items() if k != "config"},
                   model=describe_source(job.model), versions=versions(), device=device_description(device),
@@ -197,7 +212,7 @@ def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, p
         checkpoints.remove()
 
     parallel.run_on_main(finish)
-    return report
+    return Pruned(model, tokenizer, report)
 
 
 def prune(model, config: PruneConfig = PruneConfig(), calibration: Optional[torch.Tensor] = None, *,
@@ -326,4 +341,4 @@ def evaluate_model(model, tokenizer, path: str, text_file: Optional[str], seqlen
     return dict(model=path, text=text.source, perplexity=value, windows=windows, seqlen=seqlen, device=where)
 
 
-__all__ = ["PruneJob", "prune", "prune_to_directory", "evaluate_directory", "OutputDirError"]
+__all__ = ["PruneJob", "Pruned", "prune", "prune_into", "prune_to_directory", "evaluate_directory", "OutputDirError"]
