@@ -27,9 +27,7 @@ def check_output_dir(out: Path, overwrite: bool = False, reuse_finished: bool = 
     is complete (`thanos.outputs.commit_staging`); `reuse_finished` lets the caller keep a finished
     model made with the same settings.
     """
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {out} is a file; pass a directory path")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(out.iterdir()):  # a file at `out` was refused by check_writable
         return
     if (out / REPORT_NAME).is_file():
         if overwrite or reuse_finished:
