@@ -18,7 +18,8 @@ import click
 from exporters.base import ExportFormat
 from runtime_bench.gemm import DEFAULT_TOKENS
 from runtime_bench.model import ALL_BACKENDS, RANDOM_CONFIGS
-from thanos.config import PRESETS, PruneConfig
+from thanos.config import DEFAULT_SMOOTHING, PRESETS, PruneConfig
+from thanos.quantize import FORMATS, ROUNDINGS
 from thanos.recipe import METHODS
 from thanos.errors import ThanosExportError
 
@@ -184,6 +185,29 @@ def prune_options(f):
     return f
 
 
+def quantize_options(f):
+    options = [
+        click.option("--quantize", type=click.Choice(list(FORMATS)), default=None,
+                     help="After pruning, store the weights in 8 bits (one scale per output channel; fp8 is E4M3) "
+                          "and give each linear's input a static scale from the calibration pass. The saved "
+                          "directory holds the dequantized weights (transformers loads it as before) and "
+                          "thanos_quantization.safetensors with the scales; eval and generate then round every "
+                          "linear's input as an 8-bit runtime does. Default: no quantization."),
+        click.option("--quantize-rounding", type=click.Choice(list(ROUNDINGS)), default=None,
+                     help="compensated (default): each column's rounding error is spread over the kept weights "
+                          "after it through the inverse Hessian, kept only where it beats round-to-nearest; "
+                          "nearest: every weight rounded on its own."),
+        click.option("--quantize-smoothing", type=click.FloatRange(0, 1), default=None,
+                     help="Migration strength alpha of activation outliers into the weights before quantizing "
+                          "(SmoothQuant: channel j of the input divided by amax(x_j)^alpha / amax(W_j)^(1-alpha), "
+                          "folded into the norm or linear that produces it; pruned zeros stay zero). Default: "
+                          + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_SMOOTHING.items()) + "; 0 turns it off."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def build_config(recipe, **options) -> PruneConfig:
     """The preset (or the recipe file) with the options given on the command line on top."""
     given = {name: value for name, value in options.items() if value is not None}
@@ -201,13 +225,16 @@ def build_config(recipe, **options) -> PruneConfig:
 def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size, refit_iterations,
               mask_search_iterations, permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file,
               calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows, offload_activations,
-              trust_remote_code, overwrite, distributed=False):
+              trust_remote_code, overwrite, distributed=False, quantize=None, quantize_rounding=None,
+              quantize_smoothing=None):
     from thanos.pipeline import PruneJob
 
     config = build_config(recipe, method=method, pattern=pattern, sparsity=sparsity, preset=preset,
                           block_size=block_size, alpha=alpha, damp=damp, refit_iterations=refit_iterations,
                           mask_search_iterations=mask_search_iterations, permute_channels=permute_channels,
-                          reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target)
+                          reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target,
+                          quantize=quantize, quantize_rounding=quantize_rounding,
+                          quantize_smoothing=quantize_smoothing)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
                     seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
                     evaluate=not no_eval, eval_windows=_windows(eval_windows),
@@ -248,9 +275,20 @@ def echo_prune_summary(report: dict) -> None:
     escalations = sum(r["damp_escalations"] for r in report["layers"])
     if escalations:
         click.echo(f"damping    raised {escalations} times (see thanos_report.json)")
+    quantized = [r["quantization"] for r in report["layers"] if r.get("quantization")]
+    if quantized:
+        compensated = sum(q["rounding"] == "compensated" for q in quantized)
+        click.echo(f"8-bit      {quantized[0]['format']}: mean rel. error {_mean(q['error'] for q in quantized):.3g} "
+                   f"(round-to-nearest {_mean(q['nearest_error'] for q in quantized):.3g}), compensation kept in "
+                   f"{compensated} of {len(quantized)} linears; inputs rounded in the perplexity below")
     if "perplexity_before" in report:
         b, a = report["perplexity_before"], report["perplexity_after"]
         click.echo(f"perplexity {b['value']:.2f} -> {a['value']:.2f} (held-out, {a['windows']} windows of {a['seqlen']})")
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _steps_in_words(steps: list[dict]) -> str:
@@ -258,7 +296,9 @@ def _steps_in_words(steps: list[dict]) -> str:
              "solve": lambda s: f"block {s['block_size']}" + (f", alpha {s['alpha']}" if s["alpha"] else ""),
              "mask_search": lambda s: f"mask search {s['iterations']}",
              "refit": lambda s: f"refit {s['iterations']}",
-             "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target"}
+             "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target",
+             "quantize": lambda s: f"{s['format']} weights and inputs, {s['rounding']} rounding"
+                                   + (f", smoothing {s['smoothing']:g}" if s["smoothing"] else "")}
     return ", ".join(words[s["step"]](s) for s in steps)
 
 
@@ -277,6 +317,7 @@ def _echo_layer_table(layers: list[dict]) -> None:
 
 @main.command()
 @prune_options
+@quantize_options
 @click.option("--out", required=True, type=click.Path(), help="Directory for the pruned model and thanos_report.json.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def prune(out, quiet, **options):
@@ -287,6 +328,7 @@ def prune(out, quiet, **options):
       thanos-export prune --pattern 2:4 --calib-samples 32 --seqlen 512 --out smollm2-2of4/
       thanos-export prune --model ~/llama-2-7b --method sparsegpt --pattern 4:8 --out llama-4of8/
       thanos-export prune --recipe smollm2-2of4/thanos_report.json --model ~/llama-2-7b --out llama-2of4/
+      thanos-export prune --pattern 2:4 --quantize fp8 --out smollm2-2of4-fp8/
 
     An interrupted run resumes from its last finished layer when rerun with the same options.
     """

@@ -3,8 +3,12 @@
 For an n:m layer of shape (out, in) the file holds `NAME.values` (out, in*(m-n)/m) in the
 layer's dtype and `NAME.keep` (out, ceil(in/8)) uint8, the row-wise packed bits of the mask of
 kept positions; every other tensor is stored dense under its own name. For fp16 2:4 that is
-0.5 + 0.0625 = 0.5625 of the dense bytes. Reading (`thanos.compact`) scatters the values back
-and gives the exact same bits (`torch.equal`, and -0.0 stays -0.0).
+0.5 + 0.0625 = 0.5625 of the dense bytes. A linear quantized to 8 bits (`thanos.quantize`)
+stores its 8-bit values instead (int8 or float8_e4m3fn), with `NAME.weight_scale` (out,) and
+`NAME.input_scale` () beside them: 0.25 + 0.0625 = 0.3125 of its fp16 dense bytes for 2:4, plus
+the scales (an 8-bit linear without an n:m pattern is stored as 0:1, every position kept).
+Reading (`thanos.compact`) scatters the values back (and dequantizes them) and
+gives the exact same bits (`torch.equal`, and -0.0 stays -0.0).
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ import torch
 
 from exporters.patterns import nonzero_bits
 from thanos.compact import COMPACT_FILE, FORMAT
+from thanos.errors import InputError
+from thanos.quantize import FORMATS, grid_of
+from thanos.quantized_model import quantization_of
 
 
 def keep_mask(weight: torch.Tensor, n: int, m: int) -> Optional[torch.Tensor]:
@@ -33,12 +40,16 @@ def keep_mask(weight: torch.Tensor, n: int, m: int) -> Optional[torch.Tensor]:
     return torch.zeros_like(nz).scatter_(-1, keep_idx, True).reshape(rows, cols)
 
 
-def compress(weight: torch.Tensor, n: int, m: int) -> Optional[dict[str, torch.Tensor]]:
+def compress(weight: torch.Tensor, n: int, m: int, stored: Optional[torch.Tensor] = None
+             ) -> Optional[dict[str, torch.Tensor]]:
+    """The kept values of `weight` and the packed keep mask; `stored` (same shape) supplies the values
+    to keep instead, e.g. the 8-bit values behind a dequantized weight."""
     keep = keep_mask(weight, n, m)
     if keep is None:
         return None
     rows, cols = weight.shape
-    values = weight[keep].reshape(rows, cols * (m - n) // m)  # row-major: each row's kept values in order
+    source = weight if stored is None else stored
+    values = source[keep].reshape(rows, cols * (m - n) // m)  # row-major: each row's kept values in order
     packed = torch.from_numpy(np.packbits(keep.numpy(), axis=1))  # (r, ceil(c/8)) uint8
     return {"values": values.contiguous(), "keep": packed}
 
@@ -49,18 +60,25 @@ def save_compact(model, tokenizer, out: Path, patterns: dict[str, tuple[int, int
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    modules = dict(model.named_modules())
     state = _unique_state(model)
     tensors, layers = {}, {}
     dense_bytes = compact_bytes = 0
     for key, tensor in state.items():
         name = key[: -len(".weight")] if key.endswith(".weight") else key
-        if name in patterns:
-            n, m = patterns[name]
+        if name in patterns or (name in modules and quantization_of(modules[name]) is not None):
+            n, m = patterns.get(name, (0, 1))  # an 8-bit linear without n:m groups keeps every position
             weight = tensor.T if name in transposed else tensor  # (out, in): groups along K
-            parts = compress(weight.cpu(), n, m)
+            quant = quantization_of(modules[name])
+            parts = compress(weight.cpu(), n, m, None if quant is None else _grid(name, weight.cpu(), quant))
             if parts is not None:
                 tensors[f"{name}.values"], tensors[f"{name}.keep"] = parts["values"], parts["keep"]
                 layers[name] = dict(shape=list(weight.shape), n=n, m=m, transposed=name in transposed)
+                if quant is not None:
+                    tensors[f"{name}.weight_scale"] = quant.weight_scale.float().contiguous()
+                    tensors[f"{name}.input_scale"] = quant.input_scale.float().reshape(())
+                    layers[name].update(quantized=quant.format, dtype=str(weight.dtype).replace("torch.", ""))
+                    parts = dict(parts, scale=tensors[f"{name}.weight_scale"])
                 dense_bytes += weight.numel() * weight.element_size()
                 compact_bytes += sum(p.numel() * p.element_size() for p in parts.values())
                 continue
@@ -75,6 +93,14 @@ def save_compact(model, tokenizer, out: Path, patterns: dict[str, tuple[int, int
     return dict(compact_layers=len(layers), dense_bytes_of_compact_layers=dense_bytes,
                 compact_bytes=compact_bytes, ratio=compact_bytes / dense_bytes if dense_bytes else None,
                 file_bytes=(out / COMPACT_FILE).stat().st_size)
+
+
+def _grid(name: str, weight: torch.Tensor, quant) -> torch.Tensor:
+    grid = grid_of(weight, quant.weight_scale, FORMATS[quant.format])
+    if grid is None:
+        raise InputError(f"{name}: the weights are not exactly their {quant.format} values times their scales "
+                         "(cast to another dtype?); export without --dtype")
+    return grid
 
 
 def _unique_state(model) -> dict[str, torch.Tensor]:

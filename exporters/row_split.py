@@ -15,7 +15,7 @@ from torch import nn
 
 from exporters.patterns import nonzeros_per_group
 from thanos.models import LayerSelection, prunable_linears
-from thanos.models import weight_view
+from thanos.linears import weight_view
 
 ROW_MULTIPLE = 32  # rows of a semi-structured weight: 16 for cuSPARSELt, 32 for CUTLASS (fp16/bf16)
 

@@ -10,7 +10,9 @@ import torch
 from exporters.patterns import LayerPattern, analyse
 from thanos.models import LayerSelection, prunable_linears
 from thanos.errors import InputError
-from thanos.models import load_model, stores_transposed, weight_view
+from thanos.models import load_model
+from thanos.linears import stores_transposed, weight_view
+from thanos.quantized_model import QUANTIZATION_FILE, quantized_linears
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,7 +61,7 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
     if not files or is_compact_dir(model_dir):
-        return model_patterns(load_pruned(model_dir, trust_remote_code=trust_remote_code)[0])
+        return model_patterns(load_pruned(model_dir, trust_remote_code=trust_remote_code, accepts_8bit=True)[0])
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -87,20 +89,27 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
 
 
 def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False,
-                trust_remote_code: bool = False, source: Optional[tuple] = None):
+                trust_remote_code: bool = False, source: Optional[tuple] = None, accepts_8bit: bool = False):
     """(model, tokenizer, report) from a pruned or compact directory, optionally cast.
 
     `source`: the (model, tokenizer, report) the directory was saved from, still in memory, used
     instead of reading it back (the model is then cast and split in place: it passes to the export).
     `split_dense_rows` turns each linear with dense outlier rows (alpha > 0) into a 2:4 part and
-    a dense part (exporters.row_split); the report then lists them under "split_rows".
+    a dense part (exporters.row_split); the report then lists them under "split_rows". A model
+    quantized to 8 bits is refused unless the caller `accepts_8bit` (writes its scales too).
     """
     if source is not None:
         model, tokenizer, report = source
         report = json.loads(json.dumps(report, default=str))  # as the directory's thanos_report.json reads
+        if quantized_linears(model) and not accepts_8bit:
+            refuse_8bit(model_dir)
     else:
+        if (Path(model_dir) / QUANTIZATION_FILE).is_file() and not accepts_8bit:
+            refuse_8bit(model_dir)
         model, tokenizer = load_model(str(model_dir), trust_remote_code=trust_remote_code)
         report = read_report(model_dir)
+        if quantized_linears(model) and not accepts_8bit:  # a compact 8-bit checkpoint
+            refuse_8bit(model_dir)
     if dtype:
         model.to(DTYPES[dtype])
     if split_dense_rows:
@@ -108,6 +117,15 @@ def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: 
 
         report = dict(report or {}, split_rows=split_dense_rows_(model))
     return model, tokenizer, report
+
+
+def refuse_8bit(model_dir: Path) -> None:
+    """No export carries 8-bit weights and activation scales yet; exporting the dequantized weights
+    without them would hand a runtime a different model than the one measured."""
+    raise InputError(f"{model_dir} was pruned with --quantize (8-bit weights and activation scales): of the exports "
+                     "only the compact checkpoint (--target safetensors) carries them yet; ONNX QDQ, TensorRT FP8/INT8 "
+                     "and 8-bit cuSPARSELt are not built yet. Measure it with `thanos-export eval` or `generate`, "
+                     "or export a model pruned without --quantize")
 
 
 def prompts(tokenizer, count: int = 2, length: int = 24) -> torch.Tensor:

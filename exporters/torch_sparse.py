@@ -17,7 +17,7 @@ from exporters.base import BackendMissingError, ExportFormat, ExportOptions, Val
 from exporters.patterns import analyse, require_hardware_2to4
 from exporters.source import load_pruned, model_patterns, prompts
 from thanos.models import LayerSelection, prunable_linears
-from thanos.models import stores_transposed, weight_view
+from thanos.linears import stores_transposed, weight_view
 
 log = logging.getLogger(__name__)
 TOLERANCE = 2e-2  # of the logits' largest magnitude: sparse kernels accumulate in another order

@@ -12,7 +12,7 @@ from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
-from thanos.models import is_prunable, weight_view
+from thanos.linears import is_prunable, weight_view
 
 
 @dataclasses.dataclass(frozen=True)

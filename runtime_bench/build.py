@@ -18,6 +18,7 @@ import torch
 
 from exporters import ExportOptions, check_backend, check_options_apply, export, relocated
 from exporters.patterns import require_hardware_2to4
+from exporters.source import refuse_8bit
 from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME
 from thanos.devices import resolve_device
 from thanos.driver import Progress
@@ -25,6 +26,7 @@ from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check
                             discard_staging, output_lock)
 from thanos.parallel import Parallel
 from thanos.pipeline import PruneJob, prune_into, prune_to_directory
+from thanos.recipe import Quantize
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
     if job.prune.trust_remote_code:
         options = dataclasses.replace(options, trust_remote_code=True)
     check_options_apply(target, options)
+    if job.prune.config.recipe.get(Quantize) and target != "safetensors":
+        refuse_8bit(out / "pruned")
     if target in ("tensorrt", "torch") and not options.allow_dense:
         require_hardware_2to4(None, dict(config=job.prune.config.to_json()), target, options.split_dense_rows)
     check_backend(target)

@@ -32,6 +32,7 @@ from thanos.evaluate import perplexity
 from thanos.models import describe_source, load_model
 from thanos.devices import device_description, resolve_device
 from thanos.pipeline import versions
+from thanos.quantized_model import simulate_activations_
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,29 @@ class Comparison:
 
 
 def method_config(method: str, pattern: str) -> PruneConfig:
+    """A method name as the table writes it: "sparsegpt", "thanos:<preset>", each optionally followed by
+    "+fp8" or "+int8" (8-bit, compensated rounding), "+fp8-nearest" (round-to-nearest), and "@ALPHA"
+    (the smoothing strength; the format's default without); "dense+fp8" quantizes the unpruned
+    model (nothing removed), the reference an 8-bit user compares against."""
+    base, _, quant = method.partition("+")
+    quantize = {}
+    if quant:
+        quant, _, alpha = quant.partition("@")
+        fmt, _, rounding = quant.partition("-")
+        quantize = dict(quantize=fmt, quantize_rounding=rounding or None,
+                        quantize_smoothing=float(alpha) if alpha else None)
+    if base == "dense":
+        if not quant:
+            raise ValueError("'dense' is measured in every table; name an 8-bit variant such as 'dense+fp8'")
+        return PruneConfig("magnitude", "unstructured", 0.0, **quantize)
     sparsity = 0.5 if pattern == "unstructured" else None
-    if method.startswith("thanos:"):
-        return PruneConfig("thanos", pattern, sparsity, preset=method.split(":", 1)[1])
-    return PruneConfig(method, pattern, sparsity)
+    if base.startswith("thanos:"):
+        return PruneConfig("thanos", pattern, sparsity, preset=base.split(":", 1)[1], **quantize)
+    return PruneConfig(base, pattern, sparsity, **quantize)
+
+
+def _is_dense(method: str) -> bool:
+    return method.partition("+")[0] == "dense"
 
 
 def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
@@ -103,7 +123,7 @@ def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
     for pattern in settings.patterns:
         for method in settings.methods:
             for seed in (settings.seeds[:1] if method in SEED_FREE else settings.seeds):
-                row = dict(method=method, pattern=pattern, seed=seed)
+                row = dict(method=method, pattern="-" if _is_dense(method) else pattern, seed=seed)
                 try:
                     model, seconds, config = _prune(base, method, pattern, text.calibration, settings, seed, dev)
                 except _Skipped as exc:
@@ -111,8 +131,9 @@ def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
                     rows.append(row)
                     echo(f"| {method} | {pattern} | skipped: {exc} |")
                     break
-                row.update(status="ok", seconds=seconds, config=config, pattern_violations=pattern_violations(model, pattern),
-                           **measure(model))
+                row.update(status="ok", seconds=seconds, config=config, **measure(model))
+                if not _is_dense(method):
+                    row["pattern_violations"] = pattern_violations(model, pattern)
                 rows.append(row)
                 echo(_row_line(row))
                 del model
@@ -132,6 +153,7 @@ def _prune(base, method, pattern, calibration, settings: Comparison, seed: int, 
     else:
         prune_config = method_config(method, pattern)
         prune_model_(model, samples, prune_config, dev)
+        simulate_activations_(model)  # a quantized model is measured as the 8-bit runtime computes
         config = prune_config.to_json()
     return model, time.perf_counter() - start, config
 

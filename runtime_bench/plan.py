@@ -25,7 +25,8 @@ from runtime_bench.protocol import machine, stop_on_sigterm, timed
 from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
 from thanos.driver import LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs
-from thanos.models import LayerSelection, adapter_for, decoder_layers, prunable_linears, weight_view
+from thanos.models import LayerSelection, adapter_for, decoder_layers, prunable_linears
+from thanos.linears import weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
 from thanos.permute import ChannelLayout

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from cli import main
-from thanos.models import weight_view
+from thanos.linears import weight_view
 from tests.thanos.helpers import assert_nm
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--device", "cpu", "--quiet"]

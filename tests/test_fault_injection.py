@@ -16,7 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from thanos.models import LayerSelection, prunable_linears, weight_view
+from thanos.models import LayerSelection, prunable_linears
+from thanos.linears import weight_view
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(calib_samples=2, seqlen=32, evaluate=False, device="cpu")

@@ -11,7 +11,8 @@ from thanos.config import ConfigError, Pattern, PruneConfig
 from thanos.errors import ThanosExportError
 from thanos.hessian import reconstruction_error
 from thanos.mask_search import SearchResult
-from thanos.recipe import MaskSearch, Refit
+from thanos.quantize import QuantizationReport
+from thanos.recipe import MaskSearch, Quantize, Refit
 from thanos.refit import damped_hessian
 from thanos.solvers import SolverOutput
 from thanos.solvers.thanos import DEFAULT_SOLVE_MEMORY
@@ -34,6 +35,8 @@ class PruneResult:
     refit_seconds: float = 0.0
     search_seconds: float = 0.0
     mask_changed: float = 0.0  # share of entries the mask search moved between removed and kept
+    scale: Optional[torch.Tensor] = None  # (r,) fp32 per-row scales, when the recipe quantizes to 8 bits
+    quantization: Optional[QuantizationReport] = None
 
 
 def prune_weight(
@@ -52,6 +55,7 @@ def prune_weight(
     name: str = "layer",
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
     progress: Optional[Callable[[int, int], None]] = None,
+    quantize: bool = True,
 ) -> PruneResult:
     """Prune one linear weight (r x c) given its input statistics `hessian` (c x c, mean x x^T).
 
@@ -61,7 +65,9 @@ def prune_weight(
     device in fp32 whatever the weight's dtype, and returns the weight in its own dtype.
 
     `progress(columns_done, columns)` is called after each block by the block solvers (thanos,
-    sparsegpt).
+    sparsegpt). A recipe with the 8-bit step returns the dequantized 8-bit weight and its `scale`;
+    `quantize=False` leaves that step to the caller (the model driver quantizes a decoder layer
+    once it is final, and adds the activation scales).
     """
     if isinstance(method, PruneConfig):
         config = method
@@ -91,12 +97,16 @@ def prune_weight(
             f"{name}: pruning produced NaN or Inf weights (method {config.method}); check the layer's "
             "calibration statistics for NaN, or raise --damp"
         )
+    pruned, scale, quantized = out.weight.to(weight.dtype), None, None
+    if quantize and recipe.get(Quantize):
+        result = recipe.get(Quantize).run(pruned, H if full_h else None, damp if full_h else solve.damp, name)
+        pruned, scale, quantized = result.weight, result.scale, result.report
     seconds = _synchronized_clock(weight) - start
     error = None
     if full_h:
-        error = reconstruction_error(weight.detach().to(W), out.weight, H)
+        error = reconstruction_error(weight.detach().to(W), pruned.float(), H)
     return PruneResult(
-        weight=out.weight.to(weight.dtype),
+        weight=pruned,
         mask=out.mask,
         config=config,
         sparsity=float(out.mask.float().mean()),
@@ -107,6 +117,8 @@ def prune_weight(
         refit_seconds=refit_seconds,
         search_seconds=refit_start - search_start,
         mask_changed=changed,
+        scale=scale,
+        quantization=quantized,
     )
 
 

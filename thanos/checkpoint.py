@@ -1,7 +1,8 @@
 """Resumable output: each finished decoder layer is committed to disk atomically.
 
 `OUT/.thanos_partial/run.json` records the settings of the run; `layer_00007.safetensors` holds
-layer 7's pruned state with its per-linear report in the file's metadata. A file appears only
+layer 7's pruned state (and its linears' 8-bit scales, under `QUANT_PREFIX`) with its per-linear
+report in the file's metadata. A file appears only
 by `os.replace` of a complete temporary, so a killed run leaves whole layers or nothing.
 """
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 import torch
 
 from thanos.outputs import OutputDirError, atomic_write_text
+from thanos.quantized_model import layer_tensors, restore_layer_
 
 PARTIAL_DIR = ".thanos_partial"
 REPORT_NAME = "thanos_report.json"
+QUANT_PREFIX = "thanos_quantization/"  # cannot clash with a state-dict key, which has no '/'
 
 
 def check_output_dir(out: Path, overwrite: bool = False, reuse_finished: bool = False) -> None:
@@ -83,9 +86,11 @@ class LayerCheckpoints:
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+        scales, formats = layer_tensors(layer)
+        state.update({QUANT_PREFIX + k: v.contiguous() for k, v in scales.items()})
         tmp = self._path(index).with_suffix(".tmp")
         try:
-            save_file(state, str(tmp), metadata={"reports": json.dumps(reports)})
+            save_file(state, str(tmp), metadata={"reports": json.dumps(reports), "quantization": json.dumps(formats)})
             os.replace(tmp, self._path(index))
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk must not stay full of a half-written layer
@@ -99,9 +104,13 @@ class LayerCheckpoints:
 
         path = self._path(index)
         try:
-            layer.load_state_dict(load_file(str(path)))
+            state = load_file(str(path))
+            scales = {k[len(QUANT_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(QUANT_PREFIX)}
+            layer.load_state_dict(state)
             with safe_open(str(path), "pt") as f:
-                return json.loads(f.metadata()["reports"])
+                metadata = f.metadata()
+            restore_layer_(layer, scales, json.loads(metadata.get("quantization", "{}")))
+            return json.loads(metadata["reports"])
         except Exception as exc:  # truncated or foreign file: say which, and how to redo just that layer
             raise OutputDirError(f"the saved layer {path} is damaged ({type(exc).__name__}: {exc}); delete that "
                                  "file and rerun the same command to prune the layer again") from exc

@@ -2,7 +2,8 @@
 
 The format: for an n:m layer of shape (out, in) the file holds `NAME.values` (out, in*(m-n)/m) in
 the layer's dtype and `NAME.keep` (out, ceil(in/8)) uint8, the row-wise packed bits of the mask of
-kept positions; every other tensor is stored dense under its own name. Reading lives here, below
+kept positions (8-bit values with `NAME.weight_scale` and `NAME.input_scale` for a linear
+quantized by `thanos.quantize`); every other tensor is stored dense under its own name. Reading lives here, below
 the exporters, because every command that loads a model accepts such a directory; writing is
 `exporters.compact`.
 """
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from thanos.errors import InputError
+from thanos.quantize import FORMATS, dequantize
+from thanos.quantized_model import LinearQuantization, set_quantization, simulate_activations_
 
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT = "thanos-compact/1"
@@ -33,7 +36,8 @@ def is_compact_dir(path: Path) -> bool:
     return (Path(path) / COMPACT_FILE).is_file()
 
 
-def read_compact_state(path: Path) -> dict[str, torch.Tensor]:
+def read_compact_state(path: Path, scales: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """The dense state dict; `scales`, if given, receives {linear: LinearQuantization} of 8-bit linears."""
     from safetensors import safe_open
 
     with safe_open(str(Path(path) / COMPACT_FILE), "pt") as f:
@@ -43,7 +47,17 @@ def read_compact_state(path: Path) -> dict[str, torch.Tensor]:
         layers = json.loads(meta["layers"])
         state = {k: f.get_tensor(k) for k in f.keys()}
     for name, info in layers.items():
-        dense = decompress(state.pop(f"{name}.values"), state.pop(f"{name}.keep"), tuple(info["shape"]))
+        values, keep = state.pop(f"{name}.values"), state.pop(f"{name}.keep")
+        if info.get("quantized"):
+            fmt, scale, input_scale = info["quantized"], state.pop(f"{name}.weight_scale"), state.pop(f"{name}.input_scale")
+            if fmt not in FORMATS:
+                raise InputError(f"{path}: {name} is stored as {fmt!r}, which this version cannot read")
+            grid = decompress(values.float(), keep, tuple(info["shape"]))  # 8-bit values are exact in fp32
+            dense = dequantize(grid, scale, getattr(torch, info["dtype"]))
+            if scales is not None:
+                scales[name] = LinearQuantization(fmt, scale, input_scale)
+        else:
+            dense = decompress(values, keep, tuple(info["shape"]))
         state[f"{name}.weight"] = dense.T.contiguous() if info["transposed"] else dense
     return state
 
@@ -54,7 +68,8 @@ def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    state = read_compact_state(path)
+    scales = {}
+    state = read_compact_state(path, scales)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or next(iter(state.values())).dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
@@ -62,6 +77,9 @@ def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
     if untied or unexpected:
         raise InputError(f"{path}: checkpoint does not match its config (missing {sorted(untied)[:3]}, "
                          f"unexpected {unexpected[:3]})")
+    for name, quant in scales.items():
+        set_quantization(model.get_submodule(name), quant)
+    simulate_activations_(model)  # an 8-bit model computes as the 8-bit runtime will
     return model.eval()
 
 

@@ -11,12 +11,15 @@ import functools
 from typing import Optional
 
 from thanos.pattern import ConfigError, Pattern
-from thanos.recipe import METHODS, MaskSearch, Permute, Recipe, Reconstruct, Refit, Solve
+from thanos.recipe import METHODS, MaskSearch, Permute, Quantize, Recipe, Reconstruct, Refit, Solve
 
 # Default block sizes (columns per block) of the methods without presets. The paper uses 128 for
 # unstructured and 512 for n:m; SparseGPT's reference code uses 128.
 DEFAULT_BLOCK_SIZE = {"unstructured": 128, "nm": 128, "columns": None}
 SPARSEGPT_BLOCK_SIZE = 128
+# Migration strength of activation ranges into the weights before 8-bit quantization (thanos.smooth):
+# INT8's uniform grid needs it; FP8's exponent already spans the ranges (docs/results/quantize_2of4_cpu.md).
+DEFAULT_SMOOTHING = {"int8": 0.5, "fp8": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,10 @@ class PruneConfig:
     `mask_search_iterations` moves mask and weights together from the solver's result;
     `refit_iterations` re-solves the kept weights for the final mask; `reconstruct_epochs` tunes
     each pruned decoder layer towards `reconstruct_target` ("layer" if None); `permute_channels`
-    reorders the channels a model family leaves free before an n:m pattern groups them. An option
+    reorders the channels a model family leaves free before an n:m pattern groups them; `quantize`
+    ("fp8" or "int8", None for none) turns the final weights and each linear's input into 8 bits
+    with `quantize_rounding` ("compensated" if None), after moving activation ranges into the
+    weights with strength `quantize_smoothing` (`DEFAULT_SMOOTHING` if None). An option
     that the recipe would not use (a preset for another method, a reconstruction target without
     reconstruction) is refused, never ignored.
     """
@@ -84,6 +90,9 @@ class PruneConfig:
     reconstruct_target: Optional[str] = None
     preset: Optional[str] = None
     permute_channels: Optional[bool] = None
+    quantize: Optional[str] = None
+    quantize_rounding: Optional[str] = None
+    quantize_smoothing: Optional[float] = None
     recipe: Recipe = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -112,6 +121,14 @@ class PruneConfig:
                 if getattr(self, field) is not None:
                     raise ConfigError(f"{field} applies to the reconstruction, which this recipe leaves out; pass "
                                       "reconstruct_epochs too (or preset 'best'), or drop it")
+        for field in ("quantize_rounding", "quantize_smoothing"):
+            if self.quantize is None and getattr(self, field) is not None:
+                raise ConfigError(f"{field} applies to the 8-bit step, which this recipe leaves out; pass "
+                                  "quantize ('fp8' or 'int8') too, or drop it")
+        if self.quantize is not None and self.quantize_rounding is None:
+            set_("quantize_rounding", "compensated")
+        if self.quantize is not None and self.quantize_smoothing is None:
+            set_("quantize_smoothing", DEFAULT_SMOOTHING.get(self.quantize, 0.0))
         if self.reconstruct_lr is None:
             set_("reconstruct_lr", (preset or PRESETS[DEFAULT_PRESET]).reconstruct_lr)
         if self.reconstruct_target is None:
@@ -137,6 +154,8 @@ class PruneConfig:
             steps.append(Refit(self.refit_iterations))
         if self.reconstruct_epochs:
             steps.append(Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target))
+        if self.quantize is not None:
+            steps.append(Quantize(self.quantize, self.quantize_rounding, self.quantize_smoothing))
         set_("recipe", Recipe(pattern, self.sparsity, tuple(steps), self.preset))  # each step checks itself
 
     @property
@@ -153,6 +172,8 @@ class PruneConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         data["pattern"] = str(self.pattern)
         data["block_size"] = self.resolved_block_size
+        if self.quantize is None:  # a recipe without the 8-bit step reads as it did before the step existed
+            del data["quantize"], data["quantize_rounding"], data["quantize_smoothing"]
         return data
 
     @classmethod
@@ -162,7 +183,7 @@ class PruneConfig:
         if isinstance(recipe, dict):
             recipe = Recipe.from_json(recipe)
         solve, refit = recipe.solve, recipe.get(Refit)
-        search, reconstruct = recipe.get(MaskSearch), recipe.get(Reconstruct)
+        search, reconstruct, quantize = recipe.get(MaskSearch), recipe.get(Reconstruct), recipe.get(Quantize)
         fields = dict(method=solve.method, pattern=recipe.pattern, sparsity=recipe.sparsity,
                       block_size=solve.block_size, alpha=solve.alpha, damp=solve.damp,
                       refit_iterations=refit.iterations if refit else 0,
@@ -171,5 +192,8 @@ class PruneConfig:
                       reconstruct_lr=reconstruct.lr if reconstruct else None,
                       reconstruct_target=reconstruct.target if reconstruct else None,
                       permute_channels=recipe.get(Permute) is not None,
+                      quantize=quantize.format if quantize else None,
+                      quantize_rounding=quantize.rounding if quantize else None,
+                      quantize_smoothing=quantize.smoothing if quantize else None,
                       preset=recipe.preset if solve.method == "thanos" else None)
         return cls(**{**fields, **overrides})

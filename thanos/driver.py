@@ -18,11 +18,15 @@ from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
 from thanos.hessian import HessianAccumulator
-from thanos.models import (LayerSelection, ModelError, adapter_for, decoder_layers, prunable_linears,
-                           set_weight_, weight_view)
+from thanos.models import (LayerSelection, ModelError, adapter_for, attention_heads, decoder_layers,
+                           prunable_linears)
+from thanos.linears import set_weight_, weight_view
 from thanos.parallel import Parallel
 from thanos.permute import ChannelLayout
-from thanos.recipe import Permute, Reconstruct
+from thanos.quantize import FORMATS, activation_scale
+from thanos.quantized_model import LinearQuantization, quantization_of, set_quantization
+from thanos.recipe import Permute, Quantize, Reconstruct
+from thanos.smooth import SmoothGroup, smooth_layer_
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,12 @@ def prune_model_(
         log.warning("no free channels are known for %r models: pruning without channel permutations",
                     model.config.model_type)
     prefix = adapter_for(model).layers
+    quantize = config.recipe.get(Quantize)
+    smoothing = adapter_for(model).smoothing if quantize and quantize.smoothing else ()
+    if quantize and quantize.smoothing and not smoothing:
+        log.warning("no place to fold input ranges into is known for %r models: quantizing without smoothing",
+                    model.config.model_type)
+    heads = attention_heads(model)
     reports: list[dict] = []
     for index, layer in enumerate(layers):
         layer.to(device)
@@ -144,16 +154,55 @@ def prune_model_(
             log.info("layer %d: loaded from the interrupted run", index)
         else:
             step = LayerStep(layer, linears[index], inputs, dense_inputs, args, kwargs, device, store_device,
-                             sample_indices, len(samples), f"{prefix}.{index}.", layout)
+                             sample_indices, len(samples), f"{prefix}.{index}.", layout, smoothing, heads)
             layer_reports, dense_inputs = prune_layer(step, config, progress, parallel)
             reports += layer_reports
-        inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
+        ranges = InputRanges(linears[index] if quantize else {})
+        with ranges:
+            inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
+        if quantize and linears[index]:
+            set_input_scales_(linears[index], ranges, quantize, parallel, reports[-len(linears[index]):])
         layer.to("cpu")
         if checkpoints and index >= done and parallel.is_main:
             checkpoints.save(index, layer, reports[-len(linears[index]):] if linears[index] else [])
         if progress:
             progress("layers", index + 1, len(layers))
     return reports
+
+
+class InputRanges:
+    """While active, the largest input magnitude each of `linears` sees (for its static 8-bit scale)."""
+
+    def __init__(self, linears: dict[str, nn.Module]):
+        self.linears = linears
+        self.amax: dict[str, torch.Tensor] = {}
+        self._hooks = []
+
+    def _see(self, name: str, x: torch.Tensor) -> None:
+        top = x.detach().abs().amax().float()
+        self.amax[name] = torch.maximum(self.amax[name], top) if name in self.amax else top
+
+    def __enter__(self):
+        self._hooks = [mod.register_forward_pre_hook(lambda m, a, name=name: self._see(name, a[0]))
+                       for name, mod in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+
+
+def set_input_scales_(linears: dict[str, nn.Module], ranges: InputRanges, step: Quantize, parallel: Parallel,
+                      reports: list[dict]) -> None:
+    """Each quantized linear's static input scale from the largest magnitude over every rank's samples."""
+    fmt = FORMATS[step.format]
+    for (name, mod), report in zip(linears.items(), reports):
+        amax = ranges.amax[name].reshape(1)
+        parallel.all_reduce_(amax, op="max")
+        amax = float(amax)
+        scale = activation_scale(amax, fmt)
+        quantization_of(mod).input_scale = torch.tensor(scale, dtype=torch.float32)
+        report["quantization"].update(input_amax=amax, input_scale=scale)
 
 
 def _open_checkpoints(checkpoints: Optional[LayerCheckpoints], parallel: Parallel) -> int:
@@ -169,11 +218,13 @@ class SharedInputStatistics:
     one forward pass, holding a reference so that no other tensor can take the same address.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device):
+    def __init__(self, linears: dict[str, nn.Module], device, track_ranges: bool = False):
         self.widths = {name: weight_view(mod).shape[1] for name, mod in linears.items()}
         self.device = device
         self.source: dict[str, str] = {}  # linear -> linear whose accumulator it reads
         self.stats: dict[str, HessianAccumulator] = {}
+        self.track_ranges = track_ranges
+        self.ranges: dict[str, torch.Tensor] = {}  # per input channel, the largest magnitude (if tracked)
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
         self.layer_outputs: Optional[list[torch.Tensor]] = None  # the dense layer on the pruned path's inputs
 
@@ -190,9 +241,20 @@ class SharedInputStatistics:
         if name not in self.stats:
             self.stats[name] = HessianAccumulator(self.widths[name], self.device)
         self.stats[name].add(x)
+        if self.track_ranges:
+            top = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()  # (c,)
+            self.ranges[name] = torch.maximum(self.ranges[name], top) if name in self.ranges else top
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.stats[self.source[name]].hessian
+
+    def channel_range(self, name: str) -> Optional[torch.Tensor]:
+        """`name`'s per-channel input range (c,), or None if it is not one of these linears."""
+        return self.ranges.get(self.source.get(name)) if name in self.source else None
+
+    def own_range(self, name: str) -> Optional[torch.Tensor]:
+        """`name`'s per-channel input range where `own_hessian` gives its Hessian (it moves with it), else None."""
+        return self.ranges.get(name) if self.own_hessian(name) is not None else None
 
     def own_hessian(self, name: str) -> Optional[torch.Tensor]:
         """`name`'s Hessian if no other linear reads it (so it may be reordered in place), else None."""
@@ -226,6 +288,8 @@ class LayerStep:
     samples_total: Optional[int] = None  # samples over all ranks
     prefix: str = ""  # the layer's linears' full names start with it
     layout: Optional[ChannelLayout] = None  # channels to reorder before the solves (None: none)
+    smoothing: tuple[SmoothGroup, ...] = ()  # where input ranges fold into a producer (8-bit step)
+    heads: tuple[Optional[int], int] = (None, 1)  # (channels per attention head, query heads per KV head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self.layer, x, self.args, self.kwargs, self.device, self.device)
@@ -241,18 +305,23 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     """
     recipe = config.recipe
     reconstruct = recipe.get(Reconstruct) if step.linears else None
+    quantize = recipe.get(Quantize) if step.linears else None
+    smooth = quantize is not None and quantize.smoothing > 0 and step.smoothing
     shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
                                 step.store_device, progress,
-                                keep_outputs=reconstruct is not None and step.dense_inputs is None)
+                                keep_outputs=reconstruct is not None and step.dense_inputs is None,
+                                track_ranges=bool(smooth))
     dense_outputs = None
     if step.dense_inputs is not None:  # the layer is still dense here
         dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
                                   step.store_device)
     permute = None
     if step.layout is not None:
-        def permute(hessian_of):
-            return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, hessian_of, recipe.pattern)
-    reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report)
+        def permute(statistics: SharedInputStatistics):
+            return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, statistics.own_hessian,
+                                              recipe.pattern, statistics.own_range)
+    reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report,
+                          keep_statistics=quantize is not None)
     if reconstruct:
         # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
         targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
@@ -263,16 +332,56 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
                  "" if result.kept else " (discarded: no better)", result.seconds)
         for report in reports:
             report["reconstruction"] = dataclasses.asdict(result)
+    if quantize:
+        smoothed = {}
+        if smooth:
+            for channel_range in shared.ranges.values():
+                parallel.all_reduce_(channel_range, op="max")
+            smoothed = smooth_layer_(step.layer, step.prefix, step.smoothing, quantize.smoothing, shared.channel_range,
+                                     shared.hessian, *step.heads)
+        quantize_layer_(step.linears, shared, quantize, recipe.solve.damp, parallel, reports)
+        for name, report in zip(step.linears, reports):
+            if name in smoothed:
+                report["quantization"]["smoothing"] = dataclasses.asdict(smoothed[name])
     return reports, dense_outputs
 
 
+def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistics", step: Quantize, damp: float,
+                    parallel: Parallel, reports: list[dict]) -> None:
+    """8-bit weights for this rank's linears, then every rank gets every linear's weights and scales.
+
+    The input scales are set later, from the layer's final calibration pass (`set_input_scales_`).
+    """
+    owners = parallel.owners(solve_costs(linears))
+    records = {}
+    for name, mod in linears.items():
+        if owners[name] == parallel.rank:
+            result = step.run(weight_view(mod), shared.hessian(name), damp, name)
+            set_weight_(mod, result.weight)
+            set_quantization(mod, LinearQuantization(step.format, result.scale.cpu()))
+            records[name] = dataclasses.asdict(result.report)
+            log.info("%s: %s weights, %s rounding, rel. error %.3g (round-to-nearest %.3g)", name, step.format,
+                     result.report.rounding, result.report.error, result.report.nearest_error)
+    shared.stats.clear()
+    for (name, mod), report in zip(linears.items(), reports):
+        parallel.broadcast_(mod.weight.data, owners[name])
+        own = quantization_of(mod) if owners[name] == parallel.rank else None
+        scale = own.weight_scale.to(mod.weight.device) if own else torch.empty(
+            weight_view(mod).shape[0], dtype=torch.float32, device=mod.weight.device)
+        parallel.broadcast_(scale, owners[name])  # on the weights' device: NCCL has no CPU tensors
+        if not own:
+            set_quantization(mod, LinearQuantization(step.format, scale.cpu()))
+        report["quantization"] = parallel.broadcast_object(records.get(name), owners[name])
+
+
 def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device,
-                       progress=None, keep_outputs: bool = False) -> SharedInputStatistics:
+                       progress=None, keep_outputs: bool = False, track_ranges: bool = False) -> SharedInputStatistics:
     """Run this rank's samples through `layer`, streaming each linear's input into its Hessian.
 
-    `keep_outputs` keeps the still-dense layer's outputs on `inputs` in `layer_outputs`.
+    `keep_outputs` keeps the still-dense layer's outputs on `inputs` in `layer_outputs`;
+    `track_ranges` each input channel's largest magnitude (for smoothing before 8-bit quantization).
     """
-    shared = SharedInputStatistics(linears, device)
+    shared = SharedInputStatistics(linears, device, track_ranges)
     hooks = [layer.register_forward_pre_hook(shared.new_pass)]
     hooks += [mod.register_forward_pre_hook(lambda m, a, name=name: shared.add(name, a[0]))
               for name, mod in linears.items()]
@@ -303,6 +412,7 @@ class LinearReport:
     rank: int  # the process that solved it
     permutation: Optional[dict] = None  # thanos.permute.PermutationReport, for a consumer whose inputs moved
     reconstruction: Optional[dict] = None  # thanos.reconstruct.ReconstructionReport of its decoder layer
+    quantization: Optional[dict] = None  # thanos.quantize.QuantizationReport
 
     @classmethod
     def of(cls, name: str, result: PruneResult, rank: int, permutation: Optional[dict] = None) -> "LinearReport":
@@ -312,35 +422,37 @@ class LinearReport:
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None or k not in ("permutation", "reconstruction")}
+                if v is not None or k not in ("permutation", "reconstruction", "quantization")}
 
 
 def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress,
                 parallel: Parallel, permute: Optional[Callable] = None,
-                on_report: Optional[Callable[[dict], None]] = None) -> list[dict]:
+                on_report: Optional[Callable[[dict], None]] = None, keep_statistics: bool = False) -> list[dict]:
     """Reduce the statistics over ranks, solve this rank's linears, and share every pruned weight.
 
-    `permute(hessian_of)`, if given, reorders free channels on every rank (the same way, from the
-    reduced statistics) before any solve, and returns `thanos.permute.PermutationReport`s.
+    `permute(shared)`, if given, reorders free channels on every rank (the same way, from the
+    reduced statistics) before any solve, and returns `thanos.permute.PermutationReport`s. The
+    8-bit step is left to `quantize_layer_`, after the layer's reconstruction. `keep_statistics` keeps the Hessians for a later step (the 8-bit one); otherwise they are freed.
     """
     owners = parallel.owners(solve_costs(linears))
     for name in linears:  # all reductions first, so no rank waits on another's solve
         if name in shared.stats:
             parallel.reduce_stats_(shared.stats[name])
-    permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared.own_hessian)} if permute else {}
+    permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)} if permute else {}
     reports = {}
     for name, mod in linears.items():
         if owners[name] != parallel.rank:
             continue
         wide = weight_view(mod).shape[1] >= WIDE_LAYER_COLUMNS
-        result = prune_weight(weight_view(mod), shared.hessian(name), config, name=name,
+        result = prune_weight(weight_view(mod), shared.hessian(name), config, name=name, quantize=False,
                               progress=(lambda done, total: progress("columns", done, total)) if progress and wide else None)
         set_weight_(mod, result.weight)
         reports[name] = LinearReport.of(name, result, parallel.rank, permuted.get(name)).to_json()
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
         if on_report:
             on_report(reports[name])
-    shared.stats.clear()  # free the Hessians before the broadcasts
+    if not keep_statistics:
+        shared.stats.clear()  # free the Hessians before the broadcasts
     for name, mod in linears.items():
         parallel.broadcast_(mod.weight.data, owners[name])
         reports[name] = parallel.broadcast_object(reports.get(name), owners[name])

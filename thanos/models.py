@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from thanos.errors import ThanosExportError
+from thanos.linears import is_prunable, weight_view
+from thanos.smooth import SmoothGroup
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +48,22 @@ class FreeChannels:
 class Adapter:
     layers: str  # dotted path of the decoder layers' ModuleList
     free_channels: tuple[FreeChannels, ...] = ()
+    smoothing: tuple[SmoothGroup, ...] = ()  # where input ranges can be folded into a producer (thanos.smooth)
 
 
 _LLAMA_FREE = (FreeChannels(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
                FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True))
+# RMSNorm multiplies by its weight (Gemma's by 1 + weight, so Gemma is left out)
+_LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                    SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                    SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),
+                    SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), per_head=True))
 
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
-    **{t: Adapter("model.layers", _LLAMA_FREE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+    **{t: Adapter("model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING) for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gemma": Adapter("model.layers", _LLAMA_FREE),
     "phi3": Adapter("model.layers"),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True))),
@@ -83,24 +92,6 @@ def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(adapter_for(model).layers)
-
-
-def stores_transposed(module: nn.Module) -> bool:
-    """GPT-2's Conv1D keeps its weight as (in_features, out_features) and computes x @ W."""
-    return type(module).__name__ == "Conv1D"
-
-
-def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or stores_transposed(module)
-
-
-def weight_view(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), whichever way the module stores it."""
-    return module.weight.data.T if stores_transposed(module) else module.weight.data
-
-
-def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
-    module.weight.data.copy_(weight.T if stores_transposed(module) else weight)
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -149,8 +140,10 @@ def source_files(path: Optional[str]) -> dict[str, list[int]]:
 def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False):
     """Load (model, tokenizer) on the CPU from a HF directory, a .gguf file, or the default.
 
-    GGUF weights are dequantised to float32 by transformers. `trust_remote_code` is off unless
-    the user asks: a directory's custom code never runs by accident.
+    GGUF weights are dequantised to float32 by transformers. A directory pruned with 8-bit
+    quantization gets its scales back (`thanos.quantized_model`), its linears' inputs rounded as
+    the 8-bit runtime rounds them. `trust_remote_code` is off unless the user asks: a directory's
+    custom code never runs by accident.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,6 +189,13 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         del model.config.quantization_config
         model.hf_quantizer = None
     adapter_for(model)
+    if source.is_dir():
+        from thanos.quantized_model import load_quantization_
+
+        fmt = load_quantization_(model, source)
+        if fmt:
+            log.info("%s holds %s weights and activation scales; each linear's input is rounded as the 8-bit "
+                     "runtime does", source, fmt)
     return model, tokenizer
 
 

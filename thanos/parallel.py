@@ -44,10 +44,10 @@ class Parallel:
         """Global indices of the samples `shard` gives this rank, out of `count`."""
         return torch.tensor_split(torch.arange(count), self.world)[self.rank].tolist()
 
-    def all_reduce_(self, tensor: torch.Tensor) -> None:
-        """Sum `tensor` over ranks, in place (a no-op in a group of one)."""
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """Sum (or, with op="max", take the largest of) `tensor` over ranks, in place (a no-op in a group of one)."""
         if self.active:
-            self._call(dist.all_reduce, tensor)
+            self._call(dist.all_reduce, tensor, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
     def reduce_stats_(self, acc: HessianAccumulator) -> None:
         """Sum the fp64 statistics and token counts over ranks: every rank reads the single process's Hessian."""

@@ -27,7 +27,8 @@ from torch import nn
 
 from thanos.pattern import Pattern
 from thanos.errors import ThanosExportError
-from thanos.models import FreeChannels, adapter_for, attention_heads, weight_view
+from thanos.models import FreeChannels, adapter_for, attention_heads
+from thanos.linears import weight_view
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,15 @@ class PermutationReport:
 
 
 def permute_free_channels_(layer: nn.Module, prefix: str, layout: ChannelLayout,
-                           hessian_of: Callable[[str], Optional[torch.Tensor]],
-                           pattern: Pattern) -> list[PermutationReport]:
+                           hessian_of: Callable[[str], Optional[torch.Tensor]], pattern: Pattern,
+                           ranges_of: Optional[Callable[[str], Optional[torch.Tensor]]] = None
+                           ) -> list[PermutationReport]:
     """Reorder each pruned consumer's input channels (and its producers' rows, and its Hessian) in place.
 
     `prefix` + relative name is a linear's full name; `hessian_of(full name)` is the consumer's
     Hessian, to be reordered in place, or None when that linear is not pruned (then it is left
-    alone). Every rank computes the same order from the same reduced statistics.
+    alone). `ranges_of(full name)`, if given, is the consumer's per-channel input range (or None),
+    reordered in place with it. Every rank computes the same order from the same reduced statistics.
     """
     if not pattern.is_nm:
         return []
@@ -156,6 +159,9 @@ def permute_free_channels_(layer: nn.Module, prefix: str, layout: ChannelLayout,
         after = pruned_saliency(scores[:, columns], pattern.n, pattern.m)
         _reorder_columns_(consumer, columns)
         hessian.copy_(hessian[columns][:, columns])
+        ranges = ranges_of(prefix + spec.consumer) if ranges_of else None
+        if ranges is not None:
+            ranges.copy_(ranges[columns.to(ranges.device)])
         for name in spec.producers:
             _reorder_rows_(layer.get_submodule(name), order)
         moved = float((columns != torch.arange(len(columns), device=columns.device)).float().mean())

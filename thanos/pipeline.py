@@ -28,6 +28,7 @@ from thanos.models import (LayerSelection, ModelError, context_length, default_m
 from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_staging, check_writable, commit_staging,
                             discard_staging, output_lock, write_error)
 from thanos.parallel import Parallel
+from thanos.quantized_model import describe, save_quantization, simulate_activations_
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,7 @@ def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, p
                                          "from them") or exc
     report["layers"] = layers
     report["sparsity"] = _overall_sparsity(layers)
+    _simulate_8bit_inputs(model, report)
     report["prune_seconds"] = checkpoints.earlier_seconds + time.time() - started  # every run of a resumed job
     if evaluate:
         report["perplexity_after"] = _held_out_perplexity(model, text.evaluation, job, device)
@@ -238,9 +240,20 @@ def prune(model, config: PruneConfig = PruneConfig(), calibration: Optional[torc
                          f"of shape {tuple(calibration.shape)}")
     check_finite(model)
     layers = prune_model_(model, calibration, config, dev, progress=progress)
-    return model, dict(recipe=config.recipe.to_json(), config=config.to_json(), layers=layers,
-                       sparsity=_overall_sparsity(layers), calibration=dict(samples=calibration.shape[0],
-                                                                            seqlen=calibration.shape[1]))
+    report = dict(recipe=config.recipe.to_json(), config=config.to_json(), layers=layers,
+                  sparsity=_overall_sparsity(layers), calibration=dict(samples=calibration.shape[0],
+                                                                       seqlen=calibration.shape[1]))
+    _simulate_8bit_inputs(model, report)
+    return model, report
+
+
+def _simulate_8bit_inputs(model, report: dict) -> None:
+    """A quantized model rounds each linear's input from here on, as the 8-bit runtime will (and as
+    `load_model` does for the saved directory): its perplexity is the 8-bit model's."""
+    state = describe(model)
+    if state:
+        simulate_activations_(model)
+        report["quantization"] = describe(model)
 
 
 def _finished_report(out: Path) -> Optional[dict]:
@@ -300,6 +313,7 @@ def _save_model_dir(model, tokenizer, out: Path, report: dict, inputs: tuple) ->
     staging = begin_staging(out, inputs)
     try:
         model.save_pretrained(staging, safe_serialization=True)
+        save_quantization(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))
         commit_staging(staging, out)

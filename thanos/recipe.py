@@ -8,6 +8,7 @@ a record (a dataclass) in the report. The steps, in the order they run:
     MaskSearch   ADMM over mask and weights, from the solver's result          (per linear)
     Refit        the kept weights re-solved on the final mask                  (per linear)
     Reconstruct  the pruned decoder layer tuned towards a target               (per decoder layer)
+    Quantize     8-bit weights (per output channel) and activation scales      (per linear, after the rest)
 
 `thanos.config.PruneConfig` builds a recipe from a preset and per-step overrides; every report
 records it (`Recipe.to_json`), and `Recipe.from_json` reads it back, so a run can be repeated.
@@ -27,6 +28,7 @@ from torch import nn
 from thanos.mask_search import admm_mask_search
 from thanos.pattern import ConfigError, Pattern
 from thanos.permute import permute_free_channels_
+from thanos.quantize import FORMATS, ROUNDINGS, QuantizedWeight, quantize_weight
 from thanos.reconstruct import reconstruct_layer_
 from thanos.refit import refit_on_support
 from thanos.solvers import SolverOutput
@@ -60,8 +62,9 @@ class Permute(Step):
             raise ConfigError(f"channel permutations only change which channels share an n:m group; pattern "
                               f"{pattern} has no groups, so leave permute_channels off with it")
 
-    def apply_(self, layer: nn.Module, prefix: str, layout, hessian_of: Callable, pattern: Pattern) -> list:
-        return permute_free_channels_(layer, prefix, layout, hessian_of, pattern)
+    def apply_(self, layer: nn.Module, prefix: str, layout, hessian_of: Callable, pattern: Pattern,
+               ranges_of: Optional[Callable] = None) -> list:
+        return permute_free_channels_(layer, prefix, layout, hessian_of, pattern, ranges_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +167,35 @@ class Reconstruct(Step):
                                   all_reduce)
 
 
-STEPS: dict[str, type[Step]] = {cls.kind: cls for cls in (Permute, Solve, MaskSearch, Refit, Reconstruct)}
+@dataclasses.dataclass(frozen=True)
+class Quantize(Step):
+    """8-bit weights and a static scale per linear input (`thanos.quantize`), once the weights are final.
+
+    `rounding`: "compensated" spreads each column's rounding error over the kept weights after it
+    (kept only where it beats round-to-nearest), "nearest" rounds every weight on its own.
+    `smoothing`: the migration strength of activation ranges into the weights before quantizing
+    (`thanos.smooth`; 0: none).
+    """
+
+    kind: ClassVar[str] = "quantize"
+    format: str = "fp8"
+    rounding: str = "compensated"
+    smoothing: float = 0.0
+
+    def check(self, pattern: Pattern) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown 8-bit format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        if not (0.0 <= self.smoothing <= 1.0):
+            raise ConfigError(f"smoothing (the migration strength) must be in [0, 1], got {self.smoothing}; "
+                              "0.5 is SmoothQuant's usual value, 0 turns it off")
+
+    def run(self, weight: torch.Tensor, hessian: Optional[torch.Tensor], damp: float, name: str) -> QuantizedWeight:
+        return quantize_weight(weight, hessian, FORMATS[self.format], self.rounding, damp, name)
+
+
+STEPS: dict[str, type[Step]] = {cls.kind: cls for cls in (Permute, Solve, MaskSearch, Refit, Reconstruct, Quantize)}
 ORDER = list(STEPS)  # the order steps run in
 
 

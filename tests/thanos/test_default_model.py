@@ -2,7 +2,7 @@
 import pytest
 from transformers import AutoModelForCausalLM
 
-from thanos.models import weight_view
+from thanos.linears import weight_view
 from thanos.pipeline import PruneJob, prune_to_directory
 from tests.thanos.helpers import assert_nm
 

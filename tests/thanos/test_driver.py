@@ -9,7 +9,8 @@ from thanos import HessianAccumulator, PruneConfig
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import OutputDirError
 from thanos.driver import prune_model_
-from thanos.models import LayerSelection, ModelError, load_model, prunable_linears, weight_view
+from thanos.models import LayerSelection, ModelError, load_model, prunable_linears
+from thanos.linears import weight_view
 from thanos.errors import InputError
 from thanos.pipeline import PruneJob, prune, prune_to_directory
 from tests.thanos.helpers import assert_nm
@@ -78,6 +79,7 @@ RESUME_CONFIGS = {
     "best": PruneConfig(preset="best"),
     "reconstruction towards the dense model": PruneConfig(reconstruct_epochs=1, reconstruct_lr=1e-3,
                                                           reconstruct_target="dense"),
+    "8-bit": PruneConfig(quantize="int8"),
 }
 
 
@@ -103,6 +105,20 @@ def test_resume_equals_uninterrupted(tiny_llama_dir, tmp_path, config):
     full = pruned_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "full"))
     resumed = pruned_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "resumed"))
     assert all(torch.equal(full[n], resumed[n]) for n in full)
+    assert_same_scales(tmp_path / "full", tmp_path / "resumed")
+
+
+def assert_same_scales(path_a: Path, path_b: Path) -> None:
+    """The 8-bit scales of two pruned directories, bit for bit (both without any is the same too)."""
+    from safetensors.torch import load_file
+
+    from thanos.quantized_model import QUANTIZATION_FILE
+
+    files = [p / QUANTIZATION_FILE for p in (path_a, path_b)]
+    assert files[0].is_file() == files[1].is_file()
+    if files[0].is_file():
+        a, b = (load_file(f) for f in files)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_different_settings(tiny_llama_dir, tmp_path):

@@ -6,7 +6,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 from tests.thanos import dist_worker
-from tests.thanos.test_driver import SMALL
+from tests.thanos.test_driver import SMALL, assert_same_scales
 from thanos import PruneConfig
 from thanos.parallel import Parallel
 
@@ -43,7 +43,8 @@ def _single(job_kwargs: dict) -> None:
 
 
 @pytest.mark.parametrize("config", [dict(preset="default"), dict(preset="best"),
-                                    dict(preset="default", permute_channels=True)], ids=["default", "best", "permuted"])
+                                    dict(preset="default", permute_channels=True), dict(quantize="fp8")],
+                         ids=["default", "best", "permuted", "fp8"])
 def test_two_gloo_ranks_equal_one_process(tiny_llama_dir, tmp_path, config):
     # 8 samples: two reconstruction steps per epoch, each mixing samples of both ranks
     common = dict(model=str(tiny_llama_dir), evaluate=False, config=PruneConfig(**config),
@@ -58,6 +59,7 @@ def _assert_same_model(path_a, path_b):
     model_a, model_b = (AutoModelForCausalLM.from_pretrained(p) for p in (path_a, path_b))
     for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
         assert torch.equal(a, b), name
+    assert_same_scales(path_a, path_b)
 
 
 def test_dead_rank_then_rerun_resumes(tiny_llama_dir, tmp_path):

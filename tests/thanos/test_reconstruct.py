@@ -8,7 +8,8 @@ import torch
 from thanos import PruneConfig
 from thanos.calibration import sample_windows, tokenize_split
 from thanos.driver import capture_layer_inputs, prune_model_, run_layer
-from thanos.models import LayerSelection, load_model, prunable_linears, weight_view
+from thanos.models import LayerSelection, load_model, prunable_linears
+from thanos.linears import weight_view
 from thanos.reconstruct import reconstruct_layer_
 from tests.thanos.helpers import assert_nm
 

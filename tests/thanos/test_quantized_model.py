@@ -1,0 +1,152 @@
+"""Whole models pruned with the 8-bit step: the saved directory, its scales, and what reads it."""
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from cli import main
+from tests.thanos.helpers import assert_nm
+from tests.thanos.test_driver import SMALL, pruned_weights
+from thanos import PruneConfig
+from thanos.errors import InputError
+from thanos.linears import weight_view
+from thanos.models import LayerSelection, load_model, prunable_linears
+from thanos.pipeline import PruneJob, evaluate_directory, prune_to_directory
+from thanos.quantize import FORMATS, grid_of
+from thanos.quantized_model import (QUANTIZATION_FILE, describe, quantization_of, quantized_linears,
+                                    stop_simulating_activations_)
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("fp8") / "m"
+    report = prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir), config=PruneConfig(quantize="fp8"),
+                                         **SMALL))
+    return out, report
+
+
+def test_the_quantized_directory_is_a_plain_model_plus_its_scales(fp8_dir):
+    out, report = fp8_dir
+    plain = AutoModelForCausalLM.from_pretrained(out)  # transformers alone: no unknown tensors, nothing missing
+    model, _ = load_model(str(out))
+    assert describe(model) == dict(format="fp8", linears=len(pruned_weights(model)), activations_simulated=True)
+    weights = pruned_weights(plain)
+    for name, mod in quantized_linears(model).items():
+        assert torch.equal(weights[name], weight_view(mod))
+        quant = quantization_of(mod)
+        assert grid_of(weight_view(mod), quant.weight_scale, FORMATS["fp8"]) is not None  # bit-exact 8-bit values
+        assert_nm(weight_view(mod), 2, 4)
+        assert float(quant.input_scale) > 0
+    assert report["recipe"]["steps"][-1] == dict(step="quantize", format="fp8", rounding="compensated", smoothing=0.0)
+    for layer in report["layers"]:
+        q = layer["quantization"]
+        assert q["error"] <= q["nearest_error"] and q["input_scale"] == pytest.approx(q["input_amax"] / 448)
+    assert PruneConfig.from_recipe(report["recipe"]).recipe == PruneConfig(quantize="fp8").recipe
+
+
+def test_eval_of_the_directory_is_the_8bit_model_the_run_measured(fp8_dir):
+    out, report = fp8_dir
+    # same process and thread count as the run: the loaded model computes exactly what it measured
+    evaluated = evaluate_directory(str(out), seqlen=SMALL["seqlen"], device="cpu", max_windows=SMALL["eval_windows"])
+    assert evaluated["perplexity"] == report["perplexity_after"]["value"]
+    model, tokenizer = load_model(str(out))
+    ids = torch.tensor([tokenizer("def f(x): return x")["input_ids"]])
+    with torch.no_grad():
+        rounded = model(ids).logits
+        stop_simulating_activations_(model)
+        unrounded = model(ids).logits
+    assert not torch.equal(rounded, unrounded)  # the inputs really are rounded
+
+
+def test_weights_or_scales_changed_after_quantizing_are_refused(fp8_dir, tmp_path):
+    out, _ = fp8_dir
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    weights = load_file(edited / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name].view(-1)[weights[name].view(-1).nonzero()[0]] *= 1.01
+    save_file(weights, edited / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="model.layers.1.mlp.down_proj.weight is not its fp8 values"):
+        load_model(str(edited))
+
+    shutil.copy(out / "model.safetensors", edited / "model.safetensors")
+    scales = load_file(edited / QUANTIZATION_FILE)
+    del scales["model.layers.0.self_attn.q_proj.input_scale"]
+    save_file(scales, edited / QUANTIZATION_FILE, metadata={"format": "fp8"})
+    with pytest.raises(InputError, match="model.layers.0.self_attn.q_proj do not match"):
+        load_model(str(edited))
+
+
+def test_exports_refuse_8bit_models_before_any_work(fp8_dir, tmp_path):
+    out, _ = fp8_dir
+    result = CliRunner().invoke(main, ["export", str(out), "--target", "onnx", "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 1 and "--quantize" in result.output and "not built yet" in result.output
+    assert not (tmp_path / "onnx").exists()
+    result = CliRunner().invoke(main, ["prune-and-build", "--recipe", str(out / "thanos_report.json"), "--target",
+                                       "onnx", "--out", str(tmp_path / "build"), "--no-eval"])
+    assert result.exit_code == 1 and "not built yet" in result.output
+    assert not (tmp_path / "build").exists()
+
+
+def test_cli_prunes_to_int8_and_names_the_step(tiny_llama_dir, tmp_path):
+    out = tmp_path / "int8"
+    args = ["prune", "--model", str(tiny_llama_dir), "--calib-samples", "4", "--seqlen", "32", "--eval-windows", "2",
+            "--device", "cpu", "--quiet", "--quantize", "int8", "--quantize-rounding", "nearest", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "int8 weights and inputs, nearest rounding" in result.output and "8-bit      int8" in result.output
+    report = json.loads((out / "thanos_report.json").read_text())
+    assert {layer["quantization"]["rounding"] for layer in report["layers"]} == {"nearest"}
+    refused = CliRunner().invoke(main, ["prune", "--quantize-rounding", "nearest", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "quantize_rounding applies to the 8-bit step" in refused.output
+
+
+@pytest.fixture(scope="module")
+def bf16_llama_dir(tmp_path_factory, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_half_precision_models_quantize_exactly_in_their_dtype(bf16_llama_dir, tmp_path, fmt):
+    out = tmp_path / fmt
+    prune_to_directory(PruneJob(out=str(out), model=str(bf16_llama_dir), config=PruneConfig(quantize=fmt),
+                                evaluate=False, **SMALL))
+    model, _ = load_model(str(out))
+    for name, mod in quantized_linears(model).items():
+        weight = weight_view(mod)
+        assert weight.dtype == torch.bfloat16 and torch.isfinite(weight).all()
+        assert grid_of(weight, quantization_of(mod).weight_scale, FORMATS[fmt]) is not None, name
+        assert_nm(weight, 2, 4)
+    assert len(quantized_linears(model)) == sum(len(v) for v in prunable_linears(model, LayerSelection()).values())
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_compact_8bit_checkpoint_is_bit_exact_and_a_third_of_fp16(fp8_dir, tmp_path, dtype):
+    from exporters import ExportOptions, export
+
+    out, _ = fp8_dir
+    summary = export("safetensors", out, tmp_path / "c", ExportOptions(dtype=dtype))
+    assert summary["round_trip"] == "bit-exact"
+    model, _ = load_model(str(out))
+    reloaded, _ = load_model(str(tmp_path / "c"))
+    assert describe(reloaded) == describe(model)
+    weights = rows = 0
+    for name, mod in quantized_linears(model).items():
+        other = reloaded.get_submodule(name)
+        expected = weight_view(mod).to(getattr(torch, dtype)) if dtype else weight_view(mod)
+        assert torch.equal(weight_view(other), expected), name
+        assert torch.equal(quantization_of(other).weight_scale, quantization_of(mod).weight_scale)
+        assert torch.equal(quantization_of(other).input_scale, quantization_of(mod).input_scale)
+        weights += weight_view(mod).numel()
+        rows += weight_view(mod).shape[0]
+    # one byte per kept value (half of them) and one bit per position, plus an fp32 scale per row
+    assert summary["compact_bytes"] <= 0.3125 * 2 * weights + 4 * rows

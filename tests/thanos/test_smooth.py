@@ -1,0 +1,81 @@
+"""Smoothing before 8-bit quantization (thanos.smooth): same function, same zeros, narrower input ranges."""
+import pytest
+import torch
+
+from tests.thanos.helpers import assert_nm
+from tests.thanos.test_permute import EPS, _layer_setup
+from thanos import PruneConfig
+from thanos.driver import collect_statistics, prune_model_, run_layer
+from thanos.linears import weight_view
+from thanos.models import LayerSelection, adapter_for, attention_heads, load_model, prunable_linears
+from thanos.calibration import sample_windows, tokenize_split
+from thanos.smooth import smooth_layer_, smoothing_scales
+
+
+def test_scales_balance_the_two_ranges():
+    act, weight = torch.tensor([100.0, 1.0, 0.0, 4.0]), torch.tensor([1.0, 1.0, 2.0, 0.0])
+    scale = smoothing_scales(act, weight, 0.5)
+    assert scale.tolist() == [10.0, 1.0, 1.0, 1.0]  # zero ranges leave their channel alone
+    assert torch.allclose(act[:2] / scale[:2], weight[:2] * scale[:2])  # alpha 0.5: both ranges equal
+    assert torch.equal(smoothing_scales(act, weight, 0.0)[:2], 1 / weight[:2])
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8])
+def test_smoothing_keeps_the_layer_output_every_zero_and_the_statistics(tiny_llama_dir, alpha):
+    model, layer, linears, inputs, args, kwargs = _layer_setup(tiny_llama_dir)
+    for mod in linears.values():  # a pruned layer: its zeros must stay where they are
+        w = weight_view(mod)
+        groups = w.reshape(w.shape[0], -1, 4)
+        w.copy_(groups.scatter(-1, groups.abs().topk(2, -1, largest=False).indices, 0.0).reshape(w.shape))
+    zeros = {name: weight_view(mod) == 0 for name, mod in linears.items()}
+    with torch.no_grad():
+        before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+        shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
+        hessians = {name: shared.hessian(name) for name in linears}
+        reports = smooth_layer_(layer, "model.layers.0.", adapter_for(model).smoothing, alpha, shared.channel_range,
+                                shared.hessian, *attention_heads(model))
+        after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+        again = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
+    assert set(reports) == set(linears)
+    for name, mod in linears.items():
+        assert torch.equal(weight_view(mod) == 0, zeros[name]), name
+        assert_nm(weight_view(mod), 2, 4)
+        # the rescaled statistics are the statistics of the smoothed inputs (fp32 round-off of c-long sums)
+        H = again.hessian(name)
+        assert (hessians[name] - H).abs().max() <= 8 * H.shape[0] * EPS * H.abs().max(), name
+    # every weight and norm entry is rounded once more; the sums of the widest linear bound the change
+    y0, y1 = torch.cat(before), torch.cat(after)
+    assert (y0 - y1).abs().max() <= 16 * model.config.intermediate_size * EPS * y0.abs().max()
+    for report in reports.values():
+        assert report.input_spread_after <= report.input_spread_before
+
+
+def test_whole_model_int8_smooths_by_default_and_records_it(tiny_llama_dir):
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+    config = PruneConfig(quantize="int8")
+    assert config.recipe.steps[-1].smoothing == 0.5 and PruneConfig(quantize="fp8").quantize_smoothing == 0.0
+    reports = prune_model_(model, samples, config, "cpu")
+    assert all(r["quantization"]["smoothing"]["alpha"] == 0.5 for r in reports)
+    for layer in prunable_linears(model, LayerSelection()).values():
+        for mod in layer.values():
+            assert_nm(weight_view(mod), 2, 4)
+
+
+def test_channel_ranges_move_with_the_permuted_channels(tiny_llama_dir):
+    from thanos.config import Pattern
+    from thanos.permute import ChannelLayout, permute_free_channels_
+
+    model, layer, linears, inputs, args, kwargs = _layer_setup(tiny_llama_dir)
+    with torch.no_grad():
+        shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
+        moved = permute_free_channels_(layer, "model.layers.0.", ChannelLayout.of(model), shared.own_hessian,
+                                       Pattern.parse("2:4"), shared.own_range)
+        again = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
+    assert {r.consumer.rsplit(".", 1)[-1] for r in moved} == {"o_proj", "down_proj"}
+    for name in linears:
+        before, after = shared.channel_range(name), again.channel_range(name)
+        if name.endswith("o_proj"):  # a moved channel's largest value is the same value
+            assert torch.equal(before, after), name
+        else:  # downstream of o_proj, whose sums now run in another order: fp32 round-off, not a shuffle
+            assert (before - after).abs().max() <= 8 * model.config.intermediate_size * EPS * before.max(), name

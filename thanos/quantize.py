@@ -1,0 +1,177 @@
+"""8-bit weights and activations for a pruned linear: pure tensor work, no modules.
+
+Weights are quantized per output channel (one scale per row), symmetrically: `W ~ q * s` with
+`q` on the format's grid (FP8 E4M3 up to 448, or the integers in [-127, 127]). Activations get
+one static scale per linear input, from the largest magnitude seen in calibration. A pruned
+weight is exactly 0 and its `q` is 0, so the n:m pattern survives quantization unchanged.
+
+Two ways to pick `q`, both returned as dequantized fp32 values:
+
+* `round_to_nearest`: each weight on its own.
+* `compensated`: column by column, each column's rounding error is spread over the columns not
+  yet quantized, through the factor `U` of the damped inverse Hessian (`inv(H) = U^T U`,
+  docs/ALGORITHM.md section 6): the optimal-brain-quantization update GPTQ uses. The update is
+  applied to kept weights only, never to a pruned position, so the support stays what the
+  pruning chose.
+
+The scales are rounded to the model's storage dtype before use, so `q * s` is exact in fp32 for
+fp16 and bf16 models (at most 8 + 11 significant bits) and the stored weights are the one
+rounding of that product to the storage dtype: what a DequantizeLinear in that dtype computes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import torch
+
+from thanos.hessian import inverse_upper_factor, reconstruction_error
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str
+    qmax: float  # the largest magnitude on the grid
+    dtype: torch.dtype  # how the 8-bit values are stored
+
+
+FORMATS = {
+    "fp8": Format("fp8", 448.0, torch.float8_e4m3fn),  # E4M3: 4 significant bits, max 448
+    "int8": Format("int8", 127.0, torch.int8),  # symmetric: -128 unused
+}
+ROUNDINGS = ("compensated", "nearest")  # compensated: the better of the two per linear, by output error
+COMPENSATION_BLOCK = 128  # columns whose updates are applied lazily together (as in the block solvers)
+
+
+def to_grid(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """`x` (already divided by its scale) rounded to the nearest value of the format's grid, in fp32."""
+    x = x.float().clamp(-fmt.qmax, fmt.qmax)
+    if fmt.dtype == torch.int8:
+        return torch.round(x)  # ties to even, like QuantizeLinear
+    return x.to(fmt.dtype).to(torch.float32)  # the cast rounds to nearest even
+
+
+def storable(values: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Grid values (fp32) in the format's own 8-bit dtype, exactly."""
+    return values.to(fmt.dtype)
+
+
+def weight_scales(weight: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row scales (r,) in fp32, each representable in `dtype` (the model's storage dtype).
+
+    The row's largest magnitude maps to the grid's largest value; a row of zeros gets scale 1.
+    """
+    amax = weight.detach().abs().amax(dim=1).float()  # (r,)
+    scale = (amax / fmt.qmax).to(dtype).float()
+    tiny = torch.finfo(dtype).tiny
+    return torch.where(amax > 0, scale.clamp(min=tiny), torch.ones_like(scale))
+
+
+def dequantize(grid: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`grid * scale` per row, rounded once to `dtype`: the weights a runtime's dequantization sees."""
+    return (grid.float() * scale.float()[:, None]).to(dtype)
+
+
+def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Grid values (r, c) in fp32: every weight rounded on its own."""
+    return to_grid(weight.float() / scale[:, None], fmt)
+
+
+def compensated(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, fmt: Format, damp: float,
+                layer: str = "layer", block: int = COMPENSATION_BLOCK) -> torch.Tensor:
+    """Grid values (r, c) in fp32, each column's rounding error compensated on the kept weights after it.
+
+    `weight` (r, c) holds the pruned weights (zeros are pruned positions and stay zero);
+    `hessian` (c, c) is the mean of x x^T over the calibration inputs.
+    """
+    W = weight.detach().float().clone()  # (r, c), updated as columns are quantized
+    keep = (W != 0).float()
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    U = inverse_upper_factor(H, damp, layer).upper  # inv(H + damp) = U^T U
+    del H
+    grid = torch.zeros_like(W)
+    s = scale.float()  # (r,)
+    columns = W.shape[1]
+    for i1 in range(0, columns, block):
+        i2 = min(i1 + block, columns)
+        W1 = W[:, i1:i2].clone()  # (r, b)
+        K1 = keep[:, i1:i2]
+        E1 = torch.zeros_like(W1)  # scaled errors, for the lazy update of the columns after the block
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            w = W1[:, j]
+            g = to_grid(w / s, fmt) * K1[:, j]
+            err = (w - g * s) / U1[j, j]
+            W1[:, j + 1:] -= err[:, None] * U1[j, j + 1:][None, :] * K1[:, j + 1:]
+            grid[:, i1 + j] = g
+            E1[:, j] = err
+        W[:, i2:] -= (E1 @ U[i1:i2, i2:]) * keep[:, i2:]
+    return grid
+
+
+def activation_scale(amax: float, fmt: Format) -> float:
+    """One static scale for a linear input whose largest calibration magnitude is `amax`."""
+    return amax / fmt.qmax if amax > 0 else 1.0
+
+
+def fake_quantize(x: torch.Tensor, scale: float, fmt: Format) -> torch.Tensor:
+    """`x` through quantize and dequantize with `scale`, in `x`'s dtype: what an 8-bit runtime feeds its GEMM."""
+    return (to_grid(x.float() / scale, fmt) * scale).to(x.dtype)
+
+
+@dataclasses.dataclass
+class QuantizationReport:
+    """What quantizing one linear did (its "quantization" entry in thanos_report.json)."""
+
+    format: str
+    rounding: str  # what was kept: "compensated" or "nearest"
+    error: float  # relative output error of the quantized weights against the unquantized ones
+    nearest_error: float  # the same for round-to-nearest, the baseline compensation must beat
+    seconds: float
+    input_scale: Optional[float] = None  # set after the layer's final calibration pass
+    input_amax: Optional[float] = None
+
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    weight: torch.Tensor  # (r, c) the dequantized values, in the input weight's dtype
+    scale: torch.Tensor  # (r,) fp32, representable in that dtype
+    report: QuantizationReport
+
+
+def quantize_weight(weight: torch.Tensor, hessian: Optional[torch.Tensor], fmt: Format, rounding: str = "compensated",
+                    damp: float = 0.01, layer: str = "layer") -> QuantizedWeight:
+    """Quantize one (pruned) weight (r, c) per output channel; zeros stay zeros.
+
+    With `rounding="compensated"` and the statistics `hessian` (c, c), the compensated values are
+    kept only where their output error is below round-to-nearest's, so compensation never makes a
+    linear worse. The errors are measured with the undamped `hessian` (or are 0 without one).
+    """
+    start = time.perf_counter()
+    scale = weight_scales(weight, fmt, weight.dtype)
+    W = weight.detach().float()
+
+    def measured(grid: torch.Tensor) -> tuple[torch.Tensor, float]:
+        values = dequantize(grid, scale, weight.dtype)
+        return values, (reconstruction_error(W, values, hessian) if hessian is not None else 0.0)
+
+    values, nearest_error = measured(round_to_nearest(W, scale, fmt))
+    error, kept = nearest_error, "nearest"
+    if rounding == "compensated" and hessian is not None:
+        candidate, candidate_error = measured(compensated(W, hessian, scale, fmt, damp, layer))
+        if candidate_error < nearest_error:
+            values, error, kept = candidate, candidate_error, "compensated"
+    report = QuantizationReport(fmt.name, kept, error, nearest_error, time.perf_counter() - start)
+    return QuantizedWeight(values, scale, report)
+
+
+def grid_of(weight: torch.Tensor, scale: torch.Tensor, fmt: Format) -> Optional[torch.Tensor]:
+    """The 8-bit values (in the format's dtype) behind dequantized weights, or None if `weight` is not
+    exactly `dequantize(values, scale)`: a file edited after quantizing, or scales that do not belong to it."""
+    grid = to_grid(weight.float() / scale.float()[:, None], fmt)
+    if not torch.equal(dequantize(grid, scale, weight.dtype), weight):
+        return None
+    return storable(grid, fmt)
