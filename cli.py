@@ -644,7 +644,8 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 @click.option("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), show_default=True, help="GEMM token counts M.")
 @click.option("--shapes", default="", help="Extra named GEMM shape sets: llama2-7b, llama2-70b, smollm2-135m.")
 @click.option("--dtypes", default="", help="GEMM dtypes, comma-separated: float16, bfloat16, float32, float8_e4m3fn "
-                                          "(FP8 weights and activations, bf16 out; compute capability 8.9+). Default: "
+                                          "(FP8 weights and activations, bf16 out; compute capability 8.9+), int8 "
+                                          "(INT8 weights and activations, int32 out). Default: "
                                           "float16,bfloat16 on a GPU, float32 on the CPU, where half-precision matmuls "
                                           "are no serving path.")
 @click.option("--grid", default="1x128,1x512,4x512", show_default=True, help="Model-level prefill batch x seq.")

@@ -17,9 +17,12 @@ SHAPE_SETS = {
 DEFAULT_TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 OUTLIER_ROWS = 0.05  # the dense-row share timed by the torch-2:4-dense-rows backend (a typical alpha)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-          "float8_e4m3fn": torch.float8_e4m3fn}
+          "float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8}
 FP8 = "float8_e4m3fn"  # weights and activations in FP8 E4M3, products accumulated and returned in bf16
-FP8_ROWS = 16  # FP8 GEMMs take token counts in multiples of 16: smaller M is padded, as serving stacks do
+INT8 = "int8"  # weights and activations in INT8, products accumulated in int32
+# 8-bit GEMMs take token counts in multiples of these (torch._int_mm wants more than 16 rows):
+# smaller M is padded, as serving stacks do
+PADDED_ROWS = {FP8: 16, INT8: 32}
 
 
 def two_four_weight(rows: int, cols: int, dtype, device) -> torch.Tensor:
@@ -102,6 +105,8 @@ def _time_shape(rows: int, cols: int, dtype_name: str, tokens: list[int], device
     weight = two_four_weight(rows, cols, dtype, device)
     if dtype_name == FP8:
         kernels, reasons = fp8_kernels(weight, sparse)
+    elif dtype_name == INT8:
+        kernels, reasons = int8_kernels(weight, sparse)
     else:
         kernels = {"torch-dense": lambda x, w=weight: F.linear(x, w)}
         reasons = dict(sparse)  # this shape's own: a conversion that fails here may work at another shape
@@ -116,7 +121,8 @@ def _time_shape(rows: int, cols: int, dtype_name: str, tokens: list[int], device
             records.append(dict(level="gemm", backend=name, status="skipped", reason=reason, dtype=dtype_name,
                                 shape=[rows, cols]))
     for m in tokens:
-        rows_in = -(-m // FP8_ROWS) * FP8_ROWS if dtype_name == FP8 else m
+        pad = PADDED_ROWS.get(dtype_name, 1)
+        rows_in = -(-m // pad) * pad
         x = torch.randn(rows_in, cols, device=device).to(dtype)
         dense_ms = None
         for name, kernel in list(kernels.items()):
@@ -150,15 +156,30 @@ def fp8_kernels(weight: torch.Tensor, sparse: dict[str, Optional[str]]) -> tuple
     if weight.is_cuda and torch.cuda.get_device_capability(weight.device) < (8, 9):
         return {}, {"torch-dense": "FP8 needs compute capability 8.9+", **{n: "FP8 needs compute capability 8.9+"
                                                                          for n in sparse}}
-    if sparse.get("torch-2:4-cusparselt", "") is None:
-        try:
-            compressed = torch._cslt_compress(weight)
-            kernels["torch-2:4-cusparselt"] = lambda x: torch._cslt_sparse_mm(compressed, x.t(),
-                                                                             out_dtype=torch.bfloat16).t()
-            reasons["torch-2:4-cusparselt"] = None
-        except (RuntimeError, NotImplementedError, ValueError) as exc:
-            reasons["torch-2:4-cusparselt"] = _reason(exc)
+    _add_cusparselt(kernels, reasons, weight, sparse, torch.bfloat16)
     return kernels, reasons
+
+
+def int8_kernels(weight: torch.Tensor, sparse: dict[str, Optional[str]]) -> tuple[dict, dict]:
+    """INT8 products (int32 accumulation): dense through `torch._int_mm`, 2:4 through cuSPARSELt
+    (`torch._cslt_compress` / `_cslt_sparse_mm`, int32 out). Returns (kernels, this shape's skip reasons)."""
+    kernels = {"torch-dense": lambda x: torch._int_mm(x, weight.t())}
+    reasons = {name: reason or "no INT8 2:4 kernel in this backend" for name, reason in sparse.items()}
+    _add_cusparselt(kernels, reasons, weight, sparse, torch.int32)
+    return kernels, reasons
+
+
+def _add_cusparselt(kernels: dict, reasons: dict, weight: torch.Tensor, sparse: dict[str, Optional[str]],
+                    out_dtype: torch.dtype) -> None:
+    """The 8-bit 2:4 kernel of cuSPARSELt where that backend is usable here, else its reason."""
+    if sparse.get("torch-2:4-cusparselt", "") is not None:
+        return
+    try:
+        compressed = torch._cslt_compress(weight)
+        kernels["torch-2:4-cusparselt"] = lambda x: torch._cslt_sparse_mm(compressed, x.t(), out_dtype=out_dtype).t()
+        reasons["torch-2:4-cusparselt"] = None
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        reasons["torch-2:4-cusparselt"] = _reason(exc)
 
 
 def _reason(exc: Exception) -> str:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device run: GPU benchmarks and GPU tests in one go, most wanted figures first.
 #
-# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=480), then give_back.
-# The steps' limits add up to 420 s, so a 15-minute device budget (start-up included) leaves room
+# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=520), then give_back.
+# The steps' limits add up to 460 s, so a 15-minute device budget (start-up included) leaves room
 # for a partial rerun. Each limit is set from the step's expected work on an H200 (below); a step
 # stopped by its limit still leaves its figures: the benchmarks write after every measurement and
 # on SIGTERM (what `timeout` sends), and every backend call sits inside its skip-with-reason guard,
@@ -28,12 +28,12 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny shapes, float32
-    GEMM=(--shapes smollm2-135m --dtypes float8_e4m3fn,float32 --tokens 1,16)
+    GEMM=(--shapes smollm2-135m --dtypes float8_e4m3fn,int8,float32 --tokens 1,16)
     MODEL=(--grid 1x16 --backends torch-dense)
     PLAN=(--config smollm2-135m --calib-samples 2 --seqlen 32)
     SOLVER=(--shapes 64x128 --block-sizes 32)
 else
-    GEMM=(--shapes llama2-7b,llama2-70b --dtypes float8_e4m3fn,float16 --tokens 1,16,256,2048,8192)
+    GEMM=(--shapes llama2-7b,llama2-70b --dtypes float8_e4m3fn,int8,float16 --tokens 1,16,256,2048,8192)
     MODEL=(--grid 1x128,1x2048,8x2048
            --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse,onnxruntime-tensorrt,genai)
     PLAN=(--config llama2-70b)  # 128 x 2048 calibration tokens, the GPU default
@@ -52,9 +52,9 @@ if [ "$DEVICE" = cuda ]; then
 fi
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
-# FP8 first (the figure issue 19 needs): 7 shapes x 5 token counts x (2 FP8 kernels + 3 fp16 ones:
-# dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on Hopper), at most 0.5 s each: ~90 s.
-step 120 "GEMM level: LLaMA-2-7B and 70B shapes, FP8 and fp16, dense against 2:4" \
+# 8-bit first (the figures issue 19 needs): 7 shapes x 5 token counts x (2 FP8 kernels + 2 INT8 +
+# 3 fp16: dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on Hopper), at most 0.5 s each: ~125 s.
+step 160 "GEMM level: LLaMA-2-7B and 70B shapes, FP8, INT8 and fp16, dense against 2:4" \
     python cli.py bench random:smollm2-135m --levels gemm "${GEMM[@]}" --device "$DEVICE" \
     --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm

@@ -190,6 +190,34 @@ def test_fp8_dense_kernel_computes_the_product_and_pads_small_token_counts():
     assert any(r["status"] == "skipped" and r["backend"] == "torch-2:4-cusparselt" for r in records)
 
 
+def test_int8_dense_kernel_is_the_exact_integer_product():
+    """The INT8 row of the GEMM level on the CPU: int32 products exactly, M padded to 32."""
+    from runtime_bench import gemm
+
+    weight = gemm.two_four_weight(32, 64, torch.int8, "cpu")
+    kernels, reasons = gemm.int8_kernels(weight, {"torch-2:4-cusparselt": "needs a CUDA GPU"})
+    x = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    assert torch.equal(kernels["torch-dense"](x), x.int() @ weight.int().t())
+    assert reasons == {"torch-2:4-cusparselt": "needs a CUDA GPU"}
+    records = []
+    gemm._time_shape(32, 64, gemm.INT8, [1, 40], "cpu", {"torch-2:4-cusparselt": "needs a CUDA GPU"}, 0.01,
+                     records, lambda: None)
+    ok = [r for r in records if r["status"] == "ok"]
+    assert [(r["tokens"], r["computed_tokens"]) for r in ok] == [(1, 32), (40, 64)]
+
+
+@pytest.mark.gpu
+def test_gpu_int8_two_four_is_the_dense_product_or_says_why():
+    from runtime_bench import gemm
+
+    weight = gemm.two_four_weight(256, 512, torch.int8, "cuda")
+    kernels, reasons = gemm.int8_kernels(weight, {"torch-2:4-cusparselt": None})
+    x = torch.randint(-127, 128, (64, 512), dtype=torch.int8, device="cuda")
+    if "torch-2:4-cusparselt" not in kernels:
+        pytest.skip(f"this torch build has no INT8 2:4 kernel: {reasons['torch-2:4-cusparselt']}")
+    assert torch.equal(kernels["torch-2:4-cusparselt"](x), kernels["torch-dense"](x))  # integers: exact
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_two_four_matches_dense_or_says_why():
     from runtime_bench import gemm
