@@ -18,7 +18,7 @@ from thanos.recipe import METHODS, MaskSearch, Permute, Quantize, Recipe, Recons
 DEFAULT_BLOCK_SIZE = {"unstructured": 128, "nm": 128, "columns": None}
 SPARSEGPT_BLOCK_SIZE = 128
 # Migration strength of activation ranges into the weights before 8-bit quantization (thanos.smooth):
-# INT8's uniform grid needs it; FP8's exponent already spans the ranges (docs/results/quantize_2of4_cpu.md).
+# INT8's uniform grid needs it; FP8 gained nothing from it (docs/results/quantize_2of4_cpu.md).
 DEFAULT_SMOOTHING = {"int8": 0.5, "fp8": 0.0}
 
 
