@@ -150,3 +150,16 @@ def test_compact_8bit_checkpoint_is_bit_exact_and_a_third_of_fp16(fp8_dir, tmp_p
         rows += weight_view(mod).shape[0]
     # one byte per kept value (half of them) and one bit per position, plus an fp32 scale per row
     assert summary["compact_bytes"] <= 0.3125 * 2 * weights + 4 * rows
+
+
+def test_best_quantizes_the_reconstructed_weights(tiny_llama_dir):
+    from thanos.calibration import sample_windows, tokenize_split
+    from thanos.driver import prune_model_
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+    reports = prune_model_(model, samples, PruneConfig(preset="best", quantize="fp8"), "cpu")
+    assert all("reconstruction" in r and "quantization" in r for r in reports)
+    for name, mod in quantized_linears(model).items():  # the step ran on the final (reconstructed) weights
+        assert grid_of(weight_view(mod), quantization_of(mod).weight_scale, FORMATS["fp8"]) is not None, name
+        assert_nm(weight_view(mod), 2, 4)
