@@ -23,7 +23,7 @@ from thanos.models import (LayerSelection, ModelError, adapter_for, attention_he
 from thanos.linears import set_weight_, weight_view
 from thanos.parallel import Parallel
 from thanos.permute import ChannelLayout
-from thanos.quantize import FORMATS, activation_scale
+from thanos.quantize import FORMATS, activation_scale, compensation_factor
 from thanos.quantized_model import LinearQuantization, quantization_of, set_quantization
 from thanos.recipe import Permute, Quantize, Reconstruct
 from thanos.smooth import SmoothGroup, smooth_layer_
@@ -177,9 +177,12 @@ class InputRanges:
         self.linears = linears
         self.amax: dict[str, torch.Tensor] = {}
         self._hooks = []
+        self._last: tuple = (None, None)  # (input, its amax): q/k/v and gate/up read the same tensor
 
     def _see(self, name: str, x: torch.Tensor) -> None:
-        top = x.detach().abs().amax().float()
+        if self._last[0] is not x:
+            self._last = (x, x.detach().abs().amax().float())
+        top = self._last[1]
         self.amax[name] = torch.maximum(self.amax[name], top) if name in self.amax else top
 
     def __enter__(self):
@@ -190,6 +193,7 @@ class InputRanges:
     def __exit__(self, *exc):
         for hook in self._hooks:
             hook.remove()
+        self._last = (None, None)
 
 
 def set_input_scales_(linears: dict[str, nn.Module], ranges: InputRanges, step: Quantize, parallel: Parallel,
@@ -354,15 +358,22 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
     """
     owners = parallel.owners(solve_costs(linears))
     records = {}
+    factors: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) read one Hessian: factorise it once
     for name, mod in linears.items():
         if owners[name] == parallel.rank:
-            result = step.run(weight_view(mod), shared.hessian(name), damp, name)
+            hessian, upper = shared.hessian(name), None
+            if step.rounding == "compensated":
+                if id(hessian) not in factors:
+                    factors[id(hessian)] = compensation_factor(hessian, damp, name)
+                upper = factors[id(hessian)]
+            result = step.run(weight_view(mod), hessian, damp, name, upper)
             set_weight_(mod, result.weight)
             set_quantization(mod, LinearQuantization(step.format, result.scale.cpu()))
             records[name] = dataclasses.asdict(result.report)
             log.info("%s: %s weights, %s rounding, rel. error %.3g (round-to-nearest %.3g)", name, step.format,
                      result.report.rounding, result.report.error, result.report.nearest_error)
     shared.stats.clear()
+    factors.clear()
     for (name, mod), report in zip(linears.items(), reports):
         parallel.broadcast_(mod.weight.data, owners[name])
         own = quantization_of(mod) if owners[name] == parallel.rank else None

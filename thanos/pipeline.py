@@ -28,7 +28,7 @@ from thanos.models import (LayerSelection, ModelError, context_length, default_m
 from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_staging, check_writable, commit_staging,
                             discard_staging, output_lock, write_error)
 from thanos.parallel import Parallel
-from thanos.quantized_model import describe, save_quantization, simulate_activations_
+from thanos.quantized_model import describe, quantized_linears, save_quantization, simulate_activations_
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,7 @@ def prune(model, config: PruneConfig = PruneConfig(), calibration: Optional[torc
 def _simulate_8bit_inputs(model, report: dict) -> None:
     """A quantized model rounds each linear's input from here on, as the 8-bit runtime will (and as
     `load_model` does for the saved directory): its perplexity is the 8-bit model's."""
-    state = describe(model)
-    if state:
+    if quantized_linears(model):
         simulate_activations_(model)
         report["quantization"] = describe(model)
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from thanos.hessian import inverse_upper_factor, reconstruction_error
+from thanos.hessian import handle_dead_inputs_, inverse_upper_factor, reconstruction_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +52,6 @@ def to_grid(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     return x.to(fmt.dtype).to(torch.float32)  # the cast rounds to nearest even
 
 
-def storable(values: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Grid values (fp32) in the format's own 8-bit dtype, exactly."""
-    return values.to(fmt.dtype)
-
-
 def weight_scales(weight: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
     """Per-row scales (r,) in fp32, each representable in `dtype` (the model's storage dtype).
 
@@ -78,20 +73,26 @@ def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, fmt: Format) -> 
     return to_grid(weight.float() / scale[:, None], fmt)
 
 
+def compensation_factor(hessian: torch.Tensor, damp: float, layer: str = "layer") -> torch.Tensor:
+    """`U` with inv(H + damp) = U^T U, never-active inputs given a unit diagonal: what `compensated`
+    sweeps with. Linears that read one input (q/k/v, gate/up) can share it."""
+    H = hessian.detach().float().clone()
+    handle_dead_inputs_(None, H)
+    return inverse_upper_factor(H, damp, layer).upper
+
+
 def compensated(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, fmt: Format, damp: float,
-                layer: str = "layer", block: int = COMPENSATION_BLOCK) -> torch.Tensor:
+                layer: str = "layer", block: int = COMPENSATION_BLOCK,
+                upper: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grid values (r, c) in fp32, each column's rounding error compensated on the kept weights after it.
 
     `weight` (r, c) holds the pruned weights (zeros are pruned positions and stay zero);
-    `hessian` (c, c) is the mean of x x^T over the calibration inputs.
+    `hessian` (c, c) is the mean of x x^T over the calibration inputs; `upper`, if given, its
+    `compensation_factor` computed once already.
     """
     W = weight.detach().float().clone()  # (r, c), updated as columns are quantized
     keep = (W != 0).float()
-    H = hessian.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    U = inverse_upper_factor(H, damp, layer).upper  # inv(H + damp) = U^T U
-    del H
+    U = compensation_factor(hessian, damp, layer) if upper is None else upper
     grid = torch.zeros_like(W)
     s = scale.float()  # (r,)
     columns = W.shape[1]
@@ -143,12 +144,13 @@ class QuantizedWeight:
 
 
 def quantize_weight(weight: torch.Tensor, hessian: Optional[torch.Tensor], fmt: Format, rounding: str = "compensated",
-                    damp: float = 0.01, layer: str = "layer") -> QuantizedWeight:
+                    damp: float = 0.01, layer: str = "layer", upper: Optional[torch.Tensor] = None) -> QuantizedWeight:
     """Quantize one (pruned) weight (r, c) per output channel; zeros stay zeros.
 
     With `rounding="compensated"` and the statistics `hessian` (c, c), the compensated values are
     kept only where their output error is below round-to-nearest's, so compensation never makes a
     linear worse. The errors are measured with the undamped `hessian` (or are 0 without one).
+    `upper`: the hessian's `compensation_factor`, when the caller shares one between linears.
     """
     start = time.perf_counter()
     scale = weight_scales(weight, fmt, weight.dtype)
@@ -161,7 +163,7 @@ def quantize_weight(weight: torch.Tensor, hessian: Optional[torch.Tensor], fmt: 
     values, nearest_error = measured(round_to_nearest(W, scale, fmt))
     error, kept = nearest_error, "nearest"
     if rounding == "compensated" and hessian is not None:
-        candidate, candidate_error = measured(compensated(W, hessian, scale, fmt, damp, layer))
+        candidate, candidate_error = measured(compensated(W, hessian, scale, fmt, damp, layer, upper=upper))
         if candidate_error < nearest_error:
             values, error, kept = candidate, candidate_error, "compensated"
     report = QuantizationReport(fmt.name, kept, error, nearest_error, time.perf_counter() - start)
@@ -174,4 +176,4 @@ def grid_of(weight: torch.Tensor, scale: torch.Tensor, fmt: Format) -> Optional[
     grid = to_grid(weight.float() / scale.float()[:, None], fmt)
     if not torch.equal(dequantize(grid, scale, weight.dtype), weight):
         return None
-    return storable(grid, fmt)
+    return grid.to(fmt.dtype)  # grid values are exact in the 8-bit dtype

@@ -191,8 +191,9 @@ class Quantize(Step):
             raise ConfigError(f"smoothing (the migration strength) must be in [0, 1], got {self.smoothing}; "
                               "0.5 is SmoothQuant's usual value, 0 turns it off")
 
-    def run(self, weight: torch.Tensor, hessian: Optional[torch.Tensor], damp: float, name: str) -> QuantizedWeight:
-        return quantize_weight(weight, hessian, FORMATS[self.format], self.rounding, damp, name)
+    def run(self, weight: torch.Tensor, hessian: Optional[torch.Tensor], damp: float, name: str,
+            upper: Optional[torch.Tensor] = None) -> QuantizedWeight:
+        return quantize_weight(weight, hessian, FORMATS[self.format], self.rounding, damp, name, upper)
 
 
 STEPS: dict[str, type[Step]] = {cls.kind: cls for cls in (Permute, Solve, MaskSearch, Refit, Reconstruct, Quantize)}

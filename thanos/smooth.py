@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from thanos.linears import weight_view
+from thanos.linears import is_prunable, weight_view
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _query_columns(kv_scale: torch.Tensor, head_dim: int, kv_repeats: int) -> to
 @torch.no_grad()
 def _divide_producer_(module: nn.Module, scale: torch.Tensor) -> None:
     """Divide the producer's output channels by `scale`: a norm's weight (and bias), or a linear's rows."""
-    if isinstance(module, nn.Linear) or hasattr(module, "weight") and module.weight.dim() == 2:
+    if is_prunable(module):
         target = weight_view(module)
         target.copy_((target.float() / scale.to(target.device)[:, None]).to(target.dtype))
     else:
