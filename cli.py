@@ -454,19 +454,35 @@ def echo_export_summary(summary: dict) -> None:
     if split:
         outliers = sum(v["outlier_rows"] for v in split.values())
         click.echo(f"split      {len(split)} linears into a 2:4 part and a dense part ({outliers} outlier rows in all)")
+    qdq = summary.get("quantization") or nested.get("quantization")
+    if qdq:
+        rounded = (f"; scales rounded to {' / '.join(qdq['scale_dtypes'])} by up to {qdq['largest_scale_rounding']:.2g}"
+                   if qdq["largest_scale_rounding"] else "")
+        click.echo(f"8-bit      {qdq['format']}: {qdq['linears']} linears as QuantizeLinear / DequantizeLinear "
+                   f"(opset {qdq['opset']}), {qdq['activation_quantizers']} input quantizers{rounded}")
     cached = summary.get("with_cache") or nested.get("with_cache")
     if cached:
         click.echo(f"exported   KV-cache graph -> {cached['onnx']}")
+        if cached.get("quantized_linears"):
+            _echo_qdq_check(cached["quantized_linears"])
         if cached.get("validation"):
             v = cached["validation"]
-            click.echo(f"verified   prefill logit difference {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g}); "
-                       f"{v['greedy_tokens_agree']:.0%} of {v['greedy_steps']} greedy tokens as PyTorch")
+            verdict = (f"verified   prefill logit difference {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g})"
+                       if "tolerance" in v else f"compared   prefill logit difference {v['max_abs_diff']:.3g}")
+            click.echo(f"{verdict}; {v['greedy_tokens_agree']:.0%} of {v['greedy_steps']} greedy tokens as PyTorch")
     validation = summary.get("validation") or nested.get("validation")
-    if validation:
+    if validation and validation.get("quantized_linears"):
+        _echo_qdq_check(validation["quantized_linears"])
+        click.echo(f"compared   largest logit difference {validation['max_abs_diff']:.3g} from the 8-bit PyTorch model, "
+                   f"top token the same at {validation['top_token_agrees']:.0%} of positions (not a pass/fail check: "
+                   "rounding-boundary differences grow over the layers)")
+    elif validation:
         click.echo(f"verified   largest logit difference {validation['max_abs_diff']:.3g} "
                    f"(tolerance {validation['tolerance']:.3g})")
     generation = summary.get("generation")
     if generation:
+        if generation.get("quantized_linears"):
+            _echo_qdq_check(generation["quantized_linears"])
         lengths = ", ".join(str(p["prompt_tokens"]) for p in generation["prompts"])
         agreement = ("the same greedy tokens as transformers" if generation["identical"] else
                      f"greedy tokens as transformers' up to new token {generation['first_divergence']}")
@@ -478,6 +494,13 @@ def echo_export_summary(summary: dict) -> None:
     if "converted" in summary:
         click.echo(f"torch 2:4  {len(summary['converted'])} linears converted ({summary['backend']}), "
                    f"{len(summary['dense'])} kept dense")
+
+
+def _echo_qdq_check(check: dict) -> None:
+    click.echo(f"verified   {check['linears']} 8-bit linears one by one on onnxruntime's own inputs: 8-bit inputs "
+               f"as QuantizeLinear defines them ({check['inputs_on_a_rounding_boundary']} of "
+               f"{check['inputs_checked']} one step apart, on a rounding boundary), products within "
+               f"{check['largest_error_over_bound']:.2g}x their round-off bound")
 
 
 @main.command("export")
@@ -588,6 +611,7 @@ def inspect_cmd(path, as_json, trust_remote_code):
 
 @main.command("prune-and-build")
 @prune_options
+@quantize_options
 @click.option("--target", type=click.Choice(("auto",) + TARGETS), default="auto", show_default=True,
               help="auto: TensorRT where a GPU and TensorRT exist, else ONNX.")
 @click.option("--out", required=True, type=click.Path(), help="Directory: pruned/ and the export go inside.")
@@ -601,6 +625,10 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     \b
     Example (embedded SmolLM2-135M-Instruct):
       thanos-export prune-and-build --pattern 2:4 --target tensorrt --out build/
+    \b
+    With --quantize fp8|int8 the export carries the 8-bit weights and activation scales:
+    onnx, genai and tensorrt as QuantizeLinear / DequantizeLinear pairs around each linear,
+    safetensors as 8-bit values; the torch target does not carry them yet.
     \b
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat, ExportOptions,
-                            ValidationError, register)
+from exporters.base import (CARRIES_8BIT, DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat,
+                            ExportOptions, ValidationError, register)
 from thanos.compact import load_compact
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
                             write_error)
@@ -40,6 +40,10 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     if not Path(model_dir).exists():
         raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
                           "wrote")
+    from exporters.source import holds_8bit, refuse_8bit
+
+    if fmt.value not in CARRIES_8BIT and holds_8bit(Path(model_dir), source):
+        refuse_8bit(model_dir, f"the {fmt.value} target")  # before a missing GPU is named: no GPU would help
     check_disjoint(out, [model_dir])
     check_writable(out)
     with output_lock(out):
@@ -107,13 +111,22 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
                               "drop it, or pick one of those targets")
 
 
-def check_backend(fmt: "str | ExportFormat") -> None:
-    """Raise BackendMissingError now if `fmt` cannot be built on this machine (before any pruning)."""
+def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None) -> None:
+    """Raise BackendMissingError now if `fmt` cannot be built on this machine (before any pruning),
+    for a model quantized to `quantize` ("fp8", "int8") if given: ExportError if `fmt` cannot carry it."""
     fmt = ExportFormat(fmt)
+    if quantize and fmt.value not in CARRIES_8BIT:
+        from exporters.source import refuse_8bit
+
+        refuse_8bit(None, f"the {fmt.value} target")
     if fmt is ExportFormat.TENSORRT:
-        from exporters.tensorrt_engine import require_tensorrt
+        import torch
+
+        from exporters.tensorrt_engine import require_8bit_gpu, require_tensorrt
 
         require_tensorrt()
+        if quantize:
+            require_8bit_gpu(quantize, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     elif fmt is ExportFormat.GENAI:
         from exporters.genai import require_genai
 

@@ -27,10 +27,13 @@ import torch
 
 from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
 from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
-from exporters.onnx_graph import TWO_GIB, check_patterns_kept, require_onnx
+from exporters.onnx_export import validation_prompts
+from exporters.onnx_graph import TWO_GIB, check_patterns_kept, prefill_feed, require_onnx
+from exporters.onnx_qdq import validate_qdq
 from exporters.source import load_pruned, model_patterns
 from thanos.errors import InputError
 from thanos.models import context_length
+from thanos.quantized_model import quantized_linears
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +93,18 @@ def genai_config(model) -> dict:
                            vocab_size=config.vocab_size), search=search)
 
 
-def write_genai_folder(model, tokenizer, out: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
-    """Write the graph, `genai_config.json` and the tokenizer files for `model` (on the CPU, export dtype).
+def write_genai_folder(model, tokenizer, out: Path, opset: int = 18,
+                       external_data_threshold: int = TWO_GIB) -> Optional[dict]:
+    """Write the graph, `genai_config.json` and the tokenizer files for `model` (on the CPU, export dtype);
+    returns what the graph's 8-bit linears became (`exporters.onnx_qdq`), None without any.
 
     `tokenizer=None` leaves the tokenizer out: the runtime then generates from token ids only (the bench).
     """
-    write_onnx_with_cache(model, out / MODEL_FILE, opset, external_data_threshold, names=GENAI_NAMES)
+    qdq = write_onnx_with_cache(model, out / MODEL_FILE, opset, external_data_threshold, names=GENAI_NAMES)
     (out / CONFIG_FILE).write_text(json.dumps(genai_config(model), indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    return qdq
 
 
 def _inside(folder: Path, name: str, config_path: Path) -> Path:
@@ -224,10 +230,18 @@ def verification_prompts(tokenizer, context: int) -> list[str]:
 
 
 def verify_folder(model, tokenizer, folder: Path, dtype: str) -> dict:
-    """Greedy tokens of GenAI on `folder` against transformers on `model` (the pruned model, in float32)."""
+    """Greedy tokens of GenAI on `folder` against transformers on `model` (the pruned model, in float32).
+
+    A graph with 8-bit linears is checked linear by linear instead (`exporters.onnx_qdq.validate_qdq`),
+    and where its tokens first differ is reported only (`onnx_export.validate_onnx` says why)."""
     runtime = GenaiModel(folder)
     genai_tokenizer = runtime.tokenizer()
     export_dtype = next(model.parameters()).dtype
+    quantized = None
+    if quantized_linears(model):
+        ids, mask = validation_prompts(tokenizer)
+        quantized = validate_qdq(folder / MODEL_FILE, model, lambda s: prefill_feed(s, ids.numpy(), mask.numpy()),
+                                 dtype)
     model.float()
     results = []
     try:
@@ -248,14 +262,17 @@ def verify_folder(model, tokenizer, folder: Path, dtype: str) -> dict:
     finally:
         model.to(export_dtype)
     worst = min((r["first_divergence"] for r in results if r["first_divergence"] is not None), default=None)
+    checked = dict(runtime=f"onnxruntime-genai {runtime.version} ({runtime.provider})", reference="transformers float32",
+                   prompts=results, identical=worst is None, first_divergence=worst)
+    if quantized:
+        return dict(checked, quantized_linears=quantized)
     if dtype == "float32" and worst is not None:
         raise ExportError(f"GenAI's greedy tokens (float32) differ from transformers' at new token {worst}; "
                           "they must be identical: please report this with the model's config")
     if worst is not None and worst < FP16_AGREEING:
         raise ExportError(f"GenAI's greedy tokens ({dtype}) differ from transformers' at new token {worst}, within "
                           f"the first {FP16_AGREEING}; export with --dtype float32, or report this")
-    return dict(runtime=f"onnxruntime-genai {runtime.version} ({runtime.provider})", reference="transformers float32",
-                prompts=results, identical=worst is None, first_divergence=worst)
+    return checked
 
 
 def first_divergence(got: list[int], expected: list[int]) -> Optional[int]:
@@ -274,9 +291,11 @@ def export_genai(model_dir: Path, out: Path, options: ExportOptions, source: Opt
         raise ExportError(f"the genai target supports float32 and float16, not {options.dtype}")
     model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows,
                                            options.trust_remote_code, source)
-    write_genai_folder(model, tokenizer, out, options.opset)
+    qdq = write_genai_folder(model, tokenizer, out, options.opset)
     summary = dict(genai=str(out), onnx=str(out / MODEL_FILE), files=sorted(p.name for p in out.iterdir()),
                    **check_patterns_kept(model_patterns(model), out / MODEL_FILE))
+    if qdq:
+        summary["quantization"] = qdq
     if options.split_dense_rows:
         summary["split_rows"] = report["split_rows"]
     if options.validate:

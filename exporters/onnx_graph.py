@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from exporters.base import ExportError
+from exporters.onnx_qdq import QDQ_OPSET, insert_qdq
 from exporters.patterns import LayerPattern, analyse
 from thanos.errors import InputError
+from thanos.quantized_model import activations_unrounded, quantized_linears
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,20 @@ def require_onnx():
 
 
 def export_graph(module, example_inputs: tuple, input_names: list[str], output_names: list[str], dynamic_axes: dict,
-                 path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> None:
+                 path: Path, opset: int = 18, external_data_threshold: int = TWO_GIB) -> Optional[dict]:
     """torch.onnx (TorchScript) export of `module`, post-processed and saved at `path`.
 
     The exporter writes into a scratch folder first (past 2 GB it leaves one file per tensor
     there); the final graph, with a tied LM head sharing the embedding's bytes, is saved at `path`
-    (its weights in `path.data` past the threshold).
+    (its weights in `path.data` past the threshold). A model quantized to 8 bits is traced with its
+    activation rounding off and gets QuantizeLinear / DequantizeLinear pairs instead
+    (`exporters.onnx_qdq`); what they are is returned (None for a model without 8-bit linears).
     """
     import onnx
 
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch:
+    quantized = quantized_linears(getattr(module, "model", module))  # named as in the model our wrappers hold
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch, \
+            activations_unrounded(module):
         raw = Path(scratch) / path.name
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about every Python branch in transformers' masking code; the dynamic
@@ -51,8 +57,8 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(module.eval(), example_inputs, str(raw), input_names=input_names,
-                                  output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
-                                  dynamo=False, do_constant_folding=True)
+                                  output_names=output_names, dynamic_axes=dynamic_axes,
+                                  opset_version=max(opset, QDQ_OPSET) if quantized else opset, dynamo=False, do_constant_folding=True)
             except RuntimeError as exc:
                 import transformers
 
@@ -62,6 +68,7 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
                         f"({exc}); ONNX export needs transformers 5 or newer: pip install 'transformers>=5'") from exc
                 raise
         proto = onnx.load(str(raw), load_external_data=True)
+    qdq = insert_qdq(proto, quantized) if quantized else None
     shared = share_tied_embedding(proto)
     if shared:
         log.info("LM head shares the embedding's initializer %s", shared)
@@ -72,6 +79,7 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
+    return qdq
 
 
 def share_tied_embedding(proto) -> Optional[str]:
@@ -119,11 +127,15 @@ def onnx_weight_patterns(path: Path) -> list[LayerPattern]:
         producer = producers.get(name)
         if name not in inits and producer is not None and producer.op_type == "Transpose":
             name, transposed = producer.input[0], not transposed
+        elif name not in inits and producer is not None and producer.op_type == "DequantizeLinear":
+            name = producer.input[0]  # an 8-bit weight (exporters.onnx_qdq): its stored values
         if name not in inits:
             continue  # an activation x activation product (attention), not a weight
         array = numpy_helper.to_array(inits[name])
         if array.ndim != 2:
             continue
+        if array.dtype.kind not in "biuf":  # float8 (ml_dtypes): its bits, which is what the pattern is about
+            array = array.view(np.uint8)
         weight = torch.tensor(array if transposed else array.T)  # (out, in); a copy: onnx's arrays are read-only
         layers.append(analyse(f"{node.name or node.op_type}:{name}", weight))
     return layers

@@ -21,7 +21,7 @@ from thanos.quantized_model import quantization_of, quantized_linears
 @register(ExportFormat.SAFETENSORS)
 def export_compact(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     model, tokenizer, report = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code,
-                                           source=source, accepts_8bit=True)
+                                           source=source)
     declared = Pattern.parse((report or {}).get("config", {}).get("pattern", "unstructured"))
     patterns, transposed = {}, set()
     for layer in prunable_linears(model, LayerSelection()).values():

@@ -3,7 +3,9 @@
 TensorRT 10 takes precision from builder flags (FP16/BF16); TensorRT 11 networks are strongly
 typed, so precision comes from the ONNX types (we export fp16). The builder's verbose log is
 captured, and the layers it reports as eligible for sparse math, and those it gave a sparse
-implementation, are listed in the summary.
+implementation, are listed in the summary. A model quantized to 8 bits arrives as the ONNX
+export's QuantizeLinear / DequantizeLinear graph (`exporters.onnx_qdq`): TensorRT's explicit
+quantization, which picks its FP8 / INT8 kernels from those pairs.
 
 Weight layout: TensorRT's developer guide (section "Sparsity") asks of convolution and fully
 connected weights that, for every output channel, each group of four consecutive input channels
@@ -23,6 +25,7 @@ from exporters.base import BackendMissingError, ExportError, ExportFormat, Expor
 from exporters.onnx_export import export_onnx
 from exporters.patterns import NotHardwareSparseError, require_hardware_2to4
 from exporters.source import load_pruned, model_patterns
+from thanos.quantized_model import model_format
 
 log = logging.getLogger(__name__)
 ENGINE_FILE = "model.engine"
@@ -43,6 +46,22 @@ def require_tensorrt():
     return trt
 
 
+# The lowest compute capability whose tensor cores take each 8-bit format (FP8: Ada and Hopper).
+EIGHT_BIT_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
+
+
+def require_8bit_gpu(fmt: str, capability: tuple[int, int], device_name: str) -> None:
+    """Refuse, before any work, an 8-bit format the GPU's tensor cores do not run."""
+    need = EIGHT_BIT_CAPABILITY[fmt]
+    if tuple(capability) < need:
+        other = [f for f, cap in EIGHT_BIT_CAPABILITY.items() if tuple(capability) >= cap]
+        instead = f"prune with --quantize {other[0]} for this GPU, or " if other else ""
+        raise BackendMissingError(
+            f"{device_name} has compute capability {capability[0]}.{capability[1]}, and TensorRT's {fmt.upper()} "
+            f"kernels need {need[0]}.{need[1]} or newer; {instead}build the engine on a newer GPU "
+            "(--target onnx writes the graph here)")
+
+
 def parse_sparsity_log(lines: list[str]) -> dict:
     """Pull TensorRT's '(Sparsity)' report lines apart: eligible layers and those picked sparse."""
     eligible, picked = [], []
@@ -56,7 +75,10 @@ def parse_sparsity_log(lines: list[str]) -> dict:
     return dict(eligible=eligible, sparse_implementation=picked)
 
 
-def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, sparse: bool = True) -> dict:
+def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, sparse: bool = True,
+                 quantized: Optional[str] = None) -> dict:
+    """`quantized`: the graph's 8-bit format ("fp8", "int8"), whose QuantizeLinear / DequantizeLinear
+    pairs TensorRT 10 takes only with that precision's flag (TensorRT 11 reads the ONNX types)."""
     trt = require_tensorrt()
     lines: list[str] = []
 
@@ -86,6 +108,8 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     if major < 11 and options.dtype in ("float16", "bfloat16"):
         config.set_flag(trt.BuilderFlag.FP16 if options.dtype == "float16" else trt.BuilderFlag.BF16)
+    if major < 11 and quantized:
+        config.set_flag(getattr(trt.BuilderFlag, quantized.upper()))
     profile = builder.create_optimization_profile()
     for name in ("input_ids", "attention_mask"):
         shapes = [(b, s) for b, s in zip(options.batch, options.seqlen)]
@@ -102,7 +126,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
     engine_path.write_bytes(bytes(serialized))
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     (engine_path.parent / "tensorrt_build.log").write_text("\n".join(lines))
-    return dict(engine=str(engine_path), tensorrt=trt.__version__, sparse_weights=sparse,
+    return dict(engine=str(engine_path), tensorrt=trt.__version__, sparse_weights=sparse, quantized=quantized,
                 timing_cache=str(cache_path), **parse_sparsity_log(lines))
 
 
@@ -120,6 +144,11 @@ def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions, source: 
             raise
         sparse = False
     require_tensorrt()  # before the ONNX export, which takes minutes on a big model
+    quantized = model_format(loaded[0])
+    if quantized:
+        import torch
+
+        require_8bit_gpu(quantized, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     onnx_summary = export_onnx(model_dir, out, onnx_options, loaded=loaded)
     return dict(onnx=onnx_summary["onnx"], onnx_export=onnx_summary,
-                **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse))
+                **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse, quantized))

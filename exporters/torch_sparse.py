@@ -21,6 +21,7 @@ from thanos.linears import stores_transposed, weight_view
 
 log = logging.getLogger(__name__)
 TOLERANCE = 2e-2  # of the logits' largest magnitude: sparse kernels accumulate in another order
+REFUSES_8BIT = "the torch target (8-bit cuSPARSELt linears are not built)"
 
 
 def require_sparse_gpu(device: "str | torch.device" = "cuda") -> torch.device:
@@ -79,7 +80,7 @@ def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backen
     `split_dense_rows`: an alpha > 0 model's outlier rows run as separate dense linears.
     """
     dev = require_sparse_gpu(device)
-    model, _, _ = load_pruned(Path(model_dir), dtype, split_dense_rows)
+    model, _, _ = load_pruned(Path(model_dir), dtype, split_dense_rows, refuse_8bit_as=REFUSES_8BIT)
     model.to(dev)
     return model, to_semi_structured_(model, backend)
 
@@ -88,7 +89,8 @@ def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backen
 def export_torch(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     # `source` is not used: the check needs a dense copy beside the converted model, read from the directory.
     require_sparse_gpu()
-    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code,
+                                           refuse_8bit_as=REFUSES_8BIT)
     if not options.allow_dense:
         require_hardware_2to4(model_patterns(model), report, "torch semi-structured", options.split_dense_rows)
     model.to("cuda")

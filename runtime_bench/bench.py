@@ -13,6 +13,7 @@ from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
+from thanos.quantized_model import quantized_linears
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,9 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
         model, shapes = None, list(SHAPE_SETS[random_name])  # GEMMs only: no need to build the model
     else:
         model = _load_target(settings.target, device, settings.trust_remote_code)
+        if "model" in settings.levels and quantized_linears(model):
+            raise InputError(f"{settings.target} holds 8-bit linears, and the model level times fp16/fp32 kernels, "
+                             "which would measure another model; time 8-bit kernels at the GEMM level (--levels gemm)")
         # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
         shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
                         - {(model.config.vocab_size, model.config.hidden_size)})

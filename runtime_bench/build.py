@@ -18,10 +18,10 @@ import torch
 
 from exporters import ExportOptions, check_backend, check_options_apply, export, relocated
 from exporters.patterns import require_hardware_2to4
-from exporters.source import refuse_8bit
 from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME
 from thanos.devices import resolve_device
 from thanos.driver import Progress
+from thanos.errors import InputError
 from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_writable, commit_staging,
                             discard_staging, output_lock)
 from thanos.parallel import Parallel
@@ -71,11 +71,16 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
     if job.prune.trust_remote_code:
         options = dataclasses.replace(options, trust_remote_code=True)
     check_options_apply(target, options)
-    if job.prune.config.recipe.get(Quantize) and target != "safetensors":
-        refuse_8bit(out / "pruned")
+    quantize = job.prune.config.recipe.get(Quantize)
+    if quantize and job.bench:
+        raise InputError("--bench times fp16 kernels and cannot measure an 8-bit model yet; drop --bench (the "
+                         "GEMM benchmark, python -m runtime_bench.gemm, times FP8 and INT8 2:4 kernels)")
+    if quantize and options.split_dense_rows:
+        raise InputError("--split-dense-rows would replace the 8-bit linears with unquantized ones; prune with "
+                         "--alpha 0 for an 8-bit model, or drop --quantize")
     if target in ("tensorrt", "torch") and not options.allow_dense:
         require_hardware_2to4(None, dict(config=job.prune.config.to_json()), target, options.split_dense_rows)
-    check_backend(target)
+    check_backend(target, quantize.format if quantize else None)
     if job.prune.distributed:
         from thanos.parallel import init_from_env
 

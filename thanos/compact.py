@@ -36,6 +36,18 @@ def is_compact_dir(path: Path) -> bool:
     return (Path(path) / COMPACT_FILE).is_file()
 
 
+def compact_is_8bit(path: Path) -> bool:
+    """Whether a compact checkpoint stores 8-bit linears (read from its metadata alone)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(path) / COMPACT_FILE), "pt") as f:
+            layers = json.loads((f.metadata() or {}).get("layers", "{}"))
+    except Exception:  # noqa: BLE001 a damaged file is reported by the full read that follows
+        return False
+    return any(info.get("quantized") for info in layers.values())
+
+
 def read_compact_state(path: Path, scales: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """The dense state dict; `scales`, if given, receives {linear: LinearQuantization} of 8-bit linears."""
     from safetensors import safe_open

@@ -34,19 +34,21 @@ class Format:
     name: str
     qmax: float  # the largest magnitude on the grid
     dtype: torch.dtype  # how the 8-bit values are stored
+    lowest: float  # where a runtime's QuantizeLinear saturates below (int8: -128, one past -qmax)
 
 
 FORMATS = {
-    "fp8": Format("fp8", 448.0, torch.float8_e4m3fn),  # E4M3: 4 significant bits, max 448
-    "int8": Format("int8", 127.0, torch.int8),  # symmetric: -128 unused
+    "fp8": Format("fp8", 448.0, torch.float8_e4m3fn, -448.0),  # E4M3: 4 significant bits, max 448
+    "int8": Format("int8", 127.0, torch.int8, -128.0),  # weights symmetric in [-127, 127]
 }
 ROUNDINGS = ("compensated", "nearest")  # compensated: the better of the two per linear, by output error
 COMPENSATION_BLOCK = 128  # columns whose updates are applied lazily together (as in the block solvers)
 
 
-def to_grid(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """`x` (already divided by its scale) rounded to the nearest value of the format's grid, in fp32."""
-    x = x.float().clamp(-fmt.qmax, fmt.qmax)
+def to_grid(x: torch.Tensor, fmt: Format, lowest: Optional[float] = None) -> torch.Tensor:
+    """`x` (already divided by its scale) rounded to the nearest value of the format's grid, in fp32,
+    saturating at +-qmax (or below at `lowest`)."""
+    x = x.float().clamp(-fmt.qmax if lowest is None else lowest, fmt.qmax)
     if fmt.dtype == torch.int8:
         return torch.round(x)  # ties to even, like QuantizeLinear
     return x.to(fmt.dtype).to(torch.float32)  # the cast rounds to nearest even
@@ -119,8 +121,9 @@ def activation_scale(amax: float, fmt: Format) -> float:
 
 
 def fake_quantize(x: torch.Tensor, scale: float, fmt: Format) -> torch.Tensor:
-    """`x` through quantize and dequantize with `scale`, in `x`'s dtype: what an 8-bit runtime feeds its GEMM."""
-    return (to_grid(x.float() / scale, fmt) * scale).to(x.dtype)
+    """`x` through quantize and dequantize with `scale`, in `x`'s dtype: what an 8-bit runtime feeds its GEMM
+    (ONNX's QuantizeLinear, TensorRT: int8 inputs saturate at -128 below, not -127)."""
+    return (to_grid(x.float() / scale, fmt, fmt.lowest) * scale).to(x.dtype)
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ perplexity and generations of the loaded model are those of the 8-bit model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Optional
@@ -135,12 +136,15 @@ def load_quantization_(model: nn.Module, directory: Path, simulate: bool = True)
 def simulate_activations_(model: nn.Module) -> None:
     """Round every quantized linear's input with its static scale before the product (idempotent)."""
     for mod in quantized_linears(model).values():
-        quant = quantization_of(mod)
-        if quant.input_scale is None or hasattr(mod, _HOOK):
-            continue
-        fmt, scale = FORMATS[quant.format], float(quant.input_scale)
-        setattr(mod, _HOOK, mod.register_forward_pre_hook(
-            lambda m, args, fmt=fmt, scale=scale: (fake_quantize(args[0], scale, fmt), *args[1:])))
+        if quantization_of(mod).input_scale is not None and not hasattr(mod, _HOOK):
+            _round_inputs(mod)
+
+
+def _round_inputs(mod: nn.Module) -> None:
+    quant = quantization_of(mod)
+    fmt, scale = FORMATS[quant.format], float(quant.input_scale)
+    setattr(mod, _HOOK, mod.register_forward_pre_hook(
+        lambda m, args: (fake_quantize(args[0], scale, fmt), *args[1:])))
 
 
 def stop_simulating_activations_(model: nn.Module) -> None:
@@ -149,6 +153,19 @@ def stop_simulating_activations_(model: nn.Module) -> None:
         if handle is not None:
             handle.remove()
             delattr(mod, _HOOK)
+
+
+@contextlib.contextmanager
+def activations_unrounded(model: nn.Module):
+    """Within: the model's linears see their inputs unrounded (to trace a graph that quantizes them
+    itself); on leaving, the rounding is back where it was on."""
+    simulated = [mod for mod in quantized_linears(model).values() if hasattr(mod, _HOOK)]
+    stop_simulating_activations_(model)
+    try:
+        yield
+    finally:
+        for mod in simulated:
+            _round_inputs(mod)
 
 
 def describe(model: nn.Module) -> Optional[dict]:

@@ -1,0 +1,318 @@
+"""8-bit linears in an ONNX graph: QuantizeLinear / DequantizeLinear pairs (QDQ) around each MatMul.
+
+A model pruned with `--quantize` carries, per linear, 8-bit weight values with one scale per
+output channel and one static input scale (`thanos.quantized_model`). The traced graph holds the
+dequantized weights as float initializers; `insert_qdq` rewrites every quantized linear's MatMul
+into the explicit-quantization form that TensorRT reads (and onnxruntime runs):
+
+    x -> QuantizeLinear(s_in) -> DequantizeLinear(s_in) --\
+                                                          MatMul -> y
+    W_q (K, N) int8 / float8e4m3fn -> DequantizeLinear(s_w, axis=1) --/
+
+`W_q` is the weight's 8-bit values stored as such (a quarter of fp32's bytes), transposed as the
+exporter stores linears (K, N): the n:m groups still run along axis 0, K, and
+`onnx_graph.onnx_weight_patterns` reads them through the DequantizeLinear. Zero points are zero
+(symmetric); linears that read one input (q/k/v, gate/up) with one scale share one pair.
+
+The MatMuls are found by their weights' bytes, since the tracer does not keep module names:
+every quantized linear must be found exactly once, or the export stops. The scales take the
+graph's float type (a DequantizeLinear outputs its scale's type): exporting a float32 model's
+scales to float16 rounds them, which the summary reports as the largest relative change.
+QuantizeLinear on float16 inputs and the FLOAT8E4M3FN type need opset 19 (`QDQ_OPSET`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters.base import ExportError, ValidationError
+from thanos.linears import weight_view
+from thanos.quantize import FORMATS, grid_of, to_grid
+from thanos.quantized_model import quantization_of
+
+QDQ_OPSET = 19
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_TORCH_TYPES = {1: torch.float32, 10: torch.float16}  # TensorProto.FLOAT, FLOAT16
+
+
+def onnx_type(fmt: str) -> int:
+    from onnx import TensorProto
+
+    return {"fp8": TensorProto.FLOAT8E4M3FN, "int8": TensorProto.INT8}[fmt]
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def insert_qdq(proto, linears: dict[str, nn.Module]) -> dict:
+    """Rewrite `proto` (traced from a model holding `linears`, quantized, in the graph's dtype) in place.
+
+    Returns what it did for the export summary.
+    """
+    from onnx import numpy_helper
+
+    wanted: dict[str, list[str]] = {}
+    for name, mod in linears.items():
+        key = _digest(weight_view(mod).detach().float().T.contiguous().cpu().numpy())
+        wanted.setdefault(key, []).append(name)
+    twins = [names for names in wanted.values() if len(names) > 1]
+    if twins:
+        raise ExportError(f"linears {', '.join(twins[0])} hold identical weights, so their MatMuls in the graph cannot "
+                          "be told apart to give each its own scales")
+    inits = {t.name: t for t in proto.graph.initializer}
+    found: dict[str, tuple] = {}  # linear name -> (MatMul node, initializer)
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            names = wanted.get(_digest(numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)))
+            if names:
+                if names[0] in found:
+                    raise ExportError(f"{names[0]}'s weight feeds two MatMuls in the traced graph; cannot quantize it")
+                found[names[0]] = (node, inits[node.input[1]])
+    missing = sorted(set(linears) - set(found))
+    if missing:
+        raise ExportError(f"{len(missing)} quantized linears were not found as MatMul weights in the traced graph "
+                          f"({', '.join(missing[:3])}); please report this with the model's config")
+    rewriter = _Rewriter(proto)
+    for name, (node, init) in found.items():
+        rewriter.quantize_matmul(name, linears[name], node, init)
+    rewriter.finish()
+    fmt = {quantization_of(mod).format for mod in linears.values()}
+    return dict(format=fmt.pop() if len(fmt) == 1 else "mixed", linears=len(found),
+                activation_quantizers=len(rewriter.activation_pairs), opset=QDQ_OPSET,
+                scale_dtypes=sorted(rewriter.scale_dtypes), largest_scale_rounding=rewriter.largest_scale_change)
+
+
+class _Rewriter:
+    def __init__(self, proto):
+        self.proto = proto
+        self.scale_dtypes: set[str] = set()
+        self.weight_nodes: list[tuple[object, list]] = []  # (MatMul, its weight's dequantization)
+        self.input_nodes: dict[str, list] = {}  # input name -> its QuantizeLinear / DequantizeLinear pair
+        self.activation_pairs: dict[tuple, str] = {}  # (input, format, scale) -> dequantized name
+        self.largest_scale_change = 0.0
+        self.dead: set[str] = set()
+
+    def _scale(self, name: str, values: torch.Tensor, dtype: torch.dtype):
+        from onnx import numpy_helper
+
+        self.scale_dtypes.add(str(dtype).replace("torch.", ""))
+        cast = values.float().to(dtype)
+        change = ((cast.float() - values.float()).abs() / values.float().abs().clamp(min=1e-30)).max()
+        self.largest_scale_change = max(self.largest_scale_change, float(change))
+        tensor = numpy_helper.from_array(cast.cpu().numpy(), name)
+        self.proto.graph.initializer.append(tensor)
+        return name
+
+    def _zero_point(self, name: str, fmt: str, shape: list[int]):
+        from onnx import helper
+
+        tensor = helper.make_tensor(name, onnx_type(fmt), shape, vals=bytes(int(np.prod(shape))), raw=True)
+        self.proto.graph.initializer.append(tensor)
+        return name
+
+    def quantize_matmul(self, name: str, mod: nn.Module, node, init) -> None:
+        from onnx import helper
+
+        quant = quantization_of(mod)
+        fmt = FORMATS[quant.format]
+        # the MatMul's float type, which its dequantized operands take (float16 graphs hold a few
+        # float32 MatMuls where the traced model computes in float32)
+        dtype = _TORCH_TYPES.get(init.data_type)
+        if dtype is None:
+            raise ExportError(f"{name}'s MatMul is neither float32 nor float16 in the graph; cannot quantize it")
+        grid = grid_of(weight_view(mod).detach().cpu(), quant.weight_scale, fmt)
+        if grid is None:
+            raise ExportError(f"{name}'s weights are not its {quant.format} values times its scales (the export's "
+                              "dtype cast changed them); export in the dtype the model was quantized in")
+        if quant.input_scale is None:
+            raise ExportError(f"{name} has no input scale; prune it again with --quantize")
+        base = f"{name}.qdq"
+        # the weight: its 8-bit values (K, N) and a per-column (per output channel) dequantization
+        values = grid.T.contiguous()
+        raw = values.view(torch.uint8) if values.dtype != torch.int8 else values
+        self.proto.graph.initializer.append(helper.make_tensor(f"{base}.weight", onnx_type(quant.format),
+                                                               list(values.shape), vals=raw.numpy().tobytes(),
+                                                               raw=True))
+        self._scale(f"{base}.weight_scale", quant.weight_scale, dtype)
+        self._zero_point(f"{base}.weight_zero_point", quant.format, [values.shape[1]])
+        self.weight_nodes.append((node, [helper.make_node(
+            "DequantizeLinear", [f"{base}.weight", f"{base}.weight_scale", f"{base}.weight_zero_point"],
+            [f"{base}.weight_dq"], name=f"{base}.weight_dq", axis=1)]))
+        self.dead.add(node.input[1])
+        node.input[1] = f"{base}.weight_dq"
+        # the input: one static scale; linears reading one input with one scale share the pair
+        scale = float(quant.input_scale)
+        key = (node.input[0], quant.format, scale, dtype)
+        if key not in self.activation_pairs:
+            self._scale(f"{base}.input_scale", torch.tensor(scale), dtype)
+            self._zero_point(f"{base}.input_zero_point", quant.format, [])
+            q_in = [node.input[0], f"{base}.input_scale", f"{base}.input_zero_point"]
+            self.input_nodes.setdefault(node.input[0], []).extend([
+                helper.make_node("QuantizeLinear", q_in, [f"{base}.input_q"], name=f"{base}.input_q"),
+                helper.make_node("DequantizeLinear", [f"{base}.input_q", *q_in[1:]], [f"{base}.input_dq"],
+                                 name=f"{base}.input_dq")])
+            self.activation_pairs[key] = f"{base}.input_dq"
+        node.input[0] = self.activation_pairs[key]
+
+    def finish(self) -> None:
+        """Insert the new nodes where they keep the graph in topological order: a weight's
+        dequantization just before its MatMul, an input's pair just after what produces the input."""
+        from onnx import NodeProto
+
+        graph = self.proto.graph
+        before = {id(matmul): nodes for matmul, nodes in self.weight_nodes}
+        order = [n for name, nodes in self.input_nodes.items() if name not in self._produced() for n in nodes]
+        for node in graph.node:
+            order += before.get(id(node), [])
+            order.append(node)
+            for out in node.output:
+                order += self.input_nodes.get(out, [])
+        copies = []
+        for node in order:
+            copy = NodeProto()
+            copy.CopyFrom(node)
+            copies.append(copy)
+        del graph.node[:]
+        graph.node.extend(copies)
+        used = {name for node in graph.node for name in node.input}
+        for init in [t for t in graph.initializer if t.name in self.dead and t.name not in used]:
+            graph.initializer.remove(init)
+
+    def _produced(self) -> set[str]:
+        return {out for node in self.proto.graph.node for out in node.output}
+
+
+_UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}
+
+
+@dataclasses.dataclass
+class _Probe:
+    linear: str  # module name relative to the model
+    x: str  # the graph tensor entering the QuantizeLinear
+    q: str  # its 8-bit output
+    y: str  # the MatMul's output
+
+
+def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict], dtype: str) -> dict:
+    """Check every 8-bit MatMul of the graph at `path` against `model`'s fake-quantized linear, on the
+    graph's own inputs to it (so a difference upstream does not spread into the check).
+
+    Run once on `feed_for(session)`, with each linear's input x, its 8-bit input q and its output y
+    read out:
+    * q must be `to_grid(x / s_in)` (QuantizeLinear's definition, as `thanos.quantize` computes it)
+      except where x / s_in sits within the graph's round-off of a rounding boundary; there the
+      two may be one grid step apart, and such inputs are counted;
+    * y must be `(q * s_in) @ (grid * s_w)^T` within the dot product's worst-case round-off,
+      gamma_K * (|x_q| @ |W|^T) with gamma_K = K u / (1 - K u) and u the graph dtype's unit
+      round-off, plus one rounding of y (a float16 graph may accumulate in float16, so its bound is
+      loose: the 8-bit inputs' check is the exact one there).
+    Raises ValidationError with the linear's name on the first failure.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+    probes = _probes(proto)
+    if not probes:
+        raise ExportError(f"{path} holds no QuantizeLinear / DequantizeLinear linears to check")
+    elem = {t.name: t.data_type for t in proto.graph.initializer}
+    for probe in probes:
+        float_type, eight_bit = elem[f"{probe.linear}.qdq.weight_scale"], elem[f"{probe.linear}.qdq.weight"]
+        for name, kind in ((probe.x, float_type), (probe.y, float_type), (probe.q, eight_bit)):
+            if name not in {o.name for o in proto.graph.output}:
+                proto.graph.output.append(helper.make_tensor_value_info(name, kind, None))
+    probe_path = path.with_name(f".probe-{path.name}")  # beside it: external data is found by relative path
+    onnx.save(proto, str(probe_path))
+    try:
+        session = ort.InferenceSession(str(probe_path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        outputs = dict(zip(names, session.run(None, feed_for(session))))
+    finally:
+        probe_path.unlink(missing_ok=True)
+    modules = dict(model.named_modules())
+    torch_dtype = DTYPES[dtype]
+    u = _UNIT_ROUNDOFF[torch_dtype]
+    flipped, inputs, worst = 0, 0, 0.0
+    checked_inputs = set()
+    for probe in probes:
+        mod = modules[probe.linear]
+        quant = quantization_of(mod)
+        fmt = FORMATS[quant.format]
+        s_in = float(torch.tensor(float(quant.input_scale)).to(torch_dtype))
+        x = torch.from_numpy(outputs[probe.x].astype(np.float32)).reshape(-1, outputs[probe.x].shape[-1])
+        q = _grid_values(outputs[probe.q], fmt).reshape(x.shape)
+        if probe.x not in checked_inputs:  # one check per QuantizeLinear (q/k/v share one)
+            checked_inputs.add(probe.x)
+            ours = to_grid(x / s_in, fmt, fmt.lowest)
+            differ = ours != q
+            if differ.any():
+                exact = x[differ].double() / s_in
+                # a flip is legitimate only between neighbours, for an input within round-off of their midpoint
+                midpoint = (ours[differ].double() + q[differ].double()) / 2
+                upper = torch.maximum(ours[differ].abs(), q[differ].abs())
+                neighbours = (ours[differ] - q[differ]).abs() <= _step_at(upper, fmt)
+                near = (exact - midpoint).abs() <= 4 * u * exact.abs().clamp(min=1.0)
+                if not bool((neighbours & near).all()):
+                    raise ValidationError(f"{probe.linear}: onnxruntime's {quant.format} inputs are not QuantizeLinear "
+                                          f"of its inputs with scale {s_in:.4g}", float((ours - q).abs().max()), 0.0)
+                flipped += int(differ.sum())
+            inputs += x.numel()
+        scale_graph = quant.weight_scale.to(torch_dtype).double()
+        grid = grid_of(weight_view(mod).detach().cpu(), quant.weight_scale, fmt)
+        weight = (grid.double() * scale_graph[:, None]).to(torch_dtype).double()  # what the DequantizeLinear makes
+        x_q = (q.double() * s_in).to(torch_dtype).double()
+        expected = x_q @ weight.T
+        y = torch.from_numpy(outputs[probe.y].astype(np.float64)).reshape(expected.shape)
+        k = weight.shape[1]
+        gamma = k * u / (1 - k * u)
+        bound = gamma * (x_q.abs() @ weight.abs().T) + u * expected.abs() + torch.finfo(torch_dtype).tiny
+        excess = float(((y - expected).abs() / bound).max())
+        worst = max(worst, excess)
+        if excess > 1:
+            diff = (y - expected).abs()
+            raise ValidationError(f"{probe.linear}: onnxruntime's 8-bit product", float(diff.max()),
+                                  float(bound.flatten()[int(diff.argmax())]))
+    return dict(linears=len(probes), inputs_checked=inputs, inputs_on_a_rounding_boundary=flipped,
+                largest_error_over_bound=worst,
+                tolerance="each 8-bit input equal to QuantizeLinear's (inputs within round-off of a rounding "
+                          "boundary may be one step apart, counted); each product within the worst-case "
+                          "round-off bound of its dot products")
+
+
+def _probes(proto) -> list[_Probe]:
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    probes = []
+    for node in proto.graph.node:
+        weight_dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight_dq is None or not weight_dq.name.endswith(".qdq.weight_dq"):
+            continue
+        input_dq = producers[node.input[0]]
+        quantizer = producers[input_dq.input[0]]
+        probes.append(_Probe(weight_dq.name[: -len(".qdq.weight_dq")], quantizer.input[0], quantizer.output[0],
+                             node.output[0]))
+    return probes
+
+
+def _grid_values(array: np.ndarray, fmt) -> torch.Tensor:
+    """onnxruntime's 8-bit output as fp32 grid values (float8 arrives as ml_dtypes' type)."""
+    if fmt.dtype == torch.int8:
+        return torch.from_numpy(array.astype(np.float32))
+    bits = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
+    return bits.view(torch.float8_e4m3fn).float()
+
+
+def _step_at(magnitude: torch.Tensor, fmt) -> torch.Tensor:
+    """The grid's spacing at `magnitude` (grid units): 1 for int8; 2^(e - 3) for E4M3 in [2^e, 2^(e+1)),
+    2^-9 among its subnormals."""
+    if fmt.dtype == torch.int8:
+        return torch.ones_like(magnitude)
+    exponent = torch.floor(torch.log2(magnitude.clamp(min=2.0 ** -6)))
+    return torch.exp2(exponent - 3)

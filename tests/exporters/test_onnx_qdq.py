@@ -1,0 +1,148 @@
+"""Models pruned with --quantize, exported as QuantizeLinear / DequantizeLinear graphs and run by onnxruntime."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from cli import main
+from exporters import ExportOptions, export
+from exporters.base import BackendMissingError
+from exporters.onnx_graph import TOLERANCE, onnx_weight_patterns, run_onnxruntime
+from exporters.source import load_pruned, prompts
+from exporters.tensorrt_engine import require_8bit_gpu
+from tests.thanos.test_driver import SMALL
+from thanos import PruneConfig
+from thanos.errors import InputError
+from thanos.linears import weight_view
+from thanos.pipeline import PruneJob, prune_to_directory
+from thanos.quantize import FORMATS, grid_of
+from thanos.quantized_model import activations_unrounded, quantization_of, quantized_linears
+
+ONNX_8BIT = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int8": onnx.TensorProto.INT8}
+
+
+@pytest.fixture(scope="module", params=["fp8", "int8"])
+def quantized_dir(request, tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp(request.param) / "m"
+    prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir), config=PruneConfig(quantize=request.param),
+                                **SMALL))
+    return out, request.param
+
+
+@pytest.fixture(scope="module")
+def float32_export(quantized_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qdq") / "onnx"
+    summary = export("onnx", quantized_dir[0], out, ExportOptions(dtype="float32", with_cache=True))
+    return out, summary
+
+
+def test_every_8bit_linear_is_a_qdq_matmul_holding_its_8bit_values(quantized_dir, float32_export):
+    model_dir, fmt = quantized_dir
+    out, summary = float32_export
+    model = load_pruned(model_dir)[0]
+    linears = quantized_linears(model)
+    assert summary["quantization"]["format"] == fmt and summary["quantization"]["linears"] == len(linears) == 21
+    proto = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    stored = {}
+    for node in proto.graph.node:
+        if node.op_type != "MatMul" or node.input[1] in inits:
+            continue
+        weight_dq = producers.get(node.input[1])
+        if weight_dq is None or weight_dq.op_type != "DequantizeLinear":
+            continue  # attention's activation x activation products
+        values = inits[weight_dq.input[0]]
+        assert values.data_type == ONNX_8BIT[fmt]
+        assert [a.i for a in weight_dq.attribute if a.name == "axis"] == [1]  # per output channel of (K, N)
+        input_dq = producers[node.input[0]]
+        assert input_dq.op_type == "DequantizeLinear" and producers[input_dq.input[0]].op_type == "QuantizeLinear"
+        array = numpy_helper.to_array(values)
+        stored[weight_dq.input[0]] = torch.from_numpy(array.view(np.uint8).copy() if fmt == "fp8" else array.copy())
+    assert len(stored) == len(linears)
+    # the initializers are the 8-bit values themselves, bit for bit, transposed to (K, N)
+    expected = {name: grid_of(weight_view(mod), quantization_of(mod).weight_scale, FORMATS[fmt])
+                for name, mod in linears.items()}
+    for name, grid in expected.items():
+        bits = grid.view(torch.uint8) if fmt == "fp8" else grid
+        assert torch.equal(stored[f"{name}.qdq.weight"], bits.T.contiguous()), name
+    # no float copy of a quantized weight stays behind, and the 2:4 groups read back through the dequantization
+    shapes = {tuple(weight_view(mod).T.shape) for mod in linears.values()}
+    assert not [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in shapes]
+    patterns = [l for l in onnx_weight_patterns(out / "model.onnx") if l.pattern]
+    assert len(patterns) == 21 and {l.pattern for l in patterns} == {"2:4"}
+
+
+def test_onnxruntime_runs_the_8bit_model_and_not_the_unrounded_one(quantized_dir, float32_export):
+    model_dir, _ = quantized_dir
+    out, summary = float32_export
+    validation = summary["validation"]
+    for check in (validation["quantized_linears"], summary["with_cache"]["quantized_linears"]):
+        assert check["linears"] == 21 and check["largest_error_over_bound"] <= 1
+    # on this 3-layer model no input sits on a rounding boundary, so the whole graph equals PyTorch's 8-bit model
+    # to float32 round-off (the tolerance of the unquantized export), its greedy tokens too
+    assert validation["quantized_linears"]["inputs_on_a_rounding_boundary"] == 0
+    assert validation["top_token_agrees"] == 1.0 and summary["with_cache"]["validation"]["greedy_tokens_agree"] == 1.0
+    model, tokenizer, _ = load_pruned(model_dir)
+    ids = prompts(tokenizer)
+    got = run_onnxruntime(out / "model.onnx", ids, torch.ones_like(ids))
+    with torch.no_grad():
+        rounded = model(ids).logits.numpy()
+        with activations_unrounded(model):
+            unrounded = model(ids).logits.numpy()
+    difference = np.abs(got - rounded).max()
+    assert difference <= TOLERANCE["float32"] * np.abs(rounded).max()
+    assert np.abs(got - unrounded).max() > 10 * difference  # the graph does round the inputs
+
+
+def test_float16_graph_carries_the_8bit_model(quantized_dir, tmp_path):
+    model_dir, fmt = quantized_dir
+    summary = export("onnx", model_dir, tmp_path, ExportOptions(dtype="float16"))
+    assert summary["validation"]["quantized_linears"]["largest_error_over_bound"] <= 1
+    assert "float16" in summary["quantization"]["scale_dtypes"]
+    assert 0 < summary["quantization"]["largest_scale_rounding"] <= 2.0 ** -11  # fp32 scales rounded once to fp16
+
+
+def test_genai_generates_the_8bit_models_tokens(quantized_dir, tmp_path):
+    pytest.importorskip("onnxruntime_genai", reason="the genai target needs onnxruntime-genai")
+    summary = export("genai", quantized_dir[0], tmp_path, ExportOptions(dtype="float32"))
+    assert summary["quantization"]["linears"] == 21
+    assert summary["generation"]["quantized_linears"]["linears"] == 21
+    assert summary["generation"]["identical"]  # on this small model: GenAI's greedy tokens = transformers' 8-bit ones
+
+
+def test_targets_without_8bit_refuse_before_any_work(quantized_dir, tmp_path):
+    model_dir, _ = quantized_dir
+    with pytest.raises(InputError, match="the torch target does not carry"):
+        export("torch", model_dir, tmp_path / "t")  # refused for the format, before a missing GPU is named
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(InputError, match="--split-dense-rows would replace them"):
+        export("onnx", model_dir, tmp_path / "o", ExportOptions(split_dense_rows=True))
+
+
+def test_tensorrt_refuses_fp8_below_compute_capability_8_9():
+    with pytest.raises(BackendMissingError, match=r"8\.6, and TensorRT's FP8 kernels need 8\.9 .*--quantize int8"):
+        require_8bit_gpu("fp8", (8, 6), "NVIDIA A10")
+    with pytest.raises(BackendMissingError, match=r"INT8 kernels need 8\.0"):
+        require_8bit_gpu("int8", (7, 5), "Tesla T4")
+    require_8bit_gpu("fp8", (9, 0), "NVIDIA H200")
+    require_8bit_gpu("int8", (8, 0), "NVIDIA A100")
+
+
+def test_prune_and_build_carries_8bit_to_onnx(tiny_llama_dir, tmp_path):
+    base = ["prune-and-build", "--model", str(tiny_llama_dir), "--calib-samples", "4", "--seqlen", "32",
+            "--device", "cpu", "--no-eval", "--quiet", "--quantize", "fp8"]
+    result = CliRunner().invoke(main, [*base, "--target", "onnx", "--dtype", "float32", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "8-bit      fp8: 21 linears as QuantizeLinear / DequantizeLinear" in result.output
+    build = json.loads((tmp_path / "b" / "build_summary.json").read_text())
+    assert build["export_summary"]["quantization"]["linears"] == 21
+    for refused, extra in [("torch target does not carry", ["--target", "torch"]),
+                           ("--bench times fp16 kernels", ["--target", "onnx", "--bench"])]:
+        result = CliRunner().invoke(main, [*base, *extra, "--out", str(tmp_path / "r")])
+        assert result.exit_code == 1 and refused in result.output, result.output
+        assert not (tmp_path / "r").exists()  # before any pruning
