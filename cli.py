@@ -185,6 +185,21 @@ def prune_options(f):
     return f
 
 
+class SmoothingStrength(click.ParamType):
+    name = "ALPHA|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            alpha = float(value)
+        except ValueError:
+            alpha = -1.0
+        if not 0.0 <= alpha <= 1.0:
+            self.fail(f"{value!r} is neither a strength in [0, 1] nor 'auto'", param, ctx)
+        return alpha
+
+
 def quantize_options(f):
     options = [
         click.option("--quantize", type=click.Choice(list(FORMATS)), default=None,
@@ -197,11 +212,12 @@ def quantize_options(f):
                      help="compensated (default): each column's rounding error is spread over the kept weights "
                           "after it through the inverse Hessian, kept only where it beats round-to-nearest; "
                           "nearest: every weight rounded on its own."),
-        click.option("--quantize-smoothing", type=click.FloatRange(0, 1), default=None,
+        click.option("--quantize-smoothing", type=SmoothingStrength(), default=None,
                      help="Migration strength alpha of activation outliers into the weights before quantizing "
                           "(SmoothQuant: channel j of the input divided by amax(x_j)^alpha / amax(W_j)^(1-alpha), "
-                          "folded into the norm or linear that produces it; pruned zeros stay zero). Default: "
-                          + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_SMOOTHING.items()) + "; 0 turns it off."),
+                          "folded into the norm or linear that produces it; pruned zeros stay zero), or 'auto' "
+                          "(int8: each input's strength chosen from an estimate of the rounding error). Default: "
+                          + ", ".join(f"{v} for {k}" for k, v in DEFAULT_SMOOTHING.items()) + "; 0 turns it off."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -298,7 +314,7 @@ def _steps_in_words(steps: list[dict]) -> str:
              "refit": lambda s: f"refit {s['iterations']}",
              "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target",
              "quantize": lambda s: f"{s['format']} weights and inputs, {s['rounding']} rounding"
-                                   + (f", smoothing {s['smoothing']:g}" if s["smoothing"] else "")}
+                                   + (f", smoothing {s['smoothing']}" if s["smoothing"] else "")}
     return ", ".join(words[s["step"]](s) for s in steps)
 
 

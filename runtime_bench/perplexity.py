@@ -68,7 +68,7 @@ class Comparison:
 def method_config(method: str, pattern: str) -> PruneConfig:
     """A method name as the table writes it: "sparsegpt", "thanos:<preset>", each optionally followed by
     "+fp8" or "+int8" (8-bit, compensated rounding), "+fp8-nearest" (round-to-nearest), and "@ALPHA"
-    (the smoothing strength; the format's default without); "dense+fp8" quantizes the unpruned
+    (the smoothing strength, or "@auto"; the format's default without); "dense+fp8" quantizes the unpruned
     model (nothing removed), the reference an 8-bit user compares against."""
     base, _, quant = method.partition("+")
     quantize = {}
@@ -76,7 +76,7 @@ def method_config(method: str, pattern: str) -> PruneConfig:
         quant, _, alpha = quant.partition("@")
         fmt, _, rounding = quant.partition("-")
         quantize = dict(quantize=fmt, quantize_rounding=rounding or None,
-                        quantize_smoothing=float(alpha) if alpha else None)
+                        quantize_smoothing=(alpha if alpha == "auto" else float(alpha)) if alpha else None)
     if base == "dense":
         if not quant:
             raise ValueError("'dense' is measured in every table; name an 8-bit variant such as 'dense+fp8'")

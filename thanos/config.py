@@ -18,8 +18,9 @@ from thanos.recipe import METHODS, MaskSearch, Permute, Quantize, Recipe, Recons
 DEFAULT_BLOCK_SIZE = {"unstructured": 128, "nm": 128, "columns": None}
 SPARSEGPT_BLOCK_SIZE = 128
 # Migration strength of activation ranges into the weights before 8-bit quantization (thanos.smooth):
-# INT8's uniform grid needs it; FP8 gained nothing from it (docs/results/quantize_2of4_cpu.md).
-DEFAULT_SMOOTHING = {"int8": 0.5, "fp8": 0.0}
+# INT8's uniform grid needs it, each input's strength chosen from an error estimate ("auto"); FP8
+# gained nothing from 0.5 (docs/results/quantize_2of4_cpu.md).
+DEFAULT_SMOOTHING = {"int8": "auto", "fp8": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ class PruneConfig:
     permute_channels: Optional[bool] = None
     quantize: Optional[str] = None
     quantize_rounding: Optional[str] = None
-    quantize_smoothing: Optional[float] = None
+    quantize_smoothing: "float | str | None" = None  # a strength in [0, 1], or "auto"
     recipe: Recipe = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -139,8 +139,8 @@ def prune_model_(
                     model.config.model_type)
     prefix = adapter_for(model).layers
     quantize = config.recipe.get(Quantize)
-    smoothing = adapter_for(model).smoothing if quantize and quantize.smoothing else ()
-    if quantize and quantize.smoothing and not smoothing:
+    smoothing = adapter_for(model).smoothing if quantize and quantize.smooths else ()
+    if quantize and quantize.smooths and not smoothing:
         log.warning("no place to fold input ranges into is known for %r models: quantizing without smoothing",
                     model.config.model_type)
     heads = attention_heads(model)
@@ -310,7 +310,7 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     recipe = config.recipe
     reconstruct = recipe.get(Reconstruct) if step.linears else None
     quantize = recipe.get(Quantize) if step.linears else None
-    smooth = quantize is not None and quantize.smoothing > 0 and step.smoothing
+    smooth = quantize is not None and quantize.smooths and step.smoothing
     shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
                                 step.store_device, progress,
                                 keep_outputs=reconstruct is not None and step.dense_inputs is None,
@@ -342,7 +342,7 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
             for channel_range in shared.ranges.values():
                 parallel.all_reduce_(channel_range, op="max")
             smoothed = smooth_layer_(step.layer, step.prefix, step.smoothing, quantize.smoothing, shared.channel_range,
-                                     shared.hessian, *step.heads)
+                                     shared.hessian, *step.heads, qmax=FORMATS[quantize.format].qmax)
         quantize_layer_(step.linears, shared, quantize, recipe.solve.damp, parallel, reports)
         for name, report in zip(step.linears, reports):
             if name in smoothed:

@@ -31,6 +31,7 @@ from thanos.permute import permute_free_channels_
 from thanos.quantize import FORMATS, ROUNDINGS, QuantizedWeight, quantize_weight
 from thanos.reconstruct import reconstruct_layer_
 from thanos.refit import refit_on_support
+from thanos.smooth import AUTO
 from thanos.solvers import SolverOutput
 from thanos.solvers.magnitude import magnitude_prune
 from thanos.solvers.sparsegpt import sparsegpt_prune
@@ -174,22 +175,31 @@ class Quantize(Step):
     `rounding`: "compensated" spreads each column's rounding error over the kept weights after it
     (kept only where it beats round-to-nearest), "nearest" rounds every weight on its own.
     `smoothing`: the migration strength of activation ranges into the weights before quantizing
-    (`thanos.smooth`; 0: none).
+    (`thanos.smooth`; 0: none; "auto": chosen per input from an estimate of the INT8 error).
     """
 
     kind: ClassVar[str] = "quantize"
     format: str = "fp8"
     rounding: str = "compensated"
-    smoothing: float = 0.0
+    smoothing: "float | str" = 0.0
 
     def check(self, pattern: Pattern) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown 8-bit format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-        if not (0.0 <= self.smoothing <= 1.0):
-            raise ConfigError(f"smoothing (the migration strength) must be in [0, 1], got {self.smoothing}; "
-                              "0.5 is SmoothQuant's usual value, 0 turns it off")
+        if self.smoothing == AUTO:
+            if self.format != "int8":
+                raise ConfigError(f"smoothing 'auto' estimates INT8's evenly spaced grid; {self.format}'s grid is "
+                                  "relative to each value, so pass a strength in [0, 1] (0, its default, "
+                                  "measured as good as 0.5)")
+        elif isinstance(self.smoothing, str) or not (0.0 <= self.smoothing <= 1.0):
+            raise ConfigError(f"smoothing (the migration strength) must be in [0, 1] or 'auto', got "
+                              f"{self.smoothing!r}; 0.5 is SmoothQuant's usual value, 0 turns it off")
+
+    @property
+    def smooths(self) -> bool:
+        return self.smoothing == AUTO or self.smoothing > 0
 
     def run(self, weight: torch.Tensor, hessian: Optional[torch.Tensor], damp: float, name: str,
             upper: Optional[torch.Tensor] = None) -> QuantizedWeight:

@@ -42,6 +42,34 @@ class SmoothGroup:
     per_head: bool = False
 
 
+AUTO = "auto"
+ALPHA_GRID = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95: what "auto" chooses from
+
+
+def estimated_error(weights: list[torch.Tensor], act_amax: torch.Tensor, second_moment: torch.Tensor,
+                    columns: torch.Tensor, qmax: float) -> float:
+    """The output error energy that INT8 rounding adds to the consumers `weights` (r, c) when their
+    input channels are divided by `columns` (c,) and their columns multiplied by it.
+
+    A model of uniform rounding noise: an input channel with per-tensor step t = max_j(a_j / s_j) /
+    qmax adds variance min(E[x_j^2] / s_j^2, t^2 / 12) (a channel far below one step rounds to 0,
+    its whole value lost), weighted by the squared norm of the column it meets; each kept weight
+    of row i with step t_i = max_j |W_ij s_j| / qmax adds min((W_ij s_j)^2, t_i^2 / 12) E[x_j^2] /
+    s_j^2. `second_moment` is E[x_j^2] (the statistics' diagonal), `act_amax` the channels' ranges.
+    """
+    columns = columns.double()
+    moment = second_moment.double() / columns ** 2
+    step = float((act_amax.double() / columns).max()) / qmax
+    input_noise = torch.clamp(moment, max=step ** 2 / 12)  # (c,)
+    total = 0.0
+    for weight in weights:
+        w = weight.double() * columns[None, :]
+        total += float((w.pow(2).sum(0) * input_noise).sum())
+        row_step = w.abs().amax(1, keepdim=True) / qmax  # (r, 1)
+        total += float((torch.minimum(w.pow(2), row_step ** 2 / 12) * (w != 0) * moment[None, :]).sum())
+    return total
+
+
 def smoothing_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s (c,) with s_j = act_j^alpha / weight_j^(1-alpha); 1 where either range is 0."""
     act, weight = act_amax.double(), weight_amax.double()
@@ -58,18 +86,20 @@ class SmoothingReport:
     scale_max: float
     input_spread_before: float  # largest channel range / median channel range
     input_spread_after: float
+    estimated_error_vs_unsmoothed: Optional[float] = None  # "auto": the chosen strength's estimate / alpha 0's
 
 
-def smooth_layer_(layer: nn.Module, prefix: str, groups: tuple[SmoothGroup, ...], alpha: float,
+def smooth_layer_(layer: nn.Module, prefix: str, groups: tuple[SmoothGroup, ...], alpha: "float | str",
                   channel_amax_of: Callable[[str], Optional[torch.Tensor]],
                   hessian_of: Callable[[str], Optional[torch.Tensor]],
-                  head_dim: Optional[int], kv_repeats: int) -> dict[str, SmoothingReport]:
+                  head_dim: Optional[int], kv_repeats: int, qmax: float = 127.0) -> dict[str, SmoothingReport]:
     """Migrate each group's input ranges into its consumers, in place; returns {consumer full name: report}.
 
     `channel_amax_of(full name)` is a consumer's per-channel input range (c,) from calibration, or
     None when that linear is not quantized (then its group is left alone); `hessian_of(full name)`
     its statistics, rescaled in place to the smoothed input (a Hessian shared by several consumers
-    once).
+    once). `alpha` "auto": each group takes the strength of `ALPHA_GRID` whose `estimated_error`
+    on a grid of `qmax` steps is the smallest.
     """
     reports: dict[str, SmoothingReport] = {}
     for group in groups:
@@ -84,8 +114,18 @@ def smooth_layer_(layer: nn.Module, prefix: str, groups: tuple[SmoothGroup, ...]
             if head_dim is None:
                 continue
             act, weight = (_per_kv_channel(t, head_dim, kv_repeats) for t in (act, weight))
-        scale = smoothing_scales(act.cpu(), weight.cpu(), alpha)  # per producer channel
-        columns = _query_columns(scale, head_dim, kv_repeats) if group.per_head else scale
+        def columns_for(strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+            scale = smoothing_scales(act.cpu(), weight.cpu(), strength)  # per producer channel
+            return scale, _query_columns(scale, head_dim, kv_repeats) if group.per_head else scale
+
+        chosen, estimates = alpha, None
+        if alpha == AUTO:
+            column_amax = torch.stack(ranges).amax(0).float().cpu()
+            moment = torch.diagonal(hessian_of(names[0])).float().cpu()
+            weights = [weight_view(m).detach().float().cpu() for m in consumers]
+            estimates = {a: estimated_error(weights, column_amax, moment, columns_for(a)[1], qmax) for a in ALPHA_GRID}
+            chosen = min(estimates, key=estimates.get)
+        scale, columns = columns_for(chosen)
         before = _spread(act)
         _divide_producer_(layer.get_submodule(group.producer), scale)
         seen = set()
@@ -97,9 +137,10 @@ def smooth_layer_(layer: nn.Module, prefix: str, groups: tuple[SmoothGroup, ...]
                 seen.add(id(hessian))
                 inv = (1.0 / columns).to(hessian.device, hessian.dtype)
                 hessian.mul_(inv[:, None]).mul_(inv[None, :])
-        report = SmoothingReport(prefix + group.producer, alpha, float(scale.min()), float(scale.max()), before,
-                                 _spread(act / scale))
-        log.info("%s: input ranges smoothed (alpha %.2f), spread %.3g -> %.3g", report.producer, alpha,
+        report = SmoothingReport(prefix + group.producer, chosen, float(scale.min()), float(scale.max()), before,
+                                 _spread(act / scale), None if estimates is None else
+                                 estimates[chosen] / estimates[0.0] if estimates[0.0] > 0 else 1.0)
+        log.info("%s: input ranges smoothed (alpha %.2f), spread %.3g -> %.3g", report.producer, chosen,
                  report.input_spread_before, report.input_spread_after)
         reports.update({name: report for name in names})
     return reports

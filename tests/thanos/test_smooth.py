@@ -9,7 +9,8 @@ from thanos.driver import collect_statistics, prune_model_, run_layer
 from thanos.linears import weight_view
 from thanos.models import LayerSelection, adapter_for, attention_heads, load_model, prunable_linears
 from thanos.calibration import sample_windows, tokenize_split
-from thanos.smooth import smooth_layer_, smoothing_scales
+from thanos.smooth import ALPHA_GRID, estimated_error, smooth_layer_, smoothing_scales
+from tests.thanos.helpers import realistic_inputs
 
 
 def test_scales_balance_the_two_ranges():
@@ -20,7 +21,7 @@ def test_scales_balance_the_two_ranges():
     assert torch.equal(smoothing_scales(act, weight, 0.0)[:2], 1 / weight[:2])
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.8])
+@pytest.mark.parametrize("alpha", [0.5, 0.8, "auto"])
 def test_smoothing_keeps_the_layer_output_every_zero_and_the_statistics(tiny_llama_dir, alpha):
     model, layer, linears, inputs, args, kwargs = _layer_setup(tiny_llama_dir)
     for mod in linears.values():  # a pruned layer: its zeros must stay where they are
@@ -48,15 +49,41 @@ def test_smoothing_keeps_the_layer_output_every_zero_and_the_statistics(tiny_lla
     assert (y0 - y1).abs().max() <= 16 * model.config.intermediate_size * EPS * y0.abs().max()
     for report in reports.values():
         assert report.input_spread_after <= report.input_spread_before
+        if alpha == "auto":
+            assert report.alpha in ALPHA_GRID and report.estimated_error_vs_unsmoothed <= 1.0
+
+
+def _int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(x / scale).clamp(-127, 127) * scale
+
+
+@pytest.mark.parametrize("outliers", [0, 4])
+def test_estimated_error_follows_the_real_int8_error(outliers):
+    """The noise model against real INT8 rounding of a pruned layer's inputs and weights, at every strength."""
+    X = realistic_inputs(4096, 256, outliers=outliers, scale=30.0).double()
+    W = torch.randn(128, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    W[W.abs() < W.abs().median()] = 0  # half the weights pruned
+    amax, moment = X.abs().amax(0), (X * X).mean(0)
+    real, estimate = {}, {}
+    for alpha in (0.0, 0.25, 0.5, 0.75, 0.95):
+        s = smoothing_scales(amax, W.abs().amax(0), alpha).double()
+        xs, ws = X / s, W * s
+        xq = _int8(xs, xs.abs().max() / 127)
+        wq = _int8(ws, (ws.abs().amax(1, keepdim=True) / 127).clamp(min=1e-30))
+        real[alpha] = float(((xq @ wq.T - X @ W.T) ** 2).sum())
+        estimate[alpha] = estimated_error([W], amax, moment, s, 127.0) * X.shape[0]
+        assert 0.5 * real[alpha] <= estimate[alpha] <= 2 * real[alpha], (alpha, real[alpha], estimate[alpha])
+    best = min(estimate, key=estimate.get)
+    assert real[best] <= 1.25 * min(real.values())  # what the estimate picks is (nearly) the real best
 
 
 def test_whole_model_int8_smooths_by_default_and_records_it(tiny_llama_dir):
     model, tokenizer = load_model(str(tiny_llama_dir))
     samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
     config = PruneConfig(quantize="int8")
-    assert config.recipe.steps[-1].smoothing == 0.5 and PruneConfig(quantize="fp8").quantize_smoothing == 0.0
+    assert config.recipe.steps[-1].smoothing == "auto" and PruneConfig(quantize="fp8").quantize_smoothing == 0.0
     reports = prune_model_(model, samples, config, "cpu")
-    assert all(r["quantization"]["smoothing"]["alpha"] == 0.5 for r in reports)
+    assert all(r["quantization"]["smoothing"]["alpha"] in ALPHA_GRID for r in reports)
     for layer in prunable_linears(model, LayerSelection()).values():
         for mod in layer.values():
             assert_nm(weight_view(mod), 2, 4)
@@ -79,3 +106,17 @@ def test_channel_ranges_move_with_the_permuted_channels(tiny_llama_dir):
             assert torch.equal(before, after), name
         else:  # downstream of o_proj, whose sums now run in another order: fp32 round-off, not a shuffle
             assert (before - after).abs().max() <= 8 * model.config.intermediate_size * EPS * before.max(), name
+
+
+def test_auto_strength_is_for_int8_only_and_the_cli_takes_it(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+    from thanos.pattern import ConfigError
+
+    assert PruneConfig(quantize="int8", quantize_smoothing="auto").recipe.steps[-1].smoothing == "auto"
+    with pytest.raises(ConfigError, match="grid is relative to each value"):
+        PruneConfig(quantize="fp8", quantize_smoothing="auto")
+    refused = CliRunner().invoke(main, ["prune", "--quantize", "int8", "--quantize-smoothing", "most",
+                                        "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "neither a strength in [0, 1] nor 'auto'" in refused.output, refused.output
