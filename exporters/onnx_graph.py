@@ -5,6 +5,7 @@ graph) both stand on this module, so neither imports the other's internals.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import types
@@ -47,9 +48,10 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
     """
     import onnx
 
-    quantized = quantized_linears(getattr(module, "model", module))  # named as in the model our wrappers hold
+    model = getattr(module, "model", module)  # the model our wrappers hold
+    quantized = quantized_linears(model)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch, \
-            activations_unrounded(module):
+            activations_unrounded(module), eager_attention(model):
         raw = Path(scratch) / path.name
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about every Python branch in transformers' masking code; the dynamic
@@ -80,6 +82,23 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
     else:
         onnx.save_model(proto, str(path))
     return qdq
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Within: transformers' eager attention. torch.onnx's symbolic for scaled_dot_product_attention
+    (transformers' default) leaves a float16 model's attention output in float32, so o_proj would run
+    in float32 in the graph; the eager path stays in the model's dtype."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before is None or before == "eager":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def share_tied_embedding(proto) -> Optional[str]:

@@ -18,7 +18,14 @@ def test_onnx_export_keeps_2of4_and_matches_pytorch(request, fixture, tmp_path):
 
 
 def test_onnx_float16_runs_with_dynamic_axes(pruned_llama_2of4, tmp_path):
-    export("onnx", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float16"))
+    import onnx
+
+    export("onnx", pruned_llama_2of4, tmp_path, ExportOptions(dtype="float16", with_cache=True))
+    for graph in ("model.onnx", "model_with_cache.onnx"):  # every linear runs in float16, o_proj too
+        proto = onnx.load(str(tmp_path / graph))
+        inits = {t.name: t.data_type for t in proto.graph.initializer}
+        weights = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        assert len(weights) == 21 and set(weights) == {onnx.TensorProto.FLOAT16}, graph  # the tied head: a Transpose
     model = AutoModelForCausalLM.from_pretrained(pruned_llama_2of4)
     for batch, seq in [(1, 5), (3, 17)]:
         ids = torch.randint(0, 384, (batch, seq))
