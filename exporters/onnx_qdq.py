@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from exporters.base import ExportError, ValidationError
+from exporters.source import DTYPES
 from thanos.linears import weight_view
 from thanos.quantize import FORMATS, grid_of, to_grid
 from thanos.quantized_model import quantization_of
 
 QDQ_OPSET = 19
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _TORCH_TYPES = {1: torch.float32, 10: torch.float16}  # TensorProto.FLOAT, FLOAT16
 
 
@@ -108,14 +108,12 @@ class _Rewriter:
         self.largest_scale_change = max(self.largest_scale_change, float(change))
         tensor = numpy_helper.from_array(cast.cpu().numpy(), name)
         self.proto.graph.initializer.append(tensor)
-        return name
 
     def _zero_point(self, name: str, fmt: str, shape: list[int]):
         from onnx import helper
 
         tensor = helper.make_tensor(name, onnx_type(fmt), shape, vals=bytes(int(np.prod(shape))), raw=True)
         self.proto.graph.initializer.append(tensor)
-        return name
 
     def quantize_matmul(self, name: str, mod: nn.Module, node, init) -> None:
         from onnx import helper
@@ -168,7 +166,8 @@ class _Rewriter:
 
         graph = self.proto.graph
         before = {id(matmul): nodes for matmul, nodes in self.weight_nodes}
-        order = [n for name, nodes in self.input_nodes.items() if name not in self._produced() for n in nodes]
+        produced = {out for node in graph.node for out in node.output}
+        order = [n for name, nodes in self.input_nodes.items() if name not in produced for n in nodes]  # graph inputs
         for node in graph.node:
             order += before.get(id(node), [])
             order.append(node)
@@ -184,9 +183,6 @@ class _Rewriter:
         used = {name for node in graph.node for name in node.input}
         for init in [t for t in graph.initializer if t.name in self.dead and t.name not in used]:
             graph.initializer.remove(init)
-
-    def _produced(self) -> set[str]:
-        return {out for node in self.proto.graph.node for out in node.output}
 
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}
@@ -224,10 +220,12 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
     if not probes:
         raise ExportError(f"{path} holds no QuantizeLinear / DequantizeLinear linears to check")
     elem = {t.name: t.data_type for t in proto.graph.initializer}
+    read_out = {o.name for o in proto.graph.output}
     for probe in probes:
         float_type, eight_bit = elem[f"{probe.linear}.qdq.weight_scale"], elem[f"{probe.linear}.qdq.weight"]
         for name, kind in ((probe.x, float_type), (probe.y, float_type), (probe.q, eight_bit)):
-            if name not in {o.name for o in proto.graph.output}:
+            if name not in read_out:  # q/k/v share one input and its 8-bit values
+                read_out.add(name)
                 proto.graph.output.append(helper.make_tensor_value_info(name, kind, None))
     probe_path = path.with_name(f".probe-{path.name}")  # beside it: external data is found by relative path
     onnx.save(proto, str(probe_path))

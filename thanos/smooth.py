@@ -108,22 +108,23 @@ def smooth_layer_(layer: nn.Module, prefix: str, groups: tuple[SmoothGroup, ...]
         if any(r is None for r in ranges):
             continue
         consumers = [layer.get_submodule(c) for c in group.consumers]
-        act = torch.stack(ranges).amax(0).float()  # (c,) they read the same input
+        column_act = torch.stack(ranges).amax(0).float().cpu()  # (c,) they read the same input
         weight = torch.stack([weight_view(m).abs().amax(0).float().cpu() for m in consumers]).amax(0)  # (c,)
+        act = column_act  # per producer channel
         if group.per_head:
             if head_dim is None:
                 continue
             act, weight = (_per_kv_channel(t, head_dim, kv_repeats) for t in (act, weight))
+
         def columns_for(strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-            scale = smoothing_scales(act.cpu(), weight.cpu(), strength)  # per producer channel
+            scale = smoothing_scales(act, weight, strength)  # per producer channel
             return scale, _query_columns(scale, head_dim, kv_repeats) if group.per_head else scale
 
         chosen, estimates = alpha, None
         if alpha == AUTO:
-            column_amax = torch.stack(ranges).amax(0).float().cpu()
             moment = torch.diagonal(hessian_of(names[0])).float().cpu()
             weights = [weight_view(m).detach().float().cpu() for m in consumers]
-            estimates = {a: estimated_error(weights, column_amax, moment, columns_for(a)[1], qmax) for a in ALPHA_GRID}
+            estimates = {a: estimated_error(weights, column_act, moment, columns_for(a)[1], qmax) for a in ALPHA_GRID}
             chosen = min(estimates, key=estimates.get)
         scale, columns = columns_for(chosen)
         before = _spread(act)
