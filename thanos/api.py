@@ -9,11 +9,10 @@ import torch
 
 from thanos.config import ConfigError, Pattern, PruneConfig
 from thanos.errors import ThanosExportError
-from thanos.hessian import reconstruction_error
+from thanos.hessian import Curvature, reconstruction_error
 from thanos.mask_search import SearchResult
 from thanos.quantize import QuantizationReport
 from thanos.recipe import MaskSearch, Quantize, Refit
-from thanos.refit import damped_hessian
 from thanos.solvers import SolverOutput
 from thanos.solvers.thanos import DEFAULT_SOLVE_MEMORY
 
@@ -56,6 +55,7 @@ def prune_weight(
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
     progress: Optional[Callable[[int, int], None]] = None,
     quantize: bool = True,
+    curvature: Optional[Curvature] = None,
 ) -> PruneResult:
     """Prune one linear weight (r x c) given its input statistics `hessian` (c x c, mean x x^T).
 
@@ -67,7 +67,8 @@ def prune_weight(
     `progress(columns_done, columns)` is called after each block by the block solvers (thanos,
     sparsegpt). A recipe with the 8-bit step returns the dequantized 8-bit weight and its `scale`;
     `quantize=False` leaves that step to the caller (the model driver quantizes a decoder layer
-    once it is final, and adds the activation scales).
+    once it is final, and adds the activation scales). `curvature`: `hessian`'s
+    `thanos.hessian.Curvature`, when the caller prunes several linears that read the same input.
     """
     if isinstance(method, PruneConfig):
         config = method
@@ -83,14 +84,17 @@ def prune_weight(
     full_h = H is not None and H.dim() == 2
     after = full_h and (refit or search)
     target = W.clone() if after else W  # the solvers modify W in place
-    out = solve.run(W, H, recipe.pattern, recipe.sparsity, name, solve_memory, progress)
+    if full_h and curvature is None:
+        curvature = Curvature(H, name)
+    out = solve.run(W, H, recipe.pattern, recipe.sparsity, name, solve_memory, progress,
+                    curvature if full_h else None)
     damp = max(out.damp_used, solve.damp)
     search_start = _synchronized_clock(weight)
     found = None
     if search and full_h:
-        found = search.run(out.weight, out.mask, target, H, damp, recipe.pattern)
+        found = search.run(out.weight, out.mask, target, curvature.damped(damp), recipe.pattern)
     refit_start = _synchronized_clock(weight)
-    changed = _refit_(out, found, target, H, damp, refit) if full_h else 0.0
+    changed = _refit_(out, found, target, curvature.damped(damp), refit) if full_h else 0.0
     refit_seconds = _synchronized_clock(weight) - refit_start
     if not torch.isfinite(out.weight).all():
         raise PruningError(
@@ -99,7 +103,8 @@ def prune_weight(
         )
     pruned, scale, quantized = out.weight.to(weight.dtype), None, None
     if quantize and recipe.get(Quantize):
-        result = recipe.get(Quantize).run(pruned, H if full_h else None, damp if full_h else solve.damp, name)
+        upper = curvature.factor(damp).upper if full_h and recipe.get(Quantize).rounding == "compensated" else None
+        result = recipe.get(Quantize).run(pruned, H if full_h else None, damp if full_h else solve.damp, name, upper)
         pruned, scale, quantized = result.weight, result.scale, result.report
     seconds = _synchronized_clock(weight) - start
     error = None
@@ -122,7 +127,7 @@ def prune_weight(
     )
 
 
-def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tensor, H: torch.Tensor, damp: float,
+def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tensor, Hd: torch.Tensor,
            step: Optional[Refit]) -> float:
     """Refit `out` on its support and, after a mask search, `found` on its own; keep the better.
 
@@ -130,13 +135,12 @@ def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tens
     solver's mask would have. Returns the share of mask entries the search moved (0 if it lost).
     """
     def refit(weight, mask):
-        return step.run(weight, mask, target, H, damp) if step else weight
+        return step.run(weight, mask, target, Hd) if step else weight
 
     out.weight = refit(out.weight, out.mask)
     if found is None:
         return 0.0
     searched = refit(found.weight, found.mask)
-    Hd = damped_hessian(H, damp)
     if quadratic_error(searched, target, Hd) > quadratic_error(out.weight, target, Hd):
         return 0.0
     out.weight, out.mask = searched, found.mask

@@ -17,13 +17,13 @@ from torch import nn
 from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
-from thanos.hessian import HessianAccumulator
+from thanos.hessian import Curvature, HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, attention_heads, decoder_layers,
                            prunable_linears)
 from thanos.linears import set_weight_, weight_view
 from thanos.parallel import Parallel
 from thanos.permute import ChannelLayout
-from thanos.quantize import FORMATS, activation_scale, compensation_factor
+from thanos.quantize import FORMATS, activation_scale
 from thanos.quantized_model import LinearQuantization, quantization_of, set_quantization
 from thanos.recipe import Permute, Quantize, Reconstruct
 from thanos.smooth import SmoothGroup, smooth_layer_
@@ -227,6 +227,7 @@ class SharedInputStatistics:
         self.device = device
         self.source: dict[str, str] = {}  # linear -> linear whose accumulator it reads
         self.stats: dict[str, HessianAccumulator] = {}
+        self.curvatures: dict[str, Curvature] = {}  # by source, made on first use
         self.track_ranges = track_ranges
         self.ranges: dict[str, torch.Tensor] = {}  # per input channel, the largest magnitude (if tracked)
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
@@ -251,6 +252,21 @@ class SharedInputStatistics:
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.stats[self.source[name]].hessian
+
+    def curvature(self, name: str) -> Curvature:
+        """What the steps derive from `name`'s Hessian, one object for all linears that read its input.
+
+        Made on first use, so after any reordering of the Hessians (`thanos.permute`)."""
+        source = self.source[name]
+        if source not in self.curvatures:
+            self.curvatures[source] = Curvature(self.hessian(name), name)
+        return self.curvatures[source]
+
+    def release(self, name: str, keep_factors: bool = False) -> None:
+        """Free what was derived from `name`'s Hessian (but its factors, if kept for the 8-bit step)."""
+        curvature = self.curvatures.get(self.source[name])
+        if curvature is not None:
+            curvature.release(keep_factors)
 
     def channel_range(self, name: str) -> Optional[torch.Tensor]:
         """`name`'s per-channel input range (c,), or None if it is not one of these linears."""
@@ -325,7 +341,7 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
             return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, statistics.own_hessian,
                                               recipe.pattern, statistics.own_range)
     reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report,
-                          keep_statistics=quantize is not None)
+                          keep_statistics=quantize is not None, keep_factors=quantize is not None and not smooth)
     if reconstruct:
         # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
         targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
@@ -343,6 +359,7 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
                 parallel.all_reduce_(channel_range, op="max")
             smoothed = smooth_layer_(step.layer, step.prefix, step.smoothing, quantize.smoothing, shared.channel_range,
                                      shared.hessian, *step.heads, qmax=FORMATS[quantize.format].qmax)
+            shared.curvatures.clear()  # smoothing rescaled the Hessians in place: derive again from them
         quantize_layer_(step.linears, shared, quantize, recipe.solve.damp, parallel, reports)
         for name, report in zip(step.linears, reports):
             if name in smoothed:
@@ -358,22 +375,18 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
     """
     owners = parallel.owners(solve_costs(linears))
     records = {}
-    factors: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) read one Hessian: factorise it once
     for name, mod in linears.items():
         if owners[name] == parallel.rank:
-            hessian, upper = shared.hessian(name), None
-            if step.rounding == "compensated":
-                if id(hessian) not in factors:
-                    factors[id(hessian)] = compensation_factor(hessian, damp, name)
-                upper = factors[id(hessian)]
-            result = step.run(weight_view(mod), hessian, damp, name, upper)
+            # q/k/v (and gate/up) share one factor, the one their solves used where the damping was not raised
+            upper = shared.curvature(name).factor(damp).upper if step.rounding == "compensated" else None
+            result = step.run(weight_view(mod), shared.hessian(name), damp, name, upper)
             set_weight_(mod, result.weight)
             set_quantization(mod, LinearQuantization(step.format, result.scale.cpu()))
             records[name] = dataclasses.asdict(result.report)
             log.info("%s: %s weights, %s rounding, rel. error %.3g (round-to-nearest %.3g)", name, step.format,
                      result.report.rounding, result.report.error, result.report.nearest_error)
     shared.stats.clear()
-    factors.clear()
+    shared.curvatures.clear()
     for (name, mod), report in zip(linears.items(), reports):
         parallel.broadcast_(mod.weight.data, owners[name])
         own = quantization_of(mod) if owners[name] == parallel.rank else None
@@ -438,12 +451,15 @@ class LinearReport:
 
 def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress,
                 parallel: Parallel, permute: Optional[Callable] = None,
-                on_report: Optional[Callable[[dict], None]] = None, keep_statistics: bool = False) -> list[dict]:
+                on_report: Optional[Callable[[dict], None]] = None, keep_statistics: bool = False,
+                keep_factors: bool = False) -> list[dict]:
     """Reduce the statistics over ranks, solve this rank's linears, and share every pruned weight.
 
     `permute(shared)`, if given, reorders free channels on every rank (the same way, from the
     reduced statistics) before any solve, and returns `thanos.permute.PermutationReport`s. The
-    8-bit step is left to `quantize_layer_`, after the layer's reconstruction. `keep_statistics` keeps the Hessians for a later step (the 8-bit one); otherwise they are freed.
+    8-bit step is left to `quantize_layer_`, after the layer's reconstruction. `keep_statistics`
+    keeps the Hessians for a later step (the 8-bit one), `keep_factors` their inverse factors
+    too (its compensated rounding reuses them); otherwise they are freed.
     """
     owners = parallel.owners(solve_costs(linears))
     for name in linears:  # all reductions first, so no rank waits on another's solve
@@ -451,12 +467,15 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
             parallel.reduce_stats_(shared.stats[name])
     permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)} if permute else {}
     reports = {}
-    for name, mod in linears.items():
-        if owners[name] != parallel.rank:
-            continue
+    mine = [name for name in linears if owners[name] == parallel.rank]
+    for i, name in enumerate(mine):
+        mod = linears[name]
         wide = weight_view(mod).shape[1] >= WIDE_LAYER_COLUMNS
         result = prune_weight(weight_view(mod), shared.hessian(name), config, name=name, quantize=False,
-                              progress=(lambda done, total: progress("columns", done, total)) if progress and wide else None)
+                              progress=(lambda done, total: progress("columns", done, total)) if progress and wide else None,
+                              curvature=shared.curvature(name))
+        if all(shared.source[later] != shared.source[name] for later in mine[i + 1:]):
+            shared.release(name, keep_factors)  # no later linear here reads this input
         set_weight_(mod, result.weight)
         reports[name] = LinearReport.of(name, result, parallel.rank, permuted.get(name)).to_json()
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
@@ -464,6 +483,7 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
             on_report(reports[name])
     if not keep_statistics:
         shared.stats.clear()  # free the Hessians before the broadcasts
+        shared.curvatures.clear()
     for name, mod in linears.items():
         parallel.broadcast_(mod.weight.data, owners[name])
         reports[name] = parallel.broadcast_object(reports.get(name), owners[name])

@@ -2,7 +2,8 @@
 
 `HessianAccumulator` streams calibration inputs into `H = X X^T / N` without keeping them.
 `inverse_upper_factor` returns `U` with `inv(H + damping) = U^T U`, escalating the damping when a
-factorisation fails, which is all the block solvers need.
+factorisation fails, which is all the block solvers need. `Curvature` holds what the steps
+derive from one Hessian (its factor, its damped copy), computed once for all linears that read it.
 """
 from __future__ import annotations
 
@@ -119,6 +120,53 @@ def inverse_upper_factor(hessian: torch.Tensor, damp: float, layer: str = "layer
         f"{layer}: the Hessian is not positive definite even with damp={current / 10:g}. "
         "Add calibration samples (more tokens make H better conditioned) or raise --damp."
     )
+
+
+class Curvature:
+    """What the steps derive from one Hessian, each computed once, on first use.
+
+    q/k/v (and gate/up) read the same input and so the same Hessian: one `Curvature` serves all
+    of them, so the solver's factor and the damped copy that the mask search and the refit use
+    are computed once per input instead of once per linear. The Hessian itself is never
+    modified; every derived matrix has never-active inputs given a unit diagonal. Drop the
+    object (or call `release`) once its linears are done: it holds up to three c x c matrices.
+    """
+
+    def __init__(self, hessian: torch.Tensor, layer: str = "layer"):
+        self.hessian = hessian
+        self.layer = layer
+        self._factors: dict[float, Factorization] = {}
+        self._damped: dict[float, torch.Tensor] = {}
+        self._fixed: Optional[torch.Tensor] = None
+        self.dead = torch.diag(hessian) == 0  # (c,) inputs no calibration token reached
+
+    def fixed(self) -> torch.Tensor:
+        """The Hessian with never-active inputs given a unit diagonal (shared: do not modify)."""
+        if self._fixed is None:
+            self._fixed = self.hessian.clone()
+            handle_dead_inputs_(None, self._fixed)
+        return self._fixed
+
+    def factor(self, damp: float) -> Factorization:
+        """`inverse_upper_factor` of the fixed Hessian at `damp` (escalated if it must be)."""
+        if damp not in self._factors:
+            self._factors[damp] = inverse_upper_factor(self.fixed(), damp, self.layer)
+        return self._factors[damp]
+
+    def damped(self, damp: float) -> torch.Tensor:
+        """The fixed Hessian plus `damp * mean(diag)` on the diagonal (shared: do not modify)."""
+        if damp not in self._damped:
+            Hd = self.fixed().clone()
+            Hd.diagonal().add_(damp * torch.diag(Hd).mean())
+            self._damped[damp] = Hd
+        return self._damped[damp]
+
+    def release(self, keep_factors: bool = False) -> None:
+        """Free the derived matrices (but the factors, with `keep_factors`: the 8-bit step reuses them)."""
+        if not keep_factors:
+            self._factors.clear()
+        self._damped.clear()
+        self._fixed = None
 
 
 # Past this many columns `lower_triangular_inverse` works by halves.

@@ -21,7 +21,6 @@ import dataclasses
 import torch
 
 from thanos.pattern import Pattern
-from thanos.refit import damped_hessian
 
 # Penalty schedule, in units of the scaled Hessian's unit diagonal: start at RHO_SPAN / iterations
 # (low, so the support can move; a shorter search starts nearer the solver's weights), then raise
@@ -59,7 +58,7 @@ def project(Z: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> tuple[torc
     return Z.masked_fill(new, 0.0), new
 
 
-def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, H: torch.Tensor, damp: float,
+def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, Hd: torch.Tensor,
                      pattern: Pattern, iterations: int) -> SearchResult:
     """`iterations` of ADMM from (`X`, `mask`) towards `target` under `pattern`; inputs are not modified.
 
@@ -69,7 +68,7 @@ def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     which has the pattern exactly.
     """
     dtype, work = X.dtype, torch.float32
-    Hd = damped_hessian(H, damp).double()
+    Hd = Hd.double()
     # In units where every input has unit variance (w_j sqrt(Hd_jj), Hd scaled to a unit
     # diagonal), so the projection's magnitudes weigh each input by its size.
     scale = Hd.diagonal().sqrt()

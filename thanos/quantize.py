@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from thanos.hessian import handle_dead_inputs_, inverse_upper_factor, reconstruction_error
+from thanos.hessian import Curvature, reconstruction_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +77,8 @@ def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, fmt: Format) -> 
 
 def compensation_factor(hessian: torch.Tensor, damp: float, layer: str = "layer") -> torch.Tensor:
     """`U` with inv(H + damp) = U^T U, never-active inputs given a unit diagonal: what `compensated`
-    sweeps with. Linears that read one input (q/k/v, gate/up) can share it."""
-    H = hessian.detach().float().clone()
-    handle_dead_inputs_(None, H)
-    return inverse_upper_factor(H, damp, layer).upper
+    sweeps with (the driver takes it from the linears' shared `Curvature` instead)."""
+    return Curvature(hessian.detach().float(), layer).factor(damp).upper
 
 
 def compensated(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, fmt: Format, damp: float,

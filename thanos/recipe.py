@@ -25,6 +25,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from thanos.hessian import Curvature
 from thanos.mask_search import admm_mask_search
 from thanos.pattern import ConfigError, Pattern
 from thanos.permute import permute_free_channels_
@@ -96,13 +97,15 @@ class Solve(Step):
                                   f"{pattern}); use {lower} or {lower + pattern.m}")
 
     def run(self, W: torch.Tensor, H: Optional[torch.Tensor], pattern: Pattern, sparsity: float, name: str,
-            solve_memory: int, progress) -> SolverOutput:
-        """Prune `W` (fp32, modified in place) given the statistics `H` (c x c, or the diagonal for wanda)."""
+            solve_memory: int, progress, curvature: Optional[Curvature] = None) -> SolverOutput:
+        """Prune `W` (fp32, modified in place) given the statistics `H` (c x c, or the diagonal for wanda);
+        `curvature`: what is derived from `H`, when linears share it."""
         if self.method == "thanos":
             return thanos_prune(W, H, pattern, sparsity, self.block_size, self.alpha, self.damp, layer=name,
-                                solve_memory=solve_memory, progress=progress)
+                                solve_memory=solve_memory, progress=progress, curvature=curvature)
         if self.method == "sparsegpt":
-            return sparsegpt_prune(W, H, pattern, sparsity, self.block_size, self.damp, layer=name, progress=progress)
+            return sparsegpt_prune(W, H, pattern, sparsity, self.block_size, self.damp, layer=name, progress=progress,
+                                   curvature=curvature)
         if self.method == "wanda":
             return wanda_prune(W, H if H.dim() == 1 else torch.diag(H), pattern, sparsity)
         return magnitude_prune(W, pattern, sparsity)
@@ -123,8 +126,9 @@ class MaskSearch(Step):
             raise ConfigError("mask search moves single weights, which would break the 'columns' pattern; "
                               "use mask_search_iterations=0 with it")
 
-    def run(self, X, mask, target, H, damp: float, pattern: Pattern):
-        return admm_mask_search(X, mask, target, H, damp, pattern, self.iterations)
+    def run(self, X, mask, target, Hd: torch.Tensor, pattern: Pattern):
+        """From the solver's `X` and `mask` towards `target`; `Hd` the damped Hessian."""
+        return admm_mask_search(X, mask, target, Hd, pattern, self.iterations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +142,9 @@ class Refit(Step):
         if self.iterations <= 0:
             raise ConfigError(f"refit iterations must be positive, got {self.iterations}; leave the step out for none")
 
-    def run(self, X, mask, target, H, damp: float) -> torch.Tensor:
-        return refit_on_support(X, mask, target, H, damp, self.iterations)
+    def run(self, X, mask, target, Hd: torch.Tensor) -> torch.Tensor:
+        """`X`'s kept weights re-solved towards `target` on `mask`; `Hd` the damped Hessian."""
+        return refit_on_support(X, mask, target, Hd, self.iterations)
 
 
 RECONSTRUCT_TARGETS = ("layer", "dense")

@@ -9,30 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from thanos.hessian import handle_dead_inputs_
 
-
-def damped_hessian(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """A copy of `H` with dead inputs given a unit diagonal and `damp * mean(diag H)` added."""
-    Hd = H.clone()
-    handle_dead_inputs_(None, Hd)
-    Hd.diagonal().add_(damp * torch.diag(Hd).mean())
-    return Hd
-
-
-def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, H: torch.Tensor, damp: float,
+def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, Hd: torch.Tensor,
                      iterations: int) -> torch.Tensor:
     """Kept weights re-solved for the fixed `mask`: `iterations` of preconditioned CG from `X`.
 
     Minimises `(x - t) Hd (x - t)^T` for every row `x` of the result, with `x` zero where `mask`
-    is True (True = removed), `t` the row of `target`, `Hd` the damped `H`. Every row has its own
+    is True (True = removed), `t` the row of `target`, `Hd` the damped Hessian
+    (`thanos.hessian.Curvature.damped`). Every row has its own
     support, so the rows iterate together with a step length each; one iteration is one
     (r x c) @ (c x c) product. `X` (r x c, zero on the mask) is the starting point and is not
     modified; the result is exactly zero on the mask, so the pattern cannot change.
     """
     if iterations <= 0:
         return X.clone()
-    Hd = damped_hessian(H, damp)
     keep = (~mask).to(X.dtype)  # (r, c) K
     inv_diag = 1.0 / Hd.diagonal()  # (c,) Jacobi preconditioner
     X = X * keep

@@ -296,6 +296,23 @@ def test_linears_reading_one_input_share_statistics(tiny_llama_dir):
         assert torch.equal(shared.hessian(name), own[name].hessian)
 
 
+@pytest.mark.parametrize("quantize, per_layer", [(None, 4), ("fp8", 4), ("int8", 8)])
+def test_linears_reading_one_input_share_one_factorisation(tiny_llama_dir, monkeypatch, quantize, per_layer):
+    """q/k/v and gate/up factor their shared Hessian once (4 distinct inputs per llama layer); the
+    8-bit step's compensated rounding reuses those factors, unless smoothing (INT8's default)
+    rescaled the Hessians in between, which needs them again."""
+    import thanos.hessian
+
+    calls = []
+    factor = thanos.hessian.inverse_upper_factor
+    monkeypatch.setattr(thanos.hessian, "inverse_upper_factor", lambda H, damp, layer="layer": calls.append(layer)
+                        or factor(H, damp, layer))
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 3, 32)
+    prune_model_(model, samples, PruneConfig(preset="default", quantize=quantize))
+    assert len(calls) == per_layer * len(model.model.layers)
+
+
 def test_prune_in_memory_equals_the_directory_route(tiny_llama_dir, tmp_path):
     """`prune(model, config, calibration) -> model, report`: the same weights as prune_to_directory, nothing written."""
     config = PruneConfig(preset="default")

@@ -6,7 +6,7 @@ from thanos import PruneConfig, prune_weight
 from thanos.api import quadratic_error
 from thanos.config import ConfigError, Pattern
 from thanos.mask_search import admm_mask_search, project
-from thanos.refit import damped_hessian
+from thanos.hessian import Curvature
 from tests.thanos.helpers import assert_nm, layer_problem
 
 EPS = torch.finfo(torch.float32).eps
@@ -36,7 +36,7 @@ def test_search_then_refit_lowers_the_error_and_keeps_the_pattern(pattern):
                                            mask_search_iterations=0))
     searched = prune_weight(W, H, PruneConfig("thanos", pattern, sparsity, block_size=16, refit_iterations=50,
                                               mask_search_iterations=30))
-    Hd = damped_hessian(H, 0.01)
+    Hd = Curvature(H).damped(0.01)
     before, after = quadratic_error(plain.weight, W, Hd), quadratic_error(searched.weight, W, Hd)
     round_off = 64 * 64 * EPS * quadratic_error(torch.zeros_like(W), W, Hd)  # sums of c products over 64 rows
     assert after <= before + round_off
@@ -57,7 +57,7 @@ def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
     plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
                                            mask_search_iterations=0))
 
-    def worse(X, mask, target, H, damp, pattern, iterations):  # the opposite pair of every group's choice
+    def worse(X, mask, target, Hd, pattern, iterations):  # the opposite pair of every group's choice
         flipped = mask.reshape(16, 8, 4).flip(-1).reshape(16, 32)
         return SearchResult(target.masked_fill(flipped, 0.0), flipped, 1.0)
 
@@ -73,7 +73,7 @@ def test_search_starts_from_its_inputs_without_changing_them():
     pruned = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=0,
                                             mask_search_iterations=0))
     weight, mask = pruned.weight.clone(), pruned.mask.clone()
-    found = admm_mask_search(pruned.weight, pruned.mask, W, H, 0.01, Pattern.parse("2:4"), 9)
+    found = admm_mask_search(pruned.weight, pruned.mask, W, Curvature(H).damped(0.01), Pattern.parse("2:4"), 9)
     assert torch.equal(pruned.weight, weight) and torch.equal(pruned.mask, mask)
     assert found.weight.dtype == torch.float32
     assert found.changed == float((found.mask != mask).float().mean())

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from thanos import PruneConfig, prune_weight
-from thanos.refit import damped_hessian, refit_on_support
+from thanos.hessian import Curvature
+from thanos.refit import refit_on_support
 from tests.thanos.helpers import assert_nm, hessian_of, realistic_inputs
 
 EPS = torch.finfo(torch.float32).eps
@@ -11,7 +12,7 @@ EPS = torch.finfo(torch.float32).eps
 
 def exact_support_solve(target, H, mask, damp):
     """Per row, in float64: argmin (x - t) Hd (x - t)^T with x zero on the mask."""
-    Hd = damped_hessian(H.double(), damp)
+    Hd = Curvature(H.double()).damped(damp)
     out = torch.zeros_like(target, dtype=torch.float64)
     for i in range(target.shape[0]):
         keep = (~mask[i]).nonzero().flatten()
@@ -32,9 +33,9 @@ def test_refit_converges_to_the_exact_solve_on_the_support(pattern):
     W = torch.randn(24, 48, generator=torch.Generator().manual_seed(2))
     pruned = prune_weight(W, H, "thanos", pattern, 0.5 if pattern == "unstructured" else None, block_size=16,
                           refit_iterations=0, mask_search_iterations=0)
-    refit = refit_on_support(pruned.weight, pruned.mask, W, H, 0.01, iterations=200)
+    refit = refit_on_support(pruned.weight, pruned.mask, W, Curvature(H).damped(0.01), iterations=200)
     exact = exact_support_solve(W, H, pruned.mask, 0.01)
-    Hd = damped_hessian(H.double(), 0.01)
+    Hd = Curvature(H.double()).damped(0.01)
     eig = torch.linalg.eigvalsh(Hd)
     # CG in fp32 reaches the solution to round-off amplified by the condition number.
     tol = 50 * EPS * float(eig.max() / eig.min()) * float(exact.abs().max())
@@ -47,10 +48,10 @@ def test_refit_never_raises_the_objective_and_keeps_the_pattern():
     H = hessian_of(X_in)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
     pruned = prune_weight(W, H, "thanos", "2:4", block_size=16, refit_iterations=0, mask_search_iterations=0)
-    Hd = damped_hessian(H, 0.01)
+    Hd = Curvature(H).damped(0.01)
     before = objective(pruned.weight, W, Hd)
     for iterations in (1, 3, 10):
-        refit = refit_on_support(pruned.weight, pruned.mask, W, H, 0.01, iterations)
+        refit = refit_on_support(pruned.weight, pruned.mask, W, Hd, iterations)
         after = objective(refit, W, Hd)
         scale = 64 * EPS * objective(torch.zeros_like(W), W, Hd)  # round-off of one evaluation
         assert bool((after <= before + scale).all())

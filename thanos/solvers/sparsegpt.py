@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from thanos.pattern import ConfigError, Pattern
-from thanos.hessian import handle_dead_inputs_, inverse_upper_factor
+from thanos.hessian import Curvature
 from thanos.masks import smallest_mask
 from thanos.solvers import SolverOutput
 
@@ -21,12 +21,15 @@ from thanos.solvers import SolverOutput
 def sparsegpt_prune(
     W: torch.Tensor, H: torch.Tensor, pattern: Pattern, sparsity: float, block_size: int,
     damp: float = 0.01, layer: str = "layer", progress: Optional[Callable[[int, int], None]] = None,
+    curvature: Optional[Curvature] = None,
 ) -> SolverOutput:
+    """Prune `W` (r x c, fp32, modified in place and returned); `curvature`: `H`'s, when shared."""
     if pattern.kind == "columns":
         raise ConfigError("SparseGPT prunes unstructured or n:m; for whole columns use method 'thanos'")
-    H = H.clone()
-    handle_dead_inputs_(W, H)
-    factor = inverse_upper_factor(H, damp, layer)
+    curvature = curvature or Curvature(H, layer)
+    if curvature.dead.any():
+        W[:, curvature.dead] = 0.0  # never-active inputs: their weights do nothing
+    factor = curvature.factor(damp)
     U = factor.upper  # (c, c), inv(H + damping) = U^T U
     rows, cols = W.shape
     mask = torch.zeros_like(W, dtype=torch.bool)

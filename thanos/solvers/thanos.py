@@ -12,7 +12,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from thanos.pattern import Pattern
-from thanos.hessian import handle_dead_inputs_, inverse_upper_factor
+from thanos.hessian import Curvature
 from thanos.masks import leading_mask_of_region, nm_mask, smallest_mask, wanda_metric
 from thanos.solvers import SolverOutput
 
@@ -49,24 +49,29 @@ def thanos_prune(
     solve_memory: int = DEFAULT_SOLVE_MEMORY,
     trailing_inverse: Literal["one-cholesky", "per-block"] = "one-cholesky",
     progress: Optional[Callable[[int, int], None]] = None,
+    curvature: Optional[Curvature] = None,
 ) -> SolverOutput:
     """Prune `W` (r x c, fp32, modified in place and returned) under `pattern`.
+
+    `curvature`: `H`'s `thanos.hessian.Curvature`, when linears that read the same input share it.
 
     `trailing_inverse="per-block"` is the paper's strategy, kept as the benchmark's reference:
     `torch.linalg.inv(H[i1:, i1:])` at every block, as `lib/thanos.py` in the paper's code
     does, with the damping as given (the paper's code does not escalate it). It gives the same
     answer as the one-Cholesky route, more slowly.
     """
-    H = H.clone()
+    curvature = curvature or Curvature(H, layer)
     s = torch.diag(H).clone()  # Wanda's s_j, before the dead-input fix and damping
-    handle_dead_inputs_(W, H)
+    if curvature.dead.any():
+        W[:, curvature.dead] = 0.0  # never-active inputs: their weights do nothing
     if trailing_inverse == "per-block":
         if pattern.kind == "columns":
             raise ValueError("trailing_inverse='per-block' applies to block-wise patterns, not 'columns'")
-        U, damped = None, H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], device=H.device)
+        fixed = curvature.fixed()
+        U, damped = None, fixed + damp * torch.diag(fixed).mean() * torch.eye(H.shape[0], device=H.device)
         damp_used, escalations = damp, 0
     else:
-        factor = inverse_upper_factor(H, damp, layer)
+        factor = curvature.factor(damp)
         U, damped = factor.upper, None  # inv(H + damping) = U^T U
         damp_used, escalations = factor.damp_used, factor.escalations
 
