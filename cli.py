@@ -750,9 +750,13 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
               help="Thanos preset to time (its mask search, refit and reconstruction included; default: default).")
 @click.option("--permute-channels/--no-permute-channels", default=None,
               help="Time the channel permutations or not (default: the preset's; they need scipy).")
+@click.option("--count-only", is_flag=True,
+              help="Count each step's flop and peak memory per linear instead of timing: a second, no device; "
+                   "a GPU's time is the flop over its throughput.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
-def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, permute_channels, json_out, md_out):
+def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, permute_channels, count_only,
+             json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
     Builds one random-weight decoder layer of the named config, times the driver's own steps on
@@ -761,8 +765,9 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
     offloading and for N torchrun ranks.
 
     \b
-    Example:
+    Examples:
       thanos-export plan --config llama2-70b --device cuda --ranks 1,8 --md-out plan.md
+      thanos-export plan --config llama2-70b --count-only      # flop and memory per linear
     """
     from runtime_bench.plan import run_plan
 
@@ -770,7 +775,7 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
     try:
         text = run_plan(name, device, tuple(int(r) for r in ranks.split(",")), calib_samples, seqlen, pattern, method,
                         preset, json_out, md_out, echo=lambda m: click.echo(m, err=True),
-                        permute_channels=permute_channels)
+                        permute_channels=permute_channels, count_only=count_only)
     except USER_ERRORS as exc:
         _fail(exc)
     click.echo(text)

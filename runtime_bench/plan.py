@@ -107,6 +107,7 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      reconstruction=reconstruction_s, permutation=permutation_s),
         errors={r["name"]: r["error"] for r in reports},
         solve_costs=solve_costs(linears),
+        work=step_work(linears, prune),
         bytes=dict(
             layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
             prunable_weights=sum(weight_view(m).numel() * weight_view(m).element_size() for m in linears.values()),
@@ -116,6 +117,18 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
             device_peak=peak,
         ),
     )
+
+
+def step_work(linears: dict, prune: PruneConfig) -> dict:
+    """Per linear: each step's flop and the estimated peak bytes of the largest (`thanos.recipe.Cost`),
+    so a device's time can be read from its throughput before it has run anything."""
+    work = {}
+    for name, mod in linears.items():
+        rows, cols = weight_view(mod).shape
+        costs = prune.recipe.costs(rows, cols)
+        work[name] = dict(shape=[rows, cols], flop={kind: cost.flop for kind, cost in costs.items()},
+                          peak_bytes=max(cost.nbytes(rows, cols) for cost in costs.values()))
+    return work
 
 
 def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
@@ -193,15 +206,61 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         "",
         "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
         "by r*c^2 as `prune --distributed` does; the collectives are not timed (their bytes are in the table).",
+        *_work_lines(layer),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _work_lines(layer: dict) -> list[str]:
+    """The per-linear flop and memory table (leading terms, from `thanos.recipe.Cost`)."""
+    work = layer.get("work")
+    if not work:
+        return []
+    kinds = list(next(iter(work.values()))["flop"])
+    lines = ["", "Work per linear, counted (leading terms of each step, fp32 flop; peak: the largest step's c x c and "
+             "r x c matrices, the Hessian and the weight included; `thanos.recipe.Cost`):", "",
+             "| linear | r x c | " + " | ".join(f"{kind} GFLOP" for kind in kinds) + " | peak memory |",
+             "|" + " --- |" * (len(kinds) + 3)]
+    for name, w in work.items():
+        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        lines.append(f"| {short} | {w['shape'][0]} x {w['shape'][1]} | "
+                     + " | ".join(f"{w['flop'][kind] / 1e9:,.0f}" for kind in kinds) + f" | {_size(w['peak_bytes'])} |")
+    total = sum(sum(w["flop"].values()) for w in work.values())
+    lines += ["", f"One layer's solves: {total / 1e12:.1f} TFLOP in all; at a sustained T TFLOP/s they take "
+              f"{total / 1e12:.1f} / T seconds."]
+    return lines
+
+
+def count_work(name: str, prune: PruneConfig) -> dict:
+    """`step_work` for one decoder layer of config `name`, built on the meta device: counted, nothing run."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB))
+    return step_work(prunable_linears(model, LayerSelection())[0], prune)
 
 
 def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
              calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
              method: str = "thanos", preset: Optional[str] = None, json_out: Optional[str] = None,
-             md_out: Optional[str] = None, echo=print, permute_channels: Optional[bool] = None) -> str:
-    """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown."""
+             md_out: Optional[str] = None, echo=print, permute_channels: Optional[bool] = None,
+             count_only: bool = False) -> str:
+    """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown.
+
+    `count_only`: count each step's flop and memory per linear instead, in a second, on no device.
+    """
+    if count_only:
+        prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels)
+        work = count_work(name, prune)
+        recipe = ", ".join(step["step"] for step in prune.recipe.to_json()["steps"])
+        text = "\n".join([f"# Work counted: one {name} decoder layer, {method} {pattern}"
+                          + (f", preset {prune.preset}" if prune.preset else "") + f" ({recipe})",
+                          *_work_lines(dict(work=work))]) + "\n"
+        if json_out:
+            atomic_write_text(Path(json_out), json.dumps(dict(model=name, prune=prune.to_json(), work=work), indent=2))
+        if md_out:
+            Path(md_out).write_text(text)
+        return text
     dev = resolve_device(device)
     defaults = defaults_for(dev)
     samples, seqlen = calib_samples or defaults.samples, seqlen or defaults.seqlen
@@ -247,6 +306,8 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default=None, help="Thanos preset (default: default)")
     parser.add_argument("--permute-channels", action=argparse.BooleanOptionalAction, default=None,
                         help="time the channel permutations or not (default: the preset's)")
+    parser.add_argument("--count-only", action="store_true",
+                        help="count each step's flop and memory per linear instead of timing (nothing runs)")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--md-out", default=None)
     args = vars(parser.parse_args(argv))

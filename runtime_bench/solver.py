@@ -2,15 +2,22 @@
 
     python -m runtime_bench.solver                          # every shape, method, pattern
     python -m runtime_bench.solver --shapes 4096x4096 --patterns 2:4 --block-sizes 128
+    python -m runtime_bench.solver --shapes 4096x4096,4096x11008 --patterns 2:4 --no-per-block \
+        --methods sparsegpt:reference,sparsegpt,thanos:fast,thanos:default,thanos:best
 
 Inputs are realistic in the way that matters to the solvers: the calibration activations have a
-few high-variance channels, as real LLM activations do. The row `thanos (per-block)` is the
-paper's strategy of re-inverting the trailing Hessian at every block (`torch.linalg.inv`, as
-the paper's code calls it), kept as the reference the one-Cholesky route is measured against.
+few high-variance channels, as real LLM activations do. Methods: `thanos`, `sparsegpt`, `wanda`,
+`magnitude` once per block size (Thanos with its block solve alone); `thanos:PRESET` a preset's
+per-linear steps (solve, mask search, refit: what it costs per linear, the decoder-layer steps
+aside); `sparsegpt:reference` SparseGPT as its authors' code computes it (`reference_sparsegpt`),
+the yardstick for time. The row `thanos (per-block)` is the paper's strategy of re-inverting the
+trailing Hessian at every block (`torch.linalg.inv`, as the paper's code calls it), kept as the
+reference the one-Cholesky route is measured against.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -18,15 +25,58 @@ import torch
 
 from runtime_bench import protocol
 from thanos import prune_weight
-from thanos.config import Pattern
+from thanos.config import PRESETS, Pattern
 from thanos.devices import resolve_device
 from thanos.hessian import reconstruction_error
 from thanos.outputs import atomic_write_text
 from thanos.solvers.thanos import thanos_prune
 
 SHAPES = ["576x576", "1536x576", "2048x2048", "4096x4096", "4096x11008"]
+METHODS = ["thanos", "sparsegpt", "wanda", "magnitude", "sparsegpt:reference", "thanos:default"]
+REFERENCE_BLOCK = 128  # the block size SparseGPT's code prunes with
 # The reference costs O(c^4 / B): past 4096 columns it takes many minutes on a CPU, not on a GPU.
 PER_BLOCK_MAX_COLUMNS = {"cpu": 4096, "cuda": 16384}
+
+
+def reference_sparsegpt(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, sparsity: float,
+                        block: int = REFERENCE_BLOCK, damp: float = 0.01) -> torch.Tensor:
+    """SparseGPT by the route its authors' code takes, for timing: the pruned copy of `W`.
+
+    Dead inputs get a unit diagonal, the damping is added, then a Cholesky factorisation, its
+    inverse and a second (upper) factorisation give the rows the column loop spreads each error
+    with; blocks of `block` columns update the rest lazily. Unstructured masks are chosen per
+    block by the saliency's quantile, n:m every m columns. The project's `sparsegpt_prune` reaches
+    the same factor with one Cholesky and a triangular inverse instead.
+    """
+    W, H = W.float().clone(), H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * torch.diag(H).mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    cols = W.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        errors = torch.zeros_like(W1)
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
+            saliency = W1**2 / d**2
+            cut = torch.sort(saliency.flatten()).values[int(saliency.numel() * sparsity)]
+            mask1 = saliency <= cut
+        for i in range(i2 - i1):
+            if pattern.is_nm and i % pattern.m == 0:
+                saliency = W1[:, i:i + pattern.m] ** 2 / d[i:i + pattern.m] ** 2
+                mask1[:, i:i + pattern.m].scatter_(1, torch.topk(saliency, pattern.n, 1, largest=False).indices, True)
+            w = W1[:, i]
+            err = torch.where(mask1[:, i], w, torch.zeros_like(w)) / d[i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            errors[:, i] = err
+        W[:, i1:i2] = W1.masked_fill(mask1, 0.0)
+        W[:, i2:] -= errors @ U[i1:i2, i2:]
+    return W
 
 
 def layer_problem(rows: int, cols: int, device: str, seed: int = 0):
@@ -46,13 +96,36 @@ def _fast(method: str):
     return "fast" if method == "thanos" else None
 
 
+def check_methods(methods) -> None:
+    """Refuse a method name before any timing, naming the choices."""
+    known = {"thanos", "sparsegpt", "wanda", "magnitude", "sparsegpt:reference"} | {f"thanos:{p}" for p in PRESETS}
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}")
+
+
+def _timed_once(method: str, W, H, pattern: str, sparsity, block, device) -> tuple[float, float, Optional[int]]:
+    """(seconds, error, block size) of one run of `method` on (W, H)."""
+    if method == "sparsegpt:reference":
+        pruned, seconds = protocol.timed(lambda: reference_sparsegpt(W, H, Pattern.parse(pattern), sparsity or 0.5),
+                                         device)
+        return seconds, reconstruction_error(W, pruned, H), REFERENCE_BLOCK
+    name, _, preset = method.partition(":")
+    if preset:
+        res = prune_weight(W, H, name, pattern, sparsity, preset=preset)
+    else:
+        res = prune_weight(W, H, name, pattern, sparsity, block_size=block, preset=_fast(name))
+    return res.seconds, res.error, res.config.resolved_block_size if (block or preset) else None
+
+
 def _warm_up(device, methods, patterns):
     """One small solve per method and pattern first, so that no timing includes the kernels' first load."""
     W, H = layer_problem(64, 64, device)
     for pattern in patterns:
+        sparsity = 0.5 if pattern == "unstructured" else None
         for method in methods:
-            prune_weight(W, H, method, pattern, 0.5 if pattern == "unstructured" else None, block_size=None,
-                         preset=_fast(method))
+            if not (pattern == "columns" and method == "sparsegpt:reference"):
+                _timed_once(method, W, H, pattern, sparsity, None, device)
         if pattern != "unstructured":
             thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5, 32, trailing_inverse="per-block")
 
@@ -70,6 +143,7 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
         if on_record:
             on_record(records)
 
+    check_methods(methods)
     per_block_max_columns = per_block_max_columns or PER_BLOCK_MAX_COLUMNS[torch.device(device).type]
     _warm_up(device, methods, patterns)
     header = "| shape | method | pattern | block | seconds | rel. error |"
@@ -81,16 +155,16 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
         for pattern in patterns:
             sparsity = 0.5 if pattern == "unstructured" else None
             for method in methods:
-                sizes = block_sizes if method in ("thanos", "sparsegpt") and pattern != "columns" else [None]
-                for block in sizes:
-                    res = min((prune_weight(W, H, method, pattern, sparsity, block_size=block, preset=_fast(method))
-                               for _ in range(repeat)),
-                              key=lambda r: r.seconds)
-                    rec = dict(shape=shape, method=method, pattern=pattern,
-                               block_size=res.config.resolved_block_size if block else None,
-                               seconds=res.seconds, error=res.error, repeat=repeat)
+                if pattern == "columns" and method == "sparsegpt:reference":
+                    continue  # SparseGPT has no whole-column pattern
+                blocked = method in ("thanos", "sparsegpt") and pattern != "columns"
+                for block in block_sizes if blocked else [None]:
+                    seconds, error, used = min((_timed_once(method, W, H, pattern, sparsity, block, device)
+                                                for _ in range(repeat)), key=lambda run: run[0])
+                    rec = dict(shape=shape, method=method, pattern=pattern, block_size=used, seconds=seconds,
+                               error=error, repeat=repeat)
                     add(rec)
-                    echo(f"| {shape} | {method} | {pattern} | {rec['block_size'] or '-'} | {res.seconds:.2f} | {res.error:.5f} |")
+                    echo(f"| {shape} | {method} | {pattern} | {used or '-'} | {seconds:.2f} | {error:.5f} |")
             if per_block and pattern != "unstructured" and cols <= per_block_max_columns:
                 for block in block_sizes:
                     out, seconds = min((protocol.timed(lambda: thanos_prune(W.float().clone(), H, Pattern.parse(pattern), 0.5,
@@ -109,7 +183,10 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m runtime_bench.solver", description=main.__doc__)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated ROWSxCOLS")
-    parser.add_argument("--methods", default="thanos,sparsegpt,wanda,magnitude")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated: thanos, sparsegpt, wanda, magnitude (per block size), thanos:PRESET "
+                             f"({', '.join(PRESETS)}: the preset's per-linear steps), sparsegpt:reference (the "
+                             "authors' route, the time yardstick)")
     parser.add_argument("--patterns", default="2:4,4:8,unstructured")
     parser.add_argument("--block-sizes", default="64,128,512")
     parser.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu or cuda")
@@ -122,6 +199,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    try:
+        check_methods(args.methods.split(","))
+    except ValueError as exc:
+        parser.error(str(exc))
     args.device = str(resolve_device(args.device))
     machine = dict(protocol.machine(), device=args.device)
     print(f"machine: {json.dumps(machine)}", flush=True)

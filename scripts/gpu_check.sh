@@ -60,9 +60,10 @@ step 160 "GEMM level: LLaMA-2-7B and 70B shapes, FP8, INT8 and fp16, dense again
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 
 # One 70B decoder layer: the statistics pass (~4e14 fp32 flop for down_proj's Hessian, seconds),
-# the 28672-wide float64 eigendecomposition of the mask search (the largest single cost, guessed
-# at 30-90 s), 10 search and 10 refit iterations of (r x c) @ (c x c) products (~3e14 flop). The
-# JSON is rewritten after every solve, so a stop at the limit keeps the linears done so far.
+# then the solves, counted at 633 TFLOP for the default preset (`thanos-export plan --config
+# llama2-70b --count-only`; down_proj's mask search and refit 180 + 175 of it, its peak ~32 GiB):
+# about 10 s at the H200's fp32 rate, more where kernels fall short of it. The JSON is rewritten
+# after every solve, so a stop at the limit keeps the linears done so far.
 # The default preset permutes channels with scipy's linear assignment; a machine without scipy
 # plans without them (the plan's report records which).
 PERMUTE=$(python -c "import scipy" 2>/dev/null && echo --permute-channels || echo --no-permute-channels)
@@ -74,8 +75,9 @@ step 40 "Pruning plan: one LLaMA-2-70B layer, fast preset (the block solve alone
     python -m runtime_bench.plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset fast \
     --json-out "$OUT/plan_llama2-70b_fast.json"
 
-step 30 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion" \
-    python -m runtime_bench.solver --device "$DEVICE" "${SOLVER[@]}" --patterns 2:4 --methods thanos,sparsegpt \
+step 30 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets beside the reference SparseGPT" \
+    python -m runtime_bench.solver --device "$DEVICE" "${SOLVER[@]}" --patterns 2:4 \
+    --methods thanos,sparsegpt,sparsegpt:reference,thanos:fast,thanos:default \
     --json-out "$OUT/solver_gpu.json"
 
 step 60 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests

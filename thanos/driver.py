@@ -113,8 +113,12 @@ def prune_model_(
     offload_activations: bool = False,
     progress: Optional[Progress] = None,
     parallel: Optional[Parallel] = None,
+    linears: Optional[dict[int, dict[str, nn.Module]]] = None,
 ) -> list[dict]:
     """Prune `model` in place, layer by layer, on calibration `samples` (n, seqlen); returns per-linear reports.
+
+    `linears`: `prunable_linears(model, selection)`, when the caller has already listed (and checked)
+    them against the pattern.
 
     With `checkpoints`, each finished layer is saved, and layers already saved are loaded instead
     of pruned again (the calibration activations are recomputed through them), so a rerun
@@ -124,8 +128,9 @@ def prune_model_(
     parallel = parallel or Parallel()
     device = torch.device(device)
     store_device = torch.device("cpu") if offload_activations else device
-    linears = prunable_linears(model, selection)
-    check_pattern_fits(linears, config)
+    if linears is None:
+        linears = prunable_linears(model, selection)
+        check_pattern_fits(linears, config)
     layers = decoder_layers(model)
     done = _open_checkpoints(checkpoints, parallel)
     inputs, args, kwargs = capture_layer_inputs(model, parallel.shard(samples), device, store_device)

@@ -129,7 +129,7 @@ class Curvature:
     of them, so the solver's factor and the damped copy that the mask search and the refit use
     are computed once per input instead of once per linear. The Hessian itself is never
     modified; every derived matrix has never-active inputs given a unit diagonal. Drop the
-    object (or call `release`) once its linears are done: it holds up to three c x c matrices.
+    object (or call `release`) once its linears are done: it holds a few c x c matrices.
     """
 
     def __init__(self, hessian: torch.Tensor, layer: str = "layer"):
@@ -137,6 +137,7 @@ class Curvature:
         self.layer = layer
         self._factors: dict[float, Factorization] = {}
         self._damped: dict[float, torch.Tensor] = {}
+        self._derived: dict = {}
         self._fixed: Optional[torch.Tensor] = None
         self.dead = torch.diag(hessian) == 0  # (c,) inputs no calibration token reached
 
@@ -161,11 +162,18 @@ class Curvature:
             self._damped[damp] = Hd
         return self._damped[damp]
 
+    def derived(self, key, make):
+        """`make()`, once per `key`: what a step derives from the damped Hessian, shared the same way."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
     def release(self, keep_factors: bool = False) -> None:
         """Free the derived matrices (but the factors, with `keep_factors`: the 8-bit step reuses them)."""
         if not keep_factors:
             self._factors.clear()
         self._damped.clear()
+        self._derived.clear()
         self._fixed = None
 
 

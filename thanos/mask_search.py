@@ -10,13 +10,14 @@ splitting w into a free copy W (a ridge-regularised least-squares solve, the sam
 for every row) and a copy D that is projected on the pattern (the largest magnitudes kept in
 every group of m, or in every row for unstructured), with a scaled dual V between them. The
 penalty rho grows over the iterations, the faster the fewer weights change support, so W and D
-meet and the support settles. One eigendecomposition of Hd per layer makes every ridge solve two
-(r x c) @ (c x c) products. The refit (`thanos.refit`) then solves the kept weights on the final
-support exactly.
+meet and the support settles. A Cholesky factor per penalty value makes every ridge solve two
+triangular solves, together about the cost of one (r x c) @ (c x c) product. The refit
+(`thanos.refit`) then solves the kept weights on the final support exactly.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -58,37 +59,76 @@ def project(Z: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> tuple[torc
     return Z.masked_fill(new, 0.0), new
 
 
+@dataclasses.dataclass
+class ScaledHessian:
+    """The damped Hessian scaled to a unit diagonal, and Cholesky factors of it plus each penalty.
+
+    Built once per Hessian (`thanos.hessian.Curvature.derived`), so linears that read the same
+    input share it, and the first penalty's factor (the same for every search of that length).
+    """
+
+    scale: torch.Tensor  # (c,) sqrt(diag Hd)
+    Hs: torch.Tensor  # (c, c) Hd / scale scale^T, fp32
+    factors: dict = dataclasses.field(default_factory=dict)  # rho -> lower factor of Hs + rho I
+
+    @classmethod
+    def of(cls, Hd: torch.Tensor) -> "ScaledHessian":
+        scale = Hd.diagonal().float().sqrt()
+        inv = 1.0 / scale
+        Hs = Hd.float() * inv[:, None] * inv[None, :]
+        Hs.diagonal().fill_(1.0)
+        return cls(scale, Hs)
+
+    def ridge_factor(self, rho: float, keep: bool) -> torch.Tensor:
+        """Lower Cholesky factor of `Hs + rho I` (float64 if float32 round-off breaks it); `keep` caches it."""
+        if rho in self.factors:
+            return self.factors[rho]
+        shifted = self.Hs.clone()
+        shifted.diagonal().add_(rho)
+        lower, info = torch.linalg.cholesky_ex(shifted)
+        if int(info):
+            shifted = self.Hs.double()
+            shifted.diagonal().add_(rho)
+            lower = torch.linalg.cholesky(shifted).float()
+        del shifted
+        if keep:
+            self.factors[rho] = lower
+        return lower
+
+
 def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, Hd: torch.Tensor,
-                     pattern: Pattern, iterations: int) -> SearchResult:
+                     pattern: Pattern, iterations: int, scaled: Optional[ScaledHessian] = None) -> SearchResult:
     """`iterations` of ADMM from (`X`, `mask`) towards `target` under `pattern`; inputs are not modified.
 
-    The eigendecomposition runs in float64 (the scaled Hessian's eigenvalues span several orders
-    of magnitude); the iterations in float32, since every ridge solve divides by an eigenvalue
-    plus rho >= RHO_SPAN / iterations, which bounds its condition number. Returns the projected copy D,
-    which has the pattern exactly.
+    `Hd` is the damped Hessian; `scaled` its `ScaledHessian`, when linears share it. Every ridge
+    solve is a Cholesky solve in float32 with the factor of the current penalty (the penalty
+    changes every `RHO_EVERY` iterations, so a few factorisations per search): it divides by an
+    eigenvalue plus rho >= RHO_SPAN / iterations, which bounds its condition number. The search
+    stops early once a whole penalty period moves no weight across the support (the refit then
+    solves the kept weights exactly). Returns the projected copy D, which has the pattern exactly.
     """
     dtype, work = X.dtype, torch.float32
-    Hd = Hd.double()
     # In units where every input has unit variance (w_j sqrt(Hd_jj), Hd scaled to a unit
     # diagonal), so the projection's magnitudes weigh each input by its size.
-    scale = Hd.diagonal().sqrt()
-    Hs = Hd / scale[:, None] / scale[None, :]
-    eigenvalues, Q = torch.linalg.eigh(Hs)
-    B = ((target.double() * scale) @ Hs).to(work)
-    eigenvalues, Q, scale = eigenvalues.to(work), Q.to(work), scale.to(work)
+    scaled = scaled or ScaledHessian.of(Hd)
+    scale = scaled.scale
+    B = (target.to(work) * scale) @ scaled.Hs
     D = X.to(work) * scale * ~mask
     V = torch.zeros_like(D)
     current = mask.clone()
-    rho = RHO_SPAN / max(iterations, 1)
+    first = rho = RHO_SPAN / max(iterations, 1)
     kept = max(int((~mask).sum()), 1)
     moved = 0
     for t in range(iterations):
-        W = (((B + rho * (D - V)) @ Q) / (eigenvalues + rho)) @ Q.T
+        lower = scaled.ridge_factor(rho, keep=rho == first)  # the first penalty is every search's
+        W = torch.cholesky_solve((B + rho * (D - V)).T, lower).T
         D, new = project(W + V, mask, pattern)
         moved += int((new & ~current).sum())
         current = new
         V += W - D
         if (t + 1) % RHO_EVERY == 0:
+            if moved == 0:
+                break
             share = moved / kept
             rho *= next(factor for threshold, factor in RHO_GROWTH if share >= threshold)
             moved = 0

@@ -198,7 +198,8 @@ def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, p
 
     checkpoints = LayerCheckpoints(out, fingerprint)
     try:
-        layers = prune_model_(model, samples, job.config, device, selection, checkpoints, offload, progress, parallel)
+        layers = prune_model_(model, samples, job.config, device, selection, checkpoints, offload, progress, parallel,
+                              linears)
     except Exception as exc:  # a full or read-only disk is one line; anything else as it was
         raise write_error(exc, out, kept=f"the finished layers stay in {checkpoints.dir} and the rerun resumes "
                                          "from them") or exc

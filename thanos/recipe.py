@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from thanos.hessian import Curvature
-from thanos.mask_search import admm_mask_search
+from thanos.mask_search import RHO_EVERY, ScaledHessian, admm_mask_search
 from thanos.pattern import ConfigError, Pattern
 from thanos.permute import permute_free_channels_
 from thanos.quantize import FORMATS, ROUNDINGS, QuantizedWeight, quantize_weight
@@ -51,6 +51,23 @@ class Step:
 
     def to_json(self) -> dict:
         return {"step": self.kind, **dataclasses.asdict(self)}
+
+    def cost(self, rows: int, cols: int) -> Optional["Cost"]:
+        """The leading flop and memory terms of this step on one (rows x cols) linear; None if not per linear."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Leading terms of one step on one linear: fp32 flop (a multiply-add is 2) and the c x c and
+    r x c matrices it holds at its peak, the Hessian included (what the plan turns into bytes)."""
+
+    flop: float
+    square: int  # c x c fp32 matrices held at once
+    rect: int  # r x c fp32 matrices held at once (the model's own weight included)
+
+    def nbytes(self, rows: int, cols: int) -> int:
+        return 4 * (self.square * cols * cols + self.rect * rows * cols)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +113,18 @@ class Solve(Step):
                 raise ConfigError(f"block_size {self.block_size} is not a multiple of m={pattern.m} (pattern "
                                   f"{pattern}); use {lower} or {lower + pattern.m}")
 
+    def cost(self, rows: int, cols: int) -> Cost:
+        """Thanos: the factor (Cholesky and triangular inverse, 2c^3/3), the block updates (r c^2) and
+        each block's rows of the inverse (B c^2); SparseGPT: the factor, the lazy updates (r c^2) and
+        the in-block column updates (r B c). Holds H, its dead-input copy and the factor; the weight,
+        its fp32 working copy and the copy the later steps aim at."""
+        block = self.block_size or cols
+        if self.method == "thanos":
+            return Cost(rows * cols**2 + block * cols**2 + 2 * cols**3 / 3, 3, 3)
+        if self.method == "sparsegpt":
+            return Cost(rows * cols**2 + rows * block * cols + 2 * cols**3 / 3, 3, 3)
+        return Cost(2 * rows * cols, 1, 2)
+
     def run(self, W: torch.Tensor, H: Optional[torch.Tensor], pattern: Pattern, sparsity: float, name: str,
             solve_memory: int, progress, curvature: Optional[Curvature] = None) -> SolverOutput:
         """Prune `W` (fp32, modified in place) given the statistics `H` (c x c, or the diagonal for wanda);
@@ -126,9 +155,20 @@ class MaskSearch(Step):
             raise ConfigError("mask search moves single weights, which would break the 'columns' pattern; "
                               "use mask_search_iterations=0 with it")
 
-    def run(self, X, mask, target, Hd: torch.Tensor, pattern: Pattern):
-        """From the solver's `X` and `mask` towards `target`; `Hd` the damped Hessian."""
-        return admm_mask_search(X, mask, target, Hd, pattern, self.iterations)
+    def cost(self, rows: int, cols: int) -> Cost:
+        """The target's product and one Cholesky solve per iteration (2 r c^2 each), a factorisation
+        per penalty value (c^3/3, a new value every RHO_EVERY iterations at most). Holds H, its
+        dead-input, damped and scaled copies, the factor kept from the solve, the current and the
+        first penalty's factors, and a copy being factorised; the weight and its copies, D, V,
+        the target's product, the iterate and its right-hand side."""
+        factorisations = math.ceil(self.iterations / RHO_EVERY)
+        return Cost(2 * rows * cols**2 * (self.iterations + 1) + factorisations * cols**3 / 3, 8, 9)
+
+    def run(self, X, mask, target, curvature: Curvature, damp: float, pattern: Pattern):
+        """From the solver's `X` and `mask` towards `target`, on `curvature`'s Hessian damped by `damp`."""
+        Hd = curvature.damped(damp)
+        scaled = curvature.derived(("mask_search", damp), lambda: ScaledHessian.of(Hd))
+        return admm_mask_search(X, mask, target, Hd, pattern, self.iterations, scaled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +181,12 @@ class Refit(Step):
     def check(self, pattern: Pattern) -> None:
         if self.iterations <= 0:
             raise ConfigError(f"refit iterations must be positive, got {self.iterations}; leave the step out for none")
+
+    def cost(self, rows: int, cols: int) -> Cost:
+        """One product per iteration plus the first residual's (2 r c^2 each), and two more for the
+        comparison with the solver's result after a search. Holds H, its dead-input and damped
+        copies and the factor; the weight, its copies and the five vectors of conjugate gradients."""
+        return Cost(2 * rows * cols**2 * (self.iterations + 3), 4, 9)
 
     def run(self, X, mask, target, Hd: torch.Tensor) -> torch.Tensor:
         """`X`'s kept weights re-solved towards `target` on `mask`; `Hd` the damped Hessian."""
@@ -240,6 +286,10 @@ class Recipe:
     @property
     def solve(self) -> Solve:
         return self.get(Solve)
+
+    def costs(self, rows: int, cols: int) -> dict[str, Cost]:
+        """Each per-linear step's `Cost` on a (rows x cols) linear, by step kind, in the order they run."""
+        return {step.kind: cost for step in self.steps if (cost := step.cost(rows, cols)) is not None}
 
     def to_json(self) -> dict:
         return dict(preset=self.preset, pattern=str(self.pattern), sparsity=self.sparsity,

@@ -92,3 +92,40 @@ def test_a_plan_stopped_by_sigterm_keeps_the_solves_it_timed(tmp_path, monkeypat
     assert data["complete"] is False and data["plan"] is None and "SIGTERM" in data["stopped"]
     assert [n.rsplit(".", 1)[-1] for n in data["layer"]["seconds"]["solves"]] == ["q_proj", "k_proj"]
     assert all(e > 0 for e in data["layer"]["errors"].values())
+
+
+def test_counted_refit_flop_is_what_the_refit_multiplies():
+    """The refit's count (first residual + one product per iteration, 2 r c^2 each; two more for the
+    comparison after a search) against torch's own count of the products it runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from thanos.hessian import Curvature
+    from thanos.recipe import Refit
+    from thanos.refit import refit_on_support
+
+    rows, cols, iterations = 24, 32, 7
+    W = torch.randn(rows, cols)
+    X = torch.randn(64, cols)
+    Hd = Curvature(X.T @ X / 64).damped(0.01)
+    mask = torch.rand(rows, cols) < 0.5
+    with FlopCounterMode(display=False) as counter:
+        refit_on_support(W.masked_fill(mask, 0.0), mask, W, Hd, iterations)
+    comparison = 2 * 2 * rows * cols**2
+    assert counter.get_total_flops() == Refit(iterations).cost(rows, cols).flop - comparison
+
+
+def test_count_only_counts_every_step_of_every_linear_without_running(tmp_path):
+    from cli import main
+
+    out = tmp_path / "work.json"
+    result = CliRunner().invoke(main, ["plan", "--config", "llama2-70b", "--count-only", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| mlp.down_proj | 8192 x 28672 |" in result.output and "peak memory" in result.output
+    work = json.loads(out.read_text())["work"]
+    assert [name.rsplit(".", 1)[-1] for name in work] == LINEARS
+    down, q = work["model.layers.0.mlp.down_proj"], work["model.layers.0.self_attn.q_proj"]
+    assert list(down["flop"]) == ["solve", "mask_search", "refit"]  # the default preset's per-linear steps
+    assert down["peak_bytes"] > q["peak_bytes"] and down["flop"]["mask_search"] > q["flop"]["mask_search"]
+    fast = plan.count_work("llama2-70b", PruneConfig(preset="fast"))
+    assert list(fast["model.layers.0.mlp.down_proj"]["flop"]) == ["solve"]
+    assert fast["model.layers.0.mlp.down_proj"]["peak_bytes"] < down["peak_bytes"]

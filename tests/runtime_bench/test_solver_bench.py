@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from runtime_bench import solver
 
@@ -35,3 +36,29 @@ def test_repeat_times_each_solve_that_often_and_keeps_the_fastest(monkeypatch):
     records = solver.run(["32x64"], ["thanos"], ["2:4"], [32], "cpu", per_block=False, echo=lambda _: None, repeat=3)
     assert len(calls) == 3 + 1  # three timed runs, plus the warm-up's one
     assert records[0]["repeat"] == 3 and records[0]["seconds"] == min(calls[1:])
+
+
+def test_reference_sparsegpt_equals_the_projects_sparsegpt():
+    """The authors' route (a second factorisation of the inverse) and ours (one Cholesky and a
+    triangular inverse) reach the same factor, so the same mask and, to round-off, the same weights."""
+    from thanos.config import Pattern
+
+    W, H = solver.layer_problem(64, 256, "cpu")
+    reference = solver.reference_sparsegpt(W, H, Pattern.parse("2:4"), 0.5)
+    ours = solver.prune_weight(W, H, "sparsegpt", "2:4", block_size=solver.REFERENCE_BLOCK)
+    assert torch.equal(reference == 0, ours.mask)
+    # fp32 round-off of the two factor routes, carried through c column updates of unit-scale weights
+    bound = 256 * 256 * torch.finfo(torch.float32).eps * float(W.abs().max())
+    assert float((reference - ours.weight).abs().max()) <= bound
+
+
+def test_preset_rows_and_the_reference_in_one_run():
+    records = solver.run(["32x64"], ["sparsegpt:reference", "thanos:fast", "thanos:default"], ["2:4"], [32], "cpu",
+                         per_block=False, echo=lambda _: None)
+    by_method = {r["method"]: r for r in records}
+    assert list(by_method) == ["sparsegpt:reference", "thanos:fast", "thanos:default"]
+    assert by_method["sparsegpt:reference"]["block_size"] == solver.REFERENCE_BLOCK
+    assert by_method["thanos:default"]["block_size"] == 32
+    assert by_method["thanos:default"]["error"] < by_method["thanos:fast"]["error"]  # the search and refit pay
+    with pytest.raises(ValueError, match="thanos:turbo"):
+        solver.run(["32x64"], ["thanos:turbo"], ["2:4"], [32], "cpu", echo=lambda _: None)

@@ -57,7 +57,7 @@ def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
     plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
                                            mask_search_iterations=0))
 
-    def worse(X, mask, target, Hd, pattern, iterations):  # the opposite pair of every group's choice
+    def worse(X, mask, target, Hd, pattern, iterations, scaled=None):  # the opposite pair of every group's choice
         flipped = mask.reshape(16, 8, 4).flip(-1).reshape(16, 32)
         return SearchResult(target.masked_fill(flipped, 0.0), flipped, 1.0)
 
@@ -82,3 +82,40 @@ def test_search_starts_from_its_inputs_without_changing_them():
 def test_columns_pattern_refuses_a_search():
     with pytest.raises(ConfigError, match="columns"):
         PruneConfig("thanos", "columns", mask_search_iterations=10)
+
+
+def test_ridge_factors_solve_the_penalised_system():
+    from thanos.mask_search import ScaledHessian
+
+    W, H = layer_problem(256, 8, 32, seed=11)
+    Hd = Curvature(H).damped(0.01)
+    scaled = ScaledHessian.of(Hd)
+    assert torch.equal(scaled.Hs.diagonal(), torch.ones(32))
+    exact = Hd.double() / torch.outer(Hd.diagonal().double().sqrt(), Hd.diagonal().double().sqrt())
+    for rho in (0.3, 3.0):
+        L = scaled.ridge_factor(rho, keep=False).double()
+        shifted = exact + rho * torch.eye(32, dtype=torch.float64)
+        # fp32 scaling and factorisation: round-off of c-term sums of entries up to the largest eigenvalue
+        bound = 32 * 32 * EPS * float(torch.linalg.eigvalsh(shifted).max())
+        assert float((L @ L.T - shifted).abs().max()) <= bound
+    assert not scaled.factors  # keep=False caches nothing
+    assert scaled.ridge_factor(0.3, keep=True) is scaled.ridge_factor(0.3, keep=True)
+
+
+def test_search_stops_once_the_support_settles(monkeypatch):
+    """Kept weights 100x the removed ones under a diagonal Hessian: far past what the dual can carry
+    across (a removed weight's projected value tends to its value / rho), so no weight ever changes
+    support, and the search stops after its first penalty period instead of running 30 iterations."""
+    import thanos.mask_search as mask_search
+
+    calls = []
+    project_ = mask_search.project
+    monkeypatch.setattr(mask_search, "project", lambda *a: calls.append(1) or project_(*a))
+    g = torch.Generator().manual_seed(12)
+    magnitude = torch.tensor([100.0, 100.0, 1.0, 1.0]).repeat(16, 8)
+    W = magnitude * torch.where(torch.rand(16, 32, generator=g) < 0.5, -1.0, 1.0)
+    start = magnitude == 1.0
+    H = torch.eye(32)
+    found = admm_mask_search(W.masked_fill(start, 0.0), start, W, Curvature(H).damped(0.01), Pattern.parse("2:4"), 30)
+    assert torch.equal(found.mask, start) and found.changed == 0.0
+    assert len(calls) == mask_search.RHO_EVERY
