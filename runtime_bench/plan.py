@@ -157,11 +157,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
-def _parts(seconds: dict, name: str) -> str:
-    """' (mask search x, refit y)': the steps after the block solve, where they ran."""
-    parts = [f"{label} {_duration(seconds[key][name])}" for key, label in (("searches", "mask search"),
-                                                                           ("refits", "refit"))
-             if seconds.get(key, {}).get(name)]
+def _parts(seconds: dict, name: str, prune: dict) -> str:
+    """' (mask search x, refit y)': the steps after the block solve, where the recipe has them."""
+    parts = [f"{label} {_duration(seconds[key][name])}" for key, label, option in
+             (("searches", "mask search", "mask_search_iterations"), ("refits", "refit", "refit_iterations"))
+             if prune.get(option) and name in seconds.get(key, {})]
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -186,7 +186,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         *([f"| channel permutations (o_proj, down_proj) | {_duration(s['permutation'])} |"]
           if s.get("permutation") else []),
         *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)}"
-          + _parts(s, n) + " |" for n, t in s["solves"].items()],
+          + _parts(s, n, layer["prune"]) + " |" for n, t in s["solves"].items()],
         *([f"| decoder-block reconstruction ({layer['prune']['reconstruct_epochs']} epochs) | "
            f"{_duration(s['reconstruction'])} |"] if s.get("reconstruction") else []),
         f"| forward through the pruned layer | {_duration(s['forward'])} |",

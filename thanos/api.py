@@ -92,7 +92,7 @@ def prune_weight(
     search_start = _synchronized_clock(weight)
     found = None
     if search and full_h:
-        found = search.run(out.weight, out.mask, target, curvature, damp, recipe.pattern)
+        found = search.run(out.weight, out.mask, target, curvature, damp, recipe.pattern, name)
     refit_start = _synchronized_clock(weight)
     changed = _refit_(out, found, target, curvature.damped(damp), refit) if full_h else 0.0
     refit_seconds = _synchronized_clock(weight) - refit_start

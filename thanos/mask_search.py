@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from thanos.hessian import FactorizationError
 from thanos.pattern import Pattern
 
 # Penalty schedule, in units of the scaled Hessian's unit diagonal: start at RHO_SPAN / iterations
@@ -79,25 +80,30 @@ class ScaledHessian:
         Hs.diagonal().fill_(1.0)
         return cls(scale, Hs)
 
-    def ridge_factor(self, rho: float, keep: bool) -> torch.Tensor:
-        """Lower Cholesky factor of `Hs + rho I` (float64 if float32 round-off breaks it); `keep` caches it."""
+    def ridge_factor(self, rho: float, keep: bool, layer: str = "layer") -> torch.Tensor:
+        """Lower Cholesky factor of `Hs + rho I`; `keep` caches it.
+
+        `Hs` is damped and has a unit diagonal, so with `rho >= RHO_SPAN / iterations` this
+        cannot fail short of absurd iteration counts; if it does, the error names the fix.
+        """
         if rho in self.factors:
             return self.factors[rho]
         shifted = self.Hs.clone()
         shifted.diagonal().add_(rho)
         lower, info = torch.linalg.cholesky_ex(shifted)
-        if int(info):
-            shifted = self.Hs.double()
-            shifted.diagonal().add_(rho)
-            lower = torch.linalg.cholesky(shifted).float()
         del shifted
+        if int(info):
+            raise FactorizationError(f"{layer}: the mask search's ridge system is not positive definite at penalty "
+                                     f"{rho:g}; use fewer mask search iterations (the first penalty is "
+                                     f"{RHO_SPAN:g} / iterations) or raise --damp")
         if keep:
             self.factors[rho] = lower
         return lower
 
 
 def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, Hd: torch.Tensor,
-                     pattern: Pattern, iterations: int, scaled: Optional[ScaledHessian] = None) -> SearchResult:
+                     pattern: Pattern, iterations: int, scaled: Optional[ScaledHessian] = None,
+                     layer: str = "layer") -> SearchResult:
     """`iterations` of ADMM from (`X`, `mask`) towards `target` under `pattern`; inputs are not modified.
 
     `Hd` is the damped Hessian; `scaled` its `ScaledHessian`, when linears share it. Every ridge
@@ -120,7 +126,7 @@ def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     kept = max(int((~mask).sum()), 1)
     moved = 0
     for t in range(iterations):
-        lower = scaled.ridge_factor(rho, keep=rho == first)  # the first penalty is every search's
+        lower = scaled.ridge_factor(rho, rho == first, layer)  # the first penalty is every search's
         W = torch.cholesky_solve((B + rho * (D - V)).T, lower).T
         D, new = project(W + V, mask, pattern)
         moved += int((new & ~current).sum())

@@ -164,11 +164,11 @@ class MaskSearch(Step):
         factorisations = math.ceil(self.iterations / RHO_EVERY)
         return Cost(2 * rows * cols**2 * (self.iterations + 1) + factorisations * cols**3 / 3, 8, 9)
 
-    def run(self, X, mask, target, curvature: Curvature, damp: float, pattern: Pattern):
+    def run(self, X, mask, target, curvature: Curvature, damp: float, pattern: Pattern, name: str = "layer"):
         """From the solver's `X` and `mask` towards `target`, on `curvature`'s Hessian damped by `damp`."""
         Hd = curvature.damped(damp)
         scaled = curvature.derived(("mask_search", damp), lambda: ScaledHessian.of(Hd))
-        return admm_mask_search(X, mask, target, Hd, pattern, self.iterations, scaled)
+        return admm_mask_search(X, mask, target, Hd, pattern, self.iterations, scaled, name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
     plain = prune_weight(W, H, PruneConfig("thanos", "2:4", block_size=16, refit_iterations=20,
                                            mask_search_iterations=0))
 
-    def worse(X, mask, target, Hd, pattern, iterations, scaled=None):  # the opposite pair of every group's choice
+    def worse(X, mask, target, Hd, pattern, iterations, scaled=None, layer=None):  # the opposite pair of every group's choice
         flipped = mask.reshape(16, 8, 4).flip(-1).reshape(16, 32)
         return SearchResult(target.masked_fill(flipped, 0.0), flipped, 1.0)
 
@@ -119,3 +119,16 @@ def test_search_stops_once_the_support_settles(monkeypatch):
     found = admm_mask_search(W.masked_fill(start, 0.0), start, W, Curvature(H).damped(0.01), Pattern.parse("2:4"), 30)
     assert torch.equal(found.mask, start) and found.changed == 0.0
     assert len(calls) == mask_search.RHO_EVERY
+
+
+def test_a_ridge_system_that_cannot_be_factorised_names_the_fix():
+    """Only a penalty far below any search's (a rank-4 Hessian of 32 inputs, undamped, plus 1e-7)
+    leaves the ridge system indefinite in fp32; the error says what to change."""
+    from thanos.hessian import FactorizationError
+    from thanos.mask_search import ScaledHessian
+
+    X = torch.randn(4, 32, generator=torch.Generator().manual_seed(14))
+    scaled = ScaledHessian.of(X.T @ X / 4)
+    with pytest.raises(FactorizationError, match="fewer mask search iterations"):
+        scaled.ridge_factor(1e-7, keep=False, layer="mlp.down_proj")
+    assert bool(torch.isfinite(scaled.ridge_factor(0.01, keep=False)).all())  # a search's penalty is fine
