@@ -249,10 +249,10 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
 
     `count_only`: count each step's flop and memory per linear instead, in a second, on no device.
     """
+    prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels)
     if count_only:
-        prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels)
         work = count_work(name, prune)
-        recipe = ", ".join(step["step"] for step in prune.recipe.to_json()["steps"])
+        recipe = ", ".join(step.kind for step in prune.recipe.steps)
         text = "\n".join([f"# Work counted: one {name} decoder layer, {method} {pattern}"
                           + (f", preset {prune.preset}" if prune.preset else "") + f" ({recipe})",
                           *_work_lines(dict(work=work))]) + "\n"
@@ -267,7 +267,6 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
     config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
-    prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels)
     info = machine()
 
     def write(layer: dict, rows: Optional[list] = None, stopped: Optional[str] = None) -> None:

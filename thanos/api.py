@@ -103,8 +103,8 @@ def prune_weight(
         )
     pruned, scale, quantized = out.weight.to(weight.dtype), None, None
     if quantize and recipe.get(Quantize):
-        upper = curvature.factor(damp).upper if full_h and recipe.get(Quantize).rounding == "compensated" else None
-        result = recipe.get(Quantize).run(pruned, H if full_h else None, damp if full_h else solve.damp, name, upper)
+        result = recipe.get(Quantize).run(pruned, H if full_h else None, damp if full_h else solve.damp, name,
+                                          curvature if full_h else None)
         pruned, scale, quantized = result.weight, result.scale, result.report
     seconds = _synchronized_clock(weight) - start
     error = None

@@ -383,8 +383,7 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
     for name, mod in linears.items():
         if owners[name] == parallel.rank:
             # q/k/v (and gate/up) share one factor, the one their solves used where the damping was not raised
-            upper = shared.curvature(name).factor(damp).upper if step.rounding == "compensated" else None
-            result = step.run(weight_view(mod), shared.hessian(name), damp, name, upper)
+            result = step.run(weight_view(mod), shared.hessian(name), damp, name, shared.curvature(name))
             set_weight_(mod, result.weight)
             set_quantization(mod, LinearQuantization(step.format, result.scale.cpu()))
             records[name] = dataclasses.asdict(result.report)

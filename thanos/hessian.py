@@ -141,6 +141,11 @@ class Curvature:
         self._fixed: Optional[torch.Tensor] = None
         self.dead = torch.diag(hessian) == 0  # (c,) inputs no calibration token reached
 
+    def zero_dead_columns_(self, weight: torch.Tensor) -> None:
+        """Zero `weight`'s columns for never-active inputs: they do nothing, and the solvers keep them out."""
+        if self.dead.any():
+            weight[:, self.dead] = 0.0
+
     def fixed(self) -> torch.Tensor:
         """The Hessian with never-active inputs given a unit diagonal (shared: do not modify)."""
         if self._fixed is None:

@@ -253,7 +253,9 @@ class Quantize(Step):
         return self.smoothing == AUTO or self.smoothing > 0
 
     def run(self, weight: torch.Tensor, hessian: Optional[torch.Tensor], damp: float, name: str,
-            upper: Optional[torch.Tensor] = None) -> QuantizedWeight:
+            curvature: Optional[Curvature] = None) -> QuantizedWeight:
+        """`curvature`: `hessian`'s, whose factor the compensated rounding then reuses instead of computing."""
+        upper = curvature.factor(damp).upper if curvature is not None and self.rounding == "compensated" else None
         return quantize_weight(weight, hessian, FORMATS[self.format], self.rounding, damp, name, upper)
 
 

@@ -27,8 +27,7 @@ def sparsegpt_prune(
     if pattern.kind == "columns":
         raise ConfigError("SparseGPT prunes unstructured or n:m; for whole columns use method 'thanos'")
     curvature = curvature or Curvature(H, layer)
-    if curvature.dead.any():
-        W[:, curvature.dead] = 0.0  # never-active inputs: their weights do nothing
+    curvature.zero_dead_columns_(W)
     factor = curvature.factor(damp)
     U = factor.upper  # (c, c), inv(H + damping) = U^T U
     rows, cols = W.shape

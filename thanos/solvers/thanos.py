@@ -62,8 +62,7 @@ def thanos_prune(
     """
     curvature = curvature or Curvature(H, layer)
     s = torch.diag(H).clone()  # Wanda's s_j, before the dead-input fix and damping
-    if curvature.dead.any():
-        W[:, curvature.dead] = 0.0  # never-active inputs: their weights do nothing
+    curvature.zero_dead_columns_(W)
     if trailing_inverse == "per-block":
         if pattern.kind == "columns":
             raise ValueError("trailing_inverse='per-block' applies to block-wise patterns, not 'columns'")
