@@ -18,6 +18,8 @@ import click
 from exporters.base import ExportFormat
 from runtime_bench.gemm import DEFAULT_TOKENS
 from runtime_bench.model import ALL_BACKENDS, RANDOM_CONFIGS
+from runtime_bench.perplexity import DEFAULT_METHODS as QUALITY_METHODS
+from runtime_bench.solver import METHODS as SOLVER_METHODS, SHAPES as SOLVER_SHAPES
 from thanos.config import DEFAULT_SMOOTHING, PRESETS, PruneConfig
 from thanos.quantize import FORMATS, ROUNDINGS
 from thanos.recipe import METHODS
@@ -773,12 +775,128 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
 
     logging.getLogger("thanos").setLevel(logging.INFO)  # each solve's time as it finishes
     try:
-        text = run_plan(name, device, tuple(int(r) for r in ranks.split(",")), calib_samples, seqlen, pattern, method,
-                        preset, json_out, md_out, echo=lambda m: click.echo(m, err=True),
-                        permute_channels=permute_channels, count_only=count_only)
+        with _stop_on_sigterm():  # the JSON keeps the solves timed so far
+            text = run_plan(name, device, _ints(ranks, "--ranks"), calib_samples, seqlen, pattern, method, preset,
+                            json_out, md_out, echo=lambda m: click.echo(m, err=True),
+                            permute_channels=permute_channels, count_only=count_only)
     except USER_ERRORS as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:
+        _bench_stopped(exc, json_out)
     click.echo(text)
+
+
+@main.command("bench-solvers")
+@click.option("--shapes", default=",".join(SOLVER_SHAPES), show_default=True, help="Layer shapes ROWSxCOLS, comma-separated.")
+@click.option("--methods", default=",".join(SOLVER_METHODS), show_default=True,
+              help="Comma-separated: thanos, sparsegpt, wanda, magnitude (once per block size); thanos:PRESET (the "
+                   f"preset's per-linear steps: {', '.join(PRESETS)}); sparsegpt:reference (SparseGPT by its "
+                   "authors' route, the yardstick for time).")
+@click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
+@click.option("--block-sizes", default="64,128,512", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (the GPU where there is one), cpu or cuda.")
+@click.option("--per-block/--no-per-block", default=True, show_default=True,
+              help="Also time the paper's per-block re-inversion of the trailing Hessian (slow), the reference the "
+                   "one-Cholesky route is checked against.")
+@click.option("--per-block-up-to", type=click.IntRange(min=1), default=None,
+              help="Widest layer (columns) to run the per-block reference on (default 4096 on a CPU, 16384 on a GPU).")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Time each solve this many times and keep the fastest (timings on a shared machine vary).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Write the machine and the records, after every record (a stopped run keeps them).")
+def bench_solvers_cmd(shapes, methods, patterns, block_sizes, device, per_block, per_block_up_to, repeat, json_out):
+    """Time one layer's pruning per method and print seconds and reconstruction error.
+
+    Random layers of real shapes whose calibration activations have a few high-variance channels,
+    as real LLM activations do; every row of one run sees the same layer.
+
+    \b
+    Examples:
+      thanos-export bench-solvers --shapes 4096x4096 --patterns 2:4 --block-sizes 128
+      thanos-export bench-solvers --shapes 4096x4096,4096x11008 --patterns 2:4 --no-per-block \\
+          --methods sparsegpt:reference,thanos:fast,thanos:default --json-out solver.json
+    """
+    from runtime_bench.solver import bench
+
+    try:
+        with _stop_on_sigterm():
+            bench(_names(shapes), _names(methods), _names(patterns), list(_ints(block_sizes, "--block-sizes")),
+                  device, per_block=per_block, per_block_max_columns=per_block_up_to, repeat=repeat,
+                  json_out=json_out, echo=click.echo)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    except KeyboardInterrupt as exc:
+        _bench_stopped(exc, json_out)
+
+
+@main.command("bench-quality")
+@click.option("--model", default=None, help="Model directory or .gguf (default: the embedded SmolLM2-135M-Instruct).")
+@click.option("--methods", default=",".join(QUALITY_METHODS), show_default=True,
+              help="Comma-separated: magnitude, wanda, sparsegpt, modelopt-sparsegpt, thanos:PRESET, each optionally "
+                   "+fp8 / +int8 (8-bit, compensated rounding), +fp8-nearest (round-to-nearest) and @ALPHA (the "
+                   "smoothing strength, or @auto); dense+fp8 / dense+int8 quantize the unpruned model. "
+                   "The dense model is in every table.")
+@click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Calibration seeds; each draws other windows.")
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens per window.")
+@click.option("--other-windows", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Windows of the other-kind text (0: all).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default=None, help="Write NAME.json, NAME.md and NAME.png (NAME without a suffix).")
+@click.option("--carry", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An earlier NAME.json (repeatable): its runs (pattern, method, seed) not made now join the table, "
+                   "on the patterns run now (same model, calibration and texts required; only for methods whose "
+                   "code has not changed since).")
+@click.option("--join", "join", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Measure nothing: join these runs' NAME.json files (repeatable; same model, calibration and texts; "
+                   "the first one's runs win) into one table, written with --out.")
+def bench_quality_cmd(model, methods, patterns, seeds, samples, seqlen, other_windows, device, out, carry, join):
+    """Whole-model quality: held-out perplexity and pruning time of each method, over calibration seeds.
+
+    Every method sees the same calibration windows for a seed; the table gives the mean and the
+    spread over seeds, on the held-out 10% of the calibration text and on a text of another kind
+    (IDLE's change log, shipped with CPython).
+
+    \b
+    Examples:
+      thanos-export bench-quality --patterns 2:4 --methods sparsegpt,thanos:default --seeds 0
+      thanos-export bench-quality --patterns 2:4 --methods thanos:default+fp8,dense+fp8 --out fp8
+    """
+    from runtime_bench.perplexity import Comparison, join_tables, run_table
+
+    try:
+        if join:
+            join_tables(list(join), out, echo=click.echo)
+            return
+        settings = Comparison(model=model, methods=_names(methods), patterns=_names(patterns),
+                              seeds=_ints(seeds, "--seeds"), samples=samples, seqlen=seqlen,
+                              other_windows=other_windows or None, device=device)
+        with _stop_on_sigterm():
+            run_table(settings, carry, out, echo=click.echo)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    except KeyboardInterrupt as exc:
+        _bench_stopped(exc, None)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n for n in text.split(",") if n)
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in _names(text))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+
+
+def _bench_stopped(exc: KeyboardInterrupt, json_out) -> None:
+    """Say what a stopped benchmark kept, and exit as the signal asked (130 for Ctrl-C, 143 for SIGTERM)."""
+    kept = f"the figures measured so far are in {json_out}" if json_out else "nothing was written"
+    click.echo(f"Stopped ({exc or 'SIGINT'}): {kept}.", err=True)
+    sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+
 
 if __name__ == "__main__":
     main()

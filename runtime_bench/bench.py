@@ -31,7 +31,8 @@ class BenchSettings:
     trust_remote_code: bool = False  # let a model directory's own Python code run while loading it
 
 
-def run_bench(settings: BenchSettings, progress=None) -> dict:
+def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
+    """Measure `settings.target` (or `model`, the same model already in memory: it is not read again)."""
     device = str(resolve_device(settings.device))
     known = ALL_BACKENDS + list(sparse_backends("cpu"))  # model-level names, then the GEMM kernels' own
     unknown = [b for b in settings.backends if b not in known]
@@ -41,7 +42,8 @@ def run_bench(settings: BenchSettings, progress=None) -> dict:
     if "model" not in settings.levels and random_name in SHAPE_SETS:
         model, shapes = None, list(SHAPE_SETS[random_name])  # GEMMs only: no need to build the model
     else:
-        model = _load_target(settings.target, device, settings.trust_remote_code)
+        model = (_on_device(model, device) if model is not None
+                 else _load_target(settings.target, device, settings.trust_remote_code))
         if "model" in settings.levels and quantized_linears(model):
             raise InputError(f"{settings.target} holds 8-bit linears, and the model level times fp16/fp32 kernels, "
                              "which would measure another model; time 8-bit kernels at the GEMM level (--levels gemm)")
@@ -82,3 +84,9 @@ def _load_target(target: str, device: str, trust_remote_code: bool = False):
     if device.startswith("cuda"):
         model.half()
     return model.to(device)
+
+
+def _on_device(model, device: str):
+    """A model handed over in memory, in place: fp16 on a GPU, as a loaded one; fp32 on the CPU, the dtype
+    the GEMM level times there (an export may have cast it to --dtype)."""
+    return model.to(device, torch.float16 if device.startswith("cuda") else torch.float32)

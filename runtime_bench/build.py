@@ -73,8 +73,9 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
     check_options_apply(target, options)
     quantize = job.prune.config.recipe.get(Quantize)
     if quantize and job.bench:
-        raise InputError("--bench times fp16 kernels and cannot measure an 8-bit model yet; drop --bench (the "
-                         "GEMM benchmark, python -m runtime_bench.gemm, times FP8 and INT8 2:4 kernels)")
+        raise InputError("--bench times fp16 kernels and cannot measure an 8-bit model yet; drop --bench (the GEMM "
+                         "level, thanos-export bench random:llama2-7b --levels gemm --dtypes float8_e4m3fn,int8, "
+                         "times FP8 and INT8 2:4 kernels)")
     if quantize and options.split_dense_rows:
         raise InputError("--split-dense-rows would replace the 8-bit linears with unquantized ones; prune with "
                          "--alpha 0 for an 8-bit model, or drop --quantize")
@@ -124,6 +125,7 @@ def _build(job: BuildJob, target: str, options, staging: Path, progress, on_prun
     # The pruned model goes to the export in memory, as saved: the directory is not read back.
     source = (pruned.model, pruned.tokenizer, report) if pruned.model is not None else None
     summary = export(target, staging / "pruned", staging / target, options, overwrite=True, source=source)
+    model = pruned.model if job.bench else None  # the bench times it in memory too
     del pruned, source
     if on_exported:
         on_exported(summary)
@@ -137,7 +139,9 @@ def _build(job: BuildJob, target: str, options, staging: Path, progress, on_prun
         quick = BenchSettings(target=str(staging / "pruned"), out=str(staging / "bench"), tokens=(1, 256, 2048),
                               grid=((1, 128),), dtypes=(options.dtype or "float16",) if gpu else ("float32",),
                               device=job.prune.device, decode_steps=8)
-        bench_summary = run_bench(quick)
+        # The model as the export left it (cast to --dtype, dense rows split out with
+        # --split-dense-rows): the model that is served.
+        bench_summary = run_bench(quick, model=model)
         build["bench"] = str(staging / "bench" / "report.md")
         build["bench_crossovers"] = bench_summary["crossovers"]
     return build

@@ -55,7 +55,7 @@ def random_model(name: str, dtype=torch.float16, device="cpu"):
     if needed > 0.9 * available:
         raise InputError(f"random:{name} needs {needed / 2**30:.0f} GiB of weights in {dtype}, more than the "
                          f"{available / 2**30:.0f} GiB free on {device}; benchmark its matrix shapes with "
-                         f"--levels gemm --shapes {name}, or its pruning cost with python -m runtime_bench.plan")
+                         f"--levels gemm --shapes {name}, or its pruning cost with thanos-export plan --config {name}")
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     with torch.no_grad():

@@ -6,8 +6,8 @@ two texts: the held-out 10% of the calibration text (same kind), and a text of a
 (IDLE's change log, `idlelib/NEWS.txt`, shipped with CPython), which is what a user's prompts
 look like to a model calibrated on documentation.
 
-    python -m runtime_bench.perplexity                       # embedded SmolLM2-135M-Instruct
-    python -m runtime_bench.perplexity --patterns 2:4 --methods thanos:default,sparsegpt --seeds 0
+    thanos-export bench-quality                      # embedded SmolLM2-135M-Instruct
+    thanos-export bench-quality --patterns 2:4 --methods thanos:default,sparsegpt --seeds 0
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from thanos.driver import prune_model_
 from thanos.evaluate import perplexity
 from thanos.models import describe_source, load_model
 from thanos.devices import device_description, resolve_device
+from thanos.errors import InputError
 from thanos.pipeline import versions
 from thanos.quantized_model import simulate_activations_
 
@@ -79,7 +80,7 @@ def method_config(method: str, pattern: str) -> PruneConfig:
                         quantize_smoothing=(alpha if alpha == "auto" else float(alpha)) if alpha else None)
     if base == "dense":
         if not quant:
-            raise ValueError("'dense' is measured in every table; name an 8-bit variant such as 'dense+fp8'")
+            raise InputError("'dense' is measured in every table; name an 8-bit variant such as 'dense+fp8'")
         return PruneConfig("magnitude", "unstructured", 0.0, **quantize)
     sparsity = 0.5 if pattern == "unstructured" else None
     if base.startswith("thanos:"):
@@ -93,6 +94,9 @@ def _is_dense(method: str) -> bool:
 
 def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
     """Prune a fresh copy of the model per (pattern, method, seed); returns settings and one row per run."""
+    for pattern in settings.patterns:  # a misspelt method is refused before the model loads
+        for method in settings.methods:
+            method_config(method, pattern)
     dev = resolve_device(settings.device)
     base, tokenizer = load_model(settings.model)
     text = tokenize_split(tokenizer, None)
@@ -181,7 +185,7 @@ def _modelopt_sparsegpt_(model, samples, pattern: str, dev) -> dict:
 
 
 def check_carry(settings: dict, earlier: dict, source: str) -> None:
-    """Raise ValueError unless `earlier` was measured on the same model, calibration and texts.
+    """Raise InputError unless `earlier` was measured on the same model, calibration and texts.
 
     `settings` may be partial (only the model is known before a run): what it lacks is not compared.
     The model is compared by file or folder name, as reports before the embedded model was named
@@ -190,7 +194,7 @@ def check_carry(settings: dict, earlier: dict, source: str) -> None:
     mismatched = [key for key in ("model", "calibration", "held_out", "other_text")
                   if key in settings and _comparable(key, settings[key]) != _comparable(key, earlier["settings"].get(key))]
     if mismatched:
-        raise ValueError(f"{source} was measured with another {', '.join(mismatched)}; it cannot share a table "
+        raise InputError(f"{source} was measured with another {', '.join(mismatched)}; it cannot share a table "
                          "with this run")
 
 
@@ -312,61 +316,38 @@ def _row_line(row: dict) -> str:
             f"other {other} | {row['seconds']:.1f} s |")
 
 
-def main(argv=None) -> None:
-    """`python -m runtime_bench.perplexity`: a thin wrapper; the options mirror `Comparison`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m runtime_bench.perplexity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory or .gguf (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    parser.add_argument("--patterns", default="2:4,4:8,unstructured")
-    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds; each gives other windows")
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--other-windows", type=int, default=16, help="windows of the other-kind text (0: all)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME.png (NAME without suffix)")
-    parser.add_argument("--carry", action="append", default=[],
-                        help="an earlier NAME.json (repeatable): its runs (pattern, method, seed) not made now join "
-                             "the table, on the patterns run now (same model, calibration and texts required; only "
-                             "for methods whose code has not changed since)")
-    parser.add_argument("--join", nargs="+", default=None, metavar="NAME.json",
-                        help="measure nothing: join these runs' files (same model, calibration and texts; the first "
-                             "one's runs win) into one table, written with --out")
-    args = parser.parse_args(argv)
-    if args.join:
-        result = json.loads(Path(args.join[0]).read_text())
-        for source in args.join[1:]:
-            result = carry_rows(result, json.loads(Path(source).read_text()), source, every_pattern=True)
-        _write(result, args.out)
-        return
-    settings = Comparison(model=args.model, methods=tuple(args.methods.split(",")),
-                          patterns=tuple(args.patterns.split(",")), seeds=tuple(int(s) for s in args.seeds.split(",")),
-                          samples=args.samples, seqlen=args.seqlen, other_windows=args.other_windows or None,
-                          device=args.device)
-    earlier = {source: json.loads(Path(source).read_text()) for source in args.carry}
+def run_table(settings: Comparison, carry: tuple[str, ...] = (), out: Optional[str] = None, echo=print) -> dict:
+    """`compare`, then join the runs of the earlier tables in `carry` (NAME.json files) that this run did
+    not make, print the table and, with `out`, write NAME.json, NAME.md and NAME.png."""
+    earlier = {source: json.loads(Path(source).read_text()) for source in carry}
     for source, rows in earlier.items():  # checked before any work, as far as the settings are known
         check_carry(dict(model=describe_source(settings.model)), rows, source)
-    result = compare(settings, echo=lambda line: print(line, flush=True))
+    result = compare(settings, echo=echo)
     for source, rows in earlier.items():
         try:
             result = carry_rows(result, rows, source)
         except ValueError as exc:  # keep this run's rows: write them without the earlier ones
-            print(f"not carried: {exc}", flush=True)
-    _write(result, args.out)
+            echo(f"not carried: {exc}")
+    _write(result, out, echo)
+    return result
 
 
-def _write(result: dict, out: Optional[str]) -> None:
+def join_tables(sources: list[str], out: Optional[str] = None, echo=print) -> dict:
+    """Measure nothing: join earlier runs' NAME.json files (same model, calibration and texts; the
+    first one's runs win) into one table, printed and, with `out`, written."""
+    result = json.loads(Path(sources[0]).read_text())
+    for source in sources[1:]:
+        result = carry_rows(result, json.loads(Path(source).read_text()), source, every_pattern=True)
+    _write(result, out, echo)
+    return result
+
+
+def _write(result: dict, out: Optional[str], echo=print) -> None:
     """Print the table; with `out`, write NAME.json, NAME.md and NAME.png."""
-    print(markdown(result))
+    echo(markdown(result))
     if out:
         stem = Path(out)
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
         stem.with_suffix(".md").write_text(markdown(result))
         plot(result, stem.with_suffix(".png"))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Time and memory plan for pruning a whole model, from one decoder layer measured on this machine.
 
-    python -m runtime_bench.plan --config llama2-70b --device cuda --ranks 1,8
+    thanos-export plan --config llama2-70b --device cuda --ranks 1,8
 
 Builds one decoder layer of a real config with random weights (the solve and the forward passes
 cost the same whatever the values), captures random calibration tokens in front of it, and times
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from runtime_bench.model import RANDOM_CONFIGS, random_config
-from runtime_bench.protocol import machine, stop_on_sigterm, timed
+from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
 from thanos.driver import LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs
@@ -288,33 +287,3 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
     if md_out:
         Path(md_out).write_text(text)
     return text
-
-
-def main(argv=None) -> None:
-    """`python -m runtime_bench.plan`: the same as `thanos-export plan` (see its --help)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m runtime_bench.plan", description=run_plan.__doc__)
-    parser.add_argument("--config", dest="name", choices=sorted(RANDOM_CONFIGS), default="llama2-70b")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--ranks", default="1,8")
-    parser.add_argument("--calib-samples", type=int, default=None)
-    parser.add_argument("--seqlen", type=int, default=None)
-    parser.add_argument("--pattern", default="2:4")
-    parser.add_argument("--method", default="thanos")
-    parser.add_argument("--preset", choices=list(PRESETS), default=None, help="Thanos preset (default: default)")
-    parser.add_argument("--permute-channels", action=argparse.BooleanOptionalAction, default=None,
-                        help="time the channel permutations or not (default: the preset's)")
-    parser.add_argument("--count-only", action="store_true",
-                        help="count each step's flop and memory per linear instead of timing (nothing runs)")
-    parser.add_argument("--json-out", default=None)
-    parser.add_argument("--md-out", default=None)
-    args = vars(parser.parse_args(argv))
-    args["ranks"] = tuple(int(r) for r in args["ranks"].split(","))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each solve's time as it finishes
-    stop_on_sigterm()
-    print(run_plan(**args, echo=lambda m: print(m, file=sys.stderr)))
-
-
-if __name__ == "__main__":
-    main()

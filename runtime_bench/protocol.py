@@ -39,16 +39,6 @@ def timed(fn: Callable[[], object], device: "str | torch.device" = "cpu") -> tup
     return value, time.perf_counter() - start
 
 
-def stop_on_sigterm() -> None:
-    """End like Ctrl-C on SIGTERM (what `timeout` sends), so a benchmark's own handlers write what it measured."""
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    signal.signal(signal.SIGTERM, stop)
-
-
 def _rss() -> int:
     import psutil
 

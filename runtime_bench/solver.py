@@ -1,8 +1,8 @@
 """Time one layer's pruning for each method and print seconds and reconstruction error.
 
-    python -m runtime_bench.solver                          # every shape, method, pattern
-    python -m runtime_bench.solver --shapes 4096x4096 --patterns 2:4 --block-sizes 128
-    python -m runtime_bench.solver --shapes 4096x4096,4096x11008 --patterns 2:4 --no-per-block \
+    thanos-export bench-solvers                          # every shape, method, pattern
+    thanos-export bench-solvers --shapes 4096x4096 --patterns 2:4 --block-sizes 128
+    thanos-export bench-solvers --shapes 4096x4096,4096x11008 --patterns 2:4 --no-per-block \
         --methods sparsegpt:reference,sparsegpt,thanos:fast,thanos:default,thanos:best
 
 Inputs are realistic in the way that matters to the solvers: the calibration activations have a
@@ -27,6 +27,7 @@ from runtime_bench import protocol
 from thanos import prune_weight
 from thanos.config import PRESETS, Pattern
 from thanos.devices import resolve_device
+from thanos.errors import InputError
 from thanos.hessian import reconstruction_error
 from thanos.outputs import atomic_write_text
 from thanos.solvers.thanos import thanos_prune
@@ -96,12 +97,23 @@ def _fast(method: str):
     return "fast" if method == "thanos" else None
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """(rows, cols) from "ROWSxCOLS"."""
+    try:
+        rows, cols = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"shape {text!r} is not ROWSxCOLS (for example 4096x11008)") from None
+    if rows < 1 or cols < 1:
+        raise InputError(f"shape {text!r} has no rows or no columns")
+    return rows, cols
+
+
 def check_methods(methods) -> None:
     """Refuse a method name before any timing, naming the choices."""
     known = {"thanos", "sparsegpt", "wanda", "magnitude", "sparsegpt:reference"} | {f"thanos:{p}" for p in PRESETS}
     bad = [m for m in methods if m not in known]
     if bad:
-        raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}")
+        raise InputError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}")
 
 
 def _timed_once(method: str, W, H, pattern: str, sparsity, block, device) -> tuple[float, float, Optional[int]]:
@@ -150,7 +162,7 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
     echo(header)
     echo("|" + "---|" * 6)
     for shape in shapes:
-        rows, cols = map(int, shape.lower().split("x"))
+        rows, cols = parse_shape(shape)
         W, H = layer_problem(rows, cols, device)
         for pattern in patterns:
             sparsity = 0.5 if pattern == "unstructured" else None
@@ -177,54 +189,32 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
     return records
 
 
-def main(argv=None) -> None:
-    """`python -m runtime_bench.solver`: benchmark the pruning solvers on single layers of real LLM shapes."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m runtime_bench.solver", description=main.__doc__)
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated ROWSxCOLS")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated: thanos, sparsegpt, wanda, magnitude (per block size), thanos:PRESET "
-                             f"({', '.join(PRESETS)}: the preset's per-linear steps), sparsegpt:reference (the "
-                             "authors' route, the time yardstick)")
-    parser.add_argument("--patterns", default="2:4,4:8,unstructured")
-    parser.add_argument("--block-sizes", default="64,128,512")
-    parser.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu or cuda")
-    parser.add_argument("--no-per-block", action="store_true", help="skip the slow per-block re-inversion reference")
-    parser.add_argument("--per-block-up-to", type=int, default=None,
-                        help="widest layer (columns) to run the reference on (default 4096 on a CPU, 16384 on a GPU)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="time each solve this many times and keep the fastest (timings on a shared machine vary)")
-    parser.add_argument("--json-out", default=None, help="also write the records as JSON")
-    args = parser.parse_args(argv)
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
-    try:
-        check_methods(args.methods.split(","))
-    except ValueError as exc:
-        parser.error(str(exc))
-    args.device = str(resolve_device(args.device))
-    machine = dict(protocol.machine(), device=args.device)
-    print(f"machine: {json.dumps(machine)}", flush=True)
+def bench(shapes: list[str], methods: list[str], patterns: list[str], block_sizes: list[int], device: str = "auto",
+          per_block: bool = True, per_block_max_columns: Optional[int] = None, repeat: int = 1,
+          json_out: Optional[str] = None, echo=print) -> list[dict]:
+    """`run`, with the machine stated first and, given `json_out`, the records written after every
+    one and on a stop (SIGTERM from a time limit, Ctrl-C): a stopped run keeps what it measured."""
+    if repeat < 1:
+        raise InputError(f"--repeat must be at least 1, not {repeat}")
+    check_methods(methods)
+    for shape in shapes:
+        parse_shape(shape)
+    device = str(resolve_device(device))
+    machine = dict(protocol.machine(), device=device)
+    echo(f"machine: {json.dumps(machine)}")
 
     def write(records: list, complete: bool = False, stopped: Optional[str] = None) -> None:
-        if args.json_out:  # after every record: a run stopped by its time limit keeps what it measured
+        if json_out:
             figures = dict(machine=machine, complete=complete, results=records)
-            atomic_write_text(Path(args.json_out), json.dumps(figures | ({"stopped": stopped} if stopped else {}),
-                                                              indent=1))
+            atomic_write_text(Path(json_out), json.dumps(figures | ({"stopped": stopped} if stopped else {}),
+                                                         indent=1))
 
-    protocol.stop_on_sigterm()
     records: list = []
     try:
-        run(args.shapes.split(","), args.methods.split(","), args.patterns.split(","),
-            [int(b) for b in args.block_sizes.split(",")], args.device, per_block=not args.no_per_block,
-            echo=lambda line: print(line, flush=True), per_block_max_columns=args.per_block_up_to,
-            repeat=args.repeat, sink=records, on_record=write)
+        run(shapes, methods, patterns, block_sizes, device, per_block=per_block, echo=echo,
+            per_block_max_columns=per_block_max_columns, repeat=repeat, sink=records, on_record=write)
     except BaseException as exc:
         write(records, stopped=f"{type(exc).__name__}: {exc}"[:300])
         raise
     write(records, complete=True)
-
-
-if __name__ == "__main__":
-    main()
+    return records

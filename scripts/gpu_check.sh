@@ -68,15 +68,15 @@ tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 # plans without them (the plan's report records which).
 PERMUTE=$(python -c "import scipy" 2>/dev/null && echo --permute-channels || echo --no-permute-channels)
 step 150 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
-    python -m runtime_bench.plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset default $PERMUTE \
+    python cli.py plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset default $PERMUTE \
     --json-out "$OUT/plan_llama2-70b_default.json" --md-out "$OUT/plan_llama2-70b_default.md"
 
 step 40 "Pruning plan: one LLaMA-2-70B layer, fast preset (the block solve alone)" \
-    python -m runtime_bench.plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset fast \
+    python cli.py plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset fast \
     --json-out "$OUT/plan_llama2-70b_fast.json"
 
 step 30 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets beside the reference SparseGPT" \
-    python -m runtime_bench.solver --device "$DEVICE" "${SOLVER[@]}" --patterns 2:4 \
+    python cli.py bench-solvers --device "$DEVICE" "${SOLVER[@]}" --patterns 2:4 \
     --methods thanos,sparsegpt,sparsegpt:reference,thanos:fast,thanos:default \
     --json-out "$OUT/solver_gpu.json"
 

@@ -84,7 +84,13 @@ def test_prune_and_build_refuses_4of8_for_tensorrt_before_pruning(tmp_path, tiny
     assert not (tmp_path / "b").exists()
 
 
-def test_prune_and_build_onnx(tmp_path, tiny_llama_dir):
+def test_prune_and_build_onnx(tmp_path, tiny_llama_dir, monkeypatch):
+    import runtime_bench.bench
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the bench read the pruned model back from disk")
+
+    monkeypatch.setattr(runtime_bench.bench, "_load_target", no_reload)  # it has the model in memory
     out = tmp_path / "b"
     result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "auto",
                                        "--dtype", "float32", "--eval-windows", "1", "--bench", "--out", str(out), *SMALL])
@@ -95,6 +101,7 @@ def test_prune_and_build_onnx(tmp_path, tiny_llama_dir):
     assert summary["export_summary"]["validation"]["max_abs_diff"] <= summary["export_summary"]["validation"]["tolerance"]
     bench = json.loads((out / "bench" / "report.json").read_text())
     assert any(r["status"] == "ok" and r["level"] == "gemm" for r in bench["results"])
+    assert any(r["status"] == "ok" and r["level"] == "model" and r["backend"] == "torch-dense" for r in bench["results"])
 
 
 def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_path, tiny_llama_dir):

@@ -124,3 +124,17 @@ def test_nan_in_the_source_weights_is_named(tiny_llama_dir, tmp_path):
         _one_line_error(CliRunner().invoke(main, ["prune", "--model", str(folder), "--preset", preset, "--out",
                                                   str(tmp_path / "o"), *SMALL]),
                         "model.layers.1.mlp.up_proj.weight holds 2 NaN or infinite values", "source model")
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_damaged_file(pruned_llama_2of4, monkeypatch):
+    import torch
+    import transformers
+
+    from thanos.models import load_model
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # its own message and traceback, not "download it again"
+        load_model(str(pruned_llama_2of4))

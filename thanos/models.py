@@ -174,7 +174,7 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         # Mismatched sizes are reported below by name, not by transformers' own log.
         model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
-    except MemoryError:
+    except (MemoryError, torch.OutOfMemoryError):  # out of memory is not a damaged file
         raise
     except Exception as exc:  # a truncated safetensors file, a refused pickle, a bad config: one message
         if "trust_remote_code" in str(exc):

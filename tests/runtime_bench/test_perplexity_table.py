@@ -46,7 +46,9 @@ def test_an_earlier_run_on_other_text_is_refused():
 
 
 def test_join_makes_one_table_of_several_patterns_files(tmp_path):
-    from runtime_bench.perplexity import main
+    from click.testing import CliRunner
+
+    from cli import main
 
     files = []
     for pattern, held in (("2:4", 20.0), ("4:8", 17.0)):
@@ -55,7 +57,9 @@ def test_join_makes_one_table_of_several_patterns_files(tmp_path):
             dict(method="dense", pattern="-", seed=None, status="ok", seconds=0.0, held_out=10.0),
             _row("sparsegpt", pattern, 0, held)])))
         files.append(str(path))
-    main(["--join", *files, "--out", str(tmp_path / "all")])
+    joins = [arg for path in files for arg in ("--join", path)]
+    result = CliRunner().invoke(main, ["bench-quality", *joins, "--out", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
     joined = json.loads((tmp_path / "all.json").read_text())
     assert {(e["pattern"], e["method"]) for e in joined["summary"]} == {("-", "dense"), ("2:4", "sparsegpt"),
                                                                          ("4:8", "sparsegpt")}

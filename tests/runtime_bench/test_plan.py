@@ -65,8 +65,6 @@ def test_a_plan_stopped_by_sigterm_keeps_the_solves_it_timed(tmp_path, monkeypat
     import os
     import signal
 
-    from runtime_bench.protocol import stop_on_sigterm
-
     real = plan.prune_layer
 
     def terminated_after_two_solves(step, config, progress, parallel, on_report):
@@ -80,8 +78,10 @@ def test_a_plan_stopped_by_sigterm_keeps_the_solves_it_timed(tmp_path, monkeypat
         return real(step, config, progress, parallel, report_then_maybe_stop)
 
     monkeypatch.setattr(plan, "prune_layer", terminated_after_two_solves)
-    previous = signal.getsignal(signal.SIGTERM)
-    stop_on_sigterm()
+    def stop(signum, frame):  # what the CLI's commands do with a time limit's SIGTERM
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
     out = tmp_path / "plan.json"
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -16,8 +16,13 @@ def test_solver_bench_reference_gives_the_same_error():
 
 def test_solver_bench_cli_writes_machine_and_records(tmp_path):
     out = tmp_path / "solver.json"
-    solver.main(["--shapes", "32x64", "--methods", "magnitude", "--patterns", "4:8", "--block-sizes", "32",
-                 "--device", "cpu", "--json-out", str(out)])
+    from click.testing import CliRunner
+
+    from cli import main
+
+    result = CliRunner().invoke(main, ["bench-solvers", "--shapes", "32x64", "--methods", "magnitude", "--patterns",
+                                       "4:8", "--block-sizes", "32", "--device", "cpu", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["machine"]["device"] == "cpu" and data["machine"]["cpu"]
     assert [r["method"] for r in data["results"]] == ["magnitude", "thanos (per-block)"]
@@ -62,3 +67,12 @@ def test_preset_rows_and_the_reference_in_one_run():
     assert by_method["thanos:default"]["error"] < by_method["thanos:fast"]["error"]  # the search and refit pay
     with pytest.raises(ValueError, match="thanos:turbo"):
         solver.run(["32x64"], ["thanos:turbo"], ["2:4"], [32], "cpu", echo=lambda _: None)
+
+
+def test_solver_bench_refuses_a_bad_shape_or_method_before_any_work(tmp_path):
+    from thanos.errors import InputError
+
+    for shapes, methods, message in ((["4096"], ["thanos"], "not ROWSxCOLS"), (["32x64"], ["thanos:turbo"], "turbo")):
+        with pytest.raises(InputError, match=message):
+            solver.bench(shapes, methods, ["2:4"], [32], "cpu", json_out=str(tmp_path / "s.json"))
+    assert not (tmp_path / "s.json").exists()
