@@ -142,7 +142,8 @@ def prune_options(f):
                           "below override its steps."),
         click.option("--block-size", type=int, default=None, help="Columns per block (default: the preset's)."),
         click.option("--refit-iterations", type=click.IntRange(min=0), default=None,
-                     help="Conjugate-gradient iterations refitting the kept weights on the final mask "
+                     help="At most this many conjugate-gradient iterations refitting the kept weights on the "
+                          "final mask; they stop once one gains less than 1e-4 of the error "
                           "(default: the preset's for thanos, 0 for the other methods)."),
         click.option("--mask-search-iterations", type=click.IntRange(min=0), default=None,
                      help="ADMM iterations moving mask and kept weights together before the refit, kept only "

@@ -205,9 +205,20 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         "",
         "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
         "by r*c^2 as `prune --distributed` does; the collectives are not timed (their bytes are in the table).",
+        *_value_note(layer),
         *_work_lines(layer),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _value_note(layer: dict) -> list[str]:
+    """What random weights cannot tell: the steps whose iteration count depends on the values."""
+    prune = layer.get("prune", {})
+    if not (prune.get("refit_iterations") or prune.get("mask_search_iterations")):
+        return []
+    return ["", "The mask search and the refit stop early once they stop paying, which depends on the weights and "
+                "inputs, so their times on this random layer need not be a real layer's: at most what their "
+                "iteration caps cost."]
 
 
 def _work_lines(layer: dict) -> list[str]:

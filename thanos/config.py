@@ -68,7 +68,7 @@ class PruneConfig:
     fills every step option left as None; the other methods have no presets, and their optional
     steps are off unless asked for. `block_size=None` picks `DEFAULT_BLOCK_SIZE` for them.
     `mask_search_iterations` moves mask and weights together from the solver's result;
-    `refit_iterations` re-solves the kept weights for the final mask; `reconstruct_epochs` tunes
+    `refit_iterations` (at most) re-solves the kept weights for the final mask; `reconstruct_epochs` tunes
     each pruned decoder layer towards `reconstruct_target` ("layer" if None); `permute_channels`
     reorders the channels a model family leaves free before an n:m pattern groups them; `quantize`
     ("fp8" or "int8", None for none) turns the final weights and each linear's input into 8 bits

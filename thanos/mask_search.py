@@ -39,15 +39,16 @@ class SearchResult:
     changed: float  # share of entries whose removed/kept state differs from the starting mask
 
 
-def project(Z: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+def project(Z: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
+            removed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The closest matrix to `Z` with the pattern, and its mask.
 
     Keeps the largest magnitudes in every group of m (n:m), or in every row as many as `mask`
     keeps there (unstructured, so the solver's per-row sparsity is kept). Rows that `mask` leaves
-    whole (dense outlier rows) stay whole.
+    whole (dense outlier rows) stay whole. `removed`: `mask.sum(1)`, when the caller has it.
     """
     rows, cols = Z.shape
-    removed = mask.sum(1)
+    removed = mask.sum(1) if removed is None else removed
     if pattern.is_nm:
         groups = Z.reshape(rows, cols // pattern.m, pattern.m)
         drop = torch.topk(groups.abs(), pattern.n, dim=-1, largest=False).indices
@@ -56,7 +57,9 @@ def project(Z: torch.Tensor, mask: torch.Tensor, pattern: Pattern) -> tuple[torc
         order = Z.abs().argsort(1)  # smallest first
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=Z.device).expand(rows, cols))
         new = ranks < removed[:, None]
-    new &= (removed > 0)[:, None]
+    whole = removed == 0
+    if bool(whole.any()):
+        new &= ~whole[:, None]
     return Z.masked_fill(new, 0.0), new
 
 
@@ -122,20 +125,24 @@ def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     D = X.to(work) * scale * ~mask
     V = torch.zeros_like(D)
     current = mask.clone()
+    removed = mask.sum(1)
     first = rho = RHO_SPAN / max(iterations, 1)
-    kept = max(int((~mask).sum()), 1)
+    kept = max(mask.numel() - int(removed.sum()), 1)
     moved = 0
+    lower = scaled.ridge_factor(rho, True, layer)  # the first penalty is every search's
     for t in range(iterations):
-        lower = scaled.ridge_factor(rho, rho == first, layer)  # the first penalty is every search's
         W = torch.cholesky_solve((B + rho * (D - V)).T, lower).T
-        D, new = project(W + V, mask, pattern)
+        D, new = project(W + V, mask, pattern, removed)
+        # Newly removed weights: both masks remove the same count per row, so each one removed
+        # matches one restored, and this counts the weights that moved.
         moved += int((new & ~current).sum())
         current = new
         V += W - D
-        if (t + 1) % RHO_EVERY == 0:
+        if (t + 1) % RHO_EVERY == 0 and t + 1 < iterations:
             if moved == 0:
                 break
             share = moved / kept
             rho *= next(factor for threshold, factor in RHO_GROWTH if share >= threshold)
+            lower = scaled.ridge_factor(rho, False, layer)  # one factorisation per penalty value
             moved = 0
     return SearchResult((D / scale).to(dtype), current, float((current != mask).float().mean()))

@@ -173,7 +173,8 @@ class MaskSearch(Step):
 
 @dataclasses.dataclass(frozen=True)
 class Refit(Step):
-    """The kept weights re-solved on the final mask by conjugate gradients (`thanos.refit`)."""
+    """The kept weights re-solved on the final mask by at most `iterations` of conjugate gradients,
+    fewer once they stop paying (`thanos.refit`)."""
 
     kind: ClassVar[str] = "refit"
     iterations: int = 10
@@ -183,8 +184,8 @@ class Refit(Step):
             raise ConfigError(f"refit iterations must be positive, got {self.iterations}; leave the step out for none")
 
     def cost(self, rows: int, cols: int) -> Cost:
-        """One product per iteration plus the first residual's (2 r c^2 each), and two more for the
-        comparison with the solver's result after a search. Holds H, its dead-input and damped
+        """One product per iteration (counted at the most) plus the first residual's (2 r c^2 each),
+        and two more for the comparison with the solver's result after a search. Holds H, its dead-input and damped
         copies and the factor; the weight, its copies and the five vectors of conjugate gradients."""
         return Cost(2 * rows * cols**2 * (self.iterations + 3), 4, 9)
 

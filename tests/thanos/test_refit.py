@@ -33,7 +33,7 @@ def test_refit_converges_to_the_exact_solve_on_the_support(pattern):
     W = torch.randn(24, 48, generator=torch.Generator().manual_seed(2))
     pruned = prune_weight(W, H, "thanos", pattern, 0.5 if pattern == "unstructured" else None, block_size=16,
                           refit_iterations=0, mask_search_iterations=0)
-    refit = refit_on_support(pruned.weight, pruned.mask, W, Curvature(H).damped(0.01), iterations=200)
+    refit = refit_on_support(pruned.weight, pruned.mask, W, Curvature(H).damped(0.01), iterations=200, tolerance=0)
     exact = exact_support_solve(W, H, pruned.mask, 0.01)
     Hd = Curvature(H.double()).damped(0.01)
     eig = torch.linalg.eigvalsh(Hd)
@@ -41,6 +41,24 @@ def test_refit_converges_to_the_exact_solve_on_the_support(pattern):
     tol = 50 * EPS * float(eig.max() / eig.min()) * float(exact.abs().max())
     assert (refit.double() - exact).abs().max() <= tol
     assert torch.equal(refit[pruned.mask], torch.zeros(int(pruned.mask.sum())))
+
+
+def test_refit_stops_once_an_iteration_gains_less_than_the_tolerance():
+    """The early stop ends where the tracked error says it should: the result is short of the full
+    run's, by at most what the remaining iterations could gain (the tolerance per iteration)."""
+    X_in = realistic_inputs(1024, 256, seed=5)
+    H = hessian_of(X_in)
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(6))
+    pruned = prune_weight(W, H, "thanos", "2:4", block_size=16, refit_iterations=0, mask_search_iterations=0)
+    Hd = Curvature(H).damped(0.01)
+    full = float(objective(refit_on_support(pruned.weight, pruned.mask, W, Hd, 60, tolerance=0), W, Hd).sum())
+    stopped = refit_on_support(pruned.weight, pruned.mask, W, Hd, 60, tolerance=1e-3)
+    early = float(objective(stopped, W, Hd).sum())
+    assert early > full  # it stopped before converging ...
+    # ... close to the end: CG's gains shrink, so what is left is a few iterations' worth at most
+    # (plus fp32 round-off of the objective over 256 columns)
+    assert early <= full * (1 + 10 * 1e-3) + 256 * EPS * early
+    assert_nm(stopped, 2, 4)
 
 
 def test_refit_never_raises_the_objective_and_keeps_the_pattern():
