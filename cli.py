@@ -143,8 +143,10 @@ def prune_options(f):
         click.option("--block-size", type=int, default=None, help="Columns per block (default: the preset's)."),
         click.option("--refit-iterations", type=click.IntRange(min=0), default=None,
                      help="At most this many conjugate-gradient iterations refitting the kept weights on the "
-                          "final mask; they stop once one gains less than 1e-4 of the error "
-                          "(default: the preset's for thanos, 0 for the other methods)."),
+                          "final mask (default: the preset's for thanos, 0 for the other methods)."),
+        click.option("--refit-tolerance", type=click.FloatRange(min=0.0, max=1.0, max_open=True), default=None,
+                     help="End the refit once an iteration lowers the layer's error by less than this share of "
+                          "it; 0 runs every iteration (default: the preset's: 1e-4 for default, 0 for best)."),
         click.option("--mask-search-iterations", type=click.IntRange(min=0), default=None,
                      help="ADMM iterations moving mask and kept weights together before the refit, kept only "
                           "where they lower the layer's error (default: the preset's for thanos, 0 for the others)."),
@@ -242,7 +244,7 @@ def build_config(recipe, **options) -> PruneConfig:
 
 
 def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size, refit_iterations,
-              mask_search_iterations, permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file,
+              refit_tolerance, mask_search_iterations, permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file,
               calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows, offload_activations,
               trust_remote_code, overwrite, distributed=False, quantize=None, quantize_rounding=None,
               quantize_smoothing=None):
@@ -250,7 +252,7 @@ def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size,
 
     config = build_config(recipe, method=method, pattern=pattern, sparsity=sparsity, preset=preset,
                           block_size=block_size, alpha=alpha, damp=damp, refit_iterations=refit_iterations,
-                          mask_search_iterations=mask_search_iterations, permute_channels=permute_channels,
+                          refit_tolerance=refit_tolerance, mask_search_iterations=mask_search_iterations, permute_channels=permute_channels,
                           reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target,
                           quantize=quantize, quantize_rounding=quantize_rounding,
                           quantize_smoothing=quantize_smoothing)
@@ -314,7 +316,7 @@ def _steps_in_words(steps: list[dict]) -> str:
     words = {"permute": lambda s: "channels permuted",
              "solve": lambda s: f"block {s['block_size']}" + (f", alpha {s['alpha']}" if s["alpha"] else ""),
              "mask_search": lambda s: f"mask search {s['iterations']}",
-             "refit": lambda s: f"refit {s['iterations']}",
+             "refit": lambda s: f"refit {s['iterations']}" + (f" (to {s['tolerance']:g})" if s.get("tolerance") else ""),
              "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target",
              "quantize": lambda s: f"{s['format']} weights and inputs, {s['rounding']} rounding"
                                    + (f", smoothing {s['smoothing']}" if s["smoothing"] else "")}

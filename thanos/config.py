@@ -17,6 +17,10 @@ from thanos.recipe import METHODS, MaskSearch, Permute, Quantize, Recipe, Recons
 # unstructured and 512 for n:m; SparseGPT's reference code uses 128.
 DEFAULT_BLOCK_SIZE = {"unstructured": 128, "nm": 128, "columns": None}
 SPARSEGPT_BLOCK_SIZE = 128
+# The default preset's refit stops once an iteration lowers the layer's error by less than this
+# share of it: the same whole-model quality in about half the iterations; `best` runs every one,
+# which paid there (docs/results/README.md, round 5).
+REFIT_TOLERANCE = 1e-4
 # Migration strength of activation ranges into the weights before 8-bit quantization (thanos.smooth):
 # INT8's uniform grid needs it, each input's strength chosen from an error estimate ("auto"); FP8
 # gained nothing from 0.5 (docs/results/quantize_2of4_cpu.md).
@@ -34,6 +38,7 @@ class Preset:
     reconstruct_lr: float = 1e-3  # Adam's step; also the default when reconstruction is asked for by hand
     mask_search_iterations: int = 0  # ADMM iterations over mask and weights (none for 'columns': it moves weights)
     permute_channels: bool = False  # reorder free channels (n:m only: other patterns have no groups)
+    refit_tolerance: float = 0.0  # the refit stops once an iteration gains less than this share of the error
 
     def value(self, option: str, pattern: Pattern):
         """The preset's value of a step option for `pattern`: no permutations without n:m groups, and no
@@ -50,7 +55,8 @@ PRESETS = {
                    "the paper's block-wise solve alone"),
     "default": Preset({"nm": 32, "unstructured": 128, "columns": None}, 10, 0,
                       "free channels permuted for n:m, smaller blocks, a short mask search, then the kept weights "
-                      "refit on the final mask", mask_search_iterations=10, permute_channels=True),
+                      "refit on the final mask", mask_search_iterations=10, permute_channels=True,
+                      refit_tolerance=REFIT_TOLERANCE),
     "best": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 2,
                    "as default with a longer mask search and refit, then each decoder layer tuned towards the dense "
                    "layer's outputs", mask_search_iterations=30, permute_channels=True),
@@ -94,6 +100,7 @@ class PruneConfig:
     quantize: Optional[str] = None
     quantize_rounding: Optional[str] = None
     quantize_smoothing: "float | str | None" = None  # a strength in [0, 1], or "auto"
+    refit_tolerance: Optional[float] = None
     recipe: Recipe = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -117,6 +124,11 @@ class PruneConfig:
         for field in ("refit_iterations", "mask_search_iterations", "reconstruct_epochs"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"{field} must be 0 (the step left out) or positive, got {getattr(self, field)}")
+        if not self.refit_iterations and self.refit_tolerance is not None:
+            raise ConfigError("refit_tolerance applies to the refit, which this recipe leaves out; pass "
+                              "refit_iterations too, or drop it")
+        if self.refit_iterations and self.refit_tolerance is None:
+            set_("refit_tolerance", preset.refit_tolerance if preset else 0.0)
         if not self.reconstruct_epochs:
             for field in ("reconstruct_target", "reconstruct_lr"):
                 if getattr(self, field) is not None:
@@ -152,7 +164,7 @@ class PruneConfig:
         if self.mask_search_iterations:
             steps.append(MaskSearch(self.mask_search_iterations))
         if self.refit_iterations:
-            steps.append(Refit(self.refit_iterations))
+            steps.append(Refit(self.refit_iterations, self.refit_tolerance))
         if self.reconstruct_epochs:
             steps.append(Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target))
         if self.quantize is not None:
@@ -188,6 +200,7 @@ class PruneConfig:
         fields = dict(method=solve.method, pattern=recipe.pattern, sparsity=recipe.sparsity,
                       block_size=solve.block_size, alpha=solve.alpha, damp=solve.damp,
                       refit_iterations=refit.iterations if refit else 0,
+                      refit_tolerance=refit.tolerance if refit else None,
                       mask_search_iterations=search.iterations if search else 0,
                       reconstruct_epochs=reconstruct.epochs if reconstruct else 0,
                       reconstruct_lr=reconstruct.lr if reconstruct else None,
@@ -197,4 +210,10 @@ class PruneConfig:
                       quantize_rounding=quantize.rounding if quantize else None,
                       quantize_smoothing=quantize.smoothing if quantize else None,
                       preset=recipe.preset if solve.method == "thanos" else None)
-        return cls(**{**fields, **overrides})
+        fields.update(overrides)
+        # An override that leaves a step out takes the recipe's options for that step with it.
+        for count, options in (("refit_iterations", ("refit_tolerance",)),
+                               ("reconstruct_epochs", ("reconstruct_lr", "reconstruct_target"))):
+            if fields[count] == 0:
+                fields.update({option: None for option in options if option not in overrides})
+        return cls(**fields)

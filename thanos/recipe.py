@@ -174,14 +174,19 @@ class MaskSearch(Step):
 @dataclasses.dataclass(frozen=True)
 class Refit(Step):
     """The kept weights re-solved on the final mask by at most `iterations` of conjugate gradients,
-    fewer once they stop paying (`thanos.refit`)."""
+    ending once one lowers the layer's error by less than `tolerance` of it (0: all of them;
+    `thanos.refit`)."""
 
     kind: ClassVar[str] = "refit"
     iterations: int = 10
+    tolerance: float = 0.0
 
     def check(self, pattern: Pattern) -> None:
         if self.iterations <= 0:
             raise ConfigError(f"refit iterations must be positive, got {self.iterations}; leave the step out for none")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(f"refit tolerance must be in [0, 1) (a share of the layer's error; 0 runs every "
+                              f"iteration), got {self.tolerance}")
 
     def cost(self, rows: int, cols: int) -> Cost:
         """One product per iteration (counted at the most) plus the first residual's (2 r c^2 each),
@@ -191,7 +196,7 @@ class Refit(Step):
 
     def run(self, X, mask, target, Hd: torch.Tensor) -> torch.Tensor:
         """`X`'s kept weights re-solved towards `target` on `mask`; `Hd` the damped Hessian."""
-        return refit_on_support(X, mask, target, Hd, self.iterations)
+        return refit_on_support(X, mask, target, Hd, self.iterations, self.tolerance)
 
 
 RECONSTRUCT_TARGETS = ("layer", "dense")

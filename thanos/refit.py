@@ -10,14 +10,8 @@ from __future__ import annotations
 import torch
 
 
-# Conjugate gradients stop once an iteration lowers the layer's quadratic error by less than this
-# share of it: on real layers the error then sits within a few 1e-5 of the converged one
-# (docs/results/README.md, refit_iterations_cpu.json).
-TOLERANCE = 1e-4
-
-
 def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, Hd: torch.Tensor,
-                     iterations: int, tolerance: float = TOLERANCE) -> torch.Tensor:
+                     iterations: int, tolerance: float = 0.0) -> torch.Tensor:
     """Kept weights re-solved for the fixed `mask`: at most `iterations` of preconditioned CG from `X`.
 
     Minimises `(x - t) Hd (x - t)^T` for every row `x` of the result, with `x` zero where `mask`

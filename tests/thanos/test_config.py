@@ -3,7 +3,7 @@ import json
 import pytest
 
 from thanos import ConfigError, Pattern, PruneConfig
-from thanos.config import DEFAULT_BLOCK_SIZE, PRESETS
+from thanos.config import DEFAULT_BLOCK_SIZE, PRESETS, REFIT_TOLERANCE
 from thanos.recipe import Recipe, Reconstruct, Refit
 
 
@@ -54,7 +54,7 @@ def test_config_serialises_resolved_values():
     preset = PRESETS["default"]
     assert data == {"method": "thanos", "pattern": "unstructured", "sparsity": 0.6,
                     "block_size": preset.block_size["unstructured"], "alpha": 0.0, "damp": 0.01,
-                    "refit_iterations": preset.refit_iterations,
+                    "refit_iterations": preset.refit_iterations, "refit_tolerance": preset.refit_tolerance,
                     "mask_search_iterations": preset.mask_search_iterations,
                     "reconstruct_epochs": preset.reconstruct_epochs,
                     "reconstruct_lr": preset.reconstruct_lr, "reconstruct_target": "layer", "preset": "default",
@@ -85,6 +85,10 @@ def test_options_a_recipe_would_not_use_are_refused():
         with pytest.raises(ConfigError, match=f"{field} applies to the reconstruction"):
             PruneConfig(**{field: value})
     assert PruneConfig(preset="best", reconstruct_target="dense").recipe.get(Reconstruct).target == "dense"
+    with pytest.raises(ConfigError, match="refit_tolerance applies to the refit"):
+        PruneConfig(preset="fast", refit_tolerance=1e-3)
+    with pytest.raises(ConfigError, match="refit tolerance must be in"):
+        PruneConfig(refit_tolerance=1.5)
     with pytest.raises(ConfigError, match="'columns' pattern"):
         PruneConfig(pattern="columns", mask_search_iterations=5)
     with pytest.raises(ConfigError, match="no groups"):
@@ -100,6 +104,10 @@ def test_presets_are_named_recipes_of_configured_steps(pattern):
     search = [] if pattern == "columns" else ["mask_search"]
     assert kinds["default"] == permute + ["solve"] + search + ["refit"]
     assert kinds["best"] == permute + ["solve"] + search + ["refit", "reconstruct"]
+    # the default's refit ends once it stops paying; best's runs every iteration (ALGORITHM.md section 8)
+    assert PruneConfig(pattern=pattern, preset="default").recipe.get(Refit).tolerance == REFIT_TOLERANCE > 0
+    assert PruneConfig(pattern=pattern, preset="best").recipe.get(Refit).tolerance == 0.0
+    assert PruneConfig(method="sparsegpt", pattern=pattern, refit_iterations=5).recipe.get(Refit).tolerance == 0.0
     assert PruneConfig(method="wanda", pattern=pattern).recipe.to_json()["steps"] == [
         dict(step="solve", method="wanda", block_size=DEFAULT_BLOCK_SIZE["nm" if ":" in pattern else pattern],
              alpha=0.0, damp=0.01)]
@@ -112,6 +120,13 @@ def test_a_recorded_recipe_rebuilds_the_same_config():
         again = PruneConfig.from_recipe(recorded)
         assert again.to_json() == config.to_json() and again.recipe == config.recipe
     assert PruneConfig.from_recipe(PruneConfig().recipe, refit_iterations=3).recipe.get(Refit).iterations == 3
+    # leaving a step out by an override drops the recipe's options for it, instead of refusing them
+    assert PruneConfig.from_recipe(PruneConfig().recipe, refit_iterations=0).recipe.get(Refit) is None
+    assert PruneConfig.from_recipe(PruneConfig(preset="best").recipe, reconstruct_epochs=0).reconstruct_epochs == 0
+    # a refit recorded before the tolerance existed ran every iteration, and still does
+    older = PruneConfig().recipe.to_json()
+    del next(step for step in older["steps"] if step["step"] == "refit")["tolerance"]
+    assert PruneConfig.from_recipe(older).recipe.get(Refit).tolerance == 0.0
     with pytest.raises(ConfigError, match="unknown recipe step 'prune_harder'"):
         Recipe.from_json(dict(pattern="2:4", sparsity=0.5, steps=[dict(step="prune_harder")]))
     with pytest.raises(ConfigError, match="in the order"):

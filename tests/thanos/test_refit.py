@@ -33,7 +33,7 @@ def test_refit_converges_to_the_exact_solve_on_the_support(pattern):
     W = torch.randn(24, 48, generator=torch.Generator().manual_seed(2))
     pruned = prune_weight(W, H, "thanos", pattern, 0.5 if pattern == "unstructured" else None, block_size=16,
                           refit_iterations=0, mask_search_iterations=0)
-    refit = refit_on_support(pruned.weight, pruned.mask, W, Curvature(H).damped(0.01), iterations=200, tolerance=0)
+    refit = refit_on_support(pruned.weight, pruned.mask, W, Curvature(H).damped(0.01), iterations=200)
     exact = exact_support_solve(W, H, pruned.mask, 0.01)
     Hd = Curvature(H.double()).damped(0.01)
     eig = torch.linalg.eigvalsh(Hd)
