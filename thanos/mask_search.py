@@ -126,7 +126,7 @@ def admm_mask_search(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     V = torch.zeros_like(D)
     current = mask.clone()
     removed = mask.sum(1)
-    first = rho = RHO_SPAN / max(iterations, 1)
+    rho = RHO_SPAN / max(iterations, 1)
     kept = max(mask.numel() - int(removed.sum()), 1)
     moved = 0
     lower = scaled.ridge_factor(rho, True, layer)  # the first penalty is every search's

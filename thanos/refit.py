@@ -30,7 +30,8 @@ def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     X = X * keep
     gap = target - X
     G = gap @ Hd
-    error = float((G * gap).sum(dtype=torch.float64))  # the objective at the start, all rows
+    # The objective at the start, all rows (only an early stop needs it).
+    error = float((G * gap).sum(dtype=torch.float64)) if tolerance else 0.0
     R = G * keep  # residual of the normal equations on the support
     del G, gap
     Z = R * inv_diag
@@ -42,11 +43,12 @@ def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
         curvature = (P * AP).sum(1)
         step = torch.where(curvature > tiny, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
         X.addcmul_(step[:, None], P)
-        # An exact line search along P lowers the row's objective by step * (r . z).
-        decrease = float((step * rz).sum(dtype=torch.float64))
-        error -= decrease
-        if decrease <= tolerance * error:
-            break
+        if tolerance:
+            # An exact line search along P lowers the row's objective by step * (r . z).
+            decrease = float((step * rz).sum(dtype=torch.float64))
+            error -= decrease
+            if decrease <= tolerance * error:
+                break
         R.addcmul_(step[:, None], AP, value=-1.0)
         Z = R * inv_diag
         rz_new = (R * Z).sum(1)
