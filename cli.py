@@ -316,7 +316,8 @@ def _steps_in_words(steps: list[dict]) -> str:
     words = {"permute": lambda s: "channels permuted",
              "solve": lambda s: f"block {s['block_size']}" + (f", alpha {s['alpha']}" if s["alpha"] else ""),
              "mask_search": lambda s: f"mask search {s['iterations']}",
-             "refit": lambda s: f"refit {s['iterations']}" + (f" (to {s['tolerance']:g})" if s.get("tolerance") else ""),
+             "refit": lambda s: (f"refit up to {s['iterations']} (ends at gains below {s['tolerance']:g})"
+                                 if s.get("tolerance") else f"refit {s['iterations']}"),
              "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target",
              "quantize": lambda s: f"{s['format']} weights and inputs, {s['rounding']} rounding"
                                    + (f", smoothing {s['smoothing']}" if s["smoothing"] else "")}
