@@ -119,8 +119,11 @@ def _stop_on_sigterm():
 
 def _stopped(exc: KeyboardInterrupt, kept: Path) -> None:
     """Say what an interrupted run keeps, and exit as the signal asked (130 for Ctrl-C, 143 for SIGTERM)."""
-    said = (f"what was finished is kept in {kept}; run the same command again to resume from it" if kept.is_dir()
-            else "nothing was finished")
+    _exit_stopped(exc, f"what was finished is kept in {kept}; run the same command again to resume from it"
+                  if kept.is_dir() else "nothing was finished")
+
+
+def _exit_stopped(exc: KeyboardInterrupt, said: str) -> None:
     click.echo(f"Stopped ({exc or 'SIGINT'}): {said}.", err=True)
     sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
 
@@ -244,15 +247,16 @@ def build_config(recipe, **options) -> PruneConfig:
 
 
 def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size, refit_iterations,
-              refit_tolerance, mask_search_iterations, permute_channels, reconstruct_epochs, reconstruct_target, alpha, damp, calib_file,
-              calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows, offload_activations,
-              trust_remote_code, overwrite, distributed=False, quantize=None, quantize_rounding=None,
-              quantize_smoothing=None):
+              refit_tolerance, mask_search_iterations, permute_channels, reconstruct_epochs, reconstruct_target,
+              alpha, damp, calib_file, calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows,
+              offload_activations, trust_remote_code, overwrite, distributed=False, quantize=None,
+              quantize_rounding=None, quantize_smoothing=None):
     from thanos.pipeline import PruneJob
 
     config = build_config(recipe, method=method, pattern=pattern, sparsity=sparsity, preset=preset,
                           block_size=block_size, alpha=alpha, damp=damp, refit_iterations=refit_iterations,
-                          refit_tolerance=refit_tolerance, mask_search_iterations=mask_search_iterations, permute_channels=permute_channels,
+                          refit_tolerance=refit_tolerance, mask_search_iterations=mask_search_iterations,
+                          permute_channels=permute_channels,
                           reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target,
                           quantize=quantize, quantize_rounding=quantize_rounding,
                           quantize_smoothing=quantize_smoothing)
@@ -791,7 +795,8 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
 
 
 @main.command("bench-solvers")
-@click.option("--shapes", default=",".join(SOLVER_SHAPES), show_default=True, help="Layer shapes ROWSxCOLS, comma-separated.")
+@click.option("--shapes", default=",".join(SOLVER_SHAPES), show_default=True,
+              help="Layer shapes ROWSxCOLS, comma-separated.")
 @click.option("--methods", default=",".join(SOLVER_METHODS), show_default=True,
               help="Comma-separated: thanos, sparsegpt, wanda, magnitude (once per block size); thanos:PRESET (the "
                    f"preset's per-linear steps: {', '.join(PRESETS)}); sparsegpt:reference (SparseGPT by its "
@@ -896,10 +901,8 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 
 
 def _bench_stopped(exc: KeyboardInterrupt, json_out) -> None:
-    """Say what a stopped benchmark kept, and exit as the signal asked (130 for Ctrl-C, 143 for SIGTERM)."""
-    kept = f"the figures measured so far are in {json_out}" if json_out else "nothing was written"
-    click.echo(f"Stopped ({exc or 'SIGINT'}): {kept}.", err=True)
-    sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+    """Say what a stopped benchmark kept, and exit as the signal asked."""
+    _exit_stopped(exc, f"the figures measured so far are in {json_out}" if json_out else "nothing was written")
 
 
 if __name__ == "__main__":

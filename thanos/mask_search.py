@@ -57,9 +57,7 @@ def project(Z: torch.Tensor, mask: torch.Tensor, pattern: Pattern,
         order = Z.abs().argsort(1)  # smallest first
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=Z.device).expand(rows, cols))
         new = ranks < removed[:, None]
-    whole = removed == 0
-    if bool(whole.any()):
-        new &= ~whole[:, None]
+    new &= (removed > 0)[:, None]
     return Z.masked_fill(new, 0.0), new
 
 
