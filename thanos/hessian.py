@@ -160,12 +160,25 @@ class Curvature:
         return self._factors[damp]
 
     def damped(self, damp: float) -> torch.Tensor:
-        """The fixed Hessian plus `damp * mean(diag)` on the diagonal (shared: do not modify)."""
+        """The fixed Hessian plus `damping(damp)` on the diagonal (shared: do not modify)."""
         if damp not in self._damped:
             Hd = self.fixed().clone()
-            Hd.diagonal().add_(damp * torch.diag(Hd).mean())
+            Hd.diagonal().add_(self.damping(damp))
             self._damped[damp] = Hd
         return self._damped[damp]
+
+    def damping(self, damp: float) -> torch.Tensor:
+        """What `damped(damp)` adds to the diagonal: `damp * mean(diag)` of the fixed Hessian (a 0-d tensor)."""
+        return damp * torch.diag(self.fixed()).mean()
+
+    def undamped_error(self, damped_error: float, delta: torch.Tensor, damp: float) -> float:
+        """sum over rows of d H d^T, given the same sum with `damped(damp)`: the damping's and the
+        never-active inputs' unit diagonal taken back out (an r x c pass instead of a product)."""
+        squares = delta.float().pow(2)
+        extra = self.damping(damp).double() * squares.sum(dtype=torch.float64)
+        if self.dead.any():
+            extra = extra + squares[:, self.dead].sum(dtype=torch.float64)
+        return damped_error - float(extra)
 
     def derived(self, key, make):
         """`make()`, once per `key`: what a step derives from the damped Hessian, shared the same way."""

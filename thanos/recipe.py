@@ -159,10 +159,11 @@ class MaskSearch(Step):
         """The target's product and one Cholesky solve per iteration (2 r c^2 each), a factorisation
         per penalty value (c^3/3, a new value every RHO_EVERY iterations at most). Holds H, its
         dead-input, damped and scaled copies, the factor kept from the solve, the current and the
-        first penalty's factors, and a copy being factorised; the weight and its copies, D, V,
-        the target's product, the iterate and its right-hand side."""
+        first penalty's factors, and a copy being factorised; the weight, its working copy and the
+        target, D, V, the target's product, the iterate, the kept-weight indicator and three
+        buffers every iteration reuses."""
         factorisations = math.ceil(self.iterations / RHO_EVERY)
-        return Cost(2 * rows * cols**2 * (self.iterations + 1) + factorisations * cols**3 / 3, 8, 9)
+        return Cost(2 * rows * cols**2 * (self.iterations + 1) + factorisations * cols**3 / 3, 8, 12)
 
     def run(self, X, mask, target, curvature: Curvature, damp: float, pattern: Pattern, name: str = "layer"):
         """From the solver's `X` and `mask` towards `target`, on `curvature`'s Hessian damped by `damp`."""
@@ -191,8 +192,9 @@ class Refit(Step):
     def cost(self, rows: int, cols: int) -> Cost:
         """One product per iteration (counted at the most) plus the first residual's (2 r c^2 each),
         and two more for the comparison with the solver's result after a search. Holds H, its dead-input and damped
-        copies and the factor; the weight, its copies and the five vectors of conjugate gradients."""
-        return Cost(2 * rows * cols**2 * (self.iterations + 3), 4, 9)
+        copies and the factor; the weight, its copies, the kept-weight indicator and the five
+        vectors of conjugate gradients with one buffer for their products."""
+        return Cost(2 * rows * cols**2 * (self.iterations + 3), 4, 10)
 
     def run(self, X, mask, target, Hd: torch.Tensor) -> torch.Tensor:
         """`X`'s kept weights re-solved towards `target` on `mask`; `Hd` the damped Hessian."""

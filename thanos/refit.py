@@ -29,18 +29,20 @@ def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     inv_diag = 1.0 / Hd.diagonal()  # (c,) Jacobi preconditioner
     X = X * keep
     gap = target - X
-    G = gap @ Hd
+    R = gap @ Hd
     # The objective at the start, all rows (only an early stop needs it).
-    error = float((G * gap).sum(dtype=torch.float64)) if tolerance else 0.0
-    R = G * keep  # residual of the normal equations on the support
-    del G, gap
+    error = float((R * gap).sum(dtype=torch.float64)) if tolerance else 0.0
+    R.mul_(keep)  # residual of the normal equations on the support
+    del gap
+    # Every (r, c) matrix of the loop lives in one of these buffers: a fresh tensor of this size
+    # on the CPU costs page faults on every iteration.
     Z = R * inv_diag
-    P = Z.clone()
-    rz = (R * Z).sum(1)  # (r,)
+    P, AP, product = Z.clone(), torch.empty_like(Z), torch.empty_like(Z)
+    rz = torch.mul(R, Z, out=product).sum(1)  # (r,)
     tiny = torch.finfo(X.dtype).tiny
     for _ in range(iterations):
-        AP = (P @ Hd) * keep
-        curvature = (P * AP).sum(1)
+        torch.matmul(P, Hd, out=AP).mul_(keep)
+        curvature = torch.mul(P, AP, out=product).sum(1)
         step = torch.where(curvature > tiny, rz / curvature.clamp_min(tiny), torch.zeros_like(rz))
         X.addcmul_(step[:, None], P)
         if tolerance:
@@ -50,9 +52,9 @@ def refit_on_support(X: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
             if decrease <= tolerance * error:
                 break
         R.addcmul_(step[:, None], AP, value=-1.0)
-        Z = R * inv_diag
-        rz_new = (R * Z).sum(1)
+        torch.mul(R, inv_diag, out=Z)
+        rz_new = torch.mul(R, Z, out=product).sum(1)
         beta = torch.where(rz > tiny, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
-        P = Z + beta[:, None] * P
+        P.mul_(beta[:, None]).add_(Z)  # Z + beta P
         rz = rz_new
-    return X * keep
+    return X.mul_(keep)

@@ -49,6 +49,43 @@ def test_search_then_refit_lowers_the_error_and_keeps_the_pattern(pattern):
         assert_nm(searched.weight, p.n, p.m)
 
 
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_group_ranking_keeps_the_largest_and_breaks_ties_by_column(n, m):
+    """The pairwise ranking keeps what a top-k keeps; of equal magnitudes the later column goes first,
+    so a group of zeros (an input no token reached) still loses exactly n."""
+    from thanos.mask_search import nm_keep
+
+    Z = torch.randn(32, 8 * m, generator=torch.Generator().manual_seed(3))
+    Z[0, :m] = 0.0
+    Z[1, :m] = -2.5
+    keep = nm_keep(Z, n, m)
+    assert keep.dtype == Z.dtype and set(keep.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(keep.reshape(32, 8, m).sum(-1), torch.full((32, 8), float(m - n)))
+    largest = Z.abs().reshape(32, 8, m).topk(m - n, dim=-1).values.sort(-1).values
+    kept = (Z.abs() * keep).reshape(32, 8, m).sort(-1).values[..., n:]
+    assert torch.equal(kept[2:], largest[2:])
+    for row in (0, 1):  # ties: the first m - n columns stay
+        assert keep[row, :m].tolist() == [1.0] * (m - n) + [0.0] * n
+
+
+def test_reported_error_equals_the_direct_formula():
+    """The default preset's reported error comes from the damped errors its steps computed (no
+    product of its own); it must be the relative output error itself, a never-active input and the
+    damping taken back out, to the round-off of fp32 products over c inputs."""
+    from thanos.hessian import reconstruction_error
+
+    W, H = layer_problem(512, 32, 64, seed=4)
+    H[5, :] = 0.0
+    H[:, 5] = 0.0  # input 5 never active
+    result = prune_weight(W, H, PruneConfig("thanos", "2:4", preset="default"))
+    direct = reconstruction_error(W, result.weight, H)
+    Hd = Curvature(H).damped(0.01)
+    # The damped sums are up to this many times the undamped ones they are turned into.
+    amplification = max(quadratic_error(result.weight, W, Hd) / (direct * quadratic_error(torch.zeros_like(W), W, H)),
+                        quadratic_error(torch.zeros_like(W), W, Hd) / quadratic_error(torch.zeros_like(W), W, H))
+    assert result.error == pytest.approx(direct, rel=64 * 64 * EPS * amplification)
+
+
 def test_a_search_that_loses_keeps_the_solvers_mask(monkeypatch):
     import thanos.recipe as recipe
     from thanos.mask_search import SearchResult
@@ -109,8 +146,8 @@ def test_search_stops_once_the_support_settles(monkeypatch):
     import thanos.mask_search as mask_search
 
     calls = []
-    project_ = mask_search.project
-    monkeypatch.setattr(mask_search, "project", lambda *a: calls.append(1) or project_(*a))
+    nm_keep = mask_search.nm_keep
+    monkeypatch.setattr(mask_search, "nm_keep", lambda *a, **k: calls.append(1) or nm_keep(*a, **k))
     g = torch.Generator().manual_seed(12)
     magnitude = torch.tensor([100.0, 100.0, 1.0, 1.0]).repeat(16, 8)
     W = magnitude * torch.where(torch.rand(16, 32, generator=g) < 0.5, -1.0, 1.0)
