@@ -24,7 +24,7 @@ from thanos.linears import set_weight_, weight_view
 from thanos.parallel import Parallel
 from thanos.permute import ChannelLayout
 from thanos.quantize import FORMATS, activation_scale
-from thanos.quantized_model import LinearQuantization, quantization_of, set_quantization
+from thanos.quantized_model import LinearQuantization, inputs_rounded, quantization_of, set_quantization
 from thanos.recipe import Permute, Quantize, Reconstruct
 from thanos.smooth import SmoothGroup, smooth_layer_
 
@@ -162,11 +162,11 @@ def prune_model_(
                              sample_indices, len(samples), f"{prefix}.{index}.", layout, smoothing, heads)
             layer_reports, dense_inputs = prune_layer(step, config, progress, parallel)
             reports += layer_reports
-        ranges = InputRanges(linears[index] if quantize else {})
-        with ranges:
-            inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
         if quantize and linears[index]:
-            set_input_scales_(linears[index], ranges, quantize, parallel, reports[-len(linears[index]):])
+            inputs = final_pass_8bit(layer, linears[index], inputs, args, kwargs, device, store_device, quantize,
+                                     parallel, reports[-len(linears[index]):])
+        else:
+            inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
         layer.to("cpu")
         if checkpoints and index >= done and parallel.is_main:
             checkpoints.save(index, layer, reports[-len(linears[index]):] if linears[index] else [])
@@ -199,6 +199,23 @@ class InputRanges:
         for hook in self._hooks:
             hook.remove()
         self._last = (None, None)
+
+
+def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device, step: Quantize,
+                    parallel: Parallel, reports: list[dict]) -> list[torch.Tensor]:
+    """The next layer's inputs as the 8-bit layer computes them.
+
+    A first pass finds each linear's static input scale (the largest magnitude it sees, over every
+    rank's samples); a second runs with every linear's input rounded by its scale, so the layers
+    after this one are pruned and quantized against the inputs an 8-bit runtime feeds them.
+    """
+    ranges = InputRanges(linears)
+    with ranges:
+        for x in inputs:
+            _forward(layer, x, args, kwargs, device, store_device)
+    set_input_scales_(linears, ranges, step, parallel, reports)
+    with inputs_rounded(linears.values()):
+        return run_layer(layer, inputs, args, kwargs, device, store_device)
 
 
 def set_input_scales_(linears: dict[str, nn.Module], ranges: InputRanges, step: Quantize, parallel: Parallel,

@@ -156,6 +156,20 @@ def stop_simulating_activations_(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def inputs_rounded(linears):
+    """Within: each of `linears` (quantized, input scale set) rounds its input as the 8-bit runtime does."""
+    added = [mod for mod in linears if not hasattr(mod, _HOOK)]
+    for mod in added:
+        _round_inputs(mod)
+    try:
+        yield
+    finally:
+        for mod in added:
+            getattr(mod, _HOOK).remove()
+            delattr(mod, _HOOK)
+
+
+@contextlib.contextmanager
 def activations_unrounded(model: nn.Module):
     """Within: the model's linears see their inputs unrounded (to trace a graph that quantizes them
     itself); on leaving, the rounding is back where it was on."""

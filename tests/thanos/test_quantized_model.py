@@ -165,3 +165,30 @@ def test_best_quantizes_the_reconstructed_weights(tiny_llama_dir):
     for name, mod in quantized_linears(model).items():  # the step ran on the final (reconstructed) weights
         assert grid_of(weight_view(mod), quantization_of(mod).weight_scale, FORMATS["fp8"]) is not None, name
         assert_nm(weight_view(mod), 2, 4)
+
+
+def test_the_next_layer_is_calibrated_on_the_8bit_layers_outputs(tiny_llama_dir, monkeypatch):
+    """Layer 1's statistics come from layer 0 as the 8-bit runtime computes it (its weights and its
+    inputs rounded with the scales just set), not from layer 0 with full-precision inputs; and no
+    rounding hook is left on the model afterwards."""
+    import thanos.driver as driver
+    from thanos.calibration import sample_windows, tokenize_split
+    from thanos.quantized_model import inputs_rounded
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+    seen = []
+    collect = driver.collect_statistics
+    monkeypatch.setattr(driver, "collect_statistics",
+                        lambda layer, linears, inputs, *a, **k: seen.append([x.clone() for x in inputs])
+                        or collect(layer, linears, inputs, *a, **k))
+    driver.prune_model_(model, samples, PruneConfig(preset="fast", quantize="fp8"), "cpu")
+    assert not any(hasattr(mod, "_thanos_activation_hook") for mod in model.modules())
+    layer0 = driver.decoder_layers(model)[0]
+    args, kwargs = driver.capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))[1:]
+    linears0 = {name: mod for name, mod in layer0.named_modules() if quantization_of(mod) is not None}
+    with inputs_rounded(linears0.values()):
+        rounded = driver.run_layer(layer0, seen[0], args, kwargs, "cpu", "cpu")
+    unrounded = driver.run_layer(layer0, seen[0], args, kwargs, "cpu", "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], rounded))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], unrounded))
