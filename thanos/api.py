@@ -110,9 +110,9 @@ def prune_weight(
     error = None
     if full_h:
         original = weight.detach().to(W)
-        if pruned is out.weight and chosen_error is not None:  # fp32, not quantized: the error is known
-            energy = found.target_energy if found is not None else None
-            error = _relative_error(original, pruned, H, curvature, damp, chosen_error, energy)
+        if pruned is out.weight and chosen_error is not None and found.target_energy is not None:
+            # fp32, not quantized: the search and the comparison after it computed both sums
+            error = _relative_error(original, pruned, curvature, damp, chosen_error, found.target_energy)
         else:
             error = reconstruction_error(original, pruned.float(), H)
     return PruneResult(
@@ -155,18 +155,14 @@ def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tens
     return 0.0, None
 
 
-def _relative_error(original: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, curvature: Curvature,
-                    damp: float, damped_error: float, target_energy: Optional[float]) -> float:
+def _relative_error(original: torch.Tensor, pruned: torch.Tensor, curvature: Curvature, damp: float,
+                    damped_error: float, target_energy: float) -> float:
     """`reconstruction_error(original, pruned, H)` from the damped errors the steps computed already:
     `damped_error` is `pruned`'s `quadratic_error`, `target_energy` the same sum for `original`
-    against zero (the search's, or None). Two (r x c) @ (c x c) products fewer per linear; equal to
-    the direct formula to round-off."""
-    delta = pruned - original
-    numerator = max(curvature.undamped_error(damped_error, delta, damp), 0.0)
-    if target_energy is not None:
-        denominator = curvature.undamped_error(target_energy, original, damp)
-    else:
-        denominator = float(((original @ H) * original).sum(dtype=torch.float64))
+    against zero (the search's). Two (r x c) @ (c x c) products fewer per linear; equal to the
+    direct formula to round-off."""
+    numerator = max(curvature.undamped_error(damped_error, pruned - original, damp), 0.0)
+    denominator = curvature.undamped_error(target_energy, original, damp)
     return numerator / denominator if denominator > 0 else numerator
 
 

@@ -147,12 +147,16 @@ def _round_inputs(mod: nn.Module) -> None:
         lambda m, args: (fake_quantize(args[0], scale, fmt), *args[1:])))
 
 
+def _stop_rounding(mod: nn.Module) -> None:
+    handle = getattr(mod, _HOOK, None)
+    if handle is not None:
+        handle.remove()
+        delattr(mod, _HOOK)
+
+
 def stop_simulating_activations_(model: nn.Module) -> None:
     for mod in quantized_linears(model).values():
-        handle = getattr(mod, _HOOK, None)
-        if handle is not None:
-            handle.remove()
-            delattr(mod, _HOOK)
+        _stop_rounding(mod)
 
 
 @contextlib.contextmanager
@@ -165,8 +169,7 @@ def inputs_rounded(linears):
         yield
     finally:
         for mod in added:
-            getattr(mod, _HOOK).remove()
-            delattr(mod, _HOOK)
+            _stop_rounding(mod)
 
 
 @contextlib.contextmanager
