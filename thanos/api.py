@@ -140,18 +140,22 @@ def _refit_(out: SolverOutput, found: Optional[SearchResult], target: torch.Tens
     The search is kept when, refit, it is no worse than the solver's result as it stands (which
     it beat on every linear of the default model, docs/results/): then the solver's support is
     never refit, which halves the refit's cost. A search that loses even that comparison is
-    dropped and the solver's support refit instead; the share moved is then 0.
+    dropped and the solver's support refit instead; the share moved is then 0. Both sides of the
+    comparison are the errors the solver and the refit tracked where they did (a product each
+    fewer per linear).
     """
-    def refit(weight, mask):
-        return step.run(weight, mask, target, Hd) if step else weight
-
     if found is not None:
-        searched = refit(found.weight, found.mask)
-        searched_error = quadratic_error(searched, target, Hd)
-        if searched_error <= quadratic_error(out.weight, target, Hd):
+        if step:
+            searched, searched_error = step.run(found.weight, found.mask, target, Hd)
+        else:
+            searched = found.weight
+            searched_error = quadratic_error(searched, target, Hd)
+        solver_error = out.error if out.error is not None else quadratic_error(out.weight, target, Hd)
+        if searched_error <= solver_error:
             out.weight, out.mask = searched, found.mask
             return found.changed, searched_error
-    out.weight = refit(out.weight, out.mask)
+    if step:
+        out.weight = step.run(out.weight, out.mask, target, Hd).weight
     return 0.0, None
 
 

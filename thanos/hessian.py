@@ -141,10 +141,15 @@ class Curvature:
         self._fixed: Optional[torch.Tensor] = None
         self.dead = torch.diag(hessian) == 0  # (c,) inputs no calibration token reached
 
-    def zero_dead_columns_(self, weight: torch.Tensor) -> None:
-        """Zero `weight`'s columns for never-active inputs: they do nothing, and the solvers keep them out."""
-        if self.dead.any():
-            weight[:, self.dead] = 0.0
+    def zero_dead_columns_(self, weight: torch.Tensor, damp: float) -> float:
+        """Zero `weight`'s columns for never-active inputs (they do nothing, and the solvers keep them
+        out); returns what that adds to the error against `damped(damp)`, whose diagonal is
+        `1 + damping` there and whose off-diagonal is zero."""
+        if not self.dead.any():
+            return 0.0
+        squares = weight[:, self.dead].double().pow(2).sum()
+        weight[:, self.dead] = 0.0
+        return float(squares * (1.0 + self.damping(damp).double()))
 
     def fixed(self) -> torch.Tensor:
         """The Hessian with never-active inputs given a unit diagonal (shared: do not modify)."""

@@ -31,7 +31,7 @@ from thanos.pattern import ConfigError, Pattern
 from thanos.permute import permute_free_channels_
 from thanos.quantize import FORMATS, ROUNDINGS, QuantizedWeight, quantize_weight
 from thanos.reconstruct import reconstruct_layer_
-from thanos.refit import refit_on_support
+from thanos.refit import Refitted, refit_on_support
 from thanos.smooth import AUTO
 from thanos.solvers import SolverOutput
 from thanos.solvers.magnitude import magnitude_prune
@@ -190,14 +190,14 @@ class Refit(Step):
                               f"iteration), got {self.tolerance}")
 
     def cost(self, rows: int, cols: int) -> Cost:
-        """One product per iteration (counted at the most) plus the first residual's (2 r c^2 each),
-        and two more for the comparison with the solver's result after a search. Holds H, its dead-input and damped
+        """One product per iteration (counted at the most) plus the first residual's (2 r c^2 each);
+        the comparison with the solver's result after a search uses the errors both tracked. Holds H, its dead-input and damped
         copies and the factor; the weight, its copies, the kept-weight indicator and the five
         vectors of conjugate gradients with one buffer for their products."""
-        return Cost(2 * rows * cols**2 * (self.iterations + 3), 4, 10)
+        return Cost(2 * rows * cols**2 * (self.iterations + 1), 4, 10)
 
-    def run(self, X, mask, target, Hd: torch.Tensor) -> torch.Tensor:
-        """`X`'s kept weights re-solved towards `target` on `mask`; `Hd` the damped Hessian."""
+    def run(self, X, mask, target, Hd: torch.Tensor) -> Refitted:
+        """`X`'s kept weights re-solved towards `target` on `mask`, and their error; `Hd` the damped Hessian."""
         return refit_on_support(X, mask, target, Hd, self.iterations, self.tolerance)
 
 

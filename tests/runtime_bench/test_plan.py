@@ -95,23 +95,28 @@ def test_a_plan_stopped_by_sigterm_keeps_the_solves_it_timed(tmp_path, monkeypat
 
 
 def test_counted_refit_flop_is_what_the_refit_multiplies():
-    """The refit's count (first residual + one product per iteration, 2 r c^2 each; two more for the
-    comparison after a search) against torch's own count of the products it runs."""
+    """The refit's count (first residual + one product per iteration, 2 r c^2 each) against torch's
+    own count of the products the refit after a search runs, its comparison with the solver's
+    result included (it reads the errors the solver and the refit tracked: no product)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from thanos.api import _refit_
     from thanos.hessian import Curvature
+    from thanos.mask_search import SearchResult
     from thanos.recipe import Refit
-    from thanos.refit import refit_on_support
+    from thanos.solvers import SolverOutput
 
     rows, cols, iterations = 24, 32, 7
     W = torch.randn(rows, cols)
     X = torch.randn(64, cols)
     Hd = Curvature(X.T @ X / 64).damped(0.01)
     mask = torch.rand(rows, cols) < 0.5
+    solved = SolverOutput(W.masked_fill(mask, 0.0), mask, error=float("inf"))
+    found = SearchResult(W.masked_fill(mask, 0.0), mask, 0.0)
     with FlopCounterMode(display=False) as counter:
-        refit_on_support(W.masked_fill(mask, 0.0), mask, W, Hd, iterations)
-    comparison = 2 * 2 * rows * cols**2
-    assert counter.get_total_flops() == Refit(iterations).cost(rows, cols).flop - comparison
+        _refit_(solved, found, W, Hd, Refit(iterations, tolerance=0.0))
+    assert solved.mask is mask  # the searched support was kept
+    assert counter.get_total_flops() == Refit(iterations).cost(rows, cols).flop
 
 
 def test_count_only_counts_every_step_of_every_linear_without_running(tmp_path):

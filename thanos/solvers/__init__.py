@@ -3,6 +3,7 @@ fp32 weight and removal mask out. `thanos.api.prune_weight` is the public entry 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -13,3 +14,6 @@ class SolverOutput:
     mask: torch.Tensor  # (r, c) bool, True where removed
     damp_used: float = 0.0
     escalations: int = 0
+    # sum over rows of (w - w0) Hd (w - w0)^T against the input weight w0, with Hd the Hessian
+    # damped as used, summed from each removal's exact cost as the solve went (None: not tracked)
+    error: Optional[float] = None

@@ -27,8 +27,8 @@ def sparsegpt_prune(
     if pattern.kind == "columns":
         raise ConfigError("SparseGPT prunes unstructured or n:m; for whole columns use method 'thanos'")
     curvature = curvature or Curvature(H, layer)
-    curvature.zero_dead_columns_(W)
     factor = curvature.factor(damp)
+    error = curvature.zero_dead_columns_(W, factor.damp_used)
     U = factor.upper  # (c, c), inv(H + damping) = U^T U
     rows, cols = W.shape
     mask = torch.zeros_like(W, dtype=torch.bool)
@@ -57,6 +57,8 @@ def sparsegpt_prune(
         W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        # Removing column i at its optimum costs w^2 / inv(H[i:, i:])_00 = (w / U_ii)^2.
+        error += float(Err1.pow(2).sum(dtype=torch.float64))
         if progress:
             progress(i2, cols)
-    return SolverOutput(W, mask, factor.damp_used, factor.escalations)
+    return SolverOutput(W, mask, factor.damp_used, factor.escalations, error)

@@ -62,7 +62,6 @@ def thanos_prune(
     """
     curvature = curvature or Curvature(H, layer)
     s = torch.diag(H).clone()  # Wanda's s_j, before the dead-input fix and damping
-    curvature.zero_dead_columns_(W)
     if trailing_inverse == "per-block":
         if pattern.kind == "columns":
             raise ValueError("trailing_inverse='per-block' applies to block-wise patterns, not 'columns'")
@@ -73,6 +72,7 @@ def thanos_prune(
         factor = curvature.factor(damp)
         U, damped = factor.upper, None  # inv(H + damping) = U^T U
         damp_used, escalations = factor.damp_used, factor.escalations
+    error = curvature.zero_dead_columns_(W, damp_used)
 
     dense_rows = outlier_rows(W, s, alpha)
     rows = (~dense_rows).nonzero().flatten()
@@ -80,20 +80,23 @@ def thanos_prune(
     mask_p = torch.zeros_like(Wp, dtype=torch.bool)
 
     if pattern.kind == "columns":
-        _prune_columns(Wp, mask_p, U, s, sparsity)
+        error += _prune_columns(Wp, mask_p, U, s, sparsity)
     else:
-        _prune_blocks(Wp, mask_p, U, s, pattern, sparsity, block_size or W.shape[1], solve_memory, damped, progress)
+        error += _prune_blocks(Wp, mask_p, U, s, pattern, sparsity, block_size or W.shape[1], solve_memory, damped,
+                               progress)
 
     W[rows] = Wp
     mask = torch.zeros_like(W, dtype=torch.bool)
     mask[rows] = mask_p
-    return SolverOutput(W, mask, damp_used, escalations)
+    return SolverOutput(W, mask, damp_used, escalations, error)
 
 
-def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H, progress=None):
+def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H, progress=None) -> float:
+    """Every block in turn; returns the summed cost of the removals (see `_remove_weights`)."""
     rows, cols = W.shape
     budget = math.floor(sparsity * rows * cols)  # unstructured: Z, the layer's exact zero count
     removed = 0
+    error = 0.0
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
         if damped_H is None:
@@ -109,20 +112,27 @@ def _prune_blocks(W, mask, U, s, pattern, sparsity, B, solve_memory, damped_H, p
             block_mask = leading_mask_of_region(region, budget - removed, i2 - i1)
             removed += int(block_mask.sum())
 
-        _remove_weights(W, i1, block_mask, G_block, solve_memory)
+        error += _remove_weights(W, i1, block_mask, G_block, solve_memory)
         mask[:, i1:i2] = block_mask
         if progress:
             progress(i2, cols)
+    return error
 
 
-def _remove_weights(W, i1, block_mask, G_block, solve_memory):
-    """Multi-weight OBS (section 2) for every row at once; the update is one GEMM."""
+def _remove_weights(W, i1, block_mask, G_block, solve_memory) -> float:
+    """Multi-weight OBS (section 2) for every row at once; the update is one GEMM.
+
+    Returns what the removals add to the damped error: the columns from `i1` on are at their
+    optimum for the earlier ones as they stand, so removing a row's set q costs exactly
+    `w_q . lambda` (lambda = inv(G_qq) w_q), the same sum over the blocks as the direct one.
+    """
     B = block_mask.shape[1]
     G_bb = G_block[:, :B]  # (B, B), inverse of the active Hessian restricted to the block
     counts = block_mask.sum(dim=1)  # (r,) k per row
     active = (counts > 0).nonzero().flatten()
+    error = 0.0
     if active.numel() == 0:
-        return
+        return error
     # Rows sorted by k, so each chunk pads its systems only to a k close to its own rows'.
     active = active[torch.argsort(counts[active], stable=True)]
     Lam = torch.zeros(W.shape[0], B, dtype=W.dtype, device=W.device)  # (r, B)
@@ -147,9 +157,11 @@ def _remove_weights(W, i1, block_mask, G_block, solve_memory):
             Gqq.diagonal(dim1=1, dim2=2).add_(1.0 - keep)
             rhs = rhs * keep
         lam = _spd_solve(Gqq, rhs)  # (R, kc)
+        error += float((rhs * lam).sum(dtype=torch.float64))  # padding: rhs 0
         Lam[idx_rows] = torch.zeros_like(sub_mask, dtype=W.dtype).scatter_(1, q, lam)
     W[:, i1:].addmm_(Lam, G_block, alpha=-1.0)  # in place: no r x (c - i1) temporary
     W[:, i1 : i1 + B].masked_fill_(block_mask, 0.0)
+    return error
 
 
 def _rows_per_chunk(device: torch.device, k: int) -> int:
@@ -193,12 +205,13 @@ def _batched_cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return L, info11 | info22
 
 
-def _prune_columns(W, mask, U, s, sparsity):
-    """Remove whole input columns in one block: one k x k system shared by every row."""
+def _prune_columns(W, mask, U, s, sparsity) -> float:
+    """Remove whole input columns in one block: one k x k system shared by every row; returns
+    the removal's cost (see `_remove_weights`)."""
     cols = W.shape[1]
     k = math.ceil(sparsity * cols)
     if k == 0:
-        return
+        return 0.0
     q = smallest_mask((W * W).sum(0) * s, k).nonzero().flatten()  # (k,), ascending column order
     G_q = U[:, q].T @ U  # (k, c): rows q of inv(H) = U^T U
     L, info = torch.linalg.cholesky_ex(G_q[:, q])  # (k, k)
@@ -206,6 +219,8 @@ def _prune_columns(W, mask, U, s, sparsity):
         lam = torch.cholesky_solve(W[:, q].T, L)  # (k, r)
     else:
         lam = torch.linalg.solve(G_q[:, q], W[:, q].T)
+    error = float((W[:, q].T * lam).sum(dtype=torch.float64))
     W -= lam.T @ G_q
     W[:, q] = 0.0
     mask[:, q] = True
+    return error
