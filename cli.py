@@ -654,7 +654,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     \b
     With --quantize fp8|int8 the export carries the 8-bit weights and activation scales:
     onnx, genai and tensorrt as QuantizeLinear / DequantizeLinear pairs around each linear,
-    safetensors as 8-bit values; the torch target does not carry them yet.
+    safetensors as 8-bit values, torch as 8-bit cuSPARSELt linears (CUDA GPU).
     \b
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from exporters.base import (CARRIES_8BIT, DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat,
+from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat,
                             ExportOptions, ValidationError, register)
 from thanos.compact import load_compact
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
@@ -40,10 +40,6 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     if not Path(model_dir).exists():
         raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
                           "wrote")
-    from exporters.source import holds_8bit, refuse_8bit
-
-    if fmt.value not in CARRIES_8BIT and holds_8bit(Path(model_dir), source):
-        refuse_8bit(model_dir, f"the {fmt.value} target")  # before a missing GPU is named: no GPU would help
     check_disjoint(out, [model_dir])
     check_writable(out)
     with output_lock(out):
@@ -113,12 +109,8 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
 
 def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None) -> None:
     """Raise BackendMissingError now if `fmt` cannot be built on this machine (before any pruning),
-    for a model quantized to `quantize` ("fp8", "int8") if given: ExportError if `fmt` cannot carry it."""
+    for a model quantized to `quantize` ("fp8", "int8") if given."""
     fmt = ExportFormat(fmt)
-    if quantize and fmt.value not in CARRIES_8BIT:
-        from exporters.source import refuse_8bit
-
-        refuse_8bit(None, f"the {fmt.value} target")
     if fmt is ExportFormat.TENSORRT:
         import torch
 
@@ -132,9 +124,12 @@ def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None) -> 
 
         require_genai()
     elif fmt is ExportFormat.TORCH:
+        from exporters.torch_8bit import require_8bit_sparse
         from exporters.torch_sparse import require_sparse_gpu
 
-        require_sparse_gpu()
+        device = require_sparse_gpu()
+        if quantize:
+            require_8bit_sparse(quantize, device)
 
 
 def _load_all() -> None:

@@ -60,9 +60,6 @@ class ExportOptions:
 # the source's dtype (None) unless a dtype is asked for.
 DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "genai": "float16", "safetensors": None}
 
-# The targets that carry a model quantized to 8 bits (weights and activation scales).
-CARRIES_8BIT = ("onnx", "tensorrt", "genai", "safetensors")
-
 Exporter = Callable[[Path, Path, ExportOptions, Optional[tuple]], dict]  # model_dir, out, options, source
 _REGISTRY: dict[ExportFormat, Exporter] = {}
 

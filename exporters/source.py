@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 
-from exporters.base import CARRIES_8BIT
 from exporters.patterns import LayerPattern, analyse
 from thanos.models import LayerSelection, prunable_linears
 from thanos.errors import InputError
@@ -90,25 +89,18 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
 
 
 def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False,
-                trust_remote_code: bool = False, source: Optional[tuple] = None,
-                refuse_8bit_as: Optional[str] = None):
+                trust_remote_code: bool = False, source: Optional[tuple] = None):
     """(model, tokenizer, report) from a pruned or compact directory, optionally cast.
 
     `source`: the (model, tokenizer, report) the directory was saved from, still in memory, used
     instead of reading it back (the model is then cast and split in place: it passes to the export).
     `split_dense_rows` turns each linear with dense outlier rows (alpha > 0) into a 2:4 part and
     a dense part (exporters.row_split); the report then lists them under "split_rows". A model
-    quantized to 8 bits comes with its scales attached (`thanos.quantized_model`); a caller that
-    cannot carry them names itself in `refuse_8bit_as`, and such a model is then refused.
+    quantized to 8 bits comes with its scales attached (`thanos.quantized_model`).
     """
-    def check_8bit(quantized: bool) -> None:
-        if quantized and refuse_8bit_as:
-            refuse_8bit(model_dir, refuse_8bit_as)
-        if quantized and split_dense_rows:
-            raise InputError(f"{model_dir} holds 8-bit linears, and --split-dense-rows would replace them with "
-                             "unquantized ones: prune with --alpha 0 for an 8-bit model, or drop --quantize")
-
-    check_8bit(holds_8bit(model_dir, source))  # before the load
+    if split_dense_rows and holds_8bit(model_dir, source):  # before the load
+        raise InputError(f"{model_dir} holds 8-bit linears, and --split-dense-rows would replace them with "
+                         "unquantized ones: prune with --alpha 0 for an 8-bit model, or drop --quantize")
     if source is not None:
         model, tokenizer, report = source
         report = json.loads(json.dumps(report, default=str))  # as the directory's thanos_report.json reads
@@ -133,16 +125,6 @@ def holds_8bit(model_dir: Path, source: Optional[tuple] = None) -> bool:
         return bool(quantized_linears(source[0]))
     model_dir = Path(model_dir)
     return (model_dir / QUANTIZATION_FILE).is_file() or (is_compact_dir(model_dir) and compact_is_8bit(model_dir))
-
-
-def refuse_8bit(model_dir: Optional[Path], consumer: str) -> None:
-    """`consumer` cannot carry 8-bit weights and activation scales; running the dequantized weights
-    without them would be a different model than the one measured. `model_dir` None: a model still
-    to be pruned."""
-    subject = f"{model_dir} was pruned" if model_dir else "a model pruned"
-    raise InputError(f"{subject} with --quantize (8-bit weights and activation scales), which {consumer} does not "
-                     f"carry yet; the {', '.join(CARRIES_8BIT)} targets do. Or measure it with `thanos-export eval` "
-                     "/ `generate`, or prune without --quantize")
 
 
 def prompts(tokenizer, count: int = 2, length: int = 24) -> torch.Tensor:

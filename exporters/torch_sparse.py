@@ -2,7 +2,8 @@
 
 Needs a CUDA GPU of compute capability 8.0+ and fp16/bf16 weights. The backend is chosen
 explicitly: cuSPARSELt on Hopper (PyTorch's CUTLASS path is not enabled there), CUTLASS where
-asked for. Linears that do not qualify stay dense and are listed.
+asked for. Linears that do not qualify stay dense and are listed. An 8-bit model's linears
+become 8-bit cuSPARSELt linears instead (`exporters.torch_8bit`).
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import torch
 
 from exporters.base import BackendMissingError, ExportFormat, ExportOptions, ValidationError, register
 from exporters.patterns import analyse, require_hardware_2to4
-from exporters.source import load_pruned, model_patterns, prompts
+from exporters.source import holds_8bit, load_pruned, model_patterns, prompts
+from exporters.torch_8bit import check_linears, require_8bit_sparse, to_8bit_semi_structured_
 from thanos.models import LayerSelection, prunable_linears
 from thanos.linears import stores_transposed, weight_view
+from thanos.quantized_model import model_format, quantized_linears, save_quantization
 
 log = logging.getLogger(__name__)
 TOLERANCE = 2e-2  # of the logits' largest magnitude: sparse kernels accumulate in another order
-REFUSES_8BIT = "the torch target (8-bit cuSPARSELt linears are not built)"
 
 
 def require_sparse_gpu(device: "str | torch.device" = "cuda") -> torch.device:
@@ -77,20 +79,24 @@ def load_semi_structured(model_dir: "str | Path", dtype: str = "float16", backen
                          device: str = "cuda", split_dense_rows: bool = False):
     """A ready-to-run sparse model from a pruned directory: (model, report).
 
-    `split_dense_rows`: an alpha > 0 model's outlier rows run as separate dense linears.
+    `split_dense_rows`: an alpha > 0 model's outlier rows run as separate dense linears. An 8-bit
+    model (its scales beside the weights) gets 8-bit cuSPARSELt linears (`backend` does not apply).
     """
     dev = require_sparse_gpu(device)
-    model, _, _ = load_pruned(Path(model_dir), dtype, split_dense_rows, refuse_8bit_as=REFUSES_8BIT)
+    model, _, _ = load_pruned(Path(model_dir), dtype, split_dense_rows)
     model.to(dev)
+    if quantized_linears(model):
+        return model, to_8bit_semi_structured_(model)
     return model, to_semi_structured_(model, backend)
 
 
 @register(ExportFormat.TORCH)
 def export_torch(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     # `source` is not used: the check needs a dense copy beside the converted model, read from the directory.
-    require_sparse_gpu()
-    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code,
-                                           refuse_8bit_as=REFUSES_8BIT)
+    device = require_sparse_gpu()
+    if holds_8bit(model_dir):
+        return _export_8bit(model_dir, out, options, device)
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
     if not options.allow_dense:
         require_hardware_2to4(model_patterns(model), report, "torch semi-structured", options.split_dense_rows)
     model.to("cuda")
@@ -112,3 +118,37 @@ def export_torch(model_dir: Path, out: Path, options: ExportOptions, source: Opt
                 split_rows=(report or {}).get("split_rows"),
                 validation=dict(max_abs_diff=diff, tolerance=TOLERANCE * scale),
                 load_with=f"exporters.torch_sparse.load_semi_structured(OUT{split})")
+
+
+def _export_8bit(model_dir: Path, out: Path, options: ExportOptions, device: torch.device) -> dict:
+    """The 8-bit model with 8-bit cuSPARSELt linears, each checked on the fake-quantized model's own
+    inputs to it (a bound from the scales and the dtypes, `check_linears`); the logits of the
+    whole model are compared too, but only reported: an input within round-off of a rounding
+    boundary lands one grid step apart, and over the layers such differences grow."""
+    model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
+    fmt = model_format(model)
+    require_8bit_sparse(fmt, device)
+    if not options.allow_dense:
+        require_hardware_2to4(model_patterns(model), report, "torch 8-bit 2:4", False)
+    model.to(device)
+    ids = prompts(tokenizer).to(device)
+    inputs, hooks = {}, []
+    for name, mod in quantized_linears(model).items():
+        hooks.append(mod.register_forward_hook(lambda m, args, output, name=name: inputs.__setitem__(name, args[0])))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits.float()  # the fake-quantized model
+    for hook in hooks:
+        hook.remove()
+    replaced = dict(quantized_linears(model))
+    result = to_8bit_semi_structured_(model)
+    checked = check_linears(model, {name: (replaced[name], inputs[name]) for name in result.converted})
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits.float()
+    model_dense, _, _ = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)
+    model_dense.save_pretrained(out)
+    save_quantization(model_dense, out)
+    tokenizer.save_pretrained(out)
+    return dict(backend=f"cusparselt {fmt}", converted=result.converted, dense=result.dense,
+                validation=dict(per_linear=checked, logits_max_abs_diff=float((got - expected).abs().max()),
+                                logits_scale=float(expected.abs().max())),
+                load_with="exporters.torch_sparse.load_semi_structured(OUT)")

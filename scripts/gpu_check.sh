@@ -2,7 +2,7 @@
 # The device run: GPU benchmarks and GPU tests in one go, most wanted figures first.
 #
 # On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=520), then give_back.
-# The steps' limits add up to 460 s, so a 15-minute device budget (start-up included) leaves room
+# The steps' limits add up to 470 s, so a 15-minute device budget (start-up included) leaves room
 # for a partial rerun. Each limit is set from the step's expected work on an H200 (below); a step
 # stopped by its limit still leaves its figures: the benchmarks write after every measurement and
 # on SIGTERM (what `timeout` sends), and every backend call sits inside its skip-with-reason guard,
@@ -60,8 +60,8 @@ step 160 "GEMM level: LLaMA-2-7B and 70B shapes, FP8, INT8 and fp16, dense again
 tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 
 # One 70B decoder layer: the statistics pass (~4e14 fp32 flop for down_proj's Hessian, seconds),
-# then the solves, counted at 633 TFLOP for the default preset (`thanos-export plan --config
-# llama2-70b --count-only`; down_proj's mask search and refit 180 + 175 of it, its peak ~32 GiB):
+# then the solves, counted at 586 TFLOP for the default preset (`thanos-export plan --config
+# llama2-70b --count-only`; down_proj's mask search and refit 180 + 148 of it, its peak 35 GiB):
 # about 10 s at the H200's fp32 rate, more where kernels fall short of it. The JSON is rewritten
 # after every solve, so a stop at the limit keeps the linears done so far.
 # The default preset permutes channels with scipy's linear assignment; a machine without scipy
@@ -80,7 +80,11 @@ step 30 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets 
     --methods thanos,sparsegpt,sparsegpt:reference,thanos:fast,thanos:default \
     --json-out "$OUT/solver_gpu.json"
 
-step 60 "GPU tests" python -m pytest -q -m gpu -p no:cacheprovider tests
+# The 8-bit cuSPARSELt linears of the torch target first: that path has never run on a GPU.
+step 20 "GPU tests: the torch target's 8-bit 2:4 linears" \
+    python -m pytest -q -m gpu -p no:cacheprovider tests/exporters/test_torch_8bit.py
+step 50 "GPU tests: the rest" \
+    python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/exporters/test_torch_8bit.py tests
 
 # The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or
 # onnxruntime-genai-cuda they are measured, else recorded as skipped with the reason.
