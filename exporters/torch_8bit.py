@@ -102,8 +102,8 @@ def require_8bit_sparse(fmt: str, device: torch.device) -> None:
     probe = torch.zeros(64, 64, device=device)
     probe[:, ::2] = 1.0  # 2:4 along K
     probe = probe.to(FORMATS[fmt].dtype)
-    kernel = cusparselt_kernel(fmt)
     try:  # one compression and one product, as every converted linear will run them
+        kernel = cusparselt_kernel(fmt)  # a torch without the ops has no attribute
         kernel.multiply(kernel.prepare(probe), probe[:ALIGNMENT[fmt]])
     except (RuntimeError, NotImplementedError, AttributeError) as exc:
         first_line = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
