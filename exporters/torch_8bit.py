@@ -21,7 +21,7 @@ from exporters.patterns import analyse
 from thanos.linears import stores_transposed, weight_view
 from thanos.models import LayerSelection, prunable_linears
 from thanos.quantize import FORMATS, Format, grid_of, to_grid
-from thanos.quantized_model import quantization_of
+from thanos.quantized_model import quantization_of, quantized_linears
 
 # The dense operand's token count is padded to a multiple of this (zeros; their outputs are
 # dropped): cuSPARSELt's 8-bit kernels take operands in multiples of 16 (FP8) / 32 (INT8) along
@@ -111,6 +111,22 @@ def require_8bit_sparse(fmt: str, device: torch.device) -> None:
             f"torch {torch.__version__} has no cuSPARSELt kernel for {fmt} 2:4 weights on {device} "
             f"({type(exc).__name__}: {first_line}); use --target tensorrt for an 8-bit 2:4 engine, or a CUDA "
             "torch built with cuSPARSELt 0.6+") from exc
+
+
+@torch.no_grad()
+def reference_run(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The fake-quantized model's logits on `ids` (fp32), and {name: (quantized linear, the input it
+    received, already rounded)}: what `check_linears` compares the converted linears with."""
+    linears = quantized_linears(model)
+    inputs, hooks = {}, []
+    for name, mod in linears.items():
+        hooks.append(mod.register_forward_hook(lambda m, args, output, name=name: inputs.__setitem__(name, args[0])))
+    try:
+        logits = model(ids, use_cache=False).logits.float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, {name: (mod, inputs[name]) for name, mod in linears.items()}
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 from exporters.base import BackendMissingError, ExportFormat, ExportOptions, ValidationError, register
 from exporters.patterns import analyse, require_hardware_2to4
 from exporters.source import holds_8bit, load_pruned, model_patterns, prompts
-from exporters.torch_8bit import check_linears, require_8bit_sparse, to_8bit_semi_structured_
+from exporters.torch_8bit import check_linears, reference_run, require_8bit_sparse, to_8bit_semi_structured_
 from thanos.models import LayerSelection, prunable_linears
 from thanos.linears import stores_transposed, weight_view
 from thanos.quantized_model import model_format, quantized_linears, save_quantization
@@ -132,16 +132,9 @@ def _export_8bit(model_dir: Path, out: Path, options: ExportOptions, device: tor
         require_hardware_2to4(model_patterns(model), report, "torch 8-bit 2:4", False)
     model.to(device)
     ids = prompts(tokenizer).to(device)
-    inputs, hooks = {}, []
-    for name, mod in quantized_linears(model).items():
-        hooks.append(mod.register_forward_hook(lambda m, args, output, name=name: inputs.__setitem__(name, args[0])))
-    with torch.no_grad():
-        expected = model(ids, use_cache=False).logits.float()  # the fake-quantized model
-    for hook in hooks:
-        hook.remove()
-    replaced = dict(quantized_linears(model))
+    expected, captured = reference_run(model, ids)
     result = to_8bit_semi_structured_(model)
-    checked = check_linears(model, {name: (replaced[name], inputs[name]) for name in result.converted})
+    checked = check_linears(model, {name: captured[name] for name in result.converted})
     with torch.no_grad():
         got = model(ids, use_cache=False).logits.float()
     model_dense, _, _ = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)

@@ -10,7 +10,7 @@ import torch
 from exporters import BackendMissingError, ExportOptions, export
 from exporters.base import ValidationError
 from exporters.source import load_pruned
-from exporters.torch_8bit import Kernel, Sparse8bitLinear, check_linears, require_8bit_sparse, \
+from exporters.torch_8bit import Kernel, Sparse8bitLinear, check_linears, reference_run, require_8bit_sparse, \
     to_8bit_semi_structured_
 from tests.thanos.test_driver import SMALL
 from thanos import PruneConfig
@@ -40,18 +40,11 @@ def exact_kernel(error: float = 0.0) -> Kernel:
 def converted_model(model_dir, kernel):
     """The fake-quantized model's inputs to each 8-bit linear on real text, then the model converted."""
     model, tokenizer, _ = load_pruned(model_dir, "float32")
-    inputs, hooks = {}, []
-    for name, mod in quantized_linears(model).items():
-        hooks.append(mod.register_forward_hook(lambda m, args, output, name=name: inputs.__setitem__(name, args[0])))
     ids = torch.randint(0, 200, (2, 37),  # 74 tokens: padded to the kernel's alignment
-                         generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(ids, use_cache=False).logits
-    for hook in hooks:
-        hook.remove()
-    replaced = dict(quantized_linears(model))
+                        generator=torch.Generator().manual_seed(0))
+    expected, captured = reference_run(model, ids)
     report = to_8bit_semi_structured_(model, kernel)
-    return model, report, {name: (replaced[name], inputs[name]) for name in report.converted}, ids, expected
+    return model, report, {name: captured[name] for name in report.converted}, ids, expected
 
 
 def test_every_8bit_linear_is_converted_and_matches_the_fake_quantized_one(quantized_dir):
