@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 DEFAULT_METHODS = ("magnitude", "wanda", "sparsegpt", "modelopt-sparsegpt",
                    *(f"thanos:{name}" for name in PRESETS))
 SEED_FREE = {"magnitude"}  # needs no calibration data: one run stands for every seed
+# NVIDIA ModelOpt's quantization configs a TensorRT user would reach for: FP8 (per-tensor weights and
+# inputs, max calibration) and INT8 with SmoothQuant (per-channel weights, per-tensor inputs).
+MODELOPT_QUANTIZATION = {"modelopt-fp8": "FP8_DEFAULT_CFG", "modelopt-int8": "INT8_SMOOTHQUANT_CFG"}
 
 
 def other_kind_text() -> Optional[Path]:
@@ -70,9 +73,15 @@ def method_config(method: str, pattern: str) -> PruneConfig:
     """A method name as the table writes it: "sparsegpt", "thanos:<preset>", each optionally followed by
     "+fp8" or "+int8" (8-bit, compensated rounding), "+fp8-nearest" (round-to-nearest), and "@ALPHA"
     (the smoothing strength, or "@auto"; the format's default without); "dense+fp8" quantizes the unpruned
-    model (nothing removed), the reference an 8-bit user compares against."""
+    model (nothing removed), the reference an 8-bit user compares against. "+modelopt-fp8" /
+    "+modelopt-int8": the pruned model quantized by NVIDIA ModelOpt instead (the config returned is
+    the pruning's; `_modelopt_quantize_` adds the rest)."""
     base, _, quant = method.partition("+")
     quantize = {}
+    if quant.startswith("modelopt-"):
+        if quant not in MODELOPT_QUANTIZATION:
+            raise InputError(f"unknown ModelOpt quantization {quant!r}; choose one of {', '.join(MODELOPT_QUANTIZATION)}")
+        quant = ""
     if quant:
         quant, _, alpha = quant.partition("@")
         fmt, _, rounding = quant.partition("-")
@@ -159,7 +168,35 @@ def _prune(base, method, pattern, calibration, settings: Comparison, seed: int, 
         prune_model_(model, samples, prune_config, dev)
         simulate_activations_(model)  # a quantized model is measured as the 8-bit runtime computes
         config = prune_config.to_json()
+        quant = method.partition("+")[2]
+        if quant in MODELOPT_QUANTIZATION:
+            config = dict(config, modelopt_quantization=_modelopt_quantize_(model, samples, quant, dev))
     return model, time.perf_counter() - start, config
+
+
+def _modelopt_quantize_(model, samples, quant: str, dev) -> dict:
+    """NVIDIA ModelOpt's 8-bit quantization of the pruned model (fake-quantized, as it measures it),
+    calibrated on the same samples (optional dependency)."""
+    try:
+        import modelopt
+        import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise _Skipped(f"nvidia-modelopt is not installed ({exc}); `pip install nvidia-modelopt` adds it") from exc
+    name = MODELOPT_QUANTIZATION[quant]
+    model.to(dev)
+
+    def calibrate(m):
+        with torch.no_grad():
+            for s in samples:
+                m(s[None].to(dev), use_cache=False)
+
+    try:
+        mtq.quantize(model, getattr(mtq, name), calibrate)
+    except Exception as exc:  # a failure inside a third-party tool is reported, not fatal
+        raise _Skipped(f"ModelOpt's {name} failed here: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.to("cpu")
+    return dict(config=name, modelopt=modelopt.__version__)
 
 
 def _modelopt_sparsegpt_(model, samples, pattern: str, dev) -> dict:

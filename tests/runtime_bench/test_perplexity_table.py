@@ -64,3 +64,16 @@ def test_join_makes_one_table_of_several_patterns_files(tmp_path):
     assert {(e["pattern"], e["method"]) for e in joined["summary"]} == {("-", "dense"), ("2:4", "sparsegpt"),
                                                                          ("4:8", "sparsegpt")}
     assert "| 4:8 | sparsegpt | 1 | 17.00" in (tmp_path / "all.md").read_text()
+
+
+def test_method_names_parse_into_the_recipe_they_measure():
+    from runtime_bench.perplexity import method_config
+    from thanos.errors import InputError
+
+    quantized = method_config("thanos:default+fp8", "2:4")
+    assert quantized.quantize == "fp8" and quantized.preset == "default"
+    # ModelOpt's quantization is applied to the pruned model afterwards: the recipe itself has no 8-bit step
+    peer = method_config("thanos:default+modelopt-int8", "2:4")
+    assert peer.quantize is None and peer.preset == "default"
+    with pytest.raises(InputError, match="unknown ModelOpt quantization 'modelopt-fp4'"):
+        method_config("thanos:default+modelopt-fp4", "2:4")
