@@ -34,7 +34,7 @@ from torch import nn
 from exporters.base import ExportError, ValidationError
 from exporters.source import DTYPES
 from thanos.linears import weight_view
-from thanos.quantize import FORMATS, grid_of, to_grid
+from thanos.quantize import FORMATS, grid_of, input_grid
 from thanos.quantized_model import quantization_of
 
 QDQ_OPSET = 19
@@ -202,7 +202,7 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
 
     Run once on `feed_for(session)`, with each linear's input x, its 8-bit input q and its output y
     read out:
-    * q must be `to_grid(x / s_in)` (QuantizeLinear's definition, as `thanos.quantize` computes it)
+    * q must be `input_grid(x, s_in)` (QuantizeLinear's definition, as `thanos.quantize` computes it)
       except where x / s_in sits within the graph's round-off of a rounding boundary; there the
       two may be one grid step apart, and such inputs are counted;
     * y must be `(q * s_in) @ (grid * s_w)^T` within the dot product's worst-case round-off,
@@ -249,7 +249,7 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
         q = _grid_values(outputs[probe.q], fmt).reshape(x.shape)
         if probe.x not in checked_inputs:  # one check per QuantizeLinear (q/k/v share one)
             checked_inputs.add(probe.x)
-            ours = to_grid(x / s_in, fmt, fmt.lowest)
+            ours = input_grid(x, s_in, fmt)
             differ = ours != q
             if differ.any():
                 exact = x[differ].double() / s_in

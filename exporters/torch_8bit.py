@@ -20,7 +20,7 @@ from exporters.base import BackendMissingError
 from exporters.patterns import analyse
 from thanos.linears import stores_transposed, weight_view
 from thanos.models import LayerSelection, prunable_linears
-from thanos.quantize import FORMATS, Format, grid_of, to_grid
+from thanos.quantize import FORMATS, Format, grid_of, input_grid
 from thanos.quantized_model import quantization_of, quantized_linears
 
 # The dense operand's token count is padded to a multiple of this (zeros; their outputs are
@@ -66,8 +66,8 @@ class Sparse8bitLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x's 8-bit values: the grid `thanos.quantize.fake_quantize` rounds to, in the format's dtype."""
-        return to_grid(x.float() / self.input_scale, self.fmt, self.fmt.lowest).to(self.fmt.dtype)
+        """x's 8-bit values in the format's dtype: the grid the fake-quantized model rounds to."""
+        return input_grid(x, self.input_scale, self.fmt).to(self.fmt.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -90,8 +90,9 @@ class Sparse8bitReport:
     dense: dict[str, str]  # name -> why it stays a fake-quantized dense linear
 
 
-def require_8bit_sparse(fmt: str, device: torch.device) -> None:
-    """Refuse, naming what is missing, where this device or this torch has no 8-bit 2:4 kernel for `fmt`."""
+def require_8bit_sparse(fmt: str, device: torch.device) -> Kernel:
+    """cuSPARSELt's 8-bit 2:4 kernel for `fmt`, once a probe ran it here; refused, naming what is
+    missing, where this device or this torch has none."""
     device = torch.device(device)
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
@@ -111,6 +112,7 @@ def require_8bit_sparse(fmt: str, device: torch.device) -> None:
             f"torch {torch.__version__} has no cuSPARSELt kernel for {fmt} 2:4 weights on {device} "
             f"({type(exc).__name__}: {first_line}); use --target tensorrt for an 8-bit 2:4 engine, or a CUDA "
             "torch built with cuSPARSELt 0.6+") from exc
+    return kernel
 
 
 @torch.no_grad()
@@ -183,8 +185,7 @@ def to_8bit_semi_structured_(model: nn.Module, kernel: Optional[Kernel] = None) 
                 continue
             fmt_name = quant.format
             if kernel is None:
-                require_8bit_sparse(fmt_name, weight_view(mod).device)
-                kernel = cusparselt_kernel(fmt_name)
+                kernel = require_8bit_sparse(fmt_name, weight_view(mod).device)
             grid, reason = _grid_or_reason(name, mod, quant)
             if grid is None:
                 dense[name] = reason

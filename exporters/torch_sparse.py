@@ -127,13 +127,13 @@ def _export_8bit(model_dir: Path, out: Path, options: ExportOptions, device: tor
     boundary lands one grid step apart, and over the layers such differences grow."""
     model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows, options.trust_remote_code)
     fmt = model_format(model)
-    require_8bit_sparse(fmt, device)
+    kernel = require_8bit_sparse(fmt, device)  # before the reference run: refused before any work
     if not options.allow_dense:
         require_hardware_2to4(model_patterns(model), report, "torch 8-bit 2:4", False)
     model.to(device)
     ids = prompts(tokenizer).to(device)
     expected, captured = reference_run(model, ids)
-    result = to_8bit_semi_structured_(model)
+    result = to_8bit_semi_structured_(model, kernel)
     checked = check_linears(model, {name: captured[name] for name in result.converted})
     with torch.no_grad():
         got = model(ids, use_cache=False).logits.float()

@@ -118,10 +118,15 @@ def activation_scale(amax: float, fmt: Format) -> float:
     return amax / fmt.qmax if amax > 0 else 1.0
 
 
+def input_grid(x: torch.Tensor, scale: float, fmt: Format) -> torch.Tensor:
+    """A linear input's 8-bit values (fp32) under its static `scale`: ONNX's QuantizeLinear (TensorRT's
+    too: int8 inputs saturate at -128 below, not -127)."""
+    return to_grid(x.float() / scale, fmt, fmt.lowest)
+
+
 def fake_quantize(x: torch.Tensor, scale: float, fmt: Format) -> torch.Tensor:
-    """`x` through quantize and dequantize with `scale`, in `x`'s dtype: what an 8-bit runtime feeds its GEMM
-    (ONNX's QuantizeLinear, TensorRT: int8 inputs saturate at -128 below, not -127)."""
-    return (to_grid(x.float() / scale, fmt, fmt.lowest) * scale).to(x.dtype)
+    """`x` through quantize and dequantize with `scale`, in `x`'s dtype: what an 8-bit runtime feeds its GEMM."""
+    return (input_grid(x, scale, fmt) * scale).to(x.dtype)
 
 
 @dataclasses.dataclass
