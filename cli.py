@@ -157,6 +157,12 @@ def prune_options(f):
                      help="Reorder the channels the model leaves free (gate/up rows with down_proj's inputs, "
                           "v_proj rows with o_proj's, within a head) so each n:m group drops less; the dense "
                           "model computes the same (default: the preset's for thanos, off for the others)."),
+        click.option("--sequential/--no-sequential", default=None,
+                     help="Solve each decoder layer's linears group by group (q/k/v, o, gate/up, down), each on "
+                          "statistics gathered once the groups before it are pruned (and, with --quantize and no "
+                          "reconstruction, quantized), so each sees the inputs the pruned layer gives it; costs up "
+                          "to three partial passes over the samples per layer (default: on with --quantize for the "
+                          "default preset, off otherwise)."),
         click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
                      help="Passes of decoder-block reconstruction after each layer is pruned (default: the "
                           "preset's for thanos, 0 for the other methods)."),
@@ -247,8 +253,8 @@ def build_config(recipe, **options) -> PruneConfig:
 
 
 def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size, refit_iterations,
-              refit_tolerance, mask_search_iterations, permute_channels, reconstruct_epochs, reconstruct_target,
-              alpha, damp, calib_file, calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows,
+              refit_tolerance, mask_search_iterations, permute_channels, sequential, reconstruct_epochs,
+              reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows,
               offload_activations, trust_remote_code, overwrite, distributed=False, quantize=None,
               quantize_rounding=None, quantize_smoothing=None):
     from thanos.pipeline import PruneJob
@@ -256,7 +262,7 @@ def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size,
     config = build_config(recipe, method=method, pattern=pattern, sparsity=sparsity, preset=preset,
                           block_size=block_size, alpha=alpha, damp=damp, refit_iterations=refit_iterations,
                           refit_tolerance=refit_tolerance, mask_search_iterations=mask_search_iterations,
-                          permute_channels=permute_channels,
+                          permute_channels=permute_channels, sequential=sequential,
                           reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target,
                           quantize=quantize, quantize_rounding=quantize_rounding,
                           quantize_smoothing=quantize_smoothing)
@@ -760,13 +766,16 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
               help="Thanos preset to time (its mask search, refit and reconstruction included; default: default).")
 @click.option("--permute-channels/--no-permute-channels", default=None,
               help="Time the channel permutations or not (default: the preset's; they need scipy).")
+@click.option("--sequential/--no-sequential", default=None,
+              help="Time the group-by-group solves (their partial passes count as statistics) or the one-pass ones "
+                   "(default: the preset's).")
 @click.option("--count-only", is_flag=True,
               help="Count each step's flop and peak memory per linear instead of timing: a second, no device; "
                    "a GPU's time is the flop over its throughput.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
-def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, permute_channels, count_only,
-             json_out, md_out):
+def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, permute_channels, sequential,
+             count_only, json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
     Builds one random-weight decoder layer of the named config, times the driver's own steps on
@@ -786,7 +795,7 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
         with _stop_on_sigterm():  # the JSON keeps the solves timed so far
             text = run_plan(name, device, _ints(ranks, "--ranks"), calib_samples, seqlen, pattern, method, preset,
                             json_out, md_out, echo=lambda m: click.echo(m, err=True),
-                            permute_channels=permute_channels, count_only=count_only)
+                            permute_channels=permute_channels, sequential=sequential, count_only=count_only)
     except USER_ERRORS as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
@@ -842,8 +851,9 @@ def bench_solvers_cmd(shapes, methods, patterns, block_sizes, device, per_block,
 @click.option("--model", default=None, help="Model directory or .gguf (default: the embedded SmolLM2-135M-Instruct).")
 @click.option("--methods", default=",".join(QUALITY_METHODS), show_default=True,
               help="Comma-separated: magnitude, wanda, sparsegpt, modelopt-sparsegpt, thanos:PRESET, each optionally "
-                   "+fp8 / +int8 (8-bit, compensated rounding), +fp8-nearest (round-to-nearest) and @ALPHA (the "
-                   "smoothing strength, or @auto); dense+fp8 / dense+int8 quantize the unpruned model. "
+                   "/sequential or /one-pass (the solve order; default: the preset's), then +fp8 / +int8 (8-bit, "
+                   "compensated rounding), +fp8-nearest (round-to-nearest) and @ALPHA (the smoothing strength, or "
+                   "@auto); dense+fp8 / dense+int8 quantize the unpruned model. "
                    "The dense model is in every table.")
 @click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Calibration seeds; each draws other windows.")

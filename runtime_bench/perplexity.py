@@ -69,15 +69,24 @@ class Comparison:
     device: str = "auto"
 
 
+# "/sequential" after a method's name solves each decoder layer's linears group by group, "/one-pass" on
+# the dense layer's one pass (thanos.recipe.Solve); without either, the preset's (the method's) choice.
+SOLVE_ORDERS = {"sequential": True, "one-pass": False}
+
+
 def method_config(method: str, pattern: str) -> PruneConfig:
     """A method name as the table writes it: "sparsegpt", "thanos:<preset>", each optionally followed by
-    "+fp8" or "+int8" (8-bit, compensated rounding), "+fp8-nearest" (round-to-nearest), and "@ALPHA"
-    (the smoothing strength, or "@auto"; the format's default without); "dense+fp8" quantizes the unpruned
+    "/sequential" or "/one-pass" (`SOLVE_ORDERS`), then "+fp8" or "+int8" (8-bit, compensated rounding),
+    "+fp8-nearest" (round-to-nearest), and "@ALPHA" (the smoothing strength, or "@auto"; the format's
+    default without); "dense+fp8" quantizes the unpruned
     model (nothing removed), the reference an 8-bit user compares against. "+modelopt-fp8" /
     "+modelopt-int8": the pruned model quantized by NVIDIA ModelOpt instead (the config returned is
     the pruning's; `_modelopt_quantize_` adds the rest)."""
     base, _, quant = method.partition("+")
-    quantize = {}
+    base, _, order = base.partition("/")
+    if order and order not in SOLVE_ORDERS:
+        raise InputError(f"unknown solve order {order!r} in {method!r}; choose one of {', '.join(SOLVE_ORDERS)}")
+    options = {} if not order else dict(sequential=SOLVE_ORDERS[order])
     if quant.startswith("modelopt-"):
         if quant not in MODELOPT_QUANTIZATION:
             raise InputError(f"unknown ModelOpt quantization {quant!r}; choose one of {', '.join(MODELOPT_QUANTIZATION)}")
@@ -85,16 +94,18 @@ def method_config(method: str, pattern: str) -> PruneConfig:
     if quant:
         quant, _, alpha = quant.partition("@")
         fmt, _, rounding = quant.partition("-")
-        quantize = dict(quantize=fmt, quantize_rounding=rounding or None,
+        options.update(quantize=fmt, quantize_rounding=rounding or None,
                         quantize_smoothing=(alpha if alpha == "auto" else float(alpha)) if alpha else None)
     if base == "dense":
+        if order:
+            raise InputError(f"{method!r}: the dense model solves nothing, so it has no solve order")
         if not quant:
             raise InputError("'dense' is measured in every table; name an 8-bit variant such as 'dense+fp8'")
-        return PruneConfig("magnitude", "unstructured", 0.0, **quantize)
+        return PruneConfig("magnitude", "unstructured", 0.0, **options)
     sparsity = 0.5 if pattern == "unstructured" else None
     if base.startswith("thanos:"):
-        return PruneConfig("thanos", pattern, sparsity, preset=base.split(":", 1)[1], **quantize)
-    return PruneConfig(base, pattern, sparsity, **quantize)
+        return PruneConfig("thanos", pattern, sparsity, preset=base.split(":", 1)[1], **options)
+    return PruneConfig(base, pattern, sparsity, **options)
 
 
 def _is_dense(method: str) -> bool:

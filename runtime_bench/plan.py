@@ -254,12 +254,13 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
              calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
              method: str = "thanos", preset: Optional[str] = None, json_out: Optional[str] = None,
              md_out: Optional[str] = None, echo=print, permute_channels: Optional[bool] = None,
-             count_only: bool = False) -> str:
+             count_only: bool = False, sequential: Optional[bool] = None) -> str:
     """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown.
 
     `count_only`: count each step's flop and memory per linear instead, in a second, on no device.
     """
-    prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels)
+    prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels,
+                        sequential=sequential)
     if count_only:
         work = count_work(name, prune)
         recipe = ", ".join(step.kind for step in prune.recipe.steps)

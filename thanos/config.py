@@ -39,6 +39,9 @@ class Preset:
     mask_search_iterations: int = 0  # ADMM iterations over mask and weights (none for 'columns': it moves weights)
     permute_channels: bool = False  # reorder free channels (n:m only: other patterns have no groups)
     refit_tolerance: float = 0.0  # the refit stops once an iteration gains less than this share of the error
+    # With --quantize, solve a layer's linears group by group on the (8-bit) pruned layer's inputs:
+    # it paid there, and was a wash without the 8-bit step (docs/results/README.md, round 8).
+    sequential_with_8bit: bool = False
 
     def value(self, option: str, pattern: Pattern):
         """The preset's value of a step option for `pattern`: no permutations without n:m groups, and no
@@ -55,8 +58,9 @@ PRESETS = {
                    "the paper's block-wise solve alone"),
     "default": Preset({"nm": 32, "unstructured": 128, "columns": None}, 10, 0,
                       "free channels permuted for n:m, smaller blocks, a short mask search, then the kept weights "
-                      "refit on the final mask", mask_search_iterations=10, permute_channels=True,
-                      refit_tolerance=REFIT_TOLERANCE),
+                      "refit on the final mask; with --quantize, each layer's linears solved and quantized group "
+                      "by group", mask_search_iterations=10, permute_channels=True, refit_tolerance=REFIT_TOLERANCE,
+                      sequential_with_8bit=True),
     "best": Preset({"nm": 32, "unstructured": 128, "columns": None}, 20, 2,
                    "as default with a longer mask search and refit, then each decoder layer tuned towards the dense "
                    "layer's outputs", mask_search_iterations=30, permute_channels=True),
@@ -74,7 +78,10 @@ class PruneConfig:
     fills every step option left as None; the other methods have no presets, and their optional
     steps are off unless asked for. `block_size=None` picks `DEFAULT_BLOCK_SIZE` for them.
     `mask_search_iterations` moves mask and weights together from the solver's result;
-    `refit_iterations` (at most) re-solves the kept weights for the final mask; `reconstruct_epochs` tunes
+    `refit_iterations` (at most) re-solves the kept weights for the final mask; `sequential` solves a
+    decoder layer's linears group by group, each on the inputs the layer gives it once the groups
+    before it are pruned (and quantized; None: the preset's, which for `default` is on with
+    `quantize`); `reconstruct_epochs` tunes
     each pruned decoder layer towards `reconstruct_target` ("layer" if None); `permute_channels`
     reorders the channels a model family leaves free before an n:m pattern groups them; `quantize`
     ("fp8" or "int8", None for none) turns the final weights and each linear's input into 8 bits
@@ -101,6 +108,7 @@ class PruneConfig:
     quantize_rounding: Optional[str] = None
     quantize_smoothing: "float | str | None" = None  # a strength in [0, 1], or "auto"
     refit_tolerance: Optional[float] = None
+    sequential: Optional[bool] = None
     recipe: Recipe = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -142,6 +150,8 @@ class PruneConfig:
             set_("quantize_rounding", "compensated")
         if self.quantize is not None and self.quantize_smoothing is None:
             set_("quantize_smoothing", DEFAULT_SMOOTHING.get(self.quantize, 0.0))
+        if self.sequential is None:
+            set_("sequential", bool(preset and preset.sequential_with_8bit and self.quantize is not None))
         if self.reconstruct_lr is None:
             set_("reconstruct_lr", (preset or PRESETS[DEFAULT_PRESET]).reconstruct_lr)
         if self.reconstruct_target is None:
@@ -160,7 +170,7 @@ class PruneConfig:
         if not (0.0 <= self.sparsity < 1.0):
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity}")
         steps = [Permute()] if self.permute_channels else []
-        steps.append(Solve(self.method, self.resolved_block_size, self.alpha, self.damp))
+        steps.append(Solve(self.method, self.resolved_block_size, self.alpha, self.damp, self.sequential))
         if self.mask_search_iterations:
             steps.append(MaskSearch(self.mask_search_iterations))
         if self.refit_iterations:
@@ -198,7 +208,7 @@ class PruneConfig:
         solve, refit = recipe.solve, recipe.get(Refit)
         search, reconstruct, quantize = recipe.get(MaskSearch), recipe.get(Reconstruct), recipe.get(Quantize)
         fields = dict(method=solve.method, pattern=recipe.pattern, sparsity=recipe.sparsity,
-                      block_size=solve.block_size, alpha=solve.alpha, damp=solve.damp,
+                      block_size=solve.block_size, alpha=solve.alpha, damp=solve.damp, sequential=solve.sequential,
                       refit_iterations=refit.iterations if refit else 0,
                       refit_tolerance=refit.tolerance if refit else None,
                       mask_search_iterations=search.iterations if search else 0,

@@ -7,6 +7,7 @@ being pruned is on the accelerator.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Callable, Optional
@@ -164,7 +165,9 @@ def prune_model_(
             reports += layer_reports
         if quantize and linears[index]:
             inputs = final_pass_8bit(layer, linears[index], inputs, args, kwargs, device, store_device, quantize,
-                                     parallel, reports[-len(linears[index]):])
+                                     parallel, reports[-len(linears[index]):],
+                                     # set per group as it was solved (a checkpoint keeps them)
+                                     scales_set=quantizes_per_group(config, smoothing))
         else:
             inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
         layer.to("cpu")
@@ -202,18 +205,20 @@ class InputRanges:
 
 
 def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device, step: Quantize,
-                    parallel: Parallel, reports: list[dict]) -> list[torch.Tensor]:
+                    parallel: Parallel, reports: list[dict], scales_set: bool = False) -> list[torch.Tensor]:
     """The next layer's inputs as the 8-bit layer computes them.
 
     A first pass finds each linear's static input scale (the largest magnitude it sees, over every
-    rank's samples); a second runs with every linear's input rounded by its scale, so the layers
-    after this one are pruned and quantized against the inputs an 8-bit runtime feeds them.
+    rank's samples), unless `scales_set` (the sequential solves set each group's from the very
+    inputs this pass would see); a second runs with every linear's input rounded by its scale, so
+    the layers after this one are pruned and quantized against the inputs an 8-bit runtime feeds them.
     """
-    ranges = InputRanges(linears)
-    with ranges:
-        for x in inputs:
-            _forward(layer, x, args, kwargs, device, store_device)
-    set_input_scales_(linears, ranges, step, parallel, reports)
+    if not scales_set:
+        ranges = InputRanges(linears)
+        with ranges:
+            for x in inputs:
+                _forward(layer, x, args, kwargs, device, store_device)
+        set_input_scales_(linears, ranges, step, parallel, reports)
     with inputs_rounded(linears.values()):
         return run_layer(layer, inputs, args, kwargs, device, store_device)
 
@@ -274,6 +279,26 @@ class SharedInputStatistics:
 
     def hessian(self, name: str) -> torch.Tensor:
         return self.stats[self.source[name]].hessian
+
+    def groups(self) -> list[list[str]]:
+        """The linears seen, grouped by the input they read, in the order the forward first reads each."""
+        grouped: dict[str, list[str]] = {}
+        for name, source in self.source.items():
+            grouped.setdefault(source, []).append(name)
+        return list(grouped.values())
+
+    def forget_(self, names) -> None:
+        """Free the statistics (and what was derived from them) of the inputs `names` read."""
+        for source in {self.source[name] for name in names if name in self.source}:
+            for held in (self.stats, self.curvatures, self.ranges):
+                held.pop(source, None)
+
+    def adopt_(self, fresh: "SharedInputStatistics") -> None:
+        """Read `fresh`'s linears' statistics from it from now on (their old ones forgotten)."""
+        self.forget_(fresh.source)
+        self.source.update(fresh.source)
+        self.stats.update(fresh.stats)
+        self.ranges.update(fresh.ranges)
 
     def curvature(self, name: str) -> Curvature:
         """What the steps derive from `name`'s Hessian, one object for all linears that read its input.
@@ -337,9 +362,20 @@ class LayerStep:
         return _forward(self.layer, x, self.args, self.kwargs, self.device, self.device)
 
 
+def quantizes_per_group(config: PruneConfig, smoothing: tuple[SmoothGroup, ...]) -> bool:
+    """Whether the sequential solves quantize each group before the next one's statistics: only where
+    nothing after the solves changes a weight (the reconstruction) or rescales one (smoothing folds
+    into v_proj's and up_proj's rows, quantized by then)."""
+    recipe = config.recipe
+    quantize = recipe.get(Quantize)
+    return (recipe.solve.sequential and quantize is not None and recipe.get(Reconstruct) is None
+            and not (quantize.smooths and smoothing))
+
+
 def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progress], parallel: Parallel,
                 on_report: Optional[Callable[[dict], None]] = None):
-    """Statistics, solves and (if asked) decoder-block reconstruction for one layer.
+    """Statistics, solves (group by group with `Solve.sequential`: `solve_in_order`), and (if asked)
+    decoder-block reconstruction and the 8-bit step for one layer.
 
     Returns its per-linear reports and, when the reconstruction aims at the dense model's
     activations, the dense model's outputs of this layer (the next layer's dense inputs).
@@ -349,10 +385,13 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     reconstruct = recipe.get(Reconstruct) if step.linears else None
     quantize = recipe.get(Quantize) if step.linears else None
     smooth = quantize is not None and quantize.smooths and step.smoothing
-    shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
-                                step.store_device, progress,
-                                keep_outputs=reconstruct is not None and step.dense_inputs is None,
-                                track_ranges=bool(smooth))
+    per_group = quantize is not None and quantizes_per_group(config, step.smoothing)
+    ranges = InputRanges(step.linears) if per_group else contextlib.nullcontext()
+    with ranges:  # q/k/v's input ranges: their inputs do not depend on this layer's weights
+        shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
+                                    step.store_device, progress,
+                                    keep_outputs=reconstruct is not None and step.dense_inputs is None,
+                                    track_ranges=bool(smooth))
     dense_outputs = None
     if step.dense_inputs is not None:  # the layer is still dense here
         dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
@@ -362,8 +401,13 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
         def permute(statistics: SharedInputStatistics):
             return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, statistics.own_hessian,
                                               recipe.pattern, statistics.own_range)
-    reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report,
-                          keep_statistics=quantize is not None, keep_factors=quantize is not None and not smooth)
+    keep = quantize is not None  # the 8-bit step reads the statistics, and reuses the factors unless smoothed
+    if recipe.solve.sequential:
+        reports = solve_in_order(step, shared, config, progress, parallel, permute, on_report, keep,
+                                 keep and not smooth, quantize if per_group else None, ranges)
+    else:
+        reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report,
+                              keep_statistics=keep, keep_factors=keep and not smooth)
     if reconstruct:
         # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
         targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
@@ -374,7 +418,7 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
                  "" if result.kept else " (discarded: no better)", result.seconds)
         for report in reports:
             report["reconstruction"] = dataclasses.asdict(result)
-    if quantize:
+    if quantize and not per_group:
         smoothed = {}
         if smooth:
             for channel_range in shared.ranges.values():
@@ -387,6 +431,47 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
             if name in smoothed:
                 report["quantization"]["smoothing"] = dataclasses.asdict(smoothed[name])
     return reports, dense_outputs
+
+
+def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: PruneConfig, progress, parallel: Parallel,
+                   permute: Optional[Callable], on_report, keep_statistics: bool, keep_factors: bool,
+                   quantize: Optional[Quantize], first_ranges) -> list[dict]:
+    """The layer's linears solved group by group (those that read one input), in the order the
+    forward reads them; each group after the first on statistics from a pass, stopped at its
+    input, through the layer with the groups before it pruned.
+
+    `quantize`: each group is also quantized once solved and its input scale set (the first group's
+    from `first_ranges`, the first pass's `InputRanges`), and the later passes round the inputs of
+    the groups done, as the 8-bit runtime will. `keep_statistics` / `keep_factors` keep each
+    group's own statistics (and factors) in `shared` for the 8-bit step.
+    """
+    groups = shared.groups()
+    # the permutation reads every first-pass Hessian (the same on every rank); otherwise only the first group's
+    reduce_statistics_(step.linears if permute else groups[0], shared, parallel)
+    permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)} if permute else {}
+    reports: dict[str, dict] = {}
+    done: list[nn.Module] = []  # quantized so far: the later passes round their inputs
+    for index, names in enumerate(groups):
+        group = {name: step.linears[name] for name in names}
+        ranges = first_ranges
+        if index:
+            shared.forget_(names)  # the dense layer's statistics of these: free them before the new ones
+            ranges = InputRanges(group) if quantize else contextlib.nullcontext()
+            with inputs_rounded(done), ranges:
+                fresh = collect_statistics(step.layer, group, step.inputs, step.args, step.kwargs, step.device,
+                                           step.store_device, track_ranges=shared.track_ranges, stop_at_inputs=True)
+            shared.adopt_(fresh)
+            reduce_statistics_(group, shared, parallel)
+        solved = solve_linears(group, shared, config, progress, parallel, on_report, keep_statistics, keep_factors,
+                               permuted)
+        if quantize:
+            quantize_layer_(group, shared, quantize, config.recipe.solve.damp, parallel, solved)
+            set_input_scales_(group, ranges, quantize, parallel, solved)
+            done += group.values()
+        reports.update(zip(names, solved))
+        log.info("group %d of %d (%s) solved on the inputs the layer gives it%s", index + 1, len(groups),
+                 ", ".join(names), " with the groups before it pruned" if index else "")
+    return [reports[name] for name in step.linears]
 
 
 def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistics", step: Quantize, damp: float,
@@ -420,19 +505,40 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
 
 
 def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device,
-                       progress=None, keep_outputs: bool = False, track_ranges: bool = False) -> SharedInputStatistics:
+                       progress=None, keep_outputs: bool = False, track_ranges: bool = False,
+                       stop_at_inputs: bool = False) -> SharedInputStatistics:
     """Run this rank's samples through `layer`, streaming each linear's input into its Hessian.
 
     `keep_outputs` keeps the still-dense layer's outputs on `inputs` in `layer_outputs`;
-    `track_ranges` each input channel's largest magnitude (for smoothing before 8-bit quantization).
+    `track_ranges` each input channel's largest magnitude (for smoothing before 8-bit quantization);
+    `stop_at_inputs` ends each sample's pass once every one of `linears` has its input (nothing
+    after them is computed).
     """
     shared = SharedInputStatistics(linears, device, track_ranges)
-    hooks = [layer.register_forward_pre_hook(shared.new_pass)]
-    hooks += [mod.register_forward_pre_hook(lambda m, a, name=name: shared.add(name, a[0]))
-              for name, mod in linears.items()]
+    waiting: set[str] = set()
+
+    def new_pass(*_):
+        shared.new_pass()
+        waiting.update(linears)
+
+    def seen(name: str, x: torch.Tensor) -> None:
+        shared.add(name, x)
+        waiting.discard(name)
+        if stop_at_inputs and not waiting:
+            raise _Captured
+
+    hooks = [layer.register_forward_pre_hook(new_pass)]
+    hooks += [mod.register_forward_pre_hook(lambda m, a, name=name: seen(name, a[0])) for name, mod in linears.items()]
     try:
-        outputs = run_layer(layer, inputs, args, kwargs, device, store_device, progress)
-        shared.layer_outputs = outputs if keep_outputs else None
+        if stop_at_inputs:
+            for i, x in enumerate(inputs):
+                with contextlib.suppress(_Captured):
+                    _forward(layer, x, args, kwargs, device, store_device)
+                if progress:
+                    progress("samples", i + 1, len(inputs))
+        else:
+            outputs = run_layer(layer, inputs, args, kwargs, device, store_device, progress)
+            shared.layer_outputs = outputs if keep_outputs else None
     finally:
         for h in hooks:
             h.remove()
@@ -470,6 +576,13 @@ class LinearReport:
                 if v is not None or k not in ("permutation", "reconstruction", "quantization")}
 
 
+def reduce_statistics_(names, shared: SharedInputStatistics, parallel: Parallel) -> None:
+    """Sum the statistics of the linears `names` over ranks (each shared input once)."""
+    for name in names:
+        if name in shared.stats:
+            parallel.reduce_stats_(shared.stats[name])
+
+
 def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress,
                 parallel: Parallel, permute: Optional[Callable] = None,
                 on_report: Optional[Callable[[dict], None]] = None, keep_statistics: bool = False,
@@ -482,11 +595,18 @@ def solve_layer(linears: dict[str, nn.Module], shared: SharedInputStatistics, co
     keeps the Hessians for a later step (the 8-bit one), `keep_factors` their inverse factors
     too (its compensated rounding reuses them); otherwise they are freed.
     """
-    owners = parallel.owners(solve_costs(linears))
-    for name in linears:  # all reductions first, so no rank waits on another's solve
-        if name in shared.stats:
-            parallel.reduce_stats_(shared.stats[name])
+    reduce_statistics_(linears, shared, parallel)  # all reductions first, so no rank waits on another's solve
     permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)} if permute else {}
+    return solve_linears(linears, shared, config, progress, parallel, on_report, keep_statistics, keep_factors,
+                         permuted)
+
+
+def solve_linears(linears: dict[str, nn.Module], shared: SharedInputStatistics, config, progress, parallel: Parallel,
+                  on_report: Optional[Callable[[dict], None]], keep_statistics: bool, keep_factors: bool,
+                  permuted: dict[str, dict]) -> list[dict]:
+    """Solve this rank's share of `linears` on `shared`'s (reduced) statistics and share every pruned
+    weight; `permuted`: the permutation report of each consumer whose inputs moved."""
+    owners = parallel.owners(solve_costs(linears))
     reports = {}
     mine = [name for name in linears if owners[name] == parallel.rank]
     for i, name in enumerate(mine):

@@ -88,13 +88,21 @@ class Permute(Step):
 
 @dataclasses.dataclass(frozen=True)
 class Solve(Step):
-    """One of the block solvers, or a one-shot mask (wanda, magnitude); `block_size` None = whole rows."""
+    """One of the block solvers, or a one-shot mask (wanda, magnitude); `block_size` None = whole rows.
+
+    `sequential`: within a decoder layer, the linears that read one input (q/k/v, o, gate/up, down)
+    are solved group after group, each on statistics gathered once the groups before it are
+    pruned (and, with the 8-bit step and nothing after the solves, quantized), so each sees the
+    inputs the pruned layer gives it; otherwise every linear is solved on the dense layer's one
+    pass (`thanos.driver.prune_layer`).
+    """
 
     kind: ClassVar[str] = "solve"
     method: str = "thanos"
     block_size: Optional[int] = None
     alpha: float = 0.0  # fraction of outlier rows kept dense (Thanos)
     damp: float = 0.01  # Hessian damping, x mean(diag H)
+    sequential: bool = False
 
     def check(self, pattern: Pattern) -> None:
         if self.method not in METHODS:

@@ -77,3 +77,10 @@ def test_method_names_parse_into_the_recipe_they_measure():
     assert peer.quantize is None and peer.preset == "default"
     with pytest.raises(InputError, match="unknown ModelOpt quantization 'modelopt-fp4'"):
         method_config("thanos:default+modelopt-fp4", "2:4")
+    ordered = method_config("thanos:default/sequential+fp8", "2:4")
+    assert ordered.sequential and ordered.quantize == "fp8" and ordered.preset == "default"
+    assert method_config("sparsegpt/one-pass", "2:4").sequential is False
+    with pytest.raises(InputError, match="unknown solve order 'seq'"):
+        method_config("thanos:best/seq", "2:4")
+    with pytest.raises(InputError, match="no solve order"):
+        method_config("dense/sequential+fp8", "2:4")

@@ -58,7 +58,8 @@ def test_config_serialises_resolved_values():
                     "mask_search_iterations": preset.mask_search_iterations,
                     "reconstruct_epochs": preset.reconstruct_epochs,
                     "reconstruct_lr": preset.reconstruct_lr, "reconstruct_target": "layer", "preset": "default",
-                    "permute_channels": False}  # unstructured has no groups to permute
+                    "permute_channels": False,  # unstructured has no groups to permute
+                    "sequential": False}  # the preset's group-by-group solves come with the 8-bit step
     assert PruneConfig(pattern="2:4").to_json()["permute_channels"] == preset.permute_channels
 
 
@@ -110,7 +111,7 @@ def test_presets_are_named_recipes_of_configured_steps(pattern):
     assert PruneConfig(method="sparsegpt", pattern=pattern, refit_iterations=5).recipe.get(Refit).tolerance == 0.0
     assert PruneConfig(method="wanda", pattern=pattern).recipe.to_json()["steps"] == [
         dict(step="solve", method="wanda", block_size=DEFAULT_BLOCK_SIZE["nm" if ":" in pattern else pattern],
-             alpha=0.0, damp=0.01)]
+             alpha=0.0, damp=0.01, sequential=False)]
 
 
 def test_a_recorded_recipe_rebuilds_the_same_config():

@@ -79,7 +79,8 @@ RESUME_CONFIGS = {
     "best": PruneConfig(preset="best"),
     "reconstruction towards the dense model": PruneConfig(reconstruct_epochs=1, reconstruct_lr=1e-3,
                                                           reconstruct_target="dense"),
-    "8-bit": PruneConfig(quantize="int8"),
+    "8-bit": PruneConfig(quantize="int8"),  # solved group by group, smoothed and quantized at each layer's end
+    "8-bit group by group": PruneConfig(quantize="fp8"),  # each group quantized once solved
 }
 
 
