@@ -447,7 +447,7 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
     """
     groups = shared.groups()
     # the permutation reads every first-pass Hessian (the same on every rank); otherwise only the first group's
-    reduce_statistics_(step.linears if permute else groups[0], shared, parallel)
+    reduce_statistics_(step.linears if permute else (groups[0] if groups else ()), shared, parallel)
     permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)} if permute else {}
     reports: dict[str, dict] = {}
     done: list[nn.Module] = []  # quantized so far: the later passes round their inputs

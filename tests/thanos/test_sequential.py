@@ -20,8 +20,12 @@ def solved_hessians(monkeypatch, tiny_llama_dir, config):
     inputs, args, kwargs = driver.capture_layer_inputs(model, samples, torch.device("cpu"), torch.device("cpu"))
     seen = {}
     solve = driver.prune_weight
-    monkeypatch.setattr(driver, "prune_weight", lambda W, H, *a, name=None, **k:
-                        seen.setdefault(name, H.clone()) is None or solve(W, H, *a, name=name, **k))
+
+    def recording(W, H, *args, name=None, **kwargs):
+        seen[name] = H.clone()
+        return solve(W, H, *args, name=name, **kwargs)
+
+    monkeypatch.setattr(driver, "prune_weight", recording)
     reports = driver.prune_model_(model, samples, config, "cpu")
     return model, (inputs, args, kwargs), seen, reports
 
@@ -116,3 +120,16 @@ def test_the_default_preset_solves_group_by_group_with_the_8bit_step_only():
     assert not PruneConfig(quantize="fp8", sequential=False).sequential  # asked for, not overridden
     assert not PruneConfig(preset="best", quantize="fp8").sequential and not PruneConfig(preset="fast", quantize="fp8").sequential
     assert not PruneConfig(method="sparsegpt", quantize="fp8").sequential
+
+
+def test_a_selection_that_skips_layers_or_groups(tiny_llama_dir):
+    """Layers with nothing selected pass through; a selection without q/k/v starts at o_proj's group."""
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    selection = LayerSelection(include=("*.layers.0.self_attn.o_proj", "*.layers.0.mlp.*"))
+    reports = driver.prune_model_(model, samples, PruneConfig(preset="fast", sequential=True), "cpu",
+                                  selection=selection)
+    assert [r["name"].rsplit(".", 2)[-2:] for r in reports] == [
+        ["self_attn", "o_proj"], ["mlp", "gate_proj"], ["mlp", "up_proj"], ["mlp", "down_proj"]]
+    for mod in prunable_linears(model, selection)[0].values():
+        assert_nm(mod.weight, 2, 4)
