@@ -159,8 +159,8 @@ def prune_options(f):
                           "model computes the same (default: the preset's for thanos, off for the others)."),
         click.option("--sequential/--no-sequential", default=None,
                      help="Solve each decoder layer's linears group by group (q/k/v, o, gate/up, down), each on "
-                          "statistics gathered once the groups before it are pruned (and, with --quantize and no "
-                          "reconstruction, quantized), so each sees the inputs the pruned layer gives it; costs up "
+                          "statistics gathered once the groups before it are pruned (and, with --quantize unsmoothed, "
+                          "fp8's default, and no reconstruction, quantized), so each sees the inputs the pruned layer gives it; costs up "
                           "to three partial passes over the samples per layer (default: on with --quantize for the "
                           "default preset, off otherwise)."),
         click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
