@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from exporters.base import BackendMissingError
+from exporters.base import BackendMissingError, ValidationError
 from exporters.patterns import analyse
 from thanos.linears import stores_transposed, weight_view
 from thanos.models import LayerSelection, prunable_linears
@@ -142,8 +142,6 @@ def check_linears(model: nn.Module, captured: dict) -> dict:
     input and the weight are stored in it), plus the model dtype's rounding of the output.
     Raises ValidationError past it; returns the largest share of the bound used.
     """
-    from exporters.base import ValidationError
-
     worst = 0.0
     for name, (replaced, x) in captured.items():
         module = model.get_submodule(name)

@@ -78,10 +78,9 @@ def method_config(method: str, pattern: str) -> PruneConfig:
     """A method name as the table writes it: "sparsegpt", "thanos:<preset>", each optionally followed by
     "/sequential" or "/one-pass" (`SOLVE_ORDERS`), then "+fp8" or "+int8" (8-bit, compensated rounding),
     "+fp8-nearest" (round-to-nearest), and "@ALPHA" (the smoothing strength, or "@auto"; the format's
-    default without); "dense+fp8" quantizes the unpruned
-    model (nothing removed), the reference an 8-bit user compares against. "+modelopt-fp8" /
-    "+modelopt-int8": the pruned model quantized by NVIDIA ModelOpt instead (the config returned is
-    the pruning's; `_modelopt_quantize_` adds the rest)."""
+    default without); "dense+fp8" quantizes the unpruned model (nothing removed), the reference an
+    8-bit user compares against. "+modelopt-fp8" / "+modelopt-int8": the pruned model quantized by
+    NVIDIA ModelOpt instead (the config returned is the pruning's; `_modelopt_quantize_` adds the rest)."""
     base, _, quant = method.partition("+")
     base, _, order = base.partition("/")
     if order and order not in SOLVE_ORDERS:
