@@ -249,9 +249,10 @@ class SharedInputStatistics:
     one forward pass, holding a reference so that no other tensor can take the same address.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device, track_ranges: bool = False):
+    def __init__(self, linears: dict[str, nn.Module], device, track_ranges: bool = False, first_only: bool = False):
         self.widths = {name: weight_view(mod).shape[1] for name, mod in linears.items()}
         self.device = device
+        self.first_only = first_only  # accumulate only the first input read; the others are only told apart
         self.source: dict[str, str] = {}  # linear -> linear whose accumulator it reads
         self.stats: dict[str, HessianAccumulator] = {}
         self.curvatures: dict[str, Curvature] = {}  # by source, made on first use
@@ -270,6 +271,8 @@ class SharedInputStatistics:
             return
         self._seen[id(x)] = (x, name)
         self.source.setdefault(name, name)
+        if self.first_only and name not in self.stats and self.stats:
+            return
         if name not in self.stats:
             self.stats[name] = HessianAccumulator(self.widths[name], self.device)
         self.stats[name].add(x)
@@ -325,7 +328,8 @@ class SharedInputStatistics:
 
     def own_hessian(self, name: str) -> Optional[torch.Tensor]:
         """`name`'s Hessian if no other linear reads it (so it may be reordered in place), else None."""
-        if self.source.get(name) != name or sum(source == name for source in self.source.values()) > 1:
+        if (self.source.get(name) != name or name not in self.stats
+                or sum(source == name for source in self.source.values()) > 1):
             return None
         return self.stats[name].hessian
 
@@ -391,16 +395,19 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
         shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
                                     step.store_device, progress,
                                     keep_outputs=reconstruct is not None and step.dense_inputs is None,
-                                    track_ranges=bool(smooth))
+                                    track_ranges=bool(smooth), first_group_only=recipe.solve.sequential)
     dense_outputs = None
     if step.dense_inputs is not None:  # the layer is still dense here
         dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
                                   step.store_device)
     permute = None
     if step.layout is not None:
-        def permute(statistics: SharedInputStatistics):
-            return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, statistics.own_hessian,
-                                              recipe.pattern, statistics.own_range)
+        def permute(statistics: SharedInputStatistics, consumers=None):
+            """Reorder the free channels of `consumers` (None: every one) from `statistics`."""
+            def hessian_of(name):
+                return statistics.own_hessian(name) if consumers is None or name in consumers else None
+            return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, hessian_of, recipe.pattern,
+                                              statistics.own_range)
     keep = quantize is not None  # the 8-bit step reads the statistics, and reuses the factors unless smoothed
     if recipe.solve.sequential:
         reports = solve_in_order(step, shared, config, progress, parallel, permute, on_report, keep,
@@ -438,30 +445,31 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
                    quantize: Optional[Quantize], first_ranges) -> list[dict]:
     """The layer's linears solved group by group (those that read one input), in the order the
     forward reads them; each group after the first on statistics from a pass, stopped at its
-    input, through the layer with the groups before it pruned.
+    input, through the layer with the groups before it pruned. `shared`: the first pass's, which
+    holds only the first group's statistics (`collect_statistics(first_group_only=True)`).
 
-    `quantize`: each group is also quantized once solved and its input scale set (the first group's
-    from `first_ranges`, the first pass's `InputRanges`), and the later passes round the inputs of
-    the groups done, as the 8-bit runtime will. `keep_statistics` / `keep_factors` keep each
-    group's own statistics (and factors) in `shared` for the 8-bit step.
+    `permute(shared, names)` reorders a group's free channels from its own statistics just before
+    its solve (o_proj's with v_proj's rows, down_proj's with gate/up's, solved by then: their rows,
+    8-bit scales included, move with them). `quantize`: each group is also quantized once solved
+    and its input scale set (the first group's from `first_ranges`, the first pass's
+    `InputRanges`), and the later passes round the inputs of the groups done, as the 8-bit runtime
+    will. `keep_statistics` / `keep_factors` keep each group's own statistics (and factors) in
+    `shared` for the 8-bit step.
     """
     groups = shared.groups()
-    # the permutation reads every first-pass Hessian (the same on every rank); otherwise only the first group's
-    reduce_statistics_(step.linears if permute else (groups[0] if groups else ()), shared, parallel)
-    permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)} if permute else {}
     reports: dict[str, dict] = {}
     done: list[nn.Module] = []  # quantized so far: the later passes round their inputs
     for index, names in enumerate(groups):
         group = {name: step.linears[name] for name in names}
         ranges = first_ranges
         if index:
-            shared.forget_(names)  # the dense layer's statistics of these: free them before the new ones
             ranges = InputRanges(group) if quantize else contextlib.nullcontext()
             with inputs_rounded(done), ranges:
                 fresh = collect_statistics(step.layer, group, step.inputs, step.args, step.kwargs, step.device,
                                            step.store_device, track_ranges=shared.track_ranges, stop_at_inputs=True)
             shared.adopt_(fresh)
-            reduce_statistics_(group, shared, parallel)
+        reduce_statistics_(group, shared, parallel)
+        permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared, names)} if permute else {}
         solved = solve_linears(group, shared, config, progress, parallel, on_report, keep_statistics, keep_factors,
                                permuted)
         if quantize:
@@ -506,34 +514,42 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
 
 def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device,
                        progress=None, keep_outputs: bool = False, track_ranges: bool = False,
-                       stop_at_inputs: bool = False) -> SharedInputStatistics:
+                       stop_at_inputs: bool = False, first_group_only: bool = False) -> SharedInputStatistics:
     """Run this rank's samples through `layer`, streaming each linear's input into its Hessian.
 
     `keep_outputs` keeps the still-dense layer's outputs on `inputs` in `layer_outputs`;
     `track_ranges` each input channel's largest magnitude (for smoothing before 8-bit quantization);
     `stop_at_inputs` ends each sample's pass once every one of `linears` has its input (nothing
-    after them is computed).
+    after them is computed). `first_group_only` accumulates only the first input the forward
+    reads (the sequential solves' first group; the later groups gather their own): the first
+    sample's whole pass tells which linears share an input (`groups`), and unless `keep_outputs`
+    the later samples stop once the first group has its input.
     """
-    shared = SharedInputStatistics(linears, device, track_ranges)
+    shared = SharedInputStatistics(linears, device, track_ranges, first_only=first_group_only)
+    awaited = set(linears)  # what a pass must have seen before it may stop
     waiting: set[str] = set()
+    stop = stop_at_inputs  # the closures read these two as they are rebound below
 
     def new_pass(*_):
         shared.new_pass()
-        waiting.update(linears)
+        waiting.update(awaited)
 
     def seen(name: str, x: torch.Tensor) -> None:
         shared.add(name, x)
         waiting.discard(name)
-        if stop_at_inputs and not waiting:
+        if stop and not waiting:
             raise _Captured
 
     hooks = [layer.register_forward_pre_hook(new_pass)]
     hooks += [mod.register_forward_pre_hook(lambda m, a, name=name: seen(name, a[0])) for name, mod in linears.items()]
     try:
-        if stop_at_inputs:
+        if stop_at_inputs or (first_group_only and not keep_outputs):
             for i, x in enumerate(inputs):
                 with contextlib.suppress(_Captured):
                     _forward(layer, x, args, kwargs, device, store_device)
+                if i == 0 and first_group_only and shared.groups():
+                    awaited = set(shared.groups()[0])
+                    stop = True
                 if progress:
                     progress("samples", i + 1, len(inputs))
         else:

@@ -29,6 +29,7 @@ from thanos.pattern import Pattern
 from thanos.errors import ThanosExportError
 from thanos.models import FreeChannels, adapter_for, attention_heads
 from thanos.linears import weight_view
+from thanos.quantized_model import quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,12 @@ def _reorder_columns_(module: nn.Module, columns: torch.Tensor) -> None:
 
 
 def _reorder_rows_(module: nn.Module, rows: torch.Tensor) -> None:
+    """A producer's rows, with their bias and (once quantized: the sequential solves) 8-bit scales."""
     weight = weight_view(module)
     weight.copy_(weight[rows])
     bias = getattr(module, "bias", None)
     if bias is not None and bias.shape[0] == len(rows):
         bias.data.copy_(bias.data[rows])
+    quantization = quantization_of(module)
+    if quantization is not None:
+        quantization.weight_scale = quantization.weight_scale[rows.to(quantization.weight_scale.device)]

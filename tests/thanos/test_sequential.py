@@ -133,3 +133,48 @@ def test_a_selection_that_skips_layers_or_groups(tiny_llama_dir):
         ["self_attn", "o_proj"], ["mlp", "gate_proj"], ["mlp", "up_proj"], ["mlp", "down_proj"]]
     for mod in prunable_linears(model, selection)[0].values():
         assert_nm(mod.weight, 2, 4)
+
+
+def test_the_first_pass_gathers_only_the_first_groups_statistics(tiny_llama_dir, monkeypatch):
+    """Sequentially, each later group gathers its own statistics, so the first pass accumulates only
+    q/k/v's input: one Hessian per group and layer, as in one pass (not the dense layer's four
+    as well)."""
+    made = []
+
+    class Counted(driver.HessianAccumulator):
+        def __init__(self, *args, **kwargs):
+            made.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "HessianAccumulator", Counted)
+    model, _, _, _ = solved_hessians(monkeypatch, tiny_llama_dir, PruneConfig(preset="default", sequential=True))
+    assert len(made) == len(GROUPS) * len(model.model.layers)
+
+
+def test_permutations_are_chosen_from_each_groups_own_statistics(tiny_llama_dir, monkeypatch):
+    """o_proj's and down_proj's channels are reordered from the statistics of their group's pass
+    (v_proj and gate/up pruned and 8-bit by then), the very Hessian then solved on; the producers'
+    8-bit row scales move with their rows, so every weight is still its 8-bit values times its scale."""
+    import thanos.recipe as recipe
+    given = {}
+    apply = recipe.permute_free_channels_
+
+    def recording(layer, prefix, layout, hessian_of, *args, **kwargs):
+        for spec in layout.free:
+            hessian = hessian_of(prefix + spec.consumer)
+            if hessian is not None and prefix.endswith("layers.0."):
+                given[prefix + spec.consumer] = hessian  # reordered in place: the tensor the solve reads
+        return apply(layer, prefix, layout, hessian_of, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "permute_free_channels_", recording)
+    config = PruneConfig(preset="default", quantize="fp8")
+    assert config.recipe.solve.sequential
+    model, _, seen, reports = solved_hessians(monkeypatch, tiny_llama_dir, config)
+    moved = {r["name"]: r["permutation"]["moved"] for r in reports if r.get("permutation")}
+    assert {name.rsplit(".", 1)[-1] for name in given} == {"o_proj", "down_proj"}
+    for name, hessian in given.items():
+        assert hessian is not None and torch.equal(hessian, seen[name]) and moved[name] > 0, name
+    from thanos.quantize import FORMATS, grid_of
+    for layer in prunable_linears(model, LayerSelection()).values():
+        for name, mod in layer.items():
+            assert grid_of(mod.weight, quantization_of(mod).weight_scale, FORMATS["fp8"]) is not None, name
