@@ -116,3 +116,97 @@ def test_the_reconstruction_reduces_on_the_layers_device(tiny_llama_dir):
     device = next(iter(linears.values())).weight.device
     assert seen and all(d == device for d, _ in seen)
     assert {t for _, t in seen} == {torch.float64}  # fp64 sums: the same in any grouping of samples
+
+
+def _rounded_setup(tiny_llama_dir):
+    """Layer 0 with 2:4 weights, and each linear's static FP8 input scale from a pass over it."""
+    from thanos.driver import InputRanges
+    from thanos.quantize import FORMATS, activation_scale
+
+    layer, linears, masks, inputs, targets, forward = _layer_setup(tiny_llama_dir)
+    ranges = InputRanges(linears)
+    with torch.no_grad(), ranges:
+        for x in inputs:
+            forward(x)
+    scales = {name: activation_scale(float(ranges.amax[name]), FORMATS["fp8"]) for name in linears}
+    return layer, linears, masks, inputs, targets, forward, scales
+
+
+def test_rounded_8bit_computes_the_8bit_layer_with_gradients_straight_through(tiny_llama_dir):
+    """Within `rounded_8bit` the layer computes what the 8-bit runtime does (weights rounded to nearest
+    per row, inputs by their static scales: the simulation the evaluation uses), while the gradient
+    reaches the unrounded weights, which stay the layer's parameters and are not changed by it."""
+    from thanos.quantize import FORMATS, dequantize, round_to_nearest, weight_scales
+    from thanos.quantized_model import ATTRIBUTE, LinearQuantization, inputs_rounded, set_quantization
+    from thanos.reconstruct import rounded_8bit
+
+    layer, linears, masks, inputs, targets, forward, scales = _rounded_setup(tiny_llama_dir)
+    fmt = FORMATS["fp8"]
+    params = {name: mod.weight for name, mod in linears.items()}
+    before = {name: w.detach().clone() for name, w in params.items()}
+    with rounded_8bit(linears, fmt, scales, torch.float32):
+        with torch.no_grad():
+            out = forward(inputs[0])
+        with torch.enable_grad():
+            for w in params.values():
+                w.requires_grad_(True)
+            forward(inputs[0]).pow(2).sum().backward()
+    grads = {name: w.grad for name, w in params.items()}
+    for w in params.values():
+        w.requires_grad_(False)
+        w.grad = None
+    assert all(linears[name].weight is w and torch.equal(w, before[name]) for name, w in params.items())
+    assert all(g is not None and bool((g[~masks[name]] != 0).any()) for name, g in grads.items())
+    with torch.no_grad():
+        for name, mod in linears.items():  # the 8-bit layer as the evaluation simulates it
+            scale = weight_scales(mod.weight, fmt, torch.float32)
+            mod.weight.copy_(dequantize(round_to_nearest(mod.weight, scale, fmt), scale, torch.float32))
+            set_quantization(mod, LinearQuantization("fp8", scale, torch.tensor(scales[name])))
+        with inputs_rounded(linears.values()):
+            expected = forward(inputs[0])
+        for name, mod in linears.items():
+            mod.weight.copy_(before[name])
+            delattr(mod, ATTRIBUTE)
+        unrounded = forward(inputs[0])
+    # The same products on the same values; only the straight-through sums (x + (r - x)) may round.
+    tolerance = 64 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+    assert float((out - expected).abs().max()) <= tolerance
+    assert float((out - unrounded).abs().max()) > tolerance  # the rounding is really there
+
+def test_reconstruction_through_the_rounding_tunes_the_8bit_layer(tiny_llama_dir):
+    """Reconstructed within `rounded_8bit`, the error measured is the 8-bit layer's, it goes down,
+    and every mask holds."""
+    from thanos.quantize import FORMATS
+    from thanos.reconstruct import rounded_8bit
+
+    layer, linears, masks, inputs, targets, forward, scales = _rounded_setup(tiny_llama_dir)
+    plain = copy.deepcopy(layer)
+    weights = [m.weight for m in linears.values()]  # the parameters: within, `weight` is the rounded tensor
+    with rounded_8bit(linears, FORMATS["fp8"], scales, torch.float32):
+        result = reconstruct_layer_(layer, weights, inputs, targets, forward, epochs=2, lr=1e-3)
+    assert result.kept and result.loss_after < result.loss_before
+    for name, mod in linears.items():
+        assert torch.equal(mod.weight[masks[name]], torch.zeros(int(masks[name].sum())))
+        assert not mod.weight.requires_grad and mod.weight.grad is None
+    assert not any(n.startswith("parametrizations") or "original" in n for n, _ in layer.named_parameters())
+    assert {n for n, _ in layer.named_parameters()} == {n for n, _ in plain.named_parameters()}
+
+
+def test_best_with_fp8_reconstructs_through_the_rounding(tiny_llama_dir):
+    """The driver tunes `best`'s layers through FP8's rounding (what the loss it reports measures), and
+    the 8-bit step after it still leaves every weight its 8-bit values times its scale, 2:4 exact."""
+    from thanos.quantize import FORMATS, grid_of
+    from thanos.quantized_model import quantization_of
+
+    losses = {}
+    for quantized in (True, False):
+        model, tokenizer = load_model(str(tiny_llama_dir))
+        samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+        config = PruneConfig(preset="best", quantize="fp8", reconstruct_epochs=1, reconstruct_quantized=quantized)
+        reports = prune_model_(model, samples, config)
+        losses[quantized] = reports[0]["reconstruction"]["loss_before"]
+        for mod in prunable_linears(model, LayerSelection())[0].values():
+            assert_nm(weight_view(mod), 2, 4)
+            assert grid_of(mod.weight, quantization_of(mod).weight_scale, FORMATS["fp8"]) is not None
+    # layer 0's solves are the same; its reconstruction measured the 8-bit layer only when asked
+    assert losses[True] != losses[False]
