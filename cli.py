@@ -166,11 +166,6 @@ def prune_options(f):
         click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
                      help="Passes of decoder-block reconstruction after each layer is pruned (default: the "
                           "preset's for thanos, 0 for the other methods)."),
-        click.option("--reconstruct-quantized/--no-reconstruct-quantized", default=None,
-                     help="With --quantize, tune the reconstruction through the 8-bit rounding (weights and "
-                          "inputs rounded as the 8-bit runtime does, gradients passed straight through), so the "
-                          "rounding does not undo what it tuned (default: on where the 8-bit step does not "
-                          "smooth, as fp8's default; smoothing rescales the weights after it)."),
         click.option("--reconstruct-target", type=click.Choice(["layer", "dense"]), default=None,
                      help="What the reconstruction aims at: the dense layer's outputs on the pruned inputs "
                           "(layer, the default), or the dense model's own activations (dense: one more pass over "
@@ -259,7 +254,7 @@ def build_config(recipe, **options) -> PruneConfig:
 
 def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size, refit_iterations,
               refit_tolerance, mask_search_iterations, permute_channels, sequential, reconstruct_epochs,
-              reconstruct_quantized, reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows,
+              reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows,
               offload_activations, trust_remote_code, overwrite, distributed=False, quantize=None,
               quantize_rounding=None, quantize_smoothing=None):
     from thanos.pipeline import PruneJob
@@ -269,7 +264,6 @@ def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size,
                           refit_tolerance=refit_tolerance, mask_search_iterations=mask_search_iterations,
                           permute_channels=permute_channels, sequential=sequential,
                           reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target,
-                          reconstruct_quantized=reconstruct_quantized,
                           quantize=quantize, quantize_rounding=quantize_rounding,
                           quantize_smoothing=quantize_smoothing)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
@@ -334,8 +328,7 @@ def _steps_in_words(steps: list[dict]) -> str:
              "mask_search": lambda s: f"mask search {s['iterations']}",
              "refit": lambda s: (f"refit up to {s['iterations']} (ends at gains below {s['tolerance']:g})"
                                  if s.get("tolerance") else f"refit {s['iterations']}"),
-             "reconstruct": lambda s: (f"reconstruction {s['epochs']} x towards the {s['target']} target"
-                                       + (" through the 8-bit rounding" if s.get("quantized") else "")),
+             "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target",
              "quantize": lambda s: f"{s['format']} weights and inputs, {s['rounding']} rounding"
                                    + (f", smoothing {s['smoothing']}" if s["smoothing"] else "")}
     return ", ".join(words[s["step"]](s) for s in steps)

@@ -82,9 +82,7 @@ class PruneConfig:
     decoder layer's linears group by group, each on the inputs the layer gives it once the groups
     before it are pruned (and quantized; None: the preset's, which for `default` is on with
     `quantize`); `reconstruct_epochs` tunes
-    each pruned decoder layer towards `reconstruct_target` ("layer" if None), through the 8-bit
-    step's rounding if `reconstruct_quantized` (None: wherever an unsmoothed 8-bit step follows,
-    as with fp8's default); `permute_channels`
+    each pruned decoder layer towards `reconstruct_target` ("layer" if None); `permute_channels`
     reorders the channels a model family leaves free before an n:m pattern groups them; `quantize`
     ("fp8" or "int8", None for none) turns the final weights and each linear's input into 8 bits
     with `quantize_rounding` ("compensated" if None), after moving activation ranges into the
@@ -111,7 +109,6 @@ class PruneConfig:
     quantize_smoothing: "float | str | None" = None  # a strength in [0, 1], or "auto"
     refit_tolerance: Optional[float] = None
     sequential: Optional[bool] = None
-    reconstruct_quantized: Optional[bool] = None
     recipe: Recipe = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -141,7 +138,7 @@ class PruneConfig:
         if self.refit_iterations and self.refit_tolerance is None:
             set_("refit_tolerance", preset.refit_tolerance if preset else 0.0)
         if not self.reconstruct_epochs:
-            for field in ("reconstruct_target", "reconstruct_lr", "reconstruct_quantized"):
+            for field in ("reconstruct_target", "reconstruct_lr"):
                 if getattr(self, field) is not None:
                     raise ConfigError(f"{field} applies to the reconstruction, which this recipe leaves out; pass "
                                       "reconstruct_epochs too (or preset 'best'), or drop it")
@@ -153,8 +150,6 @@ class PruneConfig:
             set_("quantize_rounding", "compensated")
         if self.quantize is not None and self.quantize_smoothing is None:
             set_("quantize_smoothing", DEFAULT_SMOOTHING.get(self.quantize, 0.0))
-        if self.reconstruct_epochs and self.reconstruct_quantized is None:
-            set_("reconstruct_quantized", self.quantize is not None and not self.quantize_smoothing)
         if self.sequential is None:
             set_("sequential", bool(preset and preset.sequential_with_8bit and self.quantize is not None))
         if self.reconstruct_lr is None:
@@ -181,8 +176,7 @@ class PruneConfig:
         if self.refit_iterations:
             steps.append(Refit(self.refit_iterations, self.refit_tolerance))
         if self.reconstruct_epochs:
-            steps.append(Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target,
-                                     self.reconstruct_quantized))
+            steps.append(Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target))
         if self.quantize is not None:
             steps.append(Quantize(self.quantize, self.quantize_rounding, self.quantize_smoothing))
         set_("recipe", Recipe(pattern, self.sparsity, tuple(steps), self.preset))  # each step checks itself
@@ -203,8 +197,6 @@ class PruneConfig:
         data["block_size"] = self.resolved_block_size
         if self.quantize is None:  # a recipe without the 8-bit step reads as it did before the step existed
             del data["quantize"], data["quantize_rounding"], data["quantize_smoothing"]
-        if self.reconstruct_quantized is None:  # no reconstruction: as before the option existed
-            del data["reconstruct_quantized"]
         return data
 
     @classmethod
@@ -223,7 +215,6 @@ class PruneConfig:
                       reconstruct_epochs=reconstruct.epochs if reconstruct else 0,
                       reconstruct_lr=reconstruct.lr if reconstruct else None,
                       reconstruct_target=reconstruct.target if reconstruct else None,
-                      reconstruct_quantized=reconstruct.quantized if reconstruct else None,
                       permute_channels=recipe.get(Permute) is not None,
                       quantize=quantize.format if quantize else None,
                       quantize_rounding=quantize.rounding if quantize else None,
@@ -232,8 +223,7 @@ class PruneConfig:
         fields.update(overrides)
         # An override that leaves a step out takes the recipe's options for that step with it.
         for count, options in (("refit_iterations", ("refit_tolerance",)),
-                               ("reconstruct_epochs", ("reconstruct_lr", "reconstruct_target",
-                                                       "reconstruct_quantized"))):
+                               ("reconstruct_epochs", ("reconstruct_lr", "reconstruct_target"))):
             if fields[count] == 0:
                 fields.update({option: None for option in options if option not in overrides})
         return cls(**fields)

@@ -27,7 +27,6 @@ from thanos.permute import ChannelLayout
 from thanos.quantize import FORMATS, activation_scale
 from thanos.quantized_model import LinearQuantization, inputs_rounded, quantization_of, set_quantization
 from thanos.recipe import Permute, Quantize, Reconstruct
-from thanos.reconstruct import rounded_8bit
 from thanos.smooth import SmoothGroup, smooth_layer_
 
 log = logging.getLogger(__name__)
@@ -215,26 +214,13 @@ def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, 
     the layers after this one are pruned and quantized against the inputs an 8-bit runtime feeds them.
     """
     if not scales_set:
-        ranges = input_ranges(layer, linears, inputs, args, kwargs, device, store_device)
+        ranges = InputRanges(linears)
+        with ranges:
+            for x in inputs:
+                _forward(layer, x, args, kwargs, device, store_device)
         set_input_scales_(linears, ranges, step, parallel, reports)
     with inputs_rounded(linears.values()):
         return run_layer(layer, inputs, args, kwargs, device, store_device)
-
-
-def input_ranges(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device) -> InputRanges:
-    """The largest input magnitude each of `linears` sees over this rank's samples through `layer`."""
-    ranges = InputRanges(linears)
-    with ranges:
-        for x in inputs:
-            _forward(layer, x, args, kwargs, device, store_device)
-    return ranges
-
-
-def input_amax(ranges: InputRanges, name: str, parallel: Parallel) -> float:
-    """`name`'s largest input magnitude over every rank's samples."""
-    amax = ranges.amax[name].reshape(1)
-    parallel.all_reduce_(amax, op="max")
-    return float(amax)
 
 
 def set_input_scales_(linears: dict[str, nn.Module], ranges: InputRanges, step: Quantize, parallel: Parallel,
@@ -242,7 +228,9 @@ def set_input_scales_(linears: dict[str, nn.Module], ranges: InputRanges, step: 
     """Each quantized linear's static input scale from the largest magnitude over every rank's samples."""
     fmt = FORMATS[step.format]
     for (name, mod), report in zip(linears.items(), reports):
-        amax = input_amax(ranges, name, parallel)
+        amax = ranges.amax[name].reshape(1)
+        parallel.all_reduce_(amax, op="max")
+        amax = float(amax)
         scale = activation_scale(amax, fmt)
         quantization_of(mod).input_scale = torch.tensor(scale, dtype=torch.float32)
         report["quantization"].update(input_amax=amax, input_scale=scale)
@@ -431,16 +419,8 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
         # The target: the dense model's own activations, or the dense layer's outputs on the same inputs.
         targets = dense_outputs if dense_outputs is not None else shared.layer_outputs
         weights = [mod.weight for mod in step.linears.values()]
-        rounding = contextlib.nullcontext()
-        if reconstruct.quantized:  # the recipe has an unsmoothed 8-bit step after it
-            seen = input_ranges(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
-                                step.store_device)
-            fmt = FORMATS[quantize.format]
-            scales = {name: activation_scale(input_amax(seen, name, parallel), fmt) for name in step.linears}
-            rounding = rounded_8bit(step.linears, fmt, scales, weights[0].dtype)
-        with rounding:
-            result = reconstruct.apply_(step.layer, weights, step.inputs, targets, step.forward, step.sample_indices,
-                                        step.samples_total, parallel.all_reduce_ if parallel.active else None)
+        result = reconstruct.apply_(step.layer, weights, step.inputs, targets, step.forward, step.sample_indices,
+                                    step.samples_total, parallel.all_reduce_ if parallel.active else None)
         log.info("layer reconstruction: loss %.4g -> %.4g%s (%.1fs)", result.loss_before, result.loss_after,
                  "" if result.kept else " (discarded: no better)", result.seconds)
         for report in reports:

@@ -215,18 +215,12 @@ RECONSTRUCT_TARGETS = ("layer", "dense")
 @dataclasses.dataclass(frozen=True)
 class Reconstruct(Step):
     """Each pruned decoder layer tuned towards `target` (`thanos.reconstruct`): the dense layer's
-    outputs on the pruned path's inputs ("layer"), or the dense model's own activations ("dense").
-
-    `quantized`: tuned through the rounding of the 8-bit step that follows (weights and inputs, as
-    the 8-bit runtime computes; `thanos.reconstruct.rounded_8bit`); recipes from before the option
-    read as False.
-    """
+    outputs on the pruned path's inputs ("layer"), or the dense model's own activations ("dense")."""
 
     kind: ClassVar[str] = "reconstruct"
     epochs: int = 2
     lr: float = 1e-3
     target: str = "layer"
-    quantized: bool = False
 
     def check(self, pattern: Pattern) -> None:
         if self.epochs <= 0 or not (math.isfinite(self.lr) and self.lr > 0):
@@ -302,12 +296,6 @@ class Recipe:
             raise ConfigError(f"recipe steps {kinds} must each appear once, in the order {', '.join(ORDER)}")
         for step in self.steps:
             step.check(self.pattern)
-        reconstruct, quantize = self.get(Reconstruct), self.get(Quantize)
-        if reconstruct and reconstruct.quantized and (quantize is None or quantize.smooths):
-            raise ConfigError("a reconstruction through the 8-bit rounding needs an 8-bit step after it that does "
-                              "not smooth (smoothing rescales the weights it tuned): pass quantize with "
-                              "quantize_smoothing 0 (--quantize-smoothing 0), or reconstruct in full precision "
-                              "(reconstruct_quantized=False, --no-reconstruct-quantized)")
 
     def get(self, cls: type) -> Optional[Step]:
         """The step of this class, or None when the recipe leaves it out."""

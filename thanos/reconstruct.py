@@ -6,11 +6,9 @@ should output. This step runs a few Adam epochs over the calibration samples on 
 of the pruned linears only, with the masks frozen (removed weights get no gradient and stay
 exactly zero), minimising the mean squared difference from `targets`: the dense layer's outputs
 on the same inputs, or the dense model's own activations (docs/ALGORITHM.md section 9).
-Before an 8-bit step, it can tune the layer as the 8-bit runtime computes it (`rounded_8bit`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -19,10 +17,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-
-from thanos.linears import stores_transposed
-from thanos.quantize import Format, dequantize, fake_quantize, round_to_nearest, weight_scales
 
 log = logging.getLogger(__name__)
 
@@ -135,51 +129,3 @@ def _loss(inputs, targets, forward, total: int, all_reduce, device: torch.device
     if all_reduce:
         all_reduce(summed)
     return float(summed) / max(total, 1)
-
-
-@contextlib.contextmanager
-def rounded_8bit(linears: dict[str, nn.Module], fmt: Format, input_scales: dict[str, float], dtype: torch.dtype):
-    """Within: each of `linears` computes with its weight rounded to `fmt` (round to nearest on per-row
-    scales of its current values, representable in `dtype`, the model's storage dtype) and its input
-    rounded by its static scale in `input_scales`, as the 8-bit runtime will; gradients pass straight
-    through both roundings to the unrounded weights, which stay the parameters (same objects).
-
-    So the reconstruction tunes the weights for what the 8-bit layer computes, instead of in full
-    precision for the rounding to undo part of it afterwards (docs/ALGORITHM.md section 9).
-    """
-    hooks = []
-    try:
-        for name, mod in linears.items():
-            parametrize.register_parametrization(mod, "weight", _RoundedWeight(fmt, stores_transposed(mod), dtype),
-                                                 unsafe=True)
-            scale = input_scales[name]
-            hooks.append(mod.register_forward_pre_hook(
-                lambda m, args, scale=scale: (
-                    _straight_through(args[0], fake_quantize(args[0].detach(), scale, fmt)), *args[1:])))
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for mod in linears.values():
-            if parametrize.is_parametrized(mod, "weight"):
-                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-
-
-def _straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
-    """`rounded`'s values (to round-off), `x`'s gradient."""
-    return x + (rounded - x).detach()
-
-
-class _RoundedWeight(nn.Module):
-    """A weight's 8-bit round to nearest, per output row, with the gradient passed straight through."""
-
-    def __init__(self, fmt: Format, transposed: bool, dtype: torch.dtype):
-        super().__init__()
-        self.fmt, self.transposed, self.dtype = fmt, transposed, dtype
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        view = weight.T if self.transposed else weight
-        scale = weight_scales(view, self.fmt, self.dtype)
-        rounded = dequantize(round_to_nearest(view.detach(), scale, self.fmt), scale, view.dtype)
-        view = _straight_through(view, rounded)
-        return view.T if self.transposed else view

@@ -133,24 +133,3 @@ def test_a_recorded_recipe_rebuilds_the_same_config():
     with pytest.raises(ConfigError, match="in the order"):
         Recipe.from_json(dict(pattern="2:4", sparsity=0.5, steps=[dict(step="refit", iterations=1),
                                                                    dict(step="solve")]))
-
-
-def test_the_reconstruction_goes_through_an_unsmoothed_8bit_steps_rounding():
-    """By default `best` + fp8 tunes through the rounding; int8's smoothing (auto) rescales the weights
-    after it, so there it stays in full precision and asking for it is refused with the fix named."""
-    assert PruneConfig(preset="best", quantize="fp8").recipe.get(Reconstruct).quantized
-    assert not PruneConfig(preset="best", quantize="int8").recipe.get(Reconstruct).quantized
-    assert PruneConfig(preset="best", quantize="int8", quantize_smoothing=0).reconstruct_quantized
-    assert not PruneConfig(preset="best").recipe.get(Reconstruct).quantized
-    assert not PruneConfig(preset="best", quantize="fp8", reconstruct_quantized=False).reconstruct_quantized
-    with pytest.raises(ConfigError, match="--quantize-smoothing 0"):
-        PruneConfig(preset="best", quantize="int8", reconstruct_quantized=True)
-    with pytest.raises(ConfigError, match="needs an 8-bit step"):
-        PruneConfig(preset="best", reconstruct_quantized=True)
-    with pytest.raises(ConfigError, match="reconstruct_quantized applies to the reconstruction"):
-        PruneConfig(quantize="fp8", reconstruct_quantized=True)
-    config = PruneConfig(preset="best", quantize="fp8")
-    recorded = json.loads(json.dumps(config.recipe.to_json()))
-    assert PruneConfig.from_recipe(recorded).recipe == config.recipe
-    del next(step for step in recorded["steps"] if step["step"] == "reconstruct")["quantized"]
-    assert not Recipe.from_json(recorded).get(Reconstruct).quantized  # as recipes from before the option ran
