@@ -72,8 +72,9 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     layout = ChannelLayout.of(model) if prune.recipe.get(Permute) else None
     step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device,
                      prefix=f"{adapter_for(model).layers}.0.", layout=layout)
-    # one sample is enough to learn how many distinct inputs (and so Hessians) the layer has
-    hessian_bytes = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device).nbytes
+    # one sample is enough to learn the distinct inputs (and so Hessians) and which linears read each
+    first = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device)
+    hessian_bytes, groups = first.nbytes, first.groups()
     partial = dict(config={k: getattr(config, k) for k in PLANNED_CONFIG_KEYS}, prune=prune.to_json(),
                    samples=samples, seqlen=seqlen, device=str(device), dtype=str(dtype),
                    seconds=dict(load=load_s, solves={}, refits={}, searches={}))
@@ -106,6 +107,7 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      reconstruction=reconstruction_s, permutation=permutation_s),
         errors={r["name"]: r["error"] for r in reports},
         solve_costs=solve_costs(linears),
+        groups=groups,
         work=step_work(linears, prune),
         bytes=dict(
             layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
@@ -133,17 +135,23 @@ def step_work(linears: dict, prune: PruneConfig) -> dict:
 def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
     """Whole-model time and per-rank memory for each rank count, from one measured layer."""
     s = layer["seconds"]
+    # Solved group by group, the ranks share out one group at a time and wait for its slowest
+    # (`thanos.driver.solve_in_order`); in one pass, the whole layer at once.
+    sequential = layer.get("prune", {}).get("sequential") and layer.get("groups")
+    batches = layer["groups"] if sequential else [list(s["solves"])]
     rows = []
     for n in ranks:
-        owners = deal_by_cost(layer["solve_costs"], n)
-        per_rank = [sum(t for name, t in s["solves"].items() if owners[name] == r) for r in range(n)]
+        solves_s = 0.0
+        for names in batches:
+            owners = deal_by_cost({name: layer["solve_costs"][name] for name in names}, n)
+            solves_s += max(sum(s["solves"][name] for name in names if owners[name] == r) for r in range(n))
         # every rank computes the same channel orders (they are cheap next to the solves)
         per_layer = (s["load"] + (s["statistics"] + s["forward"] + s.get("reconstruction", 0.0)) / n
-                     + s.get("permutation", 0.0) + max(per_rank) + s["unload"])
+                     + s.get("permutation", 0.0) + solves_s + s["unload"])
         traffic = 0 if n == 1 else layer["bytes"]["hessians"] + layer["bytes"]["prunable_weights"]
         rows.append(dict(
             ranks=n, seconds_per_layer=per_layer, hours_total=per_layer * layers / 3600,
-            solve_seconds_per_layer=max(per_rank),
+            solve_seconds_per_layer=solves_s,
             activation_bytes_per_rank=layer["bytes"]["activations"] / n,
             collective_bytes_per_layer=traffic,
         ))
@@ -204,7 +212,10 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         + ".",
         "",
         "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
-        "by r*c^2 as `prune --distributed` does; the collectives are not timed (their bytes are in the table).",
+        "by r*c^2 as `prune --distributed` does"
+        + (" (group by group: each group's solves dealt out and waited for before the next group's statistics)"
+           if layer.get("prune", {}).get("sequential") and layer.get("groups") else "")
+        + "; the collectives are not timed (their bytes are in the table).",
         *_value_note(layer),
         *_work_lines(layer),
     ]

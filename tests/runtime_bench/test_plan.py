@@ -46,6 +46,23 @@ def test_plan_divides_passes_and_deals_solves(measured):
     assert many["activation_bytes_per_rank"] == measured["bytes"]["activations"] / 8
 
 
+def test_group_by_group_the_ranks_wait_for_each_groups_slowest_solve(measured):
+    """Sequentially the ranks share out one group (q/k/v, o, gate/up, down) at a time, so with a rank
+    per linear a layer's solves take the sum of each group's longest, not the longest of all."""
+    import copy
+
+    groups = [[name.rsplit(".", 1)[-1] for name in group] for group in measured["groups"]]
+    assert groups == [LINEARS[:3], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    sequential = copy.deepcopy(measured)
+    sequential["prune"]["sequential"] = True
+    s = measured["seconds"]["solves"]
+    one, many = plan.plan(sequential, layers=10, ranks=[1, 8])
+    assert one["solve_seconds_per_layer"] == pytest.approx(sum(s.values()))
+    assert many["solve_seconds_per_layer"] == pytest.approx(sum(max(s[name] for name in group)
+                                                                for group in measured["groups"]))
+    assert many["solve_seconds_per_layer"] > plan.plan(measured, layers=10, ranks=[8])[0]["solve_seconds_per_layer"]
+
+
 def test_cli_writes_plan_files(tmp_path):
     out_json, out_md = tmp_path / "plan.json", tmp_path / "plan.md"
     from cli import main
