@@ -161,8 +161,9 @@ def prune_options(f):
                      help="Solve each decoder layer's linears group by group (q/k/v, o, gate/up, down), each on "
                           "statistics gathered once the groups before it are pruned (and, with --quantize unsmoothed, "
                           "fp8's default, and no reconstruction, quantized), so each sees the inputs the pruned layer gives it; costs up "
-                          "to three partial passes over the samples per layer (default: on with --quantize for the "
-                          "default preset, off otherwise)."),
+                          "to three partial passes over the samples per layer and, with --distributed, one group's "
+                          "solves at a time over the ranks (default: on with --quantize for the default preset, off "
+                          "otherwise)."),
         click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
                      help="Passes of decoder-block reconstruction after each layer is pruned (default: the "
                           "preset's for thanos, 0 for the other methods)."),
@@ -767,8 +768,8 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
 @click.option("--permute-channels/--no-permute-channels", default=None,
               help="Time the channel permutations or not (default: the preset's; they need scipy).")
 @click.option("--sequential/--no-sequential", default=None,
-              help="Time the group-by-group solves (their partial passes count as statistics) or the one-pass ones "
-                   "(default: the preset's).")
+              help="Time the group-by-group solves (their partial passes count as statistics; N ranks share out "
+                   "one group at a time) or the one-pass ones (default: the preset's).")
 @click.option("--count-only", is_flag=True,
               help="Count each step's flop and peak memory per linear instead of timing: a second, no device; "
                    "a GPU's time is the flop over its throughput.")
