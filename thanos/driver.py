@@ -390,12 +390,18 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     quantize = recipe.get(Quantize) if step.linears else None
     smooth = quantize is not None and quantize.smooths and step.smoothing
     per_group = quantize is not None and quantizes_per_group(config, step.smoothing)
+    # Sequentially, the permutations are chosen on their group's own pass only where the 8-bit step
+    # goes group by group (as good there, and no first-pass statistics to gather beyond q/k/v's);
+    # with it at the layer's end (INT8) that was worse than the first pass's over 5 seeds
+    # (docs/results/README.md, round 9), so there they are chosen on the first pass, as in round 8.
+    permute_on_first_pass = recipe.solve.sequential and not per_group and step.layout is not None
     ranges = InputRanges(step.linears) if per_group else contextlib.nullcontext()
     with ranges:  # q/k/v's input ranges: their inputs do not depend on this layer's weights
         shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
                                     step.store_device, progress,
                                     keep_outputs=reconstruct is not None and step.dense_inputs is None,
-                                    track_ranges=bool(smooth), first_group_only=recipe.solve.sequential)
+                                    track_ranges=bool(smooth),
+                                    first_group_only=recipe.solve.sequential and not permute_on_first_pass)
     dense_outputs = None
     if step.dense_inputs is not None:  # the layer is still dense here
         dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
@@ -411,7 +417,8 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     keep = quantize is not None  # the 8-bit step reads the statistics, and reuses the factors unless smoothed
     if recipe.solve.sequential:
         reports = solve_in_order(step, shared, config, progress, parallel, permute, on_report, keep,
-                                 keep and not smooth, quantize if per_group else None, ranges)
+                                 keep and not smooth, quantize if per_group else None, ranges,
+                                 permute_on_first_pass)
     else:
         reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report,
                               keep_statistics=keep, keep_factors=keep and not smooth)
@@ -442,34 +449,43 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
 
 def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: PruneConfig, progress, parallel: Parallel,
                    permute: Optional[Callable], on_report, keep_statistics: bool, keep_factors: bool,
-                   quantize: Optional[Quantize], first_ranges) -> list[dict]:
+                   quantize: Optional[Quantize], first_ranges, permute_on_first_pass: bool = False) -> list[dict]:
     """The layer's linears solved group by group (those that read one input), in the order the
     forward reads them; each group after the first on statistics from a pass, stopped at its
     input, through the layer with the groups before it pruned. `shared`: the first pass's, which
-    holds only the first group's statistics (`collect_statistics(first_group_only=True)`).
+    holds only the first group's statistics (`collect_statistics(first_group_only=True)`) unless
+    `permute_on_first_pass`.
 
     `permute(shared, names)` reorders a group's free channels from its own statistics just before
     its solve (o_proj's with v_proj's rows, down_proj's with gate/up's, solved by then: their rows,
-    8-bit scales included, move with them). `quantize`: each group is also quantized once solved
+    8-bit scales included, move with them); with `permute_on_first_pass`, `permute(shared)` reorders
+    every group's from the first pass's statistics before any solve. `quantize`: each group is also quantized once solved
     and its input scale set (the first group's from `first_ranges`, the first pass's
     `InputRanges`), and the later passes round the inputs of the groups done, as the 8-bit runtime
     will. `keep_statistics` / `keep_factors` keep each group's own statistics (and factors) in
     `shared` for the 8-bit step.
     """
     groups = shared.groups()
+    permuted = {}
+    if permute_on_first_pass:  # the orders read every first-pass Hessian (the same on every rank)
+        reduce_statistics_(step.linears, shared, parallel)
+        permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)}
     reports: dict[str, dict] = {}
     done: list[nn.Module] = []  # quantized so far: the later passes round their inputs
     for index, names in enumerate(groups):
         group = {name: step.linears[name] for name in names}
         ranges = first_ranges
         if index:
+            shared.forget_(names)  # the first pass's statistics of these, if it kept any: free them first
             ranges = InputRanges(group) if quantize else contextlib.nullcontext()
             with inputs_rounded(done), ranges:
                 fresh = collect_statistics(step.layer, group, step.inputs, step.args, step.kwargs, step.device,
                                            step.store_device, track_ranges=shared.track_ranges, stop_at_inputs=True)
             shared.adopt_(fresh)
-        reduce_statistics_(group, shared, parallel)
-        permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared, names)} if permute else {}
+        if index or not permute_on_first_pass:
+            reduce_statistics_(group, shared, parallel)
+        if permute and not permute_on_first_pass:
+            permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared, names)}
         solved = solve_linears(group, shared, config, progress, parallel, on_report, keep_statistics, keep_factors,
                                permuted)
         if quantize:
