@@ -770,13 +770,16 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
 @click.option("--sequential/--no-sequential", default=None,
               help="Time the group-by-group solves (their partial passes count as statistics; N ranks share out "
                    "one group at a time) or the one-pass ones (default: the preset's).")
+@click.option("--quantize", type=click.Choice(["fp8", "int8"]), default=None,
+              help="Time the 8-bit step too, as `prune --quantize` runs it (with the default preset, group by "
+                   "group); the pass that feeds the next layer is not timed.")
 @click.option("--count-only", is_flag=True,
               help="Count each step's flop and peak memory per linear instead of timing: a second, no device; "
                    "a GPU's time is the flop over its throughput.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
 def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, permute_channels, sequential,
-             count_only, json_out, md_out):
+             quantize, count_only, json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
     Builds one random-weight decoder layer of the named config, times the driver's own steps on
@@ -796,7 +799,8 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
         with _stop_on_sigterm():  # the JSON keeps the solves timed so far
             text = run_plan(name, device, _ints(ranks, "--ranks"), calib_samples, seqlen, pattern, method, preset,
                             json_out, md_out, echo=lambda m: click.echo(m, err=True),
-                            permute_channels=permute_channels, sequential=sequential, count_only=count_only)
+                            permute_channels=permute_channels, sequential=sequential, count_only=count_only,
+                            quantize=quantize)
     except USER_ERRORS as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:

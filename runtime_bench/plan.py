@@ -24,12 +24,12 @@ from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
 from thanos.driver import LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs
-from thanos.models import LayerSelection, adapter_for, decoder_layers, prunable_linears
+from thanos.models import LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears
 from thanos.linears import weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
 from thanos.permute import ChannelLayout
-from thanos.recipe import Permute, Reconstruct
+from thanos.recipe import Permute, Quantize, Reconstruct
 from thanos.devices import defaults_for, resolve_device
 
 PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
@@ -70,8 +70,11 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     reconstruct = prune.recipe.get(Reconstruct)
     dense = list(inputs) if reconstruct and reconstruct.target == "dense" else None
     layout = ChannelLayout.of(model) if prune.recipe.get(Permute) else None
+    quantize = prune.recipe.get(Quantize)
     step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device,
-                     prefix=f"{adapter_for(model).layers}.0.", layout=layout)
+                     prefix=f"{adapter_for(model).layers}.0.", layout=layout,
+                     smoothing=adapter_for(model).smoothing if quantize and quantize.smooths else (),
+                     heads=attention_heads(model))
     # one sample is enough to learn the distinct inputs (and so Hessians) and which linears read each
     first = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device)
     hessian_bytes, groups = first.nbytes, first.groups()
@@ -92,7 +95,9 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     (reports, _), total_s = timed(lambda: prune_layer(step, prune, None, Parallel(), solved), device)
     reconstruction_s = reports[0].get("reconstruction", {}).get("seconds", 0.0) if reports else 0.0
     permutation_s = sum(r.get("permutation", {}).get("seconds", 0.0) for r in reports)
-    statistics_s = total_s - reconstruction_s - permutation_s - sum(r["seconds"] for r in reports)
+    quantization_s = sum(r.get("quantization", {}).get("seconds", 0.0) for r in reports)
+    statistics_s = (total_s - reconstruction_s - permutation_s - quantization_s
+                    - sum(r["seconds"] for r in reports))
     _, forward_s = timed(lambda: run_layer(layer, inputs, args, kwargs, device, store_device), device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     _, unload_s = timed(lambda: layer.to("cpu"), device)
@@ -104,7 +109,7 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      solves={r["name"]: r["seconds"] for r in reports},
                      refits={r["name"]: r["refit_seconds"] for r in reports},
                      searches={r["name"]: r["search_seconds"] for r in reports},
-                     reconstruction=reconstruction_s, permutation=permutation_s),
+                     reconstruction=reconstruction_s, permutation=permutation_s, quantization=quantization_s),
         errors={r["name"]: r["error"] for r in reports},
         solve_costs=solve_costs(linears),
         groups=groups,
@@ -147,7 +152,7 @@ def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
             solves_s += max(sum(s["solves"][name] for name in names if owners[name] == r) for r in range(n))
         # every rank computes the same channel orders (they are cheap next to the solves)
         per_layer = (s["load"] + (s["statistics"] + s["forward"] + s.get("reconstruction", 0.0)) / n
-                     + s.get("permutation", 0.0) + solves_s + s["unload"])
+                     + s.get("permutation", 0.0) + solves_s + s.get("quantization", 0.0) + s["unload"])
         traffic = 0 if n == 1 else layer["bytes"]["hessians"] + layer["bytes"]["prunable_weights"]
         rows.append(dict(
             ranks=n, seconds_per_layer=per_layer, hours_total=per_layer * layers / 3600,
@@ -196,6 +201,8 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
           + _parts(s, n, layer["prune"]) + " |" for n, t in s["solves"].items()],
         *([f"| decoder-block reconstruction ({layer['prune']['reconstruct_epochs']} epochs) | "
            f"{_duration(s['reconstruction'])} |"] if s.get("reconstruction") else []),
+        *([f"| {layer['prune']['quantize']} weights, every linear (their input scales: in the statistics) | "
+           f"{_duration(s['quantization'])} |"] if s.get("quantization") else []),
         f"| forward through the pruned layer | {_duration(s['forward'])} |",
         f"| move the layer back to the host | {_duration(s['unload'])} |",
         "",
@@ -265,13 +272,14 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
              calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
              method: str = "thanos", preset: Optional[str] = None, json_out: Optional[str] = None,
              md_out: Optional[str] = None, echo=print, permute_channels: Optional[bool] = None,
-             count_only: bool = False, sequential: Optional[bool] = None) -> str:
+             count_only: bool = False, sequential: Optional[bool] = None, quantize: Optional[str] = None) -> str:
     """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown.
 
     `count_only`: count each step's flop and memory per linear instead, in a second, on no device.
+    `quantize` ("fp8", "int8"): with the 8-bit step (the pass that feeds the next layer not timed).
     """
     prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels,
-                        sequential=sequential)
+                        sequential=sequential, quantize=quantize)
     if count_only:
         work = count_work(name, prune)
         recipe = ", ".join(step.kind for step in prune.recipe.steps)

@@ -63,6 +63,26 @@ def test_group_by_group_the_ranks_wait_for_each_groups_slowest_solve(measured):
     assert many["solve_seconds_per_layer"] > plan.plan(measured, layers=10, ranks=[8])[0]["solve_seconds_per_layer"]
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_the_plan_times_the_8bit_step_as_prune_runs_it(fmt):
+    """With the 8-bit step the default preset solves group by group; the weights' rounding is its own
+    row, not counted in the statistics, and INT8 smooths as `prune` does (the model's smoothing groups)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=plan.PLAN_VOCAB)
+    measured = plan.measure_layer(config, PruneConfig(pattern="2:4", quantize=fmt), samples=3, seqlen=16,
+                                  device="cpu", dtype=torch.float32, echo=lambda _: None)
+    s = measured["seconds"]
+    assert measured["prune"]["sequential"] and measured["prune"]["quantize"] == fmt
+    assert s["quantization"] > 0 and s["statistics"] > 0
+    one = plan.plan(measured, layers=1, ranks=[1])[0]
+    assert one["seconds_per_layer"] == pytest.approx(s["load"] + s["statistics"] + s["forward"] + s["unload"]
+                                                     + s["permutation"] + s["quantization"] + sum(s["solves"].values()))
+    text = plan.markdown(measured, [one], "tiny", 1, {"cpu": "test"})
+    assert f"| {fmt} weights, every linear" in text
+
+
 def test_cli_writes_plan_files(tmp_path):
     out_json, out_md = tmp_path / "plan.json", tmp_path / "plan.md"
     from cli import main
