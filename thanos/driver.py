@@ -458,12 +458,13 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
 
     `permute(shared, names)` reorders a group's free channels from its own statistics just before
     its solve (o_proj's with v_proj's rows, down_proj's with gate/up's, solved by then: their rows,
-    8-bit scales included, move with them); with `permute_on_first_pass`, `permute(shared)` reorders
-    every group's from the first pass's statistics before any solve. `quantize`: each group is also quantized once solved
-    and its input scale set (the first group's from `first_ranges`, the first pass's
-    `InputRanges`), and the later passes round the inputs of the groups done, as the 8-bit runtime
-    will. `keep_statistics` / `keep_factors` keep each group's own statistics (and factors) in
-    `shared` for the 8-bit step.
+    8-bit scales included, move with them); with `permute_on_first_pass`, `permute(shared)`
+    reorders every group's from the first pass's statistics before any solve.
+
+    `quantize`: each group is also quantized once solved and its input scale set (the first
+    group's from `first_ranges`, the first pass's `InputRanges`), and the later passes round the
+    inputs of the groups done, as the 8-bit runtime will. `keep_statistics` / `keep_factors` keep
+    each group's own statistics (and factors) in `shared` for the 8-bit step.
     """
     groups = shared.groups()
     permuted = {}
