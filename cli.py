@@ -159,11 +159,11 @@ def prune_options(f):
                           "model computes the same (default: the preset's for thanos, off for the others)."),
         click.option("--sequential/--no-sequential", default=None,
                      help="Solve each decoder layer's linears group by group (q/k/v, o, gate/up, down), each on "
-                          "statistics gathered once the groups before it are pruned (and, with --quantize unsmoothed, "
-                          "fp8's default, and no reconstruction, quantized), so each sees the inputs the pruned layer gives it; costs up "
-                          "to three partial passes over the samples per layer and, with --distributed, one group's "
-                          "solves at a time over the ranks (default: on with --quantize for the default preset, off "
-                          "otherwise)."),
+                          "statistics gathered once the groups before it are pruned (and, with --quantize "
+                          "unsmoothed, fp8's default, and no reconstruction, quantized), so each sees the inputs "
+                          "the pruned layer gives it; costs up to three partial passes over the samples per layer "
+                          "and, with --distributed, one group's solves at a time over the ranks (default: on with "
+                          "--quantize for the default preset, off otherwise)."),
         click.option("--reconstruct-epochs", type=click.IntRange(min=0), default=None,
                      help="Passes of decoder-block reconstruction after each layer is pruned (default: the "
                           "preset's for thanos, 0 for the other methods)."),

@@ -140,10 +140,7 @@ def step_work(linears: dict, prune: PruneConfig) -> dict:
 def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
     """Whole-model time and per-rank memory for each rank count, from one measured layer."""
     s = layer["seconds"]
-    # Solved group by group, the ranks share out one group at a time and wait for its slowest
-    # (`thanos.driver.solve_in_order`); in one pass, the whole layer at once.
-    sequential = layer.get("prune", {}).get("sequential") and layer.get("groups")
-    batches = layer["groups"] if sequential else [list(s["solves"])]
+    batches = _dealt_by_group(layer) or [list(s["solves"])]
     rows = []
     for n in ranks:
         solves_s = 0.0
@@ -161,6 +158,12 @@ def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
             collective_bytes_per_layer=traffic,
         ))
     return rows
+
+
+def _dealt_by_group(layer: dict) -> Optional[list[list[str]]]:
+    """The groups whose solves the ranks share out one at a time (`thanos.driver.solve_in_order`)
+    when the layer is solved group by group; None when the whole layer is dealt at once."""
+    return layer["groups"] if layer.get("prune", {}).get("sequential") and layer.get("groups") else None
 
 
 def _duration(seconds: float) -> str:
@@ -221,7 +224,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
         "by r*c^2 as `prune --distributed` does"
         + (" (group by group: each group's solves dealt out and waited for before the next group's statistics)"
-           if layer.get("prune", {}).get("sequential") and layer.get("groups") else "")
+           if _dealt_by_group(layer) else "")
         + "; the collectives are not timed (their bytes are in the table).",
         *_value_note(layer),
         *_work_lines(layer),

@@ -564,8 +564,9 @@ def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwarg
             for i, x in enumerate(inputs):
                 with contextlib.suppress(_Captured):
                     _forward(layer, x, args, kwargs, device, store_device)
-                if i == 0 and first_group_only and shared.groups():
-                    awaited = set(shared.groups()[0])
+                groups = shared.groups() if i == 0 and first_group_only else None
+                if groups:
+                    awaited = set(groups[0])
                     stop = True
                 if progress:
                     progress("samples", i + 1, len(inputs))
