@@ -813,7 +813,8 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
               help="Layer shapes ROWSxCOLS, comma-separated.")
 @click.option("--methods", default=",".join(SOLVER_METHODS), show_default=True,
               help="Comma-separated: thanos, sparsegpt, wanda, magnitude (once per block size); thanos:PRESET (the "
-                   f"preset's per-linear steps: {', '.join(PRESETS)}); sparsegpt:reference (SparseGPT by its "
+                   f"preset's per-linear steps: {', '.join(PRESETS)}); thanos:PRESET+fp8 or +int8 (the same, then "
+                   "the 8-bit step); sparsegpt:reference (SparseGPT by its "
                    "authors' route, the yardstick for time).")
 @click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
 @click.option("--block-sizes", default="64,128,512", show_default=True)

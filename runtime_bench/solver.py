@@ -9,10 +9,12 @@ Inputs are realistic in the way that matters to the solvers: the calibration act
 few high-variance channels, as real LLM activations do. Methods: `thanos`, `sparsegpt`, `wanda`,
 `magnitude` once per block size (Thanos with its block solve alone); `thanos:PRESET` a preset's
 per-linear steps (solve, mask search, refit: what it costs per linear, the decoder-layer steps
-aside); `sparsegpt:reference` SparseGPT as its authors' code computes it (`reference_sparsegpt`),
-the yardstick for time. The row `thanos (per-block)` is the paper's strategy of re-inverting the
-trailing Hessian at every block (`torch.linalg.inv`, as the paper's code calls it), kept as the
-reference the one-Cholesky route is measured against.
+aside); `thanos:PRESET+fp8` (or `+int8`) the same, then the 8-bit step (its own seconds in the
+JSON as `quantize_seconds`; INT8's smoothing aside, a decoder-layer step); `sparsegpt:reference`
+SparseGPT as its authors' code computes it (`reference_sparsegpt`), the yardstick for time. The
+row `thanos (per-block)` is the paper's strategy of re-inverting the trailing Hessian at every
+block (`torch.linalg.inv`, as the paper's code calls it), kept as the reference the one-Cholesky
+route is measured against.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ import torch
 
 from runtime_bench import protocol
 from thanos import prune_weight
-from thanos.config import PRESETS, Pattern
+from thanos.config import PRESETS, Pattern, PruneConfig
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.hessian import reconstruction_error
 from thanos.outputs import atomic_write_text
+from thanos.quantize import FORMATS
 from thanos.solvers.thanos import thanos_prune
 
 SHAPES = ["576x576", "1536x576", "2048x2048", "4096x4096", "4096x11008"]
@@ -110,24 +113,29 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def check_methods(methods) -> None:
     """Refuse a method name before any timing, naming the choices."""
-    known = {"thanos", "sparsegpt", "wanda", "magnitude", "sparsegpt:reference"} | {f"thanos:{p}" for p in PRESETS}
+    known = ({"thanos", "sparsegpt", "wanda", "magnitude", "sparsegpt:reference"} | {f"thanos:{p}" for p in PRESETS}
+             | {f"thanos:{p}+{fmt}" for p in PRESETS for fmt in FORMATS})
     bad = [m for m in methods if m not in known]
     if bad:
         raise InputError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(sorted(known))}")
 
 
-def _timed_once(method: str, W, H, pattern: str, sparsity, block, device) -> tuple[float, float, Optional[int]]:
-    """(seconds, error, block size) of one run of `method` on (W, H)."""
+def _timed_once(method: str, W, H, pattern: str, sparsity, block,
+                device) -> tuple[float, float, Optional[int], Optional[float]]:
+    """(seconds, error, block size, the 8-bit step's seconds) of one run of `method` on (W, H)."""
     if method == "sparsegpt:reference":
         pruned, seconds = protocol.timed(lambda: reference_sparsegpt(W, H, Pattern.parse(pattern), sparsity or 0.5),
                                          device)
-        return seconds, reconstruction_error(W, pruned, H), REFERENCE_BLOCK
+        return seconds, reconstruction_error(W, pruned, H), REFERENCE_BLOCK, None
     name, _, preset = method.partition(":")
+    preset, _, fmt = preset.partition("+")
     if preset:
-        res = prune_weight(W, H, name, pattern, sparsity, preset=preset)
+        config = PruneConfig(name, Pattern.parse(pattern), sparsity, preset=preset, quantize=fmt or None)
+        res = prune_weight(W, H, config)
     else:
         res = prune_weight(W, H, name, pattern, sparsity, block_size=block, preset=_fast(name))
-    return res.seconds, res.error, res.config.resolved_block_size if (block or preset) else None
+    quantize_seconds = res.quantization.seconds if res.quantization else None
+    return res.seconds, res.error, res.config.resolved_block_size if (block or preset) else None, quantize_seconds
 
 
 def _warm_up(device, methods, patterns):
@@ -171,10 +179,12 @@ def run(shapes, methods, patterns, block_sizes, device, per_block=True, echo=pri
                     continue  # SparseGPT has no whole-column pattern
                 blocked = method in ("thanos", "sparsegpt") and pattern != "columns"
                 for block in block_sizes if blocked else [None]:
-                    seconds, error, used = min((_timed_once(method, W, H, pattern, sparsity, block, device)
-                                                for _ in range(repeat)), key=lambda run: run[0])
+                    runs = [_timed_once(method, W, H, pattern, sparsity, block, device) for _ in range(repeat)]
+                    seconds, error, used, quantize_s = min(runs, key=lambda run: run[0])
                     rec = dict(shape=shape, method=method, pattern=pattern, block_size=used, seconds=seconds,
                                error=error, repeat=repeat)
+                    if quantize_s is not None:
+                        rec["quantize_seconds"] = quantize_s
                     add(rec)
                     echo(f"| {shape} | {method} | {pattern} | {used or '-'} | {seconds:.2f} | {error:.5f} |")
             if per_block and pattern != "unstructured" and cols <= per_block_max_columns:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device run: GPU benchmarks and GPU tests in one go, most wanted figures first.
 #
-# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=520), then give_back.
-# The steps' limits add up to 470 s, so a 15-minute device budget (start-up included) leaves room
+# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=530), then give_back.
+# The steps' limits add up to 480 s, so a 15-minute device budget (start-up included) leaves room
 # for a partial rerun. Each limit is set from the step's expected work on an H200 (below); a step
 # stopped by its limit still leaves its figures: the benchmarks write after every measurement and
 # on SIGTERM (what `timeout` sends), and every backend call sits inside its skip-with-reason guard,
@@ -75,9 +75,10 @@ step 40 "Pruning plan: one LLaMA-2-70B layer, fast preset (the block solve alone
     python cli.py plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset fast \
     --json-out "$OUT/plan_llama2-70b_fast.json"
 
-step 30 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets beside the reference SparseGPT" \
+# The default preset + FP8 last: the 8-bit step's cost per linear (its own seconds in the JSON).
+step 40 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets beside the reference SparseGPT" \
     python cli.py bench-solvers --device "$DEVICE" "${SOLVER[@]}" --patterns 2:4 \
-    --methods thanos,sparsegpt,sparsegpt:reference,thanos:fast,thanos:default \
+    --methods thanos,sparsegpt,sparsegpt:reference,thanos:fast,thanos:default,thanos:default+fp8 \
     --json-out "$OUT/solver_gpu.json"
 
 # The 8-bit cuSPARSELt linears of the torch target first: that path has never run on a GPU.

@@ -69,10 +69,21 @@ def test_preset_rows_and_the_reference_in_one_run():
         solver.run(["32x64"], ["thanos:turbo"], ["2:4"], [32], "cpu", echo=lambda _: None)
 
 
+def test_8bit_rows_time_the_step_and_measure_the_quantized_weight():
+    records = solver.run(["32x64"], ["thanos:fast", "thanos:fast+fp8", "thanos:fast+int8"], ["2:4"], [32], "cpu",
+                         per_block=False, echo=lambda _: None)
+    fast, fp8, int8 = records
+    assert "quantize_seconds" not in fast
+    for row in (fp8, int8):
+        assert 0 < row["quantize_seconds"] < row["seconds"]
+        assert row["error"] > fast["error"]  # the same solve, then the weights rounded to 8 bits
+
+
 def test_solver_bench_refuses_a_bad_shape_or_method_before_any_work(tmp_path):
     from thanos.errors import InputError
 
-    for shapes, methods, message in ((["4096"], ["thanos"], "not ROWSxCOLS"), (["32x64"], ["thanos:turbo"], "turbo")):
+    for shapes, methods, message in ((["4096"], ["thanos"], "not ROWSxCOLS"), (["32x64"], ["thanos:turbo"], "turbo"),
+                                     (["32x64"], ["thanos:fast+fp4"], "fp4")):
         with pytest.raises(InputError, match=message):
             solver.bench(shapes, methods, ["2:4"], [32], "cpu", json_out=str(tmp_path / "s.json"))
     assert not (tmp_path / "s.json").exists()
