@@ -9,7 +9,7 @@ import torch
 
 from thanos.config import ConfigError, Pattern, PruneConfig
 from thanos.errors import ThanosExportError
-from thanos.hessian import Curvature, reconstruction_error
+from thanos.hessian import Curvature
 from thanos.mask_search import SearchResult
 from thanos.quantize import QuantizationReport
 from thanos.recipe import MaskSearch, Quantize, Refit
@@ -114,7 +114,7 @@ def prune_weight(
             # fp32, not quantized: the search and the comparison after it computed both sums
             error = _relative_error(original, pruned, curvature, damp, chosen_error, found.target_energy)
         else:
-            error = reconstruction_error(original, pruned.float(), H)
+            error = _output_error(original, pruned.float(), curvature, solve.damp)
     return PruneResult(
         weight=pruned,
         mask=out.mask,
@@ -167,6 +167,15 @@ def _relative_error(original: torch.Tensor, pruned: torch.Tensor, curvature: Cur
     direct formula to round-off."""
     numerator = max(curvature.undamped_error(damped_error, pruned - original, damp), 0.0)
     denominator = curvature.undamped_error(target_energy, original, damp)
+    return numerator / denominator if denominator > 0 else numerator
+
+
+def _output_error(original: torch.Tensor, pruned: torch.Tensor, curvature: Curvature, damp: float) -> float:
+    """`reconstruction_error(original, pruned, H)` through the factor the solve made (at `damp`): two
+    triangular solves (`Curvature.quadratic`), half the flop of the direct formula's two products;
+    equal to it to round-off."""
+    numerator = max(curvature.quadratic(pruned - original, damp), 0.0)
+    denominator = curvature.quadratic(original, damp)
     return numerator / denominator if denominator > 0 else numerator
 
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from thanos.hessian import Curvature, reconstruction_error
+from thanos.hessian import Curvature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ FORMATS = {
     "int8": Format("int8", 127.0, torch.int8, -128.0),  # weights symmetric in [-127, 127]
 }
 ROUNDINGS = ("compensated", "nearest")  # compensated: the better of the two per linear, by output error
-COMPENSATION_BLOCK = 128  # columns whose updates are applied lazily together (as in the block solvers)
+COMPENSATION_BLOCK = 32  # columns whose updates are applied lazily together (docs/results/quantize_cost_cpu.md)
 
 
 def to_grid(x: torch.Tensor, fmt: Format, lowest: Optional[float] = None) -> torch.Tensor:
@@ -81,35 +81,39 @@ def compensation_factor(hessian: torch.Tensor, damp: float, layer: str = "layer"
     return Curvature(hessian.detach().float(), layer).factor(damp).upper
 
 
-def compensated(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, fmt: Format, damp: float,
-                layer: str = "layer", block: int = COMPENSATION_BLOCK,
+def compensated(weight: torch.Tensor, hessian: Optional[torch.Tensor], scale: torch.Tensor, fmt: Format,
+                damp: float, layer: str = "layer", block: int = COMPENSATION_BLOCK,
                 upper: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grid values (r, c) in fp32, each column's rounding error compensated on the kept weights after it.
 
     `weight` (r, c) holds the pruned weights (zeros are pruned positions and stay zero);
     `hessian` (c, c) is the mean of x x^T over the calibration inputs; `upper`, if given, its
-    `compensation_factor` computed once already.
+    `compensation_factor` computed once already (then `hessian` is not read).
+
+    The updates land on every later column, pruned positions included, which is cheaper than
+    masking them (in-place products, no r x c temporaries); a pruned position's value is never
+    read, since its grid value and its error are set to zero, so the kept weights get exactly
+    the masked update.
     """
     W = weight.detach().float().clone()  # (r, c), updated as columns are quantized
-    keep = (W != 0).float()
+    pruned = W == 0
     U = compensation_factor(hessian, damp, layer) if upper is None else upper
     grid = torch.zeros_like(W)
     s = scale.float()  # (r,)
     columns = W.shape[1]
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
-        W1 = W[:, i1:i2].clone()  # (r, b)
-        K1 = keep[:, i1:i2]
-        E1 = torch.zeros_like(W1)  # scaled errors, for the lazy update of the columns after the block
+        W1 = W[:, i1:i2]  # a view: the in-block updates write W
+        E1 = torch.empty_like(W1)  # scaled errors, for the lazy update of the columns after the block
         U1 = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
             w = W1[:, j]
-            g = to_grid(w / s, fmt) * K1[:, j]
-            err = (w - g * s) / U1[j, j]
-            W1[:, j + 1:] -= err[:, None] * U1[j, j + 1:][None, :] * K1[:, j + 1:]
+            g = to_grid(w / s, fmt).masked_fill_(pruned[:, i1 + j], 0.0)
+            err = ((w - g * s) / U1[j, j]).masked_fill_(pruned[:, i1 + j], 0.0)
+            W1[:, j + 1:].addr_(err, U1[j, j + 1:], alpha=-1)
             grid[:, i1 + j] = g
             E1[:, j] = err
-        W[:, i2:] -= (E1 @ U[i1:i2, i2:]) * keep[:, i2:]
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)
     return grid
 
 
@@ -150,26 +154,36 @@ class QuantizedWeight:
 
 
 def quantize_weight(weight: torch.Tensor, hessian: Optional[torch.Tensor], fmt: Format, rounding: str = "compensated",
-                    damp: float = 0.01, layer: str = "layer", upper: Optional[torch.Tensor] = None) -> QuantizedWeight:
+                    damp: float = 0.01, layer: str = "layer",
+                    curvature: Optional[Curvature] = None) -> QuantizedWeight:
     """Quantize one (pruned) weight (r, c) per output channel; zeros stay zeros.
 
     With `rounding="compensated"` and the statistics `hessian` (c, c), the compensated values are
     kept only where their output error is below round-to-nearest's, so compensation never makes a
-    linear worse. The errors are measured with the undamped `hessian` (or are 0 without one).
-    `upper`: the hessian's `compensation_factor`, when the caller shares one between linears.
+    linear worse. The errors are of the undamped `hessian` (0 without one), each from one
+    triangular solve with the damped factor the compensation sweeps with (`Curvature.quadratic`:
+    half a product's flop). `curvature`: the hessian's, when the caller shares one (and its
+    factor) between linears.
     """
     start = time.perf_counter()
     scale = weight_scales(weight, fmt, weight.dtype)
     W = weight.detach().float()
+    if curvature is None and hessian is not None:
+        curvature = Curvature(hessian.detach().float(), layer)
+    base = curvature.quadratic(W, damp) if curvature is not None else 0.0
 
     def measured(grid: torch.Tensor) -> tuple[torch.Tensor, float]:
         values = dequantize(grid, scale, weight.dtype)
-        return values, (reconstruction_error(W, values, hessian) if hessian is not None else 0.0)
+        if curvature is None:
+            return values, 0.0
+        num = curvature.quadratic(values.float() - W, damp)
+        return values, num / base if base > 0 else num
 
     values, nearest_error = measured(round_to_nearest(W, scale, fmt))
     error, kept = nearest_error, "nearest"
-    if rounding == "compensated" and hessian is not None:
-        candidate, candidate_error = measured(compensated(W, hessian, scale, fmt, damp, layer, upper=upper))
+    if rounding == "compensated" and curvature is not None:
+        grid = compensated(W, None, scale, fmt, damp, layer, upper=curvature.factor(damp).upper)
+        candidate, candidate_error = measured(grid)
         if candidate_error < nearest_error:
             values, error, kept = candidate, candidate_error, "compensated"
     report = QuantizationReport(fmt.name, kept, error, nearest_error, time.perf_counter() - start)

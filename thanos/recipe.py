@@ -29,7 +29,7 @@ from thanos.hessian import Curvature
 from thanos.mask_search import RHO_EVERY, ScaledHessian, admm_mask_search
 from thanos.pattern import ConfigError, Pattern
 from thanos.permute import permute_free_channels_
-from thanos.quantize import FORMATS, ROUNDINGS, QuantizedWeight, quantize_weight
+from thanos.quantize import COMPENSATION_BLOCK, FORMATS, ROUNDINGS, QuantizedWeight, quantize_weight
 from thanos.reconstruct import reconstruct_layer_
 from thanos.refit import Refitted, refit_on_support
 from thanos.smooth import AUTO
@@ -268,11 +268,19 @@ class Quantize(Step):
     def smooths(self) -> bool:
         return self.smoothing == AUTO or self.smoothing > 0
 
+    def cost(self, rows: int, cols: int) -> Cost:
+        """Round-to-nearest's and the unquantized weight's errors (one triangular solve, r c^2, each);
+        compensated: the lazy updates (r c^2), the in-block ones (r B c) and its own error. Holds H,
+        its dead-input copy and the factor; the weight, its fp32 and working copies, the grid, both
+        candidates' values and a solve's result."""
+        if self.rounding == "compensated":
+            return Cost(4 * rows * cols**2 + COMPENSATION_BLOCK * rows * cols, 3, 7)
+        return Cost(2 * rows * cols**2, 3, 5)
+
     def run(self, weight: torch.Tensor, hessian: Optional[torch.Tensor], damp: float, name: str,
             curvature: Optional[Curvature] = None) -> QuantizedWeight:
-        """`curvature`: `hessian`'s, whose factor the compensated rounding then reuses instead of computing."""
-        upper = curvature.factor(damp).upper if curvature is not None and self.rounding == "compensated" else None
-        return quantize_weight(weight, hessian, FORMATS[self.format], self.rounding, damp, name, upper)
+        """`curvature`: `hessian`'s, whose factor the rounding and its errors then reuse instead of computing."""
+        return quantize_weight(weight, hessian, FORMATS[self.format], self.rounding, damp, name, curvature)
 
 
 STEPS: dict[str, type[Step]] = {cls.kind: cls for cls in (Permute, Solve, MaskSearch, Refit, Reconstruct, Quantize)}

@@ -168,6 +168,9 @@ def test_count_only_counts_every_step_of_every_linear_without_running(tmp_path):
     down, q = work["model.layers.0.mlp.down_proj"], work["model.layers.0.self_attn.q_proj"]
     assert list(down["flop"]) == ["solve", "mask_search", "refit"]  # the default preset's per-linear steps
     assert down["peak_bytes"] > q["peak_bytes"] and down["flop"]["mask_search"] > q["flop"]["mask_search"]
+    fp8 = plan.count_work("llama2-70b", PruneConfig(preset="default", quantize="fp8"))["model.layers.0.mlp.down_proj"]
+    assert list(fp8["flop"]) == ["solve", "mask_search", "refit", "quantize"]
+    assert 0 < fp8["flop"]["quantize"] < fp8["flop"]["refit"]
     fast = plan.count_work("llama2-70b", PruneConfig(preset="fast"))
     assert list(fast["model.layers.0.mlp.down_proj"]["flop"]) == ["solve"]
     assert fast["model.layers.0.mlp.down_proj"]["peak_bytes"] < down["peak_bytes"]

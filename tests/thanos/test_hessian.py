@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from thanos import HessianAccumulator, hessian
-from thanos.hessian import inverse_upper_factor, reconstruction_error
-from tests.thanos.helpers import damped
+from thanos.hessian import Curvature, inverse_upper_factor, reconstruction_error
+from tests.thanos.helpers import damped, realistic_inputs
 
 
 def test_accumulator_streams_the_mean_of_xxT():
@@ -58,6 +58,29 @@ def test_reconstruction_error_matches_direct_computation():
     W2[:, :3] = 0
     direct = ((W2 - W) @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()
     assert abs(reconstruction_error(W, W2, X.T @ X / 64) - float(direct)) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [48, 512])  # rank-deficient (the damping matters) and full rank
+def test_quadratic_through_the_factor_is_the_undamped_sum(tokens):
+    """What the 8-bit step measures its errors with: one triangular solve with the damped factor,
+    the damping and the never-active inputs' unit diagonal taken back out."""
+    cols = 96
+    X = realistic_inputs(tokens, cols, seed=1)
+    X[:, [3, 50]] = 0  # two inputs no token reaches
+    H = X.T @ X / tokens
+    delta = torch.randn(40, cols, generator=torch.Generator().manual_seed(2))
+    curvature = Curvature(H)
+    got = curvature.quadratic(delta, 0.01)
+    H64, d64 = H.double(), delta.double()
+    exact = float(((d64 @ H64) * d64).sum())
+    # fp32 round-off: a triangular solve's forward error (c eps cond(U), cond(U) = sqrt(cond(Hd)))
+    # relative to the damped sum, which the damping's removal then compares with the smaller undamped one
+    Hd = damped(curvature.fixed().double(), curvature.factor(0.01).damp_used)
+    eig = torch.linalg.eigvalsh(Hd)
+    damped_sum = float(((d64 @ Hd) * d64).sum())
+    bound = cols * torch.finfo(torch.float32).eps * float(eig[-1] / eig[0]) ** 0.5 * damped_sum
+    assert abs(got - exact) <= bound
+    assert curvature.quadratic(torch.zeros(3, cols), 0.01) == 0.0
 
 
 @pytest.mark.parametrize("n", [5, 37, 64])
