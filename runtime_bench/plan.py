@@ -23,7 +23,8 @@ from runtime_bench.model import RANDOM_CONFIGS, random_config
 from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
-from thanos.driver import LayerStep, capture_layer_inputs, collect_statistics, prune_layer, run_layer, solve_costs
+from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
+                           run_layer, solve_costs)
 from thanos.models import LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears
 from thanos.linears import weight_view
 from thanos.parallel import Parallel, deal_by_cost
@@ -109,10 +110,13 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      solves={r["name"]: r["seconds"] for r in reports},
                      refits={r["name"]: r["refit_seconds"] for r in reports},
                      searches={r["name"]: r["search_seconds"] for r in reports},
-                     reconstruction=reconstruction_s, permutation=permutation_s, quantization=quantization_s),
+                     reconstruction=reconstruction_s, permutation=permutation_s, quantization=quantization_s,
+                     quantizations={r["name"]: r["quantization"]["seconds"] for r in reports
+                                    if r.get("quantization")}),
         errors={r["name"]: r["error"] for r in reports},
         solve_costs=solve_costs(linears),
         groups=groups,
+        quantized_by_group=quantizes_per_group(prune, step.smoothing),
         work=step_work(linears, prune),
         bytes=dict(
             layer_weights=sum(p.numel() * p.element_size() for p in layer.parameters()),
@@ -140,16 +144,18 @@ def step_work(linears: dict, prune: PruneConfig) -> dict:
 def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
     """Whole-model time and per-rank memory for each rank count, from one measured layer."""
     s = layer["seconds"]
-    batches = _dealt_by_group(layer) or [list(s["solves"])]
+    everything = [list(s["solves"])]
+    batches = _dealt_by_group(layer) or everything
     rows = []
     for n in ranks:
-        solves_s = 0.0
-        for names in batches:
-            owners = deal_by_cost({name: layer["solve_costs"][name] for name in names}, n)
-            solves_s += max(sum(s["solves"][name] for name in names if owners[name] == r) for r in range(n))
+        solves_s = _slowest_ranks(layer, batches, s["solves"], n)
+        # the 8-bit step is dealt out like the solves: per group where the driver quantizes each group
+        # once solved, else once for the whole layer (files before round 10 have its total only)
+        quantize_s = (_slowest_ranks(layer, batches if layer.get("quantized_by_group") else everything,
+                                     s["quantizations"], n) if s.get("quantizations") else s.get("quantization", 0.0))
         # every rank computes the same channel orders (they are cheap next to the solves)
         per_layer = (s["load"] + (s["statistics"] + s["forward"] + s.get("reconstruction", 0.0)) / n
-                     + s.get("permutation", 0.0) + solves_s + s.get("quantization", 0.0) + s["unload"])
+                     + s.get("permutation", 0.0) + solves_s + quantize_s + s["unload"])
         traffic = 0 if n == 1 else layer["bytes"]["hessians"] + layer["bytes"]["prunable_weights"]
         rows.append(dict(
             ranks=n, seconds_per_layer=per_layer, hours_total=per_layer * layers / 3600,
@@ -158,6 +164,16 @@ def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
             collective_bytes_per_layer=traffic,
         ))
     return rows
+
+
+def _slowest_ranks(layer: dict, batches: list[list[str]], seconds: dict[str, float], ranks: int) -> float:
+    """Each batch's linears dealt out over `ranks` by r*c^2 as the driver deals them and waited for:
+    the sum over batches of the busiest rank's `seconds`."""
+    total = 0.0
+    for names in batches:
+        owners = deal_by_cost({name: layer["solve_costs"][name] for name in names}, ranks)
+        total += max(sum(seconds.get(name, 0.0) for name in names if owners[name] == r) for r in range(ranks))
+    return total
 
 
 def _dealt_by_group(layer: dict) -> Optional[list[list[str]]]:
@@ -225,6 +241,8 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         "by r*c^2 as `prune --distributed` does"
         + (" (group by group: each group's solves dealt out and waited for before the next group's statistics)"
            if _dealt_by_group(layer) else "")
+        + (", the 8-bit step's linears too" + (" (with their group)" if layer.get("quantized_by_group") else "")
+           if s.get("quantizations") else "")
         + "; the collectives are not timed (their bytes are in the table).",
         *_value_note(layer),
         *_work_lines(layer),

@@ -81,6 +81,16 @@ def test_the_plan_times_the_8bit_step_as_prune_runs_it(fmt):
                                                      + s["permutation"] + s["quantization"] + sum(s["solves"].values()))
     text = plan.markdown(measured, [one], "tiny", 1, {"cpu": "test"})
     assert f"| {fmt} weights, every linear" in text
+    # with a rank per linear, the step takes each batch's slowest linear: FP8 quantizes group by group,
+    # INT8 (smoothed at the layer's end) all seven at once
+    q = s["quantizations"]
+    assert sum(q.values()) == pytest.approx(s["quantization"]) and len(q) == len(LINEARS)
+    assert measured["quantized_by_group"] == (fmt == "fp8")
+    batches = measured["groups"] if fmt == "fp8" else [list(q)]
+    many = plan.plan(measured, layers=1, ranks=[8])[0]
+    assert many["seconds_per_layer"] - many["solve_seconds_per_layer"] == pytest.approx(
+        s["load"] + (s["statistics"] + s["forward"]) / 8 + s["unload"] + s["permutation"]
+        + sum(max(q[name] for name in batch) for batch in batches))
 
 
 def test_cli_writes_plan_files(tmp_path):
