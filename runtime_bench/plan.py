@@ -146,13 +146,14 @@ def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
     s = layer["seconds"]
     everything = [list(s["solves"])]
     batches = _dealt_by_group(layer) or everything
+    # the 8-bit step is dealt out like the solves: per group where the driver quantizes each group
+    # once solved, else once for the whole layer (files before round 10 have its total only)
+    quantize_batches = batches if layer.get("quantized_by_group") else everything
     rows = []
     for n in ranks:
         solves_s = _slowest_ranks(layer, batches, s["solves"], n)
-        # the 8-bit step is dealt out like the solves: per group where the driver quantizes each group
-        # once solved, else once for the whole layer (files before round 10 have its total only)
-        quantize_s = (_slowest_ranks(layer, batches if layer.get("quantized_by_group") else everything,
-                                     s["quantizations"], n) if s.get("quantizations") else s.get("quantization", 0.0))
+        quantize_s = (_slowest_ranks(layer, quantize_batches, s["quantizations"], n) if s.get("quantizations")
+                      else s.get("quantization", 0.0))
         # every rank computes the same channel orders (they are cheap next to the solves)
         per_layer = (s["load"] + (s["statistics"] + s["forward"] + s.get("reconstruction", 0.0)) / n
                      + s.get("permutation", 0.0) + solves_s + quantize_s + s["unload"])

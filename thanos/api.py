@@ -103,7 +103,8 @@ def prune_weight(
         )
     pruned, scale, quantized = out.weight.to(weight.dtype), None, None
     if quantize and recipe.get(Quantize):
-        result = recipe.get(Quantize).run(pruned, H if full_h else None, damp if full_h else solve.damp, name,
+        # at the solve's own damping: its factor is cached under it, escalated or not (the same matrix)
+        result = recipe.get(Quantize).run(pruned, H if full_h else None, solve.damp, name,
                                           curvature if full_h else None)
         pruned, scale, quantized = result.weight, result.scale, result.report
     seconds = _synchronized_clock(weight) - start

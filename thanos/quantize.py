@@ -107,9 +107,9 @@ def compensated(weight: torch.Tensor, hessian: Optional[torch.Tensor], scale: to
         E1 = torch.empty_like(W1)  # scaled errors, for the lazy update of the columns after the block
         U1 = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            w = W1[:, j]
-            g = to_grid(w / s, fmt).masked_fill_(pruned[:, i1 + j], 0.0)
-            err = ((w - g * s) / U1[j, j]).masked_fill_(pruned[:, i1 + j], 0.0)
+            w, off = W1[:, j], pruned[:, i1 + j]
+            g = to_grid(w / s, fmt).masked_fill_(off, 0.0)
+            err = ((w - g * s) / U1[j, j]).masked_fill_(off, 0.0)
             W1[:, j + 1:].addr_(err, U1[j, j + 1:], alpha=-1)
             grid[:, i1 + j] = g
             E1[:, j] = err
