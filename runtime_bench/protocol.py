@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from thanos.devices import cpu_name
+
 
 @dataclasses.dataclass
 class Timing:
@@ -79,7 +81,7 @@ def measure(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, min_
 
 def machine() -> dict:
     """What produced the figures: GPU, capability, driver, CUDA and library versions, CPU."""
-    info = dict(cpu=_cpu_name(), cpu_threads=torch.get_num_threads(),
+    info = dict(cpu=cpu_name(), cpu_threads=torch.get_num_threads(),
                 python=platform.python_version(), torch=torch.__version__)
     for module in ("transformers", "onnxruntime", "tensorrt"):
         try:
@@ -93,16 +95,6 @@ def machine() -> dict:
     else:
         info.update(gpu=None, compute_capability=None, cuda=torch.version.cuda, driver=None)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _driver_version() -> Optional[str]:

@@ -42,6 +42,20 @@ def defaults_for(device: torch.device) -> DeviceDefaults:
 
 
 def device_description(device: torch.device) -> str:
+    """The device as a results file names it: the CPU's model too, since CPUs round differently and
+    the mask search turns that into other masks (docs/results/README.md)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
