@@ -261,9 +261,12 @@ def carry_rows(result: dict, earlier: dict, source: str, every_pattern: bool = F
     check_carry(result["settings"], earlier, source)
     ran = {_run_key(r) for r in result["results"]}
     patterns = {r["pattern"] for r in result["results"]}
-    carried = [dict(r, carried_from=r.get("carried_from", source)) for r in earlier["results"]
-               if (every_pattern or r["pattern"] in patterns) and _run_key(r) not in ran]
-    rows = result["results"] + carried
+    # each run keeps the device it ran on: the table's header names only the first file's
+    own = [dict(r, device=r.get("device", result["settings"].get("device"))) for r in result["results"]]
+    carried = [dict(r, carried_from=r.get("carried_from", source),
+                    device=r.get("device", earlier["settings"].get("device")))
+               for r in earlier["results"] if (every_pattern or r["pattern"] in patterns) and _run_key(r) not in ran]
+    rows = own + carried
     return dict(result, results=rows, summary=summarise(rows))
 
 
@@ -324,6 +327,13 @@ def markdown(result: dict) -> str:
     if carried:
         lines += ["", "Runs carried from earlier files (same model, calibration and texts): "
                   + ", ".join(f"{count} from {source}" for source, count in sorted(carried.items())) + "."]
+    devices: dict[str, int] = {}
+    for row in result["results"]:
+        if row.get("device"):
+            devices[row["device"]] = devices.get(row["device"], 0) + 1
+    if len(devices) > 1:  # the mask search turns a machine's round-off into other masks
+        lines += ["", "Runs from more than one machine (compare rows measured on one): "
+                  + ", ".join(f"{count} on {device}" for device, count in sorted(devices.items())) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -84,3 +84,19 @@ def test_method_names_parse_into_the_recipe_they_measure():
         method_config("thanos:best/seq", "2:4")
     with pytest.raises(InputError, match="no solve order"):
         method_config("dense/sequential+fp8", "2:4")
+
+
+def test_a_table_joined_from_two_machines_says_so():
+    # round-off differs between CPUs and the mask search turns it into other masks
+    xeon = dict(settings=dict(SETTINGS, device="cpu (Intel Xeon, x86_64, 2 threads)"),
+                results=[_row("thanos:best", "2:4", 0, 14.0)])
+    epyc = dict(settings=dict(SETTINGS, device="cpu (AMD EPYC, x86_64, 2 threads)"),
+                results=[_row("thanos:best", "2:4", 1, 13.9), _row("sparsegpt", "2:4", 1, 21.0)])
+    merged = carry_rows(epyc, xeon, "xeon.json")
+    assert {r["device"] for r in merged["results"]} == {xeon["settings"]["device"], epyc["settings"]["device"]}
+    text = markdown(merged)
+    assert "more than one machine" in text and "1 on cpu (Intel Xeon" in text and "2 on cpu (AMD EPYC" in text
+    # joined again, each run keeps its own machine, not the new first file's
+    again = carry_rows(dict(settings=SETTINGS, results=[]), merged, "joined.json", every_pattern=True)
+    assert sorted(r["device"] for r in again["results"]) == sorted(r["device"] for r in merged["results"])
+    assert "more than one machine" not in markdown(carry_rows(epyc, dict(epyc, results=[]), "same.json"))
