@@ -17,6 +17,7 @@ import json
 import logging
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -320,17 +321,11 @@ def markdown(result: dict) -> str:
     for row in result["results"]:
         if row.get("status") == "skipped":
             lines.append(f"| {row['pattern']} | {row['method']} | 0 | skipped: {row['reason']} | | |")
-    carried: dict[str, int] = {}
-    for row in result["results"]:
-        if row.get("carried_from"):
-            carried[row["carried_from"]] = carried.get(row["carried_from"], 0) + 1
+    carried = Counter(row["carried_from"] for row in result["results"] if row.get("carried_from"))
     if carried:
         lines += ["", "Runs carried from earlier files (same model, calibration and texts): "
                   + ", ".join(f"{count} from {source}" for source, count in sorted(carried.items())) + "."]
-    devices: dict[str, int] = {}
-    for row in result["results"]:
-        if row.get("device"):
-            devices[row["device"]] = devices.get(row["device"], 0) + 1
+    devices = Counter(row["device"] for row in result["results"] if row.get("device"))
     if len(devices) > 1:  # the mask search turns a machine's round-off into other masks
         lines += ["", "Runs from more than one machine (compare rows measured on one): "
                   + ", ".join(f"{count} on {device}" for device, count in sorted(devices.items())) + "."]
