@@ -136,12 +136,26 @@ def init_from_env(timeout_s: float = 3600) -> torch.device:
         return device
     if cuda:
         torch.cuda.set_device(local_rank)
+    _import_group_defaults()
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as exc:
         raise DistributedError(f"the rendezvous failed ({exc}); check MASTER_ADDR/MASTER_PORT and that every "
                                "rank was launched") from exc
     return device
+
+
+def _import_group_defaults() -> None:
+    """Import torch.distributed.nn before the group exists, never after.
+
+    Its functions take `group=group.WORLD` as a default argument, evaluated at import: imported
+    after init_process_group (transformers' from_pretrained does so), they hold the group for the
+    life of the process, destroy_process_group cannot free it, and gloo's worker threads are torn
+    down during interpreter exit instead, where they sometimes abort a finished rank (SIGABRT,
+    "terminate called without an active exception"). Imported first, the defaults hold None.
+    """
+    if dist.is_available():
+        import torch.distributed.nn  # noqa: F401
 
 
 def shutdown() -> None:

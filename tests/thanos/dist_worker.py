@@ -28,6 +28,26 @@ def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = 
         shutdown()
 
 
+def group_refs_after_shutdown(port: int, model_dir: str) -> None:
+    """Exit with how many references to the group outlive shutdown() (0: it is freed before exit).
+
+    A fresh process, since the import that pins the group happens once per process.
+    """
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import sys
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from thanos.parallel import init_from_env, shutdown
+
+    init_from_env()
+    group = dist.group.WORLD
+    AutoModelForCausalLM.from_pretrained(model_dir)  # imports torch.distributed.nn, now that the group exists
+    shutdown()
+    sys.exit(sys.getrefcount(group) - 2)  # less this function's name and getrefcount's argument
+
+
 def run_single(job_kwargs: dict) -> None:
     """One process at the ranks' thread count: thread counts change BLAS round-off, ranks do not."""
     import torch
