@@ -46,7 +46,8 @@ def device_description(device: torch.device) -> str:
     the mask search turns that into other masks (docs/results/README.md)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads)"
+    names = dict.fromkeys([cpu_name(), platform.machine()])  # one, where only the architecture is known (ARM Linux)
+    return f"cpu ({', '.join(names)}, {torch.get_num_threads()} threads)"
 
 
 def cpu_name() -> str:

@@ -16,3 +16,10 @@ def test_cpu_description_names_the_processor_and_threads():
 def test_cuda_asked_for_without_a_gpu_is_refused_by_name():
     with pytest.raises(InputError, match="--device cuda"):
         resolve_device("cuda")
+
+
+def test_cpu_known_only_by_its_architecture_is_named_once(monkeypatch):
+    # ARM Linux has no "model name" in /proc/cpuinfo, and platform often knows only the machine type
+    monkeypatch.setattr("thanos.devices.cpu_name", lambda: "aarch64")
+    monkeypatch.setattr("thanos.devices.platform.machine", lambda: "aarch64")
+    assert device_description(torch.device("cpu")) == f"cpu (aarch64, {torch.get_num_threads()} threads)"
