@@ -21,7 +21,7 @@ from runtime_bench.model import ALL_BACKENDS, RANDOM_CONFIGS
 from runtime_bench.perplexity import DEFAULT_METHODS as QUALITY_METHODS
 from runtime_bench.solver import METHODS as SOLVER_METHODS, SHAPES as SOLVER_SHAPES
 from thanos.config import DEFAULT_SMOOTHING, PRESETS, PruneConfig
-from thanos.quantize import FORMATS, ROUNDINGS
+from thanos.quantize import FORMATS, INPUT_SCALES, ROUNDINGS
 from thanos.recipe import METHODS
 from thanos.errors import ThanosExportError
 
@@ -219,7 +219,8 @@ def quantize_options(f):
     options = [
         click.option("--quantize", type=click.Choice(list(FORMATS)), default=None,
                      help="After pruning, store the weights in 8 bits (one scale per output channel; fp8 is E4M3) "
-                          "and give each linear's input a static scale from the calibration pass. The saved "
+                          "and give each linear's input a static scale from the calibration pass (or one per "
+                          "token: --quantize-inputs). The saved "
                           "directory holds the dequantized weights (transformers loads it as before) and "
                           "thanos_quantization.safetensors with the scales; eval and generate then round every "
                           "linear's input as an 8-bit runtime does. Default: no quantization."),
@@ -233,6 +234,11 @@ def quantize_options(f):
                           "folded into the norm or linear that produces it; pruned zeros stay zero), or 'auto' "
                           "(int8: each input's strength chosen from an estimate of the rounding error). Default: "
                           + ", ".join(f"{v} for {k}" for k, v in DEFAULT_SMOOTHING.items()) + "; 0 turns it off."),
+        click.option("--quantize-inputs", type=click.Choice(list(INPUT_SCALES)), default=None,
+                     help="static (default): one scale per linear input from calibration, which every target "
+                          "carries. per-token: each token's input scaled by its own largest magnitude at run "
+                          "time, closer to the unquantized model (docs/results/README.md) but carried by "
+                          "--target torch and safetensors only (QDQ graphs hold constant scales)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -257,7 +263,7 @@ def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size,
               refit_tolerance, mask_search_iterations, permute_channels, sequential, reconstruct_epochs,
               reconstruct_target, alpha, damp, calib_file, calib_samples, seqlen, seed, device, include, exclude, no_eval, eval_windows,
               offload_activations, trust_remote_code, overwrite, distributed=False, quantize=None,
-              quantize_rounding=None, quantize_smoothing=None):
+              quantize_rounding=None, quantize_smoothing=None, quantize_inputs=None):
     from thanos.pipeline import PruneJob
 
     config = build_config(recipe, method=method, pattern=pattern, sparsity=sparsity, preset=preset,
@@ -266,7 +272,7 @@ def build_job(out, model, method, pattern, sparsity, preset, recipe, block_size,
                           permute_channels=permute_channels, sequential=sequential,
                           reconstruct_epochs=reconstruct_epochs, reconstruct_target=reconstruct_target,
                           quantize=quantize, quantize_rounding=quantize_rounding,
-                          quantize_smoothing=quantize_smoothing)
+                          quantize_smoothing=quantize_smoothing, quantize_inputs=quantize_inputs)
     return PruneJob(out=out, config=config, model=model, calib_file=calib_file, calib_samples=calib_samples,
                     seqlen=seqlen, seed=seed, device=device, include=tuple(include), exclude=tuple(exclude),
                     evaluate=not no_eval, eval_windows=_windows(eval_windows),
@@ -330,7 +336,9 @@ def _steps_in_words(steps: list[dict]) -> str:
              "refit": lambda s: (f"refit up to {s['iterations']} (ends at gains below {s['tolerance']:g})"
                                  if s.get("tolerance") else f"refit {s['iterations']}"),
              "reconstruct": lambda s: f"reconstruction {s['epochs']} x towards the {s['target']} target",
-             "quantize": lambda s: f"{s['format']} weights and inputs, {s['rounding']} rounding"
+             "quantize": lambda s: f"{s['format']} weights and inputs"
+                                   + (" (per-token input scales)" if s.get("inputs") == "per-token" else "")
+                                   + f", {s['rounding']} rounding"
                                    + (f", smoothing {s['smoothing']}" if s["smoothing"] else "")}
     return ", ".join(words[s["step"]](s) for s in steps)
 

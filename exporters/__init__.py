@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat,
-                            ExportOptions, ValidationError, register)
+                            ExportOptions, ValidationError, check_inputs_carried, register)
 from thanos.compact import load_compact
+from thanos.quantized_model import saved_inputs
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
                             write_error)
 
@@ -40,6 +41,9 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     if not Path(model_dir).exists():
         raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
                           "wrote")
+    inputs = saved_inputs(Path(model_dir))
+    if inputs:
+        check_inputs_carried(fmt, inputs)
     check_disjoint(out, [model_dir])
     check_writable(out)
     with output_lock(out):
@@ -107,10 +111,13 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
                               "drop it, or pick one of those targets")
 
 
-def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None) -> None:
+def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None, inputs: str = "static") -> None:
     """Raise BackendMissingError now if `fmt` cannot be built on this machine (before any pruning),
-    for a model quantized to `quantize` ("fp8", "int8") if given."""
+    for a model quantized to `quantize` ("fp8", "int8") if given, with `inputs` scaled so
+    (ExportError if the target cannot carry that)."""
     fmt = ExportFormat(fmt)
+    if quantize:
+        check_inputs_carried(fmt, inputs)
     if fmt is ExportFormat.TENSORRT:
         import torch
 

@@ -56,6 +56,20 @@ class ExportOptions:
         return dataclasses.asdict(self)
 
 
+# Where each token's input scale can come from at run time: QDQ graphs (onnx, and the tensorrt and
+# genai targets built from them) carry constant QuantizeLinear scales only.
+PER_TOKEN_TARGETS = ("torch", "safetensors")
+
+
+def check_inputs_carried(fmt: "str | ExportFormat", inputs: str) -> None:
+    """Refuse, before any work, a target that cannot carry the model's input scaling."""
+    fmt = ExportFormat(fmt)
+    if inputs == "per-token" and fmt.value not in PER_TOKEN_TARGETS:
+        raise ExportError(f"--target {fmt.value} writes QuantizeLinear nodes with one constant scale per linear input, "
+                          f"so it cannot carry per-token input scales; use --target {' or '.join(PER_TOKEN_TARGETS)}, "
+                          "or prune with --quantize-inputs static")
+
+
 # Serving targets run in half precision; the compact checkpoint is the lossless format and keeps
 # the source's dtype (None) unless a dtype is asked for.
 DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "genai": "float16", "safetensors": None}

@@ -5,8 +5,9 @@ layer's dtype and `NAME.keep` (out, ceil(in/8)) uint8, the row-wise packed bits 
 kept positions; every other tensor is stored dense under its own name. For fp16 2:4 that is
 0.5 + 0.0625 = 0.5625 of the dense bytes. A linear quantized to 8 bits (`thanos.quantize`)
 stores its 8-bit values instead (int8 or float8_e4m3fn), with `NAME.weight_scale` (out,) and
-`NAME.input_scale` () beside them: 0.25 + 0.0625 = 0.3125 of its fp16 dense bytes for 2:4, plus
-the scales (an 8-bit linear without an n:m pattern is stored as 0:1, every position kept).
+`NAME.input_scale` () beside them (none with per-token inputs: the layer's entry says
+`"inputs": "per-token"`): 0.25 + 0.0625 = 0.3125 of its fp16 dense bytes for 2:4, plus the scales
+(an 8-bit linear without an n:m pattern is stored as 0:1, every position kept).
 Reading (`thanos.compact`) scatters the values back (and dequantizes them) and
 gives the exact same bits (`torch.equal`, and -0.0 stays -0.0).
 """
@@ -76,7 +77,10 @@ def save_compact(model, tokenizer, out: Path, patterns: dict[str, tuple[int, int
                 layers[name] = dict(shape=list(weight.shape), n=n, m=m, transposed=name in transposed)
                 if quant is not None:
                     tensors[f"{name}.weight_scale"] = quant.weight_scale.float().contiguous()
-                    tensors[f"{name}.input_scale"] = quant.input_scale.float().reshape(())
+                    if quant.per_token:
+                        layers[name]["inputs"] = quant.inputs
+                    else:
+                        tensors[f"{name}.input_scale"] = quant.input_scale.float().reshape(())
                     layers[name].update(quantized=quant.format, dtype=str(weight.dtype).replace("torch.", ""))
                     parts = dict(parts, scale=tensors[f"{name}.weight_scale"])
                 dense_bytes += weight.numel() * weight.element_size()

@@ -40,8 +40,9 @@ def export_compact(model_dir: Path, out: Path, options: ExportOptions, source: O
         reloaded_model = load_compact(out)
         for name, mod in quantized_linears(model).items():
             mine, theirs = quantization_of(mod), quantization_of(reloaded_model.get_submodule(name))
-            if theirs is None or not (torch.equal(mine.weight_scale, theirs.weight_scale)
-                                      and torch.equal(mine.input_scale, theirs.input_scale)):
+            if theirs is None or theirs.inputs != mine.inputs or not (
+                    torch.equal(mine.weight_scale, theirs.weight_scale)
+                    and (mine.per_token or torch.equal(mine.input_scale, theirs.input_scale))):
                 raise ExportError(f"{name}: the 8-bit scales did not round-trip through the compact checkpoint")
         reloaded = reloaded_model.state_dict()
         for key, tensor in model.state_dict().items():

@@ -2,9 +2,10 @@
 
 Each qualifying linear becomes a `Sparse8bitLinear`: its weight as the 8-bit values behind the
 stored (dequantized) weight, compressed once (`torch._cslt_compress`); at run time its input is
-rounded with the linear's static scale exactly as the fake-quantized model rounds it
-(`thanos.quantize.fake_quantize`), multiplied on cuSPARSELt (`torch._cslt_sparse_mm`; INT8
-accumulates in int32, FP8 in fp32 and returns bf16), and scaled back per output channel in fp32.
+rounded with the linear's static scale (or each token's own, `thanos.quantize.token_scales`)
+exactly as the fake-quantized model rounds it (`thanos.quantize.fake_quantize`), multiplied on
+cuSPARSELt (`torch._cslt_sparse_mm`; INT8 accumulates in int32, FP8 in fp32 and returns bf16),
+and scaled back per output channel (and per token) in fp32.
 FP8 needs compute capability 8.9+, and both need a torch whose cuSPARSELt takes that dtype: each
 missing piece is refused, by name, before any work.
 """
@@ -20,7 +21,7 @@ from exporters.base import BackendMissingError, ValidationError
 from exporters.patterns import analyse
 from thanos.linears import stores_transposed, weight_view
 from thanos.models import LayerSelection, prunable_linears
-from thanos.quantize import FORMATS, Format, grid_of, input_grid
+from thanos.quantize import FORMATS, Format, grid_of, input_grid, token_scales
 from thanos.quantized_model import quantization_of, quantized_linears
 
 # The dense operand's token count is padded to a multiple of this (zeros; their outputs are
@@ -51,32 +52,37 @@ def cusparselt_kernel(fmt: str) -> Kernel:
 class Sparse8bitLinear(nn.Module):
     """y = (W_q @ round(x / s_in)) * s_w * s_in + b, with W_q 2:4 and 8-bit, returned in the model's dtype.
 
-    Built on the device it runs on. The compressed weight and the scales are plain attributes, not
-    buffers: `model.to(dtype)` would cast a float8 buffer and the fp32 scales.
+    `input_scale` None: s_in is each token's own (`token_scales`), found at run time. Built on the
+    device it runs on. The compressed weight and the scales are plain attributes, not buffers:
+    `model.to(dtype)` would cast a float8 buffer and the fp32 scales.
     """
 
-    def __init__(self, grid: torch.Tensor, weight_scale: torch.Tensor, input_scale: float, fmt: Format,
+    def __init__(self, grid: torch.Tensor, weight_scale: torch.Tensor, input_scale: Optional[float], fmt: Format,
                  bias: Optional[torch.Tensor], dtype: torch.dtype, kernel: Kernel):
         super().__init__()
         self.fmt, self.kernel, self.dtype = fmt, kernel, dtype
         self.out_features, self.in_features = grid.shape
-        self.input_scale = float(input_scale)
+        self.input_scale = None if input_scale is None else float(input_scale)
         self.prepared = kernel.prepare(grid)
-        self.output_scale = weight_scale.float().to(grid.device) * self.input_scale  # (out,)
+        self.output_scale = weight_scale.float().to(grid.device) * (self.input_scale or 1.0)  # (out,)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x's 8-bit values in the format's dtype: the grid the fake-quantized model rounds to."""
-        return input_grid(x, self.input_scale, self.fmt).to(self.fmt.dtype)
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, "float | torch.Tensor"]:
+        """x (tokens, in) as 8-bit values in the format's dtype, the grid the fake-quantized model rounds
+        to, and its scale: the static one, or the tokens' own (tokens, 1)."""
+        scale = token_scales(x, self.fmt) if self.input_scale is None else self.input_scale
+        return input_grid(x, scale, self.fmt).to(self.fmt.dtype), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        q = self.quantize_input(x.reshape(-1, self.in_features))  # (tokens, in)
+        q, scale = self.quantize_input(x.reshape(-1, self.in_features))  # (tokens, in)
         tokens = q.shape[0]
         pad = -tokens % ALIGNMENT[self.fmt.name]
         if pad:
             q = torch.cat([q, torch.zeros(pad, self.in_features, dtype=q.dtype, device=q.device)])
         y = self.kernel.multiply(self.prepared, q)[:, :tokens].t() * self.output_scale  # (tokens, out) fp32
+        if self.input_scale is None:
+            y = y * scale
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(self.dtype).reshape(*lead, self.out_features)
@@ -171,7 +177,7 @@ def to_8bit_semi_structured_(model: nn.Module, kernel: Optional[Kernel] = None) 
 
     `kernel`: the product to use (default: cuSPARSELt, after `require_8bit_sparse`). A linear
     stays the fake-quantized dense one it was, listed with the reason, where its weight is not
-    exact 2:4 along K, its sizes are not multiples of the kernel's alignment, or it has no input scale.
+    exact 2:4 along K, its sizes are not multiples of the kernel's alignment, or its input scale was never set.
     """
     fmt_name = None
     converted, dense = [], {}
@@ -190,7 +196,8 @@ def to_8bit_semi_structured_(model: nn.Module, kernel: Optional[Kernel] = None) 
                 continue
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
-                    Sparse8bitLinear(grid, quant.weight_scale, float(quant.input_scale), FORMATS[quant.format],
+                    Sparse8bitLinear(grid, quant.weight_scale, None if quant.per_token else float(quant.input_scale),
+                                     FORMATS[quant.format],
                                      getattr(mod, "bias", None), weight_view(mod).dtype, kernel))
             converted.append(name)
     return Sparse8bitReport(fmt_name or "-", kernel.name if kernel else "-", converted, dense)
@@ -200,8 +207,8 @@ def _grid_or_reason(name: str, mod: nn.Module, quant) -> tuple[Optional[torch.Te
     """The 8-bit values behind `mod`'s weight, or why it cannot become a `Sparse8bitLinear`."""
     if stores_transposed(mod):
         return None, "GPT-2 Conv1D (x @ W) is not an nn.Linear"
-    if quant.input_scale is None:
-        return None, "no static input scale"
+    if not quant.inputs_ready:
+        return None, "no input scale"
     weight = weight_view(mod)
     alignment = ALIGNMENT[quant.format]
     if any(size % alignment for size in weight.shape):

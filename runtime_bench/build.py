@@ -81,7 +81,7 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
                          "--alpha 0 for an 8-bit model, or drop --quantize")
     if target in ("tensorrt", "torch") and not options.allow_dense:
         require_hardware_2to4(None, dict(config=job.prune.config.to_json()), target, options.split_dense_rows)
-    check_backend(target, quantize.format if quantize else None)
+    check_backend(target, quantize.format if quantize else None, quantize.inputs if quantize else "static")
     if job.prune.distributed:
         from thanos.parallel import init_from_env
 

@@ -73,12 +73,14 @@ class Comparison:
 # "/sequential" after a method's name solves each decoder layer's linears group by group, "/one-pass" on
 # the dense layer's one pass (thanos.recipe.Solve); without either, the preset's (the method's) choice.
 SOLVE_ORDERS = {"sequential": True, "one-pass": False}
+PER_TOKEN = "per-token"  # the method-name suffix for per-token input scales
 
 
 def method_config(method: str, pattern: str) -> PruneConfig:
     """A method name as the table writes it: "sparsegpt", "thanos:<preset>", each optionally followed by
     "/sequential" or "/one-pass" (`SOLVE_ORDERS`), then "+fp8" or "+int8" (8-bit, compensated rounding),
-    "+fp8-nearest" (round-to-nearest), and "@ALPHA" (the smoothing strength, or "@auto"; the format's
+    "+fp8-nearest" (round-to-nearest), "-per-token" after either (per-token input scales, e.g.
+    "+fp8-per-token", "+fp8-nearest-per-token"), and "@ALPHA" (the smoothing strength, or "@auto"; the format's
     default without); "dense+fp8" quantizes the unpruned model (nothing removed), the reference an
     8-bit user compares against. "+modelopt-fp8" / "+modelopt-int8": the pruned model quantized by
     NVIDIA ModelOpt instead (the config returned is the pruning's; `_modelopt_quantize_` adds the rest)."""
@@ -94,7 +96,10 @@ def method_config(method: str, pattern: str) -> PruneConfig:
     if quant:
         quant, _, alpha = quant.partition("@")
         fmt, _, rounding = quant.partition("-")
-        options.update(quantize=fmt, quantize_rounding=rounding or None,
+        inputs = None
+        if rounding == PER_TOKEN or rounding.endswith("-" + PER_TOKEN):
+            inputs, rounding = PER_TOKEN, rounding[:-len(PER_TOKEN)].rstrip("-")
+        options.update(quantize=fmt, quantize_rounding=rounding or None, quantize_inputs=inputs,
                         quantize_smoothing=(alpha if alpha == "auto" else float(alpha)) if alpha else None)
     if base == "dense":
         if order:

@@ -2,10 +2,10 @@
 
 The format: for an n:m layer of shape (out, in) the file holds `NAME.values` (out, in*(m-n)/m) in
 the layer's dtype and `NAME.keep` (out, ceil(in/8)) uint8, the row-wise packed bits of the mask of
-kept positions (8-bit values with `NAME.weight_scale` and `NAME.input_scale` for a linear
-quantized by `thanos.quantize`); every other tensor is stored dense under its own name. Reading lives here, below
-the exporters, because every command that loads a model accepts such a directory; writing is
-`exporters.compact`.
+kept positions (8-bit values with `NAME.weight_scale` and, with static input scales,
+`NAME.input_scale` for a linear quantized by `thanos.quantize`); every other tensor is stored
+dense under its own name. Reading lives here, below the exporters, because every command that
+loads a model accepts such a directory; writing is `exporters.compact`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from thanos.errors import InputError
-from thanos.quantize import FORMATS, dequantize
+from thanos.quantize import FORMATS, INPUT_SCALES, dequantize
 from thanos.quantized_model import LinearQuantization, set_quantization, simulate_activations_
 
 COMPACT_FILE = "model.compact.safetensors"
@@ -61,13 +61,15 @@ def read_compact_state(path: Path, scales: Optional[dict] = None) -> dict[str, t
     for name, info in layers.items():
         values, keep = state.pop(f"{name}.values"), state.pop(f"{name}.keep")
         if info.get("quantized"):
-            fmt, scale, input_scale = info["quantized"], state.pop(f"{name}.weight_scale"), state.pop(f"{name}.input_scale")
-            if fmt not in FORMATS:
-                raise InputError(f"{path}: {name} is stored as {fmt!r}, which this version cannot read")
+            fmt, scale, inputs = info["quantized"], state.pop(f"{name}.weight_scale"), info.get("inputs", "static")
+            input_scale = state.pop(f"{name}.input_scale") if inputs == "static" else None
+            if fmt not in FORMATS or inputs not in INPUT_SCALES:
+                raise InputError(f"{path}: {name} is stored as {fmt!r} with {inputs!r} inputs, which this version "
+                                 "cannot read")
             grid = decompress(values.float(), keep, tuple(info["shape"]))  # 8-bit values are exact in fp32
             dense = dequantize(grid, scale, getattr(torch, info["dtype"]))
             if scales is not None:
-                scales[name] = LinearQuantization(fmt, scale, input_scale)
+                scales[name] = LinearQuantization(fmt, scale, input_scale, inputs)
         else:
             dense = decompress(values, keep, tuple(info["shape"]))
         state[f"{name}.weight"] = dense.T.contiguous() if info["transposed"] else dense

@@ -86,7 +86,9 @@ class PruneConfig:
     reorders the channels a model family leaves free before an n:m pattern groups them; `quantize`
     ("fp8" or "int8", None for none) turns the final weights and each linear's input into 8 bits
     with `quantize_rounding` ("compensated" if None), after moving activation ranges into the
-    weights with strength `quantize_smoothing` (`DEFAULT_SMOOTHING` if None). An option
+    weights with strength `quantize_smoothing` (`DEFAULT_SMOOTHING` if None); `quantize_inputs`
+    scales each linear's input once from calibration ("static", if None) or per token at run time
+    ("per-token"). An option
     that the recipe would not use (a preset for another method, a reconstruction target without
     reconstruction) is refused, never ignored.
     """
@@ -107,6 +109,7 @@ class PruneConfig:
     quantize: Optional[str] = None
     quantize_rounding: Optional[str] = None
     quantize_smoothing: "float | str | None" = None  # a strength in [0, 1], or "auto"
+    quantize_inputs: Optional[str] = None  # "static" (if None) or "per-token"
     refit_tolerance: Optional[float] = None
     sequential: Optional[bool] = None
     recipe: Recipe = dataclasses.field(init=False, repr=False, compare=False)
@@ -142,7 +145,7 @@ class PruneConfig:
                 if getattr(self, field) is not None:
                     raise ConfigError(f"{field} applies to the reconstruction, which this recipe leaves out; pass "
                                       "reconstruct_epochs too (or preset 'best'), or drop it")
-        for field in ("quantize_rounding", "quantize_smoothing"):
+        for field in ("quantize_rounding", "quantize_smoothing", "quantize_inputs"):
             if self.quantize is None and getattr(self, field) is not None:
                 raise ConfigError(f"{field} applies to the 8-bit step, which this recipe leaves out; pass "
                                   "quantize ('fp8' or 'int8') too, or drop it")
@@ -150,6 +153,8 @@ class PruneConfig:
             set_("quantize_rounding", "compensated")
         if self.quantize is not None and self.quantize_smoothing is None:
             set_("quantize_smoothing", DEFAULT_SMOOTHING.get(self.quantize, 0.0))
+        if self.quantize is not None and self.quantize_inputs is None:
+            set_("quantize_inputs", "static")
         if self.sequential is None:
             set_("sequential", bool(preset and preset.sequential_with_8bit and self.quantize is not None))
         if self.reconstruct_lr is None:
@@ -178,7 +183,7 @@ class PruneConfig:
         if self.reconstruct_epochs:
             steps.append(Reconstruct(self.reconstruct_epochs, self.reconstruct_lr, self.reconstruct_target))
         if self.quantize is not None:
-            steps.append(Quantize(self.quantize, self.quantize_rounding, self.quantize_smoothing))
+            steps.append(Quantize(self.quantize, self.quantize_rounding, self.quantize_smoothing, self.quantize_inputs))
         set_("recipe", Recipe(pattern, self.sparsity, tuple(steps), self.preset))  # each step checks itself
 
     @property
@@ -196,7 +201,7 @@ class PruneConfig:
         data["pattern"] = str(self.pattern)
         data["block_size"] = self.resolved_block_size
         if self.quantize is None:  # a recipe without the 8-bit step reads as it did before the step existed
-            del data["quantize"], data["quantize_rounding"], data["quantize_smoothing"]
+            del data["quantize"], data["quantize_rounding"], data["quantize_smoothing"], data["quantize_inputs"]
         return data
 
     @classmethod
@@ -219,6 +224,7 @@ class PruneConfig:
                       quantize=quantize.format if quantize else None,
                       quantize_rounding=quantize.rounding if quantize else None,
                       quantize_smoothing=quantize.smoothing if quantize else None,
+                      quantize_inputs=quantize.inputs if quantize else None,
                       preset=recipe.preset if solve.method == "thanos" else None)
         fields.update(overrides)
         # An override that leaves a step out takes the recipe's options for that step with it.

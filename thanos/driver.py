@@ -210,10 +210,11 @@ def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, 
 
     A first pass finds each linear's static input scale (the largest magnitude it sees, over every
     rank's samples), unless `scales_set` (the sequential solves set each group's from the very
-    inputs this pass would see); a second runs with every linear's input rounded by its scale, so
-    the layers after this one are pruned and quantized against the inputs an 8-bit runtime feeds them.
+    inputs this pass would see) or the inputs are scaled per token; a second runs with every
+    linear's input rounded by its scale, so the layers after this one are pruned and quantized
+    against the inputs an 8-bit runtime feeds them.
     """
-    if not scales_set:
+    if not scales_set and step.inputs == "static":
         ranges = InputRanges(linears)
         with ranges:
             for x in inputs:
@@ -225,9 +226,13 @@ def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, 
 
 def set_input_scales_(linears: dict[str, nn.Module], ranges: InputRanges, step: Quantize, parallel: Parallel,
                       reports: list[dict]) -> None:
-    """Each quantized linear's static input scale from the largest magnitude over every rank's samples."""
+    """Each quantized linear's static input scale from the largest magnitude over every rank's samples
+    (per-token inputs need none: the report says so)."""
     fmt = FORMATS[step.format]
     for (name, mod), report in zip(linears.items(), reports):
+        report["quantization"]["inputs"] = step.inputs
+        if step.inputs == "per-token":
+            continue
         amax = ranges.amax[name].reshape(1)
         parallel.all_reduce_(amax, op="max")
         amax = float(amax)
@@ -512,7 +517,7 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
             # q/k/v (and gate/up) share one factor, the one their solves used where the damping was not raised
             result = step.run(weight_view(mod), shared.hessian(name), damp, name, shared.curvature(name))
             set_weight_(mod, result.weight)
-            set_quantization(mod, LinearQuantization(step.format, result.scale.cpu()))
+            set_quantization(mod, LinearQuantization(step.format, result.scale.cpu(), inputs=step.inputs))
             records[name] = dataclasses.asdict(result.report)
             log.info("%s: %s weights, %s rounding, rel. error %.3g (round-to-nearest %.3g)", name, step.format,
                      result.report.rounding, result.report.error, result.report.nearest_error)
@@ -525,7 +530,7 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
             weight_view(mod).shape[0], dtype=torch.float32, device=mod.weight.device)
         parallel.broadcast_(scale, owners[name])  # on the weights' device: NCCL has no CPU tensors
         if not own:
-            set_quantization(mod, LinearQuantization(step.format, scale.cpu()))
+            set_quantization(mod, LinearQuantization(step.format, scale.cpu(), inputs=step.inputs))
         report["quantization"] = parallel.broadcast_object(records.get(name), owners[name])
 
 

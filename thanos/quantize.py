@@ -2,8 +2,9 @@
 
 Weights are quantized per output channel (one scale per row), symmetrically: `W ~ q * s` with
 `q` on the format's grid (FP8 E4M3 up to 448, or the integers in [-127, 127]). Activations get
-one static scale per linear input, from the largest magnitude seen in calibration. A pruned
-weight is exactly 0 and its `q` is 0, so the n:m pattern survives quantization unchanged.
+one static scale per linear input, from the largest magnitude seen in calibration, or
+("per-token") a scale per token, from that token's largest magnitude, computed at run time. A
+pruned weight is exactly 0 and its `q` is 0, so the n:m pattern survives quantization unchanged.
 
 Two ways to pick `q`, both returned as dequantized fp32 values:
 
@@ -41,6 +42,7 @@ FORMATS = {
     "fp8": Format("fp8", 448.0, torch.float8_e4m3fn, -448.0),  # E4M3: 4 significant bits, max 448
     "int8": Format("int8", 127.0, torch.int8, -128.0),  # weights symmetric in [-127, 127]
 }
+INPUT_SCALES = ("static", "per-token")  # static: one constant per linear input, which QDQ graphs carry
 ROUNDINGS = ("compensated", "nearest")  # compensated: the better of the two per linear, by output error
 COMPENSATION_BLOCK = 32  # columns whose updates are applied lazily together (docs/results/quantize_cost_cpu.md)
 
@@ -122,13 +124,20 @@ def activation_scale(amax: float, fmt: Format) -> float:
     return amax / fmt.qmax if amax > 0 else 1.0
 
 
-def input_grid(x: torch.Tensor, scale: float, fmt: Format) -> torch.Tensor:
-    """A linear input's 8-bit values (fp32) under its static `scale`: ONNX's QuantizeLinear (TensorRT's
-    too: int8 inputs saturate at -128 below, not -127)."""
+def token_scales(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Per-token input scales (..., 1) in fp32: each token's largest magnitude maps to the grid's largest
+    value (a token of zeros gets scale 1)."""
+    top = x.detach().float().abs().amax(-1, keepdim=True)
+    return torch.where(top > 0, top / fmt.qmax, torch.ones_like(top))
+
+
+def input_grid(x: torch.Tensor, scale: "float | torch.Tensor", fmt: Format) -> torch.Tensor:
+    """A linear input's 8-bit values (fp32) under its static `scale` (or per-token scales `token_scales`):
+    ONNX's QuantizeLinear (TensorRT's too: int8 inputs saturate at -128 below, not -127)."""
     return to_grid(x.float() / scale, fmt, fmt.lowest)
 
 
-def fake_quantize(x: torch.Tensor, scale: float, fmt: Format) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: "float | torch.Tensor", fmt: Format) -> torch.Tensor:
     """`x` through quantize and dequantize with `scale`, in `x`'s dtype: what an 8-bit runtime feeds its GEMM."""
     return (input_grid(x, scale, fmt) * scale).to(x.dtype)
 
@@ -142,8 +151,9 @@ class QuantizationReport:
     error: float  # relative output error of the quantized weights against the unquantized ones
     nearest_error: float  # the same for round-to-nearest, the baseline compensation must beat
     seconds: float
-    input_scale: Optional[float] = None  # set after the layer's final calibration pass
+    input_scale: Optional[float] = None  # set after the layer's final calibration pass (static inputs)
     input_amax: Optional[float] = None
+    inputs: str = "static"  # a key of INPUT_SCALES
 
 
 @dataclasses.dataclass

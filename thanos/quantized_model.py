@@ -4,10 +4,11 @@ The weights of a quantized linear are stored dequantized (`thanos.quantize.dequa
 transformers loads the directory as the plain model it is. In memory each such linear carries a
 `LinearQuantization` as its attribute `thanos_quantization`; on disk the scales sit beside the
 weights in `thanos_quantization.safetensors` (`<linear>.weight_scale` (out,) and
-`<linear>.input_scale` (), fp32; the format in the metadata). `load_quantization_` reads them back
-and checks that every weight is exactly its 8-bit values times its scales;
-`simulate_activations_` rounds each quantized linear's input as an 8-bit runtime does, so the
-perplexity and generations of the loaded model are those of the 8-bit model.
+`<linear>.input_scale` (), fp32; the format and the input scaling in the metadata: with
+"per-token" inputs there is no input scale, each token gets its own at run time).
+`load_quantization_` reads them back and checks that every weight is exactly its 8-bit values
+times its scales; `simulate_activations_` rounds each quantized linear's input as an 8-bit runtime
+does, so the perplexity and generations of the loaded model are those of the 8-bit model.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from torch import nn
 
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
-from thanos.quantize import FORMATS, fake_quantize, grid_of
+from thanos.quantize import FORMATS, INPUT_SCALES, fake_quantize, grid_of, token_scales
 
 QUANTIZATION_FILE = "thanos_quantization.safetensors"
 ATTRIBUTE = "thanos_quantization"
 _HOOK = "_thanos_activation_hook"
+ACTIVATIONS = {"static": "symmetric, one static scale per linear input",  # the file's metadata, in words
+               "per-token": "symmetric, one scale per token, from its largest magnitude at run time"}
 
 
 @dataclasses.dataclass
@@ -33,6 +36,16 @@ class LinearQuantization:
     format: str  # a key of thanos.quantize.FORMATS
     weight_scale: torch.Tensor  # (out,) fp32 on the CPU, one per output channel
     input_scale: Optional[torch.Tensor] = None  # () fp32: the static scale of the linear's input, once calibrated
+    inputs: str = "static"  # or "per-token": no input scale, each token's own at run time
+
+    @property
+    def per_token(self) -> bool:
+        return self.inputs == "per-token"
+
+    @property
+    def inputs_ready(self) -> bool:
+        """Whether the input can be rounded: per-token always, static once its scale is calibrated."""
+        return self.per_token or self.input_scale is not None
 
 
 def quantization_of(module: nn.Module) -> Optional[LinearQuantization]:
@@ -46,6 +59,12 @@ def set_quantization(module: nn.Module, value: LinearQuantization) -> None:
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     """{full name: module} of the model's linears that carry 8-bit scales."""
     return {name: mod for name, mod in model.named_modules() if quantization_of(mod) is not None}
+
+
+def model_inputs(model: nn.Module) -> Optional[str]:
+    """How a quantized model scales its linears' inputs ("static", "per-token"), or None without scales."""
+    kinds = {quantization_of(mod).inputs for mod in quantized_linears(model).values()}
+    return kinds.pop() if len(kinds) == 1 else (None if not kinds else "mixed")
 
 
 def model_format(model: nn.Module) -> Optional[str]:
@@ -69,10 +88,13 @@ def layer_tensors(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def restore_layer_(layer: nn.Module, tensors: dict[str, torch.Tensor], formats: dict[str, str]) -> None:
-    """Undo `layer_tensors`."""
+    """Undo `layer_tensors`. A layer is saved once its static input scales are set, so a linear saved
+    without one scales its inputs per token."""
     for name, fmt in formats.items():
+        input_scale = tensors.get(f"{name}.input_scale")
         set_quantization(layer.get_submodule(name),
-                         LinearQuantization(fmt, tensors[f"{name}.weight_scale"], tensors.get(f"{name}.input_scale")))
+                         LinearQuantization(fmt, tensors[f"{name}.weight_scale"], input_scale,
+                                            "static" if input_scale is not None else "per-token"))
 
 
 def save_quantization(model: nn.Module, directory: Path) -> Optional[Path]:
@@ -86,14 +108,16 @@ def save_quantization(model: nn.Module, directory: Path) -> Optional[Path]:
     for name, mod in linears.items():
         quant = quantization_of(mod)
         tensors[f"{name}.weight_scale"] = quant.weight_scale.float().contiguous()
-        if quant.input_scale is None:
+        if not quant.inputs_ready:
             raise InputError(f"{name} has weight scales but no input scale: the calibration pass that sets it "
                              "did not run")
-        tensors[f"{name}.input_scale"] = quant.input_scale.float().reshape(())
+        if not quant.per_token:
+            tensors[f"{name}.input_scale"] = quant.input_scale.float().reshape(())
+    inputs = model_inputs(model)
     path = Path(directory) / QUANTIZATION_FILE
-    save_file(tensors, str(path), metadata={"format": model_format(model),
+    save_file(tensors, str(path), metadata={"format": model_format(model), "inputs": inputs,
                                             "weights": "symmetric, one scale per output channel",
-                                            "activations": "symmetric, one static scale per linear input"})
+                                            "activations": ACTIVATIONS[inputs]})
     return path
 
 
@@ -110,41 +134,66 @@ def load_quantization_(model: nn.Module, directory: Path, simulate: bool = True)
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            fmt = (f.metadata() or {}).get("format")
+            metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:  # a truncated or foreign file
         raise InputError(f"{path} is damaged ({type(exc).__name__}: {exc}); prune the model again") from exc
-    if fmt not in FORMATS:
-        raise InputError(f"{path} names format {fmt!r}, which this version cannot read; known: {', '.join(FORMATS)}")
+    fmt = metadata.get("format")
+    inputs = metadata.get("inputs", "static")  # files from before per-token inputs say nothing
+    if fmt not in FORMATS or inputs not in INPUT_SCALES:
+        raise InputError(f"{path} names format {fmt!r} with {inputs!r} inputs, which this version cannot read; "
+                         f"known: {', '.join(FORMATS)} with {' or '.join(INPUT_SCALES)} inputs")
     modules = dict(model.named_modules())
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     for name in names:
         mod = modules.get(name)
         scale = tensors.get(f"{name}.weight_scale")
-        if mod is None or not is_prunable(mod) or scale is None or f"{name}.input_scale" not in tensors:
+        has_input_scale = f"{name}.input_scale" in tensors
+        if mod is None or not is_prunable(mod) or scale is None or has_input_scale != (inputs == "static"):
             raise InputError(f"{path}: the scales of {name} do not match the model beside them (no such linear, "
                              "or a scale missing); the directory was mixed from two runs: prune it again")
         if grid_of(weight_view(mod), scale, FORMATS[fmt]) is None:
             raise InputError(f"{path}: {name}.weight is not its {fmt} values times the saved scales; the weights or "
                              "the scales were changed after quantizing: prune the model again")
-        set_quantization(mod, LinearQuantization(fmt, scale, tensors[f"{name}.input_scale"]))
+        set_quantization(mod, LinearQuantization(fmt, scale, tensors.get(f"{name}.input_scale"), inputs))
     if simulate:
         simulate_activations_(model)
     return fmt
 
 
+def saved_inputs(directory: Path) -> Optional[str]:
+    """How the 8-bit model saved in `directory` scales its inputs (read from the metadata alone), or None."""
+    from safetensors import safe_open
+
+    path = Path(directory) / QUANTIZATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("inputs", "static")
+    except Exception:  # noqa: BLE001 a damaged file is reported by the full read that follows
+        return None
+
+
 def simulate_activations_(model: nn.Module) -> None:
-    """Round every quantized linear's input with its static scale before the product (idempotent)."""
+    """Round every quantized linear's input with its scale before the product (idempotent)."""
     for mod in quantized_linears(model).values():
-        if quantization_of(mod).input_scale is not None and not hasattr(mod, _HOOK):
+        if quantization_of(mod).inputs_ready and not hasattr(mod, _HOOK):
             _round_inputs(mod)
 
 
 def _round_inputs(mod: nn.Module) -> None:
     quant = quantization_of(mod)
-    fmt, scale = FORMATS[quant.format], float(quant.input_scale)
-    setattr(mod, _HOOK, mod.register_forward_pre_hook(
-        lambda m, args: (fake_quantize(args[0], scale, fmt), *args[1:])))
+    fmt = FORMATS[quant.format]
+    if quant.per_token:
+        def rounded(m, args):
+            return (fake_quantize(args[0], token_scales(args[0], fmt), fmt), *args[1:])
+    else:
+        scale = float(quant.input_scale)
+
+        def rounded(m, args):
+            return (fake_quantize(args[0], scale, fmt), *args[1:])
+    setattr(mod, _HOOK, mod.register_forward_pre_hook(rounded))
 
 
 def _stop_rounding(mod: nn.Module) -> None:
@@ -161,7 +210,7 @@ def stop_simulating_activations_(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def inputs_rounded(linears):
-    """Within: each of `linears` (quantized, input scale set) rounds its input as the 8-bit runtime does."""
+    """Within: each of `linears` (quantized, inputs ready) rounds its input as the 8-bit runtime does."""
     added = [mod for mod in linears if not hasattr(mod, _HOOK)]
     for mod in added:
         _round_inputs(mod)
@@ -190,7 +239,7 @@ def describe(model: nn.Module) -> Optional[dict]:
     linears = quantized_linears(model)
     if not linears:
         return None
-    return dict(format=model_format(model), linears=len(linears),
+    return dict(format=model_format(model), inputs=model_inputs(model), linears=len(linears),
                 activations_simulated=all(hasattr(mod, _HOOK) for mod in linears.values()))
 
 

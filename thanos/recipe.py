@@ -29,7 +29,7 @@ from thanos.hessian import Curvature
 from thanos.mask_search import RHO_EVERY, ScaledHessian, admm_mask_search
 from thanos.pattern import ConfigError, Pattern
 from thanos.permute import permute_free_channels_
-from thanos.quantize import COMPENSATION_BLOCK, FORMATS, ROUNDINGS, QuantizedWeight, quantize_weight
+from thanos.quantize import COMPENSATION_BLOCK, FORMATS, INPUT_SCALES, ROUNDINGS, QuantizedWeight, quantize_weight
 from thanos.reconstruct import reconstruct_layer_
 from thanos.refit import Refitted, refit_on_support
 from thanos.smooth import AUTO
@@ -237,24 +237,29 @@ class Reconstruct(Step):
 
 @dataclasses.dataclass(frozen=True)
 class Quantize(Step):
-    """8-bit weights and a static scale per linear input (`thanos.quantize`), once the weights are final.
+    """8-bit weights and input scales (`thanos.quantize`), once the weights are final.
 
     `rounding`: "compensated" spreads each column's rounding error over the kept weights after it
     (kept only where it beats round-to-nearest), "nearest" rounds every weight on its own.
     `smoothing`: the migration strength of activation ranges into the weights before quantizing
     (`thanos.smooth`; 0: none; "auto": chosen per input from an estimate of the INT8 error).
+    `inputs`: "static", one scale per linear input from calibration (what ONNX QDQ graphs and
+    TensorRT carry), or "per-token", each token's own scale at run time (`--target torch` only).
     """
 
     kind: ClassVar[str] = "quantize"
     format: str = "fp8"
     rounding: str = "compensated"
     smoothing: "float | str" = 0.0
+    inputs: str = "static"
 
     def check(self, pattern: Pattern) -> None:
         if self.format not in FORMATS:
             raise ConfigError(f"unknown 8-bit format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.rounding not in ROUNDINGS:
             raise ConfigError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+        if self.inputs not in INPUT_SCALES:
+            raise ConfigError(f"unknown input scaling {self.inputs!r}; choose one of {', '.join(INPUT_SCALES)}")
         if self.smoothing == AUTO:
             if self.format != "int8":
                 raise ConfigError(f"smoothing 'auto' estimates INT8's evenly spaced grid; {self.format}'s grid is "

@@ -19,12 +19,14 @@ from thanos.quantize import fake_quantize
 from thanos.quantized_model import quantization_of, quantized_linears
 
 
-@pytest.fixture(scope="module", params=["fp8", "int8"])
+@pytest.fixture(scope="module", params=[("fp8", "static"), ("int8", "static"), ("fp8", "per-token")],
+                ids=["fp8", "int8", "fp8-per-token"])
 def quantized_dir(request, tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp(request.param) / "m"
-    prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir), config=PruneConfig(quantize=request.param),
-                                **SMALL))
-    return out, request.param
+    fmt, inputs = request.param
+    out = tmp_path_factory.mktemp(fmt) / "m"
+    prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir),
+                                config=PruneConfig(quantize=fmt, quantize_inputs=inputs), **SMALL))
+    return out, fmt
 
 
 def exact_kernel(error: float = 0.0) -> Kernel:
@@ -66,10 +68,19 @@ def test_the_input_is_rounded_as_the_fake_quantized_model_rounds_it(quantized_di
     quant = quantization_of(linear)
     to_8bit_semi_structured_(model, exact_kernel())
     module = model.get_submodule(name)
-    x = torch.randn(3, 7, module.in_features, generator=torch.Generator().manual_seed(1)) * 4 * float(quant.input_scale)
-    grid = module.quantize_input(x.reshape(-1, module.in_features)).float() * module.input_scale
-    assert torch.equal(grid, fake_quantize(x.reshape(-1, module.in_features), float(quant.input_scale),
-                                           module.fmt))
+    x = torch.randn(3, 7, module.in_features, generator=torch.Generator().manual_seed(1))
+    x[0, 0] *= 100  # one loud token: a static scale keeps its range for every token, a per-token one does not
+    x2 = x.reshape(-1, module.in_features)
+    if quant.per_token:  # each token's largest magnitude maps to the grid's largest value
+        expected_scale = x2.abs().amax(-1, keepdim=True) / module.fmt.qmax
+    else:
+        expected_scale = float(quant.input_scale)
+        x2 = x2 * 4 * expected_scale  # the loud token goes past the grid and saturates
+    q, scale = module.quantize_input(x2)
+    assert torch.allclose(torch.as_tensor(scale), torch.as_tensor(expected_scale), rtol=torch.finfo(torch.float32).eps,
+                          atol=0)
+    assert q.dtype == module.fmt.dtype
+    assert torch.equal(q.float() * scale, fake_quantize(x2, scale, module.fmt))
     assert module(x).shape == (3, 7, module.out_features)
 
 

@@ -71,7 +71,12 @@ def test_method_names_parse_into_the_recipe_they_measure():
     from thanos.errors import InputError
 
     quantized = method_config("thanos:default+fp8", "2:4")
-    assert quantized.quantize == "fp8" and quantized.preset == "default"
+    assert quantized.quantize == "fp8" and quantized.preset == "default" and quantized.quantize_inputs == "static"
+    per_token = method_config("thanos:default+fp8-per-token", "2:4")
+    assert (per_token.quantize_inputs, per_token.quantize_rounding) == ("per-token", "compensated")
+    per_token = method_config("thanos:default+int8-nearest-per-token@0.5", "2:4")
+    assert (per_token.quantize_inputs, per_token.quantize_rounding, per_token.quantize_smoothing) == (
+        "per-token", "nearest", 0.5)
     # ModelOpt's quantization is applied to the pruned model afterwards: the recipe itself has no 8-bit step
     peer = method_config("thanos:default+modelopt-int8", "2:4")
     assert peer.quantize is None and peer.preset == "default"

@@ -6,7 +6,7 @@ from tests.thanos.helpers import assert_nm, damped, layer_problem
 from thanos.api import prune_weight
 from thanos.config import PruneConfig
 from thanos.hessian import reconstruction_error
-from thanos.quantize import (FORMATS, compensated, dequantize, fake_quantize, grid_of, quantize_weight,
+from thanos.quantize import (FORMATS, compensated, dequantize, fake_quantize, grid_of, quantize_weight, token_scales,
                              round_to_nearest, to_grid, weight_scales)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -123,3 +123,15 @@ def test_fake_quantize_is_idempotent_and_on_the_grid():
         once = fake_quantize(x, scale, fmt)
         assert torch.equal(fake_quantize(once, scale, fmt), once)
         assert torch.equal(to_grid(once / scale, fmt) * scale, once)
+
+
+def test_per_token_scales_put_each_tokens_largest_magnitude_on_the_grids_largest_value():
+    x = torch.randn(5, 16) * torch.tensor([1.0, 1e-3, 1e3, 0.0, 7.0])[:, None]
+    for fmt in FORMATS.values():
+        scales = token_scales(x, fmt)
+        assert scales.shape == (5, 1) and scales[3, 0] == 1.0  # a token of zeros keeps scale 1
+        rounded = fake_quantize(x, scales, fmt)
+        live = [0, 1, 2, 4]
+        assert torch.equal(rounded[live].abs().amax(-1), x[live].abs().amax(-1))  # the largest is exact
+        assert torch.equal(rounded[3], x[3])
+        assert torch.equal(fake_quantize(rounded, token_scales(rounded, fmt), fmt), rounded)  # idempotent

@@ -33,7 +33,8 @@ def test_the_quantized_directory_is_a_plain_model_plus_its_scales(fp8_dir):
     out, report = fp8_dir
     plain = AutoModelForCausalLM.from_pretrained(out)  # transformers alone: no unknown tensors, nothing missing
     model, _ = load_model(str(out))
-    assert describe(model) == dict(format="fp8", linears=len(pruned_weights(model)), activations_simulated=True)
+    assert describe(model) == dict(format="fp8", inputs="static", linears=len(pruned_weights(model)),
+                                   activations_simulated=True)
     weights = pruned_weights(plain)
     for name, mod in quantized_linears(model).items():
         assert torch.equal(weights[name], weight_view(mod))
@@ -41,7 +42,8 @@ def test_the_quantized_directory_is_a_plain_model_plus_its_scales(fp8_dir):
         assert grid_of(weight_view(mod), quant.weight_scale, FORMATS["fp8"]) is not None  # bit-exact 8-bit values
         assert_nm(weight_view(mod), 2, 4)
         assert float(quant.input_scale) > 0
-    assert report["recipe"]["steps"][-1] == dict(step="quantize", format="fp8", rounding="compensated", smoothing=0.0)
+    assert report["recipe"]["steps"][-1] == dict(step="quantize", format="fp8", rounding="compensated", smoothing=0.0,
+                                                 inputs="static")
     for layer in report["layers"]:
         q = layer["quantization"]
         assert q["error"] <= q["nearest_error"] and q["input_scale"] == pytest.approx(q["input_amax"] / 448)
@@ -193,3 +195,77 @@ def test_the_next_layer_is_calibrated_on_the_8bit_layers_outputs(tiny_llama_dir,
     unrounded = driver.run_layer(layer0, seen[0], args, kwargs, "cpu", "cpu")
     assert all(torch.equal(a, b) for a, b in zip(seen[1], rounded))
     assert not all(torch.equal(a, b) for a, b in zip(seen[1], unrounded))
+
+
+@pytest.fixture(scope="module")
+def per_token_dir(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("fp8_per_token") / "m"
+    config = PruneConfig(quantize="fp8", quantize_inputs="per-token")
+    return out, prune_to_directory(PruneJob(out=str(out), model=str(tiny_llama_dir), config=config, **SMALL))
+
+
+def test_per_token_inputs_are_saved_without_input_scales_and_rounded_token_by_token(per_token_dir):
+    from safetensors import safe_open
+
+    out, report = per_token_dir
+    with safe_open(str(out / QUANTIZATION_FILE), "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+    assert metadata["inputs"] == "per-token" and not [k for k in keys if k.endswith(".input_scale")]
+    assert report["recipe"]["steps"][-1]["inputs"] == "per-token"
+    assert all(layer["quantization"]["inputs"] == "per-token" and layer["quantization"]["input_scale"] is None
+               for layer in report["layers"])
+    assert PruneConfig.from_recipe(report["recipe"]).recipe == PruneConfig(quantize="fp8",
+                                                                           quantize_inputs="per-token").recipe
+    model, _ = load_model(str(out))
+    assert describe(model)["inputs"] == "per-token" and describe(model)["activations_simulated"]
+    name, mod = next(iter(quantized_linears(model).items()))
+    seen = []
+    hook = mod.register_forward_hook(lambda m, args, output: seen.append(args[0]))
+    x = torch.randn(2, mod.in_features, generator=torch.Generator().manual_seed(0))
+    x[1] *= 1e-3  # a quiet token: one scale for both would leave it a few grid steps
+    with torch.no_grad():
+        mod(x)
+    hook.remove()
+    scale = x.abs().amax(-1, keepdim=True) / 448
+    assert torch.equal(seen[0], (x / scale).to(torch.float8_e4m3fn).float() * scale)
+    # the loaded directory computes what the run measured (same process and thread count)
+    evaluated = evaluate_directory(str(out), seqlen=SMALL["seqlen"], device="cpu", max_windows=SMALL["eval_windows"])
+    assert evaluated["perplexity"] == report["perplexity_after"]["value"]
+
+
+def test_a_layer_checkpoint_keeps_per_token_inputs(per_token_dir):
+    from thanos.quantized_model import layer_tensors, restore_layer_, set_quantization
+
+    model, _ = load_model(str(per_token_dir[0]))
+    layer = model.model.layers[0]
+    tensors, formats = layer_tensors(layer)
+    assert formats and not [k for k in tensors if k.endswith(".input_scale")]
+    for name in formats:
+        set_quantization(layer.get_submodule(name), None)
+    restore_layer_(layer, tensors, formats)
+    assert {quantization_of(layer.get_submodule(name)).inputs for name in formats} == {"per-token"}
+
+
+def test_per_token_compact_checkpoint_round_trips_and_qdq_targets_refuse_it(per_token_dir, tmp_path):
+    from exporters import ExportError, export
+
+    out, _ = per_token_dir
+    summary = export("safetensors", out, tmp_path / "c")
+    assert summary["round_trip"] == "bit-exact"
+    model, _ = load_model(str(out))
+    reloaded, _ = load_model(str(tmp_path / "c"))
+    assert describe(reloaded) == describe(model)
+    for target in ("onnx", "genai", "tensorrt"):  # refused before any work, whatever is installed
+        with pytest.raises(ExportError, match=f"--target {target} .* cannot carry per-token input scales"):
+            export(target, out, tmp_path / target)
+        assert not (tmp_path / target).exists()
+
+
+def test_prune_and_build_refuses_per_token_inputs_for_a_qdq_target_before_pruning(tiny_llama_dir, tmp_path):
+    result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--quantize", "fp8",
+                                       "--quantize-inputs", "per-token", "--target", "onnx", "--out",
+                                       str(tmp_path / "b"), "--no-eval", "--device", "cpu"])
+    assert result.exit_code == 1 and "cannot carry per-token input scales" in result.output, result.output
+    assert "--target torch or safetensors" in result.output and not (tmp_path / "b").exists()
+    refused = CliRunner().invoke(main, ["prune", "--quantize-inputs", "per-token", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "quantize_inputs applies to the 8-bit step" in refused.output
