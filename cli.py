@@ -237,7 +237,7 @@ def quantize_options(f):
         click.option("--quantize-inputs", type=click.Choice(list(INPUT_SCALES)), default=None,
                      help="static (default): one scale per linear input from calibration, which every target "
                           "carries. per-token: each token's input scaled by its own largest magnitude at run "
-                          "time, closer to the unquantized model (docs/results/README.md) but carried by "
+                          "time, closer to the unquantized model (README, 8-bit section) but carried by "
                           "--target torch and safetensors only (QDQ graphs hold constant scales)."),
     ]
     for option in reversed(options):
@@ -669,7 +669,8 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     \b
     With --quantize fp8|int8 the export carries the 8-bit weights and activation scales:
     onnx, genai and tensorrt as QuantizeLinear / DequantizeLinear pairs around each linear,
-    safetensors as 8-bit values, torch as 8-bit cuSPARSELt linears (CUDA GPU).
+    safetensors as 8-bit values, torch as 8-bit cuSPARSELt linears (CUDA GPU). Per-token input
+    scales (--quantize-inputs per-token) go to torch and safetensors only.
     \b
     Writes OUT/pruned/ (transformers directory + thanos_report.json), OUT/<target>/ (the export
     with export_summary.json) and OUT/build_summary.json.
