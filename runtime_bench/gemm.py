@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime_bench.protocol import measure
+from thanos.quantize import FORMATS, input_grid, token_scales
 
 # (out_features, in_features) of the distinct linears of named models.
 SHAPE_SETS = {
@@ -23,6 +24,16 @@ INT8 = "int8"  # weights and activations in INT8, products accumulated in int32
 # 8-bit GEMMs take token counts in multiples of these (torch._int_mm wants more than 16 rows):
 # smaller M is padded, as serving stacks do
 PADDED_ROWS = {FP8: 16, INT8: 32}
+QUANTIZE_SHARE = 0.25  # of a product's time budget, for timing its input's quantization (a cheap pass)
+
+
+def input_quantizers(dtype_name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """A bf16 input (tokens, in) rounded to the 8-bit grid as `--target torch` does it
+    (`exporters.torch_8bit.Sparse8bitLinear.quantize_input`): with one static scale, or with each
+    token's own (its largest magnitude found first, the cost per-token scales add)."""
+    fmt = FORMATS["fp8" if dtype_name == FP8 else "int8"]
+    return {"input-quantize-static": lambda x: input_grid(x, 1.0, fmt).to(fmt.dtype),
+            "input-quantize-per-token": lambda x: input_grid(x, token_scales(x, fmt), fmt).to(fmt.dtype)}
 
 
 def two_four_weight(rows: int, cols: int, dtype, device) -> torch.Tensor:
@@ -142,7 +153,25 @@ def _time_shape(rows: int, cols: int, dtype_name: str, tokens: list[int], device
             else:
                 rec["speedup"] = dense_ms / t.median_ms
             records.append(rec)
+        if dtype_name in PADDED_ROWS:
+            _time_input_quantizers(dtype_name, rows, cols, m, rows_in, dense_ms, device, budget_s, records)
         tick()
+
+
+def _time_input_quantizers(dtype_name: str, rows: int, cols: int, m: int, rows_in: int, dense_ms: Optional[float],
+                           device: str, budget_s: float, records: list) -> None:
+    """What rounding the product's input costs, beside the dense 8-bit product's time at this M."""
+    source = torch.randn(rows_in, cols, device=device, dtype=torch.bfloat16)
+    for name, quantize in input_quantizers(dtype_name).items():
+        try:
+            t = measure(lambda: quantize(source), device, budget_s=budget_s * QUANTIZE_SHARE)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            records.append(dict(level="gemm", backend=name, status="skipped", reason=_reason(exc), dtype=dtype_name,
+                                shape=[rows, cols], tokens=m))
+            continue
+        records.append(dict(level="gemm", backend=name, status="ok", dtype=dtype_name, shape=[rows, cols], tokens=m,
+                            computed_tokens=rows_in, share_of_dense_product=t.median_ms / dense_ms if dense_ms else None,
+                            **t.to_json()))
 
 
 def fp8_kernels(weight: torch.Tensor, sparse: dict[str, Optional[str]]) -> tuple[dict, dict]:

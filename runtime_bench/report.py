@@ -78,12 +78,12 @@ def _markdown(summary: dict, plots: list[str]) -> str:
     if gemm:
         lines += ["## GEMM level", "", "| backend | dtype | shape (out x in) | tokens | median ms | p90 ms | TFLOP/s | speedup |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in gemm:
+        for r in gemm:  # an input-quantize row has no flop: its last column is its time over the dense product's
+            tflops = f"{r['tflops']:.2f}" if "tflops" in r else "-"
+            last = (f"{r['speedup']:.2f}x" if "speedup" in r else
+                    f"{r['share_of_dense_product']:.2f} of dense" if r.get("share_of_dense_product") else "-")
             lines.append(f"| {r['backend']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | "
-                         f"{r['median_ms']:.4f} | {r['p90_ms']:.4f} | {r['tflops']:.2f} | "
-                         f"{r['speedup']:.2f}x |" if "speedup" in r else
-                         f"| {r['backend']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} | {r['tokens']} | "
-                         f"{r['median_ms']:.4f} | {r['p90_ms']:.4f} | {r['tflops']:.2f} | - |")
+                         f"{r['median_ms']:.4f} | {r['p90_ms']:.4f} | {tflops} | {last} |")
     if summary["crossovers"]:
         lines += ["", "Crossover: the smallest token count from which 2:4 stays faster than dense.", "",
                   "| backend | dtype | shape | crossover M | best speedup | speedup at largest M |", "|---|---|---|---|---|---|"]

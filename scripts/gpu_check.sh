@@ -53,7 +53,8 @@ fi
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 
 # 8-bit first (the figures issue 19 needs): 7 shapes x 5 token counts x (2 FP8 kernels + 2 INT8 +
-# 3 fp16: dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on Hopper), at most 0.5 s each: ~125 s.
+# 3 fp16: dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on Hopper), at most 0.5 s each: ~125 s;
+# and for each 8-bit M the input's quantization, static and per-token, at 0.125 s each: ~18 s.
 step 160 "GEMM level: LLaMA-2-7B and 70B shapes, FP8, INT8 and fp16, dense against 2:4" \
     python cli.py bench random:smollm2-135m --levels gemm "${GEMM[@]}" --device "$DEVICE" \
     --backends torch-dense,torch-2:4 --quiet --out "$WORK/gemm"
@@ -82,9 +83,9 @@ step 40 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets 
     --json-out "$OUT/solver_gpu.json"
 
 # The 8-bit cuSPARSELt linears of the torch target first: that path has never run on a GPU.
-step 20 "GPU tests: the torch target's 8-bit 2:4 linears" \
+step 25 "GPU tests: the torch target's 8-bit 2:4 linears (FP8, INT8, FP8 with per-token inputs)" \
     python -m pytest -q -m gpu -p no:cacheprovider tests/exporters/test_torch_8bit.py
-step 50 "GPU tests: the rest" \
+step 45 "GPU tests: the rest" \
     python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/exporters/test_torch_8bit.py tests
 
 # The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or

@@ -184,7 +184,7 @@ def test_fp8_dense_kernel_computes_the_product_and_pads_small_token_counts():
     records = []
     gemm._time_shape(32, 64, gemm.FP8, [1, 20], "cpu", {"torch-2:4-cusparselt": "needs a CUDA GPU"}, 0.01, records,
                      lambda: None)
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r for r in records if r["status"] == "ok" and r["backend"] == "torch-dense"]  # the products
     assert [(r["tokens"], r["computed_tokens"]) for r in ok] == [(1, 16), (20, 32)]
     assert ok[0]["weight_bytes"] == 32 * 64  # one byte a weight
     assert any(r["status"] == "skipped" and r["backend"] == "torch-2:4-cusparselt" for r in records)
@@ -202,7 +202,7 @@ def test_int8_dense_kernel_is_the_exact_integer_product():
     records = []
     gemm._time_shape(32, 64, gemm.INT8, [1, 40], "cpu", {"torch-2:4-cusparselt": "needs a CUDA GPU"}, 0.01,
                      records, lambda: None)
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r for r in records if r["status"] == "ok" and r["backend"] == "torch-dense"]  # the products
     assert [(r["tokens"], r["computed_tokens"]) for r in ok] == [(1, 32), (40, 64)]
 
 
@@ -233,3 +233,29 @@ def test_gpu_fp8_two_four_matches_dense_or_says_why():
     sparse = kernels["torch-2:4-cusparselt"](x).float()
     assert sparse.shape == dense.shape
     assert (sparse - dense).abs().max() <= 2 ** -7 * dense.abs().max()
+
+
+def test_8bit_gemm_rows_time_the_inputs_quantization_as_the_torch_target_does_it():
+    from exporters.torch_8bit import Kernel, Sparse8bitLinear
+    from runtime_bench.gemm import FP8, INT8, _time_shape, input_quantizers
+    from runtime_bench.report import _markdown
+    from thanos.quantize import FORMATS
+
+    x = torch.randn(48, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    kernel = Kernel("identity", lambda grid: grid, lambda prepared, q: q)  # only quantize_input is used
+    for dtype_name, fmt in ((FP8, FORMATS["fp8"]), (INT8, FORMATS["int8"])):
+        grid = torch.zeros(8, 64).to(fmt.dtype)
+        quantizers = input_quantizers(dtype_name)
+        for name, scale in (("input-quantize-static", 1.0), ("input-quantize-per-token", None)):
+            module = Sparse8bitLinear(grid, torch.ones(8), scale, fmt, None, torch.bfloat16, kernel)
+            assert torch.equal(quantizers[name](x).float(), module.quantize_input(x)[0].float()), (dtype_name, name)
+        records = []  # on the CPU the 8-bit products themselves may be missing; the quantizers are timed anyway
+        _time_shape(64, 64, dtype_name, [1, 40], "cpu", {}, 0.02, records, lambda: None)
+        timed = [r for r in records if r["backend"].startswith("input-quantize") and r["status"] == "ok"]
+        assert sorted((r["backend"], r["tokens"], r["computed_tokens"]) for r in timed) == sorted(
+            (name, m, -(-m // (16 if dtype_name == FP8 else 32)) * (16 if dtype_name == FP8 else 32))
+            for name in quantizers for m in (1, 40))
+        assert all(r["median_ms"] > 0 for r in timed)
+        records.append(dict(timed[-1], share_of_dense_product=0.125))  # as on a GPU, where the product ran
+        table = _markdown(dict(machine={}, settings={}, results=records, crossovers=[]), [])
+        assert f"| input-quantize-per-token | {dtype_name} | 64x64 | 40 |" in table and "| 0.12 of dense |" in table
