@@ -214,17 +214,18 @@ def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, 
     linear's input rounded by its scale, so the layers after this one are pruned and quantized
     against the inputs an 8-bit runtime feeds them.
     """
-    if not scales_set and step.inputs == "static":
-        ranges = InputRanges(linears)
-        with ranges:
-            for x in inputs:
-                _forward(layer, x, args, kwargs, device, store_device)
+    if not scales_set:
+        ranges = InputRanges(linears) if step.inputs == "static" else None
+        if ranges is not None:
+            with ranges:
+                for x in inputs:
+                    _forward(layer, x, args, kwargs, device, store_device)
         set_input_scales_(linears, ranges, step, parallel, reports)
     with inputs_rounded(linears.values()):
         return run_layer(layer, inputs, args, kwargs, device, store_device)
 
 
-def set_input_scales_(linears: dict[str, nn.Module], ranges: InputRanges, step: Quantize, parallel: Parallel,
+def set_input_scales_(linears: dict[str, nn.Module], ranges: Optional[InputRanges], step: Quantize, parallel: Parallel,
                       reports: list[dict]) -> None:
     """Each quantized linear's static input scale from the largest magnitude over every rank's samples
     (per-token inputs need none: the report says so)."""

@@ -153,7 +153,6 @@ class QuantizationReport:
     seconds: float
     input_scale: Optional[float] = None  # set after the layer's final calibration pass (static inputs)
     input_amax: Optional[float] = None
-    inputs: str = "static"  # a key of INPUT_SCALES
 
 
 @dataclasses.dataclass

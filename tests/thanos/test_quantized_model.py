@@ -269,3 +269,16 @@ def test_prune_and_build_refuses_per_token_inputs_for_a_qdq_target_before_prunin
     assert "--target torch or safetensors" in result.output and not (tmp_path / "b").exists()
     refused = CliRunner().invoke(main, ["prune", "--quantize-inputs", "per-token", "--out", str(tmp_path / "x")])
     assert refused.exit_code == 1 and "quantize_inputs applies to the 8-bit step" in refused.output
+
+
+def test_per_token_inputs_are_reported_where_the_8bit_step_runs_at_the_layers_end(tiny_llama_dir):
+    # one pass (no group-by-group solves): the step runs at the layer's end, and no range pass sets scales
+    from thanos.calibration import sample_windows, tokenize_split
+    from thanos.driver import prune_model_
+
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+    config = PruneConfig(quantize="fp8", quantize_inputs="per-token", sequential=False)
+    reports = prune_model_(model, samples, config, "cpu")
+    assert {r["quantization"]["inputs"] for r in reports} == {"per-token"}
+    assert {quantization_of(mod).inputs for mod in quantized_linears(model).values()} == {"per-token"}
