@@ -2,7 +2,7 @@
 
 Each qualifying linear becomes a `Sparse8bitLinear`: its weight as the 8-bit values behind the
 stored (dequantized) weight, compressed once (`torch._cslt_compress`); at run time its input is
-rounded with the linear's static scale (or each token's own, `thanos.quantize.token_scales`)
+rounded with the linear's static scale (or each token's own, `thanos.quantize.input_scale_of`)
 exactly as the fake-quantized model rounds it (`thanos.quantize.fake_quantize`), multiplied on
 cuSPARSELt (`torch._cslt_sparse_mm`; INT8 accumulates in int32, FP8 in fp32 and returns bf16),
 and scaled back per output channel (and per token) in fp32.
@@ -21,7 +21,7 @@ from exporters.base import BackendMissingError, ValidationError
 from exporters.patterns import analyse
 from thanos.linears import stores_transposed, weight_view
 from thanos.models import LayerSelection, prunable_linears
-from thanos.quantize import FORMATS, Format, grid_of, input_grid, token_scales
+from thanos.quantize import FORMATS, Format, grid_of, input_grid, input_scale_of
 from thanos.quantized_model import quantization_of, quantized_linears
 
 # The dense operand's token count is padded to a multiple of this (zeros; their outputs are
@@ -52,7 +52,7 @@ def cusparselt_kernel(fmt: str) -> Kernel:
 class Sparse8bitLinear(nn.Module):
     """y = (W_q @ round(x / s_in)) * s_w * s_in + b, with W_q 2:4 and 8-bit, returned in the model's dtype.
 
-    `input_scale` None: s_in is each token's own (`token_scales`), found at run time. Built on the
+    `input_scale` None: s_in is each token's own (`input_scale_of`), found at run time. Built on the
     device it runs on. The compressed weight and the scales are plain attributes, not buffers:
     `model.to(dtype)` would cast a float8 buffer and the fp32 scales.
     """
@@ -70,7 +70,7 @@ class Sparse8bitLinear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, "float | torch.Tensor"]:
         """x (tokens, in) as 8-bit values in the format's dtype, the grid the fake-quantized model rounds
         to, and its scale: the static one, or the tokens' own (tokens, 1)."""
-        scale = token_scales(x, self.fmt) if self.input_scale is None else self.input_scale
+        scale = input_scale_of(x, self.input_scale, self.fmt)
         return input_grid(x, scale, self.fmt).to(self.fmt.dtype), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime_bench.protocol import measure
-from thanos.quantize import FORMATS, input_grid, token_scales
+from thanos.quantize import FORMATS, input_grid, input_scale_of
 
 # (out_features, in_features) of the distinct linears of named models.
 SHAPE_SETS = {
@@ -32,8 +32,8 @@ def input_quantizers(dtype_name: str) -> dict[str, Callable[[torch.Tensor], torc
     (`exporters.torch_8bit.Sparse8bitLinear.quantize_input`): with one static scale, or with each
     token's own (its largest magnitude found first, the cost per-token scales add)."""
     fmt = FORMATS["fp8" if dtype_name == FP8 else "int8"]
-    return {"input-quantize-static": lambda x: input_grid(x, 1.0, fmt).to(fmt.dtype),
-            "input-quantize-per-token": lambda x: input_grid(x, token_scales(x, fmt), fmt).to(fmt.dtype)}
+    return {name: lambda x, static=static: input_grid(x, input_scale_of(x, static, fmt), fmt).to(fmt.dtype)
+            for name, static in (("input-quantize-static", 1.0), ("input-quantize-per-token", None))}
 
 
 def two_four_weight(rows: int, cols: int, dtype, device) -> torch.Tensor:

@@ -401,7 +401,8 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     # with it at the layer's end (INT8) that was worse than the first pass's over 5 seeds
     # (docs/results/README.md, round 9), so there they are chosen on the first pass, as in round 8.
     permute_on_first_pass = recipe.solve.sequential and not per_group and step.layout is not None
-    ranges = InputRanges(step.linears) if per_group else contextlib.nullcontext()
+    static = quantize is not None and quantize.inputs == "static"  # per-token inputs need no ranges
+    ranges = InputRanges(step.linears) if per_group and static else contextlib.nullcontext()
     with ranges:  # q/k/v's input ranges: their inputs do not depend on this layer's weights
         shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
                                     step.store_device, progress,
@@ -484,7 +485,7 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
         ranges = first_ranges
         if index:
             shared.forget_(names)  # the first pass's statistics of these, if it kept any: free them first
-            ranges = InputRanges(group) if quantize else contextlib.nullcontext()
+            ranges = InputRanges(group) if quantize and quantize.inputs == "static" else contextlib.nullcontext()
             with inputs_rounded(done), ranges:
                 fresh = collect_statistics(step.layer, group, step.inputs, step.args, step.kwargs, step.device,
                                            step.store_device, track_ranges=shared.track_ranges, stop_at_inputs=True)

@@ -131,6 +131,11 @@ def token_scales(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.where(top > 0, top / fmt.qmax, torch.ones_like(top))
 
 
+def input_scale_of(x: torch.Tensor, static: Optional[float], fmt: Format) -> "float | torch.Tensor":
+    """The scale `x` is rounded with: the `static` one, or (None) each token's own (`token_scales`)."""
+    return token_scales(x, fmt) if static is None else static
+
+
 def input_grid(x: torch.Tensor, scale: "float | torch.Tensor", fmt: Format) -> torch.Tensor:
     """A linear input's 8-bit values (fp32) under its static `scale` (or per-token scales `token_scales`):
     ONNX's QuantizeLinear (TensorRT's too: int8 inputs saturate at -128 below, not -127)."""

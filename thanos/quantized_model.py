@@ -22,7 +22,7 @@ from torch import nn
 
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
-from thanos.quantize import FORMATS, INPUT_SCALES, fake_quantize, grid_of, token_scales
+from thanos.quantize import FORMATS, INPUT_SCALES, fake_quantize, grid_of, input_scale_of
 
 QUANTIZATION_FILE = "thanos_quantization.safetensors"
 ATTRIBUTE = "thanos_quantization"
@@ -61,16 +61,20 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in model.named_modules() if quantization_of(mod) is not None}
 
 
+def _shared(model: nn.Module, field: str) -> Optional[str]:
+    """The value of `field` every quantized linear has, "mixed" if they differ, None without any."""
+    values = {getattr(quantization_of(mod), field) for mod in quantized_linears(model).values()}
+    return values.pop() if len(values) == 1 else (None if not values else "mixed")
+
+
 def model_inputs(model: nn.Module) -> Optional[str]:
     """How a quantized model scales its linears' inputs ("static", "per-token"), or None without scales."""
-    kinds = {quantization_of(mod).inputs for mod in quantized_linears(model).values()}
-    return kinds.pop() if len(kinds) == 1 else (None if not kinds else "mixed")
+    return _shared(model, "inputs")
 
 
 def model_format(model: nn.Module) -> Optional[str]:
     """The 8-bit format of a quantized model ("fp8", "int8"), or None for a model without scales."""
-    formats = {quantization_of(mod).format for mod in quantized_linears(model).values()}
-    return formats.pop() if len(formats) == 1 else (None if not formats else "mixed")
+    return _shared(model, "format")
 
 
 def layer_tensors(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -184,16 +188,9 @@ def simulate_activations_(model: nn.Module) -> None:
 
 def _round_inputs(mod: nn.Module) -> None:
     quant = quantization_of(mod)
-    fmt = FORMATS[quant.format]
-    if quant.per_token:
-        def rounded(m, args):
-            return (fake_quantize(args[0], token_scales(args[0], fmt), fmt), *args[1:])
-    else:
-        scale = float(quant.input_scale)
-
-        def rounded(m, args):
-            return (fake_quantize(args[0], scale, fmt), *args[1:])
-    setattr(mod, _HOOK, mod.register_forward_pre_hook(rounded))
+    fmt, static = FORMATS[quant.format], None if quant.per_token else float(quant.input_scale)
+    setattr(mod, _HOOK, mod.register_forward_pre_hook(
+        lambda m, args: (fake_quantize(args[0], input_scale_of(args[0], static, fmt), fmt), *args[1:])))
 
 
 def _stop_rounding(mod: nn.Module) -> None:
