@@ -21,6 +21,7 @@ import torch
 
 from exporters.base import ExportError, ValidationError
 from exporters.onnx_graph import TOLERANCE, TWO_GIB, export_graph, prefill_feed
+from exporters.onnx_qdq import onnxruntime_session
 from thanos.quantized_model import quantized_linears
 from thanos.models import cache_argument
 
@@ -105,9 +106,7 @@ class OnnxDecoder:
     """Greedy decoding on the cached graph with onnxruntime: prefill, then one token per step."""
 
     def __init__(self, path: Path, providers=None):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        self.session = onnxruntime_session(path, providers)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int):

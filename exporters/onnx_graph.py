@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from exporters.base import ExportError
-from exporters.onnx_qdq import QDQ_OPSET, insert_qdq
+from exporters.onnx_qdq import QDQ_OPSET, insert_qdq, onnxruntime_session
 from exporters.patterns import LayerPattern, analyse
 from thanos.errors import InputError
 from thanos.quantized_model import activations_unrounded, quantized_linears
@@ -174,9 +174,7 @@ def check_patterns_kept(torch_layers: list[LayerPattern], path: Path) -> dict:
 
 def run_onnxruntime(path: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     providers: Optional[list[str]] = None) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    session = onnxruntime_session(path, providers)
     return session.run(["logits"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
 
 
@@ -199,11 +197,9 @@ class OnnxCausalLM:
     """
 
     def __init__(self, path: Path, providers: Optional[list[str]] = None):
-        import onnxruntime as ort
-
         self.path = Path(path)
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+            self.session = onnxruntime_session(path, providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf classes
             raise InputError(f"onnxruntime cannot load {path} ({type(exc).__name__}: {exc}); it may be truncated "
                              "or not ONNX: export it again with `thanos-export export --target onnx`") from exc

@@ -19,13 +19,19 @@ every quantized linear must be found exactly once, or the export stops. The scal
 graph's float type (a DequantizeLinear outputs its scale's type): exporting a float32 model's
 scales to float16 rounds them, which the summary reports as the largest relative change.
 QuantizeLinear on float16 inputs and the FLOAT8E4M3FN type need opset 19 (`QDQ_OPSET`).
+
+onnxruntime before 1.32 cannot load an FP8 QDQ graph at its default optimization level: its QDQ
+fusion pass turns each DequantizeLinear -> MatMul into the integer-only MatMulIntegerToFloat, then
+refuses the graph it made (INVALID_GRAPH). `onnxruntime_session` (every session this project opens
+on a graph) and the GenAI folder's config switch that one pass off for FP8 graphs
+(`FP8_SAFE_SESSION`), whatever the version; INT8 graphs keep onnxruntime's defaults.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -38,6 +44,8 @@ from thanos.quantize import FORMATS, grid_of, input_grid
 from thanos.quantized_model import quantization_of
 
 QDQ_OPSET = 19
+# onnxruntime's session setting, and the pass it names, that load FP8 QDQ graphs before 1.32 (above)
+FP8_SAFE_SESSION = {"optimization.disable_specified_optimizers": "QDQSelectorActionTransformer"}
 _TORCH_TYPES = {1: torch.float32, 10: torch.float16}  # TensorProto.FLOAT, FLOAT16
 
 
@@ -45,6 +53,29 @@ def onnx_type(fmt: str) -> int:
     from onnx import TensorProto
 
     return {"fp8": TensorProto.FLOAT8E4M3FN, "int8": TensorProto.INT8}[fmt]
+
+
+def holds_fp8(path: "str | Path") -> bool:
+    """Whether the ONNX graph at `path` has FP8 initializers (its 8-bit weights), read without its external data."""
+    import onnx
+    from onnx import TensorProto
+
+    fp8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ}
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(init.data_type in fp8 for init in proto.graph.initializer)
+
+
+def onnxruntime_session(path: "str | Path", providers: Optional[list] = None, provider_options=None):
+    """An onnxruntime session on the graph at `path` (CPU unless `providers` say otherwise), set up
+    so that every onnxruntime this project supports loads it (FP8 graphs: `FP8_SAFE_SESSION`)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if holds_fp8(path):
+        for key, value in FP8_SAFE_SESSION.items():
+            options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
+                                provider_options=provider_options)
 
 
 def _digest(array: np.ndarray) -> str:
@@ -212,7 +243,6 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
     Raises ValidationError with the linear's name on the first failure.
     """
     import onnx
-    import onnxruntime as ort
     from onnx import helper
 
     proto = onnx.load(str(path), load_external_data=False)
@@ -230,7 +260,7 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
     probe_path = path.with_name(f".probe-{path.name}")  # beside it: external data is found by relative path
     onnx.save(proto, str(probe_path))
     try:
-        session = ort.InferenceSession(str(probe_path), providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(probe_path)
         names = [o.name for o in session.get_outputs()]
         outputs = dict(zip(names, session.run(None, feed_for(session))))
     finally:

@@ -200,14 +200,13 @@ def _onnxruntime(model, grid, decode_steps: int, progress, cuda: bool = False) -
 
 def _onnx_prefill(cpu_model, folder: Path, grid, providers, common: dict, progress, provider_options=None) -> list:
     """Export the full-sequence graph into `folder` and time one prefill per grid point."""
-    import onnxruntime as ort
-
     from exporters.onnx_export import write_onnx
+    from exporters.onnx_qdq import onnxruntime_session
 
     path = folder / "model.onnx"
     write_onnx(cpu_model, path)
     file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    session = ort.InferenceSession(str(path), providers=providers, provider_options=provider_options)
+    session = onnxruntime_session(path, providers, provider_options)
     records = []
     for i, (batch, seq) in enumerate(grid):
         ids = torch.randint(0, cpu_model.config.vocab_size, (batch, seq)).numpy()

@@ -11,7 +11,9 @@ from onnx import numpy_helper
 from cli import main
 from exporters import ExportOptions, export
 from exporters.base import BackendMissingError
+from exporters.genai import genai_config
 from exporters.onnx_graph import TOLERANCE, onnx_weight_patterns, run_onnxruntime
+from exporters.onnx_qdq import FP8_SAFE_SESSION, holds_fp8, onnxruntime_session
 from exporters.source import load_pruned, prompts
 from exporters.tensorrt_engine import require_8bit_gpu
 from tests.thanos.test_driver import SMALL
@@ -97,6 +99,24 @@ def test_onnxruntime_runs_the_8bit_model_and_not_the_unrounded_one(quantized_dir
     difference = np.abs(got - rounded).max()
     assert difference <= TOLERANCE["float32"] * np.abs(rounded).max()
     assert np.abs(got - unrounded).max() > 10 * difference  # the graph does round the inputs
+
+
+def test_only_fp8_graphs_are_opened_without_the_fusion_older_onnxruntime_refuses(quantized_dir, float32_export):
+    # onnxruntime before 1.32 turns an FP8 DequantizeLinear -> MatMul into an integer-only op and refuses the graph
+    # it made (seen with 1.29-1.31.1 on the fp8 graph here); our sessions and the GenAI folder's config switch that
+    # one pass off for FP8 graphs, and leave INT8 graphs as onnxruntime optimizes them by default
+    model_dir, fmt = quantized_dir
+    path = float32_export[0] / "model.onnx"
+    assert holds_fp8(path) == (fmt == "fp8")
+    (key, value), = FP8_SAFE_SESSION.items()
+    options = onnxruntime_session(path).get_session_options()
+    genai_session = genai_config(load_pruned(model_dir)[0])["model"]["decoder"]["session_options"]
+    if fmt == "fp8":
+        assert options.get_session_config_entry(key) == value and genai_session[key] == value
+    else:
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry(key)
+        assert key not in genai_session
 
 
 def test_float16_graph_carries_the_8bit_model(quantized_dir, tmp_path):
