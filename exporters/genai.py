@@ -254,7 +254,8 @@ def verify_folder(model, tokenizer, folder: Path, dtype: str) -> dict:
             if theirs != ids:
                 raise ExportError(f"GenAI's tokenizer reads {folder / TOKENIZER_FILE} differently from transformers' "
                                   f"({len(theirs)} tokens against {len(ids)} for a {len(text)}-character prompt); "
-                                  "the folder would serve other token ids than the model was pruned on")
+                                  "the folder would serve other token ids than the model was pruned on"
+                                  + _tokenizer_hint())
             start = time.perf_counter()
             got = runtime.generate(ids, NEW_TOKENS)
             seconds = time.perf_counter() - start
@@ -276,6 +277,19 @@ def verify_folder(model, tokenizer, folder: Path, dtype: str) -> dict:
         raise ExportError(f"GenAI's greedy tokens ({dtype}) differ from transformers' at new token {worst}, within "
                           f"the first {FP16_AGREEING}; export with --dtype float32, or report this")
     return checked
+
+
+def _tokenizer_hint() -> str:
+    """Where the cause is known: transformers 5.16 and 5.17 wrote a GGUF model's tokenizer.json with
+    SentencePiece-style byte fallback beside its byte-level BPE, which GenAI reads differently (the
+    default model's prompts: 50 tokens for 16); 5.18 and later write it as the GGUF file has it."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    if (major, minor) >= (5, 18):
+        return ""
+    return (f"; transformers {transformers.__version__} writes such tokenizers in a form GenAI misreads: "
+            "pip install -U 'transformers>=5.18' and export again")
 
 
 def first_divergence(got: list[int], expected: list[int]) -> Optional[int]:

@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the genai extra)")
 
 from exporters import ExportOptions, export  # noqa: E402
-from exporters.genai import (GenaiModel, check_genai_folder, first_divergence, transformers_greedy,  # noqa: E402
-                             verification_prompts)
+from exporters.genai import (GenaiModel, _tokenizer_hint, check_genai_folder, first_divergence,  # noqa: E402
+                             transformers_greedy, verification_prompts)
 from exporters.source import load_pruned  # noqa: E402
 from thanos.errors import InputError  # noqa: E402
 
@@ -99,6 +99,16 @@ def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 5, 3], [1, 2, 3]) == 1
     assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+@pytest.mark.parametrize("version, hinted", [("5.17.0", True), ("5.16.1", True), ("5.18.0", False), ("5.24.0", False),
+                                             ("6.0.0.dev0", False)])
+def test_a_tokenizer_mismatch_names_the_transformers_that_causes_it(monkeypatch, version, hinted):
+    # transformers 5.16-5.17 wrote the default model's tokenizer.json so that GenAI read 50 tokens for 16 (seen here)
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert ("transformers>=5.18" in _tokenizer_hint()) == hinted
 
 
 def test_check_accepts_a_folder_without_tokenizer_only_when_told(genai_folder, tmp_path):
