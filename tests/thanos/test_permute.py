@@ -72,7 +72,10 @@ def test_reordering_leaves_the_layer_and_the_model_unchanged_and_moves_the_stati
                                          Pattern.parse(pattern))
         after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
         again = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu")
-    assert reports and all(r.moved > 0 and r.saliency_after < r.saliency_before for r in reports)
+    # never worse; a consumer whose search starts at a local optimum moves nothing (o_proj at 4:8 has two groups
+    # per head: seen on Python 3.12's calibration text, whose pydoc topics differ from 3.11's), but not all do
+    assert reports and all(r.saliency_after <= r.saliency_before * (1 + 4 * EPS) for r in reports)
+    assert any(r.moved > 0 and r.saliency_after < r.saliency_before for r in reports)
     for x, y in zip(before, after):  # only the order of the sums changed: fp32 round-off of the widest one
         width = max(mod.weight.shape[0] for mod in linears.values())
         assert (x - y).abs().max() <= 8 * width * EPS * x.abs().max()
