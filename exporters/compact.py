@@ -50,7 +50,9 @@ def compress(weight: torch.Tensor, n: int, m: int, stored: Optional[torch.Tensor
         return None
     rows, cols = weight.shape
     source = weight if stored is None else stored
-    values = source[keep].reshape(rows, cols * (m - n) // m)  # row-major: each row's kept values in order
+    # 8-bit floats are gathered as their bytes: torch 2.6 cannot index them on the CPU
+    raw = source.view(torch.uint8) if source.is_floating_point() and source.element_size() == 1 else source
+    values = raw[keep].reshape(rows, cols * (m - n) // m).view(source.dtype)  # row-major: each row's kept values
     packed = torch.from_numpy(np.packbits(keep.numpy(), axis=1))  # (r, ceil(c/8)) uint8
     return {"values": values.contiguous(), "keep": packed}
 
