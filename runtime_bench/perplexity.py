@@ -248,7 +248,15 @@ def check_carry(settings: dict, earlier: dict, source: str) -> None:
                   if key in settings and _comparable(key, settings[key]) != _comparable(key, earlier["settings"].get(key))]
     if mismatched:
         raise InputError(f"{source} was measured with another {', '.join(mismatched)}; it cannot share a table "
-                         "with this run")
+                         f"with this run{_python_hint(settings, earlier['settings'])}")
+
+
+def _python_hint(settings: dict, earlier: dict) -> str:
+    """Why texts differ where the Pythons do: the default texts are each Python's own documentation."""
+    mine, theirs = (".".join(str(s.get("versions", {}).get("python", "")).split(".")[:2]) for s in (settings, earlier))
+    if not mine or not theirs or mine == theirs:
+        return ""
+    return f" (Python {theirs} against {mine}: the default texts are each Python's own documentation)"
 
 
 def _comparable(key: str, value):

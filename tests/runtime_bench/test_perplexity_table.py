@@ -43,6 +43,11 @@ def test_an_earlier_run_on_other_text_is_refused():
         carry_rows(dict(settings=SETTINGS, results=[]), earlier, "old.json")
     with pytest.raises(ValueError, match="another model"):
         check_carry(dict(model="llama-2-7b"), dict(settings=SETTINGS), "old.json")
+    # Python 3.12's pydoc topics are not 3.11's: the same default text has another length there
+    other_python = dict(SETTINGS, held_out=dict(text="h", tokens=11), versions=dict(SETTINGS["versions"], python="3.12.1"))
+    with pytest.raises(ValueError, match=r"another held_out; .* \(Python 3.12 against 3.11: the default texts"):
+        carry_rows(dict(settings=dict(SETTINGS, versions=dict(SETTINGS["versions"], python="3.11.7")), results=[]),
+                   dict(settings=other_python, results=[]), "old.json")
 
 
 def test_join_makes_one_table_of_several_patterns_files(tmp_path):
