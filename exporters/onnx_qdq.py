@@ -216,6 +216,7 @@ class _Rewriter:
             graph.initializer.remove(init)
 
 
+_UNIT_SCALE, _AS_GRID = "qdq.probe.unit_scale", ".probe_grid"  # validate_qdq's read-out of the 8-bit inputs
 _UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}
 
 
@@ -243,7 +244,7 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
     Raises ValidationError with the linear's name on the first failure.
     """
     import onnx
-    from onnx import helper
+    from onnx import TensorProto, helper, numpy_helper
 
     proto = onnx.load(str(path), load_external_data=False)
     probes = _probes(proto)
@@ -251,10 +252,15 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
         raise ExportError(f"{path} holds no QuantizeLinear / DequantizeLinear linears to check")
     elem = {t.name: t.data_type for t in proto.graph.initializer}
     read_out = {o.name for o in proto.graph.output}
+    # the 8-bit inputs are read out as float32 grid values (a DequantizeLinear with scale 1, exact):
+    # onnxruntime before 1.24 cannot hand float8 outputs to numpy
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), _UNIT_SCALE))
     for probe in probes:
-        float_type, eight_bit = elem[f"{probe.linear}.qdq.weight_scale"], elem[f"{probe.linear}.qdq.weight"]
-        for name, kind in ((probe.x, float_type), (probe.y, float_type), (probe.q, eight_bit)):
-            if name not in read_out:  # q/k/v share one input and its 8-bit values
+        float_type = elem[f"{probe.linear}.qdq.weight_scale"]
+        if probe.q + _AS_GRID not in read_out:  # q/k/v share one input and its 8-bit values
+            proto.graph.node.append(helper.make_node("DequantizeLinear", [probe.q, _UNIT_SCALE], [probe.q + _AS_GRID]))
+        for name, kind in ((probe.x, float_type), (probe.y, float_type), (probe.q + _AS_GRID, TensorProto.FLOAT)):
+            if name not in read_out:
                 read_out.add(name)
                 proto.graph.output.append(helper.make_tensor_value_info(name, kind, None))
     probe_path = path.with_name(f".probe-{path.name}")  # beside it: external data is found by relative path
@@ -276,7 +282,7 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
         fmt = FORMATS[quant.format]
         s_in = float(torch.tensor(float(quant.input_scale)).to(torch_dtype))
         x = torch.from_numpy(outputs[probe.x].astype(np.float32)).reshape(-1, outputs[probe.x].shape[-1])
-        q = _grid_values(outputs[probe.q], fmt).reshape(x.shape)
+        q = torch.from_numpy(outputs[probe.q + _AS_GRID]).reshape(x.shape)
         if probe.x not in checked_inputs:  # one check per QuantizeLinear (q/k/v share one)
             checked_inputs.add(probe.x)
             ours = input_grid(x, s_in, fmt)
@@ -290,7 +296,8 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
                 near = (exact - midpoint).abs() <= 4 * u * exact.abs().clamp(min=1.0)
                 if not bool((neighbours & near).all()):
                     raise ValidationError(f"{probe.linear}: onnxruntime's {quant.format} inputs are not QuantizeLinear "
-                                          f"of its inputs with scale {s_in:.4g}", float((ours - q).abs().max()), 0.0)
+                                          f"of its inputs with scale {s_in:.4g}{_rounding_hint(dtype, quant.format)}",
+                                          float((ours - q).abs().max()), 0.0)
                 flipped += int(differ.sum())
             inputs += x.numel()
         scale_graph = quant.weight_scale.to(torch_dtype).double()
@@ -329,12 +336,16 @@ def _probes(proto) -> list[_Probe]:
     return probes
 
 
-def _grid_values(array: np.ndarray, fmt) -> torch.Tensor:
-    """onnxruntime's 8-bit output as fp32 grid values (float8 arrives as ml_dtypes' type)."""
-    if fmt.dtype == torch.int8:
-        return torch.from_numpy(array.astype(np.float32))
-    bits = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
-    return bits.view(torch.float8_e4m3fn).float()
+def _rounding_hint(dtype: str, fmt: str) -> str:
+    """The known cause, where it applies: onnxruntime before 1.30 rounds float16 inputs toward zero in an
+    INT8 QuantizeLinear (seen with 1.19 to 1.29 on the CPU; 1.30 rounds to nearest, as the spec says)."""
+    import onnxruntime
+
+    major, minor = (int(part) for part in onnxruntime.__version__.split(".")[:2])
+    if dtype != "float16" or fmt != "int8" or (major, minor) >= (1, 30):
+        return ""
+    return (f" (onnxruntime {onnxruntime.__version__} rounds float16 inputs toward zero there: "
+            "pip install -U 'onnxruntime>=1.30', or export with --dtype float32)")
 
 
 def _step_at(magnitude: torch.Tensor, fmt) -> torch.Tensor:

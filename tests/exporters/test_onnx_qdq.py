@@ -13,7 +13,7 @@ from exporters import ExportOptions, export
 from exporters.base import BackendMissingError
 from exporters.genai import genai_config
 from exporters.onnx_graph import TOLERANCE, onnx_weight_patterns, run_onnxruntime
-from exporters.onnx_qdq import FP8_SAFE_SESSION, holds_fp8, onnxruntime_session
+from exporters.onnx_qdq import FP8_SAFE_SESSION, _rounding_hint, holds_fp8, onnxruntime_session
 from exporters.source import load_pruned, prompts
 from exporters.tensorrt_engine import require_8bit_gpu
 from tests.thanos.test_driver import SMALL
@@ -117,6 +117,18 @@ def test_only_fp8_graphs_are_opened_without_the_fusion_older_onnxruntime_refuses
         with pytest.raises(RuntimeError, match="does not have configuration"):
             options.get_session_config_entry(key)
         assert key not in genai_session
+
+
+@pytest.mark.parametrize("version, dtype, fmt, hinted", [
+    ("1.29.0", "float16", "int8", True), ("1.19.2", "float16", "int8", True), ("1.30.0", "float16", "int8", False),
+    ("1.29.0", "float32", "int8", False), ("1.29.0", "float16", "fp8", False)])
+def test_an_input_mismatch_names_the_onnxruntime_that_rounds_float16_toward_zero(monkeypatch, version, dtype, fmt,
+                                                                                hinted):
+    # onnxruntime 1.19-1.29 gave 0 for a float16 input at 0.8 of the INT8 step, 1.30 gives 1 (seen here)
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    assert ("onnxruntime>=1.30" in _rounding_hint(dtype, fmt)) == hinted
 
 
 def test_float16_graph_carries_the_8bit_model(quantized_dir, tmp_path):
