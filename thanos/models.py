@@ -184,10 +184,8 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
                          "file is truncated or damaged, copy or download it again") from exc
     _check_loading_info(source, info)
     model.eval()
-    # A dequantised GGUF model is a plain model: saving it must not claim GGUF quantisation.
-    if getattr(model.config, "quantization_config", None) and "gguf" in str(model.config.quantization_config):
-        del model.config.quantization_config
-        model.hf_quantizer = None
+    if "gguf_file" in kwargs:
+        _plain_after_gguf(model)
     adapter_for(model)
     if source.is_dir():
         from thanos.quantized_model import load_quantization_
@@ -197,6 +195,18 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
             log.info("%s holds %s weights and activation scales; each linear's input is rounded as the 8-bit "
                      "runtime does", source, fmt)
     return model, tokenizer
+
+
+def _plain_after_gguf(model: nn.Module) -> None:
+    """A GGUF model, dequantised to float tensors on load, is a plain model: saving it must not claim
+    GGUF quantisation, and casting it (`.float()`, which transformers refuses a model it marks
+    quantized) must work, as the exports do with the pruned model in memory."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for marker in ("hf_quantizer", "quantization_method"):
+        if marker in vars(model):
+            delattr(model, marker)
+    model.is_quantized = False
 
 
 def _check_loading_info(source: Path, info: dict) -> None:

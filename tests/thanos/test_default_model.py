@@ -17,3 +17,23 @@ def test_default_model_prunes_and_stays_usable(tmp_path):
     assert 1 < before < after < 50 * before  # pruning costs something, and the model still models text
     model = AutoModelForCausalLM.from_pretrained(out)
     assert_nm(weight_view(model.model.layers[29].mlp.down_proj), 2, 4)
+
+
+@pytest.mark.slow
+def test_the_main_job_builds_onnx_from_the_default_model_in_memory(tmp_path):
+    # The README's main command on a CPU (--target auto is onnx there), with less calibration: the pruned GGUF
+    # model goes to the export in memory, where the check casts it (transformers refuses to cast a model it still
+    # marks quantized, as it marks every GGUF model)
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    out = tmp_path / "build"
+    result = CliRunner().invoke(main, ["prune-and-build", "--pattern", "2:4", "--target", "auto", "--preset", "fast",
+                                       "--calib-samples", "2", "--seqlen", "64", "--no-eval", "--quiet",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "build_summary.json").read_text())
+    assert summary["target"] == "onnx" and (out / "onnx" / "model.onnx").is_file()
