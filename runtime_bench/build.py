@@ -101,7 +101,9 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
             prune_to_directory(_prune_job(job, staging))
             return dict(target=target, rank=parallel.rank)
         try:
-            build = _build(job, target, options, staging, progress, on_pruned, on_exported)
+            # the export's paths are shown where they will be once the build is committed
+            shown = on_exported and (lambda summary: on_exported(relocated(summary, str(staging), str(out))))
+            build = _build(job, target, options, staging, progress, on_pruned, shown)
             build = relocated(build, str(staging), str(out))
             (staging / SUMMARY_NAME).write_text(json.dumps(build, indent=1, default=str))
             commit_staging(staging, out)

@@ -172,6 +172,9 @@ def test_prune_and_build_carries_8bit_to_onnx(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(main, [*base, "--target", "onnx", "--dtype", "float32", "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     assert "8-bit      fp8: 21 linears as QuantizeLinear / DequantizeLinear" in result.output
+    # what it prints names the files where they end up, not the staging folder they were written in
+    assert f"exported   onnx -> {tmp_path / 'b' / 'onnx' / 'model.onnx'}" in result.output
+    assert ".staging" not in result.output
     build = json.loads((tmp_path / "b" / "build_summary.json").read_text())
     assert build["export_summary"]["quantization"]["linears"] == 21
     refusals = [("--bench times fp16 kernels", ["--target", "onnx", "--bench"])]
