@@ -50,7 +50,7 @@ step() {  # step SECONDS NAME COMMAND... (the dry run checks the flow, not the G
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 fi
-python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+python -c "import platform, onnxruntime, torch, transformers; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cusparselt', torch.backends.cusparselt.version(), 'transformers', transformers.__version__, 'onnxruntime', onnxruntime.__version__)"
 
 # 8-bit first (the figures issue 19 needs): 7 shapes x 5 token counts x (2 FP8 kernels + 2 INT8 +
 # 3 fp16: dense, cuSPARSELt, 2:4 + dense rows; CUTLASS is off on Hopper), at most 0.5 s each: ~125 s;
