@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -59,6 +60,12 @@ class ExportOptions:
 # Where each token's input scale can come from at run time: QDQ graphs (onnx, and the tensorrt and
 # genai targets built from them) carry constant QuantizeLinear scales only.
 PER_TOKEN_TARGETS = ("torch", "safetensors")
+
+
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a package's version string ("5.18.0.dev0", "2.11.0+cu130", "1.30.0rc1")."""
+    major, minor = (re.match(r"\d*", part).group() or "0" for part in (version.split(".") + ["0"])[:2])
+    return int(major), int(minor)
 
 
 def check_inputs_carried(fmt: "str | ExportFormat", inputs: str) -> None:

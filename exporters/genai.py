@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
+from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register, release
 from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
 from exporters.onnx_export import validation_prompts
 from exporters.onnx_graph import TWO_GIB, check_patterns_kept, prefill_feed, require_onnx
@@ -285,8 +285,7 @@ def _tokenizer_hint() -> str:
     default model's prompts: 50 tokens for 16); 5.18 and later write it as the GGUF file has it."""
     import transformers
 
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    if (major, minor) >= (5, 18):
+    if release(transformers.__version__) >= (5, 18):
         return ""
     return (f"; transformers {transformers.__version__} writes such tokenizers in a form GenAI misreads: "
             "pip install -U 'transformers>=5.18' and export again")

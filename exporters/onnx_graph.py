@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from exporters.base import ExportError
+from exporters.base import ExportError, release
 from exporters.onnx_qdq import QDQ_OPSET, insert_qdq, onnxruntime_session
 from exporters.patterns import LayerPattern, analyse
 from thanos.errors import InputError
@@ -64,7 +64,7 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
             except RuntimeError as exc:
                 import transformers
 
-                if int(transformers.__version__.split(".")[0]) < 5:
+                if release(transformers.__version__) < (5, 0):
                     raise ExportError(
                         f"torch.onnx could not trace transformers {transformers.__version__}'s attention-mask code "
                         f"({exc}); ONNX export needs transformers 5 or newer: pip install 'transformers>=5'") from exc

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporters.base import ExportError, ValidationError
+from exporters.base import ExportError, ValidationError, release
 from exporters.source import DTYPES
 from thanos.linears import weight_view
 from thanos.quantize import FORMATS, grid_of, input_grid
@@ -341,8 +341,7 @@ def _rounding_hint(dtype: str, fmt: str) -> str:
     INT8 QuantizeLinear (seen with 1.19 to 1.29 on the CPU; 1.30 rounds to nearest, as the spec says)."""
     import onnxruntime
 
-    major, minor = (int(part) for part in onnxruntime.__version__.split(".")[:2])
-    if dtype != "float16" or fmt != "int8" or (major, minor) >= (1, 30):
+    if dtype != "float16" or fmt != "int8" or release(onnxruntime.__version__) >= (1, 30):
         return ""
     return (f" (onnxruntime {onnxruntime.__version__} rounds float16 inputs toward zero there: "
             "pip install -U 'onnxruntime>=1.30', or export with --dtype float32)")

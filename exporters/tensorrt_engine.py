@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register
+from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register, release
 from exporters.onnx_export import export_onnx
 from exporters.patterns import NotHardwareSparseError, require_hardware_2to4
 from exporters.source import load_pruned, model_patterns
@@ -92,7 +92,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
                 log.warning("TensorRT: %s", msg)
 
     logger = _Capture()
-    major = int(trt.__version__.split(".")[0])
+    major = release(trt.__version__)[0]
     builder = trt.Builder(logger)
     flags = 0
     if major >= 11:  # strongly typed: precision comes from the ONNX types

@@ -102,7 +102,7 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
             return dict(target=target, rank=parallel.rank)
         try:
             # the export's paths are shown where they will be once the build is committed
-            shown = on_exported and (lambda summary: on_exported(relocated(summary, str(staging), str(out))))
+            shown = (lambda summary: on_exported(relocated(summary, str(staging), str(out)))) if on_exported else None
             build = _build(job, target, options, staging, progress, on_pruned, shown)
             build = relocated(build, str(staging), str(out))
             (staging / SUMMARY_NAME).write_text(json.dumps(build, indent=1, default=str))
