@@ -233,6 +233,19 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tiny_llama_dir, tmp_path)
         assert (out / "thanos_report.json").is_file() and not (out / ".thanos_partial").exists()
 
 
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: No space left on device (os error 28)",  # as in safetensors 0.8
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })',
+])
+def test_a_full_disk_is_recognised_in_either_safetensors_message(message, tmp_path):
+    """safetensors' errors carry the system's error number only in their text, worded by its version."""
+    from thanos.outputs import write_error
+
+    refusal = write_error(Exception(message), tmp_path / "out")
+    assert refusal is not None and "is full" in str(refusal)
+    assert write_error(Exception(message.replace("28", "5")), tmp_path / "out") is None  # EIO: not ours to word
+
+
 @contextlib.contextmanager
 def _mounted(path, options):
     """A small tmpfs at `path` (root only): real read-only and full disks, not simulated ones."""

@@ -169,12 +169,13 @@ def write_error(exc: Exception, out: Path, kept: str = "") -> Optional[OutputDir
     """An OutputDirError in one line for a full or read-only disk met while writing `out`, else None.
 
     Writers that are not Python's own (safetensors) report the system's error number only in
-    their message, as "(os error N)". `kept` says what the run leaves behind on purpose.
+    their message: "(os error N)", or in older ones (0.4) "Os { code: N, ...".
+    `kept` says what the run leaves behind on purpose.
     """
     number = getattr(exc, "errno", None)
     if number is None:
-        found = re.search(r"os error (\d+)", str(exc))
-        number = int(found.group(1)) if found else None
+        found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(exc))
+        number = int(found.group(1) or found.group(2)) if found else None
     if number in _DISK_FULL:
         what = f"the disk holding {out} is full"
     elif number in _NOT_WRITABLE:
