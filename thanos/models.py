@@ -218,11 +218,15 @@ def _check_loading_info(source: Path, info: dict) -> None:
 
     fix = "config.json does not match the weight files: use the config they were saved with"
     if info.get("mismatched_keys"):
-        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        first = sorted(info["mismatched_keys"], key=str)[0]
         more = len(info["mismatched_keys"]) - 1
+        more = f" ({more} more tensors differ)" if more else ""
+        if isinstance(first, str):  # transformers 4.x names the tensor without its shapes
+            raise ModelError(f"{source}: {first} has another shape in the weight files than config.json gives "
+                             f"it{more}; {fix}")
+        name, stored, expected = first
         raise ModelError(f"{source}: {name} is {'x'.join(map(str, stored))} in the weight files, but config.json "
-                         f"makes it {'x'.join(map(str, expected))}{f' ({more} more tensors differ)' if more else ''}; "
-                         f"{fix}")
+                         f"makes it {'x'.join(map(str, expected))}{more}; {fix}")
     if info.get("missing_keys"):
         raise ModelError(f"{source}: the weight files lack {listed(info['missing_keys'])}, which config.json "
                          f"needs (they would be random); {fix}, or copy the missing weight file")
