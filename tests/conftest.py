@@ -1,14 +1,22 @@
+import importlib.util
+
 import pytest
 import torch
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine")
+    """Skip, with the reason, what needs a CUDA GPU or the onnx extra where they are absent."""
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine")
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        skips["onnx"] = pytest.mark.skip(reason=f"needs the onnx extra ({', '.join(missing)} not installed): "
+                                                'pip install -e ".[onnx]"')
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

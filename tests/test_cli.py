@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from click.testing import CliRunner
@@ -63,6 +64,7 @@ def test_inspect_table_and_json(tmp_path, tiny_llama_dir):
     assert len(layers) == 21 and all(l["pattern"] == "2:4" for l in layers)
 
 
+@pytest.mark.onnx
 def test_export_onnx_then_inspect_it(tmp_path, tiny_llama_dir):
     runner = CliRunner()
     pruned = tmp_path / "p"
@@ -84,6 +86,7 @@ def test_prune_and_build_refuses_4of8_for_tensorrt_before_pruning(tmp_path, tiny
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.onnx
 def test_prune_and_build_onnx(tmp_path, tiny_llama_dir, monkeypatch):
     import runtime_bench.bench
 

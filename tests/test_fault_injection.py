@@ -69,7 +69,7 @@ def test_prune_killed_then_rerun_equals_an_uninterrupted_run(tiny_llama_dir, tmp
     assert not list(tmp_path.glob(".killed.*"))
 
 
-@pytest.mark.parametrize("target, step", [("onnx", "exporters.onnx_export.validate_onnx"),
+@pytest.mark.parametrize("target, step", [pytest.param("onnx", "exporters.onnx_export.validate_onnx", marks=pytest.mark.onnx),
                                           ("safetensors", "exporters.safetensors_compact.load_compact")])
 def test_export_killed_leaves_nothing_at_its_name_and_a_rerun_succeeds(pruned_llama_2of4, tmp_path, target, step):
     out = tmp_path / "export"

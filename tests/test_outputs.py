@@ -99,6 +99,7 @@ def test_compact_export_keeps_the_source_dtype_by_default(pruned_llama_2of4, tmp
     assert all(reloaded[k].dtype == v.dtype and (reloaded[k] == v).all() for k, v in source.items())
 
 
+@pytest.mark.onnx
 def test_onnx_export_reports_its_cast(pruned_llama_2of4, tmp_path):
     result = CliRunner().invoke(main, ["export", str(pruned_llama_2of4), "--target", "onnx", "--out",
                                        str(tmp_path / "onnx"), "--no-validate"])

@@ -2,9 +2,9 @@
 import json
 import shutil
 
-import onnx
 import pytest
 
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (the onnx extra)")
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the genai extra)")
 
 from exporters import ExportOptions, export  # noqa: E402

@@ -6,6 +6,8 @@ from transformers import AutoModelForCausalLM
 from exporters import ExportOptions, export
 from exporters.onnx_export import onnx_weight_patterns, run_onnxruntime, write_onnx
 
+pytestmark = pytest.mark.onnx
+
 
 @pytest.mark.parametrize("fixture", ["pruned_llama_2of4", "pruned_gpt2_2of4"])
 def test_onnx_export_keeps_2of4_and_matches_pytorch(request, fixture, tmp_path):

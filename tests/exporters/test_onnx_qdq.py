@@ -2,10 +2,11 @@
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (the onnx extra)")
 from onnx import numpy_helper
 
 from cli import main
@@ -23,6 +24,8 @@ from thanos.linears import weight_view
 from thanos.pipeline import PruneJob, prune_to_directory
 from thanos.quantize import FORMATS, grid_of
 from thanos.quantized_model import activations_unrounded, quantization_of, quantized_linears
+
+pytestmark = pytest.mark.onnx
 
 ONNX_8BIT = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int8": onnx.TensorProto.INT8}
 

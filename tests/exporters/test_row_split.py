@@ -62,6 +62,7 @@ def test_hardware_targets_refuse_outlier_rows_and_name_the_split(pruned_with_out
         export("tensorrt", pruned_with_outliers, tmp_path, ExportOptions(dtype="float32"))
 
 
+@pytest.mark.onnx
 def test_split_onnx_keeps_2of4_in_the_sparse_parts(pruned_with_outliers, tmp_path):
     from exporters import ExportOptions, export
     from exporters.onnx_export import onnx_weight_patterns

@@ -33,6 +33,7 @@ def test_crossover_is_where_sparse_stays_faster():
     assert row["crossover_tokens"] == 256 and row["best_speedup"] == 1.5
 
 
+@pytest.mark.onnx
 def test_cpu_bench_writes_reports(tiny_llama_dir, tmp_path):
     out = tmp_path / "bench"
     summary = run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(out), tokens=(1, 32), dtypes=("float32",),
@@ -71,6 +72,7 @@ def test_gpu_gemm_measures_semi_structured(tmp_path):
     assert any(r["status"] == "ok" and "speedup" in r for r in summary["results"])
 
 
+@pytest.mark.onnx
 def test_model_level_leaves_the_callers_model_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -19,6 +19,7 @@ def test_default_model_prunes_and_stays_usable(tmp_path):
     assert_nm(weight_view(model.model.layers[29].mlp.down_proj), 2, 4)
 
 
+@pytest.mark.onnx
 @pytest.mark.slow
 def test_the_main_job_builds_onnx_from_the_default_model_in_memory(tmp_path):
     # The README's main command on a CPU (--target auto is onnx there), with less calibration: the pruned GGUF
