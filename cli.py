@@ -522,13 +522,17 @@ def echo_export_summary(summary: dict) -> None:
                    f"(tolerance {validation['tolerance']:.3g})")
     generation = summary.get("generation")
     if generation:
-        if generation.get("quantized_linears"):
-            _echo_qdq_check(generation["quantized_linears"])
+        quantized = generation.get("quantized_linears")
+        if quantized:
+            _echo_qdq_check(quantized)
         lengths = ", ".join(str(p["prompt_tokens"]) for p in generation["prompts"])
         agreement = ("the same greedy tokens as transformers" if generation["identical"] else
                      f"greedy tokens as transformers' up to new token {generation['first_divergence']}")
-        click.echo(f"verified   {generation['runtime']}: {agreement} on prompts of {lengths} tokens "
-                   f"({generation['prompts'][0]['new_tokens']} new tokens each)")
+        rates = [p["genai_tokens_per_s"] for p in generation["prompts"] if p.get("genai_tokens_per_s")]
+        rate = f", {min(rates):.1f}-{max(rates):.1f} tokens/s" if rates else ""
+        click.echo(f"{'compared' if quantized else 'verified':<10} {generation['runtime']}: {agreement} on prompts "
+                   f"of {lengths} tokens ({generation['prompts'][0]['new_tokens']} new tokens each{rate})"
+                   + (" (not a pass/fail check: the 8-bit linears are checked above)" if quantized else ""))
     if "eligible" in summary:
         click.echo(f"tensorrt   {len(summary['eligible'])} layers eligible for sparse math, "
                    f"{len(summary['sparse_implementation'])} given a sparse kernel")

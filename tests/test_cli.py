@@ -107,6 +107,23 @@ def test_prune_and_build_onnx(tmp_path, tiny_llama_dir, monkeypatch):
     assert any(r["status"] == "ok" and r["level"] == "model" and r["backend"] == "torch-dense" for r in bench["results"])
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_genai_generation_line_says_checked_or_compared_and_the_speed(quantized, capsys):
+    """The 8-bit graph's tokens are compared, not checked (its linears are); tokens/s is the runtime's own."""
+    from cli import echo_export_summary
+
+    prompts = [dict(prompt_tokens=n, new_tokens=32, first_divergence=None,
+                    genai_tokens_per_s=rate) for n, rate in [(16, 1.46), (64, 1.52)]]
+    generation = dict(runtime="onnxruntime-genai 0.18.0 (cpu)", prompts=prompts, identical=True, first_divergence=None)
+    if quantized:
+        generation["quantized_linears"] = dict(linears=21, inputs_checked=10, inputs_on_a_rounding_boundary=0,
+                                               largest_error_over_bound=0.01)
+    echo_export_summary(dict(format="genai", onnx="g/model.onnx", generation=generation))
+    line = next(l for l in capsys.readouterr().out.splitlines() if "onnxruntime-genai" in l)
+    assert line.startswith("compared " if quantized else "verified ")
+    assert "1.5-1.5 tokens/s" in line and ("not a pass/fail check" in line) == quantized
+
+
 def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_path, tiny_llama_dir):
     result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "safetensors",
                                        "--with-cache", "--out", str(tmp_path / "b"), *SMALL])
