@@ -50,6 +50,14 @@ def test_the_quantized_directory_is_a_plain_model_plus_its_scales(fp8_dir):
     assert PruneConfig.from_recipe(report["recipe"]).recipe == PruneConfig(quantize="fp8").recipe
 
 
+def test_inspect_names_the_8bit_step(fp8_dir, tiny_llama_dir):
+    out, report = fp8_dir
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert f"8-bit: {report['quantization']['linears']} linears quantized to fp8" in shown.output
+    assert "8-bit" not in CliRunner().invoke(main, ["inspect", str(tiny_llama_dir)]).output
+
+
 def test_eval_of_the_directory_is_the_8bit_model_the_run_measured(fp8_dir):
     out, report = fp8_dir
     # same process and thread count as the run: the loaded model computes exactly what it measured
