@@ -533,6 +533,9 @@ def echo_export_summary(summary: dict) -> None:
         click.echo(f"{'compared' if quantized else 'verified':<10} {generation['runtime']}: {agreement} on prompts "
                    f"of {lengths} tokens ({generation['prompts'][0]['new_tokens']} new tokens each{rate})"
                    + (" (not a pass/fail check: the 8-bit linears are checked above)" if quantized else ""))
+        hint = _cpu_8bit_hint(qdq, dtypes.get("export"), generation["runtime"])
+        if hint:
+            click.echo(f"note       {hint}")
     if "eligible" in summary:
         click.echo(f"tensorrt   {len(summary['eligible'])} layers eligible for sparse math, "
                    f"{len(summary['sparse_implementation'])} given a sparse kernel")
@@ -541,11 +544,26 @@ def echo_export_summary(summary: dict) -> None:
                    f"{len(summary['dense'])} kept dense")
 
 
+def _cpu_8bit_hint(qdq: "dict | None", dtype: "str | None", runtime: str) -> str:
+    """Why a GenAI folder of an 8-bit model decodes slowly on the CPU, where that applies (README, 8-bit)."""
+    if not qdq or "(cpu)" not in runtime:
+        return ""
+    if qdq["format"] == "int8" and dtype == "float16":
+        return ("onnxruntime's CPU provider has 8-bit kernels for INT8 in float32 graphs only; this float16 graph "
+                "dequantizes every weight at every step: export with --dtype float32 to serve it on the CPU")
+    if qdq["format"] == "fp8":
+        return ("onnxruntime's CPU provider has no FP8 kernels (every weight is dequantized at every step): this "
+                "folder checks the FP8 model on the CPU; it is served fast by TensorRT on GPUs of compute "
+                "capability 8.9+")
+    return ""
+
+
 def _echo_qdq_check(check: dict) -> None:
     click.echo(f"verified   {check['linears']} 8-bit linears one by one on onnxruntime's own inputs: 8-bit inputs "
                f"as QuantizeLinear defines them ({check['inputs_on_a_rounding_boundary']} of "
                f"{check['inputs_checked']} one step apart, on a rounding boundary), products within "
-               f"{check['largest_error_over_bound']:.2g}x their round-off bound")
+               f"{check['largest_error_over_bound']:.2g}x their round-off bound, also as sessions run the graph "
+               "(fused 8-bit kernels included)")
 
 
 @main.command("export")

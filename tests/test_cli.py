@@ -118,10 +118,17 @@ def test_genai_generation_line_says_checked_or_compared_and_the_speed(quantized,
     if quantized:
         generation["quantized_linears"] = dict(linears=21, inputs_checked=10, inputs_on_a_rounding_boundary=0,
                                                largest_error_over_bound=0.01)
-    echo_export_summary(dict(format="genai", onnx="g/model.onnx", generation=generation))
-    line = next(l for l in capsys.readouterr().out.splitlines() if "onnxruntime-genai" in l)
-    assert line.startswith("compared " if quantized else "verified ")
-    assert "1.5-1.5 tokens/s" in line and ("not a pass/fail check" in line) == quantized
+    for export_dtype in ("float16", "float32"):
+        echo_export_summary(dict(format="genai", onnx="g/model.onnx", generation=generation,
+                                 dtype=dict(source="float32", export=export_dtype),
+                                 quantization=dict(format="int8", linears=21, opset=19, activation_quantizers=21,
+                                                   largest_scale_rounding=0.0) if quantized else None))
+        shown = capsys.readouterr().out.splitlines()
+        line = next(l for l in shown if "onnxruntime-genai" in l)
+        assert line.startswith("compared " if quantized else "verified ")
+        assert "1.5-1.5 tokens/s" in line and ("not a pass/fail check" in line) == quantized
+        # INT8 in a float16 graph has no 8-bit kernel on onnxruntime's CPU provider: the line says what does
+        assert any("export with --dtype float32" in l for l in shown) == (quantized and export_dtype == "float16")
 
 
 def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_path, tiny_llama_dir):

@@ -14,7 +14,7 @@ from exporters import ExportOptions, export
 from exporters.base import BackendMissingError
 from exporters.genai import genai_config
 from exporters.onnx_graph import TOLERANCE, onnx_weight_patterns, run_onnxruntime
-from exporters.onnx_qdq import FP8_SAFE_SESSION, _rounding_hint, holds_fp8, onnxruntime_session
+from exporters.onnx_qdq import FP8_SAFE_SESSION, _rounding_hint, holds_fp8, onnxruntime_session, served_probe
 from exporters.source import load_pruned, prompts
 from exporters.tensorrt_engine import require_8bit_gpu
 from tests.thanos.test_driver import SMALL
@@ -43,6 +43,52 @@ def float32_export(quantized_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("qdq") / "onnx"
     summary = export("onnx", quantized_dir[0], out, ExportOptions(dtype="float32", with_cache=True))
     return out, summary
+
+
+def test_each_linear_has_its_own_input_pair_which_onnxruntime_fuses_for_int8(quantized_dir, float32_export, tmp_path):
+    """q/k/v (and gate/up) read one input; a pair shared by several MatMuls is left unfused by onnxruntime's CPU
+    provider, which then dequantizes every weight at every step (docs/results/onnx_qdq_cpu.md)."""
+    import collections
+
+    import onnxruntime
+
+    out, summary = float32_export
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    readers = collections.Counter(name for node in proto.graph.node for name in node.input)
+    pairs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith(".qdq.input_dq")]
+    assert len(pairs) == summary["quantization"]["activation_quantizers"] == 21
+    assert all(readers[n.output[0]] == 1 for n in pairs)
+    if quantized_dir[1] != "int8":
+        return  # onnxruntime's CPU provider has no FP8 kernels to fuse into
+    for graph in (out / "model.onnx", served_probe(out / "model.onnx")):  # the export's check runs the fused kernels
+        options = onnxruntime.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        onnxruntime.InferenceSession(graph.SerializeToString() if isinstance(graph, onnx.ModelProto) else str(graph),
+                                     options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+        assert sum(n.op_type == "MatMulIntegerToFloat" for n in optimized.graph.node) == 21
+
+
+def test_the_served_check_allows_a_step_only_for_inputs_on_a_rounding_boundary(quantized_dir):
+    """Fused kernels quantize the input themselves: an input on a boundary may round either way, no other."""
+    from exporters.onnx_qdq import ValidationError, _LinearCheck, _step_at
+
+    name, mod = next(iter(quantized_linears(load_pruned(quantized_dir[0])[0]).items()))
+    x = torch.randn(3, mod.in_features)
+    check = _LinearCheck(name, mod, "float32")
+    step = float(_step_at(torch.tensor(2.0), check.fmt))  # 2 is on both grids, and even: a tie rounds to it
+    x[1, 5], x[1, 6] = (2 + step / 2) * check.s_in, 2 * check.s_in  # on a boundary, and on a grid value
+    ours = check.grid(x.numpy())
+    assert ours[1, 5] == ours[1, 6] == 2
+    for flipped, allowed in ((5, True), (6, False)):
+        theirs = ours.clone()
+        theirs[1, flipped] += step
+        y = ((theirs.double() * check.s_in) @ check.weight.T).numpy()
+        if allowed:
+            assert check.product(ours.numpy(), y, "p", slack=check.flip_slack(x.numpy())) <= 1
+        else:
+            with pytest.raises(ValidationError, match=f"{name}: onnxruntime's p"):
+                check.product(ours.numpy(), y, "p", slack=check.flip_slack(x.numpy()))
 
 
 def test_every_8bit_linear_is_a_qdq_matmul_holding_its_8bit_values(quantized_dir, float32_export):
