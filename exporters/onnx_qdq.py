@@ -27,12 +27,19 @@ onnxruntime before 1.32 cannot load an FP8 QDQ graph at its default optimization
 fusion pass turns each DequantizeLinear -> MatMul into the integer-only MatMulIntegerToFloat, then
 refuses the graph it made (INVALID_GRAPH). `onnxruntime_session` (every session this project opens
 on a graph) and the GenAI folder's config switch that one pass off for FP8 graphs
-(`FP8_SAFE_SESSION`), whatever the version; INT8 graphs keep onnxruntime's defaults.
+(`FP8_SAFE_SESSION`), whatever the version.
+
+On x86 CPUs without VNNI, onnxruntime's fused INT8 kernel saturates: it sums pairs of
+unsigned-by-signed 8-bit products in 16 bits, and full-range INT8 weights overflow them (measured
+under `qemu-x86_64 -cpu Haswell`: 16% of the output's range on random data; exact with VNNI).
+`onnxruntime_session` keeps INT8 linears out of that kernel on such CPUs, and a GenAI folder of an
+INT8 model, which may be served on any CPU, always (`INT8_SAFE_SESSION`; docs/results/onnx_qdq_cpu.md).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import platform
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,6 +56,9 @@ from thanos.quantized_model import quantization_of
 QDQ_OPSET = 19
 # onnxruntime's session setting, and the pass it names, that load FP8 QDQ graphs before 1.32 (above)
 FP8_SAFE_SESSION = {"optimization.disable_specified_optimizers": "QDQSelectorActionTransformer"}
+# onnxruntime's session setting that keeps INT8 linears out of its fused 8-bit kernel (above): the
+# weights are dequantized once, when the session opens, and the inputs still rounded to 8 bits
+INT8_SAFE_SESSION = {"session.disable_quant_qdq": "1"}
 _TORCH_TYPES = {1: torch.float32, 10: torch.float16}  # TensorProto.FLOAT, FLOAT16
 
 
@@ -58,25 +68,57 @@ def onnx_type(fmt: str) -> int:
     return {"fp8": TensorProto.FLOAT8E4M3FN, "int8": TensorProto.INT8}[fmt]
 
 
-def holds_fp8(path: "str | Path") -> bool:
-    """Whether the ONNX graph at `path` has FP8 initializers (its 8-bit weights), read without its external data."""
+def weight_formats(path: "str | Path") -> set[str]:
+    """The 8-bit formats ("fp8", "int8") of the ONNX graph's QDQ weights at `path`, read without its external data."""
     import onnx
     from onnx import TensorProto
 
     fp8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ}
     proto = onnx.load(str(path), load_external_data=False)
-    return any(init.data_type in fp8 for init in proto.graph.initializer)
+    found = set()
+    for init in proto.graph.initializer:
+        if init.data_type in fp8:
+            found.add("fp8")
+        elif init.data_type == TensorProto.INT8 and init.name.endswith(".qdq.weight"):
+            found.add("int8")
+    return found
+
+
+def holds_fp8(path: "str | Path") -> bool:
+    return "fp8" in weight_formats(path)
+
+
+def fused_int8_is_exact(features: "dict | None" = None) -> bool:
+    """Whether onnxruntime's fused INT8 kernel computes exactly on this CPU: not on x86 without VNNI,
+    where it sums pairs of products in 16 bits (VPMADDUBSW) and saturates. `features`: the CPU's
+    features as numpy detects them at run time (CPUID; read here when None); where numpy's private
+    table cannot be read, the CPU counts as without."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True  # Arm's dot-product kernels accumulate in 32 bits
+    if features is None:
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            try:  # numpy 1.x
+                from numpy.core._multiarray_umath import __cpu_features__ as features
+            except ImportError:
+                return False
+    return bool(features.get("AVX512VNNI") or features.get("AVXVNNI"))
 
 
 def onnxruntime_session(path: "str | Path", providers: Optional[list] = None, provider_options=None):
     """An onnxruntime session on the graph at `path` (CPU unless `providers` say otherwise), set up
-    so that every onnxruntime this project supports loads it (FP8 graphs: `FP8_SAFE_SESSION`)."""
+    so that every onnxruntime this project supports loads it (FP8 graphs: `FP8_SAFE_SESSION`) and,
+    on CPUs where onnxruntime's fused INT8 kernel saturates, computes it exactly (`INT8_SAFE_SESSION`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if holds_fp8(path):
-        for key, value in FP8_SAFE_SESSION.items():
-            options.add_session_config_entry(key, value)
+    formats = weight_formats(path)
+    entries = dict(FP8_SAFE_SESSION if "fp8" in formats else {})
+    if "int8" in formats and not fused_int8_is_exact():
+        entries.update(INT8_SAFE_SESSION)
+    for key, value in entries.items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
                                 provider_options=provider_options)
 

@@ -14,7 +14,8 @@ from exporters import ExportOptions, export
 from exporters.base import BackendMissingError
 from exporters.genai import genai_config
 from exporters.onnx_graph import TOLERANCE, onnx_weight_patterns, run_onnxruntime
-from exporters.onnx_qdq import FP8_SAFE_SESSION, _rounding_hint, holds_fp8, onnxruntime_session, served_probe
+from exporters.onnx_qdq import (FP8_SAFE_SESSION, INT8_SAFE_SESSION, _rounding_hint, holds_fp8, onnxruntime_session,
+                                served_probe, weight_formats)
 from exporters.source import load_pruned, prompts
 from exporters.tensorrt_engine import require_8bit_gpu
 from tests.thanos.test_driver import SMALL
@@ -150,22 +151,45 @@ def test_onnxruntime_runs_the_8bit_model_and_not_the_unrounded_one(quantized_dir
     assert np.abs(got - unrounded).max() > 10 * difference  # the graph does round the inputs
 
 
-def test_only_fp8_graphs_are_opened_without_the_fusion_older_onnxruntime_refuses(quantized_dir, float32_export):
+def test_sessions_and_genai_folders_carry_the_settings_each_8bit_format_needs(quantized_dir, float32_export,
+                                                                             monkeypatch):
     # onnxruntime before 1.32 turns an FP8 DequantizeLinear -> MatMul into an integer-only op and refuses the graph
-    # it made (seen with 1.29-1.31.1 on the fp8 graph here); our sessions and the GenAI folder's config switch that
-    # one pass off for FP8 graphs, and leave INT8 graphs as onnxruntime optimizes them by default
+    # it made (seen with 1.29-1.31.1 on the fp8 graph here): FP8 graphs are opened without that pass. onnxruntime's
+    # fused INT8 kernel saturates on x86 CPUs without VNNI: INT8 graphs are kept out of it there, and in GenAI
+    # folders, which may be served on any CPU
+    import exporters.onnx_qdq as onnx_qdq
+
     model_dir, fmt = quantized_dir
     path = float32_export[0] / "model.onnx"
-    assert holds_fp8(path) == (fmt == "fp8")
-    (key, value), = FP8_SAFE_SESSION.items()
-    options = onnxruntime_session(path).get_session_options()
+    assert holds_fp8(path) == (fmt == "fp8") and weight_formats(path) == {fmt}
     genai_session = genai_config(load_pruned(model_dir)[0])["model"]["decoder"]["session_options"]
-    if fmt == "fp8":
-        assert options.get_session_config_entry(key) == value and genai_session[key] == value
-    else:
-        with pytest.raises(RuntimeError, match="does not have configuration"):
-            options.get_session_config_entry(key)
-        assert key not in genai_session
+    for exact in (True, False):
+        monkeypatch.setattr(onnx_qdq, "fused_int8_is_exact", lambda exact=exact: exact)
+        options = onnxruntime_session(path).get_session_options()
+        wanted = {**(FP8_SAFE_SESSION if fmt == "fp8" else {}), **(INT8_SAFE_SESSION if fmt == "int8" and not exact
+                                                                   else {})}
+        for key, value in {**FP8_SAFE_SESSION, **INT8_SAFE_SESSION}.items():
+            if key in wanted:
+                assert options.get_session_config_entry(key) == value
+            else:
+                with pytest.raises(RuntimeError, match="does not have configuration"):
+                    options.get_session_config_entry(key)
+    assert {k: genai_session[k] for k in {**FP8_SAFE_SESSION, **INT8_SAFE_SESSION} if k in genai_session} == (
+        FP8_SAFE_SESSION if fmt == "fp8" else INT8_SAFE_SESSION)
+
+
+@pytest.mark.parametrize("machine, features, exact", [
+    ("x86_64", dict(AVX2=True, AVX512F=False, AVX512VNNI=False), False),  # Haswell to Zen 3: 16-bit pair sums
+    ("x86_64", dict(AVX2=True, AVX512F=True, AVX512VNNI=True), True),
+    ("AMD64", dict(AVX2=True, AVXVNNI=True), True),
+    ("x86_64", {}, False),  # nothing known: the exact path
+    ("aarch64", {}, True),
+])
+def test_the_fused_int8_kernel_counts_as_exact_only_where_it_is(machine, features, exact, monkeypatch):
+    import exporters.onnx_qdq as onnx_qdq
+
+    monkeypatch.setattr(onnx_qdq.platform, "machine", lambda: machine)
+    assert onnx_qdq.fused_int8_is_exact(features) is exact
 
 
 @pytest.mark.parametrize("version, dtype, fmt, hinted", [
