@@ -69,7 +69,8 @@ def onnx_type(fmt: str) -> int:
 
 
 def weight_formats(path: "str | Path") -> set[str]:
-    """The 8-bit formats ("fp8", "int8") of the ONNX graph's QDQ weights at `path`, read without its external data."""
+    """The 8-bit formats ("fp8", "int8") among the ONNX graph's initializers at `path` (its 8-bit
+    weights and zero points), read without its external data."""
     import onnx
     from onnx import TensorProto
 
@@ -79,7 +80,7 @@ def weight_formats(path: "str | Path") -> set[str]:
     for init in proto.graph.initializer:
         if init.data_type in fp8:
             found.add("fp8")
-        elif init.data_type == TensorProto.INT8 and init.name.endswith(".qdq.weight"):
+        elif init.data_type in (TensorProto.INT8, TensorProto.UINT8):
             found.add("int8")
     return found
 
