@@ -29,7 +29,7 @@ from exporters.base import BackendMissingError, ExportError, ExportFormat, Expor
 from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
 from exporters.onnx_export import validation_prompts
 from exporters.onnx_graph import TWO_GIB, check_patterns_kept, prefill_feed, require_onnx
-from exporters.onnx_qdq import FP8_SAFE_SESSION, INT8_SAFE_SESSION, validate_qdq
+from exporters.onnx_qdq import session_entries, validate_qdq
 from exporters.source import load_pruned, model_patterns
 from thanos.errors import InputError
 from thanos.models import context_length
@@ -77,11 +77,9 @@ def genai_config(model) -> dict:
                   past_key_names=GENAI_NAMES.past_key, past_value_names=GENAI_NAMES.past_value)
     outputs = dict(logits="logits", present_key_names=GENAI_NAMES.present_key,
                    present_value_names=GENAI_NAMES.present_value)
-    session = dict(log_id="onnxruntime-genai", provider_options=[])
-    if model_format(model) == "fp8":  # so that GenAI on an onnxruntime before 1.32 loads it (exporters.onnx_qdq)
-        session.update(FP8_SAFE_SESSION)
-    if model_format(model) == "int8":  # exact on every CPU the folder may be served on (exporters.onnx_qdq)
-        session.update(INT8_SAFE_SESSION)
+    # what the 8-bit graph needs on whichever CPU serves the folder (exporters.onnx_qdq)
+    session = dict(log_id="onnxruntime-genai", provider_options=[],
+                   **session_entries({model_format(model)} - {None}, this_cpu=False))
     decoder = dict(session_options=session, filename=MODEL_FILE,
                    head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
                    hidden_size=config.hidden_size, inputs=inputs, outputs=outputs, num_attention_heads=heads,

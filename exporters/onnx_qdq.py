@@ -72,10 +72,14 @@ def weight_formats(path: "str | Path") -> set[str]:
     """The 8-bit formats ("fp8", "int8") among the ONNX graph's initializers at `path` (its 8-bit
     weights and zero points), read without its external data."""
     import onnx
+
+    return _formats_of(onnx.load(str(path), load_external_data=False))
+
+
+def _formats_of(proto) -> set[str]:
     from onnx import TensorProto
 
     fp8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ}
-    proto = onnx.load(str(path), load_external_data=False)
     found = set()
     for init in proto.graph.initializer:
         if init.data_type in fp8:
@@ -107,18 +111,26 @@ def fused_int8_is_exact(features: "dict | None" = None) -> bool:
     return bool(features.get("AVX512VNNI") or features.get("AVXVNNI"))
 
 
-def onnxruntime_session(path: "str | Path", providers: Optional[list] = None, provider_options=None):
-    """An onnxruntime session on the graph at `path` (CPU unless `providers` say otherwise), set up
-    so that every onnxruntime this project supports loads it (FP8 graphs: `FP8_SAFE_SESSION`) and,
-    on CPUs where onnxruntime's fused INT8 kernel saturates, computes it exactly (`INT8_SAFE_SESSION`)."""
+def session_entries(formats: "set[str]", this_cpu: bool = True) -> dict[str, str]:
+    """The onnxruntime session settings a graph with these 8-bit formats needs: FP8 graphs
+    `FP8_SAFE_SESSION` (every onnxruntime this project supports loads them), INT8 graphs
+    `INT8_SAFE_SESSION` on this CPU if its fused INT8 kernel saturates, or always where the CPU
+    that will run it is unknown (`this_cpu=False`: a GenAI folder)."""
+    entries = dict(FP8_SAFE_SESSION) if "fp8" in formats else {}
+    if "int8" in formats and not (this_cpu and fused_int8_is_exact()):
+        entries.update(INT8_SAFE_SESSION)
+    return entries
+
+
+def onnxruntime_session(path: "str | Path", providers: Optional[list] = None, provider_options=None,
+                        formats: "set[str] | None" = None):
+    """An onnxruntime session on the graph at `path` (CPU unless `providers` say otherwise), with the
+    settings its 8-bit formats need here (`session_entries`; `formats`: where the caller has read
+    them already, else read from the file)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    formats = weight_formats(path)
-    entries = dict(FP8_SAFE_SESSION if "fp8" in formats else {})
-    if "int8" in formats and not fused_int8_is_exact():
-        entries.update(INT8_SAFE_SESSION)
-    for key, value in entries.items():
+    for key, value in session_entries(weight_formats(path) if formats is None else formats).items():
         options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
                                 provider_options=provider_options)
@@ -290,26 +302,27 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    proto = onnx.load(str(path), load_external_data=False)
-    probes = _probes(proto)
+    served = served_probe(path)
+    probes = _probes(served)
     if not probes:
         raise ExportError(f"{path} holds no QuantizeLinear / DequantizeLinear linears to check")
-    elem = {t.name: t.data_type for t in proto.graph.initializer}
+    formats = _formats_of(served)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(served)
     for probe in probes:
-        float_type = elem[f"{probe.linear}.qdq.weight_scale"]
         # the 8-bit inputs are read out as float32 grid values (a DequantizeLinear with scale 1, exact):
         # onnxruntime before 1.24 cannot hand float8 outputs to numpy
         proto.graph.node.append(helper.make_node("DequantizeLinear", [probe.q, _UNIT_SCALE], [probe.q + _AS_GRID]))
-        _read_out(proto, [(probe.x, float_type), (probe.y, float_type), (probe.q + _AS_GRID, TensorProto.FLOAT)])
+        _read_out(proto, [(probe.q + _AS_GRID, TensorProto.FLOAT)])
     proto.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), _UNIT_SCALE))
-    outputs = _run_beside(path, proto, feed_for)
+    outputs = _run_beside(path, proto, feed_for, formats)
     modules = dict(model.named_modules())
     checks = {probe.linear: _LinearCheck(probe.linear, modules[probe.linear], dtype) for probe in probes}
     flipped, inputs, worst = 0, 0, 0.0
     for probe in probes:
-        x, q, check = outputs[probe.x], outputs[probe.q + _AS_GRID], checks[probe.linear]
+        x, check = outputs[probe.x], checks[probe.linear]
         ours = check.grid(x)
-        theirs = torch.from_numpy(q).reshape(ours.shape)
+        theirs = torch.from_numpy(outputs[probe.q + _AS_GRID]).reshape(ours.shape)
         differ = ours != theirs
         if differ.any():
             # a flip is legitimate only between neighbours, for an input within round-off of a boundary
@@ -322,13 +335,14 @@ def validate_qdq(path: Path, model: nn.Module, feed_for: Callable[[object], dict
                                       float((ours - theirs).abs().max()), 0.0)
             flipped += int(differ.sum())
         inputs += ours.numel()
-        worst = max(worst, check.product(q, outputs[probe.y], "8-bit product"))
-    outputs = _run_beside(path, served_probe(path), feed_for)
+        worst = max(worst, check.product(theirs, outputs[probe.y], "8-bit product"))
+    outputs = _run_beside(path, served, feed_for, formats)
     served_worst = 0.0
     for probe in probes:
         x, check = outputs[probe.x], checks[probe.linear]
-        served_worst = max(served_worst, check.product(check.grid(x).numpy(), outputs[probe.y],
-                                                       "8-bit product as sessions run it", slack=check.flip_slack(x)))
+        ours = check.grid(x)
+        served_worst = max(served_worst, check.product(ours, outputs[probe.y], "8-bit product as sessions run it",
+                                                       slack=check.flip_slack(x, ours)))
     return dict(linears=len(probes), inputs_checked=inputs, inputs_on_a_rounding_boundary=flipped,
                 largest_error_over_bound=max(worst, served_worst),
                 tolerance="each 8-bit input equal to QuantizeLinear's (inputs within round-off of a rounding "
@@ -360,14 +374,14 @@ def _read_out(proto, names: list[tuple[str, int]]) -> None:
             proto.graph.output.append(helper.make_tensor_value_info(name, kind, None))
 
 
-def _run_beside(path: Path, proto, feed_for: Callable[[object], dict]) -> dict:
+def _run_beside(path: Path, proto, feed_for: Callable[[object], dict], formats: "set[str]") -> dict:
     """Every output of `proto` (the graph at `path`, outputs added) on `feed_for`'s inputs."""
     import onnx
 
     probe_path = path.with_name(f".probe-{path.name}")  # beside it: external data is found by relative path
     onnx.save(proto, str(probe_path))
     try:
-        session = onnxruntime_session(probe_path)
+        session = onnxruntime_session(probe_path, formats=formats)
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(None, feed_for(session))))
     finally:
@@ -387,10 +401,9 @@ class _LinearCheck:
         scale_graph = self.quant.weight_scale.to(self.torch_dtype).double()
         grid = grid_of(weight_view(mod).detach().cpu(), self.quant.weight_scale, self.fmt)
         self.weight = (grid.double() * scale_graph[:, None]).to(self.torch_dtype).double()  # the DequantizeLinear's
-        self.width = self.weight.shape[1]
 
     def _x(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x.astype(np.float32)).reshape(-1, self.width)
+        return torch.from_numpy(x.astype(np.float32)).reshape(-1, self.weight.shape[1])
 
     def grid(self, x: np.ndarray) -> torch.Tensor:
         return input_grid(self._x(x), self.s_in, self.fmt)
@@ -403,15 +416,16 @@ class _LinearCheck:
         low, high = (input_grid((t + sign * delta).float(), 1.0, self.fmt) for sign in (-1, 1))
         return low != high
 
-    def flip_slack(self, x: np.ndarray) -> torch.Tensor:
-        """How far y may move when each input near a boundary rounds to its neighbour: one step each."""
-        ours = self.grid(x)
+    def flip_slack(self, x: np.ndarray, ours: torch.Tensor) -> torch.Tensor:
+        """How far y may move when each input near a boundary rounds to its neighbour (`ours`: x's
+        8-bit values): one step each."""
         step = _step_at(ours.abs().double(), self.fmt) * self.near_boundary(x)
         return (step * self.s_in) @ self.weight.abs().T
 
-    def product(self, q: np.ndarray, y: np.ndarray, what: str, slack: "torch.Tensor | float" = 0.0) -> float:
-        """y against (q * s_in) @ W^T: the largest error over its bound (at most 1), else ValidationError."""
-        x_q = (torch.from_numpy(q).reshape(-1, self.width).double() * self.s_in).to(self.torch_dtype).double()
+    def product(self, q: torch.Tensor, y: np.ndarray, what: str, slack: "torch.Tensor | float" = 0.0) -> float:
+        """y against (q * s_in) @ W^T (q: the 8-bit values, one row per token): the largest error over its
+        bound (at most 1), else ValidationError."""
+        x_q = (q.double() * self.s_in).to(self.torch_dtype).double()
         expected = x_q @ self.weight.T
         y = torch.from_numpy(y.astype(np.float64)).reshape(expected.shape)
         k = self.weight.shape[1]
