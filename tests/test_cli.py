@@ -189,6 +189,13 @@ def test_eval_refuses_windows_past_the_context(pruned_llama_2of4):
     assert refused.exit_code == 1 and "context of 256 tokens" in refused.output and "--seqlen 256" in refused.output
 
 
+def test_default_windows_are_cut_to_the_context(pruned_llama_2of4):
+    # the CPU's default of 512 tokens against this model's 256: cut, not refused (only --seqlen is refused)
+    result = CliRunner().invoke(main, ["eval", str(pruned_llama_2of4), "--windows", "1", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["seqlen"] == 256
+
+
 def test_generate_refuses_an_empty_prompt_and_a_missing_gpu(pruned_llama_2of4):
     import torch
 

@@ -147,6 +147,7 @@ def prune_into(job: PruneJob, progress: Optional[Progress] = None) -> Pruned:
 
 
 def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, progress: Optional[Progress]) -> Pruned:
+    asked_seqlen = job.seqlen
     job = job.resolved(device)
     if not parallel.is_main:
         progress = None
@@ -160,10 +161,7 @@ def _prune(job: PruneJob, out: Path, device: torch.device, parallel: Parallel, p
         raise InputError(f"no linear layer matches --include {job.include} minus --exclude {job.exclude}; "
                          "patterns match full names such as 'model.layers.0.mlp.up_proj'")
     check_pattern_fits(linears, job.config)
-    context = context_length(model)
-    if context and job.seqlen > context:
-        raise CalibrationError(f"--seqlen {job.seqlen} is longer than the model's context of {context} tokens; "
-                               f"pass --seqlen {context} or less")
+    job = dataclasses.replace(job, seqlen=window_length(asked_seqlen, job.seqlen, context_length(model)))
     text = tokenize_split(tokenizer, job.calib_file)
     samples = sample_windows(text.calibration, job.calib_samples, job.seqlen, job.seed)
     if job.evaluate and text.evaluation.numel() < job.seqlen:
@@ -235,7 +233,8 @@ def prune(model, config: PruneConfig = PruneConfig(), calibration: Optional[torc
                              "default text")
         defaults = defaults_for(dev)
         text = tokenize_split(tokenizer, None)
-        calibration = sample_windows(text.calibration, samples or defaults.samples, seqlen or defaults.seqlen, seed)
+        calibration = sample_windows(text.calibration, samples or defaults.samples,
+                                     window_length(seqlen, defaults.seqlen, context_length(model)), seed)
     if calibration.dim() != 2 or calibration.is_floating_point():
         raise InputError(f"calibration must be token ids shaped (windows, tokens), got a {calibration.dtype} tensor "
                          f"of shape {tuple(calibration.shape)}")
@@ -326,6 +325,19 @@ def _save_model_dir(model, tokenizer, out: Path, report: dict, inputs: tuple) ->
         raise
 
 
+def window_length(asked: Optional[int], default: int, context: Optional[int]) -> int:
+    """Tokens per calibration or evaluation window: `asked` if the model's context holds it (else a
+    refusal), or the device's default cut to the context (GPT-2's 1024 against the GPU's 2048)."""
+    if asked is None:
+        if context and default > context:
+            log.info("windows of %d tokens, the model's context (the device's default is %d)", context, default)
+        return min(default, context or default)
+    if context and asked > context:
+        raise CalibrationError(f"--seqlen {asked} is longer than the model's context of {context} tokens; "
+                               f"pass --seqlen {context} or less")
+    return asked
+
+
 def evaluate_directory(path: str, text_file: Optional[str] = None, seqlen: Optional[int] = None,
                        device: str = "auto", max_windows: Optional[int] = -1, trust_remote_code: bool = False) -> dict:
     """Held-out perplexity of a pruned (or any) model directory, compact checkpoint or .gguf file.
@@ -342,11 +354,7 @@ def evaluate_model(model, tokenizer, path: str, text_file: Optional[str], seqlen
                    dev: torch.device, max_windows: Optional[int], where: str) -> dict:
     """Perplexity of any `model(ids).logits` callable on the held-out part of the default or a given text."""
     defaults = defaults_for(dev)
-    seqlen = seqlen or defaults.seqlen
-    context = context_length(model) if hasattr(model, "config") else None
-    if context and seqlen > context:
-        raise CalibrationError(f"--seqlen {seqlen} is longer than the model's context of {context} tokens; "
-                               f"pass --seqlen {context} or less")
+    seqlen = window_length(seqlen, defaults.seqlen, context_length(model) if hasattr(model, "config") else None)
     max_windows = defaults.eval_windows if max_windows == -1 else max_windows
     text = tokenize_split(tokenizer, text_file)
     tokens = text.evaluation

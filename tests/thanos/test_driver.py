@@ -328,3 +328,12 @@ def test_prune_in_memory_equals_the_directory_route(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]
     with pytest.raises(InputError, match="token ids shaped"):
         prune(model, config, torch.randn(2, 8), device="cpu")
+
+
+def test_default_windows_are_cut_to_the_context(tiny_llama_dir):
+    """The CPU's default window (512 tokens) on a model of 256: cut to 256; an asked-for 300 is refused."""
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    _, report = prune(model, PruneConfig(preset="fast"), tokenizer=tokenizer, samples=1, device="cpu")
+    assert report["calibration"] == dict(samples=1, seqlen=256)
+    with pytest.raises(CalibrationError, match="longer than the model's context of 256"):
+        prune(model, PruneConfig(preset="fast"), tokenizer=tokenizer, samples=1, seqlen=300, device="cpu")
