@@ -42,7 +42,10 @@ class _StepWithCache(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # no config: every layer's cache is kept whole, as the inputs and outputs above say; a config would
+        # give sliding-window layers (Gemma 2/3, Mistral) a cache cut to the window, whose present is
+        # shorter than past + seq (which GenAI refuses); the mask still applies the window
+        cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -47,6 +47,13 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return path
 
 
+# model_type -> what its tiny config needs beyond the common sizes; sliding windows shorter than
+# the exports' check prompts, so that the window is exercised
+FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=16), "gemma": dict(head_dim=16),
+            "gemma2": dict(head_dim=16, sliding_window=16), "gemma3_text": dict(head_dim=16, sliding_window=16),
+            "phi3": {}}
+
+
 def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
     from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               OPTConfig, OPTForCausalLM)
@@ -62,6 +69,13 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
         cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=TINY_VOCAB, word_embed_proj_dim=64, max_position_embeddings=256, **overrides)
         model = OPTForCausalLM(cfg)
+    elif kind in FAMILIES:  # the other architectures thanos.models.ADAPTERS names, LLaMA-sized as above
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0, **FAMILIES[kind])
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**settings, **overrides}))
     else:
         cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
                          bos_token_id=0, eos_token_id=0, **overrides)

@@ -63,7 +63,7 @@ _LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_at
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
     **{t: Adapter("model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING) for t in ("llama", "mistral", "qwen2", "qwen3")},
-    "gemma": Adapter("model.layers", _LLAMA_FREE),
+    **{t: Adapter("model.layers", _LLAMA_FREE) for t in ("gemma", "gemma2", "gemma3_text")},
     "phi3": Adapter("model.layers"),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True))),

@@ -11,6 +11,7 @@ from exporters import ExportOptions, export  # noqa: E402
 from exporters.genai import (GenaiModel, _tokenizer_hint, check_genai_folder, first_divergence,  # noqa: E402
                              transformers_greedy, verification_prompts)
 from exporters.source import load_pruned  # noqa: E402
+from tests.conftest import FAMILIES  # noqa: E402
 from thanos.errors import InputError  # noqa: E402
 
 
@@ -196,3 +197,17 @@ def test_a_config_naming_a_file_outside_the_folder_is_refused_before_opening_it(
     monkeypatch.setattr(onnx, "load", opened)
     with pytest.raises(InputError, match="lies outside"):
         GenaiModel(folder)
+
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_supported_family_serves_from_genai(family, tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """Each architecture thanos.models.ADAPTERS names beyond LLaMA, pruned and exported: GenAI must
+    generate transformers' tokens. The sliding-window ones (16 tokens) are checked past their window
+    by the export's 64- and 216-token prompts; GenAI needs every present as long as past + new tokens."""
+    from tests.conftest import _pruned, _save_tiny
+
+    pruned = _pruned(tmp_path_factory, _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir), "2:4", preset="fast")
+    summary = export("genai", pruned, tmp_path / "genai", ExportOptions(dtype="float32"))
+    assert summary["generation"]["identical"]
+    assert max(p["prompt_tokens"] for p in summary["generation"]["prompts"]) > FAMILIES[family].get("sliding_window", 0)

@@ -13,6 +13,7 @@ from thanos.models import LayerSelection, ModelError, load_model, prunable_linea
 from thanos.linears import weight_view
 from thanos.errors import InputError
 from thanos.pipeline import PruneJob, prune, prune_to_directory
+from tests.conftest import FAMILIES, _save_tiny
 from tests.thanos.helpers import assert_nm
 
 SMALL = dict(calib_samples=4, seqlen=32, eval_windows=2, device="cpu")
@@ -337,3 +338,19 @@ def test_default_windows_are_cut_to_the_context(tiny_llama_dir):
     assert report["calibration"] == dict(samples=1, seqlen=256)
     with pytest.raises(CalibrationError, match="longer than the model's context of 256"):
         prune(model, PruneConfig(preset="fast"), tokenizer=tokenizer, samples=1, seqlen=300, device="cpu")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_supported_family_prunes_to_an_exact_8bit_pattern(family, tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """Each architecture thanos.models.ADAPTERS names, through the longest default route (permuted
+    channels, sequential groups, INT8 with SmoothQuant where the adapter allows it): every linear
+    2:4, finite, and the directory loads in transformers."""
+    source = _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)
+    report = prune_to_directory(PruneJob(out=str(tmp_path / "m"), model=str(source), evaluate=False,
+                                         config=PruneConfig(pattern="2:4", quantize="int8"), **SMALL))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    linears = {name: linear for group in prunable_linears(model, LayerSelection()).values() for name, linear in group.items()}
+    assert model.config.model_type == family and len(report["layers"]) == len(linears) > 0
+    for linear in linears.values():
+        assert torch.isfinite(linear.weight).all()
+        assert_nm(weight_view(linear), 2, 4)
