@@ -436,8 +436,9 @@ def export_options(f):
     options = [
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Precision of the exported weights (ONNX: float32 or float16). Default: float16 for "
-                          "onnx, tensorrt and torch (the summary reports the cast); the model's own for "
-                          "safetensors, which is lossless."),
+                          "onnx, genai, tensorrt and torch (the summary reports the cast), but float32 for "
+                          "genai folders of INT8 models (onnxruntime's CPU 8-bit kernels need it); the "
+                          "model's own for safetensors, which is lossless."),
         click.option("--allow-dense", is_flag=True,
                      help="Hardware targets: build a dense model instead of refusing one that is not 2:4."),
         click.option("--no-validate", is_flag=True, help="Skip running the export against the pruned model."),
@@ -488,6 +489,8 @@ def echo_export_summary(summary: dict) -> None:
     dtypes = summary.get("dtype") or {}
     if dtypes.get("source") and dtypes.get("export") and dtypes["source"] != dtypes["export"]:
         click.echo(f"cast       weights {dtypes['source']} -> {dtypes['export']} (--dtype {dtypes['source']} keeps them)")
+    if dtypes.get("default"):
+        click.echo(f"dtype      {dtypes['export']}, the default for {dtypes['default']}")
     if summary.get("ratio"):
         click.echo(f"compact    {summary['compact_layers']} n:m layers at {summary['ratio']:.4f}x their dense bytes; "
                    f"round trip {summary.get('round_trip', 'not checked')}")

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from exporters.base import (DEFAULT_DTYPE, _REGISTRY, BackendMissingError, ExportError, ExportFormat,
-                            ExportOptions, ValidationError, check_inputs_carried, register)
+from exporters.base import (_REGISTRY, BackendMissingError, ExportError, ExportFormat,
+                            ExportOptions, ValidationError, check_inputs_carried, default_dtype, register)
 from thanos.compact import load_compact
 from thanos.quantized_model import saved_inputs
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
@@ -52,12 +52,15 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
 
 
 def _export(fmt: ExportFormat, model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple]) -> dict:
-    if options.dtype is None:
-        options = dataclasses.replace(options, dtype=DEFAULT_DTYPE[fmt.value])
     _load_all()
-    from exporters.source import saved_dtype
+    from exporters.source import saved_dtype, saved_format
 
     dtypes = dict(source=saved_dtype(Path(model_dir)))
+    if options.dtype is None:
+        dtype, why = default_dtype(fmt, saved_format(Path(model_dir)))
+        options = dataclasses.replace(options, dtype=dtype)
+        if why:
+            dtypes["default"] = why
     dtypes["export"] = options.dtype or dtypes["source"]
     staging = begin_staging(out, [model_dir])
     try:

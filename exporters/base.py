@@ -38,7 +38,7 @@ class ValidationError(ExportError):
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
     # float32, float16 or bfloat16 (ONNX: float32 or float16); None: the target's default
-    # (`DEFAULT_DTYPE`), and the summary reports any cast from the source's dtype.
+    # (`default_dtype`), and the summary reports any cast from the source's dtype.
     dtype: Optional[str] = None
     allow_dense: bool = False  # hardware targets: build dense instead of refusing non-2:4 models
     split_dense_rows: bool = False  # alpha > 0: a 2:4 linear plus a dense one per layer (exporters.row_split)
@@ -80,6 +80,19 @@ def check_inputs_carried(fmt: "str | ExportFormat", inputs: str) -> None:
 # Serving targets run in half precision; the compact checkpoint is the lossless format and keeps
 # the source's dtype (None) unless a dtype is asked for.
 DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "genai": "float16", "safetensors": None}
+# onnxruntime's CPU provider, which GenAI folders name, has 8-bit kernels for INT8 in float32 graphs
+# only (docs/results/onnx_qdq_cpu.md)
+INT8_GENAI_DTYPE = ("float32", "INT8 in a GenAI folder: onnxruntime's CPU provider has 8-bit kernels for float32 "
+                               "graphs only")
+
+
+def default_dtype(fmt: "str | ExportFormat", quantized: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(dtype, why it differs from `DEFAULT_DTYPE`, or None) of a `fmt` export of a model quantized to
+    `quantized` ("fp8", "int8" or None) when no dtype is asked for."""
+    fmt = ExportFormat(fmt)
+    if fmt is ExportFormat.GENAI and quantized == "int8":
+        return INT8_GENAI_DTYPE
+    return DEFAULT_DTYPE[fmt.value], None
 
 Exporter = Callable[[Path, Path, ExportOptions, Optional[tuple]], dict]  # model_dir, out, options, source
 _REGISTRY: dict[ExportFormat, Exporter] = {}

@@ -35,6 +35,15 @@ def saved_dtype(model_dir: Path) -> Optional[str]:
     return str(value).replace("torch.", "") if value else None
 
 
+def saved_format(model_dir: Path) -> Optional[str]:
+    """The 8-bit format ("fp8", "int8") a pruned or compact directory's report records, if any."""
+    try:
+        report = read_report(model_dir)
+    except ValueError:  # a damaged report is refused by the load that follows
+        return None
+    return ((report or {}).get("quantization") or {}).get("format")
+
+
 def linear_weights(model) -> dict[str, torch.Tensor]:
     """{module name: (out, in) weight} for every linear inside the decoder layers."""
     return {name: weight_view(mod) for layer in prunable_linears(model, LayerSelection()).values()

@@ -129,6 +129,8 @@ def test_genai_generation_line_says_checked_or_compared_and_the_speed(quantized,
         assert "1.5-1.5 tokens/s" in line and ("not a pass/fail check" in line) == quantized
         # INT8 in a float16 graph has no 8-bit kernel on onnxruntime's CPU provider: the line says what does
         assert any("export with --dtype float32" in l for l in shown) == (quantized and export_dtype == "float16")
+    echo_export_summary(dict(format="genai", dtype=dict(source="float32", export="float32", default="INT8 in a GenAI folder")))
+    assert "dtype      float32, the default for INT8 in a GenAI folder" in capsys.readouterr().out
 
 
 def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_path, tiny_llama_dir):

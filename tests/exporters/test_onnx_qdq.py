@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from cli import main
 from exporters import ExportOptions, export
-from exporters.base import BackendMissingError
+from exporters.base import BackendMissingError, default_dtype
 from exporters.genai import genai_config
 from exporters.onnx_graph import TOLERANCE, onnx_weight_patterns, run_onnxruntime
 from exporters.onnx_qdq import (FP8_SAFE_SESSION, INT8_SAFE_SESSION, _rounding_hint, holds_fp8, onnxruntime_session,
@@ -218,10 +218,20 @@ def test_float16_graph_carries_the_8bit_model(quantized_dir, tmp_path):
 
 def test_genai_generates_the_8bit_models_tokens(quantized_dir, tmp_path):
     pytest.importorskip("onnxruntime_genai", reason="the genai target needs onnxruntime-genai")
-    summary = export("genai", quantized_dir[0], tmp_path, ExportOptions(dtype="float32"))
+    model_dir, fmt = quantized_dir
+    # no dtype asked: INT8 folders default to float32, the only dtype with 8-bit kernels on the CPU
+    summary = export("genai", model_dir, tmp_path, ExportOptions(dtype=None if fmt == "int8" else "float32"))
+    assert summary["dtype"]["export"] == "float32" and ("default" in summary["dtype"]) == (fmt == "int8")
     assert summary["quantization"]["linears"] == 21
     assert summary["generation"]["quantized_linears"]["linears"] == 21
     assert summary["generation"]["identical"]  # on this small model: GenAI's greedy tokens = transformers' 8-bit ones
+
+
+def test_default_dtype_is_half_precision_but_float32_for_int8_genai():
+    assert default_dtype("genai", "int8")[0] == "float32" and default_dtype("genai", "int8")[1]
+    for fmt, quantized in (("genai", "fp8"), ("genai", None), ("onnx", "int8"), ("tensorrt", "int8")):
+        assert default_dtype(fmt, quantized) == ("float16", None)
+    assert default_dtype("safetensors", "int8") == (None, None)
 
 
 def test_split_dense_rows_is_refused_for_an_8bit_model_before_any_work(quantized_dir, tmp_path):
