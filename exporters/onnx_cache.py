@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from exporters.base import ExportError, ValidationError
+from exporters.base import ExportError, ValidationError, overflow_hint
 from exporters.onnx_graph import TOLERANCE, TWO_GIB, export_graph, prefill_feed
 from exporters.onnx_qdq import onnxruntime_session
 from thanos.quantized_model import quantized_linears
@@ -156,10 +156,10 @@ def validate_onnx_with_cache(model, ids: torch.Tensor, mask: torch.Tensor, path:
     agree = float((tokens == torch.cat(reference, 1).numpy()).mean())
     result = dict(max_abs_diff=diff, greedy_steps=steps, greedy_tokens_agree=agree)
     if not np.isfinite(logits[valid]).all():
-        raise ValidationError(f"cached ONNX ({dtype}) prefill logits are not finite", float("inf"), 0.0)
+        raise ExportError(f"cached ONNX ({dtype}) prefill logits are not finite{overflow_hint(dtype)}")
     if quantized_linears(model):
         return result
     tolerance = TOLERANCE[dtype] * float(np.abs(expected[valid]).max())
-    if diff > tolerance:
+    if not diff <= tolerance:
         raise ValidationError(f"cached ONNX ({dtype}) prefill logits", diff, tolerance)
     return dict(result, tolerance=tolerance)

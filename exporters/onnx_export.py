@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from exporters.base import ExportError, ExportFormat, ExportOptions, ValidationError, register
+from exporters.base import ExportError, ExportFormat, ExportOptions, ValidationError, overflow_hint, register
 from exporters.onnx_cache import WITH_CACHE_FILE, validate_onnx_with_cache, write_onnx_with_cache
 from exporters.onnx_graph import (TOLERANCE, TWO_GIB, check_patterns_kept, export_graph, onnx_weight_patterns,
                                   prefill_feed, require_onnx, run_onnxruntime)
@@ -118,11 +118,11 @@ def validate_onnx(model, tokenizer, path: Path, dtype: str) -> dict:
     diff = float(np.abs(got - expected)[valid].max())
     result.update(tokens=int(valid.sum()), max_abs_diff=diff)
     if not np.isfinite(got[valid]).all():
-        raise ValidationError(f"ONNX ({dtype}) logits on {ids.shape[0]} prompts are not finite", float("inf"), 0.0)
+        raise ExportError(f"ONNX ({dtype}) logits on {ids.shape[0]} prompts are not finite{overflow_hint(dtype)}")
     if quantized:
         result["top_token_agrees"] = float((got.argmax(-1) == expected.argmax(-1))[valid].mean())
         return dict(validation=result)
     tolerance = TOLERANCE[dtype] * float(np.abs(expected[valid]).max())
-    if diff > tolerance:
+    if not diff <= tolerance:
         raise ValidationError(f"ONNX ({dtype}) logits on {ids.shape[0]} prompts", diff, tolerance)
     return dict(validation=dict(result, tolerance=tolerance))

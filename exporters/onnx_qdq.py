@@ -433,7 +433,7 @@ class _LinearCheck:
         bound = (gamma * (x_q.abs() @ self.weight.abs().T) + self.u * expected.abs() + slack
                  + torch.finfo(self.torch_dtype).tiny)
         excess = float(((y - expected).abs() / bound).max())
-        if excess > 1:
+        if not excess <= 1:  # NaN too
             diff = (y - expected).abs()
             raise ValidationError(f"{self.name}: onnxruntime's {what}", float(diff.max()),
                                   float(bound.flatten()[int(diff.argmax())]))

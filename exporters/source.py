@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from exporters.base import ExportError
 from exporters.patterns import LayerPattern, analyse
 from thanos.models import LayerSelection, prunable_linears
 from thanos.errors import InputError
@@ -117,12 +118,26 @@ def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: 
         model, tokenizer = load_model(str(model_dir), trust_remote_code=trust_remote_code)
         report = read_report(model_dir)
     if dtype:
+        check_range(model, DTYPES[dtype])
         model.to(DTYPES[dtype])
     if split_dense_rows:
         from exporters.row_split import split_dense_rows_
 
         report = dict(report or {}, split_rows=split_dense_rows_(model))
     return model, tokenizer, report
+
+
+def check_range(model, dtype: torch.dtype) -> None:
+    """Refuse a cast to `dtype` that would turn a weight into infinity (a float16 export of weights past
+    65504): the export would compute something else, or nothing finite."""
+    largest = torch.finfo(dtype).max
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and torch.finfo(tensor.dtype).max > largest:
+            peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+            if peak > largest:
+                raise ExportError(f"{name} holds {peak:.4g}, past {str(dtype)[6:]}'s largest value ({largest:.6g}): "
+                                  "the cast would make it infinite; export with --dtype bfloat16 where the target "
+                                  "has it, else float32")
 
 
 def holds_8bit(model_dir: Path, source: Optional[tuple] = None) -> bool:

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from exporters.base import BackendMissingError, ExportFormat, ExportOptions, ValidationError, register
+from exporters.base import (BackendMissingError, ExportError, ExportFormat, ExportOptions, ValidationError,
+                            overflow_hint, register)
 from exporters.patterns import analyse, require_hardware_2to4
 from exporters.source import holds_8bit, load_pruned, model_patterns, prompts
 from exporters.torch_8bit import check_linears, reference_run, require_8bit_sparse, to_8bit_semi_structured_
@@ -103,11 +104,14 @@ def export_torch(model_dir: Path, out: Path, options: ExportOptions, source: Opt
     ids = prompts(tokenizer).cuda()
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits.float()
+    if not torch.isfinite(expected).all():  # else every difference below is NaN, which no bound refuses
+        raise ExportError(f"the pruned model's logits in {options.dtype} on the GPU are not finite"
+                          f"{overflow_hint(options.dtype)}")
     result = to_semi_structured_(model, options.backend)
     with torch.no_grad():
         got = model(ids, use_cache=False).logits.float()
     diff, scale = float((got - expected).abs().max()), float(expected.abs().max())
-    if diff > TOLERANCE * scale:
+    if not diff <= TOLERANCE * scale:
         raise ValidationError("torch semi-structured logits", diff, TOLERANCE * scale)
     # The weights on disk stay the pruned dense ones (in the export dtype); the loader converts them.
     model_dense, _, _ = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)

@@ -101,3 +101,23 @@ def test_eval_runs_the_exported_onnx(pruned_llama_2of4, tmp_path, with_cache):
     torch_result = evaluate_directory(str(pruned_llama_2of4), seqlen=32, device="cpu", max_windows=4)
     assert onnx_result["device"] == "onnxruntime CPUExecutionProvider" and onnx_result["windows"] == 4
     assert onnx_result["perplexity"] == pytest.approx(torch_result["perplexity"], rel=1e-4)
+
+
+
+def test_a_weight_past_float16s_range_is_refused_before_the_cast(pruned_llama_2of4, tmp_path):
+    """float16 tops out at 65504: a cast of a larger weight would give infinity, so the default (float16)
+    export refuses, naming the weight and the dtypes that hold it; float32 exports it."""
+    from exporters.base import ExportError
+
+    model = AutoModelForCausalLM.from_pretrained(pruned_llama_2of4)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 0] = 1e5
+    model.save_pretrained(tmp_path / "loud")
+    for name in ("thanos_report.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "loud" / name).write_bytes((pruned_llama_2of4 / name).read_bytes())
+    with pytest.raises(ExportError, match=r"model.layers.1.mlp.down_proj.weight holds 1e\+05, past float16's "
+                                          r"largest value \(65504\).*--dtype bfloat16 where the target has it"):
+        export("onnx", tmp_path / "loud", tmp_path / "fp16", ExportOptions())
+    assert not (tmp_path / "fp16").exists()
+    summary = export("onnx", tmp_path / "loud", tmp_path / "fp32", ExportOptions(dtype="float32"))
+    assert summary["validation"]["max_abs_diff"] <= summary["validation"]["tolerance"]

@@ -84,9 +84,10 @@ def test_the_input_is_rounded_as_the_fake_quantized_model_rounds_it(quantized_di
     assert module(x).shape == (3, 7, module.out_features)
 
 
-def test_a_wrong_kernel_fails_the_check(quantized_dir):
+@pytest.mark.parametrize("error", [0.01, float("nan")])  # one output 1% off, or not a number (an overflow)
+def test_a_wrong_kernel_fails_the_check(quantized_dir, error):
     model_dir, _ = quantized_dir
-    model, _, captured, _, _ = converted_model(model_dir, exact_kernel(error=0.01))  # one output 1% off
+    model, _, captured, _, _ = converted_model(model_dir, exact_kernel(error=error))
     with pytest.raises(ValidationError, match="the 8-bit 2:4 linear's outputs"):
         check_linears(model, captured)
 
