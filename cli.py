@@ -804,8 +804,9 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
 
 
 @main.command("plan")
-@click.option("--config", "name", type=click.Choice(list(RANDOM_CONFIGS)), default="llama2-70b",
-              show_default=True, help="Real model shapes to plan for.")
+@click.option("--config", "name", default="llama2-70b", show_default=True,
+              help=f"Real model shapes to plan for: {', '.join(RANDOM_CONFIGS)}, or your model's directory or "
+                   "config.json (its weights are not read).")
 @click.option("--device", default=None, help="cuda or cpu (default: cuda where a GPU is visible).")
 @click.option("--ranks", default="1,8", show_default=True, help="Rank counts to plan for, comma-separated.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=None,
@@ -841,6 +842,7 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
     Examples:
       thanos-export plan --config llama2-70b --device cuda --ranks 1,8 --md-out plan.md
       thanos-export plan --config llama2-70b --count-only      # flop and memory per linear
+      thanos-export plan --config ~/Qwen3-8B/config.json --preset best --count-only
     """
     from runtime_bench.plan import run_plan
 

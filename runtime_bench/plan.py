@@ -25,13 +25,15 @@ from thanos import prune_weight
 from thanos.config import PRESETS, PruneConfig
 from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
                            run_layer, solve_costs)
-from thanos.models import LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears
+from thanos.errors import InputError
+from thanos.models import ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears
 from thanos.linears import weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
 from thanos.permute import ChannelLayout
 from thanos.recipe import Permute, Quantize, Reconstruct
 from thanos.devices import defaults_for, resolve_device
+from thanos.pipeline import window_length
 
 PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
 PLANNED_CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"]
@@ -46,16 +48,14 @@ def _warm_up(device: torch.device, prune: PruneConfig) -> None:
 @torch.no_grad()
 def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device: "str | torch.device",
                   dtype: torch.dtype, offload_activations: bool = True, echo=print, on_partial=None) -> dict:
-    """Prune the one random decoder layer of `config` (a transformers LlamaConfig) and time each step.
+    """Prune the one random decoder layer of `config` (a transformers config, `plan_config`) and time each step.
 
     `on_partial(figures)` gets what is measured so far after each step and each solve, so a run
     stopped by a time limit still leaves its figures.
     """
-    from transformers import LlamaForCausalLM
-
     device = torch.device(device)
     store_device = torch.device("cpu") if offload_activations else device
-    model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    model = _one_layer_model(config, dtype).eval()
     layer = decoder_layers(model)[0]
     linears = prunable_linears(model, LayerSelection())[0]
     tokens = torch.randint(0, PLAN_VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(0))
@@ -201,6 +201,37 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
+def plan_config(name: str, **overrides):
+    """The transformers config to plan for: one of `RANDOM_CONFIGS` by name, or a model directory or
+    config.json of any family `thanos.models.ADAPTERS` names (its weights are not read)."""
+    if name in RANDOM_CONFIGS:
+        return random_config(name, **overrides)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise InputError(f"--config {name} is neither a known config ({', '.join(RANDOM_CONFIGS)}) nor a model "
+                         "directory or config.json; pass one of those")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--config {name}: transformers cannot read a config there ({exc}); pass a model "
+                         "directory holding config.json, or the file itself") from exc
+    if config.model_type not in ADAPTERS:
+        raise InputError(f"--config {name} is a {config.model_type!r} model; supported: {', '.join(sorted(ADAPTERS))}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding or full), one per layer
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    return config
+
+
+def _one_layer_model(config, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info: dict) -> str:
     s, b = layer["seconds"], layer["bytes"]
     where = machine_info.get("gpu") or machine_info.get("cpu")
@@ -283,10 +314,8 @@ def _work_lines(layer: dict) -> list[str]:
 
 def count_work(name: str, prune: PruneConfig) -> dict:
     """`step_work` for one decoder layer of config `name`, built on the meta device: counted, nothing run."""
-    from transformers import LlamaForCausalLM
-
     with torch.device("meta"):
-        model = LlamaForCausalLM(random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB))
+        model = _one_layer_model(plan_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB), torch.float32)
     return step_work(prunable_linears(model, LayerSelection())[0], prune)
 
 
@@ -315,10 +344,11 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
         return text
     dev = resolve_device(device)
     defaults = defaults_for(dev)
-    samples, seqlen = calib_samples or defaults.samples, seqlen or defaults.seqlen
+    layers = plan_config(name).num_hidden_layers
+    config = plan_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
+    samples = calib_samples or defaults.samples
+    seqlen = window_length(seqlen, defaults.seqlen, getattr(config, "max_position_embeddings", None))
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    layers = RANDOM_CONFIGS[name]["num_hidden_layers"]
-    config = random_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
     info = machine()
 
     def write(layer: dict, rows: Optional[list] = None, stopped: Optional[str] = None) -> None:

@@ -184,3 +184,31 @@ def test_count_only_counts_every_step_of_every_linear_without_running(tmp_path):
     fast = plan.count_work("llama2-70b", PruneConfig(preset="fast"))
     assert list(fast["model.layers.0.mlp.down_proj"]["flop"]) == ["solve"]
     assert fast["model.layers.0.mlp.down_proj"]["peak_bytes"] < down["peak_bytes"]
+
+
+def test_a_plan_reads_the_shapes_of_any_supported_model_directory(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """`--config` takes a model directory or its config.json (the weights are not read): here a Gemma 3
+    with sliding-window layers; the layer count comes from its config, the linears from its family."""
+    from cli import main
+    from tests.conftest import _save_tiny
+
+    source = _save_tiny("gemma3_text", tmp_path_factory, tiny_tokenizer_dir)
+    (source / "model.safetensors").unlink()  # the config is all a plan reads
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", "--config", str(source / "config.json"), "--device", "cpu",
+                                       "--calib-samples", "2", "--seqlen", "16", "--ranks", "1",
+                                       "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["layers"] == 2 and data["layer"]["config"]["hidden_size"] == 64
+    assert [name.rsplit(".", 1)[-1] for name in data["layer"]["seconds"]["solves"]] == LINEARS
+    counted = CliRunner().invoke(main, ["plan", "--config", str(source), "--count-only"])
+    assert counted.exit_code == 0 and "| mlp.down_proj | 64 x 128 |" in counted.output, counted.output
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("mixtral", hidden_size=64, num_hidden_layers=1).save_pretrained(tmp_path / "moe")
+    for config, refusal in ((tmp_path / "missing", "neither a known config"),
+                            (tmp_path, "transformers cannot read a config there"),
+                            (tmp_path / "moe", "is a 'mixtral' model; supported: gemma")):
+        refused = CliRunner().invoke(main, ["plan", "--config", str(config), "--count-only"])
+        assert refused.exit_code == 1 and refusal in refused.output, refused.output
