@@ -51,7 +51,7 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
     model = getattr(module, "model", module)  # the model our wrappers hold
     quantized = quantized_linears(model)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch, \
-            activations_unrounded(module), eager_attention(model):
+            activations_unrounded(module), eager_attention(model), traceable_rope(model):
         raw = Path(scratch) / path.name
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about every Python branch in transformers' masking code; the dynamic
@@ -99,6 +99,52 @@ def eager_attention(model):
         yield
     finally:
         config._attn_implementation = before
+
+
+@contextlib.contextmanager
+def traceable_rope(model):
+    """Within: rotary embeddings that pick their frequencies per call as graph operations.
+
+    Phi-3's `longrope` (Phi-3.5, Phi-4-mini) switches to its long-context factors once a call's
+    positions pass the pretraining length. transformers does so with an in-place copy, which
+    torch.onnx cannot export, or (before 5.x) with a Python branch, which the trace would freeze at
+    the example's length; here the switch becomes a Where node. Frequencies that follow each
+    call's length continuously (`dynamic`) cannot be traced and are refused."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    patched = []
+    try:
+        for module in model.modules():
+            kind = getattr(module, "rope_type", None)
+            kinds = set(kind.values()) if isinstance(kind, dict) else {kind}
+            if any(isinstance(k, str) and "dynamic" in k for k in kinds) or ("longrope" in kinds and kind != "longrope"):
+                raise ExportError(f"{type(module).__name__} recomputes its rotary frequencies from each call's length "
+                                  f"(rope type {kind}), which a traced ONNX graph cannot follow; this model cannot be "
+                                  "exported to the ONNX targets (the safetensors and torch targets keep it)")
+            inner = getattr(type(module).forward, "__wrapped__", None) if kind == "longrope" else None
+            if inner is None:
+                continue
+            config = module.config
+            rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+            limit = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
+            long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, module.inv_freq.device, seq_len=limit + 1)
+            module.forward = _longrope_forward(module, inner, module.original_inv_freq.clone(), long, limit)
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _longrope_forward(module, inner, short: torch.Tensor, long: torch.Tensor, limit: int):
+    def forward(x, position_ids, *args, **kwargs):
+        saved = module.inv_freq
+        module.inv_freq = torch.where(position_ids.max() + 1 > limit, long, short)
+        try:
+            return inner(module, x, position_ids, *args, **kwargs)
+        finally:
+            module.inv_freq = saved
+    return forward
 
 
 def share_tied_embedding(proto) -> Optional[str]:

@@ -47,11 +47,15 @@ def tiny_tokenizer_dir(tmp_path_factory):
     return path
 
 
-# model_type -> what its tiny config needs beyond the common sizes; sliding windows shorter than
-# the exports' check prompts, so that the window is exercised
+# model_type -> what its tiny config needs beyond the common sizes; sliding windows and longrope's
+# pretraining length shorter than the exports' check prompts, so that both sides are exercised
 FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=16), "gemma": dict(head_dim=16),
             "gemma2": dict(head_dim=16, sliding_window=16), "gemma3_text": dict(head_dim=16, sliding_window=16),
-            "phi3": {}}
+            # Phi-3.5 / Phi-4-mini's longrope: other frequencies past 56 tokens (the pretraining length),
+            # which no check generation crosses (transformers then recomputes its cache, a graph cannot)
+            "phi3": dict(original_max_position_embeddings=56,
+                         rope_scaling=dict(type="longrope", short_factor=[1.0] * 8, long_factor=[1.0, 2.0, 4.0, 8.0,
+                                                                                                 16.0, 32.0, 64.0, 128.0]))}
 
 
 def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):

@@ -1,3 +1,5 @@
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,49 @@ def test_a_weight_past_float16s_range_is_refused_before_the_cast(pruned_llama_2o
     assert not (tmp_path / "fp16").exists()
     summary = export("onnx", tmp_path / "loud", tmp_path / "fp32", ExportOptions(dtype="float32"))
     assert summary["validation"]["max_abs_diff"] <= summary["validation"]["tolerance"]
+
+
+def test_longrope_switches_frequencies_in_the_graph_as_transformers_does(tmp_path, tmp_path_factory,
+                                                                         tiny_tokenizer_dir):
+    """Phi-3's longrope uses other rotary frequencies once a call's positions pass the pretraining
+    length (56 here): the graph must follow on both sides, not freeze the example's side."""
+    from tests.conftest import _pruned, _save_tiny
+
+    pruned = _pruned(tmp_path_factory, _save_tiny("phi3", tmp_path_factory, tiny_tokenizer_dir), "2:4", preset="fast")
+    export("onnx", pruned, tmp_path, ExportOptions(dtype="float32"))
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    assert model.model.rotary_emb.rope_type == "longrope"
+    for length in (40, 100):
+        ids = torch.randint(0, 384, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = model(ids).logits.numpy()
+        got = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).max() <= 1e-3 * scale, length
+        if length > 56:  # the short frequencies throughout (a frozen branch) would be far off
+            short = model.model.rotary_emb.original_inv_freq
+            with torch.no_grad(), patch.object(model.model.rotary_emb, "forward",
+                                               lambda x, position_ids: _rotary(model, x, position_ids, short)):
+                frozen = model(ids).logits.numpy()
+            assert np.abs(frozen - expected).max() > 100 * np.abs(got - expected).max()
+
+
+def _rotary(model, x, position_ids, inv_freq):
+    rotary = model.model.rotary_emb
+    saved, rotary.inv_freq = rotary.inv_freq, inv_freq
+    try:
+        return type(rotary).forward.__wrapped__(rotary, x, position_ids)
+    finally:
+        rotary.inv_freq = saved
+
+
+def test_rotary_frequencies_that_follow_each_calls_length_are_refused(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """'dynamic' rope rescales its frequencies continuously with the length: a trace would freeze one."""
+    from exporters.base import ExportError
+    from tests.conftest import _pruned, _save_tiny
+
+    source = _save_tiny("llama", tmp_path_factory, tiny_tokenizer_dir, rope_scaling=dict(rope_type="dynamic", factor=2.0))
+    pruned = _pruned(tmp_path_factory, source, "2:4", preset="fast")
+    with pytest.raises(ExportError, match="rope type dynamic.*cannot follow"):
+        export("onnx", pruned, tmp_path / "onnx", ExportOptions(dtype="float32"))
+    assert not (tmp_path / "onnx").exists()
