@@ -395,7 +395,8 @@ def prune(out, quiet, **options):
 @main.command("eval")
 @click.argument("path", type=click.Path())
 @click.option("--text-file", type=click.Path(), default=None, help="Evaluate on the held-out 10% of this file.")
-@click.option("--seqlen", type=click.IntRange(min=1), default=None, help="Window length (default 2048 on GPU, 512 on CPU, at most the model's context).")
+@click.option("--seqlen", type=click.IntRange(min=1), default=None,
+              help="Window length (default 2048 on GPU, 512 on CPU, at most the model's context).")
 @click.option("--windows", type=click.IntRange(min=0), default=None,
               help="Windows to use (default: all on GPU, 16 on CPU; 0 = all).")
 @click.option("--device", default="auto", show_default=True)

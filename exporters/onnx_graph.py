@@ -117,7 +117,8 @@ def traceable_rope(model):
         for module in model.modules():
             kind = getattr(module, "rope_type", None)
             kinds = set(kind.values()) if isinstance(kind, dict) else {kind}
-            if any(isinstance(k, str) and "dynamic" in k for k in kinds) or ("longrope" in kinds and kind != "longrope"):
+            per_layer_longrope = "longrope" in kinds and kind != "longrope"  # by layer type: not handled below
+            if any(isinstance(k, str) and "dynamic" in k for k in kinds) or per_layer_longrope:
                 raise ExportError(f"{type(module).__name__} recomputes its rotary frequencies from each call's length "
                                   f"(rope type {kind}), which a traced ONNX graph cannot follow; this model cannot be "
                                   "exported to the ONNX targets (the safetensors and torch targets keep it)")
