@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from exporters.base import ExportFormat
+from exporters.base import ExportFormat, lossless_dtype
 from runtime_bench.gemm import DEFAULT_TOKENS
 from runtime_bench.model import ALL_BACKENDS, RANDOM_CONFIGS
 from runtime_bench.perplexity import DEFAULT_METHODS as QUALITY_METHODS
@@ -489,7 +489,8 @@ def echo_export_summary(summary: dict) -> None:
     click.echo(f"exported   {summary['format']}" + (f" -> {written}" if written else ""))
     dtypes = summary.get("dtype") or {}
     if dtypes.get("source") and dtypes.get("export") and dtypes["source"] != dtypes["export"]:
-        click.echo(f"cast       weights {dtypes['source']} -> {dtypes['export']} (--dtype {dtypes['source']} keeps them)")
+        keep = lossless_dtype(summary["format"], dtypes["source"])
+        click.echo(f"cast       weights {dtypes['source']} -> {dtypes['export']} (--dtype {keep} keeps their values)")
     if dtypes.get("default"):
         click.echo(f"dtype      {dtypes['export']}, the default for {dtypes['default']}")
     if summary.get("ratio"):

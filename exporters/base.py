@@ -88,6 +88,16 @@ def check_inputs_carried(fmt: "str | ExportFormat", inputs: str) -> None:
 # Serving targets run in half precision; the compact checkpoint is the lossless format and keeps
 # the source's dtype (None) unless a dtype is asked for.
 DEFAULT_DTYPE = {"onnx": "float16", "tensorrt": "float16", "torch": "float16", "genai": "float16", "safetensors": None}
+# The dtypes a target exports in where not all three (its ONNX graphs are float32 or float16).
+ONNX_DTYPES = ("float32", "float16")
+TARGET_DTYPES = {"onnx": ONNX_DTYPES, "genai": ONNX_DTYPES}
+
+
+def lossless_dtype(fmt: "str | ExportFormat", source: str) -> str:
+    """The dtype a `fmt` export can be asked for that keeps every value of `source` weights."""
+    return source if source in TARGET_DTYPES.get(ExportFormat(fmt).value, (source,)) else "float32"
+
+
 # onnxruntime's CPU provider, which GenAI folders name, has 8-bit kernels for INT8 in float32 graphs
 # only (docs/results/onnx_qdq_cpu.md)
 INT8_GENAI_DTYPE = ("float32", "INT8 in a GenAI folder: onnxruntime's CPU provider has 8-bit kernels for float32 "

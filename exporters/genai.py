@@ -25,7 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
-from exporters.base import BackendMissingError, ExportError, ExportFormat, ExportOptions, register, release
+from exporters.base import (ONNX_DTYPES, BackendMissingError, ExportError, ExportFormat, ExportOptions, register,
+                            release)
 from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
 from exporters.onnx_export import validation_prompts
 from exporters.onnx_graph import TWO_GIB, check_patterns_kept, prefill_feed, require_onnx
@@ -303,8 +304,8 @@ def first_divergence(got: list[int], expected: list[int]) -> Optional[int]:
 def export_genai(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     require_onnx()
     require_genai()
-    if options.dtype not in ("float32", "float16"):
-        raise ExportError(f"the genai target supports float32 and float16, not {options.dtype}")
+    if options.dtype not in ONNX_DTYPES:
+        raise ExportError(f"the genai target supports {' and '.join(ONNX_DTYPES)}, not {options.dtype}")
     model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows,
                                            options.trust_remote_code, source)
     qdq = write_genai_folder(model, tokenizer, out, options.opset)

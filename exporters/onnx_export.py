@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from exporters.base import ExportError, ExportFormat, ExportOptions, ValidationError, overflow_hint, register
+from exporters.base import (ONNX_DTYPES, ExportError, ExportFormat, ExportOptions, ValidationError, overflow_hint,
+                            register)
 from exporters.onnx_cache import WITH_CACHE_FILE, validate_onnx_with_cache, write_onnx_with_cache
 from exporters.onnx_graph import (TOLERANCE, TWO_GIB, check_patterns_kept, export_graph, onnx_weight_patterns,
                                   prefill_feed, require_onnx, run_onnxruntime)
@@ -53,8 +54,8 @@ def export_onnx(model_dir: Path, out: Path, options: ExportOptions, source: Opti
     """`source`: the pruned model still in memory (`load_pruned`); `loaded`: what `load_pruned` returned,
     when a caller has it already."""
     require_onnx()
-    if options.dtype not in TOLERANCE:
-        raise ExportError(f"ONNX export supports float32 and float16, not {options.dtype}")
+    if options.dtype not in ONNX_DTYPES:
+        raise ExportError(f"ONNX export supports {' and '.join(ONNX_DTYPES)}, not {options.dtype}")
     model, tokenizer, report = loaded or load_pruned(model_dir, options.dtype, options.split_dense_rows,
                                                      options.trust_remote_code, source)
     torch_layers = model_patterns(model)

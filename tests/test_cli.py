@@ -133,6 +133,16 @@ def test_genai_generation_line_says_checked_or_compared_and_the_speed(quantized,
     assert "dtype      float32, the default for INT8 in a GenAI folder" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("target, keeps", [("genai", "float32"), ("onnx", "float32"), ("torch", "bfloat16"),
+                                           ("tensorrt", "bfloat16")])
+def test_a_cast_names_a_dtype_the_target_has_that_keeps_the_values(target, keeps, capsys):
+    """bfloat16 weights cast to float16: the ONNX targets have no bfloat16, float32 holds every bfloat16 value."""
+    from cli import echo_export_summary
+
+    echo_export_summary(dict(format=target, dtype=dict(source="bfloat16", export="float16")))
+    assert f"cast       weights bfloat16 -> float16 (--dtype {keeps} keeps their values)" in capsys.readouterr().out
+
+
 def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_path, tiny_llama_dir):
     result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "safetensors",
                                        "--with-cache", "--out", str(tmp_path / "b"), *SMALL])
