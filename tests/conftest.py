@@ -49,7 +49,8 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 # model_type -> what its tiny config needs beyond the common sizes; sliding windows and longrope's
 # pretraining length shorter than the exports' check prompts, so that both sides are exercised
-FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=16), "gemma": dict(head_dim=16),
+FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=16), "granite": {}, "olmo2": {},
+            "gemma": dict(head_dim=16),
             "gemma2": dict(head_dim=16, sliding_window=16), "gemma3_text": dict(head_dim=16, sliding_window=16),
             # Phi-3.5 / Phi-4-mini's longrope: other frequencies past 56 tokens (the pretraining length),
             # which no check generation crosses (transformers then recomputes its cache, a graph cannot)

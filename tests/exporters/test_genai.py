@@ -200,14 +200,18 @@ def test_a_config_naming_a_file_outside_the_folder_is_refused_before_opening_it(
 
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES) + ["gpt2", "opt"])
 def test_every_supported_family_serves_from_genai(family, tmp_path, tmp_path_factory, tiny_tokenizer_dir):
     """Each architecture thanos.models.ADAPTERS names beyond LLaMA, pruned and exported: GenAI must
     generate transformers' tokens. The sliding-window ones (16 tokens) are checked past their window
-    by the export's 64- and 216-token prompts; GenAI needs every present as long as past + new tokens."""
+    by the export's 64- and 216-token prompts; GenAI needs every present as long as past + new tokens.
+    Families GenAI has no name for (OLMo 2, OPT) or runs another way (GPT-2) go as its generic decoder."""
+    from exporters.genai import GENAI_TYPES
     from tests.conftest import _pruned, _save_tiny
 
     pruned = _pruned(tmp_path_factory, _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir), "2:4", preset="fast")
     summary = export("genai", pruned, tmp_path / "genai", ExportOptions(dtype="float32"))
     assert summary["generation"]["identical"]
-    assert max(p["prompt_tokens"] for p in summary["generation"]["prompts"]) > FAMILIES[family].get("sliding_window", 0)
+    written = json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]["type"]
+    assert written == (family if family in GENAI_TYPES else "decoder")
+    assert max(p["prompt_tokens"] for p in summary["generation"]["prompts"]) > FAMILIES.get(family, {}).get("sliding_window", 0)
