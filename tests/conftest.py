@@ -50,6 +50,7 @@ def tiny_tokenizer_dir(tmp_path_factory):
 # model_type -> what its tiny config needs beyond the common sizes; sliding windows and longrope's
 # pretraining length shorter than the exports' check prompts, so that both sides are exercised
 FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=16), "granite": {}, "olmo2": {},
+            "smollm3": dict(no_rope_layers=[1, 0]),  # its second layer without rotary positions (NoPE)
             "gemma": dict(head_dim=16),
             "gemma2": dict(head_dim=16, sliding_window=16), "gemma3_text": dict(head_dim=16, sliding_window=16),
             # Phi-3.5 / Phi-4-mini's longrope: other frequencies past 56 tokens (the pretraining length),

@@ -62,7 +62,8 @@ _LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_at
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
-    **{t: Adapter("model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING) for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")},
+    **{t: Adapter("model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING)
+       for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")},
     "olmo2": Adapter("model.layers", _LLAMA_FREE),  # its norms follow attention and MLP: none to smooth into
     **{t: Adapter("model.layers", _LLAMA_FREE) for t in ("gemma", "gemma2", "gemma3_text")},
     "phi3": Adapter("model.layers"),
