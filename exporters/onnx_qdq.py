@@ -155,6 +155,7 @@ def insert_qdq(proto, linears: dict[str, nn.Module]) -> dict:
     if twins:
         raise ExportError(f"linears {', '.join(twins[0])} hold identical weights, so their MatMuls in the graph cannot "
                           "be told apart to give each its own scales")
+    _gemms_as_matmuls(proto, wanted)
     inits = {t.name: t for t in proto.graph.initializer}
     found: dict[str, tuple] = {}  # linear name -> (MatMul node, initializer)
     for node in proto.graph.node:
@@ -176,6 +177,41 @@ def insert_qdq(proto, linears: dict[str, nn.Module]) -> dict:
     return dict(format=fmt.pop() if len(fmt) == 1 else "mixed", linears=len(found),
                 activation_quantizers=len(found), opset=QDQ_OPSET,  # one per linear
                 scale_dtypes=sorted(rewriter.scale_dtypes), largest_scale_rounding=rewriter.largest_scale_change)
+
+
+def _gemms_as_matmuls(proto, wanted: dict) -> None:
+    """Rewrite each Gemm whose constant B is one of the `wanted` weights (by digest of its (K, N) form) as
+    MatMul + Add, the form the rewrite below quantizes: OPT's fc1 / fc2 and GPT-2's Conv1D linears
+    run on 2-D inputs, which torch.onnx traces to Gemm."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes, replaced = [], set()
+    for node in proto.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        weight = inits.get(node.input[1]) if node.op_type == "Gemm" and plain else None
+        kn = numpy_helper.to_array(weight) if weight is not None else None
+        if kn is not None and attrs.get("transB", 0):
+            kn = kn.T
+        if kn is None or _digest(kn.astype(np.float32)) not in wanted:
+            nodes.append(node)
+            continue
+        name = node.input[1]
+        if attrs.get("transB", 0):
+            name = f"{node.output[0]}.weight_kn"
+            proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(kn), name))
+            replaced.add(node.input[1])
+        bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}.product" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {name for node in proto.graph.node for name in node.input}
+    for init in [t for t in proto.graph.initializer if t.name in replaced and t.name not in used]:
+        proto.graph.initializer.remove(init)
 
 
 class _Rewriter:

@@ -271,3 +271,17 @@ def test_prune_and_build_carries_8bit_to_onnx(tiny_llama_dir, tmp_path):
         result = CliRunner().invoke(main, [*base, *extra, "--out", str(tmp_path / "r")])
         assert result.exit_code == 1 and refused in result.output, result.output
         assert not (tmp_path / "r").exists()  # before any pruning
+
+
+@pytest.mark.parametrize("fixture, linears", [("tiny_gpt2_dir", 8), ("tiny_opt_dir", 12)])
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_linears_traced_to_gemm_are_quantized_too(request, fixture, linears, fmt, tmp_path):
+    """OPT's fc1 / fc2 and GPT-2's Conv1D run on 2-D inputs, which torch.onnx traces to Gemm: they
+    become MatMul + Add with their QDQ pairs, and the export's check runs each one."""
+    model_dir = tmp_path / "m"
+    prune_to_directory(PruneJob(out=str(model_dir), model=str(request.getfixturevalue(fixture)),
+                                config=PruneConfig(quantize=fmt, preset="fast"), **{**SMALL, "eval_windows": 1}))
+    summary = export("onnx", model_dir, tmp_path / "onnx", ExportOptions(dtype="float32"))
+    assert summary["quantization"]["linears"] == summary["validation"]["quantized_linears"]["linears"] == linears
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    assert not [n for n in graph.graph.node if n.op_type == "Gemm"]  # no linear left unquantized as a Gemm
