@@ -541,6 +541,9 @@ def echo_export_summary(summary: dict) -> None:
         hint = _cpu_8bit_hint(qdq, dtypes.get("export"), generation["runtime"])
         if hint:
             click.echo(f"note       {hint}")
+    for note in (summary.get("note"), (cached or {}).get("note")):
+        if note:
+            click.echo(f"note       {note}")
     if "eligible" in summary:
         click.echo(f"tensorrt   {len(summary['eligible'])} layers eligible for sparse math, "
                    f"{len(summary['sparse_implementation'])} given a sparse kernel")

@@ -29,7 +29,7 @@ from exporters.base import (ONNX_DTYPES, BackendMissingError, ExportError, Expor
                             release)
 from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
 from exporters.onnx_export import validation_prompts
-from exporters.onnx_graph import TWO_GIB, check_patterns_kept, prefill_feed, require_onnx
+from exporters.onnx_graph import TWO_GIB, cached_decoding_note, check_patterns_kept, prefill_feed, require_onnx
 from exporters.onnx_qdq import session_entries, validate_qdq
 from exporters.source import load_pruned, model_patterns
 from thanos.errors import InputError
@@ -320,6 +320,9 @@ def export_genai(model_dir: Path, out: Path, options: ExportOptions, source: Opt
                    **check_patterns_kept(model_patterns(model), out / MODEL_FILE))
     if qdq:
         summary["quantization"] = qdq
+    note = cached_decoding_note(model)
+    if note:
+        summary["note"] = note
     if options.split_dense_rows:
         summary["split_rows"] = report["split_rows"]
     if options.validate:

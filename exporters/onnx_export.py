@@ -17,8 +17,8 @@ import torch
 from exporters.base import (ONNX_DTYPES, ExportError, ExportFormat, ExportOptions, ValidationError, overflow_hint,
                             register)
 from exporters.onnx_cache import WITH_CACHE_FILE, validate_onnx_with_cache, write_onnx_with_cache
-from exporters.onnx_graph import (TOLERANCE, TWO_GIB, check_patterns_kept, export_graph, onnx_weight_patterns,
-                                  prefill_feed, require_onnx, run_onnxruntime)
+from exporters.onnx_graph import (TOLERANCE, TWO_GIB, cached_decoding_note, check_patterns_kept, export_graph,
+                                  onnx_weight_patterns, prefill_feed, require_onnx, run_onnxruntime)
 from exporters.onnx_qdq import validate_qdq
 from exporters.source import load_pruned, model_patterns, prompts
 from thanos.quantized_model import quantized_linears
@@ -79,6 +79,9 @@ def _export_with_cache(model, tokenizer, out: Path, options: ExportOptions) -> d
     path = out / WITH_CACHE_FILE
     write_onnx_with_cache(model, path, options.opset)
     result = dict(onnx=str(path), layers_with_nm_pattern=sum(1 for l in onnx_weight_patterns(path) if l.pattern))
+    note = cached_decoding_note(model)
+    if note:
+        result["note"] = note
     if options.validate:
         ids, mask = validation_prompts(tokenizer)
         if quantized_linears(model):

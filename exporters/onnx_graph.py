@@ -125,16 +125,30 @@ def traceable_rope(model):
             inner = getattr(type(module).forward, "__wrapped__", None) if kind == "longrope" else None
             if inner is None:
                 continue
-            config = module.config
-            rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-            limit = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
-            long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, module.inv_freq.device, seq_len=limit + 1)
+            limit = _longrope_limit(module.config)
+            long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, module.inv_freq.device, seq_len=limit + 1)
             module.forward = _longrope_forward(module, inner, module.original_inv_freq.clone(), long, limit)
             patched.append(module)
         yield
     finally:
         for module in patched:
             del module.forward
+
+
+def _longrope_limit(config) -> int:
+    """The pretraining length past which longrope uses its long-context frequencies."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
+
+
+def cached_decoding_note(model) -> Optional[str]:
+    """What a KV-cache graph of `model` does otherwise than transformers, for the export summary, if anything."""
+    if not any(getattr(module, "rope_type", None) == "longrope" for module in model.modules()):
+        return None
+    limit = _longrope_limit(model.config)
+    return (f"a generation that crosses {limit} tokens (where longrope switches to its long-context frequencies) "
+            "parts from transformers' there: transformers then recomputes its KV cache, this graph keeps the keys "
+            "it has (README, model families)")
 
 
 def _longrope_forward(module, inner, short: torch.Tensor, long: torch.Tensor, limit: int):

@@ -214,4 +214,5 @@ def test_every_supported_family_serves_from_genai(family, tmp_path, tmp_path_fac
     assert summary["generation"]["identical"]
     written = json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]["type"]
     assert written == (family if family in GENAI_TYPES else "decoder")
+    assert ("crosses 56 tokens" in summary.get("note", "")) == (family == "phi3")  # longrope: said where it parts
     assert max(p["prompt_tokens"] for p in summary["generation"]["prompts"]) > FAMILIES.get(family, {}).get("sliding_window", 0)
