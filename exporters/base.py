@@ -61,8 +61,8 @@ def overflow_hint(dtype: str) -> str:
     """Why an export's outputs may not be finite, and the fix, for a message ending in a clause."""
     if dtype != "float16":
         return ""
-    return ("; the model's activations overflow float16's range (65504), as Gemma 2 and 3's do: export with "
-            "--dtype bfloat16 where the target has it, else float32")
+    return ("; the model's activations likely overflow float16's range (65504), as those of models trained in "
+            "bfloat16 can: export with --dtype bfloat16 where the target has it, else float32")
 
 
 # Where each token's input scale can come from at run time: QDQ graphs (onnx, and the tensorrt and
