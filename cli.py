@@ -758,7 +758,9 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
 @click.option("--backends", default=",".join(ALL_BACKENDS), show_default=True,
               help="What a backend lacks here (a GPU, a package) is recorded as skipped, with the reason.")
 @click.option("--tokens", default=",".join(map(str, DEFAULT_TOKENS)), show_default=True, help="GEMM token counts M.")
-@click.option("--shapes", default="", help="Extra named GEMM shape sets: llama2-7b, llama2-70b, smollm2-135m.")
+@click.option("--shapes", default="", help="Extra GEMM shape sets, comma-separated: llama2-7b, llama2-70b, "
+                                          "smollm2-135m, or a model directory or config.json (its linears' shapes; "
+                                          "its weights are not read).")
 @click.option("--dtypes", default="", help="GEMM dtypes, comma-separated: float16, bfloat16, float32, float8_e4m3fn "
                                           "(FP8 weights and activations, bf16 out; compute capability 8.9+), int8 "
                                           "(INT8 weights and activations, int32 out). Default: "

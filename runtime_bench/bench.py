@@ -51,9 +51,16 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
         shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
                         - {(model.config.vocab_size, model.config.hidden_size)})
     for name in settings.shapes:
-        if name not in SHAPE_SETS:
-            raise InputError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}")
-        shapes += [s for s in SHAPE_SETS[name] if s not in shapes]
+        if name in SHAPE_SETS:
+            named = SHAPE_SETS[name]
+        elif Path(name).expanduser().exists():  # a model directory or config.json: its layers' shapes
+            from runtime_bench.plan import config_linear_shapes
+
+            named = config_linear_shapes(name)
+        else:
+            raise InputError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}, or pass a model "
+                             "directory or config.json")
+        shapes += [s for s in named if s not in shapes]
     dtypes = list(settings.dtypes) or (["float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:

@@ -232,6 +232,14 @@ def _one_layer_model(config, dtype: torch.dtype):
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def config_linear_shapes(name: str) -> list[tuple[int, int]]:
+    """(out_features, in_features) of the distinct prunable linears of a decoder layer of `plan_config(name)`,
+    built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = _one_layer_model(plan_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB), torch.float32)
+    return sorted({tuple(weight_view(mod).shape) for mod in prunable_linears(model, LayerSelection())[0].values()})
+
+
 def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info: dict) -> str:
     s, b = layer["seconds"], layer["bytes"]
     where = machine_info.get("gpu") or machine_info.get("cpu")

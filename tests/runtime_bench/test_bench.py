@@ -119,6 +119,19 @@ def test_gemm_only_bench_of_a_named_model_does_not_build_it(tmp_path):
     assert [r["shape"] for r in summary["results"] if r["status"] == "ok"] == summary["settings"]["gemm_shapes"]
 
 
+def test_gemm_shapes_can_come_from_a_model_directory(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """--shapes DIR: the distinct linears of the directory's family at its sizes (here Phi-3's fused
+    q/k/v and gate/up), read from config.json alone."""
+    from tests.conftest import _save_tiny
+
+    source = _save_tiny("phi3", tmp_path_factory, tiny_tokenizer_dir)
+    (source / "model.safetensors").unlink()
+    summary = run_bench(BenchSettings(target="random:smollm2-135m", out=str(tmp_path), levels=("gemm",), tokens=(1,),
+                                      dtypes=("float32",), device="cpu", shapes=(str(source),)))
+    # qkv_proj (64 + 2 x 2 x 16 rows), o_proj, gate_up_proj (2 x 128), down_proj, after the named model's
+    assert summary["settings"]["gemm_shapes"][4:] == [[64, 64], [64, 128], [128, 64], [256, 64]]
+
+
 def test_cpu_bench_defaults_to_float32_gemms(tmp_path):
     summary = run_bench(BenchSettings(target="random:llama2-7b", out=str(tmp_path), levels=("gemm",), tokens=(1,),
                                       device="cpu"))
