@@ -6,6 +6,7 @@ graph) both stand on this module, so neither imports the other's internals.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import tempfile
 import types
@@ -106,9 +107,9 @@ def traceable_rope(model):
     """Within: rotary embeddings that pick their frequencies per call as graph operations.
 
     Phi-3's `longrope` (Phi-3.5, Phi-4-mini) switches to its long-context factors once a call's
-    positions pass the pretraining length. transformers does so with an in-place copy, which
-    torch.onnx cannot export, or (before 5.x) with a Python branch, which the trace would freeze at
-    the example's length; here the switch becomes a Where node. Frequencies that follow each
+    positions pass the pretraining length. transformers does so with an in-place copy (5.24), which
+    torch.onnx cannot export, or with a Python branch (5.0), which the trace would freeze at the
+    example's length; here the switch becomes a Where node. Frequencies that follow each
     call's length continuously (`dynamic`) cannot be traced and are refused."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -122,9 +123,13 @@ def traceable_rope(model):
                 raise ExportError(f"{type(module).__name__} recomputes its rotary frequencies from each call's length "
                                   f"(rope type {kind}), which a traced ONNX graph cannot follow; this model cannot be "
                                   "exported to the ONNX targets (the safetensors and torch targets keep it)")
-            inner = getattr(type(module).forward, "__wrapped__", None) if kind == "longrope" else None
-            if inner is None:
+            if kind != "longrope":
                 continue
+            # the forward under its decorators (transformers 5.0 wraps the frequency update in no_grad too)
+            inner = inspect.unwrap(type(module).forward)
+            if inner is type(module).forward:
+                raise ExportError(f"{type(module).__name__}'s forward does not expose the function under its frequency "
+                                  "update, so its longrope switch cannot be traced; export with another transformers")
             limit = _longrope_limit(module.config)
             long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, module.inv_freq.device, seq_len=limit + 1)
             module.forward = _longrope_forward(module, inner, module.original_inv_freq.clone(), long, limit)

@@ -1,3 +1,4 @@
+import inspect
 from unittest.mock import patch
 
 import numpy as np
@@ -154,7 +155,7 @@ def _rotary(model, x, position_ids, inv_freq):
     rotary = model.model.rotary_emb
     saved, rotary.inv_freq = rotary.inv_freq, inv_freq
     try:
-        return type(rotary).forward.__wrapped__(rotary, x, position_ids)
+        return inspect.unwrap(type(rotary).forward)(rotary, x, position_ids)
     finally:
         rotary.inv_freq = saved
 
