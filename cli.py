@@ -678,22 +678,13 @@ def inspect_cmd(path, as_json, trust_remote_code):
                    f"{'yes' if l.hardware_2to4 else 'no'}: {l.reason}")
     eligible = sum(l.hardware_2to4 for l in layers)
     click.echo(f"{eligible} of {len(layers)} linear layers qualify for 2:4 sparse tensor cores")
-    quantization = _directory_quantization(Path(path))
+    from exporters.source import saved_quantization
+
+    quantization = saved_quantization(Path(path))
     if quantization:
         click.echo(f"8-bit: {quantization['linears']} linears quantized to {quantization['format']} (weights per output "
                    f"channel, {quantization['inputs']} input scales); the dtype above is their dequantized values', "
                    "the exports and compact checkpoints carry the 8-bit values")
-
-
-def _directory_quantization(path: Path) -> dict | None:
-    """The 8-bit step's record in a pruned or compact directory's thanos_report.json, if it ran."""
-    from exporters.source import read_report
-
-    try:
-        report = read_report(path) if path.is_dir() else None
-    except ValueError:  # a damaged report does not stop the weights' analysis
-        return None
-    return (report or {}).get("quantization")
 
 
 @main.command("prune-and-build")

@@ -188,17 +188,17 @@ def _gemms_as_matmuls(proto, wanted: dict) -> None:
     inits = {t.name: t for t in proto.graph.initializer}
     nodes, replaced = [], set()
     for node in proto.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Gemm" else {}
         plain = not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
         weight = inits.get(node.input[1]) if node.op_type == "Gemm" and plain else None
-        kn = numpy_helper.to_array(weight) if weight is not None else None
-        if kn is not None and attrs.get("transB", 0):
-            kn = kn.T
+        transposed = bool(attrs.get("transB", 0))
+        kn = None if weight is None else numpy_helper.to_array(weight)
+        kn = kn.T if kn is not None and transposed else kn
         if kn is None or _digest(kn.astype(np.float32)) not in wanted:
             nodes.append(node)
             continue
         name = node.input[1]
-        if attrs.get("transB", 0):
+        if transposed:
             name = f"{node.output[0]}.weight_kn"
             proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(kn), name))
             replaced.add(node.input[1])

@@ -36,13 +36,19 @@ def saved_dtype(model_dir: Path) -> Optional[str]:
     return str(value).replace("torch.", "") if value else None
 
 
+def saved_quantization(model_dir: Path) -> Optional[dict]:
+    """The 8-bit step's record in a pruned or compact directory's report, if it ran (None for a damaged
+    report too: what reads the weights refuses it, or does without)."""
+    try:
+        report = read_report(model_dir) if Path(model_dir).is_dir() else None
+    except ValueError:
+        return None
+    return (report or {}).get("quantization")
+
+
 def saved_format(model_dir: Path) -> Optional[str]:
     """The 8-bit format ("fp8", "int8") a pruned or compact directory's report records, if any."""
-    try:
-        report = read_report(model_dir)
-    except ValueError:  # a damaged report is refused by the load that follows
-        return None
-    return ((report or {}).get("quantization") or {}).get("format")
+    return (saved_quantization(model_dir) or {}).get("format")
 
 
 def linear_weights(model) -> dict[str, torch.Tensor]:

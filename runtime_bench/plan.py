@@ -12,6 +12,7 @@ distributed driver uses; the all-reduce and broadcast traffic is reported in byt
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -201,11 +202,11 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
-def plan_config(name: str, **overrides):
+def plan_config(name: str):
     """The transformers config to plan for: one of `RANDOM_CONFIGS` by name, or a model directory or
     config.json of any family `thanos.models.ADAPTERS` names (its weights are not read)."""
     if name in RANDOM_CONFIGS:
-        return random_config(name, **overrides)
+        return random_config(name)
     path = Path(name).expanduser()
     if not path.exists():
         raise InputError(f"--config {name} is neither a known config ({', '.join(RANDOM_CONFIGS)}) nor a model "
@@ -219,10 +220,15 @@ def plan_config(name: str, **overrides):
                          "directory holding config.json, or the file itself") from exc
     if config.model_type not in ADAPTERS:
         raise InputError(f"--config {name} is a {config.model_type!r} model; supported: {', '.join(sorted(ADAPTERS))}")
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    return config
+
+
+def one_layer(config):
+    """A copy of `config` with one decoder layer and a small vocabulary: the part a plan measures."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers, config.vocab_size = 1, PLAN_VOCAB
     if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding or full), one per layer
-        config.layer_types = config.layer_types[:config.num_hidden_layers]
+        config.layer_types = config.layer_types[:1]
     return config
 
 
@@ -232,12 +238,16 @@ def _one_layer_model(config, dtype: torch.dtype):
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def config_linear_shapes(name: str) -> list[tuple[int, int]]:
-    """(out_features, in_features) of the distinct prunable linears of a decoder layer of `plan_config(name)`,
-    built on the meta device (nothing allocated)."""
+def _meta_layer_linears(name: str) -> dict:
+    """{name: linear} of one decoder layer of `plan_config(name)`, built on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        model = _one_layer_model(plan_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB), torch.float32)
-    return sorted({tuple(weight_view(mod).shape) for mod in prunable_linears(model, LayerSelection())[0].values()})
+        model = _one_layer_model(one_layer(plan_config(name)), torch.float32)
+    return prunable_linears(model, LayerSelection())[0]
+
+
+def config_linear_shapes(name: str) -> list[tuple[int, int]]:
+    """(out_features, in_features) of the distinct prunable linears of a decoder layer of `plan_config(name)`."""
+    return sorted({tuple(weight_view(mod).shape) for mod in _meta_layer_linears(name).values()})
 
 
 def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info: dict) -> str:
@@ -322,9 +332,7 @@ def _work_lines(layer: dict) -> list[str]:
 
 def count_work(name: str, prune: PruneConfig) -> dict:
     """`step_work` for one decoder layer of config `name`, built on the meta device: counted, nothing run."""
-    with torch.device("meta"):
-        model = _one_layer_model(plan_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB), torch.float32)
-    return step_work(prunable_linears(model, LayerSelection())[0], prune)
+    return step_work(_meta_layer_linears(name), prune)
 
 
 def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
@@ -352,8 +360,8 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
         return text
     dev = resolve_device(device)
     defaults = defaults_for(dev)
-    layers = plan_config(name).num_hidden_layers
-    config = plan_config(name, num_hidden_layers=1, vocab_size=PLAN_VOCAB)
+    full = plan_config(name)
+    layers, config = full.num_hidden_layers, one_layer(full)
     samples = calib_samples or defaults.samples
     seqlen = window_length(seqlen, defaults.seqlen, getattr(config, "max_position_embeddings", None))
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
