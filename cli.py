@@ -547,6 +547,11 @@ def echo_export_summary(summary: dict) -> None:
     if "eligible" in summary:
         click.echo(f"tensorrt   {len(summary['eligible'])} layers eligible for sparse math, "
                    f"{len(summary['sparse_implementation'])} given a sparse kernel")
+    engine = summary.get("engine_check")
+    if engine:
+        click.echo(f"compared   the engine on {engine['prompts']} prompts: largest logit difference "
+                   f"{engine['max_abs_diff']:.3g} from PyTorch (the ONNX check's bound {engine['onnx_bound']:.3g}), "
+                   f"top token the same at {engine['top_token_agrees']:.0%} of positions")
     if "converted" in summary:
         click.echo(f"torch 2:4  {len(summary['converted'])} linears converted ({summary['backend']}), "
                    f"{len(summary['dense'])} kept dense")
@@ -758,21 +763,32 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
                                           "float16,bfloat16 on a GPU, float32 on the CPU, where half-precision matmuls "
                                           "are no serving path.")
 @click.option("--grid", default="1x128,1x512,4x512", show_default=True, help="Model-level prefill batch x seq.")
+@click.option("--decode-steps", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Model-level decode: new tokens after a prompt of the grid's first length.")
+@click.option("--quantize", type=click.Choice(["fp8", "int8"]), default=None,
+              help="random: targets only: make the random model 8-bit (weights rounded per channel, one static "
+                   "input scale per linear), to time the 8-bit runtimes at the model level; adds the format's "
+                   "GEMM dtype to the default --dtypes.")
 @click.option("--levels", default="gemm,model", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @trust_option
-def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, device, quiet, trust_remote_code):
+def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, decode_steps, quantize, levels, device, quiet,
+              trust_remote_code):
     """Measure latency and memory, dense versus 2:4, as report.json + report.md + PNG plots.
 
     TARGET is a pruned model directory, or random:smollm2-135m / random:llama2-7b /
     random:llama2-70b for a model of real shapes with random 2:4 weights (kernel speed depends on
     shapes, dtype and pattern, not on the values; with --levels gemm the model is not built, so
     70B shapes need no 140 GB). Backends a machine lacks are reported as skipped, with the reason.
+    A model pruned with --quantize is timed as each runtime serves it (onnxruntime, GenAI and
+    TensorRT on its 8-bit graph, torch-2:4 on cuSPARSELt's 8-bit kernels; the precision column
+    says what ran), torch-dense on the same weights in floating point.
 
     \b
-    Example:
+    Examples:
       thanos-export bench build/pruned --shapes llama2-7b --out bench/
+      thanos-export bench random:llama2-7b --quantize fp8 --levels model --backends torch-dense,torch-2:4 --out b8/
     """
     from runtime_bench.bench import BenchSettings, run_bench
 
@@ -782,7 +798,8 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, levels, devic
             tokens=tuple(int(t) for t in tokens.split(",")), shapes=tuple(s for s in shapes.split(",") if s),
             dtypes=tuple(d for d in dtypes.split(",") if d),
             grid=tuple(tuple(int(v) for v in g.split("x")) for g in grid.split(",")),
-            levels=tuple(levels.split(",")), device=device, trust_remote_code=trust_remote_code)
+            levels=tuple(levels.split(",")), device=device, decode_steps=decode_steps, quantize=quantize,
+            trust_remote_code=trust_remote_code)
         bars = _Bars(enabled=not quiet)
         try:
             with _stop_on_sigterm():  # the partial report is written

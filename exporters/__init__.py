@@ -114,10 +114,11 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
                               "drop it, or pick one of those targets")
 
 
-def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None, inputs: str = "static") -> None:
+def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None, inputs: str = "static",
+                  dtype: Optional[str] = None) -> None:
     """Raise BackendMissingError now if `fmt` cannot be built on this machine (before any pruning),
-    for a model quantized to `quantize` ("fp8", "int8") if given, with `inputs` scaled so
-    (ExportError if the target cannot carry that)."""
+    for a model quantized to `quantize` ("fp8", "int8") if given, with `inputs` scaled so, in
+    `dtype` if given (ExportError if the target cannot carry that)."""
     fmt = ExportFormat(fmt)
     if quantize:
         check_inputs_carried(fmt, inputs)
@@ -126,7 +127,7 @@ def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None, inp
 
         from exporters.tensorrt_engine import require_8bit_gpu, require_tensorrt
 
-        require_tensorrt()
+        require_tensorrt(dtype)
         if quantize:
             require_8bit_gpu(quantize, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     elif fmt is ExportFormat.GENAI:

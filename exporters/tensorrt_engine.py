@@ -1,11 +1,13 @@
 """`--target tensorrt`: an engine built from the ONNX export with sparse weights enabled.
 
 TensorRT 10 takes precision from builder flags (FP16/BF16); TensorRT 11 networks are strongly
-typed, so precision comes from the ONNX types (we export fp16). The builder's verbose log is
+typed, so precision comes from the ONNX types (we export fp16; bfloat16 is refused there,
+`precision_flags`). The builder's verbose log is
 captured, and the layers it reports as eligible for sparse math, and those it gave a sparse
 implementation, are listed in the summary. A model quantized to 8 bits arrives as the ONNX
 export's QuantizeLinear / DequantizeLinear graph (`exporters.onnx_qdq`): TensorRT's explicit
-quantization, which picks its FP8 / INT8 kernels from those pairs.
+quantization, which picks its FP8 / INT8 kernels from those pairs. The built engine is then run
+on the ONNX check's prompts beside PyTorch (`check_engine`).
 
 Weight layout: TensorRT's developer guide (section "Sparsity") asks of convolution and fully
 connected weights that, for every output channel, each group of four consecutive input channels
@@ -31,7 +33,8 @@ log = logging.getLogger(__name__)
 ENGINE_FILE = "model.engine"
 
 
-def require_tensorrt():
+def require_tensorrt(dtype: Optional[str] = None):
+    """The tensorrt module, once an NVIDIA GPU is seen and this TensorRT can build `dtype` (if given)."""
     try:
         import tensorrt as trt
     except ImportError as exc:
@@ -43,7 +46,25 @@ def require_tensorrt():
     if not torch.cuda.is_available():
         raise BackendMissingError("TensorRT needs an NVIDIA GPU and none is visible here; use --target onnx here "
                                   "and build the engine on the serving machine with --target tensorrt")
+    precision_flags(trt.__version__, dtype, None)  # refuses what this release cannot build
     return trt
+
+
+def precision_flags(version: str, dtype: Optional[str], quantized: Optional[str]) -> list[str]:
+    """The BuilderFlag names an engine of `dtype` (8-bit `quantized` if given) needs under TensorRT `version`.
+
+    TensorRT 10 picks reduced precision from flags over our float16 graph (BF16 casts its float16
+    weights once more). From 11 on every network is strongly typed and the flags are gone: the
+    engine computes in the graph's own types, so a bfloat16 engine would need a bfloat16 graph,
+    which the ONNX export does not write; it is refused rather than built in float16 under that name.
+    """
+    if release(version)[0] >= 11:
+        if dtype == "bfloat16":
+            raise ExportError(f"TensorRT {version} builds an engine in the ONNX graph's own types, and the graph is "
+                              "float16 or float32 (onnxruntime checks it; it runs no bfloat16): use --dtype float16")
+        return []
+    flags = {"float16": ["FP16"], "bfloat16": ["BF16"]}.get(dtype, [])
+    return flags + ([quantized.upper()] if quantized else [])
 
 
 # The lowest compute capability whose tensor cores take each 8-bit format (FP8: Ada and Hopper).
@@ -106,10 +127,8 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 1024**3))
     if sparse:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    if major < 11 and options.dtype in ("float16", "bfloat16"):
-        config.set_flag(trt.BuilderFlag.FP16 if options.dtype == "float16" else trt.BuilderFlag.BF16)
-    if major < 11 and quantized:
-        config.set_flag(getattr(trt.BuilderFlag, quantized.upper()))
+    for flag in precision_flags(trt.__version__, options.dtype, quantized):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     profile = builder.create_optimization_profile()
     for name in ("input_ids", "attention_mask"):
         shapes = [(b, s) for b, s in zip(options.batch, options.seqlen)]
@@ -130,6 +149,78 @@ def build_engine(onnx_path: Path, engine_path: Path, options: ExportOptions, spa
                 timing_cache=str(cache_path), **parse_sparsity_log(lines))
 
 
+class EngineRunner:
+    """A built engine, loaded once and run on CUDA tensors by name (TensorRT's tensor-address API,
+    10 and 11): `bind` the inputs, then `launch` as often as wanted."""
+
+    def __init__(self, engine_path: Path):
+        trt = require_tensorrt()
+        import torch
+
+        self._torch = {trt.int64: torch.int64, trt.int32: torch.int32, trt.float16: torch.float16,
+                       trt.float32: torch.float32, trt.bfloat16: torch.bfloat16}
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise ExportError(f"TensorRT could not load {engine_path} (built by another TensorRT or for another GPU?); "
+                              "build it again here")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.current_stream()
+        self._bound: dict = {}
+
+    def bind(self, input_ids, attention_mask):
+        """Point the engine at these inputs (copied to the GPU in its input dtypes); returns the logits
+        buffer that each `launch` fills."""
+        import torch
+
+        feeds = {}
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            feeds[name] = tensor.to("cuda", self._torch[self.engine.get_tensor_dtype(name)]).contiguous()
+            self.context.set_input_shape(name, tuple(tensor.shape))
+        feeds["logits"] = torch.empty(tuple(self.context.get_tensor_shape("logits")),
+                                      dtype=self._torch[self.engine.get_tensor_dtype("logits")], device="cuda")
+        for name, tensor in feeds.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        self._bound = feeds  # held while the engine may read or write them
+        return feeds["logits"]
+
+    def launch(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ExportError("TensorRT failed to run the engine; see the TensorRT messages above")
+
+
+def check_engine(model, tokenizer, engine_path: Path) -> dict:
+    """Run the engine on the export's check prompts beside the PyTorch model (float32; an 8-bit model
+    with its inputs rounded): the largest logit difference, how often the top token agrees, and
+    the ONNX check's bound for comparison. Refuses non-finite logits; the difference is reported,
+    not enforced, until a GPU run shows what TensorRT's fused float16 kernels give."""
+    import numpy as np
+    import torch
+
+    from exporters.onnx_export import validation_prompts
+    from exporters.onnx_graph import TOLERANCE
+
+    ids, mask = validation_prompts(tokenizer)
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        expected = model.float()(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
+    model.to(dtype)
+    runner = EngineRunner(engine_path)
+    logits = runner.bind(ids, mask)
+    runner.launch()
+    torch.cuda.synchronize()
+    got = logits.float().cpu().numpy()
+    valid = mask.bool().numpy()
+    if not np.isfinite(got[valid]).all():
+        raise ExportError(f"the TensorRT engine's logits on {ids.shape[0]} prompts are not finite; the ONNX graph "
+                          "beside it passed onnxruntime's check, so the engine's reduced precision is the suspect: "
+                          "build with --dtype float32 to confirm")
+    return dict(prompts=int(ids.shape[0]), tokens=int(valid.sum()),
+                max_abs_diff=float(np.abs(got - expected)[valid].max()),
+                top_token_agrees=float((got.argmax(-1) == expected.argmax(-1))[valid].mean()),
+                onnx_bound=TOLERANCE["float16"] * float(np.abs(expected[valid]).max()))
+
+
 @register(ExportFormat.TENSORRT)
 def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     onnx_options = ExportOptions(**{**options.to_json(), "dtype": "float16"
@@ -143,12 +234,15 @@ def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions, source: 
         if not options.allow_dense:
             raise
         sparse = False
-    require_tensorrt()  # before the ONNX export, which takes minutes on a big model
+    require_tensorrt(options.dtype)  # before the ONNX export, which takes minutes on a big model
     quantized = model_format(loaded[0])
     if quantized:
         import torch
 
         require_8bit_gpu(quantized, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     onnx_summary = export_onnx(model_dir, out, onnx_options, loaded=loaded)
-    return dict(onnx=onnx_summary["onnx"], onnx_export=onnx_summary,
-                **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse, quantized))
+    summary = dict(onnx=onnx_summary["onnx"], onnx_export=onnx_summary,
+                   **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse, quantized))
+    if options.validate:
+        summary["engine_check"] = check_engine(loaded[0], loaded[1], out / ENGINE_FILE)
+    return summary

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from runtime_bench.gemm import DEFAULT_TOKENS, DTYPES, SHAPE_SETS, run_gemm, sparse_backends
+from runtime_bench.gemm import DEFAULT_TOKENS, DTYPES, FORMAT_DTYPES, SHAPE_SETS, run_gemm, sparse_backends
 from runtime_bench.model import ALL_BACKENDS, random_model, run_model
 from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
-from thanos.quantized_model import quantized_linears
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class BenchSettings:
     levels: tuple[str, ...] = ("gemm", "model")
     decode_steps: int = 16
     trust_remote_code: bool = False  # let a model directory's own Python code run while loading it
+    quantize: Optional[str] = None  # random: targets only: 8-bit weights and static input scales ("fp8", "int8")
 
 
 def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
@@ -39,14 +40,16 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
     if unknown:
         raise InputError(f"unknown backend {unknown[0]!r}; choose from {', '.join(known)}")
     random_name = settings.target.split(":", 1)[1] if settings.target.startswith("random:") else None
+    if settings.quantize and (random_name is None or settings.quantize not in FORMAT_DTYPES):
+        raise InputError(f"--quantize {settings.quantize} applies to random: targets, as fp8 or int8; a pruned "
+                         "directory is timed in the 8 bits it was pruned to (prune --quantize)"
+                         if random_name is None else
+                         f"unknown 8-bit format {settings.quantize!r}; choose {' or '.join(FORMAT_DTYPES)}")
     if "model" not in settings.levels and random_name in SHAPE_SETS:
         model, shapes = None, list(SHAPE_SETS[random_name])  # GEMMs only: no need to build the model
     else:
         model = (_on_device(model, device) if model is not None
-                 else _load_target(settings.target, device, settings.trust_remote_code))
-        if "model" in settings.levels and quantized_linears(model):
-            raise InputError(f"{settings.target} holds 8-bit linears, and the model level times fp16/fp32 kernels, "
-                             "which would measure another model; time 8-bit kernels at the GEMM level (--levels gemm)")
+                 else _load_target(settings.target, device, settings.trust_remote_code, settings.quantize))
         # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
         shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
                         - {(model.config.vocab_size, model.config.hidden_size)})
@@ -62,6 +65,8 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
                              "directory or config.json")
         shapes += [s for s in named if s not in shapes]
     dtypes = list(settings.dtypes) or (["float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
+    if settings.quantize and not settings.dtypes:  # the 8-bit products beside the floating-point ones
+        dtypes.append(FORMAT_DTYPES[settings.quantize])
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise InputError(f"unknown GEMM dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
@@ -81,10 +86,10 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
     return write_report(Path(settings.out), machine(), info | dict(complete=True), records)
 
 
-def _load_target(target: str, device: str, trust_remote_code: bool = False):
+def _load_target(target: str, device: str, trust_remote_code: bool = False, quantize: Optional[str] = None):
     if target.startswith("random:"):
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        return random_model(target.split(":", 1)[1], dtype, device)
+        return random_model(target.split(":", 1)[1], dtype, device, quantize)
     from thanos.models import load_model
 
     model, _ = load_model(target, trust_remote_code=trust_remote_code)

@@ -72,16 +72,13 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
         options = dataclasses.replace(options, trust_remote_code=True)
     check_options_apply(target, options)
     quantize = job.prune.config.recipe.get(Quantize)
-    if quantize and job.bench:
-        raise InputError("--bench times fp16 kernels and cannot measure an 8-bit model yet; drop --bench (the GEMM "
-                         "level, thanos-export bench random:llama2-7b --levels gemm --dtypes float8_e4m3fn,int8, "
-                         "times FP8 and INT8 2:4 kernels)")
     if quantize and options.split_dense_rows:
         raise InputError("--split-dense-rows would replace the 8-bit linears with unquantized ones; prune with "
                          "--alpha 0 for an 8-bit model, or drop --quantize")
     if target in ("tensorrt", "torch") and not options.allow_dense:
         require_hardware_2to4(None, dict(config=job.prune.config.to_json()), target, options.split_dense_rows)
-    check_backend(target, quantize.format if quantize else None, quantize.inputs if quantize else "static")
+    check_backend(target, quantize.format if quantize else None, quantize.inputs if quantize else "static",
+                  options.dtype)
     if job.prune.distributed:
         from thanos.parallel import init_from_env
 
@@ -136,11 +133,15 @@ def _build(job: BuildJob, target: str, options, staging: Path, progress, on_prun
                  perplexity_after=report.get("perplexity_after"), export_summary=summary)
     if job.bench:
         from runtime_bench.bench import BenchSettings, run_bench
+        from runtime_bench.gemm import FORMAT_DTYPES
 
         gpu = resolve_device(job.prune.device).type == "cuda"
+        dtypes = (options.dtype or "float16",) if gpu else ("float32",)
+        quantize = job.prune.config.recipe.get(Quantize)
+        if quantize:  # the 8-bit products beside the floating-point ones
+            dtypes += (FORMAT_DTYPES[quantize.format],)
         quick = BenchSettings(target=str(staging / "pruned"), out=str(staging / "bench"), tokens=(1, 256, 2048),
-                              grid=((1, 128),), dtypes=(options.dtype or "float16",) if gpu else ("float32",),
-                              device=job.prune.device, decode_steps=8)
+                              grid=((1, 128),), dtypes=dtypes, device=job.prune.device, decode_steps=8)
         # The model as the export left it (cast to --dtype, dense rows split out with
         # --split-dense-rows): the model that is served.
         bench_summary = run_bench(quick, model=model)

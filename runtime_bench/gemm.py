@@ -21,6 +21,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
           "float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8}
 FP8 = "float8_e4m3fn"  # weights and activations in FP8 E4M3, products accumulated and returned in bf16
 INT8 = "int8"  # weights and activations in INT8, products accumulated in int32
+FORMAT_DTYPES = {"fp8": FP8, "int8": INT8}  # a quantized model's format (`--quantize`) -> its GEMM dtype
 # 8-bit GEMMs take token counts in multiples of these (torch._int_mm wants more than 16 rows):
 # smaller M is padded, as serving stacks do
 PADDED_ROWS = {FP8: 16, INT8: 32}

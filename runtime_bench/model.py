@@ -5,6 +5,13 @@ CUDA provider on a GPU where the build has it), onnxruntime's TensorRT provider 
 weights allowed, ONNX Runtime GenAI on the `--target genai` folder, TensorRT dense and sparse
 engines. Whatever this machine lacks is recorded as skipped, with why; each record names the
 provider that ran.
+
+A model quantized to 8 bits (`--quantize`) is timed as each runtime serves it: onnxruntime and
+GenAI on its QuantizeLinear / DequantizeLinear graph, TensorRT on engines built from that graph
+with the format's precision, the torch 2:4 backend on cuSPARSELt's 8-bit kernels; each record's
+`quantization` is read back from what was timed (the graph's 8-bit initializers, the converted
+linears). `torch-dense` times the same weights in floating point with dense kernels, the reference
+an 8-bit runtime is measured against.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import torch
 
 from runtime_bench.protocol import measure
 from thanos.errors import InputError
+from thanos.quantized_model import activations_unrounded, model_format
 
 ALL_BACKENDS = ["torch-dense", "torch-2:4", "onnxruntime", "onnxruntime-tensorrt", "genai", "tensorrt-dense",
                 "tensorrt-sparse"]
@@ -41,8 +49,9 @@ def random_config(name: str, **overrides):
     return LlamaConfig(**{**RANDOM_CONFIGS[name], "max_position_embeddings": 4096, **overrides})
 
 
-def random_model(name: str, dtype=torch.float16, device="cpu"):
-    """A LLaMA-architecture model of a real config with random 2:4 weights in every decoder linear."""
+def random_model(name: str, dtype=torch.float16, device="cpu", quantize: Optional[str] = None):
+    """A LLaMA-architecture model of a real config with random 2:4 weights in every decoder linear,
+    8-bit ones with `quantize` ("fp8", "int8": `quantize_random_`)."""
     from transformers import LlamaForCausalLM
 
     from runtime_bench.gemm import two_four_weight
@@ -62,7 +71,39 @@ def random_model(name: str, dtype=torch.float16, device="cpu"):
         for layer in prunable_linears(model, LayerSelection()).values():
             for mod in layer.values():
                 mod.weight.copy_(two_four_weight(*mod.weight.shape, dtype, device))
+    if quantize:
+        quantize_random_(model, quantize)
     return model
+
+
+@torch.no_grad()
+def quantize_random_(model, fmt: str) -> None:
+    """Make every decoder linear of a random model 8-bit, as `prune --quantize` leaves a pruned one:
+    weights rounded to nearest on per-channel scales (zeros stay zeros), one static input scale from
+    the largest input magnitude of one forward pass on random tokens. No calibration: the values
+    do not change kernel speed, and these keep the activations on the grid's range."""
+    from thanos.models import LayerSelection, prunable_linears
+    from thanos.quantize import FORMATS, activation_scale, dequantize, round_to_nearest, weight_scales
+    from thanos.quantized_model import LinearQuantization, set_quantization, simulate_activations_
+
+    if fmt not in FORMATS:
+        raise InputError(f"unknown 8-bit format {fmt!r}; choose {' or '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    linears = [mod for layer in prunable_linears(model, LayerSelection()).values() for mod in layer.values()]
+    amax = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, args: amax.__setitem__(m, float(args[0].abs().amax())))
+             for mod in linears]
+    try:
+        model(torch.randint(0, model.config.vocab_size, (1, 16), device=model.device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for mod in linears:
+        weight = mod.weight
+        scale = weight_scales(weight, spec, weight.dtype)
+        weight.copy_(dequantize(round_to_nearest(weight, scale, spec), scale, weight.dtype))
+        set_quantization(mod, LinearQuantization(fmt, scale.cpu(), torch.tensor(activation_scale(amax[mod], spec))))
+    simulate_activations_(model)
 
 
 def _prefill(model, batch: int, seq: int, device: str):
@@ -103,20 +144,21 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
     records = [] if sink is None else sink
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cuda = device.startswith("cuda")
+    quantized = model_format(model)
 
     def skip(backend, reason):
         records.append(dict(level="model", backend=backend, status="skipped", reason=reason))
 
-    def time_torch(backend, m):
+    def time_torch(backend, m, precision: dict):
         for i, (batch, seq) in enumerate(grid):
             t = measure(_prefill(m, batch, seq, device), device, budget_s=1.0)
             records.append(dict(level="model", backend=backend, status="ok", phase="prefill", batch=batch,
                                 seqlen=seq, tokens_per_s=batch * seq / (t.median_ms / 1e3),
-                                weight_bytes=weight_bytes, **t.to_json()))
+                                weight_bytes=weight_bytes, **precision, **t.to_json()))
             if progress:
                 progress(backend, i + 1, len(grid))
         records.append(dict(level="model", backend=backend, status="ok", phase="decode", batch=1,
-                            seqlen=grid[0][1], steps=decode_steps, weight_bytes=weight_bytes,
+                            seqlen=grid[0][1], steps=decode_steps, weight_bytes=weight_bytes, **precision,
                             **_decode_tokens_per_s(m, 1, grid[0][1], decode_steps, device)))
 
     def guarded(backend: str, run) -> None:
@@ -126,18 +168,29 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
         except (RuntimeError, NotImplementedError, ValueError, ImportError, OSError) as exc:
             skip(backend, f"{type(exc).__name__}: {exc}"[:200])
 
+    def dense_torch():
+        with activations_unrounded(model):  # floating-point kernels throughout: no rounding to simulate
+            time_torch("torch-dense", model, dict(dtype=_dtype_name(model)))
+
     def sparse_torch():
         import copy
 
-        from exporters.torch_sparse import to_semi_structured_
-
         sparse = copy.deepcopy(model)
-        report = to_semi_structured_(sparse)
-        time_torch("torch-2:4", sparse)
+        if quantized:
+            from exporters.torch_8bit import to_8bit_semi_structured_
+
+            report = to_8bit_semi_structured_(sparse)
+            precision = dict(dtype=_dtype_name(model), quantization=report.format if report.converted else None)
+        else:
+            from exporters.torch_sparse import to_semi_structured_
+
+            report = to_semi_structured_(sparse)
+            precision = dict(dtype=_dtype_name(model))
+        time_torch("torch-2:4", sparse, precision)
         records[-1]["converted_linears"] = len(report.converted)
 
     if "torch-dense" in backends:
-        guarded("torch-dense", lambda: time_torch("torch-dense", model))
+        guarded("torch-dense", dense_torch)
     if "torch-2:4" in backends:
         if not cuda:
             skip("torch-2:4", "needs a CUDA GPU of compute capability 8.0+; this run is on the CPU")
@@ -146,7 +199,12 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
     if "onnxruntime" in backends:
         guarded("onnxruntime", lambda: records.extend(_onnxruntime(model, grid, decode_steps, progress, cuda)))
     if "onnxruntime-tensorrt" in backends:
-        guarded("onnxruntime-tensorrt", lambda: records.extend(_onnxruntime_tensorrt(model, grid, progress, cuda)))
+        if quantized:
+            skip("onnxruntime-tensorrt", f"not set up for {quantized} QuantizeLinear / DequantizeLinear graphs; "
+                                         "tensorrt-sparse times the 8-bit engine")
+        else:
+            guarded("onnxruntime-tensorrt",
+                    lambda: records.extend(_onnxruntime_tensorrt(model, grid, progress, cuda)))
     if "genai" in backends:
         guarded("genai", lambda: records.extend(_genai(model, grid, decode_steps, progress, cuda)))
     wanted = [b for b in ("tensorrt-dense", "tensorrt-sparse") if b in backends]
@@ -158,6 +216,18 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
         else:
             guarded("+".join(wanted), lambda: records.extend(_tensorrt(model, grid, wanted, progress)))
     return records
+
+
+def _dtype_name(model) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def _graph_precision(path: Path, dtype: str) -> dict:
+    """What an ONNX graph computes in: its float dtype, and the 8-bit format of its weights if any."""
+    from exporters.onnx_qdq import weight_formats
+
+    formats = weight_formats(path)
+    return dict(dtype=dtype, quantization=", ".join(sorted(formats)) if formats else None)
 
 
 def _cpu_copy(model, dtype):
@@ -189,6 +259,7 @@ def _onnxruntime(model, grid, decode_steps: int, progress, cuda: bool = False) -
         cached.parent.mkdir()
         write_onnx_with_cache(cpu_model, cached)
         decoder = OnnxDecoder(cached, providers)
+        common.update(_graph_precision(cached, common["dtype"]))
         ids = torch.randint(0, model.config.vocab_size, (1, grid[0][1])).numpy()
         t = measure(lambda: decoder.generate(ids, ids * 0 + 1, decode_steps + 1), "cpu", warmup=1, min_repeats=2,
                     max_repeats=5, budget_s=2.0)
@@ -205,6 +276,7 @@ def _onnx_prefill(cpu_model, folder: Path, grid, providers, common: dict, progre
 
     path = folder / "model.onnx"
     write_onnx(cpu_model, path)
+    common = {**common, **_graph_precision(path, common["dtype"])}
     file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     session = onnxruntime_session(path, providers, provider_options)
     records = []
@@ -247,7 +319,7 @@ def _genai(model, grid, decode_steps: int, progress, cuda: bool) -> list[dict]:
                             "onnxruntime-genai-cuda with the gpu extra)")]
     import onnxruntime_genai as og
 
-    from exporters.genai import GenaiModel, write_genai_folder
+    from exporters.genai import MODEL_FILE, GenaiModel, write_genai_folder
 
     provider = "cuda" if cuda and og.is_cuda_available() else "cpu"
     dtype = torch.float16 if provider == "cuda" else torch.float32
@@ -257,6 +329,7 @@ def _genai(model, grid, decode_steps: int, progress, cuda: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_genai_folder(_cpu_copy(model, dtype), None, folder)
+        common.update(_graph_precision(folder / MODEL_FILE, common["dtype"]))
         runtime = GenaiModel(folder, provider, tokenizer=False)
         file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
@@ -282,43 +355,36 @@ def _genai(model, grid, decode_steps: int, progress, cuda: bool) -> list[dict]:
 
 
 def _tensorrt(model, grid, backends: list[str], progress) -> list[dict]:
-    """Build a dense and/or a sparse fp16 engine from one ONNX export and time prefill on each."""
-    import tensorrt as trt
-
+    """Build a dense and/or a sparse engine from one fp16 ONNX export (8-bit where the model is) and
+    time prefill on each."""
     from exporters import ExportOptions
     from exporters.onnx_export import write_onnx
-    from exporters.tensorrt_engine import build_engine
+    from exporters.tensorrt_engine import EngineRunner, build_engine, require_8bit_gpu
 
-    dtypes = {trt.int64: torch.int64, trt.int32: torch.int32, trt.float16: torch.float16,
-              trt.float32: torch.float32, trt.bfloat16: torch.bfloat16}
+    quantized = model_format(model)
+    if quantized:  # before the export: FP8 engines need compute capability 8.9
+        require_8bit_gpu(quantized, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     max_batch, max_seq = max(b for b, _ in grid), max(s for _, s in grid)
     options = ExportOptions(dtype="float16", batch=(1, max_batch, max_batch), seqlen=(1, max_seq, max_seq))
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         write_onnx(_cpu_copy(model, torch.float16), onnx_path)
+        precision = _graph_precision(onnx_path, "float16")
         for backend in backends:
             engine_path = Path(tmp) / f"{backend}.engine"
-            built = build_engine(onnx_path, engine_path, options, sparse=backend == "tensorrt-sparse")
+            built = build_engine(onnx_path, engine_path, options, sparse=backend == "tensorrt-sparse",
+                                 quantized=quantized)
             free_before = torch.cuda.mem_get_info()[0]
-            engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_path.read_bytes())
-            context = engine.create_execution_context()
+            runner = EngineRunner(engine_path)
             engine_memory = free_before - torch.cuda.mem_get_info()[0]
-            stream = torch.cuda.current_stream()
             for i, (batch, seq) in enumerate(grid):
                 ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
-                feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-                for name, tensor in feeds.items():
-                    feeds[name] = tensor.to(dtypes[engine.get_tensor_dtype(name)])
-                    context.set_input_shape(name, tuple(tensor.shape))
-                feeds["logits"] = torch.empty(tuple(context.get_tensor_shape("logits")),
-                                              dtype=dtypes[engine.get_tensor_dtype("logits")], device="cuda")
-                for name, tensor in feeds.items():
-                    context.set_tensor_address(name, tensor.data_ptr())
-                t = measure(lambda: context.execute_async_v3(stream.cuda_stream), "cuda", budget_s=1.0)
+                runner.bind(ids, torch.ones_like(ids))
+                t = measure(runner.launch, "cuda", budget_s=1.0)
                 records.append(dict(
                     level="model", backend=backend, status="ok", phase="prefill", batch=batch, seqlen=seq,
-                    tokens_per_s=batch * seq / (t.median_ms / 1e3), dtype="float16",
+                    tokens_per_s=batch * seq / (t.median_ms / 1e3), **precision,
                     file_bytes=engine_path.stat().st_size, engine_device_bytes=engine_memory,
                     tensorrt=built["tensorrt"], sparse_eligible=len(built["eligible"]),
                     sparse_picked=len(built["sparse_implementation"]),
@@ -326,7 +392,7 @@ def _tensorrt(model, grid, backends: list[str], progress) -> list[dict]:
                        "memory_kind": "device memory taken by the engine and its context"}))
                 if progress:
                     progress(backend, i + 1, len(grid))
-            context = engine = None  # free this engine's memory before building the next
+            runner = None  # free this engine's memory before building the next
             records.append(dict(level="model", backend=backend, status="skipped", phase="decode",
                                 reason="decode needs an engine of the KV-cache graph (model_with_cache.onnx) with a "
                                        "profile over the past length; not built yet"))

@@ -67,6 +67,12 @@ def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str
     return path.name
 
 
+def _precision(record: dict) -> str:
+    """'int8 + float32' for an 8-bit graph whose other operations run in float32; else the dtype."""
+    dtype = record.get("dtype", "-")
+    return f"{record['quantization']} + {dtype}" if record.get("quantization") else dtype
+
+
 def _markdown(summary: dict, plots: list[str]) -> str:
     m = summary["machine"]
     lines = ["# runtime_bench report", "",
@@ -94,10 +100,11 @@ def _markdown(summary: dict, plots: list[str]) -> str:
     model = [r for r in summary["results"] if r["level"] == "model" and r["status"] == "ok"]
     if model:
         lines += ["", "## Model level", "",
-                  "| backend | provider | phase | batch x seq | median ms | p90 ms | tokens/s | peak memory |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| backend | provider | precision | phase | batch x seq | median ms | p90 ms | tokens/s | peak memory |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in model:
-            lines.append(f"| {r['backend']} | {r.get('provider', '-')} | {r['phase']} | {r['batch']}x{r['seqlen']} | {r['median_ms']:.2f} | "
+            lines.append(f"| {r['backend']} | {r.get('provider', '-')} | {_precision(r)} | {r['phase']} | "
+                         f"{r['batch']}x{r['seqlen']} | {r['median_ms']:.2f} | "
                          f"{r['p90_ms']:.2f} | {r['tokens_per_s']:.1f} | "
                          f"{(r.get('peak_memory_bytes') or 0) / 2**20:.0f} MiB ({r['memory_kind']}) |")
     skipped = [r for r in summary["results"] if r["status"] == "skipped"]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device run: GPU benchmarks and GPU tests in one go, most wanted figures first.
 #
-# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=530), then give_back.
-# The steps' limits add up to 480 s, so a 15-minute device budget (start-up included) leaves room
+# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=540), then give_back.
+# The steps' limits add up to 490 s, so a 15-minute device budget (start-up included) leaves room
 # for a partial rerun. Each limit is set from the step's expected work on an H200 (below); a step
 # stopped by its limit still leaves its figures: the benchmarks write after every measurement and
 # on SIGTERM (what `timeout` sends), and every backend call sits inside its skip-with-reason guard,
@@ -15,8 +15,9 @@
 # pruned 2:4: kernel speed depends on shapes, dtype and pattern, not on the values, and the
 # default model's wheel is too large to travel.
 # Output (at most 8 files, as the device tool returns): $OUT/gpu_check.log, gemm.tar.gz,
-# model.tar.gz, plan_llama2-70b_default.{json,md}, plan_llama2-70b_fast.json, solver_gpu.json.
-# Afterwards, here: untar the two reports into docs/results/h200/ (gemm/, model/), copy the other
+# model8.tar.gz, model.tar.gz, plan_llama2-70b_default.{json,md}, plan_llama2-70b_fast.json,
+# solver_gpu.json.
+# Afterwards, here: untar the three reports into docs/results/h200/ (gemm/, model8/, model/), copy the other
 # files beside them, list them in docs/results/README.md, and quote the figures in the README
 # (crossover M per shape, best speed-up, the 70B plan, one-Cholesky vs per-block on CUDA).
 set -uo pipefail
@@ -30,12 +31,14 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny shapes, float32
     GEMM=(--shapes smollm2-135m --dtypes float8_e4m3fn,int8,float32 --tokens 1,16)
     MODEL=(--grid 1x16 --backends torch-dense)
+    MODEL8=(random:smollm2-135m --grid 1x16 --decode-steps 2 --backends torch-dense,torch-2:4)
     PLAN=(--config smollm2-135m --calib-samples 2 --seqlen 32)
     SOLVER=(--shapes 64x128 --block-sizes 32)
 else
     GEMM=(--shapes llama2-7b,llama2-70b --dtypes float8_e4m3fn,int8,float16 --tokens 1,16,256,2048,8192)
     MODEL=(--grid 1x128,1x2048,8x2048
            --backends torch-dense,torch-2:4,tensorrt-dense,tensorrt-sparse,onnxruntime-tensorrt,genai)
+    MODEL8=(random:llama2-7b --grid 1x128,1x2048,8x2048 --backends torch-dense,torch-2:4,tensorrt-sparse)
     PLAN=(--config llama2-70b)  # 128 x 2048 calibration tokens, the GPU default
     SOLVER=(--shapes 4096x4096,4096x11008 --block-sizes 128,512)
 fi
@@ -68,7 +71,7 @@ tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 # The default preset permutes channels with scipy's linear assignment; a machine without scipy
 # plans without them (the plan's report records which).
 PERMUTE=$(python -c "import scipy" 2>/dev/null && echo --permute-channels || echo --no-permute-channels)
-step 150 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
+step 120 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
     python cli.py plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset default $PERMUTE \
     --json-out "$OUT/plan_llama2-70b_default.json" --md-out "$OUT/plan_llama2-70b_default.md"
 
@@ -87,6 +90,14 @@ step 25 "GPU tests: the torch target's 8-bit 2:4 linears (FP8, INT8, FP8 with pe
     python -m pytest -q -m gpu -p no:cacheprovider tests/exporters/test_torch_8bit.py
 step 45 "GPU tests: the rest" \
     python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/exporters/test_torch_8bit.py tests
+
+# The 8-bit model as served (issue 19's model level): LLaMA-2-7B shapes, random 2:4 weights made
+# FP8, PyTorch dense fp16 against the torch target's FP8 2:4 cuSPARSELt linears (TensorRT's engine
+# where TensorRT is installed): 13.5 GB of weights built on the GPU in seconds, 224 linears
+# compressed, 3 prefill shapes and 16 decode steps per backend at about 1 s each.
+step 40 "Model level, FP8: LLaMA-2-7B shapes, fp16 dense against FP8 2:4" \
+    python cli.py bench "${MODEL8[@]}" --quantize fp8 --levels model --device "$DEVICE" --quiet --out "$WORK/model8"
+tar -czf "$OUT/model8.tar.gz" -C "$WORK" model8
 
 # The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or
 # onnxruntime-genai-cuda they are measured, else recorded as skipped with the reason.

@@ -313,3 +313,15 @@ def test_a_report_repeats_its_run_with_recipe(tiny_llama_dir, tmp_path):
                              (["--reconstruct-target", "dense"], "applies to the reconstruction")):
         result = runner.invoke(main, [*args, *refused, "--out", str(tmp_path / "refused")])
         assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_tensorrt_summary_says_what_the_engine_gave(capsys):
+    from cli import echo_export_summary
+
+    echo_export_summary(dict(format="tensorrt", onnx="e/model.onnx", eligible=["a", "b"], sparse_implementation=["a"],
+                             engine_check=dict(prompts=2, tokens=40, max_abs_diff=0.0123, top_token_agrees=0.975,
+                                               onnx_bound=0.21)))
+    out = capsys.readouterr().out
+    assert "tensorrt   2 layers eligible for sparse math, 1 given a sparse kernel" in out
+    assert ("compared   the engine on 2 prompts: largest logit difference 0.0123 from PyTorch (the ONNX check's "
+            "bound 0.21), top token the same at 98% of positions") in out

@@ -21,12 +21,17 @@ def test_every_step_of_the_device_script_runs_on_the_cpu(tmp_path):
                           timeout=600)
     log = (tmp_path / "gpu_check.log").read_text()
     steps = re.findall(r"^=== (.+): exit (\d+)", log, flags=re.M)
-    assert len(steps) == 7, log
+    assert len(steps) == 8, log
     assert all(code == "0" for _, code in steps), log
     assert done.returncode == 0, done.stderr
-    for name in ("gemm.tar.gz", "model.tar.gz"):
+    for name in ("gemm.tar.gz", "model8.tar.gz", "model.tar.gz"):
         with tarfile.open(tmp_path / name) as archive:
             assert any(member.name.endswith("report.json") for member in archive.getmembers()), name
+    with tarfile.open(tmp_path / "model8.tar.gz") as archive:  # the random model made 8-bit, and timed
+        report = json.load(archive.extractfile("model8/report.json"))
+    assert report["settings"]["quantize"] == "fp8"
+    assert any(r["backend"] == "torch-dense" and r["status"] == "ok" for r in report["results"])
+    assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
     for name in ("plan_llama2-70b_default.json", "plan_llama2-70b_fast.json"):
         plan = json.loads((tmp_path / name).read_text())
         assert plan["complete"] and len(plan["layer"]["seconds"]["solves"]) == 7, name

@@ -32,6 +32,21 @@ def test_tensorrt_refuses_4of8(pruned_llama_4of8, tmp_path):
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_engine_precision_follows_the_tensorrt_release():
+    """TensorRT 10 takes precision flags over the float16 graph; 11 has none (strongly typed), so a
+    bfloat16 engine, which would need a bfloat16 graph, is refused instead of built in float16."""
+    from exporters import ExportError
+    from exporters.tensorrt_engine import precision_flags
+
+    assert precision_flags("10.13.3.9", "bfloat16", None) == ["BF16"]
+    assert precision_flags("10.13.3.9", "float16", "int8") == ["FP16", "INT8"]
+    assert precision_flags("10.0.1", "float32", "fp8") == ["FP8"]
+    assert precision_flags("11.4.0", "float16", "fp8") == [] and precision_flags("11.0.0", None, None) == []
+    with pytest.raises(ExportError, match=r"TensorRT 11\.4\.0 builds an engine in the ONNX graph's own types.*"
+                                          r"use --dtype float16"):
+        precision_flags("11.4.0", "bfloat16", None)
+
+
 def test_sparsity_log_parsing():
     from exporters.tensorrt_engine import parse_sparsity_log
 
@@ -58,3 +73,5 @@ def test_tensorrt_engine_has_sparse_layers(pruned_llama_2of4, tmp_path):
     assert (tmp_path / "tensorrt_build.log").is_file()
     assert summary["sparse_weights"] is True
     assert summary["eligible"], "TensorRT named no layer eligible for sparse math"
+    check = summary["engine_check"]  # the engine itself ran the check prompts
+    assert check["tokens"] > 0 and 0 <= check["max_abs_diff"] and check["top_token_agrees"] > 0.5, check

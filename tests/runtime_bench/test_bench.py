@@ -88,13 +88,31 @@ def test_model_level_leaves_the_callers_model_alone():
 
 
 @pytest.mark.gpu
-def test_gpu_model_level_times_tensorrt_engines(tmp_path):
+@pytest.mark.parametrize("quantize", [None, "fp8"])
+def test_gpu_model_level_times_tensorrt_engines(tmp_path, quantize):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed on this GPU machine")
     summary = run_bench(BenchSettings(target="random:smollm2-135m", out=str(tmp_path), levels=("model",),
-                                      grid=((1, 64),), backends=("tensorrt-dense", "tensorrt-sparse")))
+                                      grid=((1, 64),), backends=("tensorrt-dense", "tensorrt-sparse"),
+                                      quantize=quantize))
     timed = {r["backend"]: r for r in summary["results"] if r["status"] == "ok"}
     assert set(timed) == {"tensorrt-dense", "tensorrt-sparse"}
     assert timed["tensorrt-sparse"]["sparse_eligible"] > 0 and timed["tensorrt-dense"]["engine_device_bytes"] > 0
+    assert timed["tensorrt-sparse"]["quantization"] == quantize
+
+
+@pytest.mark.gpu
+def test_gpu_model_level_times_the_8bit_two_four_linears():
+    """The torch target's FP8 / INT8 cuSPARSELt linears in a whole model, or the reason this GPU has none."""
+    from runtime_bench.model import random_model, run_model
+
+    for fmt in ("int8", "fp8"):
+        model = random_model("smollm2-135m", torch.float16, "cuda", quantize=fmt)
+        records = run_model(model, [(1, 64)], "cuda", ["torch-2:4"], decode_steps=2)
+        ok = [r for r in records if r["status"] == "ok"]
+        if not ok:
+            assert "cuSPARSELt" in records[0]["reason"] or "capability" in records[0]["reason"], records
+            continue
+        assert all(r["quantization"] == fmt for r in ok) and ok[-1]["converted_linears"] == 210, ok
 
 
 def test_interrupted_bench_keeps_what_it_measured(tiny_llama_dir, tmp_path):
@@ -137,6 +155,51 @@ def test_cpu_bench_defaults_to_float32_gemms(tmp_path):
                                       device="cpu"))
     assert summary["settings"]["dtypes"] == ["float32"]
     assert {r["dtype"] for r in summary["results"] if r["status"] == "ok"} == {"float32"}
+
+
+def test_a_random_model_can_be_made_8bit_for_the_model_level(monkeypatch):
+    """bench random:NAME --quantize: every decoder linear 8-bit as a pruned and quantized one is (its
+    weights on the grid of its scales, still 2:4, a static input scale that covers its inputs), so
+    the 8-bit runtimes can be timed on real shapes without pruning a real model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from runtime_bench.model import quantize_random_
+    from thanos.models import LayerSelection, prunable_linears
+    from thanos.quantize import FORMATS, grid_of
+    from thanos.quantized_model import describe, quantization_of
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96)
+    model = LlamaForCausalLM(config).eval()
+    linears = [mod for layer in prunable_linears(model, LayerSelection()).values() for mod in layer.values()]
+    with torch.no_grad():
+        for mod in linears:
+            mod.weight.copy_(two_four_weight(*mod.weight.shape, torch.float32, "cpu"))
+    inputs = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0].abs().amax()))
+             for mod in linears]
+    torch.manual_seed(0)
+    quantize_random_(model, "int8")
+    for hook in hooks:
+        hook.remove()
+    assert describe(model) == dict(format="int8", inputs="static", linears=len(linears), activations_simulated=True)
+    for mod in linears:
+        quant = quantization_of(mod)
+        assert grid_of(mod.weight, quant.weight_scale, FORMATS["int8"]) is not None
+        assert_nm(mod.weight, 2, 4)
+        assert float(quant.input_scale) * 127 == pytest.approx(float(inputs[mod]), rel=1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 96, (1, 8))).logits).all()
+    with pytest.raises(InputError, match="unknown 8-bit format 'int4'"):
+        quantize_random_(model, "int4")
+
+
+def test_bench_quantize_is_for_random_targets_and_adds_the_8bit_gemms(tiny_llama_dir, tmp_path):
+    with pytest.raises(InputError, match="applies to random: targets.*prune --quantize"):
+        run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(tmp_path), quantize="fp8", device="cpu"))
+    summary = run_bench(BenchSettings(target="random:smollm2-135m", out=str(tmp_path), levels=("gemm",), tokens=(1,),
+                                      device="cpu", quantize="int8"))
+    assert summary["settings"]["dtypes"] == ["float32", "int8"]
 
 
 def test_bench_rejects_an_unknown_backend(tiny_llama_dir, tmp_path):

@@ -101,8 +101,32 @@ def test_what_cannot_run_an_8bit_model_here_refuses_it_before_any_work(fp8_dir, 
                                            "torch", "--out", str(tmp_path / "build"), "--no-eval"])
         assert result.exit_code == 1 and "needs a CUDA GPU" in result.output, result.output
         assert not (tmp_path / "build").exists()
-    result = CliRunner().invoke(main, ["bench", str(out), "--levels", "model", "--out", str(tmp_path / "bench")])
-    assert result.exit_code == 1 and "holds 8-bit linears, and the model level times" in result.output, result.output
+
+
+@pytest.mark.onnx
+def test_the_model_level_times_an_8bit_model_as_each_runtime_serves_it(fp8_dir, tmp_path):
+    """onnxruntime (and GenAI where installed) run the FP8 QuantizeLinear / DequantizeLinear graphs,
+    read back from what was timed; PyTorch dense times the same weights in float32; what cannot
+    take the 8-bit model here says why."""
+    import importlib.util
+
+    out, _ = fp8_dir
+    bench = tmp_path / "bench"
+    result = CliRunner().invoke(main, ["bench", str(out), "--levels", "model", "--grid", "1x16", "--device", "cpu",
+                                       "--decode-steps", "2", "--out", str(bench), "--quiet"])
+    assert result.exit_code == 0, result.output
+    records = json.loads((bench / "report.json").read_text())["results"]
+    ok = {(r["backend"], r["phase"]): r for r in records if r["status"] == "ok"}
+    runtimes = ["onnxruntime"] + (["genai"] if importlib.util.find_spec("onnxruntime_genai") else [])
+    for backend in runtimes:
+        for phase in ("prefill", "decode"):
+            assert ok[(backend, phase)]["quantization"] == "fp8" and ok[(backend, phase)]["dtype"] == "float32"
+    assert ok[("torch-dense", "prefill")]["dtype"] == "float32" and not ok[("torch-dense", "prefill")].get("quantization")
+    skipped = {r["backend"]: r["reason"] for r in records if r["status"] == "skipped"}
+    assert "QuantizeLinear" in skipped["onnxruntime-tensorrt"]
+    if not torch.cuda.is_available():
+        assert "CUDA" in skipped["torch-2:4"]
+    assert "| onnxruntime | CPUExecutionProvider | fp8 + float32 | prefill | 1x16 |" in (bench / "report.md").read_text()
 
 
 def test_cli_prunes_to_int8_and_names_the_step(tiny_llama_dir, tmp_path):
