@@ -489,8 +489,13 @@ def echo_export_summary(summary: dict) -> None:
     click.echo(f"exported   {summary['format']}" + (f" -> {written}" if written else ""))
     dtypes = summary.get("dtype") or {}
     if dtypes.get("source") and dtypes.get("export") and dtypes["source"] != dtypes["export"]:
-        keep = lossless_dtype(summary["format"], dtypes["source"])
-        click.echo(f"cast       weights {dtypes['source']} -> {dtypes['export']} (--dtype {keep} keeps their values)")
+        if summary.get("quantization") or nested.get("quantization"):  # the values are the 8-bit ones
+            click.echo(f"cast       weights {dtypes['source']} -> {dtypes['export']}: their 8-bit values and scales "
+                       f"kept, each dequantized anew in {dtypes['export']}")
+        else:
+            keep = lossless_dtype(summary["format"], dtypes["source"])
+            click.echo(f"cast       weights {dtypes['source']} -> {dtypes['export']} (--dtype {keep} keeps their "
+                       "values)")
     if dtypes.get("default"):
         click.echo(f"dtype      {dtypes['export']}, the default for {dtypes['default']}")
     if summary.get("ratio"):

@@ -9,11 +9,10 @@ import torch
 
 from exporters.base import ExportError
 from exporters.patterns import LayerPattern, analyse
-from thanos.models import LayerSelection, prunable_linears
 from thanos.errors import InputError
-from thanos.models import load_model
 from thanos.linears import stores_transposed, weight_view
-from thanos.quantized_model import QUANTIZATION_FILE, quantized_linears
+from thanos.models import LayerSelection, load_model, prunable_linears
+from thanos.quantized_model import QUANTIZATION_FILE, cast_model_, quantized_linears
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,7 +124,7 @@ def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: 
         report = read_report(model_dir)
     if dtype:
         check_range(model, DTYPES[dtype])
-        model.to(DTYPES[dtype])
+        cast_model_(model, DTYPES[dtype])  # 8-bit linears dequantized anew in the export's dtype
     if split_dense_rows:
         from exporters.row_split import split_dense_rows_
 

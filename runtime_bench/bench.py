@@ -14,6 +14,7 @@ from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
+from thanos.quantized_model import cast_model_
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +95,12 @@ def _load_target(target: str, device: str, trust_remote_code: bool = False, quan
 
     model, _ = load_model(target, trust_remote_code=trust_remote_code)
     if device.startswith("cuda"):
-        model.half()
+        cast_model_(model, torch.float16)
     return model.to(device)
 
 
 def _on_device(model, device: str):
     """A model handed over in memory, in place: fp16 on a GPU, as a loaded one; fp32 on the CPU, the dtype
     the GEMM level times there (an export may have cast it to --dtype)."""
-    return model.to(device, torch.float16 if device.startswith("cuda") else torch.float32)
+    cast_model_(model, torch.float16 if device.startswith("cuda") else torch.float32)
+    return model.to(device)

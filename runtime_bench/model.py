@@ -234,7 +234,11 @@ def _cpu_copy(model, dtype):
     """The model as ONNX export wants it (on the CPU), leaving the caller's model where it is."""
     import copy
 
-    return copy.deepcopy(model).to("cpu", dtype)
+    from thanos.quantized_model import cast_model_
+
+    copied = copy.deepcopy(model).to("cpu")
+    cast_model_(copied, dtype)  # an 8-bit model's weights dequantized anew, as the export checks them
+    return copied
 
 
 def _onnxruntime(model, grid, decode_steps: int, progress, cuda: bool = False) -> list[dict]:

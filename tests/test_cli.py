@@ -141,6 +141,12 @@ def test_a_cast_names_a_dtype_the_target_has_that_keeps_the_values(target, keeps
 
     echo_export_summary(dict(format=target, dtype=dict(source="bfloat16", export="float16")))
     assert f"cast       weights bfloat16 -> float16 (--dtype {keeps} keeps their values)" in capsys.readouterr().out
+    # an 8-bit model's values are its 8-bit ones: every dtype keeps them (each weight dequantized anew)
+    echo_export_summary(dict(format=target, dtype=dict(source="bfloat16", export="float16"),
+                             quantization=dict(format="fp8", linears=21, opset=19, activation_quantizers=21,
+                                               largest_scale_rounding=0.0)))
+    assert ("cast       weights bfloat16 -> float16: their 8-bit values and scales kept, each dequantized anew in "
+            "float16") in capsys.readouterr().out
 
 
 def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_path, tiny_llama_dir):

@@ -22,7 +22,7 @@ from torch import nn
 
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
-from thanos.quantize import FORMATS, INPUT_SCALES, fake_quantize, grid_of, input_scale_of
+from thanos.quantize import FORMATS, INPUT_SCALES, dequantize, fake_quantize, grid_of, input_scale_of
 
 QUANTIZATION_FILE = "thanos_quantization.safetensors"
 ATTRIBUTE = "thanos_quantization"
@@ -231,6 +231,28 @@ def activations_unrounded(model: nn.Module):
             _round_inputs(mod)
 
 
+@torch.no_grad()
+def cast_model_(model: nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)`, with every quantized linear's weight dequantized anew in `dtype` from its
+    8-bit values and scales (one rounding of their product, as a runtime's DequantizeLinear computes
+    it) instead of its stored values rounded a second time: the 8-bit model is unchanged, and its
+    weights stay exactly its values times its scales, which the exports check. A bfloat16 model's
+    weights moved to float16 by a plain cast are no longer that (bfloat16's rounding, then float16's)."""
+    grids = {}
+    for name, mod in quantized_linears(model).items():
+        quant = quantization_of(mod)
+        weight = weight_view(mod)
+        grid = grid_of(weight, quant.weight_scale.to(weight.device), FORMATS[quant.format])
+        if grid is None:
+            raise InputError(f"{name}'s weights are not its {quant.format} values times its scales (changed after "
+                             "quantizing); prune the model again")
+        grids[mod] = grid
+    model.to(dtype)
+    for mod, grid in grids.items():
+        weight = weight_view(mod)
+        weight.copy_(dequantize(grid, quantization_of(mod).weight_scale.to(weight.device), dtype))
+
+
 def describe(model: nn.Module) -> Optional[dict]:
     """The model's 8-bit state for a summary: format and how many linears, or None."""
     linears = quantized_linears(model)
@@ -241,4 +263,4 @@ def describe(model: nn.Module) -> Optional[dict]:
 
 
 __all__ = ["QUANTIZATION_FILE", "LinearQuantization", "load_quantization_", "save_quantization",
-           "simulate_activations_", "quantized_linears", "describe"]
+           "simulate_activations_", "quantized_linears", "cast_model_", "describe"]

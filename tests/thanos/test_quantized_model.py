@@ -314,3 +314,30 @@ def test_per_token_inputs_are_reported_where_the_8bit_step_runs_at_the_layers_en
     reports = prune_model_(model, samples, config, "cpu")
     assert {r["quantization"]["inputs"] for r in reports} == {"per-token"}
     assert {quantization_of(mod).inputs for mod in quantized_linears(model).values()} == {"per-token"}
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_bfloat16_8bit_model_exports_to_float16_and_float32(bf16_llama_dir, tmp_path, fmt):
+    """Most checkpoints ship in bfloat16, and ONNX runs float16 or float32: the cast dequantizes each
+    8-bit weight anew in the export's dtype (a plain cast rounded bfloat16's values again, which are
+    then not the 8-bit values times the scales, and the export refused every such model)."""
+    from exporters import ExportOptions, export
+    from thanos.quantize import dequantize
+    from thanos.quantized_model import cast_model_
+
+    out = tmp_path / "m"
+    prune_to_directory(PruneJob(out=str(out), model=str(bf16_llama_dir), config=PruneConfig(quantize=fmt,
+                                                                                            preset="fast"),
+                                evaluate=False, **SMALL))
+    model, _ = load_model(str(out))
+    grids = {name: grid_of(weight_view(mod), quantization_of(mod).weight_scale, FORMATS[fmt])
+             for name, mod in quantized_linears(model).items()}
+    assert any(not torch.equal(dequantize(grids[name], quantization_of(mod).weight_scale, torch.float16),
+                               weight_view(mod).to(torch.float16)) for name, mod in quantized_linears(model).items())
+    cast_model_(model, torch.float16)
+    for name, mod in quantized_linears(model).items():  # the same 8-bit values, exact in float16
+        assert torch.equal(grid_of(weight_view(mod), quantization_of(mod).weight_scale, FORMATS[fmt]), grids[name])
+    for dtype in ("float16", "float32"):
+        summary = export("onnx", out, tmp_path / dtype, ExportOptions(dtype=dtype))
+        assert summary["quantization"]["linears"] == summary["validation"]["quantized_linears"]["linears"] == 21
