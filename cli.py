@@ -847,10 +847,14 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, decode_steps,
 @click.option("--count-only", is_flag=True,
               help="Count each step's flop and peak memory per linear instead of timing: a second, no device; "
                    "a GPU's time is the flop over its throughput.")
+@click.option("--tf32/--no-tf32", default=False, show_default=True,
+              help="Let the mask search's and refit's fp32 products round to TF32 on a GPU (faster tensor-core "
+                   "products, 10 significant bits), to see what that saves and what it costs in layer error "
+                   "(reported in full fp32 either way); no effect on the CPU. Pruning itself does not use it.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Write the measurements and plan.")
 @click.option("--md-out", type=click.Path(dir_okay=False), default=None, help="Write the plan as Markdown.")
 def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset, permute_channels, sequential,
-             quantize, count_only, json_out, md_out):
+             quantize, count_only, tf32, json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
     Builds one random-weight decoder layer of the named config, times the driver's own steps on
@@ -872,7 +876,7 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
             text = run_plan(name, device, _ints(ranks, "--ranks"), calib_samples, seqlen, pattern, method, preset,
                             json_out, md_out, echo=lambda m: click.echo(m, err=True),
                             permute_channels=permute_channels, sequential=sequential, count_only=count_only,
-                            quantize=quantize)
+                            quantize=quantize, tf32=tf32)
     except USER_ERRORS as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:

@@ -33,7 +33,7 @@ from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
 from thanos.permute import ChannelLayout
 from thanos.recipe import Permute, Quantize, Reconstruct
-from thanos.devices import defaults_for, resolve_device
+from thanos.devices import defaults_for, resolve_device, tf32_for_products
 from thanos.pipeline import window_length
 
 PLAN_VOCAB = 512  # the embedding is outside the measured layer; a small one keeps the model light
@@ -198,6 +198,12 @@ def _parts(seconds: dict, name: str, prune: dict) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _error(layer: dict, name: str) -> str:
+    """'; error 0.0123': the linear's relative output error on the calibration inputs, where recorded."""
+    error = layer.get("errors", {}).get(name)
+    return f"; error {error:.4g}" if error is not None else ""
+
+
 def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
@@ -258,7 +264,10 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         f"{layer['prune']['pattern']}, calibration {layer['samples']} x {layer['seqlen']} tokens",
         "",
         f"Measured on {where} ({layer['device']}, {layer['dtype']}, torch {machine_info.get('torch')}): one "
-        f"random-weight decoder layer, activations kept on {layer['activations_on']}.",
+        f"random-weight decoder layer, activations kept on {layer['activations_on']}"
+        + ("; the mask search's and refit's products in TF32 (errors in full fp32)."
+           if layer.get("tf32_products") else "; every product in full fp32.")
+        + " Errors: each linear's relative output error on the calibration inputs.",
         "",
         "| step, one layer | time |",
         "| --- | --- |",
@@ -267,7 +276,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         *([f"| channel permutations (o_proj, down_proj) | {_duration(s['permutation'])} |"]
           if s.get("permutation") else []),
         *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)}"
-          + _parts(s, n, layer["prune"]) + " |" for n, t in s["solves"].items()],
+          + _parts(s, n, layer["prune"]) + _error(layer, n) + " |" for n, t in s["solves"].items()],
         *([f"| decoder-block reconstruction ({layer['prune']['reconstruct_epochs']} epochs) | "
            f"{_duration(s['reconstruction'])} |"] if s.get("reconstruction") else []),
         *([f"| {layer['prune']['quantize']} weights, every linear (their input scales: in the statistics) | "
@@ -335,15 +344,28 @@ def count_work(name: str, prune: PruneConfig) -> dict:
     return step_work(_meta_layer_linears(name), prune)
 
 
+def markdown_from_json(path: "str | Path") -> str:
+    """The Markdown of a finished plan, rebuilt from its `--json-out` file (the device run brings back
+    the JSON alone)."""
+    data = json.loads(Path(path).read_text())
+    if not data.get("complete"):
+        raise InputError(f"{path} holds a plan stopped before its end ({data.get('stopped', 'no reason recorded')}); "
+                         "its figures are in the JSON, per solve")
+    return markdown(data["layer"], data["plan"], data["model"], data["layers"], data["machine"])
+
+
 def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
              calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
              method: str = "thanos", preset: Optional[str] = None, json_out: Optional[str] = None,
              md_out: Optional[str] = None, echo=print, permute_channels: Optional[bool] = None,
-             count_only: bool = False, sequential: Optional[bool] = None, quantize: Optional[str] = None) -> str:
+             count_only: bool = False, sequential: Optional[bool] = None, quantize: Optional[str] = None,
+             tf32: bool = False) -> str:
     """Measure one decoder layer of config `name`, plan the whole model, write the files; returns the Markdown.
 
     `count_only`: count each step's flop and memory per linear instead, in a second, on no device.
     `quantize` ("fp8", "int8"): with the 8-bit step (the pass that feeds the next layer not timed).
+    `tf32`: the mask search's and refit's products in TF32 on a GPU (`thanos.devices.tf32_for_products`);
+    the layer errors reported beside the times are computed in full fp32 either way.
     """
     prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels,
                         sequential=sequential, quantize=quantize)
@@ -373,10 +395,12 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
             atomic_write_text(Path(json_out), json.dumps(figures | ({"stopped": stopped} if stopped else {}),
                                                          indent=2))
 
-    partial: dict = {}
+    partial: dict = dict(tf32_products=tf32)
     try:
-        layer = measure_layer(config, prune, samples, seqlen, dev, dtype, echo=echo,
-                              on_partial=lambda figures: (partial.update(figures), write(partial)))
+        with tf32_for_products(tf32):
+            layer = dict(measure_layer(config, prune, samples, seqlen, dev, dtype, echo=echo,
+                                       on_partial=lambda figures: (partial.update(figures), write(partial))),
+                         tf32_products=tf32)
     except BaseException as exc:  # a time limit's SIGTERM or Ctrl-C, or a failure: say so beside the figures
         write(partial, stopped=f"{type(exc).__name__}: {exc}"[:300])
         raise

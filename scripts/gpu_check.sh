@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device run: GPU benchmarks and GPU tests in one go, most wanted figures first.
 #
-# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=540), then give_back.
-# The steps' limits add up to 490 s, so a 15-minute device budget (start-up included) leaves room
+# On the device tool: run(command="bash scripts/gpu_check.sh", timeout_s=560), then give_back.
+# The steps' limits add up to 510 s, so a 15-minute device budget (start-up included) leaves room
 # for a partial rerun. Each limit is set from the step's expected work on an H200 (below); a step
 # stopped by its limit still leaves its figures: the benchmarks write after every measurement and
 # on SIGTERM (what `timeout` sends), and every backend call sits inside its skip-with-reason guard,
@@ -15,8 +15,9 @@
 # pruned 2:4: kernel speed depends on shapes, dtype and pattern, not on the values, and the
 # default model's wheel is too large to travel.
 # Output (at most 8 files, as the device tool returns): $OUT/gpu_check.log, gemm.tar.gz,
-# model8.tar.gz, model.tar.gz, plan_llama2-70b_default.{json,md}, plan_llama2-70b_fast.json,
-# solver_gpu.json.
+# model8.tar.gz, model.tar.gz, plan_llama2-70b_default.json, plan_llama2-70b_default_tf32.json,
+# plan_llama2-70b_fast.json, solver_gpu.json (each plan's Markdown is rebuilt here from its JSON:
+# python -c 'import sys; from runtime_bench.plan import markdown_from_json; print(markdown_from_json(sys.argv[1]))' F.json).
 # Afterwards, here: untar the three reports into docs/results/h200/ (gemm/, model8/, model/), copy the other
 # files beside them, list them in docs/results/README.md, and quote the figures in the README
 # (crossover M per shape, best speed-up, the 70B plan, one-Cholesky vs per-block on CUDA).
@@ -71,16 +72,22 @@ tar -czf "$OUT/gemm.tar.gz" -C "$WORK" gemm
 # The default preset permutes channels with scipy's linear assignment; a machine without scipy
 # plans without them (the plan's report records which).
 PERMUTE=$(python -c "import scipy" 2>/dev/null && echo --permute-channels || echo --no-permute-channels)
-step 120 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
+step 100 "Pruning plan: one LLaMA-2-70B layer, default preset ($PERMUTE)" \
     python cli.py plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset default $PERMUTE \
-    --json-out "$OUT/plan_llama2-70b_default.json" --md-out "$OUT/plan_llama2-70b_default.md"
+    --json-out "$OUT/plan_llama2-70b_default.json"
+
+# The same with TF32 for the mask search's and refit's products (issue 23): what it saves in time,
+# and the layer errors (computed in full fp32 either way) beside the run above.
+step 60 "Pruning plan: the same, mask search and refit products in TF32" \
+    python cli.py plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset default $PERMUTE --tf32 \
+    --json-out "$OUT/plan_llama2-70b_default_tf32.json"
 
 step 40 "Pruning plan: one LLaMA-2-70B layer, fast preset (the block solve alone)" \
     python cli.py plan "${PLAN[@]}" --device "$DEVICE" --ranks 1,8 --preset fast \
     --json-out "$OUT/plan_llama2-70b_fast.json"
 
 # The default preset + FP8 last: the 8-bit step's cost per linear (its own seconds in the JSON).
-step 40 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets beside the reference SparseGPT" \
+step 35 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets beside the reference SparseGPT" \
     python cli.py bench-solvers --device "$DEVICE" "${SOLVER[@]}" --patterns 2:4 \
     --methods thanos,sparsegpt,sparsegpt:reference,thanos:fast,thanos:default,thanos:default+fp8 \
     --json-out "$OUT/solver_gpu.json"
@@ -88,20 +95,20 @@ step 40 "Solver on $DEVICE: one-Cholesky vs per-block re-inversion; the presets 
 # The 8-bit cuSPARSELt linears of the torch target first: that path has never run on a GPU.
 step 25 "GPU tests: the torch target's 8-bit 2:4 linears (FP8, INT8, FP8 with per-token inputs)" \
     python -m pytest -q -m gpu -p no:cacheprovider tests/exporters/test_torch_8bit.py
-step 45 "GPU tests: the rest" \
+step 40 "GPU tests: the rest" \
     python -m pytest -q -m gpu -p no:cacheprovider --ignore=tests/exporters/test_torch_8bit.py tests
 
 # The 8-bit model as served (issue 19's model level): LLaMA-2-7B shapes, random 2:4 weights made
 # FP8, PyTorch dense fp16 against the torch target's FP8 2:4 cuSPARSELt linears (TensorRT's engine
 # where TensorRT is installed): 13.5 GB of weights built on the GPU in seconds, 224 linears
 # compressed, 3 prefill shapes and 16 decode steps per backend at about 1 s each.
-step 40 "Model level, FP8: LLaMA-2-7B shapes, fp16 dense against FP8 2:4" \
+step 35 "Model level, FP8: LLaMA-2-7B shapes, fp16 dense against FP8 2:4" \
     python cli.py bench "${MODEL8[@]}" --quantize fp8 --levels model --device "$DEVICE" --quiet --out "$WORK/model8"
 tar -czf "$OUT/model8.tar.gz" -C "$WORK" model8
 
 # The runtimes last: where that machine has onnxruntime-gpu (its TensorRT provider) or
 # onnxruntime-genai-cuda they are measured, else recorded as skipped with the reason.
-step 20 "Model level: default model's shapes" \
+step 15 "Model level: default model's shapes" \
     python cli.py bench random:smollm2-135m --levels model "${MODEL[@]}" --device "$DEVICE" --quiet \
     --out "$WORK/model"
 tar -czf "$OUT/model.tar.gz" -C "$WORK" model

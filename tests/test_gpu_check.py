@@ -21,7 +21,7 @@ def test_every_step_of_the_device_script_runs_on_the_cpu(tmp_path):
                           timeout=600)
     log = (tmp_path / "gpu_check.log").read_text()
     steps = re.findall(r"^=== (.+): exit (\d+)", log, flags=re.M)
-    assert len(steps) == 8, log
+    assert len(steps) == 9, log
     assert all(code == "0" for _, code in steps), log
     assert done.returncode == 0, done.stderr
     for name in ("gemm.tar.gz", "model8.tar.gz", "model.tar.gz"):
@@ -32,9 +32,12 @@ def test_every_step_of_the_device_script_runs_on_the_cpu(tmp_path):
     assert report["settings"]["quantize"] == "fp8"
     assert any(r["backend"] == "torch-dense" and r["status"] == "ok" for r in report["results"])
     assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
-    for name in ("plan_llama2-70b_default.json", "plan_llama2-70b_fast.json"):
+    for name in ("plan_llama2-70b_default.json", "plan_llama2-70b_default_tf32.json", "plan_llama2-70b_fast.json"):
         plan = json.loads((tmp_path / name).read_text())
         assert plan["complete"] and len(plan["layer"]["seconds"]["solves"]) == 7, name
-    assert (tmp_path / "plan_llama2-70b_default.md").is_file()
+        assert plan["layer"]["tf32_products"] is name.endswith("_tf32.json"), name
+    from runtime_bench.plan import markdown_from_json  # the device run brings back the JSON; the Markdown is rebuilt
+
+    assert "products in TF32" in markdown_from_json(tmp_path / "plan_llama2-70b_default_tf32.json")
     solver = json.loads((tmp_path / "solver_gpu.json").read_text())
     assert solver["complete"] and {r["method"] for r in solver["results"]} >= {"thanos", "sparsegpt"}

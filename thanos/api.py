@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from thanos.config import ConfigError, Pattern, PruneConfig
+from thanos.devices import tf32_products_on
 from thanos.errors import ThanosExportError
 from thanos.hessian import Curvature
 from thanos.mask_search import SearchResult
@@ -110,7 +111,8 @@ def prune_weight(
     error = None
     if full_h:
         original = weight.detach().to(W)
-        if pruned is out.weight and chosen_error is not None and found.target_energy is not None:
+        if (pruned is out.weight and chosen_error is not None and found.target_energy is not None
+                and not tf32_products_on(weight.device)):
             # fp32, not quantized: the search and the comparison after it computed both sums
             error = _relative_error(original, pruned, curvature, damp, chosen_error, found.target_energy)
         else:

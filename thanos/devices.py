@@ -1,6 +1,7 @@
 """Where work runs: the one place that resolves a device name and the sizes that suit it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 from typing import Optional
@@ -60,3 +61,62 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+_tf32_products = False  # set by `tf32_for_products`; read where the mask search and the refit run
+
+
+@contextlib.contextmanager
+def tf32_for_products(enabled: bool = True):
+    """Within: the mask search's and the refit's fp32 products on a CUDA GPU may round their inputs
+    to TF32 (10 significant bits; several times the fp32 rate on tensor cores). Without it they run
+    in full fp32 even where the process allowed TF32; the statistics, the solves and every reported
+    error run as the process set them (full fp32 is torch's default). A measurement switch
+    (`thanos-export plan --tf32`): pruning runs without it until the plan's figures show what it
+    costs in layer error."""
+    global _tf32_products
+    previous, _tf32_products = _tf32_products, enabled
+    try:
+        yield
+    finally:
+        _tf32_products = previous
+
+
+def tf32_products_on(device: "torch.device | str") -> bool:
+    """Whether the search and refit products on `device` run in TF32 now (`tf32_for_products`)."""
+    return _tf32_products and torch.device(device).type == "cuda"
+
+
+def _tf32_switch() -> tuple[str, object, object]:
+    """The attribute of `torch.backends.cuda.matmul` that allows TF32 in this torch, with its on and
+    off values: `fp32_precision` from torch 2.9 (which warns about the old one), `allow_tf32` before."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return "fp32_precision", "tf32", "ieee"
+    return "allow_tf32", True, False
+
+
+def matmul_tf32() -> bool:
+    """Whether CUDA fp32 matmuls may use TF32 now."""
+    name, on, _ = _tf32_switch()
+    value = getattr(torch.backends.cuda.matmul, name)
+    if value == "none":  # fp32_precision left to the global setting
+        value = torch.backends.fp32_precision
+    return value == on
+
+
+def set_matmul_tf32(enabled: bool) -> None:
+    name, on, off = _tf32_switch()
+    setattr(torch.backends.cuda.matmul, name, on if enabled else off)
+
+
+@contextlib.contextmanager
+def products_precision():
+    """Within: CUDA fp32 matmuls use TF32 exactly when `tf32_for_products` allows it; on leaving, the
+    process's own setting is back."""
+    name = _tf32_switch()[0]
+    previous = getattr(torch.backends.cuda.matmul, name)
+    set_matmul_tf32(_tf32_products)
+    try:
+        yield
+    finally:
+        setattr(torch.backends.cuda.matmul, name, previous)

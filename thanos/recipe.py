@@ -25,6 +25,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from thanos.devices import products_precision
 from thanos.hessian import Curvature
 from thanos.mask_search import RHO_EVERY, ScaledHessian, admm_mask_search
 from thanos.pattern import ConfigError, Pattern
@@ -177,7 +178,8 @@ class MaskSearch(Step):
         """From the solver's `X` and `mask` towards `target`, on `curvature`'s Hessian damped by `damp`."""
         Hd = curvature.damped(damp)
         scaled = curvature.derived(("mask_search", damp), lambda: ScaledHessian.of(Hd))
-        return admm_mask_search(X, mask, target, Hd, pattern, self.iterations, scaled, name)
+        with products_precision():
+            return admm_mask_search(X, mask, target, Hd, pattern, self.iterations, scaled, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +208,8 @@ class Refit(Step):
 
     def run(self, X, mask, target, Hd: torch.Tensor) -> Refitted:
         """`X`'s kept weights re-solved towards `target` on `mask`, and their error; `Hd` the damped Hessian."""
-        return refit_on_support(X, mask, target, Hd, self.iterations, self.tolerance)
+        with products_precision():
+            return refit_on_support(X, mask, target, Hd, self.iterations, self.tolerance)
 
 
 RECONSTRUCT_TARGETS = ("layer", "dense")

@@ -105,6 +105,16 @@ def test_cli_writes_plan_files(tmp_path):
     assert data["layers"] == 30 and [r["ranks"] for r in data["plan"]] == [1, 4]
     assert data["machine"]["torch"] == torch.__version__
     assert "| 4 |" in out_md.read_text() and "self_attn.q_proj" in out_md.read_text()
+    md = out_md.read_text()
+    assert data["layer"]["tf32_products"] is False and "every product in full fp32" in md
+    q_proj = next(name for name in data["layer"]["errors"] if name.endswith("q_proj"))
+    assert f"; error {data['layer']['errors'][q_proj]:.4g} |" in md  # each solve's layer error beside its time
+    result = CliRunner().invoke(main, ["plan", "--config", "smollm2-135m", "--device", "cpu", "--calib-samples", "2",
+                                       "--seqlen", "32", "--ranks", "1", "--tf32", "--json-out", str(out_json),
+                                       "--md-out", str(out_md)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out_json.read_text())["layer"]["tf32_products"] is True
+    assert "products in TF32 (errors in full fp32)" in out_md.read_text()
 
 
 def test_a_plan_stopped_by_sigterm_keeps_the_solves_it_timed(tmp_path, monkeypatch):
