@@ -456,6 +456,10 @@ def export_options(f):
         click.option("--timing-cache", type=click.Path(), default=None, help="TensorRT timing cache file to reuse."),
         click.option("--backend", type=click.Choice(["auto", "cusparselt", "cutlass"]), default="auto",
                      show_default=True, help="torch semi-structured kernel backend."),
+        click.option("--fused-int8", is_flag=True,
+                     help="genai, INT8 models: let onnxruntime run each INT8 linear as its fused integer kernel "
+                          "(faster decoding on the CPU), exact only on CPUs with VNNI (Intel since Cascade Lake, "
+                          "AMD since Zen 4) or Arm; refused on a CPU without. The default folder runs on any CPU."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -473,14 +477,14 @@ def _triple(text: str, what: str) -> tuple[int, int, int]:
 
 
 def build_export_options(dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache, trt_batch, trt_seqlen,
-                         workspace_gib, timing_cache, backend, trust_remote_code=False):
+                         workspace_gib, timing_cache, backend, fused_int8=False, trust_remote_code=False):
     from exporters import ExportOptions
 
     return ExportOptions(dtype=dtype, allow_dense=allow_dense, validate=not no_validate, opset=opset,
                          with_cache=with_cache, split_dense_rows=split_dense_rows,
                          batch=_triple(trt_batch, "--trt-batch"), seqlen=_triple(trt_seqlen, "--trt-seqlen"),
                          workspace_gib=workspace_gib, timing_cache=timing_cache, backend=backend,
-                         trust_remote_code=trust_remote_code)
+                         fused_int8=fused_int8, trust_remote_code=trust_remote_code)
 
 
 def echo_export_summary(summary: dict) -> None:
@@ -543,7 +547,7 @@ def echo_export_summary(summary: dict) -> None:
         click.echo(f"{'compared' if quantized else 'verified':<10} {generation['runtime']}: {agreement} on prompts "
                    f"of {lengths} tokens ({generation['prompts'][0]['new_tokens']} new tokens each{rate})"
                    + (" (not a pass/fail check: the 8-bit linears are checked above)" if quantized else ""))
-        hint = _cpu_8bit_hint(qdq, dtypes.get("export"), generation["runtime"])
+        hint = _cpu_8bit_hint(qdq, dtypes.get("export"), generation["runtime"], summary.get("fused_int8"))
         if hint:
             click.echo(f"note       {hint}")
     for note in (summary.get("note"), (cached or {}).get("note")):
@@ -562,13 +566,19 @@ def echo_export_summary(summary: dict) -> None:
                    f"{len(summary['dense'])} kept dense")
 
 
-def _cpu_8bit_hint(qdq: "dict | None", dtype: "str | None", runtime: str) -> str:
+def _cpu_8bit_hint(qdq: "dict | None", dtype: "str | None", runtime: str, fused: "bool | None" = None) -> str:
     """Why a GenAI folder of an 8-bit model decodes slowly on the CPU, where that applies (README, 8-bit)."""
     if not qdq or "(cpu)" not in runtime:
         return ""
     if qdq["format"] == "int8" and dtype == "float16":
         return ("onnxruntime's CPU provider has 8-bit kernels for INT8 in float32 graphs only; this float16 graph "
                 "dequantizes every weight at every step: export with --dtype float32 to serve it on the CPU")
+    if qdq["format"] == "int8" and fused is False:
+        from exporters.onnx_qdq import fused_int8_is_exact
+
+        if fused_int8_is_exact():
+            return ("this folder runs on any CPU: onnxruntime dequantizes its INT8 weights once and runs float32 "
+                    "products; on CPUs with VNNI (this one) or Arm, --fused-int8 runs them as integer kernels, faster")
     if qdq["format"] == "fp8":
         return ("onnxruntime's CPU provider has no FP8 kernels (every weight is dequantized at every step): this "
                 "folder checks the FP8 model on the CPU; it is served fast by TensorRT on GPUs of compute "
@@ -707,7 +717,7 @@ def inspect_cmd(path, as_json, trust_remote_code):
 @click.option("--bench", is_flag=True, help="Append a quick latency bench (OUT/bench/report.md).")
 @export_options
 def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache,
-                    trt_batch, trt_seqlen, workspace_gib, timing_cache, backend, **prune_opts):
+                    trt_batch, trt_seqlen, workspace_gib, timing_cache, backend, fused_int8, **prune_opts):
     """Prune, export, verify, and write a summary: the whole path to a servable sparse model.
 
     \b
@@ -727,7 +737,7 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
     bars = _Bars(enabled=not quiet)
     try:
         options = build_export_options(dtype, allow_dense, no_validate, split_dense_rows, opset, with_cache,
-                                       trt_batch, trt_seqlen, workspace_gib, timing_cache, backend)
+                                       trt_batch, trt_seqlen, workspace_gib, timing_cache, backend, fused_int8)
         job = BuildJob(out=out, prune=build_job(str(Path(out) / "pruned"), **prune_opts), target=target,
                        options=options, bench=bench)
         with _stop_on_sigterm():

@@ -102,6 +102,7 @@ def relocated(value, old: str, new: str):
 _OPTION_TARGETS = {
     "with_cache": ({"onnx", "tensorrt"}, "--with-cache"),
     "split_dense_rows": ({"onnx", "genai", "tensorrt", "torch"}, "--split-dense-rows"),
+    "fused_int8": ({"genai"}, "--fused-int8"),
 }
 
 

@@ -51,6 +51,9 @@ class ExportOptions:
     workspace_gib: float = 4.0
     timing_cache: Optional[str] = None
     backend: str = "auto"  # torch semi-structured: auto, cusparselt or cutlass
+    # GenAI folders of INT8 models: let onnxruntime fuse each INT8 linear into its integer kernel,
+    # exact only on CPUs with VNNI or on Arm (`exporters.onnx_qdq.fused_int8_is_exact`)
+    fused_int8: bool = False
     trust_remote_code: bool = False  # let the model directory's own Python code run while loading it
 
     def to_json(self) -> dict:

@@ -30,8 +30,8 @@ from exporters.base import (ONNX_DTYPES, BackendMissingError, ExportError, Expor
 from exporters.onnx_cache import GENAI_NAMES, write_onnx_with_cache
 from exporters.onnx_export import validation_prompts
 from exporters.onnx_graph import TWO_GIB, cached_decoding_note, check_patterns_kept, prefill_feed, require_onnx
-from exporters.onnx_qdq import session_entries, validate_qdq
-from exporters.source import load_pruned, model_patterns
+from exporters.onnx_qdq import fused_int8_is_exact, session_entries, validate_qdq
+from exporters.source import load_pruned, model_patterns, saved_format
 from thanos.errors import InputError
 from thanos.models import context_length
 from thanos.quantized_model import model_format, quantized_linears
@@ -64,8 +64,9 @@ def is_genai_folder(path: "str | Path") -> bool:
 GENAI_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "granite"}
 
 
-def genai_config(model) -> dict:
-    """`genai_config.json` for `model` (a transformers causal LM), exported by `write_genai_folder`."""
+def genai_config(model, fused_int8: bool = False) -> dict:
+    """`genai_config.json` for `model` (a transformers causal LM), exported by `write_genai_folder`;
+    `fused_int8`: INT8 linears left to onnxruntime's fused kernel (the export checked it is exact here)."""
     config, generation = model.config, getattr(model, "generation_config", None)
     heads = config.num_attention_heads
     context = context_length(model)
@@ -84,9 +85,10 @@ def genai_config(model) -> dict:
                   past_key_names=GENAI_NAMES.past_key, past_value_names=GENAI_NAMES.past_value)
     outputs = dict(logits="logits", present_key_names=GENAI_NAMES.present_key,
                    present_value_names=GENAI_NAMES.present_value)
-    # what the 8-bit graph needs on whichever CPU serves the folder (exporters.onnx_qdq)
+    # what the 8-bit graph needs on whichever CPU serves the folder (exporters.onnx_qdq), or on this
+    # one and those like it with `fused_int8`
     session = dict(log_id="onnxruntime-genai", provider_options=[],
-                   **session_entries({model_format(model)} - {None}, this_cpu=False))
+                   **session_entries({model_format(model)} - {None}, this_cpu=fused_int8))
     decoder = dict(session_options=session, filename=MODEL_FILE,
                    head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
                    hidden_size=config.hidden_size, inputs=inputs, outputs=outputs, num_attention_heads=heads,
@@ -105,14 +107,15 @@ def genai_config(model) -> dict:
 
 
 def write_genai_folder(model, tokenizer, out: Path, opset: int = 18,
-                       external_data_threshold: int = TWO_GIB) -> Optional[dict]:
+                       external_data_threshold: int = TWO_GIB, fused_int8: bool = False) -> Optional[dict]:
     """Write the graph, `genai_config.json` and the tokenizer files for `model` (on the CPU, export dtype);
     returns what the graph's 8-bit linears became (`exporters.onnx_qdq`), None without any.
 
     `tokenizer=None` leaves the tokenizer out: the runtime then generates from token ids only (the bench).
+    `fused_int8`: see `genai_config`.
     """
     qdq = write_onnx_with_cache(model, out / MODEL_FILE, opset, external_data_threshold, names=GENAI_NAMES)
-    (out / CONFIG_FILE).write_text(json.dumps(genai_config(model), indent=1))
+    (out / CONFIG_FILE).write_text(json.dumps(genai_config(model, fused_int8), indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return qdq
@@ -307,19 +310,35 @@ def first_divergence(got: list[int], expected: list[int]) -> Optional[int]:
     return None if len(got) == len(expected) else min(len(got), len(expected))
 
 
+def check_fused_int8(fmt: Optional[str], dtype: Optional[str]) -> None:
+    """Refuse, before any work, --fused-int8 where it does not apply or would compute another model here."""
+    if fmt != "int8":
+        raise ExportError(f"--fused-int8 applies to models pruned with --quantize int8; this one is "
+                          f"{fmt + ' (no fused kernel)' if fmt else 'not quantized'}: drop it")
+    if dtype != "float32":
+        raise ExportError(f"--fused-int8 needs --dtype float32: onnxruntime's CPU provider fuses INT8 linears in "
+                          f"float32 graphs only, not {dtype}")
+    if not fused_int8_is_exact():
+        raise ExportError("--fused-int8: this CPU has no VNNI (AVX-512 VNNI or AVX-VNNI), and there onnxruntime's "
+                          "fused INT8 kernel sums pairs of products in 16 bits and saturates: the folder would compute "
+                          "another model; export without it (the default folder runs on any CPU)")
+
+
 @register(ExportFormat.GENAI)
 def export_genai(model_dir: Path, out: Path, options: ExportOptions, source: Optional[tuple] = None) -> dict:
     require_onnx()
     require_genai()
     if options.dtype not in ONNX_DTYPES:
         raise ExportError(f"the genai target supports {' and '.join(ONNX_DTYPES)}, not {options.dtype}")
+    if options.fused_int8:
+        check_fused_int8(saved_format(model_dir) if source is None else model_format(source[0]), options.dtype)
     model, tokenizer, report = load_pruned(model_dir, options.dtype, options.split_dense_rows,
                                            options.trust_remote_code, source)
-    qdq = write_genai_folder(model, tokenizer, out, options.opset)
+    qdq = write_genai_folder(model, tokenizer, out, options.opset, fused_int8=options.fused_int8)
     summary = dict(genai=str(out), onnx=str(out / MODEL_FILE), files=sorted(p.name for p in out.iterdir()),
                    **check_patterns_kept(model_patterns(model), out / MODEL_FILE))
     if qdq:
-        summary["quantization"] = qdq
+        summary.update(quantization=qdq, fused_int8=options.fused_int8)
     note = cached_decoding_note(model)
     if note:
         summary["note"] = note

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from exporters import ExportOptions, check_backend, check_options_apply, export, relocated
+from exporters.base import default_dtype
 from exporters.patterns import require_hardware_2to4
 from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME
 from thanos.devices import resolve_device
@@ -79,6 +80,11 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
         require_hardware_2to4(None, dict(config=job.prune.config.to_json()), target, options.split_dense_rows)
     check_backend(target, quantize.format if quantize else None, quantize.inputs if quantize else "static",
                   options.dtype)
+    if options.fused_int8:
+        from exporters.genai import check_fused_int8
+
+        fmt = quantize.format if quantize else None
+        check_fused_int8(fmt, options.dtype or default_dtype(target, fmt)[0])
     if job.prune.distributed:
         from thanos.parallel import init_from_env
 

@@ -331,3 +331,21 @@ def test_tensorrt_summary_says_what_the_engine_gave(capsys):
     assert "tensorrt   2 layers eligible for sparse math, 1 given a sparse kernel" in out
     assert ("compared   the engine on 2 prompts: largest logit difference 0.0123 from PyTorch (the ONNX check's "
             "bound 0.21), top token the same at 98% of positions") in out
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_portable_int8_genai_folder_points_to_fused_int8_where_this_cpu_has_it(exact, monkeypatch, capsys):
+    import exporters.onnx_qdq
+    from cli import echo_export_summary
+
+    monkeypatch.setattr(exporters.onnx_qdq, "fused_int8_is_exact", lambda: exact)
+    generation = dict(runtime="onnxruntime-genai 0.18.0 (cpu)", identical=False, first_divergence=3,
+                      prompts=[dict(prompt_tokens=16, new_tokens=32, first_divergence=3, genai_tokens_per_s=50.0)],
+                      quantized_linears=dict(linears=21, inputs_checked=10, inputs_on_a_rounding_boundary=0,
+                                             largest_error_over_bound=0.01))
+    qdq = dict(format="int8", linears=21, opset=19, activation_quantizers=21, largest_scale_rounding=0.0)
+    for fused in (False, True):
+        echo_export_summary(dict(format="genai", onnx="g/model.onnx", generation=generation, quantization=qdq,
+                                 fused_int8=fused, dtype=dict(source="float32", export="float32")))
+        shown = "--fused-int8 runs them as integer kernels" in capsys.readouterr().out
+        assert shown == (exact and not fused)

@@ -1,4 +1,5 @@
 """Models pruned with --quantize, exported as QuantizeLinear / DequantizeLinear graphs and run by onnxruntime."""
+import importlib.util
 import json
 
 import numpy as np
@@ -231,6 +232,40 @@ def test_genai_generates_the_8bit_models_tokens(quantized_dir, tmp_path):
     assert summary["generation"]["identical"]  # on this small model: GenAI's greedy tokens = transformers' 8-bit ones
 
 
+def test_fused_int8_genai_folders_only_where_the_kernel_is_exact(quantized_dir, tmp_path, monkeypatch):
+    """--fused-int8 leaves INT8 linears to onnxruntime's fused integer kernel (faster on the CPU), which
+    is exact only with VNNI or on Arm: refused where it saturates, for FP8 models and float16 graphs
+    (no such kernel), and on other targets; where it applies, the folder runs the fused kernel."""
+    pytest.importorskip("onnxruntime_genai", reason="the genai target needs onnxruntime-genai")
+    import exporters.genai
+    from exporters import ExportError
+    from exporters.onnx_qdq import fused_int8_is_exact
+
+    model_dir, fmt = quantized_dir
+    fused = ExportOptions(fused_int8=True)
+    with pytest.raises(ExportError, match="--fused-int8 applies to the genai targets"):
+        export("onnx", model_dir, tmp_path / "o", fused)
+    if fmt == "fp8":
+        with pytest.raises(ExportError, match="applies to models pruned with --quantize int8; this one is fp8"):
+            export("genai", model_dir, tmp_path / "f", fused)
+        return
+    with pytest.raises(ExportError, match="--fused-int8 needs --dtype float32"):
+        export("genai", model_dir, tmp_path / "h", ExportOptions(fused_int8=True, dtype="float16"))
+    with monkeypatch.context() as patched:
+        patched.setattr(exporters.genai, "fused_int8_is_exact", lambda: False)
+        with pytest.raises(ExportError, match="this CPU has no VNNI"):
+            export("genai", model_dir, tmp_path / "v", fused)
+    assert not any((tmp_path / name).exists() for name in ("o", "f", "h", "v"))  # all before any work
+    if not fused_int8_is_exact():  # this CPU: the real check refuses too
+        with pytest.raises(ExportError, match="this CPU has no VNNI"):
+            export("genai", model_dir, tmp_path / "g", fused)
+        return
+    summary = export("genai", model_dir, tmp_path / "g", fused)
+    session = json.loads((tmp_path / "g" / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert not set(INT8_SAFE_SESSION) & set(session) and summary["fused_int8"] is True
+    assert summary["generation"]["quantized_linears"]["linears"] == 21
+
+
 def test_default_dtype_is_half_precision_but_float32_for_int8_genai():
     assert default_dtype("genai", "int8")[0] == "float32" and default_dtype("genai", "int8")[1]
     for fmt, quantized in (("genai", "fp8"), ("genai", None), ("onnx", "int8"), ("tensorrt", "int8")):
@@ -273,6 +308,9 @@ def test_prune_and_build_carries_8bit_to_onnx(tiny_llama_dir, tmp_path):
     served = [r for r in bench["results"] if r["level"] == "model" and r["backend"] == "onnxruntime"]
     assert served and all(r["status"] == "ok" and r["quantization"] == "fp8" for r in served)
     refusals = [] if torch.cuda.is_available() else [("needs a CUDA GPU", ["--target", "torch"])]
+    if importlib.util.find_spec("onnxruntime_genai"):
+        refusals.append(("--fused-int8 applies to models pruned with --quantize int8", ["--target", "genai",
+                                                                                      "--fused-int8"]))
     for refused, extra in refusals:
         result = CliRunner().invoke(main, [*base, *extra, "--out", str(tmp_path / "r")])
         assert result.exit_code == 1 and refused in result.output, result.output
