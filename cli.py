@@ -782,8 +782,8 @@ def prune_and_build(target, out, quiet, bench, dtype, allow_dense, no_validate, 
               help="Model-level decode: new tokens after a prompt of the grid's first length.")
 @click.option("--quantize", type=click.Choice(["fp8", "int8"]), default=None,
               help="random: targets only: make the random model 8-bit (weights rounded per channel, one static "
-                   "input scale per linear), to time the 8-bit runtimes at the model level; adds the format's "
-                   "GEMM dtype to the default --dtypes.")
+                   "input scale per linear), to time the 8-bit runtimes at the model level. The format's GEMM "
+                   "dtype joins the default --dtypes, as it does for a directory pruned with --quantize.")
 @click.option("--levels", default="gemm,model", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)

@@ -189,10 +189,10 @@ class EngineRunner:
             raise ExportError("TensorRT failed to run the engine; see the TensorRT messages above")
 
 
-def check_engine(model, tokenizer, engine_path: Path) -> dict:
+def check_engine(model, tokenizer, engine_path: Path, dtype: str = "float16") -> dict:
     """Run the engine on the export's check prompts beside the PyTorch model (float32; an 8-bit model
     with its inputs rounded): the largest logit difference, how often the top token agrees, and
-    the ONNX check's bound for comparison. Refuses non-finite logits; the difference is reported,
+    the ONNX check's bound at the engine's `dtype` for comparison. Refuses non-finite logits; the difference is reported,
     not enforced, until a GPU run shows what TensorRT's fused float16 kernels give."""
     import numpy as np
     import torch
@@ -201,10 +201,10 @@ def check_engine(model, tokenizer, engine_path: Path) -> dict:
     from exporters.onnx_graph import TOLERANCE
 
     ids, mask = validation_prompts(tokenizer)
-    dtype = next(model.parameters()).dtype
+    held = next(model.parameters()).dtype
     with torch.no_grad():
         expected = model.float()(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
-    model.to(dtype)
+    model.to(held)
     runner = EngineRunner(engine_path)
     logits = runner.bind(ids, mask)
     runner.launch()
@@ -218,7 +218,7 @@ def check_engine(model, tokenizer, engine_path: Path) -> dict:
     return dict(prompts=int(ids.shape[0]), tokens=int(valid.sum()),
                 max_abs_diff=float(np.abs(got - expected)[valid].max()),
                 top_token_agrees=float((got.argmax(-1) == expected.argmax(-1))[valid].mean()),
-                onnx_bound=TOLERANCE["float16"] * float(np.abs(expected[valid]).max()))
+                onnx_bound=TOLERANCE.get(dtype, TOLERANCE["float16"]) * float(np.abs(expected[valid]).max()))
 
 
 @register(ExportFormat.TENSORRT)
@@ -244,5 +244,5 @@ def export_tensorrt(model_dir: Path, out: Path, options: ExportOptions, source: 
     summary = dict(onnx=onnx_summary["onnx"], onnx_export=onnx_summary,
                    **build_engine(out / "model.onnx", out / ENGINE_FILE, options, sparse, quantized))
     if options.validate:
-        summary["engine_check"] = check_engine(loaded[0], loaded[1], out / ENGINE_FILE)
+        summary["engine_check"] = check_engine(loaded[0], loaded[1], out / ENGINE_FILE, onnx_options.dtype)
     return summary

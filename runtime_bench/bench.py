@@ -14,7 +14,7 @@ from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
-from thanos.quantized_model import cast_model_
+from thanos.quantized_model import cast_model_, model_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +66,9 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
                              "directory or config.json")
         shapes += [s for s in named if s not in shapes]
     dtypes = list(settings.dtypes) or (["float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
-    if settings.quantize and not settings.dtypes:  # the 8-bit products beside the floating-point ones
-        dtypes.append(FORMAT_DTYPES[settings.quantize])
+    eight_bit = settings.quantize or (model_format(model) if model is not None else None)
+    if eight_bit in FORMAT_DTYPES and not settings.dtypes:  # the 8-bit products beside the floating-point ones
+        dtypes.append(FORMAT_DTYPES[eight_bit])
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise InputError(f"unknown GEMM dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")

@@ -127,6 +127,11 @@ def test_the_model_level_times_an_8bit_model_as_each_runtime_serves_it(fp8_dir, 
     if not torch.cuda.is_available():
         assert "CUDA" in skipped["torch-2:4"]
     assert "| onnxruntime | CPUExecutionProvider | fp8 + float32 | prefill | 1x16 |" in (bench / "report.md").read_text()
+    from runtime_bench.bench import BenchSettings, run_bench  # the GEMM level adds the model's 8-bit products
+
+    gemm = run_bench(BenchSettings(target=str(out), out=str(tmp_path / "gemm"), levels=("gemm",), tokens=(1,),
+                                   device="cpu"))
+    assert gemm["settings"]["dtypes"] == ["float32", "float8_e4m3fn"]
 
 
 def test_cli_prunes_to_int8_and_names_the_step(tiny_llama_dir, tmp_path):
