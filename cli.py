@@ -404,16 +404,20 @@ def prune(out, quiet, **options):
 @trust_option
 def eval_cmd(path, text_file, seqlen, windows, device, as_json, trust_remote_code):
     """Held-out perplexity of a model directory (pruned, compact or dense), a .gguf file, or an
-    exported model.onnx (run by onnxruntime, with the tokenizer saved beside it).
+    exported model.onnx (run by onnxruntime, with the tokenizer saved beside it; an export's folder,
+    onnx or genai, stands for its model.onnx).
 
     \b
     Examples:
       thanos-export eval smollm2-2of4/ --windows 0
-      thanos-export eval build/onnx/model.onnx      # the export itself, as a runtime runs it
+      thanos-export eval build/onnx/                # the export itself, as a runtime runs it
     """
     from thanos.pipeline import evaluate_directory
 
     windows = _windows(windows)
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "model.onnx").is_file():
+        path = str(folder / "model.onnx")  # an ONNX export or GenAI folder: the graph a runtime serves
     try:
         if str(path).endswith(".onnx"):
             from exporters.onnx_graph import evaluate_onnx

@@ -290,8 +290,6 @@ def prefill_feed(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> 
     return feed
 
 
-
-
 def evaluate_onnx(path: "str | Path", text_file: Optional[str] = None, seqlen: Optional[int] = None,
                   max_windows: Optional[int] = -1) -> dict:
     """Held-out perplexity of an exported model.onnx, run by onnxruntime with the tokenizer beside it."""

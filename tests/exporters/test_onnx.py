@@ -1,4 +1,5 @@
 import inspect
+import json
 from unittest.mock import patch
 
 import numpy as np
@@ -104,7 +105,15 @@ def test_eval_runs_the_exported_onnx(pruned_llama_2of4, tmp_path, with_cache):
     torch_result = evaluate_directory(str(pruned_llama_2of4), seqlen=32, device="cpu", max_windows=4)
     assert onnx_result["device"] == "onnxruntime CPUExecutionProvider" and onnx_result["windows"] == 4
     assert onnx_result["perplexity"] == pytest.approx(torch_result["perplexity"], rel=1e-4)
+    # the export's folder stands for its model.onnx (it has no config.json to be read as a model directory)
+    from click.testing import CliRunner
 
+    from cli import main
+
+    shown = CliRunner().invoke(main, ["eval", str(tmp_path), "--seqlen", "32", "--windows", "4", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["perplexity"] == evaluate_onnx(tmp_path / "model.onnx", seqlen=32,
+                                                                   max_windows=4)["perplexity"]
 
 
 def test_a_weight_past_float16s_range_is_refused_before_the_cast(pruned_llama_2of4, tmp_path):
