@@ -414,15 +414,13 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json, trust_remote_cod
     """
     from thanos.pipeline import evaluate_directory
 
-    windows = _windows(windows)
-    folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file() and (folder / "model.onnx").is_file():
-        path = str(folder / "model.onnx")  # an ONNX export or GenAI folder: the graph a runtime serves
-    try:
-        if str(path).endswith(".onnx"):
-            from exporters.onnx_graph import evaluate_onnx
+    from exporters.onnx_graph import evaluate_onnx, graph_in
 
-            result = evaluate_onnx(path, text_file, seqlen, windows)
+    windows = _windows(windows)
+    try:
+        graph = graph_in(path)  # an export's folder stands for the graph a runtime serves
+        if graph is not None:
+            result = evaluate_onnx(graph, text_file, seqlen, windows)
         else:
             result = evaluate_directory(path, text_file, seqlen, device, windows, trust_remote_code)
     except USER_ERRORS as exc:
@@ -643,7 +641,9 @@ def generate_cmd(target, prompt, max_new_tokens, dense, device, trust_remote_cod
     """Stream a greedy continuation of --prompt from TARGET, and its tokens/s.
 
     TARGET is a pruned or compact model directory (run by transformers), a folder written by
-    `export --target genai` (run by ONNX Runtime GenAI), a .gguf file, or 'default'. With
+    `export --target genai` (run by ONNX Runtime GenAI), an ONNX export (its folder or .onnx file,
+    run by onnxruntime; the KV-cache graph where --with-cache wrote one), a .gguf file, or
+    'default'. With
     --compare, the second model continues the same prompt below it, so the two can be read
     side by side. Decoding is greedy: the only difference between the two is the weights.
 
@@ -674,17 +674,19 @@ def generate_cmd(target, prompt, max_new_tokens, dense, device, trust_remote_cod
 def inspect_cmd(path, as_json, trust_remote_code):
     """Per linear layer: shape, sparsity, the n:m pattern along K, 2:4 hardware eligibility; the 8-bit step if it ran.
 
-    PATH is a pruned model directory, a compact checkpoint directory, or an .onnx file.
+    PATH is a pruned model directory, a compact checkpoint directory, an .onnx file, or an export's
+    folder (onnx, tensorrt or genai: its model.onnx).
 
     \b
     Example:
       thanos-export inspect smollm2-2of4/ --json
     """
-    try:
-        if Path(path).suffix == ".onnx":
-            from exporters.onnx_graph import onnx_weight_patterns
+    from exporters.onnx_graph import graph_in, onnx_weight_patterns
 
-            layers = onnx_weight_patterns(Path(path))
+    try:
+        graph = graph_in(path)
+        if graph is not None:
+            layers = onnx_weight_patterns(graph)
         else:
             from exporters.source import directory_patterns
 

@@ -106,25 +106,35 @@ def _probe_cache(model):
 
 
 class OnnxDecoder:
-    """Greedy decoding on the cached graph with onnxruntime: prefill, then one token per step."""
+    """Greedy decoding with onnxruntime: on the cached graph, a prefill then one token per step; on
+    the full-sequence graph (no past inputs), the whole sequence again at every step."""
 
     def __init__(self, path: Path, providers=None):
         self.session = onnxruntime_session(path, providers)
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_")]
 
-    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int):
-        """(new tokens (batch, steps), logits of the prefill (batch, seq, vocab))."""
+    def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """Yields (the next greedy tokens (batch, 1), the step's logits), for as long as asked."""
         batch = input_ids.shape[0]
         feed = prefill_feed(self.session, input_ids, attention_mask)
-        tokens, prefill_logits = [], None
-        for _ in range(steps):
+        while True:
             logits, *presents = self.session.run(None, feed)
-            prefill_logits = logits if prefill_logits is None else prefill_logits
             token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            tokens.append(token)
+            yield token, logits
             attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), attention_mask.dtype)], 1)
-            feed = {"input_ids": token, "attention_mask": attention_mask,
-                    "position_ids": feed["position_ids"][:, -1:] + 1, **dict(zip(self.past_names, presents))}
+            if self.past_names:
+                feed = {"input_ids": token, "attention_mask": attention_mask,
+                        "position_ids": feed["position_ids"][:, -1:] + 1, **dict(zip(self.past_names, presents))}
+            else:
+                input_ids = np.concatenate([input_ids, token], 1)
+                feed = prefill_feed(self.session, input_ids, attention_mask)
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int):
+        """(new tokens (batch, steps), logits of the prefill (batch, seq, vocab))."""
+        tokens, prefill_logits = [], None
+        for _, (token, logits) in zip(range(steps), self.stream(input_ids, attention_mask)):
+            prefill_logits = logits if prefill_logits is None else prefill_logits
+            tokens.append(token)
         return np.concatenate(tokens, 1), prefill_logits
 
 

@@ -290,6 +290,17 @@ def prefill_feed(session, input_ids: np.ndarray, attention_mask: np.ndarray) -> 
     return feed
 
 
+def graph_in(path: "str | Path") -> Optional[Path]:
+    """The ONNX graph `path` stands for: itself if it is an .onnx file, else the model.onnx of an
+    export's folder (onnx, tensorrt or genai: one without config.json); None for anything else."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    return None
+
+
 def evaluate_onnx(path: "str | Path", text_file: Optional[str] = None, seqlen: Optional[int] = None,
                   max_windows: Optional[int] = -1) -> dict:
     """Held-out perplexity of an exported model.onnx, run by onnxruntime with the tokenizer beside it."""

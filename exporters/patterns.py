@@ -20,6 +20,8 @@ SEMI_STRUCTURED_SHAPES = {
     "cutlass": {torch.float16: (32, 64), torch.bfloat16: (32, 64)},
 }
 HARDWARE_DTYPES = (torch.float16, torch.bfloat16)
+# 8-bit weights (an 8-bit export's QDQ initializers) run on sparse tensor cores as they are
+EIGHT_BIT_DTYPES = {torch.int8: "INT8: compute capability 8.0+", torch.float8_e4m3fn: "FP8: compute capability 8.9+"}
 
 
 class NotHardwareSparseError(ThanosExportError, ValueError):
@@ -76,6 +78,8 @@ def analyse(name: str, weight: torch.Tensor, backend: str = "cusparselt") -> Lay
                              else f"{pattern} is not 2:4: some groups of 4 hold {four} non-zeros")
     elif rows % row_mult or cols % col_mult:
         ok, reason = False, f"shape {rows}x{cols} is not a multiple of {row_mult}x{col_mult} ({backend})"
+    elif weight.dtype in EIGHT_BIT_DTYPES:
+        ok, reason = True, f"2:4 in 8 bits ({EIGHT_BIT_DTYPES[weight.dtype]})"
     elif weight.dtype not in HARDWARE_DTYPES:
         ok, reason = True, f"2:4; runs on sparse tensor cores once cast to float16/bfloat16 (stored {weight.dtype})"
     else:

@@ -1,15 +1,16 @@
 """Text from a model, streamed as it is generated, with its speed: what pruning did, read by a person.
 
 A pruned or compact directory, a dense directory or .gguf file runs through transformers; an ONNX
-Runtime GenAI folder (`export --target genai`) runs through `onnxruntime_genai`. Decoding is
-greedy, so two models given the same prompt differ only by their weights.
+Runtime GenAI folder (`export --target genai`) runs through `onnxruntime_genai`; an ONNX export
+through onnxruntime (its KV-cache graph where the export wrote one). Decoding is greedy, so two
+models given the same prompt differ only by their weights.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -42,7 +43,62 @@ def generate_text(source: str, prompt: str, max_new_tokens: int, on_text: Callab
         raise InputError("--prompt is empty; give the text the model should continue")
     if is_genai_folder(source):
         return _genai(source, prompt, max_new_tokens, on_text, device)
+    graph = _onnx_graph(source)
+    if graph is not None:
+        return _onnx(graph, prompt, max_new_tokens, on_text, device)
     return _transformers(source, prompt, max_new_tokens, on_text, str(resolve_device(device)), trust_remote_code)
+
+
+def _onnx_graph(source: str) -> "Path | None":
+    """The graph an ONNX export decodes on: its KV-cache graph beside model.onnx where there is one."""
+    from exporters.onnx_cache import WITH_CACHE_FILE
+    from exporters.onnx_graph import graph_in
+
+    graph = graph_in(source)
+    if graph is not None and graph.name == "model.onnx" and (graph.parent / WITH_CACHE_FILE).is_file():
+        return graph.parent / WITH_CACHE_FILE
+    return graph
+
+
+def _onnx(graph: Path, prompt: str, max_new_tokens: int, on_text, device: str) -> Generation:
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from exporters.onnx_cache import OnnxDecoder
+
+    if not graph.is_file():
+        raise InputError(f"{graph} does not exist; pass the folder or model.onnx an export wrote")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(graph.parent)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"no tokenizer beside {graph} ({exc}); pass the folder an export wrote, which holds one") \
+            from exc
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+    decoder = OnnxDecoder(graph, providers)
+    ids = np.array([tokenizer(prompt)["input_ids"]], dtype=np.int64)
+    steps = _limit(None, ids[0].tolist(), max_new_tokens) - ids.shape[1]
+    stops = {tokenizer.eos_token_id} - {None}
+    new: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    for _, (token, _logits) in zip(range(steps), decoder.stream(ids, np.ones_like(ids))):
+        new.append(int(token[0, 0]))
+        shown = _show(tokenizer, new, shown, on_text)
+        if new[-1] in stops:
+            break
+    seconds = time.perf_counter() - start
+    return Generation(str(graph), f"onnxruntime {decoder.session.get_providers()[0]}", ids.shape[1], len(new),
+                      seconds, tokenizer.decode(new, skip_special_tokens=True))
+
+
+def _show(tokenizer, new: list[int], shown: str, on_text) -> str:
+    """Pass on the text the new tokens add, once whole: the continuation is decoded as a whole each
+    time, since a byte-level token may be half a character. Returns the text shown so far."""
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if text.endswith("\ufffd"):
+        return shown
+    on_text(text[len(shown):])
+    return text
 
 
 def _genai(source: str, prompt: str, max_new_tokens: int, on_text, device: str) -> Generation:
@@ -80,11 +136,7 @@ def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device
         logits = model(step_input, use_cache=True, **{argument: cache}).logits
         token = int(logits[0, -1].argmax())
         new.append(token)
-        # Decode the whole continuation each time: a byte-level token may be half a character.
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            on_text(text[len(shown):])
-            shown = text
+        shown = _show(tokenizer, new, shown, on_text)
         if token in stops:
             break
         step_input = torch.tensor([[token]], device=device)
@@ -93,10 +145,12 @@ def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device
                       ids.shape[1], len(new), seconds, tokenizer.decode(new, skip_special_tokens=True))
 
 
-def _limit(context: int, ids: list, max_new_tokens: int) -> int:
-    """Total length to generate to: the prompt plus `max_new_tokens`, within the context."""
+def _limit(context: Optional[int], ids: list, max_new_tokens: int) -> int:
+    """Total length to generate to: the prompt plus `max_new_tokens`, within the context (if known)."""
     if not ids:
         raise InputError("--prompt gives no tokens with this model's tokenizer; give the text it should continue")
+    if context is None:
+        return len(ids) + max_new_tokens
     if len(ids) >= context:
         raise InputError(f"the prompt is {len(ids)} tokens, at or past the model's context of {context}; "
                          "shorten --prompt")
@@ -116,4 +170,7 @@ def target_kind(source: str) -> str:
         return "the embedded default model, through transformers"
     if is_genai_folder(source):
         return "ONNX Runtime GenAI folder"
+    graph = _onnx_graph(source)
+    if graph is not None:
+        return f"ONNX export, {graph.name} through onnxruntime"
     return ("compact checkpoint" if is_compact_dir(Path(source)) else "model") + ", through transformers"

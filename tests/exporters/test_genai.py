@@ -127,16 +127,22 @@ def test_generate_streams_text_from_every_kind_of_target(genai_folder, pruned_ll
     from cli import main
 
     export("safetensors", pruned_llama_2of4, tmp_path / "compact")
+    export("onnx", pruned_llama_2of4, tmp_path / "onnx", ExportOptions(dtype="float32", validate=False))
+    export("onnx", pruned_llama_2of4, tmp_path / "cached", ExportOptions(dtype="float32", with_cache=True,
+                                                                         validate=False))
     runner = CliRunner()
     outputs = {}
-    for target in (genai_folder[0], pruned_llama_2of4, tmp_path / "compact"):
+    # the ONNX exports: the full-sequence graph run again at every step, and the KV-cache graph
+    for target in (genai_folder[0], pruned_llama_2of4, tmp_path / "compact", tmp_path / "onnx", tmp_path / "cached"):
         result = runner.invoke(main, ["generate", str(target), "--prompt", "The import statement",
                                       "--max-new-tokens", "12", "--compare", str(tiny_llama_dir)])
         assert result.exit_code == 0, result.output
         assert result.stdout.count("The import statement") == 2  # the pruned model's text, then the dense one's
         assert result.stderr.count("tokens/s") == 2
         outputs[target] = result.stdout.split("\n")[0]
-    # Greedy: the three forms of one pruned model continue the prompt alike.
+    assert "model_with_cache.onnx through onnxruntime" in runner.invoke(
+        main, ["generate", str(tmp_path / "cached"), "--prompt", "x", "--max-new-tokens", "1"]).stderr
+    # Greedy: the five forms of one pruned model continue the prompt alike.
     assert len(set(outputs.values())) == 1 and len(outputs[genai_folder[0]]) > len("The import statement")
     missing = runner.invoke(main, ["generate", str(tmp_path / "nothing"), "--prompt", "x"])
     assert missing.exit_code != 0 and "does not exist" in missing.output

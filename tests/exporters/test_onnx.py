@@ -114,6 +114,9 @@ def test_eval_runs_the_exported_onnx(pruned_llama_2of4, tmp_path, with_cache):
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["perplexity"] == evaluate_onnx(tmp_path / "model.onnx", seqlen=32,
                                                                    max_windows=4)["perplexity"]
+    inspected = [CliRunner().invoke(main, ["inspect", str(where), "--json"]) for where in (tmp_path,
+                                                                                          tmp_path / "model.onnx")]
+    assert inspected[0].exit_code == 0 and inspected[0].output == inspected[1].output, inspected[0].output
 
 
 def test_a_weight_past_float16s_range_is_refused_before_the_cast(pruned_llama_2of4, tmp_path):

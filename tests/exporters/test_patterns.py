@@ -9,6 +9,10 @@ def test_known_patterns_on_hand_made_tensors():
     info = analyse("a", two_four)
     assert info.pattern == "2:4" and info.hardware_2to4 and info.sparsity == 0.5
     assert "once cast" in info.reason  # fp32 storage
+    for dtype, named in ((torch.int8, "INT8: compute capability 8.0+"), (torch.float8_e4m3fn, "FP8: compute "
+                                                                                          "capability 8.9+")):
+        info = analyse("q", two_four.to(dtype))  # an 8-bit export's weights run as they are stored
+        assert info.hardware_2to4 and info.reason == f"2:4 in 8 bits ({named})"
 
     four_eight = torch.tensor([[1.0, 2, 3, 4, 0, 0, 0, 0] * 4] * 16)  # 4:8 but groups of 4 are dense
     info = analyse("b", four_eight.half())
