@@ -316,25 +316,37 @@ def _onnxruntime_tensorrt(model, grid, progress, cuda: bool) -> list[dict]:
 
 
 def _genai(model, grid, decode_steps: int, progress, cuda: bool) -> list[dict]:
-    """ONNX Runtime GenAI on the `--target genai` folder: prefill through its generator, then decode."""
+    """ONNX Runtime GenAI on the `--target genai` folder: prefill through its generator, then decode.
+    An INT8 model's folder is timed as exported (for any CPU) and, where this CPU runs onnxruntime's
+    fused INT8 kernel exactly, as `--fused-int8` writes it too."""
     if importlib.util.find_spec("onnxruntime_genai") is None:
         return [dict(level="model", backend="genai", status="skipped",
                      reason="onnxruntime-genai is not installed (pip install 'thanos-export[genai]', or "
                             "onnxruntime-genai-cuda with the gpu extra)")]
     import onnxruntime_genai as og
 
-    from exporters.genai import MODEL_FILE, GenaiModel, write_genai_folder
+    from exporters.onnx_qdq import fused_int8_is_exact
 
     provider = "cuda" if cuda and og.is_cuda_available() else "cpu"
     dtype = torch.float16 if provider == "cuda" else torch.float32
-    common = dict(level="model", backend="genai", status="ok", provider=provider, dtype=str(dtype)[6:],
-                  runtime=f"onnxruntime-genai {og.__version__}")
+    fused = [False] + ([True] if provider == "cpu" and model_format(model) == "int8" and fused_int8_is_exact() else [])
+    records = []
+    for fused_int8 in fused:
+        common = dict(level="model", backend="genai", status="ok", provider=provider, dtype=str(dtype)[6:],
+                      runtime=f"onnxruntime-genai {og.__version__}", **({"fused_int8": True} if fused_int8 else {}))
+        records += _genai_folder(og, model, dtype, fused_int8, common, grid, decode_steps, progress)
+    return records
+
+
+def _genai_folder(og, model, dtype, fused_int8: bool, common: dict, grid, decode_steps: int, progress) -> list[dict]:
+    from exporters.genai import MODEL_FILE, GenaiModel, write_genai_folder
+
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_genai_folder(_cpu_copy(model, dtype), None, folder)
-        common.update(_graph_precision(folder / MODEL_FILE, common["dtype"]))
-        runtime = GenaiModel(folder, provider, tokenizer=False)
+        write_genai_folder(_cpu_copy(model, dtype), None, folder, fused_int8=fused_int8)
+        common = dict(common, **_graph_precision(folder / MODEL_FILE, common["dtype"]))
+        runtime = GenaiModel(folder, common["provider"], tokenizer=False)
         file_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
         def prefill(ids):

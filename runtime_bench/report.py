@@ -68,9 +68,12 @@ def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> str
 
 
 def _precision(record: dict) -> str:
-    """'int8 + float32' for an 8-bit graph whose other operations run in float32; else the dtype."""
+    """'int8 + float32' for an 8-bit graph whose other operations run in float32 ('int8 fused + float32'
+    for a GenAI folder written with --fused-int8); else the dtype."""
     dtype = record.get("dtype", "-")
-    return f"{record['quantization']} + {dtype}" if record.get("quantization") else dtype
+    if not record.get("quantization"):
+        return dtype
+    return f"{record['quantization']}{' fused' if record.get('fused_int8') else ''} + {dtype}"
 
 
 def _markdown(summary: dict, plots: list[str]) -> str:

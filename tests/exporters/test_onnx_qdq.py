@@ -266,6 +266,22 @@ def test_fused_int8_genai_folders_only_where_the_kernel_is_exact(quantized_dir, 
     assert summary["generation"]["quantized_linears"]["linears"] == 21
 
 
+def test_the_model_level_times_an_int8_genai_folder_as_exported_and_fused_where_exact(quantized_dir):
+    pytest.importorskip("onnxruntime_genai", reason="the genai backend needs onnxruntime-genai")
+    from exporters.onnx_qdq import fused_int8_is_exact
+    from runtime_bench.model import run_model
+    from runtime_bench.report import _precision
+    from thanos.models import load_model
+
+    model_dir, fmt = quantized_dir
+    records = run_model(load_model(str(model_dir))[0], [(1, 16)], "cpu", ["genai"], decode_steps=2)
+    fused = [r.get("fused_int8", False) for r in records]
+    assert all(r["status"] == "ok" and r["quantization"] == fmt for r in records)
+    assert fused == [False, False] + ([True, True] if fmt == "int8" and fused_int8_is_exact() else [])
+    assert {_precision(r) for r in records} == {f"{fmt} + float32"} | ({"int8 fused + float32"} if any(fused)
+                                                                       else set())
+
+
 def test_default_dtype_is_half_precision_but_float32_for_int8_genai():
     assert default_dtype("genai", "int8")[0] == "float32" and default_dtype("genai", "int8")[1]
     for fmt, quantized in (("genai", "fp8"), ("genai", None), ("onnx", "int8"), ("tensorrt", "int8")):
