@@ -47,15 +47,18 @@ def test_tf32_reaches_the_search_and_refit_products_alone(monkeypatch):
     monkeypatch.setattr(thanos.recipe, "refit_on_support", spy("refit", thanos.recipe.refit_on_support))
     monkeypatch.setattr(thanos.recipe, "thanos_prune", spy("solve", solver_module.thanos_prune))
     matmul, field = torch.backends.cuda.matmul, _tf32_switch()[0]
-    monkeypatch.setattr(matmul, field, getattr(matmul, field))  # put back after the test, whatever it sets
-    set_matmul_tf32(True)  # a process that allowed it everywhere
-    torch.manual_seed(0)
-    x = torch.randn(256, 64)
-    weight, hessian = torch.randn(32, 64), x.T @ x / 256
-    prune_weight(weight, hessian, "thanos", "2:4", 0.5)  # the default preset: search and refit included
-    assert seen == {"solve": {True}, "search": {False}, "refit": {False}}
-    seen.clear()
-    with tf32_for_products():
-        prune_weight(weight, hessian, "thanos", "2:4", 0.5)
-    assert seen == {"solve": {True}, "search": {True}, "refit": {True}}
-    assert matmul_tf32()  # as the process left it
+    before = getattr(matmul, field)  # put back after the test (monkeypatch cannot: torch 2.6 answers by __getattr__)
+    try:
+        set_matmul_tf32(True)  # a process that allowed it everywhere
+        torch.manual_seed(0)
+        x = torch.randn(256, 64)
+        weight, hessian = torch.randn(32, 64), x.T @ x / 256
+        prune_weight(weight, hessian, "thanos", "2:4", 0.5)  # the default preset: search and refit included
+        assert seen == {"solve": {True}, "search": {False}, "refit": {False}}
+        seen.clear()
+        with tf32_for_products():
+            prune_weight(weight, hessian, "thanos", "2:4", 0.5)
+        assert seen == {"solve": {True}, "search": {True}, "refit": {True}}
+        assert matmul_tf32()  # as the process left it
+    finally:
+        setattr(matmul, field, before)
