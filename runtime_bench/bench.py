@@ -95,13 +95,12 @@ def _load_target(target: str, device: str, trust_remote_code: bool = False, quan
     from thanos.models import load_model
 
     model, _ = load_model(target, trust_remote_code=trust_remote_code)
-    if device.startswith("cuda"):
-        cast_model_(model, torch.float16)
-    return model.to(device)
+    return _on_device(model, device)
 
 
 def _on_device(model, device: str):
-    """A model handed over in memory, in place: fp16 on a GPU, as a loaded one; fp32 on the CPU, the dtype
-    the GEMM level times there (an export may have cast it to --dtype)."""
+    """The model in place on `device`: fp16 on a GPU; fp32 on the CPU, the dtype the GEMM level times
+    there (a bfloat16 checkpoint, or a model an export cast to --dtype, would time half-precision
+    matmuls, no CPU serving path)."""
     cast_model_(model, torch.float16 if device.startswith("cuda") else torch.float32)
     return model.to(device)
