@@ -73,8 +73,10 @@ def _onnx(graph: Path, prompt: str, max_new_tokens: int, on_text, device: str) -
     except (OSError, ValueError) as exc:
         raise InputError(f"no tokenizer beside {graph} ({exc}); pass the folder an export wrote, which holds one") \
             from exc
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
-    decoder = OnnxDecoder(graph, providers)
+    import onnxruntime as ort
+
+    cuda = device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    decoder = OnnxDecoder(graph, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None)
     ids = np.array([tokenizer(prompt)["input_ids"]], dtype=np.int64)
     steps = _limit(None, ids[0].tolist(), max_new_tokens) - ids.shape[1]
     stops = {tokenizer.eos_token_id} - {None}
