@@ -53,19 +53,22 @@ class Adapter:
 
 _LLAMA_FREE = (FreeChannels(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
                FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True))
-# RMSNorm multiplies by its weight (Gemma's by 1 + weight, so Gemma is left out)
+# Inside the block, whatever its norms: up_proj's rows only multiply into down_proj's inputs, and
+# v_proj's (per head) only into o_proj's
+_INNER_SMOOTHING = (SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),
+                    SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), per_head=True))
+# RMSNorm multiplies by its weight (Gemma's by 1 + weight, and OLMo 2's norms follow attention and
+# MLP: those keep the inner groups only)
 _LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                     SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-                    SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),
-                    SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), per_head=True))
+                    *_INNER_SMOOTHING)
 
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
     **{t: Adapter("model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING)
        for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")},
-    "olmo2": Adapter("model.layers", _LLAMA_FREE),  # its norms follow attention and MLP: none to smooth into
-    **{t: Adapter("model.layers", _LLAMA_FREE) for t in ("gemma", "gemma2", "gemma3_text")},
+    **{t: Adapter("model.layers", _LLAMA_FREE, _INNER_SMOOTHING) for t in ("olmo2", "gemma", "gemma2", "gemma3_text")},
     "phi3": Adapter("model.layers"),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True))),
