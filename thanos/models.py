@@ -69,7 +69,10 @@ ADAPTERS = {
     **{t: Adapter("model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING)
        for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")},
     **{t: Adapter("model.layers", _LLAMA_FREE, _INNER_SMOOTHING) for t in ("olmo2", "gemma", "gemma2", "gemma3_text")},
-    "phi3": Adapter("model.layers"),
+    # fused q/k/v and gate/up: their norms fold as LLaMA's (the rows up_proj and v_proj would give
+    # down_proj and o_proj are halves and thirds of fused weights, not listed)
+    "phi3": Adapter("model.layers", (), (SmoothGroup("input_layernorm", ("self_attn.qkv_proj",)),
+                                         SmoothGroup("post_attention_layernorm", ("mlp.gate_up_proj",)))),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True))),
     "gpt2": Adapter("transformer.h", (FreeChannels(("mlp.c_fc",), "mlp.c_proj"),)),

@@ -53,12 +53,14 @@ def test_smoothing_keeps_the_layer_output_every_zero_and_the_statistics(tiny_lla
             assert report.alpha in ALPHA_GRID and report.estimated_error_vs_unsmoothed <= 1.0
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text", "olmo2"])
-def test_families_without_norms_to_fold_into_smooth_inside_the_block(family, tmp_path_factory, tiny_tokenizer_dir):
+@pytest.mark.parametrize("family, smoothed", [(f, {"down_proj", "o_proj"}) for f in ("gemma", "gemma2", "gemma3_text",
+                                                                                      "olmo2")]
+                         + [("phi3", {"qkv_proj", "gate_up_proj"})])
+def test_other_families_smooth_where_a_fold_keeps_the_layer(family, smoothed, tmp_path_factory, tiny_tokenizer_dir):
     """Gemma's norms scale by 1 + weight and OLMo 2's follow attention and MLP, so nothing folds into
     them; up_proj -> down_proj and v_proj -> o_proj (per head) need no norm, and keep the layer's
     output to round-off there too (Gemma's GELU gate, Gemma 2's norms after the MLP, OLMo 2's and
-    Gemma 3's q/k norms included)."""
+    Gemma 3's q/k norms included). Phi-3 fuses q/k/v and gate/up, whose norms fold as LLaMA's."""
     from tests.conftest import _save_tiny
 
     model, layer, linears, inputs, args, kwargs = _layer_setup(_save_tiny(family, tmp_path_factory,
@@ -69,7 +71,7 @@ def test_families_without_norms_to_fold_into_smooth_inside_the_block(family, tmp
         reports = smooth_layer_(layer, "model.layers.0.", adapter_for(model).smoothing, 0.5, shared.channel_range,
                                 shared.hessian, *attention_heads(model))
         after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
-    assert {name.rsplit(".", 1)[-1] for name in reports} == {"down_proj", "o_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in reports} == smoothed
     assert all(r.input_spread_after <= r.input_spread_before for r in reports.values())
     y0, y1 = torch.cat(before), torch.cat(after)
     assert (y0 - y1).abs().max() <= 16 * model.config.intermediate_size * EPS * y0.abs().max()
