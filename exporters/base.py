@@ -101,10 +101,11 @@ def lossless_dtype(fmt: "str | ExportFormat", source: str) -> str:
     return source if source in TARGET_DTYPES.get(ExportFormat(fmt).value, (source,)) else "float32"
 
 
-# onnxruntime's CPU provider, which GenAI folders name, has 8-bit kernels for INT8 in float32 graphs
+# onnxruntime's CPU provider, which GenAI folders name, dequantizes a float16 graph's INT8 weights at
+# every step, a float32 graph's once, and fuses INT8 linears into integer kernels in float32 graphs
 # only (docs/results/onnx_qdq_cpu.md)
-INT8_GENAI_DTYPE = ("float32", "INT8 in a GenAI folder: onnxruntime's CPU provider has 8-bit kernels for float32 "
-                               "graphs only")
+INT8_GENAI_DTYPE = ("float32", "INT8 in a GenAI folder: onnxruntime's CPU provider dequantizes float16 graphs' INT8 "
+                               "weights at every step, float32 ones' once (and fuses them, with --fused-int8)")
 
 
 def default_dtype(fmt: "str | ExportFormat", quantized: Optional[str]) -> tuple[Optional[str], Optional[str]]:
