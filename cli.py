@@ -412,9 +412,8 @@ def eval_cmd(path, text_file, seqlen, windows, device, as_json, trust_remote_cod
       thanos-export eval smollm2-2of4/ --windows 0
       thanos-export eval build/onnx/                # the export itself, as a runtime runs it
     """
-    from thanos.pipeline import evaluate_directory
-
     from exporters.onnx_graph import evaluate_onnx, graph_in
+    from thanos.pipeline import evaluate_directory
 
     windows = _windows(windows)
     try:

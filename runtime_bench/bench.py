@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from runtime_bench.gemm import DEFAULT_TOKENS, DTYPES, FORMAT_DTYPES, SHAPE_SETS, run_gemm, sparse_backends
+from runtime_bench.gemm import DEFAULT_TOKENS, DTYPES, FORMAT_DTYPES, SHAPE_SETS, run_gemm, sparse_backends, with_8bit
 from runtime_bench.model import ALL_BACKENDS, random_model, run_model
 from runtime_bench.protocol import machine
 from runtime_bench.report import write_report
@@ -65,10 +65,9 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
             raise InputError(f"unknown shape set {name!r}; choose from {', '.join(SHAPE_SETS)}, or pass a model "
                              "directory or config.json")
         shapes += [s for s in named if s not in shapes]
-    dtypes = list(settings.dtypes) or (["float16", "bfloat16"] if device.startswith("cuda") else ["float32"])
     eight_bit = settings.quantize or (model_format(model) if model is not None else None)
-    if eight_bit in FORMAT_DTYPES and not settings.dtypes:  # the 8-bit products beside the floating-point ones
-        dtypes.append(FORMAT_DTYPES[eight_bit])
+    dtypes = list(settings.dtypes) or with_8bit(["float16", "bfloat16"] if device.startswith("cuda") else ["float32"],
+                                                eight_bit)
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise InputError(f"unknown GEMM dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")

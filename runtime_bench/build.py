@@ -139,15 +139,13 @@ def _build(job: BuildJob, target: str, options, staging: Path, progress, on_prun
                  perplexity_after=report.get("perplexity_after"), export_summary=summary)
     if job.bench:
         from runtime_bench.bench import BenchSettings, run_bench
-        from runtime_bench.gemm import FORMAT_DTYPES
+        from runtime_bench.gemm import with_8bit
 
         gpu = resolve_device(job.prune.device).type == "cuda"
-        dtypes = (options.dtype or "float16",) if gpu else ("float32",)
         quantize = job.prune.config.recipe.get(Quantize)
-        if quantize:  # the 8-bit products beside the floating-point ones
-            dtypes += (FORMAT_DTYPES[quantize.format],)
+        dtypes = with_8bit([options.dtype or "float16"] if gpu else ["float32"], quantize.format if quantize else None)
         quick = BenchSettings(target=str(staging / "pruned"), out=str(staging / "bench"), tokens=(1, 256, 2048),
-                              grid=((1, 128),), dtypes=dtypes, device=job.prune.device, decode_steps=8)
+                              grid=((1, 128),), dtypes=tuple(dtypes), device=job.prune.device, decode_steps=8)
         # The model as the export left it (cast to --dtype, dense rows split out with
         # --split-dense-rows): the model that is served.
         bench_summary = run_bench(quick, model=model)

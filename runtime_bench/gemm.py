@@ -28,6 +28,11 @@ PADDED_ROWS = {FP8: 16, INT8: 32}
 QUANTIZE_SHARE = 0.25  # of a product's time budget, for timing its input's quantization (a cheap pass)
 
 
+def with_8bit(dtypes: list[str], fmt: Optional[str]) -> list[str]:
+    """`dtypes` and, for a model quantized to `fmt`, its 8-bit products beside the floating-point ones."""
+    return [*dtypes, FORMAT_DTYPES[fmt]] if fmt in FORMAT_DTYPES else list(dtypes)
+
+
 def input_quantizers(dtype_name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """A bf16 input (tokens, in) rounded to the 8-bit grid as `--target torch` does it
     (`exporters.torch_8bit.Sparse8bitLinear.quantize_input`): with one static scale, or with each

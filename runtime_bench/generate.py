@@ -62,6 +62,7 @@ def _onnx_graph(source: str) -> "Path | None":
 
 def _onnx(graph: Path, prompt: str, max_new_tokens: int, on_text, device: str) -> Generation:
     import numpy as np
+    import onnxruntime as ort
     from transformers import AutoTokenizer
 
     from exporters.onnx_cache import OnnxDecoder
@@ -73,8 +74,6 @@ def _onnx(graph: Path, prompt: str, max_new_tokens: int, on_text, device: str) -
     except (OSError, ValueError) as exc:
         raise InputError(f"no tokenizer beside {graph} ({exc}); pass the folder an export wrote, which holds one") \
             from exc
-    import onnxruntime as ort
-
     cuda = device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
     decoder = OnnxDecoder(graph, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None)
     ids = np.array([tokenizer(prompt)["input_ids"]], dtype=np.int64)

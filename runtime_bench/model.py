@@ -25,7 +25,8 @@ import torch
 
 from runtime_bench.protocol import measure
 from thanos.errors import InputError
-from thanos.quantized_model import activations_unrounded, model_format
+from thanos.quantized_model import (LinearQuantization, activations_unrounded, cast_model_, model_format,
+                                    set_quantization, simulate_activations_)
 
 ALL_BACKENDS = ["torch-dense", "torch-2:4", "onnxruntime", "onnxruntime-tensorrt", "genai", "tensorrt-dense",
                 "tensorrt-sparse"]
@@ -84,7 +85,6 @@ def quantize_random_(model, fmt: str) -> None:
     do not change kernel speed, and these keep the activations on the grid's range."""
     from thanos.models import LayerSelection, prunable_linears
     from thanos.quantize import FORMATS, activation_scale, dequantize, round_to_nearest, weight_scales
-    from thanos.quantized_model import LinearQuantization, set_quantization, simulate_activations_
 
     if fmt not in FORMATS:
         raise InputError(f"unknown 8-bit format {fmt!r}; choose {' or '.join(FORMATS)}")
@@ -233,8 +233,6 @@ def _graph_precision(path: Path, dtype: str) -> dict:
 def _cpu_copy(model, dtype):
     """The model as ONNX export wants it (on the CPU), leaving the caller's model where it is."""
     import copy
-
-    from thanos.quantized_model import cast_model_
 
     copied = copy.deepcopy(model).to("cpu")
     cast_model_(copied, dtype)  # an 8-bit model's weights dequantized anew, as the export checks them

@@ -242,6 +242,8 @@ def cast_model_(model: nn.Module, dtype: torch.dtype) -> None:
     for name, mod in quantized_linears(model).items():
         quant = quantization_of(mod)
         weight = weight_view(mod)
+        if weight.dtype == dtype:  # exact in it already: checked when its scales were attached
+            continue
         grid = grid_of(weight, quant.weight_scale.to(weight.device), FORMATS[quant.format])
         if grid is None:
             raise InputError(f"{name}'s weights are not its {quant.format} values times its scales (changed after "
