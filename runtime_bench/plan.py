@@ -27,7 +27,8 @@ from thanos.config import PRESETS, PruneConfig
 from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
                            run_layer, solve_costs)
 from thanos.errors import InputError
-from thanos.models import ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears
+from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears,
+                          smoothing_groups)
 from thanos.linears import weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
@@ -75,7 +76,7 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     quantize = prune.recipe.get(Quantize)
     step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device,
                      prefix=f"{adapter_for(model).layers}.0.", layout=layout,
-                     smoothing=adapter_for(model).smoothing if quantize and quantize.smooths else (),
+                     smoothing=smoothing_groups(model) if quantize and quantize.smooths else (),
                      heads=attention_heads(model))
     # one sample is enough to learn the distinct inputs (and so Hessians) and which linears read each
     first = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device)

@@ -20,7 +20,7 @@ from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
 from thanos.hessian import Curvature, HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, attention_heads, decoder_layers,
-                           prunable_linears)
+                           prunable_linears, smoothing_groups)
 from thanos.linears import set_weight_, weight_view
 from thanos.parallel import Parallel
 from thanos.permute import ChannelLayout
@@ -145,7 +145,7 @@ def prune_model_(
                     model.config.model_type)
     prefix = adapter_for(model).layers
     quantize = config.recipe.get(Quantize)
-    smoothing = adapter_for(model).smoothing if quantize and quantize.smooths else ()
+    smoothing = smoothing_groups(model) if quantize and quantize.smooths else ()
     if quantize and quantize.smooths and not smoothing:
         log.warning("no place to fold input ranges into is known for %r models: quantizing without smoothing",
                     model.config.model_type)

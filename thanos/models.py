@@ -11,7 +11,7 @@ import importlib.util
 import inspect
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -48,7 +48,9 @@ class FreeChannels:
 class Adapter:
     layers: str  # dotted path of the decoder layers' ModuleList
     free_channels: tuple[FreeChannels, ...] = ()
-    smoothing: tuple[SmoothGroup, ...] = ()  # where input ranges can be folded into a producer (thanos.smooth)
+    # where input ranges can be folded into a producer (thanos.smooth); a function of the config
+    # where the family's variants differ (`smoothing_groups` resolves it)
+    smoothing: "tuple[SmoothGroup, ...] | Callable[[object], tuple[SmoothGroup, ...]]" = ()
 
 
 _LLAMA_FREE = (FreeChannels(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
@@ -63,6 +65,22 @@ _LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_at
                     SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
                     *_INNER_SMOOTHING)
 
+
+
+def _opt_smoothing(config) -> tuple[SmoothGroup, ...]:
+    """OPT's LayerNorms (weight and bias divided) where they precede the linears and have a weight:
+    OPT-350m normalises after attention and MLP instead, so only the pairs inside the block fold there.
+    fc1's rows before fc2 through ReLU only: relu(x / s) = relu(x) / s for s > 0."""
+    groups = []
+    if getattr(config, "do_layer_norm_before", True) and getattr(config, "layer_norm_elementwise_affine", True):
+        groups += [SmoothGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                   SmoothGroup("final_layer_norm", ("fc1",))]
+    groups.append(SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",), per_head=True))
+    if getattr(config, "activation_function", None) == "relu":
+        groups.append(SmoothGroup("fc1", ("fc2",)))
+    return tuple(groups)
+
+
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
@@ -74,8 +92,12 @@ ADAPTERS = {
     "phi3": Adapter("model.layers", (), (SmoothGroup("input_layernorm", ("self_attn.qkv_proj",)),
                                          SmoothGroup("post_attention_layernorm", ("mlp.gate_up_proj",)))),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
-                                            FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True))),
-    "gpt2": Adapter("transformer.h", (FreeChannels(("mlp.c_fc",), "mlp.c_proj"),)),
+                                            FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
+                   _opt_smoothing),
+    # LayerNorms before the fused q/k/v and before c_fc; c_fc -> c_proj passes GELU, which a scale
+    # does not commute with, and v's rows are a third of c_attn
+    "gpt2": Adapter("transformer.h", (FreeChannels(("mlp.c_fc",), "mlp.c_proj"),),
+                    (SmoothGroup("ln_1", ("attn.c_attn",)), SmoothGroup("ln_2", ("mlp.c_fc",)))),
 }
 
 
@@ -87,6 +109,12 @@ def adapter_for(model: nn.Module) -> Adapter:
             "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
         )
     return ADAPTERS[model_type]
+
+
+def smoothing_groups(model: nn.Module) -> tuple[SmoothGroup, ...]:
+    """Where this model's 8-bit inputs' ranges fold into what produces them (thanos.smooth)."""
+    smoothing = adapter_for(model).smoothing
+    return smoothing(model.config) if callable(smoothing) else smoothing
 
 
 def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:

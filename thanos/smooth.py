@@ -6,7 +6,7 @@ input channel j by s_j and multiplying column j of every weight that reads it by
 same product; s_j = amax(x_j)^alpha / amax(W[:, j])^(1 - alpha) evens out the two ranges (the
 migration strength alpha: 0 moves nothing, 1 all of the activations' range into the weights).
 The division costs nothing at inference where it folds into what produces the input: the norm's
-weight before q/k/v and before gate/up, up_proj's rows before down_proj (act(gate) * up is linear
+weight (and a LayerNorm's bias) before q/k/v and before gate/up, up_proj's rows before down_proj (act(gate) * up is linear
 in up), v_proj's rows before o_proj (the query heads that share a KV head share its scales). A
 pruned weight is 0 and stays 0, so the pattern survives.
 

@@ -7,7 +7,7 @@ from tests.thanos.test_permute import EPS, _layer_setup
 from thanos import PruneConfig
 from thanos.driver import collect_statistics, prune_model_, run_layer
 from thanos.linears import weight_view
-from thanos.models import LayerSelection, adapter_for, attention_heads, load_model, prunable_linears
+from thanos.models import LayerSelection, adapter_for, attention_heads, load_model, prunable_linears, smoothing_groups
 from thanos.calibration import sample_windows, tokenize_split
 from thanos.smooth import ALPHA_GRID, estimated_error, smooth_layer_, smoothing_scales
 from tests.thanos.helpers import realistic_inputs
@@ -33,7 +33,7 @@ def test_smoothing_keeps_the_layer_output_every_zero_and_the_statistics(tiny_lla
         before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
         shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
         hessians = {name: shared.hessian(name) for name in linears}
-        reports = smooth_layer_(layer, "model.layers.0.", adapter_for(model).smoothing, alpha, shared.channel_range,
+        reports = smooth_layer_(layer, "model.layers.0.", smoothing_groups(model), alpha, shared.channel_range,
                                 shared.hessian, *attention_heads(model))
         after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
         again = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
@@ -53,28 +53,39 @@ def test_smoothing_keeps_the_layer_output_every_zero_and_the_statistics(tiny_lla
             assert report.alpha in ALPHA_GRID and report.estimated_error_vs_unsmoothed <= 1.0
 
 
-@pytest.mark.parametrize("family, smoothed", [(f, {"down_proj", "o_proj"}) for f in ("gemma", "gemma2", "gemma3_text",
-                                                                                      "olmo2")]
-                         + [("phi3", {"qkv_proj", "gate_up_proj"})])
-def test_other_families_smooth_where_a_fold_keeps_the_layer(family, smoothed, tmp_path_factory, tiny_tokenizer_dir):
+@pytest.mark.parametrize("family, overrides, smoothed", [
+    *[(f, {}, {"down_proj", "o_proj"}) for f in ("gemma", "gemma2", "gemma3_text", "olmo2")],
+    ("phi3", {}, {"qkv_proj", "gate_up_proj"}),
+    ("opt", {}, {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
+    ("opt", dict(do_layer_norm_before=False, activation_function="gelu"), {"out_proj"}),  # OPT-350m's order
+    ("gpt2", {}, {"c_attn", "c_fc"})])
+def test_other_families_smooth_where_a_fold_keeps_the_layer(family, overrides, smoothed, tmp_path_factory,
+                                                            tiny_tokenizer_dir):
     """Gemma's norms scale by 1 + weight and OLMo 2's follow attention and MLP, so nothing folds into
     them; up_proj -> down_proj and v_proj -> o_proj (per head) need no norm, and keep the layer's
     output to round-off there too (Gemma's GELU gate, Gemma 2's norms after the MLP, OLMo 2's and
-    Gemma 3's q/k norms included). Phi-3 fuses q/k/v and gate/up, whose norms fold as LLaMA's."""
+    Gemma 3's q/k norms included). Phi-3 fuses q/k/v and gate/up, whose norms fold as LLaMA's.
+    OPT's and GPT-2's LayerNorms carry a bias, divided with the weight; OPT's fc1 -> fc2 passes
+    ReLU (a GELU variant keeps it out) and OPT-350m's norms come after the linears."""
     from tests.conftest import _save_tiny
 
     model, layer, linears, inputs, args, kwargs = _layer_setup(_save_tiny(family, tmp_path_factory,
-                                                                          tiny_tokenizer_dir))
+                                                                          tiny_tokenizer_dir, **overrides))
+    # a fresh LayerNorm is weight 1, bias 0: give it what a trained one has, so that its bias is divided too
+    for norm in (m for m in layer.modules() if isinstance(m, torch.nn.LayerNorm)):
+        norm.weight.data.uniform_(0.5, 2.0)
+        norm.bias.data.normal_(0.0, 0.1)
     with torch.no_grad():
         before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
         shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
-        reports = smooth_layer_(layer, "model.layers.0.", adapter_for(model).smoothing, 0.5, shared.channel_range,
-                                shared.hessian, *attention_heads(model))
+        reports = smooth_layer_(layer, f"{adapter_for(model).layers}.0.", smoothing_groups(model), 0.5,
+                                shared.channel_range, shared.hessian, *attention_heads(model))
         after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
     assert {name.rsplit(".", 1)[-1] for name in reports} == smoothed
     assert all(r.input_spread_after <= r.input_spread_before for r in reports.values())
     y0, y1 = torch.cat(before), torch.cat(after)
-    assert (y0 - y1).abs().max() <= 16 * model.config.intermediate_size * EPS * y0.abs().max()
+    widest = max(weight_view(m).shape[1] for m in linears.values())
+    assert (y0 - y1).abs().max() <= 16 * widest * EPS * y0.abs().max()
 
 
 def _int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -101,13 +112,20 @@ def test_estimated_error_follows_the_real_int8_error(outliers):
     assert real[best] <= 1.25 * min(real.values())  # what the estimate picks is (nearly) the real best
 
 
-def test_whole_model_int8_smooths_by_default_and_records_it(tiny_llama_dir):
-    model, tokenizer = load_model(str(tiny_llama_dir))
+@pytest.mark.parametrize("fixture, unsmoothed", [("tiny_llama_dir", set()), ("tiny_opt_dir", set()),
+                                                 ("tiny_gpt2_dir", {"attn.c_proj", "mlp.c_proj"})])
+def test_whole_model_int8_smooths_by_default_and_records_it(request, fixture, unsmoothed):
+    model, tokenizer = load_model(str(request.getfixturevalue(fixture)))
     samples = sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
     config = PruneConfig(quantize="int8")
     assert config.recipe.steps[-1].smoothing == "auto" and PruneConfig(quantize="fp8").quantize_smoothing == 0.0
     reports = prune_model_(model, samples, config, "cpu")
-    assert all(r["quantization"]["smoothing"]["alpha"] in ALPHA_GRID for r in reports)
+    for r in reports:
+        smoothing = r["quantization"].get("smoothing")
+        if any(r["name"].endswith(name) for name in unsmoothed):
+            assert smoothing is None, r["name"]
+        else:
+            assert smoothing["alpha"] in ALPHA_GRID, r["name"]
     for layer in prunable_linears(model, LayerSelection()).values():
         for mod in layer.values():
             assert_nm(weight_view(mod), 2, 4)
