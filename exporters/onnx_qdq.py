@@ -96,19 +96,54 @@ def holds_fp8(path: "str | Path") -> bool:
 def fused_int8_is_exact(features: "dict | None" = None) -> bool:
     """Whether onnxruntime's fused INT8 kernel computes exactly on this CPU: not on x86 without VNNI,
     where it sums pairs of products in 16 bits (VPMADDUBSW) and saturates. `features`: the CPU's
-    features as numpy detects them at run time (CPUID; read here when None); where numpy's private
-    table cannot be read, the CPU counts as without."""
+    features as numpy detects them at run time (CPUID; read here when None, with Linux's flags for
+    the AVX-VNNI of client CPUs, which numpy's table lacks, where they describe the same CPU); where
+    neither can be read, the CPU counts as without."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return True  # Arm's dot-product kernels accumulate in 32 bits
     if features is None:
-        try:
-            from numpy._core._multiarray_umath import __cpu_features__ as features
-        except ImportError:
-            try:  # numpy 1.x
-                from numpy.core._multiarray_umath import __cpu_features__ as features
-            except ImportError:
-                return False
+        features = _numpy_cpu_features()
+        flags = cpuinfo_flags()
+        if _describe_the_same_cpu(features, flags):
+            features["AVXVNNI"] = "avx_vnni" in flags
     return bool(features.get("AVX512VNNI") or features.get("AVXVNNI"))
+
+
+# numpy's names and Linux's for features both list
+_SHARED_FEATURES = {"AVX2": "avx2", "FMA3": "fma", "F16C": "f16c", "AVX512F": "avx512f", "AVX512VNNI": "avx512_vnni"}
+
+
+def _describe_the_same_cpu(features: dict, flags: set[str]) -> bool:
+    """Whether Linux's flags agree with what CPUID told numpy: under an emulator (qemu-user running
+    another CPU model) /proc/cpuinfo is the host's, whose flags then say too much."""
+    shared = [name for name in _SHARED_FEATURES if name in features]
+    return bool(flags) and bool(shared) and all(bool(features[name]) == (_SHARED_FEATURES[name] in flags)
+                                                for name in shared)
+
+
+def _numpy_cpu_features() -> dict:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        try:  # numpy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return {}
+    return dict(features)
+
+
+def cpuinfo_flags(text: "str | None" = None) -> set[str]:
+    """The first processor's flags in Linux's /proc/cpuinfo (`text`: its contents); empty elsewhere."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
 
 
 def session_entries(formats: "set[str]", this_cpu: bool = True) -> dict[str, str]:

@@ -197,6 +197,26 @@ def test_the_fused_int8_kernel_counts_as_exact_only_where_it_is(machine, feature
     assert onnx_qdq.fused_int8_is_exact(features) is exact
 
 
+def test_avx_vnni_of_client_cpus_is_read_from_linux_flags(monkeypatch):
+    """numpy's feature table has AVX-512 VNNI but not the AVX-VNNI of Alder Lake and later client
+    CPUs, where onnxruntime's fused INT8 kernel is exact too: Linux's flags name it."""
+    import exporters.onnx_qdq as onnx_qdq
+
+    alder_lake = ("processor\t: 0\nmodel name\t: 12th Gen Intel(R) Core(TM) i7-12700\n"
+                  "flags\t\t: fpu sse2 avx f16c avx2 fma avx_vnni sha_ni\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    flags = onnx_qdq.cpuinfo_flags(alder_lake)
+    assert {"avx2", "avx_vnni"} <= flags and "avx512_vnni" not in flags
+    assert onnx_qdq.cpuinfo_flags("processor\t: 0\n") == set()
+    monkeypatch.setattr(onnx_qdq.platform, "machine", lambda: "x86_64")
+    haswell = dict(AVX2=True, FMA3=True, F16C=True, AVX512F=False, AVX512VNNI=False)
+    monkeypatch.setattr(onnx_qdq, "_numpy_cpu_features", lambda: dict(haswell))
+    # the last: an emulated Haswell (qemu-user) on a host with AVX-512, whose /proc/cpuinfo it shows
+    for found, exact in ((flags, True), (flags - {"avx_vnni"}, False), (flags | {"avx512f", "avx512_vnni"}, False),
+                         (set(), False)):
+        monkeypatch.setattr(onnx_qdq, "cpuinfo_flags", lambda found=found: found)
+        assert onnx_qdq.fused_int8_is_exact() is exact, found
+
+
 @pytest.mark.parametrize("version, dtype, fmt, hinted", [
     ("1.29.0", "float16", "int8", True), ("1.19.2", "float16", "int8", True), ("1.30.0", "float16", "int8", False),
     ("1.29.0", "float32", "int8", False), ("1.29.0", "float16", "fp8", False)])
