@@ -814,11 +814,9 @@ def bench_cmd(target, out, backends, tokens, shapes, dtypes, grid, decode_steps,
 
     try:
         settings = BenchSettings(
-            target=target, out=out, backends=tuple(b for b in backends.split(",") if b),
-            tokens=tuple(int(t) for t in tokens.split(",")), shapes=tuple(s for s in shapes.split(",") if s),
-            dtypes=tuple(d for d in dtypes.split(",") if d),
-            grid=tuple(tuple(int(v) for v in g.split("x")) for g in grid.split(",")),
-            levels=tuple(levels.split(",")), device=device, decode_steps=decode_steps, quantize=quantize,
+            target=target, out=out, backends=_names(backends), tokens=_ints(tokens, "--tokens"),
+            shapes=_names(shapes), dtypes=_names(dtypes), grid=_grid(grid), levels=_names(levels), device=device,
+            decode_steps=decode_steps, quantize=quantize,
             trust_remote_code=trust_remote_code)
         bars = _Bars(enabled=not quiet)
         try:
@@ -1005,6 +1003,14 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
         return tuple(int(n) for n in _names(text))
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+
+
+def _grid(text: str) -> tuple[tuple[int, ...], ...]:
+    try:
+        return tuple(tuple(int(v) for v in g.split("x")) for g in _names(text))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of BATCHxLENGTH (1x128,4x512)",
+                                 param_hint="--grid") from None
 
 
 def _bench_stopped(exc: KeyboardInterrupt, json_out) -> None:

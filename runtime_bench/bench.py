@@ -35,6 +35,7 @@ class BenchSettings:
 
 def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
     """Measure `settings.target` (or `model`, the same model already in memory: it is not read again)."""
+    _check_settings(settings)
     device = str(resolve_device(settings.device))
     known = ALL_BACKENDS + list(sparse_backends("cpu"))  # model-level names, then the GEMM kernels' own
     unknown = [b for b in settings.backends if b not in known]
@@ -54,6 +55,8 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
         # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
         shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
                         - {(model.config.vocab_size, model.config.hidden_size)})
+        if "model" in settings.levels:
+            _check_context(settings, model)
     for name in settings.shapes:
         if name in SHAPE_SETS:
             named = SHAPE_SETS[name]
@@ -85,6 +88,36 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
         write_report(Path(settings.out), machine(), info | dict(complete=False), records)
         raise
     return write_report(Path(settings.out), machine(), info | dict(complete=True), records)
+
+
+LEVELS = ("gemm", "model")
+
+
+def _check_settings(settings: BenchSettings) -> None:
+    """Refuse what would measure nothing, or fail inside a runtime after minutes of loading."""
+    unknown = [level for level in settings.levels if level not in LEVELS]
+    if unknown or not settings.levels:
+        raise InputError(f"unknown level {unknown[0]!r}; choose gemm, model or both (--levels gemm,model)"
+                         if unknown else "no level to measure; choose gemm, model or both (--levels gemm,model)")
+    if "gemm" in settings.levels and (not settings.tokens or min(settings.tokens) < 1):
+        raise InputError(f"GEMM token counts must be 1 or more (--tokens 1,16,256), not {list(settings.tokens)}")
+    if "model" in settings.levels:
+        bad = [g for g in settings.grid if len(g) != 2 or min(g) < 1]
+        if bad or not settings.grid:
+            raise InputError(f"model-level grid entries are batch x sequence length, both 1 or more (--grid "
+                             f"1x128,4x512), not {'x'.join(map(str, bad[0])) if bad else 'none'}")
+        if settings.decode_steps < 1:
+            raise InputError(f"--decode-steps must be 1 or more, not {settings.decode_steps}")
+
+
+def _check_context(settings: BenchSettings, model) -> None:
+    from thanos.models import context_length
+
+    context = context_length(model)
+    longest = max(max(seq for _, seq in settings.grid), settings.grid[0][1] + settings.decode_steps)
+    if context is not None and longest > context:
+        raise InputError(f"the model covers {context} positions, and the grid asks for {longest} (the longest "
+                         "prefill, or the first one's length plus --decode-steps); use shorter --grid lengths")
 
 
 def _load_target(target: str, device: str, trust_remote_code: bool = False, quantize: Optional[str] = None):

@@ -207,6 +207,29 @@ def test_bench_rejects_an_unknown_backend(tiny_llama_dir, tmp_path):
         run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(tmp_path), backends=("onnx",), device="cpu"))
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(levels=("gem",)), "unknown level 'gem'"),
+    (dict(levels=()), "no level to measure"),
+    (dict(levels=("gemm",), tokens=(0, 16)), "token counts must be 1 or more"),
+    (dict(grid=((0, 5),)), "batch x sequence length, both 1 or more.*not 0x5"),
+    (dict(grid=((1,),)), "batch x sequence length"),
+    (dict(grid=((1, 64),), decode_steps=0), "--decode-steps must be 1 or more"),
+    # the tiny model covers 256 positions: a prefill past them, or the decode's prompt plus its steps
+    (dict(grid=((1, 300),)), "covers 256 positions, and the grid asks for 316"),
+    (dict(grid=((1, 250), (1, 16)), decode_steps=8), "asks for 258"),
+])
+def test_bench_refuses_what_would_measure_nothing_or_fail_in_a_runtime(tiny_llama_dir, tmp_path, settings, message):
+    with pytest.raises(InputError, match=message):
+        run_bench(BenchSettings(target=str(tiny_llama_dir), out=str(tmp_path), device="cpu", **settings))
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_bench_cli_names_the_option_of_a_malformed_list(tiny_llama_dir, tmp_path):
+    for option, value in (("--grid", "1x"), ("--tokens", "1,a")):
+        result = CliRunner().invoke(main, ["bench", str(tiny_llama_dir), option, value, "--out", str(tmp_path)])
+        assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, result.output
+
+
 def test_a_kernel_that_fails_at_one_shape_is_skipped_there_only(monkeypatch):
     """Reasons are kept per shape: a conversion or a first product that fails at one shape voids nothing else."""
     from runtime_bench import gemm
