@@ -178,7 +178,7 @@ def prune_options(f):
                      help=".txt or .jsonl ({'text': ...} per line). Default: Python's pydoc topics."),
         click.option("--calib-samples", type=click.IntRange(min=1), default=None,
                      help="Calibration windows (default 128 on GPU, 32 on CPU)."),
-        click.option("--seqlen", type=click.IntRange(min=1), default=None,
+        click.option("--seqlen", type=click.IntRange(min=2), default=None,
                      help="Tokens per window (default 2048 on GPU, 512 on CPU; at most the model's context)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
@@ -395,7 +395,7 @@ def prune(out, quiet, **options):
 @main.command("eval")
 @click.argument("path", type=click.Path())
 @click.option("--text-file", type=click.Path(), default=None, help="Evaluate on the held-out 10% of this file.")
-@click.option("--seqlen", type=click.IntRange(min=1), default=None,
+@click.option("--seqlen", type=click.IntRange(min=2), default=None,
               help="Window length (default 2048 on GPU, 512 on CPU, at most the model's context).")
 @click.option("--windows", type=click.IntRange(min=0), default=None,
               help="Windows to use (default: all on GPU, 16 on CPU; 0 = all).")
@@ -953,7 +953,7 @@ def bench_solvers_cmd(shapes, methods, patterns, block_sizes, device, per_block,
 @click.option("--patterns", default="2:4,4:8,unstructured", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Calibration seeds; each draws other windows.")
 @click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", type=click.IntRange(min=1), default=512, show_default=True, help="Tokens per window.")
+@click.option("--seqlen", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
 @click.option("--other-windows", type=click.IntRange(min=0), default=16, show_default=True,
               help="Windows of the other-kind text (0: all).")
 @click.option("--device", default="auto", show_default=True)

@@ -368,6 +368,8 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
     `tf32`: the mask search's and refit's products in TF32 on a GPU (`thanos.devices.tf32_for_products`);
     the layer errors reported beside the times are computed in full fp32 either way.
     """
+    if not ranks or min(ranks) < 1:
+        raise InputError(f"--ranks are process counts, 1 or more (1,8), not {list(ranks)}")
     prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels,
                         sequential=sequential, quantize=quantize)
     if count_only:

@@ -14,6 +14,8 @@ from thanos.errors import InputError
 def perplexity(model, tokens: torch.Tensor, seqlen: int, device: "str | torch.device" = "cpu",
                max_windows: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None) -> float:
     """exp(mean next-token NLL) over `tokens` cut into consecutive windows of `seqlen`."""
+    if seqlen < 2:
+        raise InputError(f"a perplexity window needs 2 tokens or more (one predicted from the other), not {seqlen}")
     windows = tokens.numel() // seqlen
     if max_windows is not None:
         windows = min(windows, max_windows)

@@ -222,3 +222,12 @@ def test_a_plan_reads_the_shapes_of_any_supported_model_directory(tmp_path, tmp_
                             (tmp_path / "moe", "is a 'mixtral' model; supported: gemma")):
         refused = CliRunner().invoke(main, ["plan", "--config", str(config), "--count-only"])
         assert refused.exit_code == 1 and refusal in refused.output, refused.output
+
+
+@pytest.mark.parametrize("ranks", [(0,), (1, 0), ()])
+def test_plan_refuses_rank_counts_below_one_before_any_work(ranks, tmp_path):
+    from thanos.errors import InputError
+
+    with pytest.raises(InputError, match="--ranks are process counts, 1 or more"):
+        plan.run_plan("llama2-70b", "cpu", ranks, count_only=True, json_out=str(tmp_path / "p.json"))
+    assert not (tmp_path / "p.json").exists()

@@ -354,3 +354,11 @@ def test_every_supported_family_prunes_to_an_exact_8bit_pattern(family, tmp_path
     for linear in linears.values():
         assert torch.isfinite(linear.weight).all()
         assert_nm(weight_view(linear), 2, 4)
+
+
+def test_perplexity_refuses_windows_of_one_token():
+    from thanos.errors import InputError
+    from thanos.evaluate import perplexity
+
+    with pytest.raises(InputError, match="needs 2 tokens or more"):
+        perplexity(None, torch.arange(64), 1)
