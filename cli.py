@@ -447,7 +447,9 @@ def export_options(f):
         click.option("--split-dense-rows", is_flag=True,
                      help="alpha > 0 models: run each layer's dense outlier rows as a separate dense product, "
                           "so the other rows stay 2:4 for sparse kernels."),
-        click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset."),
+        click.option("--opset", type=int, default=18, show_default=True,
+                     help="ONNX opset, 14 up to the highest this torch's exporter writes; 8-bit graphs are written "
+                          "at 19 or above (QuantizeLinear on float16, FP8 types)."),
         click.option("--with-cache", is_flag=True,
                      help="ONNX: also write model_with_cache.onnx, with KV-cache inputs and outputs for decoding."),
         click.option("--trt-batch", default="1,1,4", show_default=True, help="TensorRT profile min,opt,max batch."),

@@ -107,12 +107,26 @@ _OPTION_TARGETS = {
 
 
 def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> None:
-    """Raise ExportError for an option the target would ignore (before any work is done)."""
+    """Raise ExportError for an option the target would ignore or cannot take (before any work is done)."""
     fmt = ExportFormat(fmt)
     for field, (targets, flag) in _OPTION_TARGETS.items():
         if getattr(options, field) and fmt.value not in targets:
             raise ExportError(f"{flag} applies to the {' / '.join(sorted(targets))} targets, not {fmt.value}; "
                               "drop it, or pick one of those targets")
+    if fmt.value in ("onnx", "genai", "tensorrt"):
+        low, high = opset_range()
+        if not low <= options.opset <= high:
+            raise ExportError(f"--opset {options.opset} is outside what the export can write here: {low} to {high} "
+                              f"({low}: the lowest every supported family traces at; {high}: this torch's "
+                              "exporter's highest); the default is 18")
+
+
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets an export may ask for: 14 (OPT's cumsum needs 11, every family was traced at
+    14) up to the highest this torch's exporter writes."""
+    from torch.onnx import _constants  # private, so read with a fallback: torch 2.6 to 2.13 have it
+
+    return 14, int(getattr(_constants, "ONNX_MAX_OPSET", 20))
 
 
 def check_backend(fmt: "str | ExportFormat", quantize: Optional[str] = None, inputs: str = "static",

@@ -157,6 +157,15 @@ def test_prune_and_build_refuses_an_option_of_another_target_before_pruning(tmp_
     assert not (tmp_path / "b" / "pruned").exists()
 
 
+@pytest.mark.parametrize("opset", ["5", "99"])
+def test_an_opset_the_exporter_cannot_write_is_refused_before_pruning(tmp_path, tiny_llama_dir, opset):
+    """torch's exporter failed deep inside the trace (opset 5: arange; 99: unsupported) after the pruning."""
+    result = CliRunner().invoke(main, ["prune-and-build", "--model", str(tiny_llama_dir), "--target", "onnx",
+                                       "--opset", opset, "--out", str(tmp_path / "b"), *SMALL])
+    assert result.exit_code == 1 and f"--opset {opset} is outside what the export can write here: 14 to" in result.output
+    assert not (tmp_path / "b" / "pruned").exists()
+
+
 def test_own_errors_are_one_line_and_everything_else_keeps_its_traceback(monkeypatch, tmp_path):
     import thanos.pipeline
     from thanos.errors import InputError
