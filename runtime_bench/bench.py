@@ -75,7 +75,9 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
     if unknown:
         raise InputError(f"unknown GEMM dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
     info = dataclasses.asdict(settings) | dict(device=device, gemm_shapes=[list(s) for s in shapes], dtypes=dtypes)
-    records: list[dict] = []
+    here = machine()
+    records = _Records(lambda done: write_report(Path(settings.out), here, info | dict(complete=False), done,
+                                                 json_only=True))
     try:
         if "gemm" in settings.levels:
             run_gemm(shapes, list(settings.tokens), dtypes, device,
@@ -85,9 +87,30 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
             run_model(model, list(settings.grid), device, list(settings.backends), settings.decode_steps,
                       progress, sink=records)
     except BaseException:  # interrupted (Ctrl-C, SIGTERM from a time limit) or failed: keep what was measured
-        write_report(Path(settings.out), machine(), info | dict(complete=False), records)
+        write_report(Path(settings.out), here, info | dict(complete=False), records)
         raise
-    return write_report(Path(settings.out), machine(), info | dict(complete=True), records)
+    return write_report(Path(settings.out), here, info | dict(complete=True), records)
+
+
+class _Records(list):
+    """The records measured so far, report.json rewritten (marked incomplete) as each arrives: a
+    process ended with no chance to write (a kernel's crash, SIGKILL at a time limit) keeps them."""
+
+    def __init__(self, written):
+        super().__init__()
+        self._written = written
+
+    def append(self, record) -> None:
+        super().append(record)
+        self._written(self)
+
+    def extend(self, records) -> None:
+        super().extend(records)
+        self._written(self)
+
+    def __iadd__(self, records):
+        self.extend(records)
+        return self
 
 
 LEVELS = ("gemm", "model")

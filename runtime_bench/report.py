@@ -5,14 +5,17 @@ import json
 from pathlib import Path
 
 from runtime_bench.gemm import crossovers
+from thanos.outputs import atomic_write_text
 
 
-def write_report(out: Path, machine: dict, settings: dict, records: list[dict]) -> dict:
+def write_report(out: Path, machine: dict, settings: dict, records: list[dict], json_only: bool = False) -> dict:
+    """report.json, then (unless `json_only`: while measuring, where plots would cost more than the
+    figures) the plots and report.md; each file replaced whole, never left half-written."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = dict(machine=machine, settings=settings, results=records, crossovers=crossovers(records))
-    (out / "report.json").write_text(json.dumps(summary, indent=1, default=str))
-    plots = _plots(out, records)
-    (out / "report.md").write_text(_markdown(summary, plots))
+    summary = dict(machine=machine, settings=settings, results=list(records), crossovers=crossovers(records))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1, default=str))
+    if not json_only:
+        atomic_write_text(out / "report.md", _markdown(summary, _plots(out, records)))
     return summary
 
 

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -128,6 +129,35 @@ def test_interrupted_bench_keeps_what_it_measured(tiny_llama_dir, tmp_path):
     assert report["settings"]["complete"] is False
     levels = [r["level"] for r in report["results"] if r["status"] == "ok"]
     assert levels.count("gemm") >= 2 and levels.count("model") == 1  # the GEMMs and the first prefill figure
+
+
+def test_a_bench_killed_outright_keeps_the_figures_measured_before(tmp_path):
+    """A kernel's crash or a SIGKILL at a time limit ends the process with no exception to write the
+    report on: report.json is rewritten, whole, as each figure arrives."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "bench"
+    script = f"""
+import os, signal
+from runtime_bench.bench import BenchSettings, run_bench
+
+def kill_after_the_third_shape(stage, done, total):  # called once a shape is timed
+    if done == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_bench(BenchSettings(target="random:smollm2-135m", out={str(out)!r}, levels=("gemm",), tokens=(1,),
+                        dtypes=("float32",), device="cpu"), kill_after_the_third_shape)
+"""
+    root = Path(__file__).resolve().parents[2]
+    ended = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                           capture_output=True, text=True, timeout=300)
+    assert ended.returncode == -9, ended.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["complete"] is False and not (out / "report.md").exists()
+    shapes = {tuple(r["shape"]) for r in report["results"] if r["status"] == "ok"}
+    assert len(shapes) == 3  # the three shapes timed before the kill
 
 
 def test_gemm_only_bench_of_a_named_model_does_not_build_it(tmp_path):
