@@ -992,8 +992,9 @@ def bench_quality_cmd(model, methods, patterns, seeds, samples, seqlen, other_wi
             run_table(settings, carry, out, echo=click.echo)
     except USER_ERRORS as exc:
         _fail(exc)
-    except KeyboardInterrupt as exc:
-        _bench_stopped(exc, None)
+    except KeyboardInterrupt as exc:  # each run's row is written as it is measured
+        kept = Path(out).with_suffix(".json") if out else None
+        _bench_stopped(exc, f"{kept} (and .md)" if kept and kept.exists() else None)
 
 
 def _names(text: str) -> tuple[str, ...]:

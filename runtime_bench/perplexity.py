@@ -33,6 +33,7 @@ from thanos.evaluate import perplexity
 from thanos.models import describe_source, load_model
 from thanos.devices import device_description, resolve_device
 from thanos.errors import InputError
+from thanos.outputs import atomic_write_text
 from thanos.pipeline import versions
 from thanos.quantized_model import simulate_activations_
 
@@ -117,8 +118,12 @@ def _is_dense(method: str) -> bool:
     return method.partition("+")[0] == "dense"
 
 
-def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
-    """Prune a fresh copy of the model per (pattern, method, seed); returns settings and one row per run."""
+def compare(settings: Comparison, echo: Callable[[str], None] = print,
+            measured: Optional[Callable[[dict], None]] = None) -> dict:
+    """Prune a fresh copy of the model per (pattern, method, seed); returns settings and one row per run.
+
+    `measured(result so far)` after each run: a table of hours keeps its runs when stopped.
+    """
     for pattern in settings.patterns:  # a misspelt method is refused before the model loads
         for method in settings.methods:
             method_config(method, pattern)
@@ -147,8 +152,16 @@ def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
             model.to("cpu")
         return values
 
-    rows = [dict(method="dense", pattern="-", seed=None, seconds=0.0, **measure(base))]
-    echo(_row_line(rows[0]))
+    rows: list[dict] = []
+
+    def add(row: dict, line: str) -> None:
+        rows.append(row)
+        if measured:
+            measured(dict(settings=info, results=list(rows), summary=summarise(rows)))
+        echo(line)
+
+    dense = dict(method="dense", pattern="-", seed=None, seconds=0.0, **measure(base))
+    add(dense, _row_line(dense))
     for pattern in settings.patterns:
         for method in settings.methods:
             for seed in (settings.seeds[:1] if method in SEED_FREE else settings.seeds):
@@ -157,14 +170,12 @@ def compare(settings: Comparison, echo: Callable[[str], None] = print) -> dict:
                     model, seconds, config = _prune(base, method, pattern, text.calibration, settings, seed, dev)
                 except _Skipped as exc:
                     row.update(status="skipped", reason=str(exc))
-                    rows.append(row)
-                    echo(f"| {method} | {pattern} | skipped: {exc} |")
+                    add(row, f"| {method} | {pattern} | skipped: {exc} |")
                     break
                 row.update(status="ok", seconds=seconds, config=config, **measure(model))
                 if not _is_dense(method):
                     row["pattern_violations"] = pattern_violations(model, pattern)
-                rows.append(row)
-                echo(_row_line(row))
+                add(row, _row_line(row))
                 del model
     return dict(settings=info, results=rows, summary=summarise(rows))
 
@@ -324,6 +335,8 @@ def markdown(result: dict) -> str:
              + (f"{Path(other['text']).name}, {other['windows'] or 'all'} windows." if isinstance(other, dict) else other),
              "Perplexity: mean ± sample standard deviation over the calibration seeds (runs); seconds: whole-model "
              "pruning wall time, calibration passes included.", "",
+             *(["Stopped before the end: the runs measured so far (`--carry` this NAME.json into a run of the rest "
+                "to complete the table).", ""] if result.get("complete") is False else []),
              "| pattern | method | runs | held-out perplexity | other-kind perplexity | prune seconds |",
              "|---|---|---|---|---|---|"]
     for e in result["summary"]:
@@ -387,13 +400,16 @@ def run_table(settings: Comparison, carry: tuple[str, ...] = (), out: Optional[s
     earlier = {source: json.loads(Path(source).read_text()) for source in carry}
     for source, rows in earlier.items():  # checked before any work, as far as the settings are known
         check_carry(dict(model=describe_source(settings.model)), rows, source)
-    result = compare(settings, echo=echo)
+    result = compare(settings, echo=echo, measured=(lambda so_far: _write(dict(so_far, complete=False), out))
+                     if out else None)
     for source, rows in earlier.items():
         try:
             result = carry_rows(result, rows, source)
         except ValueError as exc:  # keep this run's rows: write them without the earlier ones
             echo(f"not carried: {exc}")
-    _write(result, out, echo)
+    result = dict(result, complete=True)
+    echo(markdown(result))
+    _write(result, out, plots=True)
     return result
 
 
@@ -403,16 +419,17 @@ def join_tables(sources: list[str], out: Optional[str] = None, echo=print) -> di
     result = json.loads(Path(sources[0]).read_text())
     for source in sources[1:]:
         result = carry_rows(result, json.loads(Path(source).read_text()), source, every_pattern=True)
-    _write(result, out, echo)
+    echo(markdown(result))
+    _write(result, out, plots=True)
     return result
 
 
-def _write(result: dict, out: Optional[str], echo=print) -> None:
-    """Print the table; with `out`, write NAME.json, NAME.md and NAME.png."""
-    echo(markdown(result))
+def _write(result: dict, out: Optional[str], plots: bool = False) -> None:
+    """With `out`, write NAME.json and NAME.md (each replaced whole) and, with `plots`, NAME.png."""
     if out:
         stem = Path(out)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-        stem.with_suffix(".md").write_text(markdown(result))
-        plot(result, stem.with_suffix(".png"))
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+        atomic_write_text(stem.with_suffix(".md"), markdown(result))
+        if plots:
+            plot(result, stem.with_suffix(".png"))

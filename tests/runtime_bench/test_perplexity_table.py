@@ -1,4 +1,5 @@
 """The comparison table: rows of an earlier run carried beside a new one, only when comparable."""
+import dataclasses
 import json
 
 import pytest
@@ -110,3 +111,26 @@ def test_a_table_joined_from_two_machines_says_so():
     again = carry_rows(dict(settings=SETTINGS, results=[]), merged, "joined.json", every_pattern=True)
     assert sorted(r["device"] for r in again["results"]) == sorted(r["device"] for r in merged["results"])
     assert "more than one machine" not in markdown(carry_rows(epyc, dict(epyc, results=[]), "same.json"))
+
+
+def test_a_stopped_table_keeps_the_runs_it_measured(tiny_llama_dir, tmp_path):
+    """A table takes hours on a real model; stopped (Ctrl-C, SIGTERM) after some runs, NAME.json and
+    NAME.md hold them, marked incomplete, and the file can be carried into a run of the rest."""
+    from runtime_bench.perplexity import Comparison, run_table
+
+    def stop_at_wanda(line: str) -> None:
+        if "| wanda |" in line:
+            raise KeyboardInterrupt
+
+    settings = Comparison(model=str(tiny_llama_dir), methods=("magnitude", "wanda"), patterns=("2:4",), seeds=(0,),
+                          samples=2, seqlen=32, other_windows=1, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        run_table(settings, out=str(tmp_path / "t"), echo=stop_at_wanda)
+    kept = json.loads((tmp_path / "t.json").read_text())
+    assert kept["complete"] is False and [r["method"] for r in kept["results"]] == ["dense", "magnitude", "wanda"]
+    assert "Stopped before the end" in (tmp_path / "t.md").read_text() and not (tmp_path / "t.png").exists()
+    rest = run_table(dataclasses.replace(settings, methods=("sparsegpt",)), carry=(str(tmp_path / "t.json"),),
+                     out=str(tmp_path / "all"), echo=lambda line: None)
+    assert rest["complete"] is True and {r["method"] for r in rest["results"]} == {"dense", "magnitude", "wanda",
+                                                                                   "sparsegpt"}
+    assert "Stopped" not in (tmp_path / "all.md").read_text()
