@@ -10,6 +10,7 @@ from thanos.linears import weight_view
 from thanos.models import LayerSelection, adapter_for, attention_heads, load_model, prunable_linears, smoothing_groups
 from thanos.calibration import sample_windows, tokenize_split
 from thanos.smooth import ALPHA_GRID, estimated_error, smooth_layer_, smoothing_scales
+from tests.conftest import FAMILIES, _save_tiny
 from tests.thanos.helpers import realistic_inputs
 
 
@@ -67,14 +68,9 @@ def test_other_families_smooth_where_a_fold_keeps_the_layer(family, overrides, s
     Gemma 3's q/k norms included). Phi-3 fuses q/k/v and gate/up, whose norms fold as LLaMA's.
     OPT's and GPT-2's LayerNorms carry a bias, divided with the weight; OPT's fc1 -> fc2 passes
     ReLU (a GELU variant keeps it out) and OPT-350m's norms come after the linears."""
-    from tests.conftest import _save_tiny
-
     model, layer, linears, inputs, args, kwargs = _layer_setup(_save_tiny(family, tmp_path_factory,
                                                                           tiny_tokenizer_dir, **overrides))
-    # a fresh LayerNorm is weight 1, bias 0: give it what a trained one has, so that its bias is divided too
-    for norm in (m for m in layer.modules() if isinstance(m, torch.nn.LayerNorm)):
-        norm.weight.data.uniform_(0.5, 2.0)
-        norm.bias.data.normal_(0.0, 0.1)
+    _trained_like_norms_(layer)
     with torch.no_grad():
         before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
         shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
@@ -86,6 +82,49 @@ def test_other_families_smooth_where_a_fold_keeps_the_layer(family, overrides, s
     y0, y1 = torch.cat(before), torch.cat(after)
     widest = max(weight_view(m).shape[1] for m in linears.values())
     assert (y0 - y1).abs().max() <= 16 * widest * EPS * y0.abs().max()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", *sorted(FAMILIES)])
+def test_what_the_adapter_declares_keeps_every_familys_layer(family, tmp_path_factory, tiny_tokenizer_dir):
+    """What thanos.models.ADAPTERS declares of a family (channels free to reorder, producers an input's
+    scale folds into) must hold for its real decoder layer: every free channel set reordered (by a
+    search on made-up statistics, so that channels do move) and every group smoothed, the layer
+    computes the same function. A wrong declaration changes the output at the first layer."""
+    from thanos.permute import ChannelLayout, permute_free_channels_
+    from thanos.config import Pattern
+
+    model, layer, linears, inputs, args, kwargs = _layer_setup(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir))
+    prefix = f"{adapter_for(model).layers}.0."
+    _trained_like_norms_(layer)
+    generator, made_up = torch.Generator().manual_seed(0), {}
+
+    def hessian_of(name: str) -> torch.Tensor:
+        if name not in made_up:
+            made_up[name] = torch.diag(torch.rand(weight_view(linears[name]).shape[1], generator=generator) ** 4 + 1e-3)
+        return made_up[name]
+
+    with torch.no_grad():
+        before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+        shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
+        permuted = permute_free_channels_(layer, prefix, ChannelLayout.of(model), hessian_of, Pattern.parse("2:4"))
+        smoothed = smooth_layer_(layer, prefix, smoothing_groups(model), 0.5, shared.channel_range, shared.hessian,
+                                 *attention_heads(model))
+        after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+    assert len(permuted) == len(adapter_for(model).free_channels) and all(r.moved > 0 for r in permuted)
+    assert len({r.producer for r in smoothed.values()}) == len(smoothing_groups(model))
+    y0, y1 = torch.cat(before), torch.cat(after)
+    widest = max(weight_view(m).shape[1] for m in linears.values())
+    assert (y0 - y1).abs().max() <= 16 * widest * EPS * y0.abs().max()
+
+
+def _trained_like_norms_(layer: torch.nn.Module) -> None:
+    """A fresh norm is weight 1 (Gemma's 0), bias 0: give it what a trained one has, so that folding a
+    scale into its weight and bias is checked."""
+    for norm in (m for m in layer.modules() if "norm" in type(m).__name__.lower()):
+        if getattr(norm, "weight", None) is not None:
+            norm.weight.data.uniform_(0.5, 2.0)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data.normal_(0.0, 0.1)
 
 
 def _int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
