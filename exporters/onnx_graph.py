@@ -52,7 +52,7 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
     model = getattr(module, "model", module)  # the model our wrappers hold
     quantized = quantized_linears(model)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-export-") as scratch, \
-            activations_unrounded(module), eager_attention(model), traceable_rope(model):
+            activations_unrounded(module), eager_attention(model), traceable_rope(model), traceable_repeats():
         raw = Path(scratch) / path.name
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about every Python branch in transformers' masking code; the dynamic
@@ -83,6 +83,31 @@ def export_graph(module, example_inputs: tuple, input_names: list[str], output_n
     else:
         onnx.save_model(proto, str(path))
     return qdq
+
+
+@contextlib.contextmanager
+def traceable_repeats():
+    """Within: `repeat_interleave` by a whole number as a stack of copies, flattened.
+
+    Interleaved rotary embeddings (Cohere, GLM, ERNIE 4.5, Helium) repeat each frequency twice
+    along the last dimension; torch.onnx's TorchScript symbolic for that bakes the example's shape
+    into the graph, which then fails at any other length (or the trace fails outright). A stack of
+    the same tensor, flattened, moves the same values and traces with dynamic shapes."""
+    original_function, original_method = torch.repeat_interleave, torch.Tensor.repeat_interleave
+
+    def repeat(x, repeats=None, dim=None, *args, **kwargs):
+        if repeats is None:  # torch.repeat_interleave(counts)
+            return original_function(x)
+        if isinstance(repeats, int) and dim is not None and not args and not kwargs:
+            dim = dim % x.dim()
+            return torch.stack([x] * repeats, dim=dim + 1).flatten(dim, dim + 1)
+        return original_function(x, repeats, dim, *args, **kwargs)
+
+    torch.repeat_interleave, torch.Tensor.repeat_interleave = repeat, repeat
+    try:
+        yield
+    finally:
+        torch.repeat_interleave, torch.Tensor.repeat_interleave = original_function, original_method
 
 
 @contextlib.contextmanager

@@ -49,7 +49,13 @@ def tiny_tokenizer_dir(tmp_path_factory):
 
 # model_type -> what its tiny config needs beyond the common sizes; sliding windows and longrope's
 # pretraining length shorter than the exports' check prompts, so that both sides are exercised
+ALTERNATING = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
 FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=16), "granite": {}, "olmo2": {},
+            "olmo3": ALTERNATING, "exaone4": ALTERNATING, "ministral": dict(sliding_window=16, head_dim=16), "ministral3": {},
+            "seed_oss": {}, "ernie4_5": {}, "helium": dict(head_dim=16), "hunyuan_v1_dense": dict(head_dim=16),
+            "internlm3": {},
+            "cohere2": ALTERNATING, "stablelm": {}, "starcoder2": dict(sliding_window=16), "arcee": {},
+            "glm4": {},
             "smollm3": dict(no_rope_layers=[1, 0]),  # its second layer without rotary positions (NoPE)
             "gemma": dict(head_dim=16),
             "gemma2": dict(head_dim=16, sliding_window=16), "gemma3_text": dict(head_dim=16, sliding_window=16),

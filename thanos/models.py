@@ -59,8 +59,8 @@ _LLAMA_FREE = (FreeChannels(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
 # v_proj's (per head) only into o_proj's
 _INNER_SMOOTHING = (SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),
                     SmoothGroup("self_attn.v_proj", ("self_attn.o_proj",), per_head=True))
-# RMSNorm multiplies by its weight (Gemma's by 1 + weight, and OLMo 2's norms follow attention and
-# MLP: those keep the inner groups only)
+# RMSNorm multiplies by its weight (Gemma's by 1 + weight, and OLMo 2/3's and EXAONE 4's norms follow
+# attention and MLP: those keep the inner groups only)
 _LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                     SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
                     *_INNER_SMOOTHING)
@@ -81,16 +81,47 @@ def _opt_smoothing(config) -> tuple[SmoothGroup, ...]:
     return tuple(groups)
 
 
+def _parallel_block(norm: str) -> tuple[SmoothGroup, ...]:
+    """Attention and MLP read one norm's output side by side (Cohere, StableLM's parallel residual)."""
+    return (SmoothGroup(norm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                               "mlp.up_proj")), *_INNER_SMOOTHING)
+
+
+def _stablelm_smoothing(config) -> tuple[SmoothGroup, ...]:
+    return _parallel_block("input_layernorm") if getattr(config, "use_parallel_residual", False) else _LLAMA_SMOOTHING
+
+
+def _pre_norms(attention: str, mlp: str, mlp_inputs: tuple[str, ...]) -> tuple[SmoothGroup, ...]:
+    """A norm before q/k/v and one before the MLP's first linears, v_proj before o_proj: families whose
+    MLP passes an activation a scale does not commute with (GELU, ReLU²) or fuses gate and up."""
+    return (SmoothGroup(attention, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            SmoothGroup(mlp, mlp_inputs), _INNER_SMOOTHING[1])
+
+
+_V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
+
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
     **{t: Adapter("model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING)
-       for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")},
-    **{t: Adapter("model.layers", _LLAMA_FREE, _INNER_SMOOTHING) for t in ("olmo2", "gemma", "gemma2", "gemma3_text")},
+       for t in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "ministral", "ministral3", "seed_oss",
+                 "ernie4_5", "helium", "hunyuan_v1_dense", "internlm3")},
+    **{t: Adapter("model.layers", _LLAMA_FREE, _INNER_SMOOTHING)
+       for t in ("olmo2", "olmo3", "exaone4", "gemma", "gemma2", "gemma3_text")},
     # fused q/k/v and gate/up: their norms fold as LLaMA's (the rows up_proj and v_proj would give
     # down_proj and o_proj are halves and thirds of fused weights, not listed)
     "phi3": Adapter("model.layers", (), (SmoothGroup("input_layernorm", ("self_attn.qkv_proj",)),
                                          SmoothGroup("post_attention_layernorm", ("mlp.gate_up_proj",)))),
+    "cohere2": Adapter("model.layers", _LLAMA_FREE, _parallel_block("input_layernorm")),
+    "stablelm": Adapter("model.layers", _LLAMA_FREE, _stablelm_smoothing),
+    # an MLP of two linears (GELU, ReLU² between them: free to reorder, not to rescale)
+    "starcoder2": Adapter("model.layers", (FreeChannels(("mlp.c_fc",), "mlp.c_proj"), _V_TO_O),
+                          _pre_norms("input_layernorm", "post_attention_layernorm", ("mlp.c_fc",))),
+    "arcee": Adapter("model.layers", (FreeChannels(("mlp.up_proj",), "mlp.down_proj"), _V_TO_O),
+                     _pre_norms("input_layernorm", "post_attention_layernorm", ("mlp.up_proj",))),
+    # gate and up fused, and norms after attention and MLP too (those produce no linear's input)
+    "glm4": Adapter("model.layers", (_V_TO_O,),
+                    _pre_norms("input_layernorm", "post_attention_layernorm", ("mlp.gate_up_proj",))),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
                    _opt_smoothing),

@@ -59,7 +59,10 @@ def test_smoothing_keeps_the_layer_output_every_zero_and_the_statistics(tiny_lla
     ("phi3", {}, {"qkv_proj", "gate_up_proj"}),
     ("opt", {}, {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
     ("opt", dict(do_layer_norm_before=False, activation_function="gelu"), {"out_proj"}),  # OPT-350m's order
-    ("gpt2", {}, {"c_attn", "c_fc"})])
+    ("gpt2", {}, {"c_attn", "c_fc"}),
+    # StableLM 2 12B's parallel residual: one norm before attention and MLP, the other unused
+    ("stablelm", dict(use_parallel_residual=True, qk_layernorm=True),
+     {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj"})])
 def test_other_families_smooth_where_a_fold_keeps_the_layer(family, overrides, smoothed, tmp_path_factory,
                                                             tiny_tokenizer_dir):
     """Gemma's norms scale by 1 + weight and OLMo 2's follow attention and MLP, so nothing folds into
