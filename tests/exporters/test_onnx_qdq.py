@@ -19,6 +19,7 @@ from exporters.onnx_qdq import (FP8_SAFE_SESSION, INT8_SAFE_SESSION, _rounding_h
                                 served_probe, weight_formats)
 from exporters.source import load_pruned, prompts
 from exporters.tensorrt_engine import require_8bit_gpu
+from tests.conftest import FAMILIES, _save_tiny
 from tests.thanos.test_driver import SMALL
 from thanos import PruneConfig
 from thanos.errors import InputError
@@ -365,3 +366,16 @@ def test_linears_traced_to_gemm_are_quantized_too(request, fixture, linears, fmt
     assert summary["quantization"]["linears"] == summary["validation"]["quantized_linears"]["linears"] == linears
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     assert not [n for n in graph.graph.node if n.op_type == "Gemm"]  # no linear left unquantized as a Gemm
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_supported_family_exports_its_int8_model_as_qdq(family, tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """Each family's smoothed INT8 2:4 model (its norms, biases and fused linears as they are) traced to
+    QDQ ONNX: every linear of its decoder layers carries its pair, and the export's check runs each
+    on onnxruntime's own inputs and the whole graph against the 8-bit PyTorch model."""
+    model_dir = tmp_path / "m"
+    prune_to_directory(PruneJob(out=str(model_dir), model=str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)),
+                                config=PruneConfig(quantize="int8", preset="fast"), **{**SMALL, "eval_windows": 1}))
+    summary = export("onnx", model_dir, tmp_path / "onnx", ExportOptions(dtype="float32"))
+    linears = len(json.loads((model_dir / "thanos_report.json").read_text())["layers"])
+    assert summary["quantization"]["linears"] == summary["validation"]["quantized_linears"]["linears"] == linears
