@@ -58,7 +58,7 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
             "glm4": {},
             "smollm3": dict(no_rope_layers=[1, 0]),  # its second layer without rotary positions (NoPE)
             "gemma": dict(head_dim=16),
-            "gemma2": dict(head_dim=16, sliding_window=16), "gemma3_text": dict(head_dim=16, sliding_window=16),
+            "gemma2": dict(head_dim=16, sliding_window=16), "gemma3_text": dict(head_dim=16, **ALTERNATING),
             # Phi-3.5 / Phi-4-mini's longrope: other frequencies past 56 tokens (the pretraining length),
             # which no check generation crosses (transformers then recomputes its cache, a graph cannot)
             "phi3": dict(original_max_position_embeddings=56,

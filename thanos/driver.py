@@ -89,6 +89,60 @@ def capture_layer_inputs(model, samples: torch.Tensor, device, store_device):
     return captured, extra["args"], extra["kwargs"]
 
 
+def layer_arguments(model, samples: torch.Tensor, device) -> list[tuple[tuple, dict]]:
+    """The extra arguments (attention mask, rotary embeddings, ...) the model gives each decoder layer.
+
+    Families that mix sliding-window and full attention give each kind its own mask, and some (Gemma
+    3, OLMo 3) their own rotary frequencies, so layer 0's are not every layer's. They must depend on
+    the window's length and positions only, not its tokens, since one set serves every sample: a
+    forward of two of `samples` (n, seqlen), in which every layer hands its input on unchanged,
+    records them at no layer's cost and checks that.
+    """
+    layers = decoder_layers(model)
+    inputs, args, kwargs = capture_layer_inputs(model, samples[:1], device, device)
+    layers[0].to(device)
+    try:  # what a layer returns (a tensor, or a tuple in older transformers), so the stand-ins do too
+        as_tuple = isinstance(layers[0](inputs[0], *args, **kwargs), tuple)
+    finally:
+        layers[0].to("cpu")
+    seen: list[tuple[tuple, dict]] = []
+
+    def hand_on(hidden_states, *args, **kwargs):
+        seen.append((args, kwargs))
+        return (hidden_states,) if as_tuple else hidden_states
+
+    for layer in layers:
+        layer.forward = hand_on
+    _move_non_layers(model, layers, device)
+    stack = getattr(model, "base_model", model)  # no LM head: its logits would be the pass's largest tensor
+    try:
+        for sample in samples[:2]:
+            stack(sample[None].to(device), use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+        _move_non_layers(model, layers, "cpu")
+    if len(seen) != len(layers) * len(samples[:2]):
+        raise ModelError(f"{type(model).__name__} called {len(seen) // len(samples[:2])} of its {len(layers)} decoder "
+                         "layers in a forward; pruning needs each called once, in order")
+    first, second = seen[:len(layers)], seen[len(layers):]
+    if second and not _same(first, second):
+        raise ModelError(f"{type(model).__name__} gives its decoder layers inputs that depend on the tokens beside "
+                         "the hidden states (per-layer embeddings); pruning it layer by layer is not supported yet")
+    return first
+
+
+def _same(a, b) -> bool:
+    """Equal nested arguments: tensors by value, anything else by equality."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
 def run_layer(layer, inputs, args, kwargs, device, store_device, progress: Optional[Progress] = None):
     outputs = []
     for i, x in enumerate(inputs):
@@ -134,7 +188,8 @@ def prune_model_(
         check_pattern_fits(linears, config)
     layers = decoder_layers(model)
     done = _open_checkpoints(checkpoints, parallel)
-    inputs, args, kwargs = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
+    inputs, _, _ = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
+    arguments = layer_arguments(model, samples, device)  # each layer's mask and rotary embeddings
     # A reconstruction aimed at the dense model needs its activations beside the pruned path's.
     reconstruct = config.recipe.get(Reconstruct)
     dense_inputs = list(inputs) if reconstruct and reconstruct.target == "dense" else None
@@ -152,6 +207,7 @@ def prune_model_(
     heads = attention_heads(model)
     reports: list[dict] = []
     for index, layer in enumerate(layers):
+        args, kwargs = arguments[index]
         layer.to(device)
         if index < done:
             if dense_inputs is not None:  # the layer is still dense until its checkpoint is loaded

@@ -9,12 +9,14 @@ from thanos import HessianAccumulator, PruneConfig
 from thanos.calibration import CalibrationError, sample_windows, tokenize_split
 from thanos.checkpoint import OutputDirError
 from thanos.driver import prune_model_
-from thanos.models import LayerSelection, ModelError, load_model, prunable_linears
+from thanos.models import LayerSelection, ModelError, decoder_layers, load_model, prunable_linears
 from thanos.linears import weight_view
 from thanos.errors import InputError
 from thanos.pipeline import PruneJob, prune, prune_to_directory
 from tests.conftest import FAMILIES, _save_tiny
 from tests.thanos.helpers import assert_nm
+
+EPS = torch.finfo(torch.float32).eps
 
 SMALL = dict(calib_samples=4, seqlen=32, eval_windows=2, device="cpu")
 
@@ -362,3 +364,57 @@ def test_perplexity_refuses_windows_of_one_token():
 
     with pytest.raises(InputError, match="needs 2 tokens or more"):
         perplexity(None, torch.arange(64), 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", *sorted(FAMILIES)])
+def test_the_layer_by_layer_walk_is_the_models_own_forward(family, tmp_path_factory, tiny_tokenizer_dir):
+    """The driver runs each decoder layer on its own, with the extra arguments the model gives that
+    layer: families mixing sliding-window and full attention (Gemma 2/3, OLMo 3, Command R7B, EXAONE 4,
+    Ministral) give each kind its own mask, and Gemma 3 and OLMo 3 their own rotary frequencies. Layer
+    0's, given to every layer, computed other activations (windows of 32 tokens against 16-token
+    sliding windows here) and so other statistics, silently."""
+    from thanos.driver import capture_layer_inputs, layer_arguments, run_layer
+
+    model, tokenizer = load_model(str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    inputs, _, _ = capture_layer_inputs(model, samples, "cpu", "cpu")
+    arguments = layer_arguments(model, samples, "cpu")
+    layers = decoder_layers(model)
+    own = {index: [] for index in range(len(layers))}  # each layer's output in the model's own forward
+    hooks = [layer.register_forward_hook(lambda m, a, y, index=index: own[index].append(y[0] if isinstance(y, tuple)
+                                                                                       else y))
+             for index, layer in enumerate(layers)]
+    with torch.no_grad():
+        for sample in samples:
+            model(sample[None], use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        assert len(arguments) == len(layers)
+        for index, (layer, (args, kwargs)) in enumerate(zip(layers, arguments)):
+            inputs = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+            for walked, expected in zip(inputs, own[index]):
+                assert (walked - expected).abs().max() <= 64 * EPS * expected.abs().max(), (family, index)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4"])
+def test_pruning_calls_each_layer_with_the_arguments_the_model_gives_it(family, tmp_path_factory, tiny_tokenizer_dir):
+    """Sliding-window and full-attention layers alternate in these tiny models (and Gemma 3's and OLMo
+    3's rotary frequencies with them): every call the driver makes to a layer carries that layer's own
+    mask and rotary embeddings, as the model's forward gives them."""
+    from thanos.driver import _same
+
+    model, tokenizer = load_model(str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    layers = decoder_layers(model)
+    calls = {index: [] for index in range(len(layers))}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k, index=index: calls[index].append(k), with_kwargs=True)
+             for index, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(samples[0][None], use_cache=False)
+    own = {index: seen.pop() for index, seen in calls.items()}
+    assert not _same(own[0]["attention_mask"], own[1]["attention_mask"])  # the two kinds differ here
+    prune_model_(model, samples, PruneConfig(pattern="2:4", preset="fast"), "cpu")
+    for hook in hooks:
+        hook.remove()
+    for index, seen in calls.items():
+        assert seen and all(_same(kwargs, own[index]) for kwargs in seen), (family, index)
