@@ -96,7 +96,7 @@ def layer_arguments(model, samples: torch.Tensor, device) -> list[tuple[tuple, d
     3, OLMo 3) their own rotary frequencies, so layer 0's are not every layer's. They must depend on
     the window's length and positions only, not its tokens, since one set serves every sample: a
     forward of two of `samples` (n, seqlen), in which every layer hands its input on unchanged,
-    records them at no layer's cost and checks that.
+    records them (at the cost of layer 0 run once, to learn what a layer returns) and checks that.
     """
     layers = decoder_layers(model)
     inputs, args, kwargs = capture_layer_inputs(model, samples[:1], device, device)

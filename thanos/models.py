@@ -53,8 +53,8 @@ class Adapter:
     smoothing: "tuple[SmoothGroup, ...] | Callable[[object], tuple[SmoothGroup, ...]]" = ()
 
 
-_LLAMA_FREE = (FreeChannels(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
-               FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True))
+_V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
+_LLAMA_FREE = (FreeChannels(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"), _V_TO_O)
 # Inside the block, whatever its norms: up_proj's rows only multiply into down_proj's inputs, and
 # v_proj's (per head) only into o_proj's
 _INNER_SMOOTHING = (SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),
@@ -64,7 +64,6 @@ _INNER_SMOOTHING = (SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),
 _LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                     SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
                     *_INNER_SMOOTHING)
-
 
 
 def _opt_smoothing(config) -> tuple[SmoothGroup, ...]:
@@ -97,8 +96,6 @@ def _pre_norms(attention: str, mlp: str, mlp_inputs: tuple[str, ...]) -> tuple[S
     return (SmoothGroup(attention, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             SmoothGroup(mlp, mlp_inputs), _INNER_SMOOTHING[1])
 
-
-_V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
 
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
