@@ -16,6 +16,7 @@ from typing import Optional
 from exporters.base import (_REGISTRY, BackendMissingError, ExportError, ExportFormat,
                             ExportOptions, ValidationError, check_inputs_carried, default_dtype, register)
 from thanos.compact import load_compact
+from thanos.models import is_multimodal
 from thanos.quantized_model import saved_inputs
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
                             write_error)
@@ -37,6 +38,7 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     """
     fmt = ExportFormat(fmt)
     check_options_apply(fmt, options)
+    check_text_only(fmt, model_dir)
     out = Path(out)
     if not Path(model_dir).exists():
         raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
@@ -119,6 +121,25 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
             raise ExportError(f"--opset {options.opset} is outside what the export can write here: {low} to {high} "
                               f"({low}: the lowest every supported family traces at; {high}: this torch's "
                               "exporter's highest); the default is 18")
+
+
+ONNX_TARGETS = ("onnx", "genai", "tensorrt")  # built from a graph traced from the model's forward
+
+
+def check_text_only(fmt: "str | ExportFormat", model_dir: "str | Path | None") -> None:
+    """Refuse, before any work, an ONNX-based target for a vision-language checkpoint (Gemma 3 from 4B
+    up): its graph would be traced from the multimodal forward, which these targets do not serve."""
+    config_file = Path(model_dir) / "config.json" if model_dir is not None else None
+    if ExportFormat(fmt).value not in ONNX_TARGETS or config_file is None or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        return  # the loader names a damaged config
+    if is_multimodal(config):
+        raise ExportError(f"{model_dir} is a vision-language checkpoint ({config.get('model_type')}); the onnx, genai "
+                          "and tensorrt targets export text-only models: use --target safetensors or torch, which "
+                          "keep it whole (its language model pruned, its vision tower as it was)")
 
 
 def opset_range() -> tuple[int, int]:

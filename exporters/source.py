@@ -88,19 +88,45 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
                          "when allowed: read that code, then pass --trust-remote-code") from exc
     wanted = {f"{name}.weight": stores_transposed(mod)
               for layer in prunable_linears(skeleton, LayerSelection()).values() for name, mod in layer.items()}
-    layers = []
+    stored = {}  # tensor name in the files -> file
     for file in files:
         try:
             with safe_open(str(file), "pt") as f:
-                for key in f.keys():
-                    if key in wanted:
-                        tensor = f.get_tensor(key)
-                        layers.append(analyse(key[: -len(".weight")], tensor.T if wanted[key] else tensor))
+                stored.update({key: file for key in f.keys()})
         except Exception as exc:  # safetensors' own error class for a truncated or foreign file
             raise InputError(f"{file} cannot be read ({type(exc).__name__}: {exc}); it may be truncated: copy or "
                              "export the model again") from exc
-    order = {key[: -len(".weight")]: i for i, key in enumerate(wanted)}
-    return sorted(layers, key=lambda l: order[l.name])
+    names = _stored_names(list(wanted), stored)
+    if names is None:  # names this reading cannot match: load the model as transformers maps them
+        return model_patterns(load_pruned(model_dir, trust_remote_code=trust_remote_code)[0])
+    layers = []
+    for key, transposed in wanted.items():
+        with safe_open(str(stored[names[key]]), "pt") as f:
+            tensor = f.get_tensor(names[key])
+        layers.append(analyse(key[: -len(".weight")], tensor.T if transposed else tensor))
+    return layers
+
+
+def _stored_names(wanted: list[str], stored: dict) -> Optional[dict[str, str]]:
+    """{module's tensor name: the name the files store it under}, or None where one is not found.
+
+    Vision-language checkpoints (Gemma 3 from 4B up) store the language model's tensors under their
+    older names ("language_model.model.layers.0...." for "model.language_model.layers.0...."), which
+    transformers maps when it loads: matched here by the name from the decoder layers on, where
+    that is unique."""
+    def tail(name: str) -> str:
+        return name[name.index(".layers.") + 1:] if ".layers." in name else name
+
+    by_tail: dict[str, list[str]] = {}
+    for name in stored:
+        by_tail.setdefault(tail(name), []).append(name)
+    names = {}
+    for key in wanted:
+        matches = [key] if key in stored else by_tail.get(tail(key), [])
+        if len(matches) != 1:
+            return None
+        names[key] = matches[0]
+    return names
 
 
 def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False,

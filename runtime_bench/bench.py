@@ -14,6 +14,7 @@ from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
+from thanos.models import text_config
 from thanos.quantized_model import cast_model_, model_format
 
 
@@ -54,7 +55,7 @@ def run_bench(settings: BenchSettings, progress=None, model=None) -> dict:
                  else _load_target(settings.target, device, settings.trust_remote_code, settings.quantize))
         # The model's own linear shapes, (out, in), without the LM head (it is never pruned).
         shapes = sorted({tuple(weight_view(mod).shape) for mod in model.modules() if is_prunable(mod)}
-                        - {(model.config.vocab_size, model.config.hidden_size)})
+                        - {(text_config(model).vocab_size, text_config(model).hidden_size)})
         if "model" in settings.levels:
             _check_context(settings, model)
     for name in settings.shapes:

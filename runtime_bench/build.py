@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from exporters import ExportOptions, check_backend, check_options_apply, export, relocated
-from exporters.base import default_dtype
+from exporters import ExportOptions, check_backend, check_options_apply, check_text_only, export, relocated
+from exporters.base import ExportError, default_dtype
 from exporters.patterns import require_hardware_2to4
 from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME
 from thanos.devices import resolve_device
@@ -72,6 +72,11 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
     if job.prune.trust_remote_code:
         options = dataclasses.replace(options, trust_remote_code=True)
     check_options_apply(target, options)
+    try:
+        check_text_only(target, job.prune.model)
+    except ExportError as exc:
+        raise ExportError(f"{exc} (--target auto picks {target} on this machine)" if job.target == "auto" else str(exc)
+                          ) from None
     quantize = job.prune.config.recipe.get(Quantize)
     if quantize and options.split_dense_rows:
         raise InputError("--split-dense-rows would replace the 8-bit linears with unquantized ones; prune with "

@@ -25,6 +25,7 @@ import torch
 
 from runtime_bench.protocol import measure
 from thanos.errors import InputError
+from thanos.models import text_config
 from thanos.quantized_model import (LinearQuantization, activations_unrounded, cast_model_, model_format,
                                     set_quantization, simulate_activations_)
 
@@ -94,7 +95,7 @@ def quantize_random_(model, fmt: str) -> None:
     hooks = [mod.register_forward_pre_hook(lambda m, args: amax.__setitem__(m, float(args[0].abs().amax())))
              for mod in linears]
     try:
-        model(torch.randint(0, model.config.vocab_size, (1, 16), device=model.device), use_cache=False)
+        model(torch.randint(0, text_config(model).vocab_size, (1, 16), device=model.device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -107,7 +108,7 @@ def quantize_random_(model, fmt: str) -> None:
 
 
 def _prefill(model, batch: int, seq: int, device: str):
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    ids = torch.randint(0, text_config(model).vocab_size, (batch, seq), device=device)
 
     def run():
         with torch.no_grad():
@@ -121,7 +122,7 @@ def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str
 
     from thanos.models import cache_argument
 
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    ids = torch.randint(0, text_config(model).vocab_size, (batch, prompt), device=device)
     name = cache_argument(model)  # the device machine's transformers may predate the rename
 
     def run():
@@ -262,7 +263,7 @@ def _onnxruntime(model, grid, decode_steps: int, progress, cuda: bool = False) -
         write_onnx_with_cache(cpu_model, cached)
         decoder = OnnxDecoder(cached, providers)
         common.update(_graph_precision(cached, common["dtype"]))
-        ids = torch.randint(0, model.config.vocab_size, (1, grid[0][1])).numpy()
+        ids = torch.randint(0, text_config(model).vocab_size, (1, grid[0][1])).numpy()
         t = measure(lambda: decoder.generate(ids, ids * 0 + 1, decode_steps + 1), "cpu", warmup=1, min_repeats=2,
                     max_repeats=5, budget_s=2.0)
         records.append(dict(common, provider=decoder.session.get_providers()[0], phase="decode", batch=1,
@@ -283,7 +284,7 @@ def _onnx_prefill(cpu_model, folder: Path, grid, providers, common: dict, progre
     session = onnxruntime_session(path, providers, provider_options)
     records = []
     for i, (batch, seq) in enumerate(grid):
-        ids = torch.randint(0, cpu_model.config.vocab_size, (batch, seq)).numpy()
+        ids = torch.randint(0, text_config(cpu_model).vocab_size, (batch, seq)).numpy()
         feed = {"input_ids": ids, "attention_mask": (ids * 0 + 1)}
         t = measure(lambda: session.run(["logits"], feed), "cpu", budget_s=1.0)
         records.append(dict(common, provider=session.get_providers()[0], phase="prefill", batch=batch, seqlen=seq,
@@ -353,14 +354,14 @@ def _genai_folder(og, model, dtype, fused_int8: bool, common: dict, grid, decode
             og.Generator(runtime.model, params).append_tokens(ids)
 
         for i, (batch, seq) in enumerate(grid):
-            ids = torch.randint(0, model.config.vocab_size, (batch, seq)).numpy()
+            ids = torch.randint(0, text_config(model).vocab_size, (batch, seq)).numpy()
             t = measure(lambda: prefill(ids), "cpu", budget_s=1.0)
             records.append(dict(common, phase="prefill", batch=batch, seqlen=seq, file_bytes=file_bytes,
                                 tokens_per_s=batch * seq / (t.median_ms / 1e3), **t.to_json()))
             if progress:
                 progress("genai", i + 1, len(grid))
         # Decode: the first grid length as the prompt, then `decode_steps` tokens (the others' protocol).
-        prompt = torch.randint(0, model.config.vocab_size, (grid[0][1],)).tolist()
+        prompt = torch.randint(0, text_config(model).vocab_size, (grid[0][1],)).tolist()
         t = measure(lambda: runtime.generate(prompt, decode_steps, max_length=len(prompt) + decode_steps), "cpu",
                     warmup=1, min_repeats=2, max_repeats=5, budget_s=2.0)
         records.append(dict(common, phase="decode", batch=1, seqlen=grid[0][1], steps=decode_steps,
@@ -393,7 +394,7 @@ def _tensorrt(model, grid, backends: list[str], progress) -> list[dict]:
             runner = EngineRunner(engine_path)
             engine_memory = free_before - torch.cuda.mem_get_info()[0]
             for i, (batch, seq) in enumerate(grid):
-                ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+                ids = torch.randint(0, text_config(model).vocab_size, (batch, seq), device="cuda")
                 runner.bind(ids, torch.ones_like(ids))
                 t = measure(runner.launch, "cuda", budget_s=1.0)
                 records.append(dict(

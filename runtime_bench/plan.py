@@ -27,8 +27,8 @@ from thanos.config import PRESETS, PruneConfig
 from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
                            run_layer, solve_costs)
 from thanos.errors import InputError
-from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears,
-                          smoothing_groups)
+from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, is_multimodal,
+                          prunable_linears, smoothing_groups)
 from thanos.linears import weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
@@ -227,7 +227,8 @@ def plan_config(name: str):
                          "directory holding config.json, or the file itself") from exc
     if config.model_type not in ADAPTERS:
         raise InputError(f"--config {name} is a {config.model_type!r} model; supported: {', '.join(sorted(ADAPTERS))}")
-    return config
+    # a vision-language checkpoint's plan is its language model's: the vision tower is never pruned
+    return config.get_text_config() if is_multimodal(config) else config
 
 
 def one_layer(config):

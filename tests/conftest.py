@@ -81,6 +81,17 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
         cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=TINY_VOCAB, word_embed_proj_dim=64, max_position_embeddings=256, **overrides)
         model = OPTForCausalLM(cfg)
+    elif kind == "gemma3":  # Gemma 3 from 4B up: a vision tower beside the language model
+        from transformers import AutoModelForCausalLM, Gemma3Config
+
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0, **FAMILIES["gemma3_text"])
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        model = AutoModelForCausalLM.from_config(Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=TINY_VOCAB - 3,
+            eoi_token_index=TINY_VOCAB - 2, image_token_index=TINY_VOCAB - 1, **overrides))
     elif kind in FAMILIES:  # the other architectures thanos.models.ADAPTERS names, LLaMA-sized as above
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -359,3 +359,46 @@ def test_a_portable_int8_genai_folder_points_to_fused_int8_where_this_cpu_has_it
                                  fused_int8=fused, dtype=dict(source="float32", export="float32")))
         shown = "--fused-int8 runs them as integer kernels" in capsys.readouterr().out
         assert shown == (exact and not fused)
+
+
+def test_a_vision_language_checkpoint_prunes_its_language_model_and_keeps_its_vision_tower(tmp_path, tmp_path_factory,
+                                                                                          tiny_tokenizer_dir):
+    """Gemma 3 from 4B up ships a vision tower beside the language model: the language model's linears
+    are pruned (INT8 included), the vision tower is left bit for bit, the directory loads as the same
+    multimodal model, the compact checkpoint carries it whole; the ONNX-based targets, which export
+    text-only models, are refused before any work (prune-and-build: before pruning)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import _save_tiny
+    from thanos.models import LayerSelection, prunable_linears
+
+    source = _save_tiny("gemma3", tmp_path_factory, tiny_tokenizer_dir)
+    runner = CliRunner()
+    out = tmp_path / "p"
+    pruned = runner.invoke(main, ["prune", "--model", str(source), "--pattern", "2:4", "--quantize", "int8",
+                                  "--out", str(out), *SMALL])
+    assert pruned.exit_code == 0, pruned.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    linears = [m for layer in prunable_linears(model, LayerSelection()).values() for m in layer.values()]
+    assert len(linears) == 14
+    for linear in linears:
+        assert_nm(weight_view(linear), 2, 4)
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    vision = [name for name in before if "vision_tower" in name or "multi_modal_projector" in name]
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+    # its files name the language model's tensors as older transformers did ("language_model.model.layers...")
+    inspected = runner.invoke(main, ["inspect", str(out)])
+    assert inspected.exit_code == 0 and "14 of 14 linear layers qualify" in inspected.output, inspected.output
+    planned = runner.invoke(main, ["plan", "--config", str(out), "--count-only"])  # the language model's layer
+    assert planned.exit_code == 0 and "| mlp.down_proj | 64 x 128 |" in planned.output, planned.output
+    compact = runner.invoke(main, ["export", str(out), "--target", "safetensors", "--out", str(tmp_path / "c")])
+    assert compact.exit_code == 0 and "round trip bit-exact" in compact.output, compact.output
+    evaluated = runner.invoke(main, ["eval", str(tmp_path / "c"), "--seqlen", "32", "--windows", "1", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    refused = runner.invoke(main, ["export", str(out), "--target", "onnx", "--out", str(tmp_path / "o")])
+    assert refused.exit_code == 1 and "vision-language checkpoint" in refused.output and "--target safetensors" in \
+        refused.output and not (tmp_path / "o").exists()
+    build = runner.invoke(main, ["prune-and-build", "--model", str(source), "--target", "genai", "--out",
+                                 str(tmp_path / "b"), *SMALL])
+    assert build.exit_code == 1 and "vision-language checkpoint" in build.output and not (tmp_path / "b").exists()

@@ -105,6 +105,8 @@ ADAPTERS = {
                  "ernie4_5", "helium", "hunyuan_v1_dense", "internlm3")},
     **{t: Adapter("model.layers", _LLAMA_FREE, _INNER_SMOOTHING)
        for t in ("olmo2", "olmo3", "exaone4", "gemma", "gemma2", "gemma3_text")},
+    # Gemma 3 from 4B up: the language model beside a vision tower, which is never pruned
+    "gemma3": Adapter("model.language_model.layers", _LLAMA_FREE, _INNER_SMOOTHING),
     # fused q/k/v and gate/up: their norms fold as LLaMA's (the rows up_proj and v_proj would give
     # down_proj and o_proj are halves and thirds of fused weights, not listed)
     "phi3": Adapter("model.layers", (), (SmoothGroup("input_layernorm", ("self_attn.qkv_proj",)),
@@ -145,9 +147,21 @@ def smoothing_groups(model: nn.Module) -> tuple[SmoothGroup, ...]:
     return smoothing(model.config) if callable(smoothing) else smoothing
 
 
+def text_config(model: nn.Module):
+    """The language model's config: a multimodal checkpoint's text part (Gemma 3 from 4B up), else
+    the model's config itself."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def is_multimodal(config) -> bool:
+    """A checkpoint with a vision tower beside its language model (a config or config.json's dict)."""
+    return (config.get("vision_config") if isinstance(config, dict) else getattr(config, "vision_config", None)) is not None
+
+
 def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:
     """(channels per head, query heads per KV head) from the model's config; head size None if unknown."""
-    config = model.config
+    config = text_config(model)
     heads = getattr(config, "num_attention_heads", None)
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -180,7 +194,7 @@ def default_model_file() -> Path:
 
 def context_length(model: nn.Module) -> Optional[int]:
     """The longest sequence the model's positions cover, if its config says (GPT-2 maps n_positions here)."""
-    return getattr(model.config, "max_position_embeddings", None)
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def describe_source(path: Optional[str]) -> str:

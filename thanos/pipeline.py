@@ -24,7 +24,7 @@ from thanos.devices import defaults_for, device_description, resolve_device
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
 from thanos.models import (LayerSelection, ModelError, context_length, default_model_file, describe_source, load_model,
-                           prunable_linears, source_files)
+                           prunable_linears, source_files, text_config)
 from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_staging, check_writable, commit_staging,
                             discard_staging, output_lock, write_error)
 from thanos.parallel import Parallel
@@ -274,7 +274,7 @@ def check_finite(model) -> None:
 def activation_bytes(model, samples: int, seqlen: int) -> int:
     """Memory of one decoder layer's calibration inputs and outputs, all samples together."""
     element = next(model.parameters()).element_size()
-    return 2 * samples * seqlen * model.config.hidden_size * element
+    return 2 * samples * seqlen * text_config(model).hidden_size * element
 
 
 def activations_exceed_gpu(needed: int, device: torch.device) -> bool:

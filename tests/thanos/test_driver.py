@@ -366,7 +366,7 @@ def test_perplexity_refuses_windows_of_one_token():
         perplexity(None, torch.arange(64), 1)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", *sorted(FAMILIES)])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gemma3", *sorted(FAMILIES)])
 def test_the_layer_by_layer_walk_is_the_models_own_forward(family, tmp_path_factory, tiny_tokenizer_dir):
     """The driver runs each decoder layer on its own, with the extra arguments the model gives that
     layer: families mixing sliding-window and full attention (Gemma 2/3, OLMo 3, Command R7B, EXAONE 4,
@@ -396,7 +396,7 @@ def test_the_layer_by_layer_walk_is_the_models_own_forward(family, tmp_path_fact
                 assert (walked - expected).abs().max() <= 64 * EPS * expected.abs().max(), (family, index)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "olmo3", "cohere2", "exaone4"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma3", "olmo3", "cohere2", "exaone4"])
 def test_pruning_calls_each_layer_with_the_arguments_the_model_gives_it(family, tmp_path_factory, tiny_tokenizer_dir):
     """Sliding-window and full-attention layers alternate in these tiny models (and Gemma 3's and OLMo
     3's rotary frequencies with them): every call the driver makes to a layer carries that layer's own
