@@ -100,6 +100,8 @@ def relocated(value, old: str, new: str):
     return value
 
 
+ONNX_TARGETS = ("onnx", "genai", "tensorrt")  # built from a graph traced from the model's forward
+
 # Options that only some targets use: asking for one elsewhere is a mistake worth an error.
 _OPTION_TARGETS = {
     "with_cache": ({"onnx", "tensorrt"}, "--with-cache"),
@@ -115,7 +117,7 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
         if getattr(options, field) and fmt.value not in targets:
             raise ExportError(f"{flag} applies to the {' / '.join(sorted(targets))} targets, not {fmt.value}; "
                               "drop it, or pick one of those targets")
-    if fmt.value in ("onnx", "genai", "tensorrt"):
+    if fmt.value in ONNX_TARGETS:
         low, high = opset_range()
         if not low <= options.opset <= high:
             raise ExportError(f"--opset {options.opset} is outside what the export can write here: {low} to {high} "
@@ -123,20 +125,14 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
                               "exporter's highest); the default is 18")
 
 
-ONNX_TARGETS = ("onnx", "genai", "tensorrt")  # built from a graph traced from the model's forward
-
 
 def check_text_only(fmt: "str | ExportFormat", model_dir: "str | Path | None") -> None:
     """Refuse, before any work, an ONNX-based target for a vision-language checkpoint (Gemma 3 from 4B
     up): its graph would be traced from the multimodal forward, which these targets do not serve."""
-    config_file = Path(model_dir) / "config.json" if model_dir is not None else None
-    if ExportFormat(fmt).value not in ONNX_TARGETS or config_file is None or not config_file.is_file():
-        return
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError:
-        return  # the loader names a damaged config
-    if is_multimodal(config):
+    from exporters.source import saved_config
+
+    config = saved_config(model_dir) if ExportFormat(fmt).value in ONNX_TARGETS else None
+    if config is not None and is_multimodal(config):
         raise ExportError(f"{model_dir} is a vision-language checkpoint ({config.get('model_type')}); the onnx, genai "
                           "and tensorrt targets export text-only models: use --target safetensors or torch, which "
                           "keep it whole (its language model pruned, its vision tower as it was)")

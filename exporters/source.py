@@ -22,15 +22,21 @@ def read_report(model_dir: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def saved_dtype(model_dir: Path) -> Optional[str]:
-    """The dtype a model directory's config declares for its weights ("float32", ...), if any."""
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
+def saved_config(model_dir: "Path | str | None") -> Optional[dict]:
+    """A model directory's config.json as a dict; None where there is none or it cannot be parsed (the
+    loader names a damaged one)."""
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    if config is None or not config.is_file():
         return None
     try:
-        data = json.loads(config.read_text())
+        return json.loads(config.read_text())
     except ValueError:
         return None
+
+
+def saved_dtype(model_dir: Path) -> Optional[str]:
+    """The dtype a model directory's config declares for its weights ("float32", ...), if any."""
+    data = saved_config(model_dir) or {}
     value = data.get("dtype") or data.get("torch_dtype")
     return str(value).replace("torch.", "") if value else None
 
@@ -99,12 +105,14 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
     names = _stored_names(list(wanted), stored)
     if names is None:  # names this reading cannot match: load the model as transformers maps them
         return model_patterns(load_pruned(model_dir, trust_remote_code=trust_remote_code)[0])
-    layers = []
-    for key, transposed in wanted.items():
-        with safe_open(str(stored[names[key]]), "pt") as f:
-            tensor = f.get_tensor(names[key])
-        layers.append(analyse(key[: -len(".weight")], tensor.T if transposed else tensor))
-    return layers
+    found = {}
+    for file in files:  # each file opened once, one tensor in memory at a time
+        with safe_open(str(file), "pt") as f:
+            for key, name in names.items():
+                if stored[name] == file:
+                    tensor = f.get_tensor(name)
+                    found[key] = analyse(key[: -len(".weight")], tensor.T if wanted[key] else tensor)
+    return [found[key] for key in wanted]
 
 
 def _stored_names(wanted: list[str], stored: dict) -> Optional[dict[str, str]]:

@@ -14,7 +14,7 @@ from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
-from thanos.models import text_config
+from thanos.models import context_length, text_config
 from thanos.quantized_model import cast_model_, model_format
 
 
@@ -135,8 +135,6 @@ def _check_settings(settings: BenchSettings) -> None:
 
 
 def _check_context(settings: BenchSettings, model) -> None:
-    from thanos.models import context_length
-
     context = context_length(model)
     longest = max(max(seq for _, seq in settings.grid), settings.grid[0][1] + settings.decode_steps)
     if context is not None and longest > context:
