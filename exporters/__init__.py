@@ -16,7 +16,7 @@ from typing import Optional
 from exporters.base import (_REGISTRY, BackendMissingError, ExportError, ExportFormat,
                             ExportOptions, ValidationError, check_inputs_carried, default_dtype, register)
 from thanos.compact import load_compact
-from thanos.models import is_multimodal
+from thanos.model_config import has_recurrent_layers, is_multimodal, saved_config
 from thanos.quantized_model import saved_inputs
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
                             write_error)
@@ -38,7 +38,7 @@ def export(fmt: "str | ExportFormat", model_dir: "str | Path", out: "str | Path"
     """
     fmt = ExportFormat(fmt)
     check_options_apply(fmt, options)
-    check_text_only(fmt, model_dir)
+    check_traceable(fmt, model_dir)
     out = Path(out)
     if not Path(model_dir).exists():
         raise ExportError(f"{model_dir} does not exist; pass the pruned model directory that `thanos-export prune` "
@@ -126,16 +126,36 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
 
 
 
-def check_text_only(fmt: "str | ExportFormat", model_dir: "str | Path | None") -> None:
-    """Refuse, before any work, an ONNX-based target for a vision-language checkpoint (Gemma 3 from 4B
-    up): its graph would be traced from the multimodal forward, which these targets do not serve."""
-    from exporters.source import saved_config
+def untraceable(config) -> Optional[str]:
+    """Why the ONNX-based targets cannot carry a model (its config, or config.json's dict), or None: a
+    vision-language checkpoint (Gemma 3 from 4B up; the trace would be of the multimodal forward), or
+    one with linear-attention layers (Qwen3.5; a recurrent state where the graphs have a KV cache)."""
+    kind = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if is_multimodal(config):
+        return (f"a vision-language checkpoint ({kind}); the onnx, genai and tensorrt targets export text-only "
+                "models")
+    if has_recurrent_layers(config):
+        return (f"a model with linear-attention layers ({kind}), whose recurrent state the onnx, genai and tensorrt "
+                "graphs do not carry (they have a KV cache)")
+    return None
 
+
+def check_traceable(fmt: "str | ExportFormat", model_dir: "str | Path | None") -> None:
+    """Refuse, before any work, an ONNX-based target for a model its graphs cannot carry (`untraceable`)."""
     config = saved_config(model_dir) if ExportFormat(fmt).value in ONNX_TARGETS else None
-    if config is not None and is_multimodal(config):
-        raise ExportError(f"{model_dir} is a vision-language checkpoint ({config.get('model_type')}); the onnx, genai "
-                          "and tensorrt targets export text-only models: use --target safetensors or torch, which "
-                          "keep it whole (its language model pruned, its vision tower as it was)")
+    if config is None:
+        return
+    try:  # transformers' reading fills what the file leaves to defaults (Qwen3.5's layer kinds)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception:  # custom code not allowed, an unknown family: the file as it is
+        pass
+    reason = untraceable(config)
+    if reason:
+        raise ExportError(f"{model_dir} is {reason}: use --target safetensors or torch, which keep it whole"
+                          + (" (its language model pruned, its vision tower as it was)" if is_multimodal(config)
+                             else ""))
 
 
 def opset_range() -> tuple[int, int]:

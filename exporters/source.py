@@ -11,6 +11,7 @@ from exporters.base import ExportError
 from exporters.patterns import LayerPattern, analyse
 from thanos.errors import InputError
 from thanos.linears import stores_transposed, weight_view
+from thanos.model_config import auto_class, saved_config
 from thanos.models import LayerSelection, load_model, prunable_linears
 from thanos.quantized_model import QUANTIZATION_FILE, cast_model_, quantized_linears
 
@@ -20,18 +21,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def read_report(model_dir: Path) -> Optional[dict]:
     path = Path(model_dir) / "thanos_report.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def saved_config(model_dir: "Path | str | None") -> Optional[dict]:
-    """A model directory's config.json as a dict; None where there is none or it cannot be parsed (the
-    loader names a damaged one)."""
-    config = Path(model_dir) / "config.json" if model_dir is not None else None
-    if config is None or not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text())
-    except ValueError:
-        return None
 
 
 def saved_dtype(model_dir: Path) -> Optional[str]:
@@ -75,7 +64,7 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
     Directories without safetensors (and compact or GGUF models) are loaded whole.
     """
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from thanos.compact import is_compact_dir
 
@@ -86,7 +75,7 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            skeleton = auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise

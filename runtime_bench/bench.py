@@ -14,7 +14,8 @@ from runtime_bench.report import write_report
 from thanos.devices import resolve_device
 from thanos.errors import InputError
 from thanos.linears import is_prunable, weight_view
-from thanos.models import context_length, text_config
+from thanos.model_config import text_config
+from thanos.models import context_length
 from thanos.quantized_model import cast_model_, model_format
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from exporters import ExportOptions, check_backend, check_options_apply, check_text_only, export, relocated
+from exporters import ExportOptions, check_backend, check_options_apply, check_traceable, export, relocated
 from exporters.base import ExportError, default_dtype
 from exporters.patterns import require_hardware_2to4
 from thanos.checkpoint import PARTIAL_DIR, REPORT_NAME
@@ -73,7 +73,7 @@ def prune_and_build(job: BuildJob, progress: Optional[Progress] = None,
         options = dataclasses.replace(options, trust_remote_code=True)
     check_options_apply(target, options)
     try:
-        check_text_only(target, job.prune.model)
+        check_traceable(target, job.prune.model)
     except ExportError as exc:
         raise ExportError(f"{exc} (--target auto picks {target} on this machine)" if job.target == "auto" else str(exc)
                           ) from None

@@ -118,9 +118,7 @@ def _genai(source: str, prompt: str, max_new_tokens: int, on_text, device: str) 
 @torch.no_grad()
 def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device: str,
                   trust_remote_code: bool) -> Generation:
-    from transformers import DynamicCache
-
-    from thanos.models import cache_argument, context_length
+    from thanos.models import context_length, empty_cache
 
     model, tokenizer = load_model(None if source == DEFAULT_SOURCE else source, trust_remote_code=trust_remote_code)
     model.to(device)
@@ -128,13 +126,13 @@ def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device
     context = context_length(model)
     steps = _limit(context, ids[0].tolist(), max_new_tokens) - ids.shape[1] if context else max_new_tokens
     stops = _stop_tokens(model, tokenizer)
-    cache, argument = DynamicCache(config=model.config), cache_argument(model)
+    cache = empty_cache(model)
     new: list[int] = []
     shown = ""
     start = time.perf_counter()
     step_input = ids
     for _ in range(steps):
-        logits = model(step_input, use_cache=True, **{argument: cache}).logits
+        logits = model(step_input, use_cache=True, **cache).logits
         token = int(logits[0, -1].argmax())
         new.append(token)
         shown = _show(tokenizer, new, shown, on_text)

@@ -23,13 +23,15 @@ from typing import Optional
 import psutil
 import torch
 
+from exporters import untraceable
 from runtime_bench.protocol import measure
 from thanos.errors import InputError
-from thanos.models import text_config
+from thanos.model_config import text_config
 from thanos.quantized_model import (LinearQuantization, activations_unrounded, cast_model_, model_format,
                                     set_quantization, simulate_activations_)
 
-ALL_BACKENDS = ["torch-dense", "torch-2:4", "onnxruntime", "onnxruntime-tensorrt", "genai", "tensorrt-dense",
+TORCH_BACKENDS = ["torch-dense", "torch-2:4"]
+ALL_BACKENDS = [*TORCH_BACKENDS, "onnxruntime", "onnxruntime-tensorrt", "genai", "tensorrt-dense",
                 "tensorrt-sparse"]
 RANDOM_CONFIGS = {
     # Real shapes, random weights: kernel speed depends on shapes, dtype and pattern, not on values.
@@ -118,19 +120,16 @@ def _prefill(model, batch: int, seq: int, device: str):
 
 
 def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str) -> dict:
-    from transformers import DynamicCache
-
-    from thanos.models import cache_argument
+    from thanos.models import empty_cache
 
     ids = torch.randint(0, text_config(model).vocab_size, (batch, prompt), device=device)
-    name = cache_argument(model)  # the device machine's transformers may predate the rename
 
     def run():
         with torch.no_grad():
-            cache = DynamicCache()  # filled in place by every call
-            token = model(ids, **{name: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+            cache = empty_cache(model)
+            token = model(ids, **cache, use_cache=True).logits[:, -1:].argmax(-1)
             for _ in range(steps):
-                token = model(token, **{name: cache}, use_cache=True).logits[:, -1:].argmax(-1)
+                token = model(token, **cache, use_cache=True).logits[:, -1:].argmax(-1)
 
     t = measure(run, device, warmup=1, min_repeats=2, max_repeats=5, budget_s=2.0)
     return dict(tokens_per_s=batch * steps / (t.median_ms / 1e3), **t.to_json())
@@ -197,6 +196,11 @@ def run_model(model, grid: list[tuple[int, int]], device: str, backends: list[st
             skip("torch-2:4", "needs a CUDA GPU of compute capability 8.0+; this run is on the CPU")
         else:
             guarded("torch-2:4", sparse_torch)
+    reason = untraceable(model.config)
+    if reason:  # the rest run exported graphs
+        for backend in [b for b in backends if b not in TORCH_BACKENDS]:
+            skip(backend, f"not exported: {reason}")
+        backends = [b for b in backends if b in TORCH_BACKENDS]
     if "onnxruntime" in backends:
         guarded("onnxruntime", lambda: records.extend(_onnxruntime(model, grid, decode_steps, progress, cuda)))
     if "onnxruntime-tensorrt" in backends:

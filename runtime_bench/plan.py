@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -27,8 +28,9 @@ from thanos.config import PRESETS, PruneConfig
 from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
                            run_layer, solve_costs)
 from thanos.errors import InputError
-from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, is_multimodal,
-                          prunable_linears, smoothing_groups)
+from thanos.model_config import has_recurrent_layers, is_multimodal
+from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears,
+                           smoothing_groups)
 from thanos.linears import weight_view
 from thanos.parallel import Parallel, deal_by_cost
 from thanos.outputs import atomic_write_text
@@ -258,6 +260,12 @@ def config_linear_shapes(name: str) -> list[tuple[int, int]]:
     return sorted({tuple(weight_view(mod).shape) for mod in _meta_layer_linears(name).values()})
 
 
+def _kinds_line(kinds: dict, layers: int) -> str:
+    others = ", ".join(f"{count} {kind}" for kind, count in kinds["counts"].items() if kind != kinds["measured"])
+    return (f"Its layers are of more than one kind, with other linears: one {kinds['measured']} layer is timed for "
+            f"all {layers} (of which {others}; their projections are of like sizes).")
+
+
 def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info: dict) -> str:
     s, b = layer["seconds"], layer["bytes"]
     where = machine_info.get("gpu") or machine_info.get("cpu")
@@ -270,6 +278,7 @@ def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info
         + ("; the mask search's and refit's products in TF32 (errors in full fp32)."
            if layer.get("tf32_products") else "; every product in full fp32.")
         + " Errors: each linear's relative output error on the calibration inputs.",
+        *(["", _kinds_line(layer["layer_kinds"], layers)] if layer.get("layer_kinds") else []),
         "",
         "| step, one layer | time |",
         "| --- | --- |",
@@ -408,6 +417,8 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
     except BaseException as exc:  # a time limit's SIGTERM or Ctrl-C, or a failure: say so beside the figures
         write(partial, stopped=f"{type(exc).__name__}: {exc}"[:300])
         raise
+    if has_recurrent_layers(full):  # one layer of the first kind stands for all: say so beside the figures
+        layer["layer_kinds"] = dict(measured=full.layer_types[0], counts=dict(Counter(full.layer_types)))
     rows = plan(layer, layers, list(ranks))
     text = markdown(layer, rows, name, layers, info)
     write(layer, rows)

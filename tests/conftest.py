@@ -63,7 +63,14 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
             # which no check generation crosses (transformers then recomputes its cache, a graph cannot)
             "phi3": dict(original_max_position_embeddings=56,
                          rope_scaling=dict(type="longrope", short_factor=[1.0] * 8, long_factor=[1.0, 2.0, 4.0, 8.0,
-                                                                                                 16.0, 32.0, 64.0, 128.0]))}
+                                                                                                 16.0, 32.0, 64.0, 128.0])),
+            # Qwen3.5: a linear-attention (Gated DeltaNet) layer, then a full-attention one
+            "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                                 linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"])}
+# the families the ONNX-based targets export (a recurrent state is not in their graphs)
+TRACED_FAMILIES = sorted(kind for kind in FAMILIES if "linear_attention" not in FAMILIES[kind].get("layer_types", ()))
+# vision-language checkpoints: a vision tower beside the language model, which stays as it is
+VISION_LANGUAGE = ("gemma3", "qwen3_5")
 
 
 def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
@@ -92,6 +99,15 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
         model = AutoModelForCausalLM.from_config(Gemma3Config(
             text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=TINY_VOCAB - 3,
             eoi_token_index=TINY_VOCAB - 2, image_token_index=TINY_VOCAB - 1, **overrides))
+    elif kind == "qwen3_5":  # Qwen3.5 as released: a vision tower beside the language model
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0, **FAMILIES["qwen3_5_text"])
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_5", text_config=text,
+                                                                             vision_config=vision, **overrides))
     elif kind in FAMILIES:  # the other architectures thanos.models.ADAPTERS names, LLaMA-sized as above
         from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -361,35 +361,47 @@ def test_a_portable_int8_genai_folder_points_to_fused_int8_where_this_cpu_has_it
         assert shown == (exact and not fused)
 
 
-def test_a_vision_language_checkpoint_prunes_its_language_model_and_keeps_its_vision_tower(tmp_path, tmp_path_factory,
+# per vision-language family: its class, its language linears in the tiny model (Qwen3.5's per-head
+# gates stay dense), where its vision tower's tensors are
+VISION_LANGUAGE = {"gemma3": ("Gemma3ForConditionalGeneration", 14, ("vision_tower", "multi_modal_projector")),
+                   "qwen3_5": ("Qwen3_5ForConditionalGeneration", 13, ("model.visual.",))}
+
+
+@pytest.mark.parametrize("family", sorted(VISION_LANGUAGE))
+def test_a_vision_language_checkpoint_prunes_its_language_model_and_keeps_its_vision_tower(family, tmp_path,
+                                                                                          tmp_path_factory,
                                                                                           tiny_tokenizer_dir):
-    """Gemma 3 from 4B up ships a vision tower beside the language model: the language model's linears
-    are pruned (INT8 included), the vision tower is left bit for bit, the directory loads as the same
-    multimodal model, the compact checkpoint carries it whole; the ONNX-based targets, which export
-    text-only models, are refused before any work (prune-and-build: before pruning)."""
+    """Gemma 3 from 4B up and Qwen3.5 ship a vision tower beside the language model: the language
+    model's linears are pruned (INT8 included), the vision tower is left bit for bit, the directory
+    loads as the same multimodal model (Qwen3.5's tower was dropped by AutoModelForCausalLM, without a
+    word), the compact checkpoint carries it whole; the ONNX-based targets, which export text-only
+    models, are refused before any work (prune-and-build: before pruning)."""
     from safetensors.torch import load_file
 
     from tests.conftest import _save_tiny
+    from thanos.model_config import auto_class
     from thanos.models import LayerSelection, prunable_linears
 
-    source = _save_tiny("gemma3", tmp_path_factory, tiny_tokenizer_dir)
+    kind, count, tower = VISION_LANGUAGE[family]
+    source = _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)
     runner = CliRunner()
     out = tmp_path / "p"
     pruned = runner.invoke(main, ["prune", "--model", str(source), "--pattern", "2:4", "--quantize", "int8",
                                   "--out", str(out), *SMALL])
     assert pruned.exit_code == 0, pruned.output
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    model = auto_class(json.loads((out / "config.json").read_text())).from_pretrained(out)
+    assert type(model).__name__ == kind
     linears = [m for layer in prunable_linears(model, LayerSelection()).values() for m in layer.values()]
-    assert len(linears) == 14
+    assert len(linears) == count
     for linear in linears:
         assert_nm(weight_view(linear), 2, 4)
     before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
-    vision = [name for name in before if "vision_tower" in name or "multi_modal_projector" in name]
+    vision = [name for name in before if any(part in name for part in tower)]
     assert vision and all(torch.equal(before[name], after[name]) for name in vision)
-    # its files name the language model's tensors as older transformers did ("language_model.model.layers...")
+    # Gemma 3's files name the language model's tensors as older transformers did ("language_model.model.layers...")
     inspected = runner.invoke(main, ["inspect", str(out)])
-    assert inspected.exit_code == 0 and "14 of 14 linear layers qualify" in inspected.output, inspected.output
+    assert inspected.exit_code == 0 and f"{count} of {count} linear layers qualify" in inspected.output, \
+        inspected.output
     planned = runner.invoke(main, ["plan", "--config", str(out), "--count-only"])  # the language model's layer
     assert planned.exit_code == 0 and "| mlp.down_proj | 64 x 128 |" in planned.output, planned.output
     compact = runner.invoke(main, ["export", str(out), "--target", "safetensors", "--out", str(tmp_path / "c")])
@@ -402,3 +414,31 @@ def test_a_vision_language_checkpoint_prunes_its_language_model_and_keeps_its_vi
     build = runner.invoke(main, ["prune-and-build", "--model", str(source), "--target", "genai", "--out",
                                  str(tmp_path / "b"), *SMALL])
     assert build.exit_code == 1 and "vision-language checkpoint" in build.output and not (tmp_path / "b").exists()
+
+
+def test_linear_attention_layers_prune_but_keep_their_head_gates_and_refuse_the_graph_targets(tmp_path, tmp_path_factory,
+                                                                                               tiny_tokenizer_dir):
+    """Qwen3.5's Gated DeltaNet layers: their projections are pruned, the two that give each value head
+    its decay and write strength (one row per head) stay as they were, and the ONNX-based targets,
+    whose graphs carry a KV cache and no recurrent state, are refused before any work."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import _save_tiny
+
+    source = _save_tiny("qwen3_5_text", tmp_path_factory, tiny_tokenizer_dir)
+    runner = CliRunner()
+    out = tmp_path / "p"
+    pruned = runner.invoke(main, ["prune", "--model", str(source), "--pattern", "2:4", "--out", str(out), *SMALL])
+    assert pruned.exit_code == 0, pruned.output
+    names = [layer["name"] for layer in json.loads((out / "thanos_report.json").read_text())["layers"]]
+    assert "model.layers.0.linear_attn.in_proj_qkv" in names and "model.layers.1.self_attn.q_proj" in names
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    gates = [name for name in before if name.endswith(("in_proj_a.weight", "in_proj_b.weight"))]
+    assert gates and not any(name[:-len(".weight")] in names for name in gates)
+    assert all(torch.equal(before[name], after[name]) for name in gates)
+    refused = runner.invoke(main, ["export", str(out), "--target", "onnx", "--out", str(tmp_path / "o")])
+    assert refused.exit_code == 1 and "linear-attention layers" in refused.output and "--target safetensors" in \
+        refused.output and not (tmp_path / "o").exists()
+    build = runner.invoke(main, ["prune-and-build", "--model", str(source), "--target", "genai", "--out",
+                                 str(tmp_path / "b"), *SMALL])
+    assert build.exit_code == 1 and "linear-attention layers" in build.output and not (tmp_path / "b").exists()

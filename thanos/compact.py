@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from thanos.errors import InputError
+from thanos.model_config import auto_class
 from thanos.quantize import FORMATS, INPUT_SCALES, dequantize
 from thanos.quantized_model import LinearQuantization, set_quantization, simulate_activations_
 
@@ -78,13 +79,13 @@ def read_compact_state(path: Path, scales: Optional[dict] = None) -> dict[str, t
 
 def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
     """The transformers model stored in a compact directory, with dense weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     scales = {}
     state = read_compact_state(path, scales)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or next(iter(state.values())).dtype)
+    model = auto_class(config).from_config(config, dtype=dtype or next(iter(state.values())).dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     untied = set(missing) - _tied_names(model)

@@ -18,6 +18,7 @@ from torch import nn
 
 from thanos.errors import ThanosExportError
 from thanos.linears import is_prunable, weight_view
+from thanos.model_config import auto_class, saved_config, text_config
 from thanos.smooth import SmoothGroup
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class Adapter:
     # where input ranges can be folded into a producer (thanos.smooth); a function of the config
     # where the family's variants differ (`smoothing_groups` resolves it)
     smoothing: "tuple[SmoothGroup, ...] | Callable[[object], tuple[SmoothGroup, ...]]" = ()
+    # linears never pruned (names relative to a layer): a few rows that gate a whole head, where a
+    # pruning error costs most and saves least
+    dense: tuple[str, ...] = ()
 
 
 _V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
@@ -121,6 +125,13 @@ ADAPTERS = {
     # gate and up fused, and norms after attention and MLP too (those produce no linear's input)
     "glm4": Adapter("model.layers", (_V_TO_O,),
                     _pre_norms("input_layernorm", "post_attention_layernorm", ("mlp.gate_up_proj",))),
+    # Qwen3.5: linear-attention (Gated DeltaNet) layers between full-attention ones, whose output is
+    # gated by rows of q_proj per channel (so v -> o would move the gate's channels too); norms scale
+    # by 1 + weight. What every layer shares is the MLP. in_proj_a and in_proj_b give each value head
+    # its decay and write strength: one row per head.
+    **{t: Adapter(layers, (_LLAMA_FREE[0],), (_INNER_SMOOTHING[0],),
+                  dense=("linear_attn.in_proj_a", "linear_attn.in_proj_b"))
+       for t, layers in (("qwen3_5_text", "model.layers"), ("qwen3_5", "model.language_model.layers"))},
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
                    _opt_smoothing),
@@ -147,18 +158,6 @@ def smoothing_groups(model: nn.Module) -> tuple[SmoothGroup, ...]:
     return smoothing(model.config) if callable(smoothing) else smoothing
 
 
-def text_config(model: nn.Module):
-    """The language model's config: a multimodal checkpoint's text part (Gemma 3 from 4B up), else
-    the model's config itself."""
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def is_multimodal(config) -> bool:
-    """A checkpoint with a vision tower beside its language model (a config or config.json's dict)."""
-    return (config.get("vision_config") if isinstance(config, dict) else getattr(config, "vision_config", None)) is not None
-
-
 def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:
     """(channels per head, query heads per KV head) from the model's config; head size None if unknown."""
     config = text_config(model)
@@ -175,6 +174,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def cache_argument(model: nn.Module) -> str:
     """The forward argument that takes a KV cache: transformers 5 renamed `past_key_values` to `cache`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def empty_cache(model: nn.Module) -> dict:
+    """{argument: an empty cache} for a decoding loop's forward calls, filled in place by each: built
+    from the config, which gives linear-attention layers (Qwen3.5) their recurrent state's place."""
+    from transformers import DynamicCache
+
+    return {cache_argument(model): DynamicCache(config=model.config)}
 
 
 def default_model_file() -> Path:
@@ -223,12 +230,12 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
     the 8-bit runtime rounds them. `trust_remote_code` is off unless the user asks: a directory's
     custom code never runs by accident.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = default_model_file() if path is None else Path(path)
     if not source.exists():
         raise ModelError(f"model path {source} does not exist; pass a Hugging Face model directory or a .gguf file")
-    kwargs = dict(trust_remote_code=trust_remote_code)
+    kwargs, config = dict(trust_remote_code=trust_remote_code), {}
     if source.is_file():
         if source.suffix != ".gguf":
             raise ModelError(f"{source} is a file but not .gguf; pass a .gguf file or the directory that holds config.json")
@@ -247,10 +254,11 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         if not (source / "config.json").is_file():
             raise ModelError(f"{source} has no config.json; pass a Hugging Face model directory "
                              "(config.json and *.safetensors) or a .gguf file")
+        config = saved_config(source) or {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         # Mismatched sizes are reported below by name, not by transformers' own log.
-        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
+        model, info = auto_class(config).from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
     except (MemoryError, torch.OutOfMemoryError):  # out of memory is not a damaged file
         raise
@@ -327,9 +335,10 @@ class LayerSelection:
 
 def prunable_linears(model: nn.Module, selection: LayerSelection) -> dict[int, dict[str, nn.Module]]:
     """{layer index: {full name: module}} of the linears that will be pruned."""
-    path = adapter_for(model).layers
+    adapter = adapter_for(model)
     found = {}
     for index, layer in enumerate(decoder_layers(model)):
-        found[index] = {f"{path}.{index}.{name}": mod for name, mod in layer.named_modules()
-                        if is_prunable(mod) and selection(f"{path}.{index}.{name}")}
+        found[index] = {f"{adapter.layers}.{index}.{name}": mod for name, mod in layer.named_modules()
+                        if is_prunable(mod) and name not in adapter.dense
+                        and selection(f"{adapter.layers}.{index}.{name}")}
     return found

@@ -23,8 +23,9 @@ from thanos.driver import Progress, check_pattern_fits, prune_model_
 from thanos.devices import defaults_for, device_description, resolve_device
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
+from thanos.model_config import text_config
 from thanos.models import (LayerSelection, ModelError, context_length, default_model_file, describe_source, load_model,
-                           prunable_linears, source_files, text_config)
+                           prunable_linears, source_files)
 from thanos.outputs import (OutputDirError, begin_staging, check_disjoint, check_staging, check_writable, commit_staging,
                             discard_staging, output_lock, write_error)
 from thanos.parallel import Parallel

@@ -19,7 +19,7 @@ from exporters.onnx_qdq import (FP8_SAFE_SESSION, INT8_SAFE_SESSION, _rounding_h
                                 served_probe, weight_formats)
 from exporters.source import load_pruned, prompts
 from exporters.tensorrt_engine import require_8bit_gpu
-from tests.conftest import FAMILIES, _save_tiny
+from tests.conftest import TRACED_FAMILIES, _save_tiny
 from tests.thanos.test_driver import SMALL
 from thanos import PruneConfig
 from thanos.errors import InputError
@@ -368,7 +368,7 @@ def test_linears_traced_to_gemm_are_quantized_too(request, fixture, linears, fmt
     assert not [n for n in graph.graph.node if n.op_type == "Gemm"]  # no linear left unquantized as a Gemm
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", TRACED_FAMILIES)
 def test_every_supported_family_exports_its_int8_model_as_qdq(family, tmp_path, tmp_path_factory, tiny_tokenizer_dir):
     """Each family's smoothed INT8 2:4 model (its norms, biases and fused linears as they are) traced to
     QDQ ONNX: every linear of its decoder layers carries its pair, and the export's check runs each

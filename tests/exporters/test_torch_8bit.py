@@ -118,16 +118,19 @@ def test_the_torch_target_runs_the_8bit_model_on_cusparselt(quantized_dir, tmp_p
     assert len(report.converted) == 21 and report.kernel == "cusparselt"
 
 
-def test_a_vision_language_models_language_linears_are_converted(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
-    """Gemma 3 from 4B up: the torch target converts its language model's 8-bit linears (the vision
-    tower's are not pruned, so not touched) and the converted model still computes its logits."""
+@pytest.mark.parametrize("family, linears", [("gemma3", 14), ("qwen3_5", 13)])
+def test_a_vision_language_models_language_linears_are_converted(family, linears, tmp_path, tmp_path_factory,
+                                                                 tiny_tokenizer_dir):
+    """Gemma 3 from 4B up, Qwen3.5 (linear-attention layers among them): the torch target converts the
+    language model's 8-bit linears (the vision tower's are not pruned, so not touched) and the converted
+    model still computes its logits."""
     from tests.conftest import _save_tiny
 
     out = tmp_path / "m"
-    prune_to_directory(PruneJob(out=str(out), model=str(_save_tiny("gemma3", tmp_path_factory, tiny_tokenizer_dir)),
+    prune_to_directory(PruneJob(out=str(out), model=str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)),
                                 config=PruneConfig(quantize="int8"), **SMALL))
     model, report, captured, ids, expected = converted_model(out, exact_kernel())
-    assert len(report.converted) == 14 and all(".language_model.layers." in name for name in report.converted)
+    assert len(report.converted) == linears and all(".language_model.layers." in name for name in report.converted)
     assert check_linears(model, captured)["largest_share_of_bound"] <= 1.0
     with torch.no_grad():
         assert torch.isfinite(model(ids, use_cache=False).logits).all()

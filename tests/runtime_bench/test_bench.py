@@ -88,6 +88,23 @@ def test_model_level_leaves_the_callers_model_alone():
         ("onnxruntime", "prefill", "ok"), ("onnxruntime", "decode", "ok"), ("tensorrt-sparse", None, "skipped")]
 
 
+def test_model_level_times_a_hybrid_model_in_torch_and_says_why_not_in_the_graph_runtimes(tmp_path_factory,
+                                                                                            tiny_tokenizer_dir):
+    """Qwen3.5's linear-attention layers keep a recurrent state beside the KV cache: torch decodes it
+    (the cache built from the config has its place), the runtimes of exported graphs are skipped with
+    the reason instead of failing inside the export."""
+    from runtime_bench.model import run_model
+    from tests.conftest import _save_tiny
+    from thanos.models import load_model
+
+    model, _ = load_model(str(_save_tiny("qwen3_5_text", tmp_path_factory, tiny_tokenizer_dir)))
+    records = run_model(model, [(1, 8)], "cpu", ["torch-dense", "onnxruntime", "genai"], decode_steps=2)
+    assert [(r["backend"], r.get("phase"), r["status"]) for r in records] == [
+        ("torch-dense", "prefill", "ok"), ("torch-dense", "decode", "ok"), ("onnxruntime", None, "skipped"),
+        ("genai", None, "skipped")]
+    assert all("linear-attention layers" in r["reason"] for r in records[2:])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantize", [None, "fp8"])
 def test_gpu_model_level_times_tensorrt_engines(tmp_path, quantize):

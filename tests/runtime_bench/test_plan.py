@@ -224,6 +224,24 @@ def test_a_plan_reads_the_shapes_of_any_supported_model_directory(tmp_path, tmp_
         assert refused.exit_code == 1 and refusal in refused.output, refused.output
 
 
+def test_a_plan_of_a_hybrid_model_says_which_kind_of_layer_it_timed(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """Qwen3.5 alternates linear-attention and full-attention layers, whose linears differ: the plan
+    times one layer of the first kind and says so, with how many layers are of the other."""
+    from cli import main
+    from tests.conftest import _save_tiny
+
+    source = _save_tiny("qwen3_5_text", tmp_path_factory, tiny_tokenizer_dir)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["plan", "--config", str(source), "--device", "cpu", "--calib-samples", "2",
+                                       "--seqlen", "16", "--ranks", "1", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "one linear_attention layer is timed for all 2 (of which 1 full_attention" in result.output
+    data = json.loads(out.read_text())
+    assert data["layer"]["layer_kinds"] == dict(measured="linear_attention",
+                                                counts=dict(linear_attention=1, full_attention=1))
+    assert "model.layers.0.linear_attn.in_proj_qkv" in data["layer"]["seconds"]["solves"]
+
+
 @pytest.mark.parametrize("ranks", [(0,), (1, 0), ()])
 def test_plan_refuses_rank_counts_below_one_before_any_work(ranks, tmp_path):
     from thanos.errors import InputError

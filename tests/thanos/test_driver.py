@@ -13,7 +13,7 @@ from thanos.models import LayerSelection, ModelError, decoder_layers, load_model
 from thanos.linears import weight_view
 from thanos.errors import InputError
 from thanos.pipeline import PruneJob, prune, prune_to_directory
-from tests.conftest import FAMILIES, _save_tiny
+from tests.conftest import FAMILIES, VISION_LANGUAGE, _save_tiny
 from tests.thanos.helpers import assert_nm
 
 EPS = torch.finfo(torch.float32).eps
@@ -366,7 +366,7 @@ def test_perplexity_refuses_windows_of_one_token():
         perplexity(None, torch.arange(64), 1)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gemma3", *sorted(FAMILIES)])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", *VISION_LANGUAGE, *sorted(FAMILIES)])
 def test_the_layer_by_layer_walk_is_the_models_own_forward(family, tmp_path_factory, tiny_tokenizer_dir):
     """The driver runs each decoder layer on its own, with the extra arguments the model gives that
     layer: families mixing sliding-window and full attention (Gemma 2/3, OLMo 3, Command R7B, EXAONE 4,

@@ -10,7 +10,7 @@ from thanos.linears import weight_view
 from thanos.models import LayerSelection, adapter_for, attention_heads, load_model, prunable_linears, smoothing_groups
 from thanos.calibration import sample_windows, tokenize_split
 from thanos.smooth import ALPHA_GRID, estimated_error, smooth_layer_, smoothing_scales
-from tests.conftest import FAMILIES, _save_tiny
+from tests.conftest import FAMILIES, VISION_LANGUAGE, _save_tiny
 from tests.thanos.helpers import realistic_inputs
 
 
@@ -87,7 +87,7 @@ def test_other_families_smooth_where_a_fold_keeps_the_layer(family, overrides, s
     assert (y0 - y1).abs().max() <= 16 * widest * EPS * y0.abs().max()
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gemma3", *sorted(FAMILIES)])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", *VISION_LANGUAGE, *sorted(FAMILIES)])
 def test_what_the_adapter_declares_keeps_every_familys_layer(family, tmp_path_factory, tiny_tokenizer_dir):
     """What thanos.models.ADAPTERS declares of a family (channels free to reorder, producers an input's
     scale folds into) must hold for its real decoder layer: every free channel set reordered (by a

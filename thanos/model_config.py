@@ -1,0 +1,55 @@
+"""What a model's config says, read before (or without) building the model: whether it is a
+vision-language checkpoint, whether it has layers with a recurrent state, which transformers class
+builds it whole."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+
+def text_config(model: nn.Module):
+    """The language model's config: a multimodal checkpoint's text part (Gemma 3 from 4B up), else
+    the model's config itself."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def is_multimodal(config) -> bool:
+    """A checkpoint with a vision tower beside its language model (a config or config.json's dict)."""
+    return (config.get("vision_config") if isinstance(config, dict) else getattr(config, "vision_config", None)) is not None
+
+
+def auto_class(config):
+    """transformers' Auto class that builds the whole checkpoint: a vision-language one's
+    conditional-generation model, vision tower kept (for Qwen3.5, AutoModelForCausalLM builds the
+    language model alone and drops the tower without a word), else the causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
+
+
+def saved_config(model_dir: "Path | str | None") -> Optional[dict]:
+    """A model directory's config.json as a dict; None where there is none or it cannot be parsed (the
+    loader names a damaged one)."""
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def has_recurrent_layers(config) -> bool:
+    """Layers that carry a recurrent state instead of a KV cache (Qwen3.5's linear attention), from a
+    config or config.json's dict."""
+    if isinstance(config, dict):
+        config = config.get("text_config") or config
+        kinds = config.get("layer_types") if isinstance(config, dict) else None
+    else:
+        kinds = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "layer_types", None)
+    return "linear_attention" in (kinds or ())
