@@ -16,7 +16,7 @@ from typing import Optional
 from exporters.base import (_REGISTRY, BackendMissingError, ExportError, ExportFormat,
                             ExportOptions, ValidationError, check_inputs_carried, default_dtype, register)
 from thanos.compact import load_compact
-from thanos.model_config import has_recurrent_layers, is_multimodal, saved_config
+from thanos.model_config import has_recurrent_layers, is_mixture_of_experts, is_multimodal, saved_config
 from thanos.quantized_model import saved_inputs
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
                             write_error)
@@ -137,6 +137,9 @@ def untraceable(config) -> Optional[str]:
     if has_recurrent_layers(config):
         return (f"a model with linear-attention layers ({kind}), whose recurrent state the onnx, genai and tensorrt "
                 "graphs do not carry (they have a KV cache)")
+    if is_mixture_of_experts(config):
+        return (f"a mixture-of-experts model ({kind}), whose router picks experts per token: a graph traced from "
+                "the forward would keep the experts the example's tokens picked")
     return None
 
 

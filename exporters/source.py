@@ -11,6 +11,7 @@ from exporters.base import ExportError
 from exporters.patterns import LayerPattern, analyse
 from thanos.errors import InputError
 from thanos.linears import stores_transposed, weight_view
+from thanos.experts import unfuse_experts_
 from thanos.model_config import auto_class, saved_config
 from thanos.models import LayerSelection, load_model, prunable_linears
 from thanos.quantized_model import QUANTIZATION_FILE, cast_model_, quantized_linears
@@ -76,6 +77,7 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             skeleton = auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
+            unfuse_experts_(skeleton)  # each expert's linears (their names are not in the files: loaded below)
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise

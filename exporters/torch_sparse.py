@@ -19,6 +19,7 @@ from exporters.base import (BackendMissingError, ExportError, ExportFormat, Expo
 from exporters.patterns import analyse, require_hardware_2to4
 from exporters.source import holds_8bit, load_pruned, model_patterns, prompts
 from exporters.torch_8bit import check_linears, reference_run, require_8bit_sparse, to_8bit_semi_structured_
+from thanos.experts import fused_for_saving
 from thanos.models import LayerSelection, prunable_linears
 from thanos.linears import stores_transposed, weight_view
 from thanos.quantized_model import model_format, quantized_linears, save_quantization
@@ -115,7 +116,8 @@ def export_torch(model_dir: Path, out: Path, options: ExportOptions, source: Opt
         raise ValidationError("torch semi-structured logits", diff, TOLERANCE * scale)
     # The weights on disk stay the pruned dense ones (in the export dtype); the loader converts them.
     model_dense, _, _ = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)
-    model_dense.save_pretrained(out)
+    with fused_for_saving(model_dense):  # a mixture of experts in its family's layout
+        model_dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
     split = ", split_dense_rows=True" if options.split_dense_rows else ""
     return dict(backend=result.backend, converted=result.converted, dense=result.dense,
@@ -142,7 +144,8 @@ def _export_8bit(model_dir: Path, out: Path, options: ExportOptions, device: tor
     with torch.no_grad():
         got = model(ids, use_cache=False).logits.float()
     model_dense, _, _ = load_pruned(model_dir, options.dtype, trust_remote_code=options.trust_remote_code)
-    model_dense.save_pretrained(out)
+    with fused_for_saving(model_dense):  # a mixture of experts in its family's layout
+        model_dense.save_pretrained(out)
     save_quantization(model_dense, out)
     tokenizer.save_pretrained(out)
     return dict(backend=f"cusparselt {fmt}", converted=result.converted, dense=result.dense,

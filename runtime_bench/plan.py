@@ -28,6 +28,7 @@ from thanos.config import PRESETS, PruneConfig
 from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
                            run_layer, solve_costs)
 from thanos.errors import InputError
+from thanos.experts import unfuse_experts_
 from thanos.model_config import has_recurrent_layers, is_multimodal
 from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears,
                            smoothing_groups)
@@ -245,7 +246,9 @@ def one_layer(config):
 def _one_layer_model(config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts_(model)  # each expert's linears, as pruning sees them
+    return model
 
 
 def _meta_layer_linears(name: str) -> dict:

@@ -67,8 +67,15 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
             # Qwen3.5: a linear-attention (Gated DeltaNet) layer, then a full-attention one
             "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                                  linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"])}
-# the families the ONNX-based targets export (a recurrent state is not in their graphs)
-TRACED_FAMILIES = sorted(kind for kind in FAMILIES if "linear_attention" not in FAMILIES[kind].get("layer_types", ()))
+# mixture of experts: four experts, two per token
+MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(num_experts=4, num_experts_per_tok=2),
+           qwen3_moe=dict(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+           qwen2_moe=dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                          num_experts_per_tok=2))
+FAMILIES.update(MOE)
+# the families the ONNX-based targets export (a recurrent state is not in their graphs, nor a routing)
+TRACED_FAMILIES = sorted(kind for kind in FAMILIES if "linear_attention" not in FAMILIES[kind].get("layer_types", ())
+                         and kind not in MOE)
 # vision-language checkpoints: a vision tower beside the language model, which stays as it is
 VISION_LANGUAGE = ("gemma3", "qwen3_5")
 

@@ -404,16 +404,8 @@ def test_a_vision_language_checkpoint_prunes_its_language_model_and_keeps_its_vi
         inspected.output
     planned = runner.invoke(main, ["plan", "--config", str(out), "--count-only"])  # the language model's layer
     assert planned.exit_code == 0 and "| mlp.down_proj | 64 x 128 |" in planned.output, planned.output
-    compact = runner.invoke(main, ["export", str(out), "--target", "safetensors", "--out", str(tmp_path / "c")])
-    assert compact.exit_code == 0 and "round trip bit-exact" in compact.output, compact.output
-    evaluated = runner.invoke(main, ["eval", str(tmp_path / "c"), "--seqlen", "32", "--windows", "1", "--device", "cpu"])
-    assert evaluated.exit_code == 0, evaluated.output
-    refused = runner.invoke(main, ["export", str(out), "--target", "onnx", "--out", str(tmp_path / "o")])
-    assert refused.exit_code == 1 and "vision-language checkpoint" in refused.output and "--target safetensors" in \
-        refused.output and not (tmp_path / "o").exists()
-    build = runner.invoke(main, ["prune-and-build", "--model", str(source), "--target", "genai", "--out",
-                                 str(tmp_path / "b"), *SMALL])
-    assert build.exit_code == 1 and "vision-language checkpoint" in build.output and not (tmp_path / "b").exists()
+    _compact_evaluates(runner, out, tmp_path / "c")
+    _graph_targets_refused(runner, source, out, tmp_path, "vision-language checkpoint")
 
 
 def test_linear_attention_layers_prune_but_keep_their_head_gates_and_refuse_the_graph_targets(tmp_path, tmp_path_factory,
@@ -423,22 +415,58 @@ def test_linear_attention_layers_prune_but_keep_their_head_gates_and_refuse_the_
     whose graphs carry a KV cache and no recurrent state, are refused before any work."""
     from safetensors.torch import load_file
 
-    from tests.conftest import _save_tiny
-
-    source = _save_tiny("qwen3_5_text", tmp_path_factory, tiny_tokenizer_dir)
-    runner = CliRunner()
-    out = tmp_path / "p"
-    pruned = runner.invoke(main, ["prune", "--model", str(source), "--pattern", "2:4", "--out", str(out), *SMALL])
-    assert pruned.exit_code == 0, pruned.output
-    names = [layer["name"] for layer in json.loads((out / "thanos_report.json").read_text())["layers"]]
+    runner, out = CliRunner(), tmp_path / "p"
+    source, names = _pruned_tiny("qwen3_5_text", tmp_path_factory, tiny_tokenizer_dir, out)
     assert "model.layers.0.linear_attn.in_proj_qkv" in names and "model.layers.1.self_attn.q_proj" in names
     before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
     gates = [name for name in before if name.endswith(("in_proj_a.weight", "in_proj_b.weight"))]
     assert gates and not any(name[:-len(".weight")] in names for name in gates)
     assert all(torch.equal(before[name], after[name]) for name in gates)
-    refused = runner.invoke(main, ["export", str(out), "--target", "onnx", "--out", str(tmp_path / "o")])
-    assert refused.exit_code == 1 and "linear-attention layers" in refused.output and "--target safetensors" in \
-        refused.output and not (tmp_path / "o").exists()
+    _graph_targets_refused(runner, source, out, tmp_path, "linear-attention layers")
+
+
+def _pruned_tiny(family: str, tmp_path_factory, tokenizer_dir, out) -> tuple:
+    """A tiny `family` model pruned 2:4 from the command line into `out`: (its source, the linears the
+    report lists)."""
+    from tests.conftest import _save_tiny
+
+    source = _save_tiny(family, tmp_path_factory, tokenizer_dir)
+    pruned = CliRunner().invoke(main, ["prune", "--model", str(source), "--pattern", "2:4", "--out", str(out), *SMALL])
+    assert pruned.exit_code == 0, pruned.output
+    return source, [layer["name"] for layer in json.loads((out / "thanos_report.json").read_text())["layers"]]
+
+
+def _compact_evaluates(runner, pruned, out) -> None:
+    """The compact export of `pruned` reloads bit-exact, and evaluates."""
+    compact = runner.invoke(main, ["export", str(pruned), "--target", "safetensors", "--out", str(out)])
+    assert compact.exit_code == 0 and "round trip bit-exact" in compact.output, compact.output
+    evaluated = runner.invoke(main, ["eval", str(out), "--seqlen", "32", "--windows", "1", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def _graph_targets_refused(runner, source, pruned, tmp_path, reason: str) -> None:
+    """The ONNX-based targets refuse the model for `reason`, before any work: export writes nothing,
+    prune-and-build stops before pruning."""
+    refused = runner.invoke(main, ["export", str(pruned), "--target", "onnx", "--out", str(tmp_path / "o")])
+    assert refused.exit_code == 1 and reason in refused.output and "--target safetensors" in refused.output, \
+        refused.output
+    assert not (tmp_path / "o").exists()
     build = runner.invoke(main, ["prune-and-build", "--model", str(source), "--target", "genai", "--out",
                                  str(tmp_path / "b"), *SMALL])
-    assert build.exit_code == 1 and "linear-attention layers" in build.output and not (tmp_path / "b").exists()
+    assert build.exit_code == 1 and reason in build.output and not (tmp_path / "b").exists()
+
+
+def test_a_mixture_of_experts_prunes_each_expert_and_goes_to_the_targets_that_carry_it(tmp_path, tmp_path_factory,
+                                                                                    tiny_tokenizer_dir):
+    """Mixtral from the command line: every expert's projections in the report, the compact checkpoint
+    bit-exact and evaluated, the ONNX-based targets and --quantize refused before any work."""
+    runner, out = CliRunner(), tmp_path / "p"
+    source, names = _pruned_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir, out)
+    assert len(names) == 2 * (4 + 4 * 3) and "model.layers.1.mlp.experts.3.down_proj" in names
+    inspected = runner.invoke(main, ["inspect", str(out)])  # Mixtral's files name its experts w1/w2/w3
+    assert inspected.exit_code == 0 and "32 of 32 linear layers qualify" in inspected.output, inspected.output
+    _compact_evaluates(runner, out, tmp_path / "c")
+    _graph_targets_refused(runner, source, out, tmp_path, "mixture-of-experts model")
+    quantized = runner.invoke(main, ["prune", "--model", str(source), "--quantize", "fp8", "--out", str(tmp_path / "q"),
+                                     *SMALL])
+    assert quantized.exit_code == 1 and "8-bit quantization of mixture-of-experts models" in quantized.output

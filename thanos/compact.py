@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from thanos.errors import InputError
+from thanos.experts import unfuse_experts_
 from thanos.model_config import auto_class
 from thanos.quantize import FORMATS, INPUT_SCALES, dequantize
 from thanos.quantized_model import LinearQuantization, set_quantization, simulate_activations_
@@ -86,6 +87,7 @@ def load_compact(path: "str | Path", dtype: Optional[torch.dtype] = None):
     scales = {}
     state = read_compact_state(path, scales)
     model = auto_class(config).from_config(config, dtype=dtype or next(iter(state.values())).dtype)
+    unfuse_experts_(model)  # the compact file names each expert's linears, as the pruned model does
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     untied = set(missing) - _tied_names(model)

@@ -18,6 +18,7 @@ from torch import nn
 from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
+from thanos.experts import is_moe, sync_experts_
 from thanos.hessian import Curvature, HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, attention_heads, decoder_layers,
                            prunable_linears, smoothing_groups)
@@ -183,6 +184,10 @@ def prune_model_(
     parallel = parallel or Parallel()
     device = torch.device(device)
     store_device = torch.device("cpu") if offload_activations else device
+    if config.recipe.get(Quantize) and is_moe(model):
+        raise ModelError(f"8-bit quantization of mixture-of-experts models ({model.config.model_type}) is not supported "
+                         "yet: each expert's input scale would come from the few tokens routed to it; prune without "
+                         "--quantize")
     if linears is None:
         linears = prunable_linears(model, selection)
         check_pattern_fits(linears, config)
@@ -227,6 +232,7 @@ def prune_model_(
         else:
             inputs = run_layer(layer, inputs, args, kwargs, device, store_device)
         layer.to("cpu")
+        sync_experts_(layer)  # experts' weights back into their fused tensors: one copy on the host
         if checkpoints and index >= done and parallel.is_main:
             checkpoints.save(index, layer, reports[-len(linears[index]):] if linears[index] else [])
         if progress:
@@ -338,12 +344,16 @@ class SharedInputStatistics:
         if name not in self.stats:
             self.stats[name] = HessianAccumulator(self.widths[name], self.device)
         self.stats[name].add(x)
-        if self.track_ranges:
+        if self.track_ranges and x.numel():  # an expert no token was routed to this pass has no range
             top = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).float()  # (c,)
             self.ranges[name] = torch.maximum(self.ranges[name], top) if name in self.ranges else top
 
     def hessian(self, name: str) -> torch.Tensor:
-        return self.stats[self.source[name]].hessian
+        accumulator = self.stats[self.source[name]]
+        if not accumulator.tokens and accumulator.sum is not None:
+            log.warning("%s: no calibration token reached it (an expert the router never picked): pruned by "
+                        "weight magnitude; more calibration samples would give it some", name)
+        return accumulator.hessian
 
     def groups(self) -> list[list[str]]:
         """The linears seen, grouped by the input they read, in the order the forward first reads each."""

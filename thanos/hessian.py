@@ -59,7 +59,10 @@ class HessianAccumulator:
     @property
     def hessian(self) -> torch.Tensor:
         if self._mean is None:
-            self._mean = (self.sum / max(self.tokens, 1)).to(torch.float32)
+            # no token at all (an expert the router never picked in calibration): every input weighs
+            # the same, so the solve prunes by magnitude rather than zeroing every column as dead
+            self._mean = (self.sum / self.tokens if self.tokens else
+                          torch.eye(self.columns, device=self.sum.device, dtype=torch.float64)).to(torch.float32)
             self.sum = None
         return self._mean
 

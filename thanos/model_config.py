@@ -44,6 +44,14 @@ def saved_config(model_dir: "Path | str | None") -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def is_mixture_of_experts(config) -> bool:
+    """Experts a router picks per token (Mixtral, Qwen3-MoE), from a config or config.json's dict."""
+    text = (config.get("text_config") or config) if isinstance(config, dict) else (
+        config.get_text_config() if hasattr(config, "get_text_config") else config)
+    read = text.get if isinstance(text, dict) else lambda key: getattr(text, key, None)
+    return bool(read("num_local_experts") or read("num_experts"))
+
+
 def has_recurrent_layers(config) -> bool:
     """Layers that carry a recurrent state instead of a KV cache (Qwen3.5's linear attention), from a
     config or config.json's dict."""

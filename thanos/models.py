@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from thanos.errors import ThanosExportError
+from thanos.experts import unfuse_experts_
 from thanos.linears import is_prunable, weight_view
 from thanos.model_config import auto_class, saved_config, text_config
 from thanos.smooth import SmoothGroup
@@ -48,7 +49,8 @@ class FreeChannels:
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     layers: str  # dotted path of the decoder layers' ModuleList
-    free_channels: tuple[FreeChannels, ...] = ()
+    # a function of the config where it depends on it (one set per expert)
+    free_channels: "tuple[FreeChannels, ...] | Callable[[object], tuple[FreeChannels, ...]]" = ()
     # where input ranges can be folded into a producer (thanos.smooth); a function of the config
     # where the family's variants differ (`smoothing_groups` resolves it)
     smoothing: "tuple[SmoothGroup, ...] | Callable[[object], tuple[SmoothGroup, ...]]" = ()
@@ -101,6 +103,26 @@ def _pre_norms(attention: str, mlp: str, mlp_inputs: tuple[str, ...]) -> tuple[S
             SmoothGroup(mlp, mlp_inputs), _INNER_SMOOTHING[1])
 
 
+def _expert_count(config) -> int:
+    return getattr(config, "num_local_experts", None) or config.num_experts
+
+
+def _moe_free_channels(config) -> tuple[FreeChannels, ...]:
+    """Each expert's gate/up rows -> its down_proj columns (`thanos.experts` names them), a shared
+    expert's likewise, v_proj -> o_proj per head."""
+    mlps = [f"mlp.experts.{e}" for e in range(_expert_count(config))]
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        mlps.append("mlp.shared_expert")
+    return (_V_TO_O, *(FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj") for mlp in mlps))
+
+
+def _moe_smoothing(config) -> tuple[SmoothGroup, ...]:
+    """The norm before q/k/v, v_proj -> o_proj, each expert's up_proj -> down_proj. The norm before the
+    experts feeds the router too, whose weight is not a linear a scale could be folded into."""
+    ups = [SmoothGroup(f"{spec.producers[1]}", (spec.consumer,)) for spec in _moe_free_channels(config)[1:]]
+    return (_LLAMA_SMOOTHING[0], _INNER_SMOOTHING[1], *ups)
+
+
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
@@ -132,6 +154,10 @@ ADAPTERS = {
     **{t: Adapter(layers, (_LLAMA_FREE[0],), (_INNER_SMOOTHING[0],),
                   dense=("linear_attn.in_proj_a", "linear_attn.in_proj_b"))
        for t, layers in (("qwen3_5_text", "model.layers"), ("qwen3_5", "model.language_model.layers"))},
+    # mixture of experts, the experts' fused weights seen as one linear per expert (thanos.experts);
+    # the routers are not linears, Qwen2-MoE's shared-expert gate is one row
+    **{t: Adapter("model.layers", _moe_free_channels, _moe_smoothing, dense=("mlp.shared_expert_gate",))
+       for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
                    _opt_smoothing),
@@ -150,6 +176,12 @@ def adapter_for(model: nn.Module) -> Adapter:
             "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
         )
     return ADAPTERS[model_type]
+
+
+def free_channels(model: nn.Module) -> tuple[FreeChannels, ...]:
+    """The channel sets this model's layers may reorder (thanos.permute)."""
+    free = adapter_for(model).free_channels
+    return free(model.config) if callable(free) else free
 
 
 def smoothing_groups(model: nn.Module) -> tuple[SmoothGroup, ...]:
@@ -273,6 +305,7 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
     if "gguf_file" in kwargs:
         _plain_after_gguf(model)
     adapter_for(model)
+    unfuse_experts_(model)  # one linear per expert from here on (thanos.experts); saved fused again
     if source.is_dir():
         from thanos.quantized_model import load_quantization_
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from thanos.pattern import Pattern
 from thanos.errors import ThanosExportError
-from thanos.models import FreeChannels, adapter_for, attention_heads
+from thanos.models import FreeChannels, attention_heads, free_channels
 from thanos.linears import weight_view
 from thanos.quantized_model import quantization_of
 
@@ -130,7 +130,7 @@ class ChannelLayout:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ChannelLayout":
-        return cls(adapter_for(model).free_channels, *attention_heads(model))
+        return cls(free_channels(model), *attention_heads(model))
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from thanos.driver import Progress, check_pattern_fits, prune_model_
 from thanos.devices import defaults_for, device_description, resolve_device
 from thanos.errors import InputError
 from thanos.evaluate import perplexity
+from thanos.experts import fuse_experts_, fused_for_saving, unfuse_experts_
 from thanos.model_config import text_config
 from thanos.models import (LayerSelection, ModelError, context_length, default_model_file, describe_source, load_model,
                            prunable_linears, source_files)
@@ -240,7 +241,12 @@ def prune(model, config: PruneConfig = PruneConfig(), calibration: Optional[torc
         raise InputError(f"calibration must be token ids shaped (windows, tokens), got a {calibration.dtype} tensor "
                          f"of shape {tuple(calibration.shape)}")
     check_finite(model)
-    layers = prune_model_(model, calibration, config, dev, progress=progress)
+    unfused = unfuse_experts_(model)
+    try:
+        layers = prune_model_(model, calibration, config, dev, progress=progress)
+    finally:  # the caller's model keeps its own structure
+        if unfused:
+            fuse_experts_(model)
     report = dict(recipe=config.recipe.to_json(), config=config.to_json(), layers=layers,
                   sparsity=_overall_sparsity(layers), calibration=dict(samples=calibration.shape[0],
                                                                        seqlen=calibration.shape[1]))
@@ -312,7 +318,8 @@ def _save_model_dir(model, tokenizer, out: Path, report: dict, inputs: tuple) ->
     """
     staging = begin_staging(out, inputs)
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        with fused_for_saving(model):  # the family's own layout for mixture-of-experts weights
+            model.save_pretrained(staging, safe_serialization=True)
         save_quantization(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=1, default=str))

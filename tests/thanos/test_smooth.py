@@ -7,7 +7,8 @@ from tests.thanos.test_permute import EPS, _layer_setup
 from thanos import PruneConfig
 from thanos.driver import collect_statistics, prune_model_, run_layer
 from thanos.linears import weight_view
-from thanos.models import LayerSelection, adapter_for, attention_heads, load_model, prunable_linears, smoothing_groups
+from thanos.models import (LayerSelection, adapter_for, attention_heads, free_channels, load_model, prunable_linears,
+                           smoothing_groups)
 from thanos.calibration import sample_windows, tokenize_split
 from thanos.smooth import ALPHA_GRID, estimated_error, smooth_layer_, smoothing_scales
 from tests.conftest import FAMILIES, VISION_LANGUAGE, _save_tiny
@@ -113,7 +114,7 @@ def test_what_the_adapter_declares_keeps_every_familys_layer(family, tmp_path_fa
         smoothed = smooth_layer_(layer, prefix, smoothing_groups(model), 0.5, shared.channel_range, shared.hessian,
                                  *attention_heads(model))
         after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
-    assert len(permuted) == len(adapter_for(model).free_channels) and all(r.moved > 0 for r in permuted)
+    assert len(permuted) == len(free_channels(model)) and all(r.moved > 0 for r in permuted)
     assert len({r.producer for r in smoothed.values()}) == len(smoothing_groups(model))
     y0, y1 = torch.cat(before), torch.cat(after)
     widest = max(weight_view(m).shape[1] for m in linears.values())

@@ -1,0 +1,138 @@
+"""Mixture-of-experts models: each expert pruned as its own linears, on the tokens routed to it."""
+import logging
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from thanos import PruneConfig
+from thanos.calibration import sample_windows, tokenize_split
+from thanos.driver import capture_layer_inputs, collect_statistics, layer_arguments
+from thanos.experts import UnfusedExperts, is_fused_experts
+from thanos.linears import weight_view
+from thanos.models import ModelError, decoder_layers, load_model, prunable_linears, LayerSelection
+from thanos.pipeline import PruneJob, prune, prune_to_directory
+from tests.conftest import MOE, _save_tiny
+from tests.thanos.helpers import assert_nm
+
+EPS = torch.finfo(torch.float32).eps
+SMALL = dict(calib_samples=4, seqlen=32, eval_windows=1, device="cpu")
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_each_expert_is_pruned_as_its_own_linears_and_saved_in_the_familys_layout(family, tmp_path, tmp_path_factory,
+                                                                                 tiny_tokenizer_dir):
+    """Loaded here, a fused experts module (3-D weights) becomes one linear per expert and projection
+    computing the same logits; pruned, every expert is 2:4 along K in the fused tensors transformers
+    loads back, the files name the tensors as the source's do, and the pruned model computes the
+    same in both forms."""
+    source = _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    fused = AutoModelForCausalLM.from_pretrained(source).eval()
+    model, _ = load_model(str(source))
+    assert any(isinstance(m, UnfusedExperts) for m in model.modules())
+    expected = _logits(fused, ids)
+    # the same dot products, computed per projection: equal to round-off (here, bit for bit)
+    assert (_logits(model, ids) - expected).abs().max() <= 64 * EPS * expected.abs().max()
+    experts = MOE[family].get("num_local_experts") or MOE[family]["num_experts"]
+    names = [name for layer in prunable_linears(model, LayerSelection()).values() for name in layer]
+    assert sum(".mlp.experts." in name for name in names) == 2 * 3 * experts
+
+    out = tmp_path / "p"
+    report = prune_to_directory(PruneJob(out=str(out), model=str(source), config=PruneConfig(pattern="2:4"), **SMALL))
+    assert {layer["name"] for layer in report["layers"]} == set(names)
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    blocks = [m for m in pruned.modules() if is_fused_experts(m)]
+    assert len(blocks) == 2
+    for block in blocks:
+        for e in range(experts):
+            assert_nm(block.gate_up_proj[e].detach(), 2, 4)
+            assert_nm(block.down_proj[e].detach(), 2, 4)
+    with safe_open(str(source / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+    reloaded, _ = load_model(str(out))
+    expected = _logits(pruned, ids)
+    assert (_logits(reloaded, ids) - expected).abs().max() <= 64 * EPS * expected.abs().max()
+
+
+def test_an_experts_statistics_are_those_of_the_tokens_routed_to_it(tmp_path_factory, tiny_tokenizer_dir):
+    """Each expert's linears see the tokens the router sends it, and only those."""
+    model, tokenizer = load_model(str(_save_tiny("qwen3_moe", tmp_path_factory, tiny_tokenizer_dir)))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    inputs, _, _ = capture_layer_inputs(model, samples, "cpu", "cpu")
+    args, kwargs = layer_arguments(model, samples, "cpu")[0]
+    layer = decoder_layers(model)[0]
+    block_inputs = []
+    hook = layer.mlp.register_forward_pre_hook(lambda m, a: block_inputs.append(a[0]))
+    linears = prunable_linears(model, LayerSelection())[0]
+    shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu")
+    hook.remove()
+    routed = torch.zeros(4, dtype=torch.long)
+    for x in block_inputs:
+        _, _, chosen = layer.mlp.gate(x.reshape(-1, x.shape[-1]))
+        routed += torch.bincount(chosen.flatten(), minlength=4)
+    assert routed.sum() == 2 * samples.numel() and (routed > 0).all()
+    for e in range(4):
+        for projection in ("gate_proj", "down_proj"):
+            name = f"model.layers.0.mlp.experts.{e}.{projection}"
+            assert shared.stats[shared.source[name]].tokens == routed[e]
+
+
+def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(tmp_path_factory, tiny_tokenizer_dir, caplog):
+    """An expert the router never picks on the calibration text has no statistics: it is pruned by
+    weight magnitude (its kept weights as they were), with a warning naming it, where a zero
+    Hessian would have marked every input dead and zeroed the whole expert."""
+    model, tokenizer = load_model(str(_save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)))
+    router = decoder_layers(model)[0].mlp.gate
+
+    def never_three(module, args, output):
+        logits, scores, chosen = output
+        spare = torch.tensor([min(set(range(4)) - set(row.tolist())) for row in chosen])
+        return logits, scores, torch.where(chosen == 3, spare[:, None], chosen)
+
+    router.register_forward_hook(never_three)
+    expert = decoder_layers(model)[0].mlp.experts[3]  # load_model gave it its own linears
+    before = {name: weight_view(linear).clone() for name, linear in expert.named_children()}
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    with caplog.at_level(logging.WARNING, logger="thanos.driver"):
+        prune(model, PruneConfig(pattern="2:4", preset="fast"), samples, device="cpu")
+    warned = [r.getMessage() for r in caplog.records if "no calibration token reached it" in r.getMessage()]
+    assert any(m.startswith("model.layers.0.mlp.experts.3.") for m in warned)
+    assert not any(m.startswith("model.layers.1.") for m in warned)  # the hook is on layer 0's router only
+    for name, linear in expert.named_children():
+        weight = weight_view(linear)
+        kept = weight != 0
+        assert_nm(weight, 2, 4)
+        assert torch.equal(weight[kept], before[name][kept])  # no compensation without statistics
+        groups = before[name].abs().reshape(weight.shape[0], -1, 4)
+        # the two largest magnitudes of every group of four are the ones kept
+        assert torch.equal(kept.reshape(groups.shape), groups >= groups.topk(2, dim=-1).values[..., 1:])
+
+
+def test_the_python_api_gives_back_the_model_in_its_own_structure(tmp_path_factory, tiny_tokenizer_dir):
+    """`thanos.prune` on a model the caller loaded: pruned per expert, handed back with its fused
+    experts modules (so its own save_pretrained writes the family's checkpoint)."""
+    source = _save_tiny("olmoe", tmp_path_factory, tiny_tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    _, tokenizer = load_model(str(source))
+    pruned, report = prune(model, PruneConfig(pattern="2:4", preset="fast"), tokenizer=tokenizer, samples=2,
+                           seqlen=32, device="cpu")
+    assert pruned is model and not any(isinstance(m, UnfusedExperts) for m in model.modules())
+    assert sum(".mlp.experts." in layer["name"] for layer in report["layers"]) == 2 * 3 * 4
+    for block in (m for m in model.modules() if is_fused_experts(m)):
+        for e in range(4):
+            assert_nm(block.gate_up_proj[e].detach(), 2, 4)
+
+
+def test_8bit_mixture_of_experts_is_refused_before_any_work(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    with pytest.raises(ModelError, match="8-bit quantization of mixture-of-experts models .qwen2_moe. is not supported"):
+        prune_to_directory(PruneJob(out=str(tmp_path / "p"), model=str(_save_tiny("qwen2_moe", tmp_path_factory,
+                                                                                  tiny_tokenizer_dir)),
+                                    config=PruneConfig(pattern="2:4", quantize="int8"), **SMALL))
+    assert not (tmp_path / "p" / "model.safetensors").exists()
