@@ -67,17 +67,32 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
             # Qwen3.5: a linear-attention (Gated DeltaNet) layer, then a full-attention one
             "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                                  linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"])}
-# mixture of experts: four experts, two per token
+# mixture of experts: four experts, two per token; where the family has them, a dense first layer
+# and a shared expert
+_ROUTED = dict(moe_intermediate_size=32, num_experts_per_tok=2)
 MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(num_experts=4, num_experts_per_tok=2),
-           qwen3_moe=dict(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
-           qwen2_moe=dict(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
-                          num_experts_per_tok=2))
+           phimoe=dict(num_local_experts=4, num_experts_per_tok=2),
+           granitemoe=dict(num_local_experts=4, num_experts_per_tok=2),
+           flex_olmo=dict(num_experts=4, num_experts_per_tok=2),
+           qwen3_moe=dict(head_dim=16, num_experts=4, mlp_only_layers=[0], **_ROUTED),
+           qwen2_moe=dict(shared_expert_intermediate_size=64, num_experts=4, mlp_only_layers=[0], **_ROUTED),
+           qwen3_5_moe_text=dict(FAMILIES["qwen3_5_text"], shared_expert_intermediate_size=64, num_experts=4,
+                                 **_ROUTED),
+           glm4_moe=dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                         **_ROUTED),
+           dots1=dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                      **_ROUTED),
+           exaone_moe=dict(num_experts=4, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                           first_k_dense_replace=1, **_ROUTED),
+           ernie4_5_moe=dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                             moe_layer_start_index=1, moe_layer_end_index=1),
+           hunyuan_v1_moe=dict(num_experts=4, moe_topk=2, head_dim=16))
 FAMILIES.update(MOE)
 # the families the ONNX-based targets export (a recurrent state is not in their graphs, nor a routing)
-TRACED_FAMILIES = sorted(kind for kind in FAMILIES if "linear_attention" not in FAMILIES[kind].get("layer_types", ())
-                         and kind not in MOE)
+TRACED_FAMILIES = sorted(kind for kind in FAMILIES if kind not in MOE and "linear_attention" not in
+                         FAMILIES[kind].get("layer_types", ()))
 # vision-language checkpoints: a vision tower beside the language model, which stays as it is
-VISION_LANGUAGE = ("gemma3", "qwen3_5")
+VISION_LANGUAGE = ("gemma3", "qwen3_5", "qwen3_5_moe")
 
 
 def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
@@ -106,14 +121,14 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
         model = AutoModelForCausalLM.from_config(Gemma3Config(
             text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=TINY_VOCAB - 3,
             eoi_token_index=TINY_VOCAB - 2, image_token_index=TINY_VOCAB - 1, **overrides))
-    elif kind == "qwen3_5":  # Qwen3.5 as released: a vision tower beside the language model
+    elif kind in ("qwen3_5", "qwen3_5_moe"):  # Qwen3.5 as released: a vision tower beside the language model
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
-                    eos_token_id=0, pad_token_id=0, **FAMILIES["qwen3_5_text"])
+                    eos_token_id=0, pad_token_id=0, **FAMILIES[f"{kind}_text"])
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
-        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model("qwen3_5", text_config=text,
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, text_config=text,
                                                                              vision_config=vision, **overrides))
     elif kind in FAMILIES:  # the other architectures thanos.models.ADAPTERS names, LLaMA-sized as above
         from transformers import AutoConfig, AutoModelForCausalLM

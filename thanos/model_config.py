@@ -44,12 +44,19 @@ def saved_config(model_dir: "Path | str | None") -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def is_mixture_of_experts(config) -> bool:
-    """Experts a router picks per token (Mixtral, Qwen3-MoE), from a config or config.json's dict."""
+def expert_count(config) -> int:
+    """Routed experts per layer, under any of the names families give it (0: not a mixture of experts),
+    from a config or config.json's dict."""
     text = (config.get("text_config") or config) if isinstance(config, dict) else (
         config.get_text_config() if hasattr(config, "get_text_config") else config)
     read = text.get if isinstance(text, dict) else lambda key: getattr(text, key, None)
-    return bool(read("num_local_experts") or read("num_experts"))
+    return next((n for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+                 if (n := read(key))), 0)
+
+
+def is_mixture_of_experts(config) -> bool:
+    """Experts a router picks per token (Mixtral, Qwen3-MoE), from a config or config.json's dict."""
+    return expert_count(config) > 0
 
 
 def has_recurrent_layers(config) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 from thanos.errors import ThanosExportError
 from thanos.experts import unfuse_experts_
 from thanos.linears import is_prunable, weight_view
-from thanos.model_config import auto_class, saved_config, text_config
+from thanos.model_config import auto_class, expert_count, saved_config, text_config
 from thanos.smooth import SmoothGroup
 
 log = logging.getLogger(__name__)
@@ -103,24 +103,31 @@ def _pre_norms(attention: str, mlp: str, mlp_inputs: tuple[str, ...]) -> tuple[S
             SmoothGroup(mlp, mlp_inputs), _INNER_SMOOTHING[1])
 
 
-def _expert_count(config) -> int:
-    return getattr(config, "num_local_experts", None) or config.num_experts
+def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_layers: bool = False,
+                       norm_before: bool = True, v_to_o: bool = True, dense: tuple[str, ...] = (),
+                       layers: str = "model.layers") -> Adapter:
+    """A family whose MLP is a mixture of experts (`thanos.experts` names each expert's linears).
 
+    Free: each expert's gate/up rows -> its down_proj columns, likewise a `shared` expert's and the
+    dense MLP of the layers that have one (`dense_layers`), v_proj -> o_proj per head. Smoothing:
+    the norm before q/k/v (unless the family's norms follow attention and MLP: `norm_before` False),
+    v_proj -> o_proj, each up_proj -> its down_proj; the norm before the experts feeds the router
+    too, which is no linear a scale could fold into. `dense`: the linears that route (a row per expert).
+    `v_to_o` False: attention outputs gated channel by channel (Qwen3.5), so v's channels stay.
+    """
+    def mlps(config) -> list[str]:
+        mlps = [f"{block}.experts.{e}" for e in range(expert_count(config))]
+        return mlps + ([f"{block}.{shared}"] if shared else []) + (["mlp"] if dense_layers else [])
 
-def _moe_free_channels(config) -> tuple[FreeChannels, ...]:
-    """Each expert's gate/up rows -> its down_proj columns (`thanos.experts` names them), a shared
-    expert's likewise, v_proj -> o_proj per head."""
-    mlps = [f"mlp.experts.{e}" for e in range(_expert_count(config))]
-    if getattr(config, "shared_expert_intermediate_size", 0):
-        mlps.append("mlp.shared_expert")
-    return (_V_TO_O, *(FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj") for mlp in mlps))
+    def free(config) -> tuple[FreeChannels, ...]:
+        return ((_V_TO_O,) if v_to_o else ()) + tuple(
+            FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj") for mlp in mlps(config))
 
+    def smoothing(config) -> tuple[SmoothGroup, ...]:
+        return ((_LLAMA_SMOOTHING[0],) if norm_before else ()) + ((_INNER_SMOOTHING[1],) if v_to_o else ()) + tuple(
+            SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in mlps(config))
 
-def _moe_smoothing(config) -> tuple[SmoothGroup, ...]:
-    """The norm before q/k/v, v_proj -> o_proj, each expert's up_proj -> down_proj. The norm before the
-    experts feeds the router too, whose weight is not a linear a scale could be folded into."""
-    ups = [SmoothGroup(f"{spec.producers[1]}", (spec.consumer,)) for spec in _moe_free_channels(config)[1:]]
-    return (_LLAMA_SMOOTHING[0], _INNER_SMOOTHING[1], *ups)
+    return Adapter(layers, free, smoothing, dense)
 
 
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
@@ -156,8 +163,19 @@ ADAPTERS = {
        for t, layers in (("qwen3_5_text", "model.layers"), ("qwen3_5", "model.language_model.layers"))},
     # mixture of experts, the experts' fused weights seen as one linear per expert (thanos.experts);
     # the routers are not linears, Qwen2-MoE's shared-expert gate is one row
-    **{t: Adapter("model.layers", _moe_free_channels, _moe_smoothing, dense=("mlp.shared_expert_gate",))
-       for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},
+    **{t: _mixture_of_experts() for t in ("mixtral", "olmoe")},
+    "qwen2_moe": _mixture_of_experts(shared="shared_expert", dense_layers=True, dense=("mlp.shared_expert_gate",)),
+    "qwen3_moe": _mixture_of_experts(dense_layers=True),
+    # Qwen3.5's linear-attention layers (as its dense adapter) beside a shared expert and its gate
+    **{t: _mixture_of_experts(shared="shared_expert", norm_before=False, v_to_o=False, layers=layers,
+                              dense=("mlp.shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b"))
+       for t, layers in (("qwen3_5_moe_text", "model.layers"), ("qwen3_5_moe", "model.language_model.layers"))},
+    **{t: _mixture_of_experts(shared="shared_experts", dense_layers=True)
+       for t in ("glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe")},
+    "phimoe": _mixture_of_experts(dense=("mlp.router",)),
+    "hunyuan_v1_moe": _mixture_of_experts(shared="shared_mlp", dense=("mlp.gate.wg",)),
+    "granitemoe": _mixture_of_experts(block="block_sparse_moe"),
+    "flex_olmo": _mixture_of_experts(norm_before=False),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
                    _opt_smoothing),

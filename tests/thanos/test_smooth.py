@@ -7,8 +7,8 @@ from tests.thanos.test_permute import EPS, _layer_setup
 from thanos import PruneConfig
 from thanos.driver import collect_statistics, prune_model_, run_layer
 from thanos.linears import weight_view
-from thanos.models import (LayerSelection, adapter_for, attention_heads, free_channels, load_model, prunable_linears,
-                           smoothing_groups)
+from thanos.models import (LayerSelection, adapter_for, attention_heads, decoder_layers, free_channels, load_model,
+                           prunable_linears, smoothing_groups)
 from thanos.calibration import sample_windows, tokenize_split
 from thanos.smooth import ALPHA_GRID, estimated_error, smooth_layer_, smoothing_scales
 from tests.conftest import FAMILIES, VISION_LANGUAGE, _save_tiny
@@ -91,34 +91,48 @@ def test_other_families_smooth_where_a_fold_keeps_the_layer(family, overrides, s
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2", *VISION_LANGUAGE, *sorted(FAMILIES)])
 def test_what_the_adapter_declares_keeps_every_familys_layer(family, tmp_path_factory, tiny_tokenizer_dir):
     """What thanos.models.ADAPTERS declares of a family (channels free to reorder, producers an input's
-    scale folds into) must hold for its real decoder layer: every free channel set reordered (by a
-    search on made-up statistics, so that channels do move) and every group smoothed, the layer
-    computes the same function. A wrong declaration changes the output at the first layer."""
+    scale folds into) must hold for its real decoder layers: every free channel set a layer has
+    reordered (by a search on made-up statistics, so that channels do move) and every group it has
+    smoothed, the layer computes the same function. A wrong declaration changes the output at the
+    first layer holding it; each declaration must be held by some layer (the tiny mixtures of
+    experts have a dense layer and a layer of experts)."""
+    from thanos.driver import capture_layer_inputs, layer_arguments
     from thanos.permute import ChannelLayout, permute_free_channels_
     from thanos.config import Pattern
 
-    model, layer, linears, inputs, args, kwargs = _layer_setup(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir))
-    prefix = f"{adapter_for(model).layers}.0."
-    _trained_like_norms_(layer)
+    model, tokenizer = load_model(str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 3, 32)
+    inputs, _, _ = capture_layer_inputs(model, samples, "cpu", "cpu")
+    linears_of = prunable_linears(model, LayerSelection())
     generator, made_up = torch.Generator().manual_seed(0), {}
+    permuted, smoothed = set(), set()
 
     def hessian_of(name: str) -> torch.Tensor:
         if name not in made_up:
             made_up[name] = torch.diag(torch.rand(weight_view(linears[name]).shape[1], generator=generator) ** 4 + 1e-3)
         return made_up[name]
 
-    with torch.no_grad():
-        before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
-        shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
-        permuted = permute_free_channels_(layer, prefix, ChannelLayout.of(model), hessian_of, Pattern.parse("2:4"))
-        smoothed = smooth_layer_(layer, prefix, smoothing_groups(model), 0.5, shared.channel_range, shared.hessian,
-                                 *attention_heads(model))
-        after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
-    assert len(permuted) == len(free_channels(model)) and all(r.moved > 0 for r in permuted)
-    assert len({r.producer for r in smoothed.values()}) == len(smoothing_groups(model))
-    y0, y1 = torch.cat(before), torch.cat(after)
-    widest = max(weight_view(m).shape[1] for m in linears.values())
-    assert (y0 - y1).abs().max() <= 16 * widest * EPS * y0.abs().max()
+    for index, (layer, (args, kwargs)) in enumerate(zip(decoder_layers(model), layer_arguments(model, samples, "cpu"))):
+        prefix, linears = f"{adapter_for(model).layers}.{index}.", linears_of[index]
+        _trained_like_norms_(layer)
+        with torch.no_grad():
+            before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+            shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
+            reports = permute_free_channels_(layer, prefix, ChannelLayout.of(model),
+                                             lambda name: hessian_of(name) if name in linears else None,
+                                             Pattern.parse("2:4"))
+            groups = smooth_layer_(layer, prefix, smoothing_groups(model), 0.5, shared.channel_range, shared.hessian,
+                                   *attention_heads(model))
+            after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
+        assert all(r.moved > 0 for r in reports)
+        permuted |= {r.consumer[len(prefix):] for r in reports}
+        smoothed |= {r.producer[len(prefix):] for r in groups.values()}
+        y0, y1 = torch.cat(before), torch.cat(after)
+        widest = max(weight_view(m).shape[1] for m in linears.values())
+        assert (y0 - y1).abs().max() <= 16 * widest * EPS * y0.abs().max(), index
+        inputs = before
+    assert permuted == {spec.consumer for spec in free_channels(model)}
+    assert smoothed == {group.producer for group in smoothing_groups(model)}
 
 
 def _trained_like_norms_(layer: torch.nn.Module) -> None:
