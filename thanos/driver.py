@@ -18,7 +18,7 @@ from torch import nn
 from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
-from thanos.experts import is_moe, sync_experts_
+from thanos.experts import is_moe, merge_expert_groups, sync_experts_
 from thanos.hessian import Curvature, HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, attention_heads, decoder_layers,
                            prunable_linears, smoothing_groups)
@@ -525,7 +525,8 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
                    quantize: Optional[Quantize], first_ranges, permute_on_first_pass: bool = False) -> list[dict]:
     """The layer's linears solved group by group (those that read one input), in the order the
     forward reads them; each group after the first on statistics from a pass, stopped at its
-    input, through the layer with the groups before it pruned. `shared`: the first pass's, which
+    input, through the layer with the groups before it pruned (a mixture of experts' groups merged
+    into two: every expert's gate/up, every expert's down_proj; `merge_expert_groups`). `shared`: the first pass's, which
     holds only the first group's statistics (`collect_statistics(first_group_only=True)`) unless
     `permute_on_first_pass`.
 
@@ -539,7 +540,7 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
     inputs of the groups done, as the 8-bit runtime will. `keep_statistics` / `keep_factors` keep
     each group's own statistics (and factors) in `shared` for the 8-bit step.
     """
-    groups = shared.groups()
+    groups = merge_expert_groups(shared.groups(), step.layer, step.prefix)
     permuted = {}
     if permute_on_first_pass:  # the orders read every first-pass Hessian (the same on every rank)
         reduce_statistics_(step.linears, shared, parallel)

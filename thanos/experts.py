@@ -89,6 +89,32 @@ class UnfusedExperts(nn.ModuleList):
                         linear.weight.data = target
 
 
+def merge_expert_groups(groups: list[list[str]], layer: nn.Module, prefix: str) -> list[list[str]]:
+    """A layer's linear groups in solving order (`SharedInputStatistics.groups`), each mixture of
+    experts' merged: every expert's gate/up where the first of them was, every down_proj where the
+    first down_proj was. No expert's input depends on another expert's weights, so one pass through
+    the layer serves them all, where a pass per group would be two per expert (each going through
+    the experts before it: quadratic in their number)."""
+    stage_of = {}  # full linear name -> (experts module, its input or its output projection)
+    for name, module in layer.named_modules():
+        if isinstance(module, UnfusedExperts):
+            for e in range(len(module)):
+                for projection, stage in (("gate_proj", "in"), ("up_proj", "in"), ("down_proj", "out")):
+                    stage_of[f"{prefix}{name}.{e}.{projection}"] = (name, stage)
+    merged: list[list[str]] = []
+    position: dict[tuple, int] = {}
+    for group in groups:
+        stages = {stage_of.get(name) for name in group}
+        stage = stages.pop() if len(stages) == 1 else None
+        if stage is not None and stage in position:
+            merged[position[stage]] += group
+        else:
+            if stage is not None:
+                position[stage] = len(merged)
+            merged.append(list(group))
+    return merged
+
+
 def unfuse_experts_(model: nn.Module) -> int:
     """Replace every fused experts module in `model` by `UnfusedExperts`; returns how many."""
     found = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]

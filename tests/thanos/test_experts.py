@@ -118,6 +118,34 @@ def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(tmp_path_
         assert torch.equal(kept.reshape(groups.shape), groups >= groups.topk(2, dim=-1).values[..., 1:])
 
 
+def test_sequential_solves_take_two_passes_for_all_the_experts(tmp_path_factory, tiny_tokenizer_dir, caplog,
+                                                                monkeypatch):
+    """Solved group by group, a layer of experts is q/k/v, o_proj, every expert's gate/up, every
+    expert's down_proj: no expert's input depends on another's weights, where a pass per expert's
+    groups (10 groups here, not 4) would go through all the experts before it each time."""
+    from thanos import driver
+
+    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+
+    def layer_calls() -> int:
+        model, tokenizer = load_model(str(source))
+        samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+        calls = []
+        decoder_layers(model)[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+        prune(model, PruneConfig(pattern="2:4", preset="fast", sequential=True), samples, device="cpu")
+        return len(calls)
+
+    with caplog.at_level(logging.INFO, logger="thanos.driver"):
+        merged = layer_calls()
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("group ")][:4]
+    experts = [f"model.layers.0.mlp.experts.{e}." for e in range(4)]
+    assert [m.split(" (")[0] for m in stages] == [f"group {i} of 4" for i in range(1, 5)]
+    assert all(f"{e}gate_proj" in stages[2] and f"{e}up_proj" in stages[2] and f"{e}down_proj" in stages[3]
+               for e in experts)
+    monkeypatch.setattr(driver, "merge_expert_groups", lambda groups, layer, prefix: groups)
+    assert layer_calls() - merged == 2 * (10 - 4)  # a pass per group and sample
+
+
 def test_the_python_api_gives_back_the_model_in_its_own_structure(tmp_path_factory, tiny_tokenizer_dir):
     """`thanos.prune` on a model the caller loaded: pruned per expert, handed back with its fused
     experts modules (so its own save_pretrained writes the family's checkpoint)."""
