@@ -167,3 +167,37 @@ def test_8bit_mixture_of_experts_is_refused_before_any_work(tmp_path, tmp_path_f
                                                                                   tiny_tokenizer_dir)),
                                     config=PruneConfig(pattern="2:4", quantize="int8"), **SMALL))
     assert not (tmp_path / "p" / "model.safetensors").exists()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_prune_of_a_mixture_of_experts_resumes_to_the_same_weights(tmp_path, tmp_path_factory,
+                                                                           tiny_tokenizer_dir):
+    """The finished layers' checkpoints hold each expert's linears; loaded into a rerun they land in
+    the fused tensors, and the rerun ends with the uninterrupted run's weights (same thread count,
+    same process)."""
+    from safetensors.torch import load_file
+
+    source = _save_tiny("olmoe", tmp_path_factory, tiny_tokenizer_dir)  # experts in layer 0, which the rerun loads
+
+    def job(name):
+        return PruneJob(out=str(tmp_path / name), model=str(source), evaluate=False, config=PruneConfig(pattern="2:4"),
+                        **SMALL)
+
+    prune_to_directory(job("full"))
+
+    def die_after_one_layer(stage, done, total):
+        if stage == "layers" and done == 1:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        prune_to_directory(job("resumed"), progress=die_after_one_layer)
+    assert (tmp_path / "resumed" / ".thanos_partial" / "layer_00000.safetensors").is_file()
+    prune_to_directory(job("resumed"))
+    full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "resumed"))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    source_weights = load_file(source / "model.safetensors")
+    name = "model.layers.0.mlp.experts.0.up_proj.weight"
+    assert not torch.equal(full[name], source_weights[name])  # pruned, not copied
