@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -77,7 +78,7 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             skeleton = auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
-            unfuse_experts_(skeleton)  # each expert's linears (their names are not in the files: loaded below)
+            unfuse_experts_(skeleton)  # each expert's linears, found below under their files' names
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
@@ -106,13 +107,19 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
     return [found[key] for key in wanted]
 
 
+# Mixtral's and Phi-3.5-MoE's files name each expert's projections w1 (gate), w3 (up), w2 (down)
+_EXPERT_ALIASES = tuple((re.compile(rf"\.mlp\.experts\.(\d+)\.{projection}\.weight$"),
+                         rf".block_sparse_moe.experts.\1.{stored}.weight")
+                        for projection, stored in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")))
+
+
 def _stored_names(wanted: list[str], stored: dict) -> Optional[dict[str, str]]:
     """{module's tensor name: the name the files store it under}, or None where one is not found.
 
     Vision-language checkpoints (Gemma 3 from 4B up) store the language model's tensors under their
     older names ("language_model.model.layers.0...." for "model.language_model.layers.0...."), which
     transformers maps when it loads: matched here by the name from the decoder layers on, where
-    that is unique."""
+    that is unique. Experts' linears (`thanos.experts`) are matched under their files' names too."""
     def tail(name: str) -> str:
         return name[name.index(".layers.") + 1:] if ".layers." in name else name
 
@@ -121,7 +128,11 @@ def _stored_names(wanted: list[str], stored: dict) -> Optional[dict[str, str]]:
         by_tail.setdefault(tail(name), []).append(name)
     names = {}
     for key in wanted:
-        matches = [key] if key in stored else by_tail.get(tail(key), [])
+        matches = []
+        for candidate in [key, *(pattern.sub(alias, key) for pattern, alias in _EXPERT_ALIASES)]:
+            matches = [candidate] if candidate in stored else by_tail.get(tail(candidate), [])
+            if matches:
+                break
         if len(matches) != 1:
             return None
         names[key] = matches[0]

@@ -201,3 +201,24 @@ def test_a_killed_prune_of_a_mixture_of_experts_resumes_to_the_same_weights(tmp_
     source_weights = load_file(source / "model.safetensors")
     name = "model.layers.0.mlp.experts.0.up_proj.weight"
     assert not torch.equal(full[name], source_weights[name])  # pruned, not copied
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phimoe", "olmoe"])
+def test_inspect_reads_each_expert_from_the_files_without_loading_the_model(family, tmp_path, tmp_path_factory,
+                                                                            tiny_tokenizer_dir, monkeypatch):
+    """`inspect` reads one tensor at a time: each expert's linears are found under the names the
+    family's files give them (Mixtral's and Phi-3.5-MoE's w1/w3/w2), so a mixture of experts is
+    never loaded whole to be inspected."""
+    from exporters import source as exporters_source
+
+    out = tmp_path / "p"
+    prune_to_directory(PruneJob(out=str(out), model=str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)),
+                                evaluate=False, config=PruneConfig(pattern="2:4", preset="fast"), **SMALL))
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded whole")
+
+    monkeypatch.setattr(exporters_source, "load_pruned", loaded)
+    patterns = exporters_source.directory_patterns(out)
+    experts = [p for p in patterns if ".experts." in p.name]
+    assert len(experts) == 2 * 4 * 3 and all(p.hardware_2to4 for p in patterns)
