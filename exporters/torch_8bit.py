@@ -19,6 +19,7 @@ from torch import nn
 
 from exporters.base import BackendMissingError, ValidationError
 from exporters.patterns import analyse
+from thanos.experts import serve_experts_
 from thanos.linears import stores_transposed, weight_view
 from thanos.models import LayerSelection, prunable_linears
 from thanos.quantize import FORMATS, Format, grid_of, input_grid, input_scale_of
@@ -200,6 +201,7 @@ def to_8bit_semi_structured_(model: nn.Module, kernel: Optional[Kernel] = None) 
                                      FORMATS[quant.format],
                                      getattr(mod, "bias", None), weight_view(mod).dtype, kernel))
             converted.append(name)
+    serve_experts_(model)  # an expert no token is routed to is not called with zero rows
     return Sparse8bitReport(fmt_name or "-", kernel.name if kernel else "-", converted, dense)
 
 

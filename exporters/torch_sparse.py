@@ -19,7 +19,7 @@ from exporters.base import (BackendMissingError, ExportError, ExportFormat, Expo
 from exporters.patterns import analyse, require_hardware_2to4
 from exporters.source import holds_8bit, load_pruned, model_patterns, prompts
 from exporters.torch_8bit import check_linears, reference_run, require_8bit_sparse, to_8bit_semi_structured_
-from thanos.experts import fused_for_saving
+from thanos.experts import fused_for_saving, serve_experts_
 from thanos.models import LayerSelection, prunable_linears
 from thanos.linears import stores_transposed, weight_view
 from thanos.quantized_model import model_format, quantized_linears, save_quantization
@@ -74,6 +74,7 @@ def to_semi_structured_(model, backend: str = "auto") -> SemiStructuredReport:
             else:
                 mod.weight = torch.nn.Parameter(to_sparse_semi_structured(mod.weight.data), requires_grad=False)
                 converted.append(name)
+    serve_experts_(model)  # an expert no token is routed to is not called with zero rows
     return SemiStructuredReport(chosen, converted, dense)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
-from thanos.experts import is_moe, merge_expert_groups, sync_experts_
+from thanos.experts import merge_expert_groups, sync_experts_
 from thanos.hessian import Curvature, HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, attention_heads, decoder_layers,
                            prunable_linears, smoothing_groups)
@@ -184,10 +184,6 @@ def prune_model_(
     parallel = parallel or Parallel()
     device = torch.device(device)
     store_device = torch.device("cpu") if offload_activations else device
-    if config.recipe.get(Quantize) and is_moe(model):
-        raise ModelError(f"8-bit quantization of mixture-of-experts models ({model.config.model_type}) is not supported "
-                         "yet: each expert's input scale would come from the few tokens routed to it; prune without "
-                         "--quantize")
     if linears is None:
         linears = prunable_linears(model, selection)
         check_pattern_fits(linears, config)
@@ -250,6 +246,8 @@ class InputRanges:
         self._last: tuple = (None, None)  # (input, its amax): q/k/v and gate/up read the same tensor
 
     def _see(self, name: str, x: torch.Tensor) -> None:
+        if not x.numel():  # an expert no token was routed to in this pass
+            return
         if self._last[0] is not x:
             self._last = (x, x.detach().abs().amax().float())
         top = self._last[1]
@@ -290,15 +288,34 @@ def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, 
 def set_input_scales_(linears: dict[str, nn.Module], ranges: Optional[InputRanges], step: Quantize, parallel: Parallel,
                       reports: list[dict]) -> None:
     """Each quantized linear's static input scale from the largest magnitude over every rank's samples
-    (per-token inputs need none: the report says so)."""
-    fmt = FORMATS[step.format]
-    for (name, mod), report in zip(linears.items(), reports):
+    (per-token inputs need none: the report says so). A linear no calibration token reached (an
+    expert the router never picked) takes the widest range among the linears here of the same
+    projection (the other experts'), and the report and a warning say so."""
+    for report in reports:
         report["quantization"]["inputs"] = step.inputs
-        if step.inputs == "per-token":
-            continue
-        amax = ranges.amax[name].reshape(1)
+    if step.inputs == "per-token":
+        return
+    fmt = FORMATS[step.format]
+    amaxes = {}
+    for name, mod in linears.items():
+        device = weight_view(mod).device  # the layer's: NCCL reduces device tensors only
+        seen = ranges.amax.get(name)
+        amax = (seen if seen is not None else torch.tensor(-1.0)).reshape(1).to(device, torch.float32)  # -1: no token
         parallel.all_reduce_(amax, op="max")
-        amax = float(amax)
+        amaxes[name] = float(amax)
+    for (name, mod), report in zip(linears.items(), reports):
+        amax = amaxes[name]
+        if amax < 0:
+            projection = name.rsplit(".", 1)[-1]
+            amax = max((a for n, a in amaxes.items() if n.rsplit(".", 1)[-1] == projection), default=-1.0)
+            if amax < 0:
+                amax = max(amaxes.values())
+            if amax < 0:
+                raise ModelError(f"{name}: no calibration token reached any of {', '.join(linears)}, so no 8-bit input "
+                                 "scale can be set; calibrate on more samples")
+            report["quantization"]["input_range"] = f"the widest of this layer's {projection} (no token reached it)"
+            log.warning("%s: no calibration token reached it; its 8-bit input scale is from the widest range among "
+                        "this layer's %s", name, projection)
         scale = activation_scale(amax, fmt)
         quantization_of(mod).input_scale = torch.tensor(scale, dtype=torch.float32)
         report["quantization"].update(input_amax=amax, input_scale=scale)

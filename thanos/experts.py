@@ -55,8 +55,11 @@ class UnfusedExperts(nn.ModuleList):
     expert e's are `e.gate_proj`, `e.up_proj`, `e.down_proj`.
 
     Every expert is called on every pass, with no rows where no token is routed to it, so that each
-    linear's input is seen in each pass the driver makes.
+    linear's input is seen in each pass the driver makes; served (`serve_experts_`), only the
+    experts some token is routed to are called (a sparse kernel need not take zero rows).
     """
+
+    call_idle = True
 
     def __init__(self, fused: nn.Module):
         intermediate = fused.down_proj.shape[2]
@@ -68,6 +71,8 @@ class UnfusedExperts(nn.ModuleList):
         final = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
             tokens, slot = torch.where(top_k_index == e)
+            if not len(tokens) and not self.call_idle:
+                continue
             x = hidden_states[tokens]
             hidden = self.fused._apply_gate(torch.cat([expert.gate_proj(x), expert.up_proj(x)], dim=-1))
             out = expert.down_proj(hidden) * top_k_weights[tokens, slot, None]
@@ -115,6 +120,13 @@ def merge_expert_groups(groups: list[list[str]], layer: nn.Module, prefix: str) 
     return merged
 
 
+def serve_experts_(model: nn.Module) -> None:
+    """From now on call only the experts some token is routed to (for serving, not for statistics)."""
+    for module in model.modules():
+        if isinstance(module, UnfusedExperts):
+            module.call_idle = False
+
+
 def unfuse_experts_(model: nn.Module) -> int:
     """Replace every fused experts module in `model` by `UnfusedExperts`; returns how many."""
     found = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
@@ -155,6 +167,3 @@ def fused_for_saving(model: nn.Module) -> Iterator[nn.Module]:
         for name, unfused in found:
             _replace(model, name, unfused)
 
-
-def is_moe(model: nn.Module) -> bool:
-    return any(isinstance(module, UnfusedExperts) or is_fused_experts(module) for module in model.modules())

@@ -134,3 +134,25 @@ def test_a_vision_language_models_language_linears_are_converted(family, linears
     assert check_linears(model, captured)["largest_share_of_bound"] <= 1.0
     with torch.no_grad():
         assert torch.isfinite(model(ids, use_cache=False).logits).all()
+
+
+def test_a_mixture_of_experts_runs_its_experts_on_8bit_kernels_and_calls_only_the_routed_ones(tmp_path,
+                                                                                            tmp_path_factory,
+                                                                                            tiny_tokenizer_dir):
+    """Each expert's 8-bit linears converted, each checked against the fake-quantized one on its own
+    routed tokens; served, an expert no token is routed to is not called (no zero-row product)."""
+    from tests.conftest import _save_tiny
+
+    out = tmp_path / "m"
+    prune_to_directory(PruneJob(out=str(out), model=str(_save_tiny("olmoe", tmp_path_factory, tiny_tokenizer_dir)),
+                                config=PruneConfig(quantize="int8"), **SMALL))
+    rows = []
+    exact = exact_kernel()
+    counting = Kernel("counting", exact.prepare, lambda grid, q: (rows.append(q.shape[0]), exact.multiply(grid, q))[1])
+    model, report, captured, ids, expected = converted_model(out, counting)
+    assert len(report.converted) == 2 * (4 + 4 * 3) and not report.dense
+    assert check_linears(model, captured)["largest_share_of_bound"] <= 1.0
+    rows.clear()
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:1, :1], use_cache=False).logits).all()  # one token: two of four experts
+    assert min(rows) > 0 and len(rows) == 2 * (4 + 2 * 3)

@@ -12,7 +12,7 @@ from thanos.driver import capture_layer_inputs, collect_statistics, layer_argume
 from thanos.experts import UnfusedExperts, is_fused_experts
 from thanos.linears import weight_view
 from thanos.model_config import expert_count
-from thanos.models import ModelError, decoder_layers, load_model, prunable_linears, LayerSelection
+from thanos.models import LayerSelection, decoder_layers, load_model, prunable_linears
 from thanos.pipeline import PruneJob, prune, prune_to_directory
 from tests.conftest import MOE, _save_tiny
 from tests.thanos.helpers import assert_nm
@@ -87,19 +87,20 @@ def test_an_experts_statistics_are_those_of_the_tokens_routed_to_it(tmp_path_fac
             assert shared.stats[shared.source[name]].tokens == routed[e]
 
 
+def _never_expert_3(router, args, output):
+    """A router's forward hook: expert 3 never picked (each of its picks goes to the first expert
+    of the four the token did not pick)."""
+    logits, scores, chosen = output
+    spare = torch.tensor([min(set(range(4)) - set(row.tolist())) for row in chosen])
+    return logits, scores, torch.where(chosen == 3, spare[:, None], chosen)
+
+
 def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(tmp_path_factory, tiny_tokenizer_dir, caplog):
     """An expert the router never picks on the calibration text has no statistics: it is pruned by
     weight magnitude (its kept weights as they were), with a warning naming it, where a zero
     Hessian would have marked every input dead and zeroed the whole expert."""
     model, tokenizer = load_model(str(_save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)))
-    router = decoder_layers(model)[0].mlp.gate
-
-    def never_three(module, args, output):
-        logits, scores, chosen = output
-        spare = torch.tensor([min(set(range(4)) - set(row.tolist())) for row in chosen])
-        return logits, scores, torch.where(chosen == 3, spare[:, None], chosen)
-
-    router.register_forward_hook(never_three)
+    decoder_layers(model)[0].mlp.gate.register_forward_hook(_never_expert_3)
     expert = decoder_layers(model)[0].mlp.experts[3]  # load_model gave it its own linears
     before = {name: weight_view(linear).clone() for name, linear in expert.named_children()}
     samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
@@ -161,12 +162,53 @@ def test_the_python_api_gives_back_the_model_in_its_own_structure(tmp_path_facto
             assert_nm(block.gate_up_proj[e].detach(), 2, 4)
 
 
-def test_8bit_mixture_of_experts_is_refused_before_any_work(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
-    with pytest.raises(ModelError, match="8-bit quantization of mixture-of-experts models .qwen2_moe. is not supported"):
-        prune_to_directory(PruneJob(out=str(tmp_path / "p"), model=str(_save_tiny("qwen2_moe", tmp_path_factory,
-                                                                                  tiny_tokenizer_dir)),
-                                    config=PruneConfig(pattern="2:4", quantize="int8"), **SMALL))
-    assert not (tmp_path / "p" / "model.safetensors").exists()
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_a_mixture_of_experts_in_8_bits_keeps_its_scales_per_expert(fmt, tmp_path, tmp_path_factory,
+                                                                   tiny_tokenizer_dir):
+    """Each expert's linears quantized (weights on their grid, 2:4 kept) with a static input scale from
+    the tokens routed to it; the scales reload onto each expert's linears by name, and the compact
+    8-bit checkpoint reads back bit-exact."""
+    from exporters import ExportOptions, export
+    from thanos.quantized_model import quantization_of
+
+    out = tmp_path / "p"
+    report = prune_to_directory(PruneJob(out=str(out), model=str(_save_tiny("qwen2_moe", tmp_path_factory,
+                                                                            tiny_tokenizer_dir)),
+                                         config=PruneConfig(pattern="2:4", quantize=fmt), **SMALL))
+    experts = [layer for layer in report["layers"] if ".experts." in layer["name"]]
+    assert len(experts) == 4 * 3 and all(e["quantization"]["input_scale"] > 0 for e in experts)
+    model, _ = load_model(str(out))
+    linears = {name: linear for layer in prunable_linears(model, LayerSelection()).values()
+               for name, linear in layer.items()}
+    assert len(linears) == len(report["layers"])
+    for name, linear in linears.items():
+        quantization = quantization_of(linear)
+        assert quantization is not None and quantization.input_scale is not None, name
+        weight = weight_view(linear)
+        assert_nm(weight, 2, 4)
+        grid = weight / quantization.weight_scale[:, None]  # whole steps (int8) or FP8 values
+        back = grid.round() if fmt == "int8" else grid.to(torch.float8_e4m3fn).float()
+        assert (back - grid).abs().max() <= 1e-3 * grid.abs().max(), name
+    summary = export("safetensors", out, tmp_path / "c", ExportOptions())
+    assert summary["round_trip"] == "bit-exact"
+
+
+def test_an_expert_no_token_reaches_takes_its_input_scale_from_the_other_experts(tmp_path_factory,
+                                                                               tiny_tokenizer_dir, caplog):
+    """No calibration token, no input range: the expert's static 8-bit input scale is the widest
+    among its layer's experts for the same projection, and the report and a warning say so."""
+    model, tokenizer = load_model(str(_save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)))
+    decoder_layers(model)[0].mlp.gate.register_forward_hook(_never_expert_3)
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    with caplog.at_level(logging.WARNING, logger="thanos.driver"):
+        _, report = prune(model, PruneConfig(pattern="2:4", quantize="int8"), samples, device="cpu")
+    by_name = {layer["name"]: layer["quantization"] for layer in report["layers"]}
+    for projection in ("gate_proj", "up_proj", "down_proj"):
+        unseen = by_name[f"model.layers.0.mlp.experts.3.{projection}"]
+        others = [by_name[f"model.layers.0.mlp.experts.{e}.{projection}"]["input_amax"] for e in range(3)]
+        assert unseen["input_amax"] == max(others) and "no token reached it" in unseen["input_range"]
+        assert "input_range" not in by_name[f"model.layers.1.mlp.experts.3.{projection}"]
+    assert any("8-bit input scale is from the widest range" in r.getMessage() for r in caplog.records)
 
 
 class _Killed(Exception):
