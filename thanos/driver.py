@@ -366,10 +366,13 @@ class SharedInputStatistics:
             self.ranges[name] = torch.maximum(self.ranges[name], top) if name in self.ranges else top
 
     def hessian(self, name: str) -> torch.Tensor:
-        accumulator = self.stats[self.source[name]]
-        if not accumulator.tokens and accumulator.sum is not None:
+        return self._mean(self.source[name])
+
+    def _mean(self, source: str) -> torch.Tensor:
+        accumulator = self.stats[source]
+        if not accumulator.tokens and accumulator.sum is not None:  # said once, on the first reading
             log.warning("%s: no calibration token reached it (an expert the router never picked): pruned by "
-                        "weight magnitude; more calibration samples would give it some", name)
+                        "weight magnitude; more calibration samples would give it some", source)
         return accumulator.hessian
 
     def groups(self) -> list[list[str]]:
@@ -420,7 +423,7 @@ class SharedInputStatistics:
         if (self.source.get(name) != name or name not in self.stats
                 or sum(source == name for source in self.source.values()) > 1):
             return None
-        return self.stats[name].hessian
+        return self._mean(name)
 
     @property
     def nbytes(self) -> int:

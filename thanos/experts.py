@@ -28,13 +28,6 @@ def is_fused_experts(module: nn.Module) -> bool:
             and not getattr(module, "has_post_expert_norm", True))
 
 
-def unsupported_experts(model: nn.Module) -> list[str]:
-    """Names of expert modules with 3-D weights that `UnfusedExperts` cannot stand in for (biases,
-    interleaved or transposed storage: GPT-OSS, for one)."""
-    return [name for name, module in model.named_modules() if not is_fused_experts(module)
-            and any(isinstance(p, nn.Parameter) and p.dim() == 3 for p in module.parameters(recurse=False))]
-
-
 class ExpertMLP(nn.Module):
     """One expert's three projections, named as a dense MLP's."""
 

@@ -112,8 +112,9 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
     dense MLP of the layers that have one (`dense_layers`), v_proj -> o_proj per head. Smoothing:
     the norm before q/k/v (unless the family's norms follow attention and MLP: `norm_before` False),
     v_proj -> o_proj, each up_proj -> its down_proj; the norm before the experts feeds the router
-    too, which is no linear a scale could fold into. `dense`: the linears that route (a row per expert).
-    `v_to_o` False: attention outputs gated channel by channel (Qwen3.5), so v's channels stay.
+    too, which is no linear a scale could fold into. `dense`: linears left unpruned (routers and gates,
+    a row per expert or head). `v_to_o` False: attention outputs gated channel by channel (Qwen3.5),
+    so v's channels stay.
     """
     def mlps(config) -> list[str]:
         mlps = [f"{block}.experts.{e}" for e in range(expert_count(config))]
@@ -309,7 +310,7 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         # Mismatched sizes are reported below by name, not by transformers' own log.
         model, info = auto_class(config).from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
+                                                         ignore_mismatched_sizes=True, **kwargs)
     except (MemoryError, torch.OutOfMemoryError):  # out of memory is not a damaged file
         raise
     except Exception as exc:  # a truncated safetensors file, a refused pickle, a bad config: one message

@@ -209,6 +209,9 @@ def test_an_expert_no_token_reaches_takes_its_input_scale_from_the_other_experts
         assert unseen["input_amax"] == max(others) and "no token reached it" in unseen["input_range"]
         assert "input_range" not in by_name[f"model.layers.1.mlp.experts.3.{projection}"]
     assert any("8-bit input scale is from the widest range" in r.getMessage() for r in caplog.records)
+    # the statistics' warning too, also where the channel permutation read the Hessian first (down_proj's)
+    unreached = {r.getMessage().split(":")[0] for r in caplog.records if "router never picked" in r.getMessage()}
+    assert unreached == {"model.layers.0.mlp.experts.3.gate_proj", "model.layers.0.mlp.experts.3.down_proj"}
 
 
 class _Killed(Exception):
