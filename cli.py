@@ -184,7 +184,9 @@ def prune_options(f):
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--include", multiple=True, default=("*",), show_default=True,
                      help="Prune only linears matching this name pattern (repeatable), e.g. '*.mlp.*'."),
-        click.option("--exclude", multiple=True, help="Leave linears matching this pattern dense (repeatable)."),
+        click.option("--exclude", multiple=True,
+                     help="Leave linears matching this pattern dense (repeatable), e.g. '*.experts.*' for a mixture "
+                          "of experts' experts (each named ...mlp.experts.E.gate_proj)."),
         click.option("--no-eval", is_flag=True, help="Skip the perplexity before and after."),
         click.option("--eval-windows", type=click.IntRange(min=0), default=None,
                      help="Held-out windows for perplexity (default: all on GPU, 16 on CPU; 0 = all)."),
