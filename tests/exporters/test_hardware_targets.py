@@ -75,3 +75,26 @@ def test_tensorrt_engine_has_sparse_layers(pruned_llama_2of4, tmp_path):
     assert summary["eligible"], "TensorRT named no layer eligible for sparse math"
     check = summary["engine_check"]  # the engine itself ran the check prompts
     assert check["tokens"] > 0 and 0 <= check["max_abs_diff"] and check["top_token_agrees"] > 0.5, check
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_the_torch_target_runs_a_mixture_of_experts_on_sparse_kernels(quantize, tmp_path, tmp_path_factory,
+                                                                       tiny_tokenizer_dir):
+    # needs: CUDA capability 8.0+; each expert's linear runs on the few tokens routed to it (the kernels
+    # pad them), and an expert none is routed to is not called
+    from exporters.torch_sparse import load_semi_structured
+    from tests.conftest import _save_tiny
+    from thanos.config import PruneConfig
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    pruned = tmp_path / "p"
+    prune_to_directory(PruneJob(out=str(pruned), model=str(_save_tiny("olmoe", tmp_path_factory, tiny_tokenizer_dir)),
+                                config=PruneConfig(pattern="2:4", quantize=quantize), calib_samples=4, seqlen=32,
+                                evaluate=False, device="cuda"))
+    summary = export("torch", pruned, tmp_path / "t", ExportOptions(dtype="float16"))
+    assert len(summary["converted"]) == 2 * (4 + 4 * 3)
+    model, report = load_semi_structured(tmp_path / "t")
+    with torch.no_grad():
+        logits = model(torch.tensor([[5]], device="cuda"), use_cache=False).logits  # one token: two experts idle
+    assert torch.isfinite(logits).all() and len(report.converted) == len(summary["converted"])
