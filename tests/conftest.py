@@ -86,7 +86,14 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
                            first_k_dense_replace=1, **_ROUTED),
            ernie4_5_moe=dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                              moe_layer_start_index=1, moe_layer_end_index=1),
-           hunyuan_v1_moe=dict(num_experts=4, moe_topk=2, head_dim=16))
+           hunyuan_v1_moe=dict(num_experts=4, moe_topk=2, head_dim=16),
+           # latent attention: low-rank queries (V3) or not (V2-Lite), keys and values
+           deepseek_v3=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                            q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                            **_ROUTED),
+           deepseek_v2=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                            q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                            **_ROUTED))
 FAMILIES.update(MOE)
 # the families the ONNX-based targets export (a recurrent state is not in their graphs, nor a routing)
 TRACED_FAMILIES = sorted(kind for kind in FAMILIES if kind not in MOE and "linear_attention" not in
@@ -135,8 +142,9 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
 
         settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0, **FAMILIES[kind])
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**settings, **overrides}))
+                        eos_token_id=0, pad_token_id=0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**settings, **FAMILIES[kind],
+                                                                               **overrides}))
     else:
         cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
                          bos_token_id=0, eos_token_id=0, **overrides)

@@ -105,7 +105,7 @@ def _pre_norms(attention: str, mlp: str, mlp_inputs: tuple[str, ...]) -> tuple[S
 
 def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_layers: bool = False,
                        norm_before: bool = True, v_to_o: bool = True, dense: tuple[str, ...] = (),
-                       layers: str = "model.layers") -> Adapter:
+                       layers: str = "model.layers", attention: Optional[Callable] = None) -> Adapter:
     """A family whose MLP is a mixture of experts (`thanos.experts` names each expert's linears).
 
     Free: each expert's gate/up rows -> its down_proj columns, likewise a `shared` expert's and the
@@ -114,7 +114,8 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
     v_proj -> o_proj, each up_proj -> its down_proj; the norm before the experts feeds the router
     too, which is no linear a scale could fold into. `dense`: linears left unpruned (routers and gates,
     a row per expert or head). `v_to_o` False: attention outputs gated channel by channel (Qwen3.5),
-    so v's channels stay.
+    or no v_proj at all (latent attention), so v's channels stay. `attention(config)`: the attention's
+    own smoothing groups, in place of the norm before q/k/v (DeepSeek's latent attention).
     """
     def mlps(config) -> list[str]:
         mlps = [f"{block}.experts.{e}" for e in range(expert_count(config))]
@@ -125,10 +126,21 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
             FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj") for mlp in mlps(config))
 
     def smoothing(config) -> tuple[SmoothGroup, ...]:
-        return ((_LLAMA_SMOOTHING[0],) if norm_before else ()) + ((_INNER_SMOOTHING[1],) if v_to_o else ()) + tuple(
+        before = attention(config) if attention else (_LLAMA_SMOOTHING[0],) if norm_before else ()
+        return before + ((_INNER_SMOOTHING[1],) if v_to_o else ()) + tuple(
             SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in mlps(config))
 
     return Adapter(layers, free, smoothing, dense)
+
+
+def _latent_attention(config) -> tuple[SmoothGroup, ...]:
+    """DeepSeek's latent attention: the layer's norm before the query's and the keys' and values'
+    down-projections (or the query's own projection where it has no low rank), and each low-rank
+    norm before its up-projection."""
+    query = ("self_attn.q_a_proj",) if getattr(config, "q_lora_rank", None) else ("self_attn.q_proj",)
+    return (SmoothGroup("input_layernorm", (*query, "self_attn.kv_a_proj_with_mqa")),
+            *((SmoothGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),) if query[0].endswith("a_proj") else ()),
+            SmoothGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)))
 
 
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
@@ -173,6 +185,8 @@ ADAPTERS = {
        for t, layers in (("qwen3_5_moe_text", "model.layers"), ("qwen3_5_moe", "model.language_model.layers"))},
     **{t: _mixture_of_experts(shared="shared_experts", dense_layers=True)
        for t in ("glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe")},
+    **{t: _mixture_of_experts(shared="shared_experts", dense_layers=True, v_to_o=False, attention=_latent_attention)
+       for t in ("deepseek_v2", "deepseek_v3")},
     "phimoe": _mixture_of_experts(dense=("mlp.router",)),
     "hunyuan_v1_moe": _mixture_of_experts(shared="shared_mlp", dense=("mlp.gate.wg",)),
     "granitemoe": _mixture_of_experts(block="block_sparse_moe"),
