@@ -87,6 +87,8 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
            ernie4_5_moe=dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                              moe_layer_start_index=1, moe_layer_end_index=1),
            hunyuan_v1_moe=dict(num_experts=4, moe_topk=2, head_dim=16),
+           qwen3_next=dict(FAMILIES["qwen3_5_text"], shared_expert_intermediate_size=64, num_experts=4, **_ROUTED),
+           minimax=dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"]),
            # latent attention: low-rank queries (V3) or not (V2-Lite), keys and values
            deepseek_v3=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                             q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,

@@ -187,6 +187,13 @@ ADAPTERS = {
        for t in ("glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe")},
     **{t: _mixture_of_experts(shared="shared_experts", dense_layers=True, v_to_o=False, attention=_latent_attention)
        for t in ("deepseek_v2", "deepseek_v3")},
+    # Qwen3-Next: Qwen3.5-MoE's layers with the linear attention's projections fused (in_proj_ba: a
+    # row per value head for each of its two gates)
+    "qwen3_next": _mixture_of_experts(shared="shared_expert", norm_before=False, v_to_o=False,
+                                      dense=("mlp.shared_expert_gate", "linear_attn.in_proj_ba")),
+    # MiniMax: lightning (linear) attention layers beside full-attention ones; its residual stream is
+    # taken after each norm, so no scale folds into one
+    "minimax": _mixture_of_experts(norm_before=False),
     "phimoe": _mixture_of_experts(dense=("mlp.router",)),
     "hunyuan_v1_moe": _mixture_of_experts(shared="shared_mlp", dense=("mlp.gate.wg",)),
     "granitemoe": _mixture_of_experts(block="block_sparse_moe"),
