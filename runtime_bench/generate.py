@@ -118,7 +118,7 @@ def _genai(source: str, prompt: str, max_new_tokens: int, on_text, device: str) 
 @torch.no_grad()
 def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device: str,
                   trust_remote_code: bool) -> Generation:
-    from thanos.models import context_length, empty_cache
+    from thanos.models import cache_after, context_length
 
     model, tokenizer = load_model(None if source == DEFAULT_SOURCE else source, trust_remote_code=trust_remote_code)
     model.to(device)
@@ -126,14 +126,15 @@ def _transformers(source: str, prompt: str, max_new_tokens: int, on_text, device
     context = context_length(model)
     steps = _limit(context, ids[0].tolist(), max_new_tokens) - ids.shape[1] if context else max_new_tokens
     stops = _stop_tokens(model, tokenizer)
-    cache = empty_cache(model)
+    cache = {}  # the model's own, from its first call
     new: list[int] = []
     shown = ""
     start = time.perf_counter()
     step_input = ids
     for _ in range(steps):
-        logits = model(step_input, use_cache=True, **cache).logits
-        token = int(logits[0, -1].argmax())
+        output = model(step_input, use_cache=True, **cache)
+        cache = cache_after(model, output)
+        token = int(output.logits[0, -1].argmax())
         new.append(token)
         shown = _show(tokenizer, new, shown, on_text)
         if token in stops:

@@ -120,14 +120,15 @@ def _prefill(model, batch: int, seq: int, device: str):
 
 
 def _decode_tokens_per_s(model, batch: int, prompt: int, steps: int, device: str) -> dict:
-    from thanos.models import empty_cache
+    from thanos.models import cache_after
 
     ids = torch.randint(0, text_config(model).vocab_size, (batch, prompt), device=device)
 
     def run():
         with torch.no_grad():
-            cache = empty_cache(model)
-            token = model(ids, **cache, use_cache=True).logits[:, -1:].argmax(-1)
+            output = model(ids, use_cache=True)
+            cache = cache_after(model, output)  # filled in place by every call
+            token = output.logits[:, -1:].argmax(-1)
             for _ in range(steps):
                 token = model(token, **cache, use_cache=True).logits[:, -1:].argmax(-1)
 

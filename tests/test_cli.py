@@ -472,3 +472,24 @@ def test_a_mixture_of_experts_prunes_each_expert_and_goes_to_the_targets_that_ca
     assert quantized.exit_code == 0, quantized.output
     inspected = runner.invoke(main, ["inspect", str(tmp_path / "q")])
     assert inspected.exit_code == 0 and "32 of 32 linear layers qualify" in inspected.output, inspected.output
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "minimax", "mixtral"])
+def test_generate_decodes_hybrid_and_expert_models_in_the_cache_they_build(family, tmp_path_factory,
+                                                                           tiny_tokenizer_dir):
+    """`generate` on transformers takes the cache each model builds on its first call (MiniMax refuses
+    any other class; linear-attention layers keep their states in it): greedy tokens as transformers'
+    own generate gives them."""
+    from transformers import AutoTokenizer
+
+    from runtime_bench.generate import generate_text
+    from tests.conftest import _save_tiny
+    from thanos.models import load_model
+
+    source = _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)
+    generated = generate_text(str(source), "The import statement", 6)
+    model, _ = load_model(str(source))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = tokenizer("The import statement", return_tensors="pt")["input_ids"]
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert generated.text == tokenizer.decode(expected, skip_special_tokens=True)

@@ -248,12 +248,12 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def empty_cache(model: nn.Module) -> dict:
-    """{argument: an empty cache} for a decoding loop's forward calls, filled in place by each: built
-    from the config, which gives linear-attention layers (Qwen3.5) their recurrent state's place."""
-    from transformers import DynamicCache
-
-    return {cache_argument(model): DynamicCache(config=model.config)}
+def cache_after(model: nn.Module, output) -> dict:
+    """{argument: the cache} for a decoding loop's next forward call, from what a call with
+    `use_cache=True` returned: the model builds the cache of its own kind (linear-attention layers'
+    states, MiniMax's own class), which a cache made here would not be. transformers 5.24 returns it
+    as `cache`, earlier ones as `past_key_values`."""
+    return {cache_argument(model): output["cache"] if "cache" in output else output["past_key_values"]}
 
 
 def default_model_file() -> Path:

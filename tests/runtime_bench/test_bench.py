@@ -88,16 +88,17 @@ def test_model_level_leaves_the_callers_model_alone():
         ("onnxruntime", "prefill", "ok"), ("onnxruntime", "decode", "ok"), ("tensorrt-sparse", None, "skipped")]
 
 
-def test_model_level_times_a_hybrid_model_in_torch_and_says_why_not_in_the_graph_runtimes(tmp_path_factory,
+@pytest.mark.parametrize("family", ["qwen3_5_text", "minimax"])
+def test_model_level_times_a_hybrid_model_in_torch_and_says_why_not_in_the_graph_runtimes(family, tmp_path_factory,
                                                                                             tiny_tokenizer_dir):
-    """Qwen3.5's linear-attention layers keep a recurrent state beside the KV cache: torch decodes it
-    (the cache built from the config has its place), the runtimes of exported graphs are skipped with
-    the reason instead of failing inside the export."""
+    """Qwen3.5's and MiniMax's linear-attention layers keep a recurrent state beside the KV cache:
+    torch decodes it (in the cache the model builds: MiniMax refuses any other class), the runtimes
+    of exported graphs are skipped with the reason instead of failing inside the export."""
     from runtime_bench.model import run_model
     from tests.conftest import _save_tiny
     from thanos.models import load_model
 
-    model, _ = load_model(str(_save_tiny("qwen3_5_text", tmp_path_factory, tiny_tokenizer_dir)))
+    model, _ = load_model(str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)))
     records = run_model(model, [(1, 8)], "cpu", ["torch-dense", "onnxruntime", "genai"], decode_steps=2)
     assert [(r["backend"], r.get("phase"), r["status"]) for r in records] == [
         ("torch-dense", "prefill", "ok"), ("torch-dense", "decode", "ok"), ("onnxruntime", None, "skipped"),
