@@ -87,6 +87,8 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
            ernie4_5_moe=dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                              moe_layer_start_index=1, moe_layer_end_index=1),
            hunyuan_v1_moe=dict(num_experts=4, moe_topk=2, head_dim=16),
+           gpt_oss=dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),
            qwen3_next=dict(FAMILIES["qwen3_5_text"], shared_expert_intermediate_size=64, num_experts=4, **_ROUTED),
            minimax=dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"]),
            # latent attention: low-rank queries (V3) or not (V2-Lite), keys and values

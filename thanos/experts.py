@@ -12,34 +12,53 @@ directory is the family's own checkpoint format.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """A fused experts module of the layout `UnfusedExperts` computes: gate and up concatenated, stored
-    (out, in), no biases and no norm after each expert (transformers' `use_experts_implementation` flags)."""
+    """A fused experts module `UnfusedExperts` can stand in for: gate and up in one tensor (concatenated
+    or interleaved), each stored (out, in) or transposed, with or without biases, no norm after each
+    expert (the flags transformers' `use_experts_implementation` sets)."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == down.dim() == 3
-            and getattr(module, "has_gate", False) and getattr(module, "is_concatenated", False)
-            and not getattr(module, "is_transposed", True) and not getattr(module, "has_bias", True)
-            and not getattr(module, "has_post_expert_norm", True))
+            and getattr(module, "has_gate", False) and hasattr(module, "is_concatenated")
+            and hasattr(module, "is_transposed") and not getattr(module, "has_post_expert_norm", True)
+            and (not getattr(module, "has_bias", True)
+                 or hasattr(module, "gate_up_proj_bias") and hasattr(module, "down_proj_bias")))
+
+
+def expert_views(fused: nn.Module, e: int) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Expert `e`'s {projection: (weight (out, in), bias or None)}, views of the fused tensors."""
+    gate_up, down = fused.gate_up_proj.data[e], fused.down_proj.data[e]
+    if fused.is_transposed:  # stored (in, out): x @ W
+        gate_up, down = gate_up.T, down.T
+    inner = down.shape[1]
+    gate, up = ((slice(0, inner), slice(inner, None)) if fused.is_concatenated
+                else (slice(0, None, 2), slice(1, None, 2)))  # interleaved: gate, up, gate, up, ...
+    biases = (fused.gate_up_proj_bias.data[e], fused.down_proj_bias.data[e]) if fused.has_bias else None
+    return dict(gate_proj=(gate_up[gate], biases[0][gate] if biases else None),
+                up_proj=(gate_up[up], biases[0][up] if biases else None),
+                down_proj=(down, biases[1] if biases else None))
 
 
 class ExpertMLP(nn.Module):
     """One expert's three projections, named as a dense MLP's."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, views: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = (_linear(w) for w in (gate, up, down))
+        for name, (weight, bias) in views.items():
+            setattr(self, name, _linear(weight, bias))
 
 
-def _linear(weight: torch.Tensor) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
     with torch.device("meta"):  # no memory: the weight is the fused tensor's view
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
     linear.weight = nn.Parameter(weight)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias)
     return linear
 
 
@@ -55,9 +74,7 @@ class UnfusedExperts(nn.ModuleList):
     call_idle = True
 
     def __init__(self, fused: nn.Module):
-        intermediate = fused.down_proj.shape[2]
-        super().__init__(ExpertMLP(fused.gate_up_proj.data[e, :intermediate], fused.gate_up_proj.data[e, intermediate:],
-                                   fused.down_proj.data[e]) for e in range(fused.gate_up_proj.shape[0]))
+        super().__init__(ExpertMLP(expert_views(fused, e)) for e in range(fused.gate_up_proj.shape[0]))
         object.__setattr__(self, "fused", fused)  # not a submodule: its tensors are the experts' storage
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -67,24 +84,26 @@ class UnfusedExperts(nn.ModuleList):
             if not len(tokens) and not self.call_idle:
                 continue
             x = hidden_states[tokens]
-            hidden = self.fused._apply_gate(torch.cat([expert.gate_proj(x), expert.up_proj(x)], dim=-1))
+            gate, up = expert.gate_proj(x), expert.up_proj(x)
+            # back in the fused layout, which the family's own gate function reads
+            gate_up = torch.cat([gate, up], dim=-1) if self.fused.is_concatenated else \
+                torch.stack([gate, up], dim=-1).flatten(-2)
+            hidden = self.fused._apply_gate(gate_up)
             out = expert.down_proj(hidden) * top_k_weights[tokens, slot, None]
             final.index_add_(0, tokens, out.to(final.dtype))
         return final
 
     def sync_(self) -> None:
-        """Write each expert's weight into the fused tensors where it is no longer a view of them (a
-        move to another device and back copies), and make it a view again: one copy in memory."""
-        fused = self.fused
-        intermediate = fused.down_proj.shape[2]
+        """Write each expert's weights into the fused tensors where they are no longer views of them (a
+        move to another device and back copies), and make them views again: one copy in memory."""
         for e, expert in enumerate(self):
-            for linear, target in ((expert.gate_proj, fused.gate_up_proj.data[e, :intermediate]),
-                                   (expert.up_proj, fused.gate_up_proj.data[e, intermediate:]),
-                                   (expert.down_proj, fused.down_proj.data[e])):
-                if linear.weight.data_ptr() != target.data_ptr():
-                    target.copy_(linear.weight.data)
-                    if linear.weight.device == target.device:
-                        linear.weight.data = target
+            for name, (weight, bias) in expert_views(self.fused, e).items():
+                linear = getattr(expert, name)
+                for held, target in ((linear.weight, weight), (linear.bias, bias)):
+                    if target is not None and held.data_ptr() != target.data_ptr():
+                        target.copy_(held.data)
+                        if held.device == target.device:
+                            held.data = target
 
 
 def merge_expert_groups(groups: list[list[str]], layer: nn.Module, prefix: str) -> list[list[str]]:

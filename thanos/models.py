@@ -105,7 +105,8 @@ def _pre_norms(attention: str, mlp: str, mlp_inputs: tuple[str, ...]) -> tuple[S
 
 def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_layers: bool = False,
                        norm_before: bool = True, v_to_o: bool = True, dense: tuple[str, ...] = (),
-                       layers: str = "model.layers", attention: Optional[Callable] = None) -> Adapter:
+                       layers: str = "model.layers", attention: Optional[Callable] = None,
+                       up_to_down: bool = True) -> Adapter:
     """A family whose MLP is a mixture of experts (`thanos.experts` names each expert's linears).
 
     Free: each expert's gate/up rows -> its down_proj columns, likewise a `shared` expert's and the
@@ -115,7 +116,8 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
     too, which is no linear a scale could fold into. `dense`: linears left unpruned (routers and gates,
     a row per expert or head). `v_to_o` False: attention outputs gated channel by channel (Qwen3.5),
     or no v_proj at all (latent attention), so v's channels stay. `attention(config)`: the attention's
-    own smoothing groups, in place of the norm before q/k/v (DeepSeek's latent attention).
+    own smoothing groups, in place of the norm before q/k/v (DeepSeek's latent attention). `up_to_down`
+    False: the experts' activation adds to or clamps up_proj's output, which a scale does not pass.
     """
     def mlps(config) -> list[str]:
         mlps = [f"{block}.experts.{e}" for e in range(expert_count(config))]
@@ -128,7 +130,7 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
     def smoothing(config) -> tuple[SmoothGroup, ...]:
         before = attention(config) if attention else (_LLAMA_SMOOTHING[0],) if norm_before else ()
         return before + ((_INNER_SMOOTHING[1],) if v_to_o else ()) + tuple(
-            SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in mlps(config))
+            SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in mlps(config) if up_to_down)
 
     return Adapter(layers, free, smoothing, dense)
 
@@ -194,6 +196,9 @@ ADAPTERS = {
     # MiniMax: lightning (linear) attention layers beside full-attention ones; its residual stream is
     # taken after each norm, so no scale folds into one
     "minimax": _mixture_of_experts(norm_before=False),
+    # GPT-OSS: biased experts stored transposed with gate and up interleaved (thanos.experts reads
+    # them so), whose activation is (clamp(up) + 1) * gate's
+    "gpt_oss": _mixture_of_experts(up_to_down=False),
     "phimoe": _mixture_of_experts(dense=("mlp.router",)),
     "hunyuan_v1_moe": _mixture_of_experts(shared="shared_mlp", dense=("mlp.gate.wg",)),
     "granitemoe": _mixture_of_experts(block="block_sparse_moe"),

@@ -216,10 +216,10 @@ def test_a_plan_reads_the_shapes_of_any_supported_model_directory(tmp_path, tmp_
     assert counted.exit_code == 0 and "| mlp.down_proj | 64 x 128 |" in counted.output, counted.output
     from transformers import AutoConfig
 
-    AutoConfig.for_model("gpt_oss", hidden_size=64, num_hidden_layers=1).save_pretrained(tmp_path / "moe")
+    AutoConfig.for_model("mamba", hidden_size=64, num_hidden_layers=1).save_pretrained(tmp_path / "ssm")
     for config, refusal in ((tmp_path / "missing", "neither a known config"),
                             (tmp_path, "transformers cannot read a config there"),
-                            (tmp_path / "moe", "is a 'gpt_oss' model; supported: ")):
+                            (tmp_path / "ssm", "is a 'mamba' model; supported: ")):
         refused = CliRunner().invoke(main, ["plan", "--config", str(config), "--count-only"])
         assert refused.exit_code == 1 and refusal in refused.output, refused.output
 
