@@ -102,7 +102,7 @@ class UnfusedExperts(nn.ModuleList):
                 for held, target in ((linear.weight, weight), (linear.bias, bias)):
                     if target is not None and held.data_ptr() != target.data_ptr():
                         target.copy_(held.data)
-                        if held.device == target.device:
+                        if (held.device, held.dtype) == (target.device, target.dtype):  # not after a cast
                             held.data = target
 
 

@@ -267,3 +267,19 @@ def test_inspect_reads_each_expert_from_the_files_without_loading_the_model(fami
     patterns = exporters_source.directory_patterns(out)
     experts = [p for p in patterns if ".experts." in p.name]
     assert len(experts) == 2 * 4 * 3 and all(p.hardware_2to4 for p in patterns)
+
+
+def test_saving_a_cast_model_keeps_its_experts_in_their_new_dtype(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """A loaded model cast whole (an export casts to float16) leaves the fused tensors in the old
+    dtype: saving writes the cast values into them, and the experts stay in the model's new dtype."""
+    from thanos.experts import fused_for_saving
+
+    model, _ = load_model(str(_save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)))
+    model.to(torch.bfloat16)
+    with fused_for_saving(model):
+        model.save_pretrained(tmp_path / "m")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    expert = decoder_layers(model)[0].mlp.experts[1].down_proj.weight
+    fused = next(m for m in saved.modules() if is_fused_experts(m)).down_proj[1]
+    assert torch.equal(fused, expert.float())
