@@ -307,12 +307,12 @@ def set_input_scales_(linears: dict[str, nn.Module], ranges: Optional[InputRange
         amax = amaxes[name]
         if amax < 0:
             projection = name.rsplit(".", 1)[-1]
-            amax = max((a for n, a in amaxes.items() if n.rsplit(".", 1)[-1] == projection), default=-1.0)
-            if amax < 0:
-                amax = max(amaxes.values())
-            if amax < 0:
+            seen = ([a for n, a in amaxes.items() if a >= 0 and n.rsplit(".", 1)[-1] == projection]
+                    or [a for a in amaxes.values() if a >= 0])
+            if not seen:
                 raise ModelError(f"{name}: no calibration token reached any of {', '.join(linears)}, so no 8-bit input "
                                  "scale can be set; calibrate on more samples")
+            amax = max(seen)
             report["quantization"]["input_range"] = f"the widest of this layer's {projection} (no token reached it)"
             log.warning("%s: no calibration token reached it; its 8-bit input scale is from the widest range among "
                         "this layer's %s", name, projection)

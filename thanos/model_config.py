@@ -44,14 +44,19 @@ def saved_config(model_dir: "Path | str | None") -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def _text_field(config, key: str):
+    """`key` of the language model's part of a config or of config.json's dict (None if absent)."""
+    if isinstance(config, dict):
+        text = config.get("text_config") or config
+        return text.get(key) if isinstance(text, dict) else None
+    return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, key, None)
+
+
 def expert_count(config) -> int:
     """Routed experts per layer, under any of the names families give it (0: not a mixture of experts),
     from a config or config.json's dict."""
-    text = (config.get("text_config") or config) if isinstance(config, dict) else (
-        config.get_text_config() if hasattr(config, "get_text_config") else config)
-    read = text.get if isinstance(text, dict) else lambda key: getattr(text, key, None)
     return next((n for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-                 if (n := read(key))), 0)
+                 if (n := _text_field(config, key))), 0)
 
 
 def is_mixture_of_experts(config) -> bool:
@@ -62,9 +67,4 @@ def is_mixture_of_experts(config) -> bool:
 def has_recurrent_layers(config) -> bool:
     """Layers that carry a recurrent state instead of a KV cache (Qwen3.5's linear attention), from a
     config or config.json's dict."""
-    if isinstance(config, dict):
-        config = config.get("text_config") or config
-        kinds = config.get("layer_types") if isinstance(config, dict) else None
-    else:
-        kinds = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "layer_types", None)
-    return "linear_attention" in (kinds or ())
+    return "linear_attention" in (_text_field(config, "layer_types") or ())

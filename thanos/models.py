@@ -139,9 +139,10 @@ def _latent_attention(config) -> tuple[SmoothGroup, ...]:
     """DeepSeek's latent attention: the layer's norm before the query's and the keys' and values'
     down-projections (or the query's own projection where it has no low rank), and each low-rank
     norm before its up-projection."""
-    query = ("self_attn.q_a_proj",) if getattr(config, "q_lora_rank", None) else ("self_attn.q_proj",)
-    return (SmoothGroup("input_layernorm", (*query, "self_attn.kv_a_proj_with_mqa")),
-            *((SmoothGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),) if query[0].endswith("a_proj") else ()),
+    low_rank = bool(getattr(config, "q_lora_rank", None))
+    query = "self_attn.q_a_proj" if low_rank else "self_attn.q_proj"
+    return (SmoothGroup("input_layernorm", (query, "self_attn.kv_a_proj_with_mqa")),
+            *([SmoothGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",))] if low_rank else []),
             SmoothGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)))
 
 
@@ -225,14 +226,17 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 def free_channels(model: nn.Module) -> tuple[FreeChannels, ...]:
     """The channel sets this model's layers may reorder (thanos.permute)."""
-    free = adapter_for(model).free_channels
-    return free(model.config) if callable(free) else free
+    return _for_config(adapter_for(model).free_channels, model)
 
 
 def smoothing_groups(model: nn.Module) -> tuple[SmoothGroup, ...]:
     """Where this model's 8-bit inputs' ranges fold into what produces them (thanos.smooth)."""
-    smoothing = adapter_for(model).smoothing
-    return smoothing(model.config) if callable(smoothing) else smoothing
+    return _for_config(adapter_for(model).smoothing, model)
+
+
+def _for_config(declared, model: nn.Module):
+    """What an adapter declares: as it is, or what its function gives for the model's config."""
+    return declared(model.config) if callable(declared) else declared
 
 
 def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:
