@@ -874,10 +874,11 @@ def plan_cmd(name, device, ranks, calib_samples, seqlen, pattern, method, preset
              quantize, count_only, tf32, json_out, md_out):
     """Time and memory plan for pruning a big model, from one decoder layer measured here.
 
-    Builds one random-weight decoder layer of the named config, times the driver's own steps on
-    it (moving the layer to the device, the statistics pass, each solve with its mask search and
-    refit, the reconstruction, the pruned pass), and multiplies out for 1 process with layer
-    offloading and for N torchrun ranks.
+    Builds one random-weight decoder layer of the named config (one of each kind where its layers
+    differ: dense MLP or experts, linear or full attention), times the driver's own steps on it
+    (moving the layer to the device, the statistics pass, each solve with its mask search and
+    refit, the reconstruction, the pruned pass), and multiplies out by each kind's layer count for
+    1 process with layer offloading and for N torchrun ranks.
 
     \b
     Examples:

@@ -5,17 +5,19 @@
 Builds one decoder layer of a real config with random weights (the solve and the forward passes
 cost the same whatever the values), captures random calibration tokens in front of it, and times
 the driver's own per-layer steps: moving the layer onto the device (layer offloading), the
-statistics pass, each linear's solve, and the pass through the pruned layer. The plan for the
-whole model multiplies by the layer count. For N ranks (`torchrun ... prune --distributed`) the two
-passes over the samples are divided by N and the solves are dealt out by the same rule the
-distributed driver uses; the all-reduce and broadcast traffic is reported in bytes, not timed.
+statistics pass, each linear's solve, and the pass through the pruned layer. Where the layers are
+of more than one kind (a dense MLP or experts, linear or full attention), one of each is timed.
+The plan for the whole model multiplies each kind's layer by its count. For N ranks (`torchrun
+... prune --distributed`) the two passes over the samples are divided by N and the solves are
+dealt out by the same rule the distributed driver uses; the all-reduce and broadcast traffic is
+reported in bytes, not timed.
 """
 from __future__ import annotations
 
 import copy
 import json
-import logging
-from collections import Counter
+import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -24,12 +26,12 @@ import torch
 from runtime_bench.model import RANDOM_CONFIGS, random_config
 from runtime_bench.protocol import machine, timed
 from thanos import prune_weight
-from thanos.config import PRESETS, PruneConfig
+from thanos.config import PruneConfig
 from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
                            run_layer, solve_costs)
 from thanos.errors import InputError
-from thanos.experts import unfuse_experts_
-from thanos.model_config import has_recurrent_layers, is_multimodal
+from thanos.experts import UnfusedExperts, is_fused_experts, unfuse_experts_
+from thanos.model_config import is_multimodal
 from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears,
                            smoothing_groups)
 from thanos.linears import weight_view
@@ -52,15 +54,17 @@ def _warm_up(device: torch.device, prune: PruneConfig) -> None:
 
 @torch.no_grad()
 def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device: "str | torch.device",
-                  dtype: torch.dtype, offload_activations: bool = True, echo=print, on_partial=None) -> dict:
-    """Prune the one random decoder layer of `config` (a transformers config, `plan_config`) and time each step.
+                  dtype: torch.dtype, offload_activations: bool = True, echo=print, on_partial=None,
+                  index: int = 0) -> dict:
+    """Prune one random decoder layer of `config` (a transformers config, `plan_config`), of the kind
+    its layer `index` is, and time each step.
 
     `on_partial(figures)` gets what is measured so far after each step and each solve, so a run
     stopped by a time limit still leaves its figures.
     """
     device = torch.device(device)
     store_device = torch.device("cpu") if offload_activations else device
-    model = _one_layer_model(config, dtype).eval()
+    model = _one_layer_model(config, dtype, index).eval()
     layer = decoder_layers(model)[0]
     linears = prunable_linears(model, LayerSelection())[0]
     tokens = torch.randint(0, PLAN_VOCAB, (samples, seqlen), generator=torch.Generator().manual_seed(0))
@@ -172,6 +176,13 @@ def plan(layer: dict, layers: int, ranks: list[int]) -> list[dict]:
     return rows
 
 
+def plan_model(kinds: list[dict], ranks: list[int]) -> list[dict]:
+    """`plan` for each kind of layer ({count, layer: measured}), summed over the whole model per rank count."""
+    per_kind = [plan(kind["layer"], kind["count"], ranks) for kind in kinds]
+    return [dict(ranks=n, hours_total=sum(rows[i]["hours_total"] for rows in per_kind),
+                 kinds=[rows[i] for rows in per_kind]) for i, n in enumerate(ranks)]
+
+
 def _slowest_ranks(layer: dict, batches: list[list[str]], seconds: dict[str, float], ranks: int) -> float:
     """Each batch's linears dealt out over `ranks` by r*c^2 as the driver deals them and waited for:
     the sum over batches of the busiest rank's `seconds`."""
@@ -194,18 +205,42 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
-def _parts(seconds: dict, name: str, prune: dict) -> str:
-    """' (mask search x, refit y)': the steps after the block solve, where the recipe has them."""
-    parts = [f"{label} {_duration(seconds[key][name])}" for key, label, option in
+def _parts(seconds: dict, names: list[str], prune: dict) -> str:
+    """' (mask search x, refit y)': the steps after the block solve of these linears, where the recipe has them."""
+    parts = [f"{label} {_duration(sum(seconds[key][name] for name in names))}" for key, label, option in
              (("searches", "mask search", "mask_search_iterations"), ("refits", "refit", "refit_iterations"))
-             if prune.get(option) and name in seconds.get(key, {})]
+             if prune.get(option) and all(name in seconds.get(key, {}) for name in names)]
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _error(layer: dict, name: str) -> str:
-    """'; error 0.0123': the linear's relative output error on the calibration inputs, where recorded."""
-    error = layer.get("errors", {}).get(name)
-    return f"; error {error:.4g}" if error is not None else ""
+def _error(layer: dict, names: list[str]) -> str:
+    """'; error 0.0123': the relative output error on the calibration inputs of these linears, where recorded."""
+    errors = [e for e in (layer.get("errors", {}).get(name) for name in names) if e is not None]
+    if len(errors) > 1:
+        return f"; error {sum(errors) / len(errors):.4g} on average, {max(errors):.4g} at most"
+    return f"; error {errors[0]:.4g}" if errors else ""
+
+
+EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def _by_projection(names) -> dict[str, list[str]]:
+    """{short name: full names}: a layer's linears, each expert projection across the experts as one
+    row ('mlp.experts.*.up_proj'), so a plan of 128 experts reads as one of a dense layer does."""
+    rows: dict[str, list[str]] = {}
+    for name in names:
+        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        rows.setdefault(EXPERT_INDEX.sub(".experts.*.", short), []).append(name)
+    return rows
+
+
+def _each(short: str, names: list[str], figures_each: bool = False) -> str:
+    """A row's linear: 'mlp.experts.*.up_proj (128 experts)' for an expert projection."""
+    return f"{short} ({len(names)} experts{', each' if figures_each else ''})" if len(names) > 1 else short
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer{'s' if count > 1 else ''}"
 
 
 def _size(nbytes: float) -> str:
@@ -234,93 +269,179 @@ def plan_config(name: str):
     return config.get_text_config() if is_multimodal(config) else config
 
 
-def one_layer(config):
-    """A copy of `config` with one decoder layer and a small vocabulary: the part a plan measures."""
-    config = copy.deepcopy(config)
-    config.num_hidden_layers, config.vocab_size = 1, PLAN_VOCAB
-    if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding or full), one per layer
-        config.layer_types = config.layer_types[:1]
-    return config
+def layer_kinds(config) -> list[dict]:
+    """The kinds of decoder layer in `config`, in order of first appearance: each {first, count, label}.
 
-
-def _one_layer_model(config, dtype: torch.dtype):
+    Layers whose parameters differ in name or shape (a dense MLP or experts, linear or full
+    attention) prune differently, so a plan times one of each kind and counts it for its layers.
+    Read from the whole model built on the meta device (nothing allocated)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    unfuse_experts_(model)  # each expert's linears, as pruning sees them
+    with torch.device("meta"):
+        layers = decoder_layers(AutoModelForCausalLM.from_config(config))
+    found: dict[tuple, list[int]] = {}
+    for index, layer in enumerate(layers):
+        found.setdefault(tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()), []).append(index)
+    firsts = [indices[0] for indices in found.values()]
+    traits = [_traits(config, layers[index], index) for index in firsts]
+    varying = [i for i in range(2) if len({t[i] for t in traits}) > 1]  # name a kind by what tells it apart
+    return [dict(first=first, count=len(indices), label=", ".join(t[i] for i in varying) or f"like layer {first}")
+            for first, indices, t in zip(firsts, found.values(), traits)]
+
+
+def _traits(config, layer, index: int) -> tuple[str, str]:
+    """(its attention kind, "experts" or "dense MLP") of decoder layer `index`."""
+    kinds = getattr(config, "layer_types", None)
+    experts = any(is_fused_experts(m) or isinstance(m, UnfusedExperts) for m in layer.modules())
+    return (kinds[index].replace("_", " ") if kinds else "attention"), ("experts" if experts else "dense MLP")
+
+
+def _layer_class(config, index: int) -> type:
+    """The class the model builds its decoder layer `index` with."""
+    from transformers import AutoModelForCausalLM
+
+    shorter = copy.deepcopy(config)
+    shorter.num_hidden_layers = index + 1
+    if getattr(config, "layer_types", None):
+        shorter.layer_types = config.layer_types[:index + 1]
+    with torch.device("meta"):
+        return type(decoder_layers(AutoModelForCausalLM.from_config(shorter))[index])
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Parameters created in `dtype` (a 70B layer made in fp32 and then cast would double its host memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _one_layer_model(config, dtype: torch.dtype, index: int = 0):
+    """A model of one random decoder layer behind a small embedding, the layer built as `config`'s
+    full model builds its layer `index` (its class, the whole config, that index: what decides a
+    dense MLP or experts, linear or full attention) and numbered 0 in the model around it; experts
+    unfused, as pruning sees them."""
+    from transformers import AutoModelForCausalLM
+
+    kinds = getattr(config, "layer_types", None)
+    around = copy.deepcopy(config)
+    around.num_hidden_layers, around.vocab_size = 0, PLAN_VOCAB
+    if kinds:  # the model builds what layers of a kind share (Gemma 3's rotary tables per kind) from these
+        around.layer_types = [kinds[index]]
+    model = AutoModelForCausalLM.from_config(around, dtype=dtype)
+    layer_config = copy.deepcopy(model.config)  # the attention and experts implementations the model chose
+    layer_config.num_hidden_layers = config.num_hidden_layers
+    if kinds:
+        layer_config.layer_types = list(kinds)
+    with _default_dtype(dtype):
+        layer = _layer_class(config, index)(layer_config, layer_idx=index)
+    for module in layer.modules():  # caches and masks of the one-layer model know one layer, number 0
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = 0
+    decoder_layers(model).append(layer)
+    model.config.num_hidden_layers = 1
+    model.init_weights()  # transformers' own initialisation for the new layer (fused experts start empty)
+    unfuse_experts_(model)
     return model
 
 
-def _meta_layer_linears(name: str) -> dict:
-    """{name: linear} of one decoder layer of `plan_config(name)`, built on the meta device (nothing allocated)."""
+def _meta_layer_linears(config, index: int = 0) -> dict:
+    """{name: linear} of a decoder layer of `config` of the kind layer `index` is, on the meta device."""
     with torch.device("meta"):
-        model = _one_layer_model(one_layer(plan_config(name)), torch.float32)
+        model = _one_layer_model(config, torch.float32, index)
     return prunable_linears(model, LayerSelection())[0]
 
 
 def config_linear_shapes(name: str) -> list[tuple[int, int]]:
-    """(out_features, in_features) of the distinct prunable linears of a decoder layer of `plan_config(name)`."""
-    return sorted({tuple(weight_view(mod).shape) for mod in _meta_layer_linears(name).values()})
+    """(out_features, in_features) of the distinct prunable linears of every kind of decoder layer of
+    `plan_config(name)`."""
+    config = plan_config(name)
+    return sorted({tuple(weight_view(mod).shape) for kind in layer_kinds(config)
+                   for mod in _meta_layer_linears(config, kind["first"]).values()})
 
 
-def _kinds_line(kinds: dict, layers: int) -> str:
-    others = ", ".join(f"{count} {kind}" for kind, count in kinds["counts"].items() if kind != kinds["measured"])
-    return (f"Its layers are of more than one kind, with other linears: one {kinds['measured']} layer is timed for "
-            f"all {layers} (of which {others}; their projections are of like sizes).")
-
-
-def markdown(layer: dict, rows: list[dict], name: str, layers: int, machine_info: dict) -> str:
-    s, b = layer["seconds"], layer["bytes"]
+def markdown(kinds: list[dict], rows: list[dict], name: str, layers: int, machine_info: dict) -> str:
+    """The plan as Markdown: each kind of layer's steps ({first, count, label, layer: measured}), then
+    the whole model per rank count (`plan_model`'s rows)."""
+    first = kinds[0]["layer"]
+    several = len(kinds) > 1
     where = machine_info.get("gpu") or machine_info.get("cpu")
     lines = [
-        f"# Pruning plan: {name} ({layers} decoder layers), {layer['prune']['method']} "
-        f"{layer['prune']['pattern']}, calibration {layer['samples']} x {layer['seqlen']} tokens",
+        f"# Pruning plan: {name} ({layers} decoder layers"
+        + (": " + ", ".join(f"{kind['count']} {kind['label']}" for kind in kinds) if several else "")
+        + f"), {first['prune']['method']} {first['prune']['pattern']}, calibration {first['samples']} x "
+        f"{first['seqlen']} tokens",
         "",
-        f"Measured on {where} ({layer['device']}, {layer['dtype']}, torch {machine_info.get('torch')}): one "
-        f"random-weight decoder layer, activations kept on {layer['activations_on']}"
+        f"Measured on {where} ({first['device']}, {first['dtype']}, torch {machine_info.get('torch')}): one "
+        f"random-weight decoder layer{' of each kind' if several else ''}, activations kept on "
+        f"{first['activations_on']}"
         + ("; the mask search's and refit's products in TF32 (errors in full fp32)."
-           if layer.get("tf32_products") else "; every product in full fp32.")
-        + " Errors: each linear's relative output error on the calibration inputs.",
-        *(["", _kinds_line(layer["layer_kinds"], layers)] if layer.get("layer_kinds") else []),
+           if first.get("tf32_products") else "; every product in full fp32.")
+        + " Errors: each linear's relative output error on the calibration inputs"
+        + ("; experts' projections one row each, their times summed over the experts." if any(
+            len(names) > 1 for kind in kinds for names in _by_projection(kind["layer"]["seconds"]["solves"]).values())
+           else "."),
+    ]
+    for kind in kinds:
+        if several:
+            lines += ["", f"## {kind['label']}: {_layers(kind['count'])}, timed on one like layer {kind['first']}"]
+        lines += ["", *_step_lines(kind["layer"])]
+
+    def per_kind(values: list[str]) -> str:
+        return "; ".join(f"{value} {kind['label']}" for value, kind in zip(values, kinds)) if several else values[0]
+
+    lines += [
         "",
+        "| ranks | per layer | solves per layer (slowest rank) | whole model | activations per rank "
+        "| all-reduce + broadcast per layer |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| {r['ranks']} | {per_kind([_duration(k['seconds_per_layer']) for k in r['kinds']])} "
+          f"| {per_kind([_duration(k['solve_seconds_per_layer']) for k in r['kinds']])} "
+          f"| {_duration(r['hours_total'] * 3600)} | {_size(r['kinds'][0]['activation_bytes_per_rank'])} "
+          f"| {per_kind([_size(k['collective_bytes_per_layer']) for k in r['kinds']])} |" for r in rows],
+        "",
+        "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
+        "by r*c^2 as `prune --distributed` does"
+        + (" (group by group: each group's solves dealt out and waited for before the next group's statistics)"
+           if _dealt_by_group(first) else "")
+        + (", the 8-bit step's linears too" + (" (with their group)" if first.get("quantized_by_group") else "")
+           if first["seconds"].get("quantizations") else "")
+        + "; the collectives are not timed (their bytes are in the table).",
+        *_value_note(first),
+    ]
+    for kind in kinds:
+        lines += _work_lines(kind["layer"]["work"], f"### {kind['label']} layers: work" if several else "")
+    return "\n".join(lines) + "\n"
+
+
+def _step_lines(layer: dict) -> list[str]:
+    """One measured layer's steps, timed, and what it holds."""
+    s, b, prune = layer["seconds"], layer["bytes"], layer["prune"]
+    return [
         "| step, one layer | time |",
         "| --- | --- |",
         f"| move the layer onto the device | {_duration(s['load'])} |",
         f"| statistics pass (forward with Hessian hooks) | {_duration(s['statistics'])} |",
         *([f"| channel permutations (o_proj, down_proj) | {_duration(s['permutation'])} |"]
           if s.get("permutation") else []),
-        *[f"| solve {n.split('.', 3)[-1] if n.startswith('model.layers.') else n} | {_duration(t)}"
-          + _parts(s, n, layer["prune"]) + _error(layer, n) + " |" for n, t in s["solves"].items()],
-        *([f"| decoder-block reconstruction ({layer['prune']['reconstruct_epochs']} epochs) | "
+        *[f"| solve {_each(short, names)} | {_duration(sum(s['solves'][n] for n in names))}"
+          + (" in all" if len(names) > 1 else "") + _parts(s, names, prune) + _error(layer, names) + " |"
+          for short, names in _by_projection(s["solves"]).items()],
+        *([f"| decoder-block reconstruction ({prune['reconstruct_epochs']} epochs) | "
            f"{_duration(s['reconstruction'])} |"] if s.get("reconstruction") else []),
-        *([f"| {layer['prune']['quantize']} weights, every linear (their input scales: in the statistics) | "
+        *([f"| {prune['quantize']} weights, every linear (their input scales: in the statistics) | "
            f"{_duration(s['quantization'])} |"] if s.get("quantization") else []),
         f"| forward through the pruned layer | {_duration(s['forward'])} |",
         f"| move the layer back to the host | {_duration(s['unload'])} |",
-        "",
-        "| ranks | per layer | solves per layer (slowest rank) | whole model | activations per rank "
-        "| all-reduce + broadcast per layer |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *[f"| {r['ranks']} | {_duration(r['seconds_per_layer'])} | {_duration(r['solve_seconds_per_layer'])} "
-          f"| {_duration(r['hours_total'] * 3600)} | {_size(r['activation_bytes_per_rank'])} "
-          f"| {_size(r['collective_bytes_per_layer'])} |" for r in rows],
         "",
         f"One layer holds {_size(b['layer_weights'])} of weights and {_size(b['hessians'])} of Hessian sums "
         f"(fp64 while the statistics stream, one per distinct input)"
         + (f"; the device allocator peaked at {_size(b['device_peak'])}" if b["device_peak"] is not None else "")
         + ".",
-        "",
-        "N ranks divide the two passes over the samples by N (each rank holds a shard) and deal the solves out "
-        "by r*c^2 as `prune --distributed` does"
-        + (" (group by group: each group's solves dealt out and waited for before the next group's statistics)"
-           if _dealt_by_group(layer) else "")
-        + (", the 8-bit step's linears too" + (" (with their group)" if layer.get("quantized_by_group") else "")
-           if s.get("quantizations") else "")
-        + "; the collectives are not timed (their bytes are in the table).",
-        *_value_note(layer),
-        *_work_lines(layer),
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _value_note(layer: dict) -> list[str]:
@@ -333,29 +454,33 @@ def _value_note(layer: dict) -> list[str]:
                 "iteration caps cost."]
 
 
-def _work_lines(layer: dict) -> list[str]:
-    """The per-linear flop and memory table (leading terms, from `thanos.recipe.Cost`)."""
-    work = layer.get("work")
-    if not work:
-        return []
+def _work_lines(work: dict, heading: str = "") -> list[str]:
+    """The per-linear flop and memory table (leading terms, from `thanos.recipe.Cost`); each expert
+    projection one row, its figures those of each expert."""
     kinds = list(next(iter(work.values()))["flop"])
-    lines = ["", "Work per linear, counted (leading terms of each step, fp32 flop; peak: the largest step's c x c and "
-             "r x c matrices, the Hessian and the weight included; `thanos.recipe.Cost`):", "",
+    lines = [*(["", heading] if heading else []), "", "Work per linear, counted (leading terms of each step, fp32 flop; peak: the largest "
+             "step's c x c and r x c matrices, the Hessian and the weight included; `thanos.recipe.Cost`):", "",
              "| linear | r x c | " + " | ".join(f"{kind} GFLOP" for kind in kinds) + " | peak memory |",
              "|" + " --- |" * (len(kinds) + 3)]
-    for name, w in work.items():
-        short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
-        lines.append(f"| {short} | {w['shape'][0]} x {w['shape'][1]} | "
-                     + " | ".join(f"{w['flop'][kind] / 1e9:,.0f}" for kind in kinds) + f" | {_size(w['peak_bytes'])} |")
-    total = sum(sum(w["flop"].values()) for w in work.values())
+    for short, names in _by_projection(work).items():
+        w = work[names[0]]  # the experts of a projection share its shape
+        lines.append(f"| {_each(short, names, figures_each=True)} | {w['shape'][0]} x "
+                     f"{w['shape'][1]} | " + " | ".join(f"{w['flop'][kind] / 1e9:,.0f}" for kind in kinds)
+                     + f" | {_size(w['peak_bytes'])} |")
+    total = _layer_flop(work)
     lines += ["", f"One layer's solves: {total / 1e12:.1f} TFLOP in all; at a sustained T TFLOP/s they take "
               f"{total / 1e12:.1f} / T seconds."]
     return lines
 
 
-def count_work(name: str, prune: PruneConfig) -> dict:
-    """`step_work` for one decoder layer of config `name`, built on the meta device: counted, nothing run."""
-    return step_work(_meta_layer_linears(name), prune)
+def _layer_flop(work: dict) -> float:
+    return sum(sum(w["flop"].values()) for w in work.values())
+
+
+def count_work(name: str, prune: PruneConfig, index: int = 0) -> dict:
+    """`step_work` for a decoder layer of config `name` of the kind its layer `index` is, built on the
+    meta device: counted, nothing run."""
+    return step_work(_meta_layer_linears(plan_config(name), index), prune)
 
 
 def markdown_from_json(path: "str | Path") -> str:
@@ -365,7 +490,10 @@ def markdown_from_json(path: "str | Path") -> str:
     if not data.get("complete"):
         raise InputError(f"{path} holds a plan stopped before its end ({data.get('stopped', 'no reason recorded')}); "
                          "its figures are in the JSON, per solve")
-    return markdown(data["layer"], data["plan"], data["model"], data["layers"], data["machine"])
+    # files from before layers were timed by kind hold one layer for all
+    kinds = data.get("kinds") or [dict(first=0, count=data["layers"], label="", layer=data["layer"])]
+    return markdown(kinds, plan_model(kinds, [row["ranks"] for row in data["plan"]]), data["model"], data["layers"],
+                    data["machine"])
 
 
 def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
@@ -385,46 +513,58 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
         raise InputError(f"--ranks are process counts, 1 or more (1,8), not {list(ranks)}")
     prune = PruneConfig(method=method, pattern=pattern, preset=preset, permute_channels=permute_channels,
                         sequential=sequential, quantize=quantize)
+    full = plan_config(name)
+    layers, kinds = full.num_hidden_layers, layer_kinds(full)
+    several = len(kinds) > 1
     if count_only:
-        work = count_work(name, prune)
+        counted = [dict(kind, work=step_work(_meta_layer_linears(full, kind["first"]), prune)) for kind in kinds]
         recipe = ", ".join(step.kind for step in prune.recipe.steps)
-        text = "\n".join([f"# Work counted: one {name} decoder layer, {method} {pattern}"
-                          + (f", preset {prune.preset}" if prune.preset else "") + f" ({recipe})",
-                          *_work_lines(dict(work=work))]) + "\n"
+        lines = [f"# Work counted: {name} ({layers} decoder layers"
+                 + (": " + ", ".join(f"{kind['count']} {kind['label']}" for kind in kinds) if several else "")
+                 + f"), {method} {pattern}" + (f", preset {prune.preset}" if prune.preset else "") + f" ({recipe})"]
+        for kind in counted:
+            lines += _work_lines(kind["work"], f"## {kind['label']}: {_layers(kind['count'])}, like layer {kind['first']}"
+                                 if several else "")
+        total = sum(kind["count"] * _layer_flop(kind["work"]) for kind in counted)
+        lines += ["", f"The whole model's solves: {total / 1e15:.2f} PFLOP ({layers} layers)."]
+        text = "\n".join(lines) + "\n"
         if json_out:
-            atomic_write_text(Path(json_out), json.dumps(dict(model=name, prune=prune.to_json(), work=work), indent=2))
+            atomic_write_text(Path(json_out), json.dumps(dict(model=name, layers=layers, prune=prune.to_json(),
+                                                              kinds=counted), indent=2))
         if md_out:
             Path(md_out).write_text(text)
         return text
     dev = resolve_device(device)
     defaults = defaults_for(dev)
-    full = plan_config(name)
-    layers, config = full.num_hidden_layers, one_layer(full)
     samples = calib_samples or defaults.samples
-    seqlen = window_length(seqlen, defaults.seqlen, getattr(config, "max_position_embeddings", None))
+    seqlen = window_length(seqlen, defaults.seqlen, getattr(full, "max_position_embeddings", None))
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     info = machine()
 
-    def write(layer: dict, rows: Optional[list] = None, stopped: Optional[str] = None) -> None:
+    def write(measured: list[dict], rows: Optional[list] = None, stopped: Optional[str] = None) -> None:
         if json_out:  # rewritten after every step: a run stopped by its time limit keeps what it measured
-            figures = dict(machine=info, model=name, layers=layers, complete=rows is not None, layer=layer, plan=rows)
+            figures = dict(machine=info, model=name, layers=layers, complete=rows is not None, kinds=measured,
+                           plan=rows)
             atomic_write_text(Path(json_out), json.dumps(figures | ({"stopped": stopped} if stopped else {}),
                                                          indent=2))
 
-    partial: dict = dict(tf32_products=tf32)
+    measured: list[dict] = []
     try:
         with tf32_for_products(tf32):
-            layer = dict(measure_layer(config, prune, samples, seqlen, dev, dtype, echo=echo,
-                                       on_partial=lambda figures: (partial.update(figures), write(partial))),
-                         tf32_products=tf32)
+            for kind in kinds:
+                if several:
+                    echo(f"{kind['label']} layers ({kind['count']}): timing one like layer {kind['first']} ...")
+                partial = dict(kind, layer=dict(tf32_products=tf32))
+                measured.append(partial)
+                partial["layer"].update(measure_layer(
+                    full, prune, samples, seqlen, dev, dtype, echo=echo, index=kind["first"],
+                    on_partial=lambda figures: (partial["layer"].update(figures), write(measured))))
     except BaseException as exc:  # a time limit's SIGTERM or Ctrl-C, or a failure: say so beside the figures
-        write(partial, stopped=f"{type(exc).__name__}: {exc}"[:300])
+        write(measured, stopped=f"{type(exc).__name__}: {exc}"[:300])
         raise
-    if has_recurrent_layers(full):  # one layer of the first kind stands for all: say so beside the figures
-        layer["layer_kinds"] = dict(measured=full.layer_types[0], counts=dict(Counter(full.layer_types)))
-    rows = plan(layer, layers, list(ranks))
-    text = markdown(layer, rows, name, layers, info)
-    write(layer, rows)
+    rows = plan_model(measured, list(ranks))
+    text = markdown(measured, rows, name, layers, info)
+    write(measured, rows)
     if md_out:
         Path(md_out).write_text(text)
     return text

@@ -106,6 +106,16 @@ TRACED_FAMILIES = sorted(kind for kind in FAMILIES if kind not in MOE and "linea
 VISION_LANGUAGE = ("gemma3", "qwen3_5", "qwen3_5_moe")
 
 
+def tiny_config(kind: str, **overrides):
+    """The config of a tiny model of family `kind` (one of FAMILIES): two decoder layers, LLaMA-sized."""
+    from transformers import AutoConfig
+
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0)
+    return AutoConfig.for_model(kind, **{**settings, **FAMILIES[kind], **overrides})
+
+
 def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
     from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                               OPTConfig, OPTForCausalLM)
@@ -142,13 +152,9 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, text_config=text,
                                                                              vision_config=vision, **overrides))
     elif kind in FAMILIES:  # the other architectures thanos.models.ADAPTERS names, LLaMA-sized as above
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
-                        eos_token_id=0, pad_token_id=0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**settings, **FAMILIES[kind],
-                                                                               **overrides}))
+        model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides))
     else:
         cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
                          bos_token_id=0, eos_token_id=0, **overrides)

@@ -34,8 +34,9 @@ def test_every_step_of_the_device_script_runs_on_the_cpu(tmp_path):
     assert len(list(tmp_path.iterdir())) <= 8  # what the device tool brings back
     for name in ("plan_llama2-70b_default.json", "plan_llama2-70b_default_tf32.json", "plan_llama2-70b_fast.json"):
         plan = json.loads((tmp_path / name).read_text())
-        assert plan["complete"] and len(plan["layer"]["seconds"]["solves"]) == 7, name
-        assert plan["layer"]["tf32_products"] is name.endswith("_tf32.json"), name
+        (kind,) = plan["kinds"]
+        assert plan["complete"] and len(kind["layer"]["seconds"]["solves"]) == 7, name
+        assert kind["layer"]["tf32_products"] is name.endswith("_tf32.json"), name
     from runtime_bench.plan import markdown_from_json  # the device run brings back the JSON; the Markdown is rebuilt
 
     assert "products in TF32" in markdown_from_json(tmp_path / "plan_llama2-70b_default_tf32.json")

@@ -5,6 +5,7 @@ import torch
 from click.testing import CliRunner
 
 from runtime_bench import plan
+from tests.conftest import FAMILIES
 from thanos.config import PruneConfig
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,7 +80,8 @@ def test_the_plan_times_the_8bit_step_as_prune_runs_it(fmt):
     one = plan.plan(measured, layers=1, ranks=[1])[0]
     assert one["seconds_per_layer"] == pytest.approx(s["load"] + s["statistics"] + s["forward"] + s["unload"]
                                                      + s["permutation"] + s["quantization"] + sum(s["solves"].values()))
-    text = plan.markdown(measured, [one], "tiny", 1, {"cpu": "test"})
+    kinds = [dict(first=0, count=1, label="", layer=measured)]
+    text = plan.markdown(kinds, plan.plan_model(kinds, [1]), "tiny", 1, {"cpu": "test"})
     assert f"| {fmt} weights, every linear" in text
     # with a rank per linear, the step takes each batch's slowest linear: FP8 quantizes group by group,
     # INT8 (smoothed at the layer's end) all seven at once
@@ -105,15 +107,15 @@ def test_cli_writes_plan_files(tmp_path):
     assert data["layers"] == 30 and [r["ranks"] for r in data["plan"]] == [1, 4]
     assert data["machine"]["torch"] == torch.__version__
     assert "| 4 |" in out_md.read_text() and "self_attn.q_proj" in out_md.read_text()
-    md = out_md.read_text()
-    assert data["layer"]["tf32_products"] is False and "every product in full fp32" in md
-    q_proj = next(name for name in data["layer"]["errors"] if name.endswith("q_proj"))
-    assert f"; error {data['layer']['errors'][q_proj]:.4g} |" in md  # each solve's layer error beside its time
+    md, (kind,) = out_md.read_text(), data["kinds"]  # its layers are all of one kind
+    assert kind["count"] == 30 and kind["layer"]["tf32_products"] is False and "every product in full fp32" in md
+    q_proj = next(name for name in kind["layer"]["errors"] if name.endswith("q_proj"))
+    assert f"; error {kind['layer']['errors'][q_proj]:.4g} |" in md  # each solve's layer error beside its time
     result = CliRunner().invoke(main, ["plan", "--config", "smollm2-135m", "--device", "cpu", "--calib-samples", "2",
                                        "--seqlen", "32", "--ranks", "1", "--tf32", "--json-out", str(out_json),
                                        "--md-out", str(out_md)])
     assert result.exit_code == 0, result.output
-    assert json.loads(out_json.read_text())["layer"]["tf32_products"] is True
+    assert json.loads(out_json.read_text())["kinds"][0]["layer"]["tf32_products"] is True
     assert "products in TF32 (errors in full fp32)" in out_md.read_text()
 
 
@@ -147,8 +149,9 @@ def test_a_plan_stopped_by_sigterm_keeps_the_solves_it_timed(tmp_path, monkeypat
         signal.signal(signal.SIGTERM, previous)
     data = json.loads(out.read_text())
     assert data["complete"] is False and data["plan"] is None and "SIGTERM" in data["stopped"]
-    assert [n.rsplit(".", 1)[-1] for n in data["layer"]["seconds"]["solves"]] == ["q_proj", "k_proj"]
-    assert all(e > 0 for e in data["layer"]["errors"].values())
+    layer = data["kinds"][0]["layer"]
+    assert [n.rsplit(".", 1)[-1] for n in layer["seconds"]["solves"]] == ["q_proj", "k_proj"]
+    assert all(e > 0 for e in layer["errors"].values())
 
 
 def test_counted_refit_flop_is_what_the_refit_multiplies():
@@ -183,7 +186,7 @@ def test_count_only_counts_every_step_of_every_linear_without_running(tmp_path):
     result = CliRunner().invoke(main, ["plan", "--config", "llama2-70b", "--count-only", "--json-out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| mlp.down_proj | 8192 x 28672 |" in result.output and "peak memory" in result.output
-    work = json.loads(out.read_text())["work"]
+    work = json.loads(out.read_text())["kinds"][0]["work"]
     assert [name.rsplit(".", 1)[-1] for name in work] == LINEARS
     down, q = work["model.layers.0.mlp.down_proj"], work["model.layers.0.self_attn.q_proj"]
     assert list(down["flop"]) == ["solve", "mask_search", "refit"]  # the default preset's per-linear steps
@@ -210,8 +213,9 @@ def test_a_plan_reads_the_shapes_of_any_supported_model_directory(tmp_path, tmp_
                                        "--json-out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["layers"] == 2 and data["layer"]["config"]["hidden_size"] == 64
-    assert [name.rsplit(".", 1)[-1] for name in data["layer"]["seconds"]["solves"]] == LINEARS
+    (kind,) = data["kinds"]  # sliding-window and full attention: the same linears, one kind
+    assert data["layers"] == kind["count"] == 2 and kind["layer"]["config"]["hidden_size"] == 64
+    assert [name.rsplit(".", 1)[-1] for name in kind["layer"]["seconds"]["solves"]] == LINEARS
     counted = CliRunner().invoke(main, ["plan", "--config", str(source), "--count-only"])
     assert counted.exit_code == 0 and "| mlp.down_proj | 64 x 128 |" in counted.output, counted.output
     from transformers import AutoConfig
@@ -224,22 +228,75 @@ def test_a_plan_reads_the_shapes_of_any_supported_model_directory(tmp_path, tmp_
         assert refused.exit_code == 1 and refusal in refused.output, refused.output
 
 
-def test_a_plan_of_a_hybrid_model_says_which_kind_of_layer_it_timed(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
-    """Qwen3.5 alternates linear-attention and full-attention layers, whose linears differ: the plan
-    times one layer of the first kind and says so, with how many layers are of the other."""
+def _three_layers(kind: str) -> dict:
+    """A tiny family's settings for three decoder layers (its per-layer lists, such as the layers' kinds,
+    repeated from the start)."""
+    per_layer = {key: [*value, value[0]] for key, value in FAMILIES[kind].items()
+                 if isinstance(value, list) and len(value) == 2}
+    return dict(num_hidden_layers=3, **per_layer)
+
+
+@pytest.mark.parametrize("kind, labels, solves", [
+    # Qwen3.5 alternates linear-attention and full-attention layers, whose linears differ
+    ("qwen3_5_text", ["linear attention", "full attention"], ["linear_attn.in_proj_qkv", "self_attn.q_proj"]),
+    # DeepSeek V3's first layers have a dense MLP, the others 256 experts (here 4) and a shared one
+    ("deepseek_v3", ["dense MLP", "experts"], ["mlp.down_proj", "mlp.experts.*.down_proj (4 experts)"])])
+def test_a_plan_times_one_layer_of_each_kind_and_counts_each_for_its_layers(kind, labels, solves, tmp_path,
+                                                                            tmp_path_factory, tiny_tokenizer_dir):
+    """A model whose layers are of more than one kind is planned from one layer of each: the whole
+    model's time is each kind's layer time by its layer count (one kind for all made DeepSeek V3's
+    plan a dense layer's, a tenth of its work)."""
     from cli import main
     from tests.conftest import _save_tiny
 
-    source = _save_tiny("qwen3_5_text", tmp_path_factory, tiny_tokenizer_dir)
-    out = tmp_path / "plan.json"
+    source = _save_tiny(kind, tmp_path_factory, tiny_tokenizer_dir, **_three_layers(kind))
+    out, md = tmp_path / "plan.json", tmp_path / "plan.md"
     result = CliRunner().invoke(main, ["plan", "--config", str(source), "--device", "cpu", "--calib-samples", "2",
-                                       "--seqlen", "16", "--ranks", "1", "--json-out", str(out)])
+                                       "--seqlen", "16", "--ranks", "1,2", "--preset", "fast", "--json-out", str(out),
+                                       "--md-out", str(md)])
     assert result.exit_code == 0, result.output
-    assert "one linear_attention layer is timed for all 2 (of which 1 full_attention" in result.output
     data = json.loads(out.read_text())
-    assert data["layer"]["layer_kinds"] == dict(measured="linear_attention",
-                                                counts=dict(linear_attention=1, full_attention=1))
-    assert "model.layers.0.linear_attn.in_proj_qkv" in data["layer"]["seconds"]["solves"]
+    assert [(k["first"], k["label"]) for k in data["kinds"]] == [(0, labels[0]), (1, labels[1])]
+    assert sum(k["count"] for k in data["kinds"]) == data["layers"] == 3
+    for kind, solve in zip(data["kinds"], solves):
+        assert f"model.layers.0.{solve.replace('*', '0').split(' ')[0]}" in kind["layer"]["seconds"]["solves"]
+        assert f"| solve {solve} |" in md.read_text()
+    for ranks, row in zip((1, 2), data["plan"]):
+        each = plan.plan_model(data["kinds"], [ranks])[0]["kinds"]
+        assert row["hours_total"] == pytest.approx(sum(k["count"] * r["seconds_per_layer"] / 3600
+                                                       for k, r in zip(data["kinds"], each)))
+    assert f"(3 decoder layers: {data['kinds'][0]['count']} {labels[0]}, " in md.read_text()
+    assert plan.markdown_from_json(out) == md.read_text()
+    shapes = set(plan.config_linear_shapes(str(source)))  # `bench --shapes DIR`: every kind's GEMMs
+    for kind in data["kinds"]:
+        assert {tuple(w["shape"]) for w in kind["layer"]["work"].values()} <= shapes
+    counted = CliRunner().invoke(main, ["plan", "--config", str(source), "--count-only"])
+    assert counted.exit_code == 0 and f"## {labels[1]}: " in counted.output, counted.output
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_the_one_layer_model_of_each_kind_has_that_layers_linears(kind):
+    """Each kind's one-layer model, built as the full model builds that layer, prunes the linears of
+    the full model's layer of that index (experts unfused), with their shapes, on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+    from thanos.experts import unfuse_experts_
+    from thanos.linears import weight_view
+    from thanos.models import LayerSelection, prunable_linears
+
+    config = tiny_config(kind, **_three_layers(kind))
+    with torch.device("meta"):
+        whole = AutoModelForCausalLM.from_config(config)
+        unfuse_experts_(whole)
+    linears = prunable_linears(whole, LayerSelection())
+    kinds = plan.layer_kinds(config)
+    assert sum(k["count"] for k in kinds) == 3
+    for k in kinds:
+        want = {name.replace(f".{k['first']}.", ".0.", 1): tuple(weight_view(m).shape)
+                for name, m in linears[k["first"]].items()}
+        assert {name: tuple(weight_view(m).shape) for name, m in plan._meta_layer_linears(config, k["first"]).items()} \
+            == want, k
 
 
 @pytest.mark.parametrize("ranks", [(0,), (1, 0), ()])
