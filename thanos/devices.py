@@ -42,6 +42,19 @@ def defaults_for(device: torch.device) -> DeviceDefaults:
     return GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
 
 
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on `device` now: the GPU's (what torch's allocator holds unused counts as free), or
+    the host's where psutil is installed; None where unknown."""
+    if device.type == "cuda":
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
 def device_description(device: torch.device) -> str:
     """The device as a results file names it: the CPU's model too, since CPUs round differently and
     the mask search turns that into other masks (docs/results/README.md)."""

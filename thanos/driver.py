@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
 from thanos.config import PruneConfig
-from thanos.experts import merge_expert_groups, sync_experts_
+from thanos.devices import free_memory
+from thanos.experts import UnfusedExperts, expert_chunks, merge_expert_groups, sync_experts_
 from thanos.hessian import Curvature, HessianAccumulator
 from thanos.models import (LayerSelection, ModelError, adapter_for, attention_heads, decoder_layers,
                            prunable_linears, smoothing_groups)
@@ -489,8 +491,14 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     permute_on_first_pass = recipe.solve.sequential and not per_group and step.layout is not None
     static = quantize is not None and quantize.inputs == "static"  # per-token inputs need no ranges
     ranges = InputRanges(step.linears) if per_group and static else contextlib.nullcontext()
+    # the 8-bit step at the layer's end reads every Hessian there: they cannot be gathered in turns
+    chunks = experts_in_turns(step, quantize is not None and not per_group, parallel)
+    first = step.linears  # group by group, the first pass only tells the groups apart (all are hooked)
+    if chunks and not recipe.solve.sequential:
+        in_turns = {name for chunk in chunks for name in chunk}
+        first = {name: mod for name, mod in step.linears.items() if name not in in_turns}
     with ranges:  # q/k/v's input ranges: their inputs do not depend on this layer's weights
-        shared = collect_statistics(step.layer, step.linears, step.inputs, step.args, step.kwargs, step.device,
+        shared = collect_statistics(step.layer, first, step.inputs, step.args, step.kwargs, step.device,
                                     step.store_device, progress,
                                     keep_outputs=reconstruct is not None and step.dense_inputs is None,
                                     track_ranges=bool(smooth),
@@ -511,7 +519,9 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     if recipe.solve.sequential:
         reports = solve_in_order(step, shared, config, progress, parallel, permute, on_report, keep,
                                  keep and not smooth, quantize if per_group else None, ranges,
-                                 permute_on_first_pass)
+                                 permute_on_first_pass, chunks)
+    elif chunks:
+        reports = solve_experts_in_turns(step, shared, chunks, config, progress, parallel, permute, on_report)
     else:
         reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report,
                               keep_statistics=keep, keep_factors=keep and not smooth)
@@ -540,9 +550,72 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     return reports, dense_outputs
 
 
+def experts_in_turns(step: LayerStep, keeps_every_hessian: bool, parallel: Parallel) -> list[list[str]]:
+    """The layer's experts' linears in chunks whose statistics fit in half the device's free memory
+    (the least of any rank's: every rank makes the same passes), each chunk to gather its statistics
+    on a pass of its own; [] where they fit at once. A large mixture's are more than a GPU holds
+    (DeepSeek V3's 256 experts: 114 GB a layer in fp64)."""
+    if not any(isinstance(module, UnfusedExperts) for module in step.layer.modules()):
+        return []
+    free = free_memory(step.device)
+    least = torch.tensor([-(free if free is not None else math.inf)], dtype=torch.float64, device=step.device)
+    parallel.all_reduce_(least, op="max")  # the largest negative: the least free memory
+    if math.isinf(least.item()):
+        return []  # unknown here (no psutil)
+    budget = int(-least.item()) // 2
+    chunks = expert_chunks(step.layer, step.prefix, step.linears, budget)
+    if chunks and keeps_every_hessian:
+        log.warning("%s: the experts' statistics exceed %.1f GiB (half the free memory), but the 8-bit step at the "
+                    "layer's end (INT8 smoothing, or after a reconstruction) reads every Hessian there, so they are "
+                    "gathered at once; FP8 without a reconstruction takes them in turns", step.prefix.rstrip("."),
+                    budget / 2**30)
+        return []
+    if chunks:
+        log.info("%s: the experts' statistics exceed %.1f GiB: gathered in %d turns, a pass through the layer each",
+                 step.prefix.rstrip("."), budget / 2**30, len(chunks))
+    return chunks
+
+
+def solve_experts_in_turns(step: LayerStep, shared: SharedInputStatistics, chunks: list[list[str]], config,
+                           progress, parallel: Parallel, permute: Optional[Callable], on_report) -> list[dict]:
+    """The one-pass solves of a layer whose experts' statistics are taken in turns: each chunk of
+    experts gathers its own on a pass through the layer (stopped once they have their inputs) and is
+    solved; then the other linears, on `shared`, the first pass's. No expert's weights reach another
+    linear's input inside the layer, and the others are written only after the last chunk's pass, so
+    every linear is solved on the dense layer's inputs, as in one pass (and to the same weights)."""
+    reports: dict[str, dict] = {}
+    for index, names in enumerate(chunks):
+        group = {name: step.linears[name] for name in names}
+        fresh = collect_statistics(step.layer, group, step.inputs, step.args, step.kwargs, step.device,
+                                   step.store_device, stop_at_inputs=True)
+        solved = solve_layer(group, fresh, config, progress, parallel,
+                             permute and (lambda statistics: permute(statistics, names)), on_report)
+        for report in solved:
+            report["statistics_turn"] = [index + 1, len(chunks)]
+        reports.update(zip(names, solved))
+        log.info("experts' turn %d of %d (%d linears) solved", index + 1, len(chunks), len(names))
+    others = {name: mod for name, mod in step.linears.items() if name not in reports}
+    reports.update(zip(others, solve_layer(others, shared, config, progress, parallel,
+                                           permute and (lambda statistics: permute(statistics, others)), on_report)))
+    return [reports[name] for name in step.linears]
+
+
+def _in_turns(groups: list[list[str]], chunks: list[list[str]]) -> list[tuple[list[str], int, int]]:
+    """`groups` with each group's experts split by `chunks`, in order: (names, its turn, its group's turns)."""
+    chunk_of = {name: index for index, names in enumerate(chunks) for name in names}
+    turns = []
+    for group in groups:
+        parts: dict[Optional[int], list[str]] = {}
+        for name in group:
+            parts.setdefault(chunk_of.get(name), []).append(name)
+        turns += [(names, turn, len(parts)) for turn, names in enumerate(parts.values())]
+    return turns
+
+
 def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: PruneConfig, progress, parallel: Parallel,
                    permute: Optional[Callable], on_report, keep_statistics: bool, keep_factors: bool,
-                   quantize: Optional[Quantize], first_ranges, permute_on_first_pass: bool = False) -> list[dict]:
+                   quantize: Optional[Quantize], first_ranges, permute_on_first_pass: bool = False,
+                   chunks: list[list[str]] = ()) -> list[dict]:
     """The layer's linears solved group by group (those that read one input), in the order the
     forward reads them; each group after the first on statistics from a pass, stopped at its
     input, through the layer with the groups before it pruned (a mixture of experts' groups merged
@@ -554,6 +627,10 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
     its solve (o_proj's with v_proj's rows, down_proj's with gate/up's, solved by then: their rows,
     8-bit scales included, move with them); with `permute_on_first_pass`, `permute(shared)`
     reorders every group's from the first pass's statistics before any solve.
+
+    `chunks` (`experts_in_turns`): a merged group of experts is gathered and solved a chunk at a time,
+    a pass each (no expert's input depends on another's weights: the same weights as at once); its
+    input scales are set once its last chunk is quantized.
 
     `quantize`: each group is also quantized once solved and its input scale set (the first
     group's from `first_ranges`, the first pass's `InputRanges`), and the later passes round the
@@ -567,10 +644,17 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
         permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)}
     reports: dict[str, dict] = {}
     done: list[nn.Module] = []  # quantized so far: the later passes round their inputs
-    for index, names in enumerate(groups):
+    # a group's linears quantized and their ranges, waiting for its last turn to set their input
+    # scales together (an expert no token reached takes the widest of all its group's)
+    waiting: dict[str, nn.Module] = {}
+    waiting_reports: list[dict] = []
+    amax: dict[str, torch.Tensor] = {}
+    turns = _in_turns(groups, chunks)
+    for index, (names, turn, group_turns) in enumerate(turns):
         group = {name: step.linears[name] for name in names}
         ranges = first_ranges
-        if index:
+        # a later group, or a first one the first pass did not gather whole (experts first: it keeps one input)
+        if index or any(shared.source.get(name) not in shared.stats for name in names):
             shared.forget_(names)  # the first pass's statistics of these, if it kept any: free them first
             ranges = InputRanges(group) if quantize and quantize.inputs == "static" else contextlib.nullcontext()
             with inputs_rounded(done), ranges:
@@ -585,10 +669,20 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
                                permuted)
         if quantize:
             quantize_layer_(group, shared, quantize, config.recipe.solve.damp, parallel, solved)
-            set_input_scales_(group, ranges, quantize, parallel, solved)
-            done += group.values()
+            waiting.update(group)
+            waiting_reports += solved
+            amax.update(getattr(ranges, "amax", {}))
+            if turn == group_turns - 1:
+                whole = InputRanges(waiting)
+                whole.amax = amax
+                set_input_scales_(waiting, whole, quantize, parallel, waiting_reports)
+                done += waiting.values()
+                waiting, waiting_reports, amax = {}, [], {}
+        if group_turns > 1:
+            for report in solved:
+                report["statistics_turn"] = [turn + 1, group_turns]
         reports.update(zip(names, solved))
-        log.info("group %d of %d (%s) solved on the inputs the layer gives it%s", index + 1, len(groups),
+        log.info("group %d of %d (%s) solved on the inputs the layer gives it%s", index + 1, len(turns),
                  ", ".join(names), " with the groups before it pruned" if index else "")
     return [reports[name] for name in step.linears]
 

@@ -132,6 +132,36 @@ def merge_expert_groups(groups: list[list[str]], layer: nn.Module, prefix: str) 
     return merged
 
 
+def expert_chunks(layer: nn.Module, prefix: str, names, budget: int) -> list[list[str]]:
+    """The experts' linears among `names`, in chunks of whole experts whose statistics fit `budget`
+    bytes (fp64 c x c sums, one per distinct input: an expert's gate and up read one), in expert
+    order; [] where they all fit at once (or the layer has none). An expert larger than the budget
+    is a chunk of its own."""
+    wanted = set(names)
+    experts: list[tuple[list[str], int]] = []  # (its linears among `names`, its statistics' bytes)
+    for name, module in layer.named_modules():
+        if isinstance(module, UnfusedExperts):
+            for e, expert in enumerate(module):
+                own = [f"{prefix}{name}.{e}.{projection}" for projection in ("gate_proj", "up_proj", "down_proj")]
+                own = [n for n in own if n in wanted]
+                widths = {n.endswith("down_proj"): (expert.down_proj if n.endswith("down_proj")
+                                                     else expert.gate_proj).in_features for n in own}
+                experts.append((own, sum(8 * width * width for width in widths.values())))
+    if sum(nbytes for _, nbytes in experts) <= budget:
+        return []
+    chunks: list[list[str]] = []
+    held = budget + 1  # the first expert opens a chunk
+    for own, nbytes in experts:
+        if not own:
+            continue
+        if held + nbytes > budget:
+            chunks.append([])
+            held = 0
+        chunks[-1] += own
+        held += nbytes
+    return chunks
+
+
 def serve_experts_(model: nn.Module) -> None:
     """From now on call only the experts some token is routed to (for serving, not for statistics)."""
     for module in model.modules():

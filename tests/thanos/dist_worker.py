@@ -2,7 +2,9 @@
 import os
 
 
-def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = -1) -> None:
+def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = -1,
+        free_bytes: "list[int] | None" = None) -> None:
+    """One rank of `prune --distributed`; `free_bytes[rank]`: the free memory this rank reports."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     import torch
@@ -11,6 +13,9 @@ def run(rank: int, world: int, port: int, job_kwargs: dict, die_on_layer: int = 
     from thanos import driver
     from thanos.parallel import shutdown
     from thanos.pipeline import PruneJob, prune_to_directory
+
+    if free_bytes is not None:
+        driver.free_memory = lambda device: free_bytes[rank]
 
     if rank == 1 and die_on_layer >= 0:
         original, calls = driver.prune_layer, []
@@ -48,12 +53,16 @@ def group_refs_after_shutdown(port: int, model_dir: str) -> None:
     sys.exit(sys.getrefcount(group) - 2)  # less this function's name and getrefcount's argument
 
 
-def run_single(job_kwargs: dict) -> None:
+def run_single(job_kwargs: dict, free_bytes: "int | None" = None) -> None:
     """One process at the ranks' thread count: thread counts change BLAS round-off, ranks do not."""
     import torch
 
     torch.set_num_threads(1)
+    from thanos import driver
     from thanos.pipeline import PruneJob, prune_to_directory
+
+    if free_bytes is not None:
+        driver.free_memory = lambda device: free_bytes
 
     prune_to_directory(PruneJob(**job_kwargs))
 

@@ -283,3 +283,114 @@ def test_saving_a_cast_model_keeps_its_experts_in_their_new_dtype(tmp_path, tmp_
     expert = decoder_layers(model)[0].mlp.experts[1].down_proj.weight
     fused = next(m for m in saved.modules() if is_fused_experts(m)).down_proj[1]
     assert torch.equal(fused, expert.float())
+
+
+def _pruned(source, config: PruneConfig, samples, idle_expert_3: bool = False
+            ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, list]]:
+    """The pruned weights, each linear's 8-bit scales (its report's, where quantized), and the turn
+    each expert's statistics were gathered in, where they were taken in turns."""
+    model, _ = load_model(str(source))
+    if idle_expert_3:
+        decoder_layers(model)[0].mlp.gate.register_forward_hook(_never_expert_3)
+    _, report = prune(model, config, samples, device="cpu")
+    scales = {layer["name"]: {key: value for key, value in layer["quantization"].items() if "seconds" not in key}
+              for layer in report["layers"] if layer.get("quantization")}
+    turns = {layer["name"]: layer["statistics_turn"] for layer in report["layers"] if "statistics_turn" in layer}
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}, scales, turns
+
+
+def _calibration(source):
+    _, tokenizer = load_model(str(source))
+    return sample_windows(tokenize_split(tokenizer, None).calibration, 4, 32)
+
+
+@pytest.mark.parametrize("family, preset, extra", [
+    ("mixtral", "default", {}),  # one pass: channel permutations, mask search, refit
+    # group by group, each group quantized once solved; an expert no token reaches takes the widest
+    # input range of all the layer's experts, not only of those in its turn
+    ("mixtral", "default", dict(quantize="fp8", idle_expert_3=True)),
+    ("deepseek_v3", "default", {}),  # a shared expert beside them, latent attention, a dense first layer
+    ("gpt_oss", "default", {}),  # biased experts, stored transposed
+    ("qwen3_next", "default", {}),  # linear-attention layers, a gated shared expert
+    ("olmoe", "best", {}),  # the reconstruction after the solves
+    ("mixtral", "default", dict(quantize="fp8")),  # group by group, each group quantized once solved
+])
+def test_experts_whose_statistics_exceed_the_memory_take_turns_to_the_same_weights(family, preset, extra,
+                                                                                   tmp_path_factory,
+                                                                                   tiny_tokenizer_dir, caplog,
+                                                                                   monkeypatch):
+    """Where a layer's experts' statistics exceed half the free memory (DeepSeek V3's: 114 GB a layer),
+    they are gathered in turns, a pass through the layer per chunk of experts: the same weights bit
+    for bit (same process, same thread count), 8-bit scales included, since no expert's weights
+    reach another linear's input and the others are written after the last turn."""
+    from thanos import driver
+
+    source = _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)
+    samples = _calibration(source)
+    settings = {key: value for key, value in extra.items() if key != "idle_expert_3"}
+    idle = extra.get("idle_expert_3", False)
+    config = PruneConfig(pattern="2:4", preset=preset, **settings)
+    weights, scales, turns = _pruned(source, config, samples, idle)
+    assert not turns
+    model, _ = load_model(str(source))
+    experts = next(m for m in model.modules() if isinstance(m, UnfusedExperts))
+    one = 8 * (experts[0].gate_proj.in_features ** 2 + experts[0].down_proj.in_features ** 2)  # one expert's
+    monkeypatch.setattr(driver, "free_memory", lambda device: 2 * one + 1)  # half of it: an expert at a time
+    with caplog.at_level(logging.INFO, logger="thanos.driver"):
+        weights_in_turns, scales_in_turns, turns = _pruned(source, config, samples, idle)
+    said = [r.getMessage() for r in caplog.records if "gathered in" in r.getMessage()]
+    assert said and all(f"gathered in {len(experts)} turns" in message for message in said), said
+    # each expert's report says which of the turns gathered its statistics; no other linear's has one
+    assert turns["model.layers.1.mlp.experts.2.down_proj"] == [3, len(experts)]
+    assert all(".experts." in name for name in turns)
+    assert weights_in_turns.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(weights_in_turns[name], tensor), name
+    assert scales_in_turns == scales and bool(scales) == bool(extra)
+    if idle:
+        assert "no token reached it" in scales["model.layers.0.mlp.experts.3.up_proj"]["input_range"]
+
+
+def test_the_8bit_step_at_the_layers_end_gathers_the_experts_statistics_at_once_and_says_so(
+        tmp_path_factory, tiny_tokenizer_dir, caplog, monkeypatch):
+    """INT8 smooths and quantizes at the layer's end, reading every Hessian there: no turns, a warning."""
+    from thanos import driver
+
+    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+    monkeypatch.setattr(driver, "free_memory", lambda device: 1)
+    with caplog.at_level(logging.INFO, logger="thanos.driver"):
+        _pruned(source, PruneConfig(pattern="2:4", preset="fast", quantize="int8"), _calibration(source))
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("gathered in" in m for m in messages)
+    warned = [r for r in caplog.records if "so they are gathered at once" in r.getMessage()]
+    assert len(warned) == 2 and all(r.levelno == logging.WARNING for r in warned)  # one per layer
+
+
+def test_experts_are_chunked_whole_within_the_budget_in_their_order(tmp_path_factory, tiny_tokenizer_dir):
+    from thanos.experts import expert_chunks
+
+    model, _ = load_model(str(_save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)))
+    layer, prefix = decoder_layers(model)[0], "model.layers.0."
+    names = list(prunable_linears(model, LayerSelection())[0])
+    expert = [f"{prefix}mlp.experts.{{}}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    first = layer.mlp.experts[0]
+    one = 8 * (first.gate_proj.in_features ** 2 + first.down_proj.in_features ** 2)  # gate and up read one input
+    assert expert_chunks(layer, prefix, names, 4 * one) == []  # all four fit at once
+    assert expert_chunks(layer, prefix, names, 2 * one + 1) == [[n.format(e) for e in (0, 1) for n in expert],
+                                                                [n.format(e) for e in (2, 3) for n in expert]]
+    assert len(expert_chunks(layer, prefix, names, 1)) == 4  # an expert larger than the budget: alone
+    # experts left dense (`--exclude`) take no room; a linear of an expert kept alone still counts its input
+    kept = [n for n in names if ".experts.0." not in n and not n.endswith("1.down_proj")]
+    assert expert_chunks(layer, prefix, kept, 2 * one + 1) == [
+        [expert[0].format(1), expert[1].format(1), *(n.format(2) for n in expert)], [n.format(3) for n in expert]]
+
+
+def test_group_by_group_with_the_attention_left_dense_the_experts_come_first(tmp_path, tmp_path_factory,
+                                                                            tiny_tokenizer_dir):
+    """With every attention linear excluded, a layer's first group is its experts' gate/up, which the
+    first pass (one input kept) does not gather whole: they take a pass of their own (a KeyError before)."""
+    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+    report = prune_to_directory(PruneJob(out=str(tmp_path / "p"), model=str(source), exclude=("*self_attn*",),
+                                         config=PruneConfig(pattern="2:4", preset="fast", sequential=True), **SMALL))
+    assert {layer["name"].split(".")[3] for layer in report["layers"]} == {"mlp"}
+    assert len(report["layers"]) == 2 * 4 * 3 and all(layer["sparsity"] == 0.5 for layer in report["layers"])

@@ -1,3 +1,4 @@
+import json
 import socket
 
 import pytest
@@ -17,10 +18,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, job_kwargs: dict, die_on_layer: int = -1) -> list[int]:
+def _launch(world: int, job_kwargs: dict, die_on_layer: int = -1, free_bytes=None) -> list[int]:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=dist_worker.run, args=(r, world, port, job_kwargs, die_on_layer)) for r in range(world)]
+    procs = [ctx.Process(target=dist_worker.run, args=(r, world, port, job_kwargs, die_on_layer, free_bytes))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -35,8 +37,8 @@ def test_owners_balance_cost():
     assert owners == {"big": 0, "mid": 1, "small": 1}
 
 
-def _single(job_kwargs: dict) -> None:
-    proc = mp.get_context("spawn").Process(target=dist_worker.run_single, args=(job_kwargs,))
+def _single(job_kwargs: dict, free_bytes=None) -> None:
+    proc = mp.get_context("spawn").Process(target=dist_worker.run_single, args=(job_kwargs, free_bytes))
     proc.start()
     proc.join(timeout=240)
     assert proc.exitcode == 0
@@ -53,6 +55,23 @@ def test_two_gloo_ranks_equal_one_process(tiny_llama_dir, tmp_path, config):
     _single(dict(out=str(tmp_path / "single"), **common))
     assert _launch(2, dict(out=str(tmp_path / "dist"), **common)) == [0, 0]
     _assert_same_model(tmp_path / "single", tmp_path / "dist")
+
+
+def test_ranks_with_different_free_memory_take_the_experts_in_the_same_turns(tmp_path, tmp_path_factory,
+                                                                           tiny_tokenizer_dir):
+    """Each rank makes a layer's passes in step with the others': the turns follow the least free
+    memory of any rank (rank 1's here, an expert at a time), and the weights are one process's in
+    those turns (which are one pass's: tests/thanos/test_experts.py)."""
+    from tests.conftest import _save_tiny
+
+    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+    one = 8 * (64 ** 2 + 128 ** 2)  # an expert's statistics: gate/up read a 64-wide input, down_proj 128
+    common = dict(model=str(source), evaluate=False, config=PruneConfig(preset="default"), **SMALL)
+    _single(dict(out=str(tmp_path / "single"), **common), free_bytes=2 * one + 1)
+    assert _launch(2, dict(out=str(tmp_path / "dist"), **common), free_bytes=[10 ** 12, 2 * one + 1]) == [0, 0]
+    _assert_same_model(tmp_path / "single", tmp_path / "dist")
+    report = json.loads((tmp_path / "dist" / "thanos_report.json").read_text())
+    assert report["layers"][-1]["name"].endswith("experts.3.down_proj") and report["layers"][-1]["statistics_turn"] == [4, 4]
 
 
 def _assert_same_model(path_a, path_b):
