@@ -85,9 +85,11 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      prefix=f"{adapter_for(model).layers}.0.", layout=layout,
                      smoothing=smoothing_groups(model) if quantize and quantize.smooths else (),
                      heads=attention_heads(model))
-    # one sample is enough to learn the distinct inputs (and so Hessians) and which linears read each
-    first = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device)
-    hessian_bytes, groups = first.nbytes, first.groups()
+    # one sample is enough to learn the distinct inputs (and so Hessians) and which linears read each;
+    # one accumulator is made, not all (a large mixture's are more than the device holds)
+    first = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device, first_group_only=True)
+    groups = first.groups()
+    hessian_bytes = sum(8 * first.widths[group[0]] ** 2 for group in groups)
     partial = dict(config={k: getattr(config, k) for k in PLANNED_CONFIG_KEYS}, prune=prune.to_json(),
                    samples=samples, seqlen=seqlen, device=str(device), dtype=str(dtype),
                    seconds=dict(load=load_s, solves={}, refits={}, searches={}))
