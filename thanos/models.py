@@ -336,11 +336,12 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
             raise ModelError(f"{source} has no config.json; pass a Hugging Face model directory "
                              "(config.json and *.safetensors) or a .gguf file")
         config = saved_config(source) or {}
+    dequantize = _dequantized(config, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         # Mismatched sizes are reported below by name, not by transformers' own log.
         model, info = auto_class(config).from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
-                                                         ignore_mismatched_sizes=True, **kwargs)
+                                                         ignore_mismatched_sizes=True, **kwargs, **dequantize)
     except (MemoryError, torch.OutOfMemoryError):  # out of memory is not a damaged file
         raise
     except Exception as exc:  # a truncated safetensors file, a refused pickle, a bad config: one message
@@ -363,6 +364,32 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
             log.info("%s holds %s weights and activation scales; each linear's input is rounded as the 8-bit "
                      "runtime does", source, fmt)
     return model, tokenizer
+
+
+# quantized releases transformers dequantizes on load: DeepSeek V3's and Qwen3-FP8's block-scaled
+# FP8, GPT-OSS's MXFP4 experts (its configuration class for each)
+DEQUANTIZED = {"fp8": "FineGrainedFP8Config", "mxfp4": "Mxfp4Config"}
+
+
+def _dequantized(config: dict, source: Path) -> dict:
+    """from_pretrained's arguments that load a quantized release's weights as floats, whatever the
+    machine: on a GPU transformers would keep FP8 weights in FP8 linears, whose codes a solve would
+    read without their block scales. Other quantization methods are refused: pruning needs floats."""
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        return {}
+    method = quantization.get("quant_method")
+    if method not in DEQUANTIZED:
+        raise ModelError(f"{source} holds {method}-quantized weights (quantization_config in config.json), which "
+                         f"pruning cannot read as floats; pass the model's unquantized release (bfloat16 or float16), "
+                         f"or one quantized with {' or '.join(DEQUANTIZED)}, which are dequantized on load")
+    import transformers
+
+    log.warning("%s holds %s-quantized weights: dequantized on load to %s (each weight times its block's scale, "
+                "rounded to that dtype); the pruned model is saved unquantized (--quantize fp8 makes it 8-bit "
+                "again)", source, method, config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    loading = dict(modules_to_not_convert=quantization.get("modules_to_not_convert")) if method == "fp8" else {}
+    return dict(quantization_config=getattr(transformers, DEQUANTIZED[method])(dequantize=True, **loading))
 
 
 def _plain_after_gguf(model: nn.Module) -> None:
