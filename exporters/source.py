@@ -12,7 +12,7 @@ from exporters.base import ExportError
 from exporters.patterns import LayerPattern, analyse
 from thanos.errors import InputError
 from thanos.linears import stores_transposed, weight_view
-from thanos.experts import unfuse_experts_
+from thanos.experts import UnfusedExperts, expert_weights, unfuse_experts_
 from thanos.model_config import auto_class, saved_config
 from thanos.models import LayerSelection, load_model, prunable_linears
 from thanos.quantized_model import QUANTIZATION_FILE, cast_model_, quantized_linears
@@ -94,16 +94,25 @@ def directory_patterns(model_dir: Path, trust_remote_code: bool = False) -> list
         except Exception as exc:  # safetensors' own error class for a truncated or foreign file
             raise InputError(f"{file} cannot be read ({type(exc).__name__}: {exc}); it may be truncated: copy or "
                              "export the model again") from exc
-    names = _stored_names(list(wanted), stored)
-    if names is None:  # names this reading cannot match: load the model as transformers maps them
+    names = _StoredNames(stored)
+    fused = _fused_expert_tensors(skeleton, wanted, names)
+    in_fused = {key for _, _, keys in fused.values() for key in keys}
+    separate = _stored_names([key for key in wanted if key not in in_fused], names)
+    if separate is None:  # names this reading cannot match: load the model as transformers maps them
         return model_patterns(load_pruned(model_dir, trust_remote_code=trust_remote_code)[0])
     found = {}
-    for file in files:  # each file opened once, one tensor in memory at a time
+    for file in files:  # each file opened once, one tensor in memory at a time (a layer's experts' fused one)
         with safe_open(str(file), "pt") as f:
-            for key, name in names.items():
+            for key, name in separate.items():
                 if stored[name] == file:
                     tensor = f.get_tensor(name)
                     found[key] = analyse(key[: -len(".weight")], tensor.T if wanted[key] else tensor)
+            for name, (module, tensor, keys) in fused.items():
+                if stored[name] == file:
+                    held = f.get_tensor(name)
+                    for key, e in keys.items():
+                        weight = expert_weights(module, tensor, held, e)[key.rsplit(".", 2)[-2]]
+                        found[key] = analyse(key[: -len(".weight")], weight)
     return [found[key] for key in wanted]
 
 
@@ -113,30 +122,61 @@ _EXPERT_ALIASES = tuple((re.compile(rf"\.mlp\.experts\.(\d+)\.{projection}\.weig
                         for projection, stored in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")))
 
 
-def _stored_names(wanted: list[str], stored: dict) -> Optional[dict[str, str]]:
-    """{module's tensor name: the name the files store it under}, or None where one is not found.
+class _StoredNames:
+    """Finds a module's tensor among the names the files store, exactly or, for vision-language
+    checkpoints (Gemma 3 from 4B up, whose files say "language_model.model.layers.0...." for
+    "model.language_model.layers.0...."; transformers maps them when it loads), by the name from
+    the decoder layers on, where that is unique."""
 
-    Vision-language checkpoints (Gemma 3 from 4B up) store the language model's tensors under their
-    older names ("language_model.model.layers.0...." for "model.language_model.layers.0...."), which
-    transformers maps when it loads: matched here by the name from the decoder layers on, where
-    that is unique. Experts' linears (`thanos.experts`) are matched under their files' names too."""
-    def tail(name: str) -> str:
+    def __init__(self, stored: dict):
+        self.stored = stored
+        self.by_tail: dict[str, list[str]] = {}
+        for name in stored:
+            self.by_tail.setdefault(self._tail(name), []).append(name)
+
+    @staticmethod
+    def _tail(name: str) -> str:
         return name[name.index(".layers.") + 1:] if ".layers." in name else name
 
-    by_tail: dict[str, list[str]] = {}
-    for name in stored:
-        by_tail.setdefault(tail(name), []).append(name)
-    names = {}
+    def find(self, name: str) -> Optional[str]:
+        matches = [name] if name in self.stored else self.by_tail.get(self._tail(name), [])
+        return matches[0] if len(matches) == 1 else None
+
+
+def _stored_names(wanted: list[str], names: _StoredNames) -> Optional[dict[str, str]]:
+    """{module's tensor name: the name the files store it under}, or None where one is not found.
+    Experts' linears stored one by one are matched under their files' names too (Mixtral's w1/w3/w2)."""
+    found = {}
     for key in wanted:
-        matches = []
         for candidate in [key, *(pattern.sub(alias, key) for pattern, alias in _EXPERT_ALIASES)]:
-            matches = [candidate] if candidate in stored else by_tail.get(tail(candidate), [])
-            if matches:
+            match = names.find(candidate)
+            if match is not None:
+                found[key] = match
                 break
-        if len(matches) != 1:
+        else:
             return None
-        names[key] = matches[0]
-    return names
+    return found
+
+
+# GraniteMoE's files hold its fused experts as input_linear (gate and up) and output_linear (down)
+_FUSED_ALIASES = dict(gate_up_proj="input_linear.weight", down_proj="output_linear.weight")
+
+
+def _fused_expert_tensors(skeleton, wanted: dict, names: _StoredNames) -> dict[str, tuple]:
+    """{a fused experts tensor's name in the files: (its module, "gate_up_proj" or "down_proj", {wanted
+    key: expert})} for the experts' linears the files do not hold one by one (GPT-OSS, GraniteMoE:
+    3-D tensors, read once per layer and projection)."""
+    reads = {}
+    for name, module in skeleton.named_modules():
+        if not isinstance(module, UnfusedExperts):
+            continue
+        for tensor, projections in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            keys = {f"{name}.{e}.{projection}.weight": e for e in range(len(module)) for projection in projections}
+            keys = {key: e for key, e in keys.items() if key in wanted and _stored_names([key], names) is None}
+            held = names.find(f"{name}.{tensor}") or names.find(f"{name.rsplit('.', 1)[0]}.{_FUSED_ALIASES[tensor]}")
+            if keys and held is not None:
+                reads[held] = (module.fused, tensor, keys)
+    return reads
 
 
 def load_pruned(model_dir: Path, dtype: Optional[str] = None, split_dense_rows: bool = False,

@@ -32,16 +32,31 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 def expert_views(fused: nn.Module, e: int) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Expert `e`'s {projection: (weight (out, in), bias or None)}, views of the fused tensors."""
-    gate_up, down = fused.gate_up_proj.data[e], fused.down_proj.data[e]
-    if fused.is_transposed:  # stored (in, out): x @ W
-        gate_up, down = gate_up.T, down.T
-    inner = down.shape[1]
-    gate, up = ((slice(0, inner), slice(inner, None)) if fused.is_concatenated
-                else (slice(0, None, 2), slice(1, None, 2)))  # interleaved: gate, up, gate, up, ...
-    biases = (fused.gate_up_proj_bias.data[e], fused.down_proj_bias.data[e]) if fused.has_bias else None
-    return dict(gate_proj=(gate_up[gate], biases[0][gate] if biases else None),
-                up_proj=(gate_up[up], biases[0][up] if biases else None),
-                down_proj=(down, biases[1] if biases else None))
+    weights = {**expert_weights(fused, "gate_up_proj", fused.gate_up_proj.data, e),
+               **expert_weights(fused, "down_proj", fused.down_proj.data, e)}
+    biases = {}
+    if fused.has_bias:
+        gate, up = _gate_and_up(fused, fused.gate_up_proj_bias.shape[-1])
+        bias = fused.gate_up_proj_bias.data[e]
+        biases = dict(gate_proj=bias[gate], up_proj=bias[up], down_proj=fused.down_proj_bias.data[e])
+    return {projection: (weight, biases.get(projection)) for projection, weight in weights.items()}
+
+
+def expert_weights(fused: nn.Module, tensor: str, stored: torch.Tensor, e: int) -> dict[str, torch.Tensor]:
+    """Expert `e`'s {projection: weight (out, in)} in `stored`, the fused module's `tensor` ("gate_up_proj"
+    or "down_proj") or that tensor as the files hold it: views, in whichever layout the module's flags
+    say (gate and up concatenated or interleaved, stored (out, in) or transposed)."""
+    weight = stored[e].T if fused.is_transposed else stored[e]  # transposed: stored (in, out), x @ W
+    if tensor == "down_proj":
+        return dict(down_proj=weight)
+    gate, up = _gate_and_up(fused, weight.shape[0])
+    return dict(gate_proj=weight[gate], up_proj=weight[up])
+
+
+def _gate_and_up(fused: nn.Module, rows: int) -> tuple[slice, slice]:
+    """Where gate's and up's rows are among gate_up's `rows`: halves, or interleaved (gate, up, gate, ...)."""
+    return ((slice(0, rows // 2), slice(rows // 2, None)) if fused.is_concatenated
+            else (slice(0, None, 2), slice(1, None, 2)))
 
 
 class ExpertMLP(nn.Module):

@@ -248,17 +248,20 @@ def test_a_killed_prune_of_a_mixture_of_experts_resumes_to_the_same_weights(tmp_
     assert not torch.equal(full[name], source_weights[name])  # pruned, not copied
 
 
-@pytest.mark.parametrize("family", ["mixtral", "phimoe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "phimoe", "olmoe", "granitemoe", "gpt_oss"])
 def test_inspect_reads_each_expert_from_the_files_without_loading_the_model(family, tmp_path, tmp_path_factory,
                                                                             tiny_tokenizer_dir, monkeypatch):
     """`inspect` reads one tensor at a time: each expert's linears are found under the names the
-    family's files give them (Mixtral's and Phi-3.5-MoE's w1/w3/w2), so a mixture of experts is
-    never loaded whole to be inspected."""
+    family's files give them (Mixtral's and Phi-3.5-MoE's w1/w3/w2), or cut from the 3-D tensor
+    that holds a layer's experts (GraniteMoE's input_linear and output_linear; GPT-OSS's, stored
+    transposed with gate and up interleaved), so a mixture of experts is never loaded whole to be
+    inspected; what it finds is what the loaded model holds."""
     from exporters import source as exporters_source
 
     out = tmp_path / "p"
     prune_to_directory(PruneJob(out=str(out), model=str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)),
                                 evaluate=False, config=PruneConfig(pattern="2:4", preset="fast"), **SMALL))
+    loaded_whole = exporters_source.model_patterns(exporters_source.load_pruned(out)[0])
 
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded whole")
@@ -267,6 +270,7 @@ def test_inspect_reads_each_expert_from_the_files_without_loading_the_model(fami
     patterns = exporters_source.directory_patterns(out)
     experts = [p for p in patterns if ".experts." in p.name]
     assert len(experts) == 2 * 4 * 3 and all(p.hardware_2to4 for p in patterns)
+    assert patterns == loaded_whole
 
 
 def test_saving_a_cast_model_keeps_its_experts_in_their_new_dtype(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
