@@ -289,14 +289,14 @@ def test_saving_a_cast_model_keeps_its_experts_in_their_new_dtype(tmp_path, tmp_
     assert torch.equal(fused, expert.float())
 
 
-def _pruned(source, config: PruneConfig, samples, idle_expert_3: bool = False
+def _pruned(source, config: PruneConfig, samples, idle_expert_3: bool = False, device: str = "cpu"
             ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, list]]:
     """The pruned weights, each linear's 8-bit scales (its report's, where quantized), and the turn
     each expert's statistics were gathered in, where they were taken in turns."""
     model, _ = load_model(str(source))
     if idle_expert_3:
         decoder_layers(model)[0].mlp.gate.register_forward_hook(_never_expert_3)
-    _, report = prune(model, config, samples, device="cpu")
+    _, report = prune(model, config, samples, device=device)
     scales = {layer["name"]: {key: value for key, value in layer["quantization"].items() if "seconds" not in key}
               for layer in report["layers"] if layer.get("quantization")}
     turns = {layer["name"]: layer["statistics_turn"] for layer in report["layers"] if "statistics_turn" in layer}
@@ -398,3 +398,25 @@ def test_group_by_group_with_the_attention_left_dense_the_experts_come_first(tmp
                                          config=PruneConfig(pattern="2:4", preset="fast", sequential=True), **SMALL))
     assert {layer["name"].split(".")[3] for layer in report["layers"]} == {"mlp"}
     assert len(report["layers"]) == 2 * 4 * 3 and all(layer["sparsity"] == 0.5 for layer in report["layers"])
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_experts_take_turns_by_its_free_memory_to_the_same_weights(tmp_path_factory, tiny_tokenizer_dir,
+                                                                                monkeypatch):
+    """The GPU's free memory is read as the driver's free bytes plus what torch's allocator holds unused;
+    taken in turns on the GPU, the first layer's weights are those of one pass (the later layers' inputs
+    pass the experts' index_add_, whose CUDA order is not fixed)."""
+    from thanos import driver
+    from thanos.devices import free_memory
+
+    assert 0 < free_memory(torch.device("cuda")) <= torch.cuda.get_device_properties(0).total_memory
+    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+    samples = _calibration(source)
+    config = PruneConfig(pattern="2:4", preset="default")
+    weights, _, turns = _pruned(source, config, samples, device="cuda")
+    monkeypatch.setattr(driver, "free_memory", lambda device: 1)  # an expert at a time
+    in_turns, _, turns_taken = _pruned(source, config, samples, device="cuda")
+    assert not turns and turns_taken["model.layers.0.mlp.experts.3.up_proj"] == [4, 4]
+    for name, tensor in weights.items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(in_turns[name], tensor), name
