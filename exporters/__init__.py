@@ -16,7 +16,8 @@ from typing import Optional
 from exporters.base import (_REGISTRY, BackendMissingError, ExportError, ExportFormat,
                             ExportOptions, ValidationError, check_inputs_carried, default_dtype, register)
 from thanos.compact import load_compact
-from thanos.model_config import has_recurrent_layers, is_mixture_of_experts, is_multimodal, saved_config
+from thanos.model_config import (has_per_layer_shapes, has_recurrent_layers, is_mixture_of_experts, is_multimodal,
+                                 saved_config)
 from thanos.quantized_model import saved_inputs
 from thanos.outputs import (begin_staging, check_disjoint, check_writable, commit_staging, discard_staging, output_lock,
                             write_error)
@@ -129,7 +130,8 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
 def untraceable(config) -> Optional[str]:
     """Why the ONNX-based targets cannot carry a model (its config, or config.json's dict), or None: a
     vision-language checkpoint (Gemma 3 from 4B up; the trace would be of the multimodal forward), or
-    one with linear-attention layers (Qwen3.5; a recurrent state where the graphs have a KV cache)."""
+    one with linear-attention layers (Qwen3.5; a recurrent state where the graphs have a KV cache), a
+    mixture of experts, or one whose layers' attention differs in shape (Gemma 4)."""
     kind = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if is_multimodal(config):
         return (f"a vision-language checkpoint ({kind}); the onnx, genai and tensorrt targets export text-only "
@@ -140,6 +142,9 @@ def untraceable(config) -> Optional[str]:
     if is_mixture_of_experts(config):
         return (f"a mixture-of-experts model ({kind}), whose router picks experts per token: a graph traced from "
                 "the forward would keep the experts the example's tokens picked")
+    if has_per_layer_shapes(config):
+        return (f"a model whose layers differ in their attention's shape ({kind}: a per-layer config, as Gemma 4's "
+                "wider full-attention heads), where the graphs' KV cache has one head size for all layers")
     return None
 
 

@@ -66,7 +66,11 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
                                                                                                  16.0, 32.0, 64.0, 128.0])),
             # Qwen3.5: a linear-attention (Gated DeltaNet) layer, then a full-attention one
             "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
-                                 linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"])}
+                                 linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
+            # Gemma 4: a sliding layer, then a full one with heads twice as wide whose keys are its values
+            # (no v_proj); no per-layer inputs, no layers sharing keys and values
+            "gemma4_text": dict(head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                                hidden_size_per_layer_input=0, num_kv_shared_layers=0, **ALTERNATING)}
 # mixture of experts: four experts, two per token; where the family has them, a dense first layer
 # and a shared expert
 _ROUTED = dict(moe_intermediate_size=32, num_experts_per_tok=2)
@@ -97,13 +101,13 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
                             **_ROUTED),
            deepseek_v2=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                             q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-                            **_ROUTED))
+                            **_ROUTED),
+           # Gemma 4 with experts: a dense MLP and, beside it, experts a router picks (the same model type)
+           gemma4_text_moe=dict(FAMILIES["gemma4_text"], model_type="gemma4_text", enable_moe_block=True, num_experts=4,
+                                top_k_experts=2, moe_intermediate_size=32))
 FAMILIES.update(MOE)
-# the families the ONNX-based targets export (a recurrent state is not in their graphs, nor a routing)
-TRACED_FAMILIES = sorted(kind for kind in FAMILIES if kind not in MOE and "linear_attention" not in
-                         FAMILIES[kind].get("layer_types", ()))
 # vision-language checkpoints: a vision tower beside the language model, which stays as it is
-VISION_LANGUAGE = ("gemma3", "qwen3_5", "qwen3_5_moe")
+VISION_LANGUAGE = ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe")
 
 
 def tiny_config(kind: str, **overrides):
@@ -113,7 +117,19 @@ def tiny_config(kind: str, **overrides):
     settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
                     eos_token_id=0, pad_token_id=0)
-    return AutoConfig.for_model(kind, **{**settings, **FAMILIES[kind], **overrides})
+    family = {**FAMILIES[kind], **overrides}
+    return AutoConfig.for_model(family.pop("model_type", kind), **{**settings, **family})
+
+
+def _traced_families() -> list[str]:
+    from exporters import untraceable
+
+    return sorted(kind for kind in FAMILIES if untraceable(tiny_config(kind)) is None)
+
+
+# the families the ONNX-based targets export (not a recurrent state, a routing, or heads of more than
+# one size: `exporters.untraceable`)
+TRACED_FAMILIES = _traced_families()
 
 
 def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
@@ -149,6 +165,16 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
                     num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
                     eos_token_id=0, pad_token_id=0, **FAMILIES[f"{kind}_text"])
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, text_config=text,
+                                                                             vision_config=vision, **overrides))
+    elif kind == "gemma4":  # Gemma 4 as released: a vision tower beside the language model
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0, **FAMILIES["gemma4_text"])
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, patch_size=14)
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, text_config=text,
                                                                              vision_config=vision, **overrides))
     elif kind in FAMILIES:  # the other architectures thanos.models.ADAPTERS names, LLaMA-sized as above

@@ -364,6 +364,8 @@ def test_a_portable_int8_genai_folder_points_to_fused_int8_where_this_cpu_has_it
 # per vision-language family: its class, its language linears in the tiny model (Qwen3.5's per-head
 # gates stay dense), where its vision tower's tensors are
 VISION_LANGUAGE = {"gemma3": ("Gemma3ForConditionalGeneration", 14, ("vision_tower", "multi_modal_projector")),
+                   # its full-attention layer's keys are its values: no v_proj
+                   "gemma4": ("Gemma4ForConditionalGeneration", 13, ("vision_tower", "embed_vision")),
                    "qwen3_5": ("Qwen3_5ForConditionalGeneration", 13, ("model.visual.",))}
 
 
@@ -454,6 +456,36 @@ def _graph_targets_refused(runner, source, pruned, tmp_path, reason: str) -> Non
     build = runner.invoke(main, ["prune-and-build", "--model", str(source), "--target", "genai", "--out",
                                  str(tmp_path / "b"), *SMALL])
     assert build.exit_code == 1 and reason in build.output and not (tmp_path / "b").exists()
+
+
+def test_gemma4_prunes_both_kinds_of_layer_and_refuses_what_it_cannot_carry(tmp_path, tmp_path_factory,
+                                                                          tiny_tokenizer_dir):
+    """Gemma 4: a sliding layer, then a full-attention one with heads twice as wide whose keys are its
+    values (no v_proj), each pruned 2:4 and timed by the plan as a kind of its own; the ONNX-based
+    targets (one head size for all layers in their KV cache) are refused before any work, and so are
+    the configurations with per-layer inputs or shared keys and values, which the layer-by-layer pass
+    does not carry, by name."""
+    from tests.conftest import _save_tiny
+
+    runner, out = CliRunner(), tmp_path / "p"
+    source, names = _pruned_tiny("gemma4_text", tmp_path_factory, tiny_tokenizer_dir, out)
+    report = {layer["name"]: layer for layer in json.loads((out / "thanos_report.json").read_text())["layers"]}
+    assert "model.layers.0.self_attn.v_proj" in report and "model.layers.1.self_attn.v_proj" not in report
+    assert report["model.layers.0.self_attn.q_proj"]["shape"] == [64, 64]
+    assert report["model.layers.1.self_attn.q_proj"]["shape"] == [128, 64]
+    assert all(layer["sparsity"] == 0.5 for layer in report.values())
+    planned = runner.invoke(main, ["plan", "--config", str(out), "--count-only"])
+    assert planned.exit_code == 0 and "2 decoder layers: 1 sliding attention, 1 full attention" in planned.output, \
+        planned.output
+    _compact_evaluates(runner, out, tmp_path / "c")
+    _graph_targets_refused(runner, source, out, tmp_path, "differ in their attention's shape")
+    for setting, reason in ((dict(hidden_size_per_layer_input=16), "per-layer inputs"),
+                            (dict(num_kv_shared_layers=1, layer_types=["full_attention", "full_attention"]),
+                             "reuse earlier layers' keys and values")):
+        variant = _save_tiny("gemma4_text", tmp_path_factory, tiny_tokenizer_dir, **setting)
+        refused = runner.invoke(main, ["prune", "--model", str(variant), "--out", str(tmp_path / "v"), *SMALL])
+        assert refused.exit_code == 1 and reason in refused.output and "cannot be pruned yet" in refused.output, \
+            refused.output
 
 
 def test_a_mixture_of_experts_prunes_each_expert_and_goes_to_the_targets_that_carry_it(tmp_path, tmp_path_factory,

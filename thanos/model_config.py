@@ -44,7 +44,7 @@ def saved_config(model_dir: "Path | str | None") -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def _text_field(config, key: str):
+def text_field(config, key: str):
     """`key` of the language model's part of a config or of config.json's dict (None if absent)."""
     if isinstance(config, dict):
         text = config.get("text_config") or config
@@ -56,7 +56,7 @@ def expert_count(config) -> int:
     """Routed experts per layer, under any of the names families give it (0: not a mixture of experts),
     from a config or config.json's dict."""
     return next((n for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-                 if (n := _text_field(config, key))), 0)
+                 if (n := text_field(config, key))), 0)
 
 
 def is_mixture_of_experts(config) -> bool:
@@ -67,4 +67,13 @@ def is_mixture_of_experts(config) -> bool:
 def has_recurrent_layers(config) -> bool:
     """Layers that carry a recurrent state instead of a KV cache (Qwen3.5's linear attention), from a
     config or config.json's dict."""
-    return "linear_attention" in (_text_field(config, "layer_types") or ())
+    return "linear_attention" in (text_field(config, "layer_types") or ())
+
+
+def has_per_layer_shapes(config) -> bool:
+    """Layers whose attention differs in shape by more than its kind's window (transformers'
+    heterogeneous configs: Gemma 4's wider full-attention heads), from a config or config.json's dict."""
+    if isinstance(config, dict):
+        return bool(text_field(config, "per_layer_config"))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "is_heterogeneous", False))

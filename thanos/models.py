@@ -19,7 +19,7 @@ from torch import nn
 from thanos.errors import ThanosExportError
 from thanos.experts import unfuse_experts_
 from thanos.linears import is_prunable, weight_view
-from thanos.model_config import auto_class, expert_count, saved_config, text_config
+from thanos.model_config import auto_class, expert_count, saved_config, text_config, text_field
 from thanos.smooth import SmoothGroup
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class Adapter:
     # linears never pruned (names relative to a layer): a few rows that gate a whole head, where a
     # pruning error costs most and saves least
     dense: tuple[str, ...] = ()
+    # why a variant of the family cannot be pruned yet (a function of the config; None: it can)
+    unsupported: Optional[Callable[[object], Optional[str]]] = None
 
 
 _V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
@@ -146,6 +148,37 @@ def _latent_attention(config) -> tuple[SmoothGroup, ...]:
             SmoothGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",)))
 
 
+def _gemma4_mlps(config) -> list[str]:
+    """Gemma 4's MLPs in a layer: the dense one, and beside it, where the config enables them, the experts."""
+    return ["mlp"] + ([f"experts.{e}" for e in range(expert_count(config))]
+                      if text_field(config, "enable_moe_block") else [])
+
+
+def _gemma4_free(config) -> tuple[FreeChannels, ...]:
+    """Each MLP's and expert's gate/up rows -> its down_proj columns. Not v_proj -> o_proj: the full-
+    attention layers' heads are twice as wide as the sliding ones', and where keys are values they
+    have no v_proj (a rotary-rotated projection's rows cannot move)."""
+    return tuple(FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj") for mlp in _gemma4_mlps(config))
+
+
+def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
+    """Inside each MLP and expert: up_proj's rows only multiply into down_proj's inputs."""
+    return tuple(SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in _gemma4_mlps(config))
+
+
+def _gemma4_unsupported(config) -> Optional[str]:
+    """The layer-by-layer pass hands each layer one sample's hidden states; some Gemma 4 configurations
+    also feed each layer its own embedding of the tokens, or let their last layers reuse earlier
+    layers' keys and values: state the pass does not carry per sample yet."""
+    if text_field(config, "hidden_size_per_layer_input"):
+        return ("its layers read per-layer inputs (hidden_size_per_layer_input > 0), which the layer-by-layer pass "
+                "does not carry yet")
+    if text_field(config, "num_kv_shared_layers"):
+        return ("its last layers reuse earlier layers' keys and values (num_kv_shared_layers > 0), which the "
+                "layer-by-layer pass does not carry yet")
+    return None
+
+
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
@@ -156,6 +189,11 @@ ADAPTERS = {
        for t in ("olmo2", "olmo3", "exaone4", "gemma", "gemma2", "gemma3_text")},
     # Gemma 3 from 4B up: the language model beside a vision tower, which is never pruned
     "gemma3": Adapter("model.language_model.layers", _LLAMA_FREE, _INNER_SMOOTHING),
+    # Gemma 4: a dense MLP in every layer, and where the config enables them experts beside it, whose
+    # router (a row per expert) stays dense
+    "gemma4_text": Adapter("model.layers", _gemma4_free, _gemma4_smoothing, ("router.proj",), _gemma4_unsupported),
+    "gemma4": Adapter("model.language_model.layers", _gemma4_free, _gemma4_smoothing, ("router.proj",),
+                      _gemma4_unsupported),
     # fused q/k/v and gate/up: their norms fold as LLaMA's (the rows up_proj and v_proj would give
     # down_proj and o_proj are halves and thirds of fused weights, not listed)
     "phi3": Adapter("model.layers", (), (SmoothGroup("input_layernorm", ("self_attn.qkv_proj",)),
@@ -221,7 +259,11 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}. "
             "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
         )
-    return ADAPTERS[model_type]
+    adapter = ADAPTERS[model_type]
+    reason = adapter.unsupported(model.config) if adapter.unsupported else None
+    if reason:
+        raise ModelError(f"this {model_type!r} model cannot be pruned yet: {reason}")
+    return adapter
 
 
 def free_channels(model: nn.Module) -> tuple[FreeChannels, ...]:
@@ -240,11 +282,15 @@ def _for_config(declared, model: nn.Module):
 
 
 def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:
-    """(channels per head, query heads per KV head) from the model's config; head size None if unknown."""
+    """(channels per head, query heads per KV head) from the model's config; head size None if unknown
+    or not one for all layers (no per-head step is then declared for the family)."""
     config = text_config(model)
     heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    try:
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    except RuntimeError:  # held per layer (transformers' heterogeneous configs: Gemma 4's by layer kind)
+        return None, 1
     return head_dim, (heads // kv_heads if heads and kv_heads else 1)
 
 
