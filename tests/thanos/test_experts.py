@@ -248,7 +248,7 @@ def test_a_killed_prune_of_a_mixture_of_experts_resumes_to_the_same_weights(tmp_
     assert not torch.equal(full[name], source_weights[name])  # pruned, not copied
 
 
-@pytest.mark.parametrize("family", ["mixtral", "phimoe", "olmoe", "granitemoe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "phimoe", "olmoe", "granitemoe", "gpt_oss", "gemma4_text_moe"])
 def test_inspect_reads_each_expert_from_the_files_without_loading_the_model(family, tmp_path, tmp_path_factory,
                                                                             tiny_tokenizer_dir, monkeypatch):
     """`inspect` reads one tensor at a time: each expert's linears are found under the names the
