@@ -45,7 +45,10 @@ def _fail(exc: Exception) -> None:
 
 
 class _Bars:
-    """tqdm bars for the library's progress callbacks (layers, and samples inside a layer)."""
+    """tqdm bars for the library's progress callbacks (layers; the linears solved in a layer; samples of
+    a pass, or columns of a wide linear's solve, inside it)."""
+
+    POSITIONS = dict(layers=0, linears=1)  # one line each; samples and columns share the third
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -68,7 +71,7 @@ class _Bars:
             if bar is not None:
                 bar.close()
             bar = self.bars[stage] = tqdm(total=total, desc=stage, leave=stage == "layers",
-                                          position=0 if stage == "layers" else 1, file=sys.stderr)
+                                          position=self.POSITIONS.get(stage, 2), file=sys.stderr)
         bar.update(done - bar.n)
 
     def close(self):

@@ -34,7 +34,8 @@ from thanos.smooth import SmoothGroup, smooth_layer_
 
 log = logging.getLogger(__name__)
 
-# progress(stage, done, total): stage is "layers", "samples", or "columns" inside a wide layer's solve
+# progress(stage, done, total): stage is "layers", "samples", "linears" solved in a layer, or "columns"
+# inside a wide linear's solve
 Progress = Callable[[str, int, int], None]
 WIDE_LAYER_COLUMNS = 4096  # layers this wide take long enough to solve that they report progress
 
@@ -477,8 +478,10 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
 
     Returns its per-linear reports and, when the reconstruction aims at the dense model's
     activations, the dense model's outputs of this layer (the next layer's dense inputs).
-    `on_report(report)` gets each linear's report as soon as this rank has solved it.
+    `on_report(report)` gets each linear's report as soon as this rank has solved it; `progress` gets
+    ("linears", solved, of) in one process (a layer of experts is hundreds of solves).
     """
+    on_report = _counting_solves(on_report, progress, len(step.linears)) if not parallel.active else on_report
     recipe = config.recipe
     reconstruct = recipe.get(Reconstruct) if step.linears else None
     quantize = recipe.get(Quantize) if step.linears else None
@@ -548,6 +551,23 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
             if name in smoothed:
                 report["quantization"]["smoothing"] = dataclasses.asdict(smoothed[name])
     return reports, dense_outputs
+
+
+def _counting_solves(on_report: Optional[Callable[[dict], None]], progress: Optional[Progress],
+                     total: int) -> Optional[Callable[[dict], None]]:
+    """`on_report`, which also tells `progress` how many of the layer's `total` linears are solved."""
+    if progress is None:
+        return on_report
+    solved = 0
+
+    def reported(report: dict) -> None:
+        nonlocal solved
+        solved += 1
+        progress("linears", solved, total)
+        if on_report:
+            on_report(report)
+
+    return reported
 
 
 def experts_in_turns(step: LayerStep, keeps_every_hessian: bool, parallel: Parallel) -> list[list[str]]:

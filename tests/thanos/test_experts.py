@@ -420,3 +420,16 @@ def test_on_a_gpu_the_experts_take_turns_by_its_free_memory_to_the_same_weights(
     for name, tensor in weights.items():
         if name.startswith("model.layers.0."):
             assert torch.equal(in_turns[name], tensor), name
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_progress_counts_the_linears_solved_in_each_layer(sequential, tmp_path_factory, tiny_tokenizer_dir):
+    """A layer of experts is hundreds of solves: `progress` hears each one, the layer's count rising to
+    its linears (one pass or group by group)."""
+    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+    model, _ = load_model(str(source))
+    heard = []
+    prune(model, PruneConfig(pattern="2:4", preset="fast", sequential=sequential), _calibration(source),
+          device="cpu", progress=lambda stage, done, total: heard.append((done, total)) if stage == "linears" else None)
+    per_layer = len(prunable_linears(model, LayerSelection())[0])  # 4 attention + 4 experts x 3
+    assert heard == [(done, per_layer) for done in range(1, per_layer + 1)] * 2
