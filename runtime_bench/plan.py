@@ -498,6 +498,23 @@ def markdown_from_json(path: "str | Path") -> str:
                     data["machine"])
 
 
+def _counted_markdown(counted: list[dict], name: str, layers: int, prune: PruneConfig) -> str:
+    """`--count-only`'s Markdown: each kind of layer's work per linear ({first, count, label, work}), and
+    the whole model's."""
+    several = len(counted) > 1
+    recipe = ", ".join(step.kind for step in prune.recipe.steps)
+    lines = [f"# Work counted: {name} ({layers} decoder layers"
+             + (": " + ", ".join(f"{kind['count']} {kind['label']}" for kind in counted) if several else "")
+             + f"), {prune.method} {prune.pattern}" + (f", preset {prune.preset}" if prune.preset else "")
+             + f" ({recipe})"]
+    for kind in counted:
+        lines += _work_lines(kind["work"], f"## {kind['label']}: {_layers(kind['count'])}, like layer {kind['first']}"
+                             if several else "")
+    total = sum(kind["count"] * _layer_flop(kind["work"]) for kind in counted)
+    lines += ["", f"The whole model's solves: {total / 1e15:.2f} PFLOP ({layers} layers)."]
+    return "\n".join(lines) + "\n"
+
+
 def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tuple[int, ...] = (1, 8),
              calib_samples: Optional[int] = None, seqlen: Optional[int] = None, pattern: str = "2:4",
              method: str = "thanos", preset: Optional[str] = None, json_out: Optional[str] = None,
@@ -520,16 +537,7 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
     several = len(kinds) > 1
     if count_only:
         counted = [dict(kind, work=step_work(_meta_layer_linears(full, kind["first"]), prune)) for kind in kinds]
-        recipe = ", ".join(step.kind for step in prune.recipe.steps)
-        lines = [f"# Work counted: {name} ({layers} decoder layers"
-                 + (": " + ", ".join(f"{kind['count']} {kind['label']}" for kind in kinds) if several else "")
-                 + f"), {method} {pattern}" + (f", preset {prune.preset}" if prune.preset else "") + f" ({recipe})"]
-        for kind in counted:
-            lines += _work_lines(kind["work"], f"## {kind['label']}: {_layers(kind['count'])}, like layer {kind['first']}"
-                                 if several else "")
-        total = sum(kind["count"] * _layer_flop(kind["work"]) for kind in counted)
-        lines += ["", f"The whole model's solves: {total / 1e15:.2f} PFLOP ({layers} layers)."]
-        text = "\n".join(lines) + "\n"
+        text = _counted_markdown(counted, name, layers, prune)
         if json_out:
             atomic_write_text(Path(json_out), json.dumps(dict(model=name, layers=layers, prune=prune.to_json(),
                                                               kinds=counted), indent=2))
