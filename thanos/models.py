@@ -162,8 +162,16 @@ def _gemma4_free(config) -> tuple[FreeChannels, ...]:
 
 
 def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
-    """Inside each MLP and expert: up_proj's rows only multiply into down_proj's inputs."""
-    return tuple(SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in _gemma4_mlps(config))
+    """Gemma 4's norms multiply by their weight (not 1 + weight, as Gemma 2/3's), and q/k/v's outputs are
+    normed again per head, so the norm before q/k/v folds a scale (in the layers that have a v_proj:
+    a group is left alone where one of its linears is missing), the norm before the MLP too, and the
+    experts' own norm before their gate/up (the router reads the residual through its own norm).
+    Inside each MLP and expert: up_proj's rows only multiply into down_proj's inputs."""
+    experts = [mlp for mlp in _gemma4_mlps(config) if mlp != "mlp"]
+    return (_LLAMA_SMOOTHING[0], SmoothGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            *([SmoothGroup("pre_feedforward_layernorm_2", tuple(f"{e}.{p}" for e in experts
+                                                               for p in ("gate_proj", "up_proj")))] if experts else []),
+            *(SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in _gemma4_mlps(config)))
 
 
 def _gemma4_unsupported(config) -> Optional[str]:
