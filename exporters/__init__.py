@@ -127,25 +127,27 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
 
 
 
+# what the ONNX-based targets' graphs cannot carry, and why ({kind}: the config's model type)
+_UNTRACEABLE = (
+    (is_multimodal, "a vision-language checkpoint ({kind}); the onnx, genai and tensorrt targets export text-only "
+                    "models"),
+    (has_recurrent_layers, "a model with linear-attention layers ({kind}), whose recurrent state the onnx, genai "
+                           "and tensorrt graphs do not carry (they have a KV cache)"),
+    (is_mixture_of_experts, "a mixture-of-experts model ({kind}), whose router picks experts per token: a graph "
+                            "traced from the forward would keep the experts the example's tokens picked"),
+    (has_per_layer_shapes, "a model whose layers differ in their attention's shape ({kind}: a per-layer config, as "
+                           "Gemma 4's wider full-attention heads), where the graphs' KV cache has one head size for "
+                           "all layers"),
+)
+
+
 def untraceable(config) -> Optional[str]:
     """Why the ONNX-based targets cannot carry a model (its config, or config.json's dict), or None: a
     vision-language checkpoint (Gemma 3 from 4B up; the trace would be of the multimodal forward), or
     one with linear-attention layers (Qwen3.5; a recurrent state where the graphs have a KV cache), a
     mixture of experts, or one whose layers' attention differs in shape (Gemma 4)."""
     kind = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    if is_multimodal(config):
-        return (f"a vision-language checkpoint ({kind}); the onnx, genai and tensorrt targets export text-only "
-                "models")
-    if has_recurrent_layers(config):
-        return (f"a model with linear-attention layers ({kind}), whose recurrent state the onnx, genai and tensorrt "
-                "graphs do not carry (they have a KV cache)")
-    if is_mixture_of_experts(config):
-        return (f"a mixture-of-experts model ({kind}), whose router picks experts per token: a graph traced from "
-                "the forward would keep the experts the example's tokens picked")
-    if has_per_layer_shapes(config):
-        return (f"a model whose layers differ in their attention's shape ({kind}: a per-layer config, as Gemma 4's "
-                "wider full-attention heads), where the graphs' KV cache has one head size for all layers")
-    return None
+    return next((reason.format(kind=kind) for applies, reason in _UNTRACEABLE if applies(config)), None)
 
 
 def check_traceable(fmt: "str | ExportFormat", model_dir: "str | Path | None") -> None:

@@ -159,9 +159,10 @@ def expert_chunks(layer: nn.Module, prefix: str, names, budget: int) -> list[lis
             for e, expert in enumerate(module):
                 own = [f"{prefix}{name}.{e}.{projection}" for projection in ("gate_proj", "up_proj", "down_proj")]
                 own = [n for n in own if n in wanted]
-                widths = {n.endswith("down_proj"): (expert.down_proj if n.endswith("down_proj")
-                                                     else expert.gate_proj).in_features for n in own}
-                experts.append((own, sum(8 * width * width for width in widths.values())))
+                reads_down = any(n.endswith("down_proj") for n in own)
+                reads_gate_up = len(own) > reads_down  # gate and up read one input
+                experts.append((own, 8 * (reads_gate_up * expert.gate_proj.in_features ** 2
+                                          + reads_down * expert.down_proj.in_features ** 2)))
     if sum(nbytes for _, nbytes in experts) <= budget:
         return []
     chunks: list[list[str]] = []
