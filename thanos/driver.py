@@ -337,10 +337,12 @@ class SharedInputStatistics:
     one forward pass, holding a reference so that no other tensor can take the same address.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device, track_ranges: bool = False, first_only: bool = False):
+    def __init__(self, linears: dict[str, nn.Module], device, track_ranges: bool = False, first_only: bool = False,
+                 told_apart=()):
         self.widths = {name: weight_view(mod).shape[1] for name, mod in linears.items()}
         self.device = device
         self.first_only = first_only  # accumulate only the first input read; the others are only told apart
+        self.told_apart = frozenset(told_apart)  # linears whose inputs are only told apart (gathered in turns)
         self.source: dict[str, str] = {}  # linear -> linear whose accumulator it reads
         self.stats: dict[str, HessianAccumulator] = {}
         self.curvatures: dict[str, Curvature] = {}  # by source, made on first use
@@ -359,7 +361,7 @@ class SharedInputStatistics:
             return
         self._seen[id(x)] = (x, name)
         self.source.setdefault(name, name)
-        if self.first_only and name not in self.stats and self.stats:
+        if name in self.told_apart or (self.first_only and name not in self.stats and self.stats):
             return
         if name not in self.stats:
             self.stats[name] = HessianAccumulator(self.widths[name], self.device)
@@ -494,18 +496,20 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     permute_on_first_pass = recipe.solve.sequential and not per_group and step.layout is not None
     static = quantize is not None and quantize.inputs == "static"  # per-token inputs need no ranges
     ranges = InputRanges(step.linears) if per_group and static else contextlib.nullcontext()
-    # the 8-bit step at the layer's end reads every Hessian there: they cannot be gathered in turns
-    chunks = experts_in_turns(step, quantize is not None and not per_group, parallel)
+    at_end = quantize is not None and not per_group  # the 8-bit step after every solve of the layer
+    chunks = experts_in_turns(step, parallel, lambda chunks: _gathered_at_once(step, chunks, at_end, reconstruct,
+                                                                              bool(smooth)))
+    in_turns = {name for chunk in chunks for name in chunk}
     first = step.linears  # group by group, the first pass only tells the groups apart (all are hooked)
-    if chunks and not recipe.solve.sequential:
-        in_turns = {name for chunk in chunks for name in chunk}
+    if not recipe.solve.sequential:
         first = {name: mod for name, mod in step.linears.items() if name not in in_turns}
     with ranges:  # q/k/v's input ranges: their inputs do not depend on this layer's weights
         shared = collect_statistics(step.layer, first, step.inputs, step.args, step.kwargs, step.device,
                                     step.store_device, progress,
                                     keep_outputs=reconstruct is not None and step.dense_inputs is None,
                                     track_ranges=bool(smooth),
-                                    first_group_only=recipe.solve.sequential and not permute_on_first_pass)
+                                    first_group_only=recipe.solve.sequential and not permute_on_first_pass,
+                                    told_apart=in_turns if permute_on_first_pass else ())
     dense_outputs = None
     if step.dense_inputs is not None:  # the layer is still dense here
         dense_outputs = run_layer(step.layer, step.dense_inputs, step.args, step.kwargs, step.device,
@@ -519,12 +523,19 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
             return recipe.get(Permute).apply_(step.layer, step.prefix, step.layout, hessian_of, recipe.pattern,
                                               statistics.own_range)
     keep = quantize is not None  # the 8-bit step reads the statistics, and reuses the factors unless smoothed
+
+    def finish(linears: dict[str, nn.Module], statistics: SharedInputStatistics, reports: list[dict]) -> None:
+        """The 8-bit step at the layer's end for `linears` (a chunk of experts in its last turn, or the rest)."""
+        quantize_at_end_(step, linears, statistics, quantize, recipe.solve.damp, parallel, reports)
+
+    finish_chunk = finish if at_end and chunks else None
     if recipe.solve.sequential:
         reports = solve_in_order(step, shared, config, progress, parallel, permute, on_report, keep,
                                  keep and not smooth, quantize if per_group else None, ranges,
-                                 permute_on_first_pass, chunks)
+                                 permute_on_first_pass, chunks, finish_chunk)
     elif chunks:
-        reports = solve_experts_in_turns(step, shared, chunks, config, progress, parallel, permute, on_report)
+        reports = solve_experts_in_turns(step, shared, chunks, config, progress, parallel, permute, on_report,
+                                         finish_chunk, keep_factors=keep and not smooth)
     else:
         reports = solve_layer(step.linears, shared, config, progress, parallel, permute, on_report,
                               keep_statistics=keep, keep_factors=keep and not smooth)
@@ -538,19 +549,27 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
                  "" if result.kept else " (discarded: no better)", result.seconds)
         for report in reports:
             report["reconstruction"] = dataclasses.asdict(result)
-    if quantize and not per_group:
-        smoothed = {}
-        if smooth:
-            for channel_range in shared.ranges.values():
-                parallel.all_reduce_(channel_range, op="max")
-            smoothed = smooth_layer_(step.layer, step.prefix, step.smoothing, quantize.smoothing, shared.channel_range,
-                                     shared.hessian, *step.heads, qmax=FORMATS[quantize.format].qmax)
-            shared.curvatures.clear()  # smoothing rescaled the Hessians in place: derive again from them
-        quantize_layer_(step.linears, shared, quantize, recipe.solve.damp, parallel, reports)
-        for name, report in zip(step.linears, reports):
-            if name in smoothed:
-                report["quantization"]["smoothing"] = dataclasses.asdict(smoothed[name])
+    if at_end:  # the experts taken in turns were finished in their turns
+        rest = [(name, report) for name, report in zip(step.linears, reports) if name not in in_turns]
+        finish({name: step.linears[name] for name, _ in rest}, shared, [report for _, report in rest])
     return reports, dense_outputs
+
+
+def quantize_at_end_(step: LayerStep, linears: dict[str, nn.Module], statistics: "SharedInputStatistics",
+                     quantize: Quantize, damp: float, parallel: Parallel, reports: list[dict]) -> None:
+    """The 8-bit step after the solves (and the reconstruction): where `quantize` smooths, the groups
+    whose consumers `statistics` holds the ranges of; then `linears` quantized on its Hessians."""
+    smoothed = {}
+    if quantize.smooths and step.smoothing:
+        for channel_range in statistics.ranges.values():
+            parallel.all_reduce_(channel_range, op="max")
+        smoothed = smooth_layer_(step.layer, step.prefix, step.smoothing, quantize.smoothing, statistics.channel_range,
+                                 statistics.hessian, *step.heads, qmax=FORMATS[quantize.format].qmax)
+        statistics.curvatures.clear()  # smoothing rescaled the Hessians in place: derive again from them
+    quantize_layer_(linears, statistics, quantize, damp, parallel, reports)
+    for name, report in zip(linears, reports):
+        if name in smoothed:
+            report["quantization"]["smoothing"] = dataclasses.asdict(smoothed[name])
 
 
 def _counting_solves(on_report: Optional[Callable[[dict], None]], progress: Optional[Progress],
@@ -570,10 +589,12 @@ def _counting_solves(on_report: Optional[Callable[[dict], None]], progress: Opti
     return reported
 
 
-def experts_in_turns(step: LayerStep, keeps_every_hessian: bool, parallel: Parallel) -> list[list[str]]:
+def experts_in_turns(step: LayerStep, parallel: Parallel,
+                     at_once: Callable[[list[list[str]]], Optional[str]]) -> list[list[str]]:
     """The layer's experts' linears in chunks whose statistics fit in half the device's free memory
     (the least of any rank's: every rank makes the same passes), each chunk to gather its statistics
-    on a pass of its own; [] where they fit at once. A large mixture's are more than a GPU holds
+    on a pass of its own; [] where they fit at once (or where `at_once(chunks)` gives a reason they
+    cannot be taken in turns: a warning says it). A large mixture's are more than a GPU holds
     (DeepSeek V3's 256 experts: 114 GB a layer in fp64)."""
     if not any(isinstance(module, UnfusedExperts) for module in step.layer.modules()):
         return []
@@ -584,11 +605,10 @@ def experts_in_turns(step: LayerStep, keeps_every_hessian: bool, parallel: Paral
         return []  # unknown here (no psutil)
     budget = int(-least.item()) // 2
     chunks = expert_chunks(step.layer, step.prefix, step.linears, budget)
-    if chunks and keeps_every_hessian:
-        log.warning("%s: the experts' statistics exceed %.1f GiB (half the free memory), but the 8-bit step at the "
-                    "layer's end (INT8 smoothing, or after a reconstruction) reads every Hessian there, so they are "
-                    "gathered at once; FP8 without a reconstruction takes them in turns", step.prefix.rstrip("."),
-                    budget / 2**30)
+    reason = at_once(chunks) if chunks else None
+    if reason:
+        log.warning("%s: the experts' statistics exceed %.1f GiB (half the free memory), but %s, so they are gathered "
+                    "at once", step.prefix.rstrip("."), budget / 2**30, reason)
         return []
     if chunks:
         log.info("%s: the experts' statistics exceed %.1f GiB: gathered in %d turns, a pass through the layer each",
@@ -596,27 +616,55 @@ def experts_in_turns(step: LayerStep, keeps_every_hessian: bool, parallel: Paral
     return chunks
 
 
+def _gathered_at_once(step: LayerStep, chunks: list[list[str]], at_end: bool, reconstruct, smooth: bool
+                      ) -> Optional[str]:
+    """Why the experts' statistics cannot be taken in `chunks`, or None. The 8-bit step at the layer's
+    end runs for a chunk in its last turn, on that chunk's statistics: not after a reconstruction
+    (it changes every weight after the last turn), nor across a smoothing group with linears of
+    different turns (Gemma 4's norm before all its experts)."""
+    if not at_end:
+        return None
+    if reconstruct:
+        return "the 8-bit step after the reconstruction reads every linear's Hessian there"
+    if smooth:
+        turn_of = {name: index for index, names in enumerate(chunks) for name in names}
+        for group in step.smoothing:
+            members = [step.prefix + name for name in (group.producer, *group.consumers)]
+            if len({turn_of.get(name) for name in members if name in step.linears}) > 1:
+                return f"smoothing into {step.prefix}{group.producer} reads linears of different turns"
+    return None
+
+
 def solve_experts_in_turns(step: LayerStep, shared: SharedInputStatistics, chunks: list[list[str]], config,
-                           progress, parallel: Parallel, permute: Optional[Callable], on_report) -> list[dict]:
+                           progress, parallel: Parallel, permute: Optional[Callable], on_report,
+                           finish: Optional[Callable] = None, keep_factors: bool = False) -> list[dict]:
     """The one-pass solves of a layer whose experts' statistics are taken in turns: each chunk of
     experts gathers its own on a pass through the layer (stopped once they have their inputs) and is
     solved; then the other linears, on `shared`, the first pass's. No expert's weights reach another
     linear's input inside the layer, and the others are written only after the last chunk's pass, so
-    every linear is solved on the dense layer's inputs, as in one pass (and to the same weights)."""
+    every linear is solved on the dense layer's inputs, as in one pass (and to the same weights).
+
+    `finish(linears, statistics, reports)`: the 8-bit step at the layer's end, run for each chunk
+    once it is solved, on its statistics (kept with their factors if `keep_factors`); the other
+    linears' statistics are then kept in `shared` for it."""
     reports: dict[str, dict] = {}
+    keep = finish is not None
     for index, names in enumerate(chunks):
         group = {name: step.linears[name] for name in names}
-        fresh = collect_statistics(step.layer, group, step.inputs, step.args, step.kwargs, step.device,
-                                   step.store_device, stop_at_inputs=True)
+        fresh = _pass_statistics(step, names, shared.track_ranges)
         solved = solve_layer(group, fresh, config, progress, parallel,
-                             permute and (lambda statistics: permute(statistics, names)), on_report)
+                             permute and (lambda statistics: permute(statistics, names)), on_report,
+                             keep_statistics=keep, keep_factors=keep_factors)
+        if finish:
+            finish(group, fresh, solved)
         for report in solved:
             report["statistics_turn"] = [index + 1, len(chunks)]
         reports.update(zip(names, solved))
         log.info("experts' turn %d of %d (%d linears) solved", index + 1, len(chunks), len(names))
     others = {name: mod for name, mod in step.linears.items() if name not in reports}
     reports.update(zip(others, solve_layer(others, shared, config, progress, parallel,
-                                           permute and (lambda statistics: permute(statistics, others)), on_report)))
+                                           permute and (lambda statistics: permute(statistics, others)), on_report,
+                                           keep_statistics=keep, keep_factors=keep_factors)))
     return [reports[name] for name in step.linears]
 
 
@@ -635,7 +683,7 @@ def _in_turns(groups: list[list[str]], chunks: list[list[str]]) -> list[tuple[li
 def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: PruneConfig, progress, parallel: Parallel,
                    permute: Optional[Callable], on_report, keep_statistics: bool, keep_factors: bool,
                    quantize: Optional[Quantize], first_ranges, permute_on_first_pass: bool = False,
-                   chunks: list[list[str]] = ()) -> list[dict]:
+                   chunks: list[list[str]] = (), finish: Optional[Callable] = None) -> list[dict]:
     """The layer's linears solved group by group (those that read one input), in the order the
     forward reads them; each group after the first on statistics from a pass, stopped at its
     input, through the layer with the groups before it pruned (a mixture of experts' groups merged
@@ -650,7 +698,13 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
 
     `chunks` (`experts_in_turns`): a merged group of experts is gathered and solved a chunk at a time,
     a pass each (no expert's input depends on another's weights: the same weights as at once); its
-    input scales are set once its last chunk is quantized.
+    input scales are set once its last chunk is quantized. With `permute_on_first_pass` each chunk's
+    orders come from a pass of its own on the dense layer, before any other reordering (v_proj's
+    and o_proj's change the experts' inputs in their last bits); the first pass only tells the
+    chunks' linears apart. `finish(linears, statistics, reports)`: the 8-bit step at the layer's
+    end, for a chunk in its last turn, whose pass also gathers again the statistics of the chunk's
+    linears solved in its earlier turns (their inputs are as they were then: only later linears
+    changed since).
 
     `quantize`: each group is also quantized once solved and its input scale set (the first
     group's from `first_ranges`, the first pass's `InputRanges`), and the later passes round the
@@ -661,7 +715,11 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
     permuted = {}
     if permute_on_first_pass:  # the orders read every first-pass Hessian (the same on every rank)
         reduce_statistics_(step.linears, shared, parallel)
-        permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared)}
+        for names in chunks:
+            fresh = _pass_statistics(step, names, shared.track_ranges)
+            reduce_statistics_(names, fresh, parallel)
+            permuted.update({r.consumer: dataclasses.asdict(r) for r in permute(fresh, names)})
+        permuted.update({r.consumer: dataclasses.asdict(r) for r in permute(shared)})
     reports: dict[str, dict] = {}
     done: list[nn.Module] = []  # quantized so far: the later passes round their inputs
     # a group's linears quantized and their ranges, waiting for its last turn to set their input
@@ -670,25 +728,34 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
     waiting_reports: list[dict] = []
     amax: dict[str, torch.Tensor] = {}
     turns = _in_turns(groups, chunks)
+    chunk_of = {name: index for index, names in enumerate(chunks) for name in names}
+    last_turn = {chunk_of[names[0]]: index for index, (names, _, _) in enumerate(turns) if names[0] in chunk_of}
     for index, (names, turn, group_turns) in enumerate(turns):
+        chunk = chunk_of.get(names[0])  # a turn's linears are one chunk's, or none's
+        finishing = finish is not None and chunk is not None and last_turn[chunk] == index
+        gathered = chunks[chunk] if finishing else names
         group = {name: step.linears[name] for name in names}
-        ranges = first_ranges
+        ranges, statistics = first_ranges, shared
         # a later group, or a first one the first pass did not gather whole (experts first: it keeps one input)
-        if index or any(shared.source.get(name) not in shared.stats for name in names):
+        collect = index or finishing or any(shared.source.get(name) not in shared.stats for name in names)
+        if collect:
             shared.forget_(names)  # the first pass's statistics of these, if it kept any: free them first
             ranges = InputRanges(group) if quantize and quantize.inputs == "static" else contextlib.nullcontext()
             with inputs_rounded(done), ranges:
-                fresh = collect_statistics(step.layer, group, step.inputs, step.args, step.kwargs, step.device,
-                                           step.store_device, track_ranges=shared.track_ranges, stop_at_inputs=True)
-            shared.adopt_(fresh)
-        if index or not permute_on_first_pass:
-            reduce_statistics_(group, shared, parallel)
+                fresh = _pass_statistics(step, gathered, shared.track_ranges)
+            if chunk is None:
+                shared.adopt_(fresh)
+            else:
+                statistics = fresh  # a chunk's own: freed once it is done with
+        if collect or not permute_on_first_pass:
+            reduce_statistics_(gathered, statistics, parallel)
         if permute and not permute_on_first_pass:
-            permuted = {r.consumer: dataclasses.asdict(r) for r in permute(shared, names)}
-        solved = solve_linears(group, shared, config, progress, parallel, on_report, keep_statistics, keep_factors,
+            permuted = {r.consumer: dataclasses.asdict(r) for r in permute(statistics, names)}
+        keep = keep_statistics if finish is None or chunk is None else finishing
+        solved = solve_linears(group, statistics, config, progress, parallel, on_report, keep, keep_factors,
                                permuted)
         if quantize:
-            quantize_layer_(group, shared, quantize, config.recipe.solve.damp, parallel, solved)
+            quantize_layer_(group, statistics, quantize, config.recipe.solve.damp, parallel, solved)
             waiting.update(group)
             waiting_reports += solved
             amax.update(getattr(ranges, "amax", {}))
@@ -702,9 +769,18 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
             for report in solved:
                 report["statistics_turn"] = [turn + 1, group_turns]
         reports.update(zip(names, solved))
+        if finishing:
+            finish({name: step.linears[name] for name in gathered}, statistics, [reports[name] for name in gathered])
         log.info("group %d of %d (%s) solved on the inputs the layer gives it%s", index + 1, len(turns),
                  ", ".join(names), " with the groups before it pruned" if index else "")
     return [reports[name] for name in step.linears]
+
+
+def _pass_statistics(step: LayerStep, names, track_ranges: bool) -> "SharedInputStatistics":
+    """The statistics of the linears `names` on a pass through the layer as it is, stopped at their inputs."""
+    return collect_statistics(step.layer, {name: step.linears[name] for name in names}, step.inputs, step.args,
+                              step.kwargs, step.device, step.store_device, track_ranges=track_ranges,
+                              stop_at_inputs=True)
 
 
 def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistics", step: Quantize, damp: float,
@@ -739,7 +815,8 @@ def quantize_layer_(linears: dict[str, nn.Module], shared: "SharedInputStatistic
 
 def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwargs, device, store_device,
                        progress=None, keep_outputs: bool = False, track_ranges: bool = False,
-                       stop_at_inputs: bool = False, first_group_only: bool = False) -> SharedInputStatistics:
+                       stop_at_inputs: bool = False, first_group_only: bool = False,
+                       told_apart=()) -> SharedInputStatistics:
     """Run this rank's samples through `layer`, streaming each linear's input into its Hessian.
 
     `keep_outputs` keeps the still-dense layer's outputs on `inputs` in `layer_outputs`;
@@ -748,9 +825,10 @@ def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwarg
     after them is computed). `first_group_only` accumulates only the first input the forward
     reads (the sequential solves' first group; the later groups gather their own): the first
     sample's whole pass tells which linears share an input (`groups`), and unless `keep_outputs`
-    the later samples stop once the first group has its input.
+    the later samples stop once the first group has its input. `told_apart`: linears whose inputs
+    are only told apart (`groups`), not accumulated (experts whose statistics are gathered in turns).
     """
-    shared = SharedInputStatistics(linears, device, track_ranges, first_only=first_group_only)
+    shared = SharedInputStatistics(linears, device, track_ranges, first_only=first_group_only, told_apart=told_apart)
     awaited = set(linears)  # what a pass must have seen before it may stop
     waiting: set[str] = set()
     stop = stop_at_inputs  # the closures read these two as they are rebound below

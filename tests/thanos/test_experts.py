@@ -318,6 +318,11 @@ def _calibration(source):
     ("qwen3_next", "default", {}),  # linear-attention layers, a gated shared expert
     ("olmoe", "best", {}),  # the reconstruction after the solves
     ("mixtral", "default", dict(quantize="fp8")),  # group by group, each group quantized once solved
+    # INT8 (smoothed) at the layer's end, each chunk smoothed and quantized in its last turn: group by
+    # group with the permutations from the first pass (a pass of its own per chunk); in one pass
+    ("mixtral", "default", dict(quantize="int8")),
+    ("mixtral", "default", dict(quantize="int8", sequential=False)),
+    ("deepseek_v3", "fast", dict(quantize="int8", quantize_smoothing=0.5)),  # a shared expert, a dense layer
 ])
 def test_experts_whose_statistics_exceed_the_memory_take_turns_to_the_same_weights(family, preset, extra,
                                                                                    tmp_path_factory,
@@ -355,19 +360,25 @@ def test_experts_whose_statistics_exceed_the_memory_take_turns_to_the_same_weigh
         assert "no token reached it" in scales["model.layers.0.mlp.experts.3.up_proj"]["input_range"]
 
 
-def test_the_8bit_step_at_the_layers_end_gathers_the_experts_statistics_at_once_and_says_so(
-        tmp_path_factory, tiny_tokenizer_dir, caplog, monkeypatch):
-    """INT8 smooths and quantizes at the layer's end, reading every Hessian there: no turns, a warning."""
+@pytest.mark.parametrize("family, preset, said", [
+    ("mixtral", "best", "the 8-bit step after the reconstruction reads every linear's Hessian there"),
+    # one norm folds the ranges of every expert's gate/up
+    ("gemma4_text_moe", "fast", "smoothing into model.layers.0.pre_feedforward_layernorm_2 reads linears of "
+                                "different turns"),
+])
+def test_where_the_8bit_step_reads_every_experts_statistics_at_once_they_are_gathered_at_once_and_it_says_why(
+        family, preset, said, tmp_path_factory, tiny_tokenizer_dir, caplog, monkeypatch):
     from thanos import driver
 
-    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+    source = _save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)
     monkeypatch.setattr(driver, "free_memory", lambda device: 1)
     with caplog.at_level(logging.INFO, logger="thanos.driver"):
-        _pruned(source, PruneConfig(pattern="2:4", preset="fast", quantize="int8"), _calibration(source))
+        _pruned(source, PruneConfig(pattern="2:4", preset=preset, quantize="int8"), _calibration(source))
     messages = [r.getMessage() for r in caplog.records]
     assert not any("gathered in" in m for m in messages)
     warned = [r for r in caplog.records if "so they are gathered at once" in r.getMessage()]
     assert len(warned) == 2 and all(r.levelno == logging.WARNING for r in warned)  # one per layer
+    assert said in warned[0].getMessage()
 
 
 def test_experts_are_chunked_whole_within_the_budget_in_their_order(tmp_path_factory, tiny_tokenizer_dir):

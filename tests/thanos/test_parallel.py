@@ -57,7 +57,9 @@ def test_two_gloo_ranks_equal_one_process(tiny_llama_dir, tmp_path, config):
     _assert_same_model(tmp_path / "single", tmp_path / "dist")
 
 
-def test_ranks_with_different_free_memory_take_the_experts_in_the_same_turns(tmp_path, tmp_path_factory,
+@pytest.mark.parametrize("config", [dict(preset="default"), dict(preset="default", quantize="int8")],
+                         ids=["default", "int8"])  # INT8: each chunk smoothed and quantized in its last turn
+def test_ranks_with_different_free_memory_take_the_experts_in_the_same_turns(config, tmp_path, tmp_path_factory,
                                                                            tiny_tokenizer_dir):
     """Each rank makes a layer's passes in step with the others': the turns follow the least free
     memory of any rank (rank 1's here, an expert at a time), and the weights are one process's in
@@ -66,7 +68,7 @@ def test_ranks_with_different_free_memory_take_the_experts_in_the_same_turns(tmp
 
     source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
     one = 8 * (64 ** 2 + 128 ** 2)  # an expert's statistics: gate/up read a 64-wide input, down_proj 128
-    common = dict(model=str(source), evaluate=False, config=PruneConfig(preset="default"), **SMALL)
+    common = dict(model=str(source), evaluate=False, config=PruneConfig(**config), **SMALL)
     _single(dict(out=str(tmp_path / "single"), **common), free_bytes=2 * one + 1)
     assert _launch(2, dict(out=str(tmp_path / "dist"), **common), free_bytes=[10 ** 12, 2 * one + 1]) == [0, 0]
     _assert_same_model(tmp_path / "single", tmp_path / "dist")
