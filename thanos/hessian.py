@@ -24,6 +24,15 @@ class FactorizationError(ThanosExportError, RuntimeError):
     """The damped Hessian stayed singular after every escalation."""
 
 
+# Rows of the upper triangle `add` forms per product on the CPU: halves the products' flop, and
+# keeps each temporary small (converting a whole fresh c x c one to fp64 cost more than an expert's
+# product of a few tokens: docs/results/README.md, round 20). A GPU's allocator reuses its
+# temporaries, and each block is a kernel launch, hundreds per sample for a layer of experts:
+# there at most GPU_BLOCKS blocks.
+ROW_BLOCK = 256
+GPU_BLOCKS = 8
+
+
 class HessianAccumulator:
     """Mean of `x x^T` over calibration tokens: fp32 products per call, summed in fp64.
 
@@ -34,7 +43,9 @@ class HessianAccumulator:
     The driver adds one calibration sample per call, so each sample's fp32 product is the same
     however the samples are sharded over processes; adding those in fp64 is exact unless they
     span more than 2^29 in magnitude, and what is left after rounding to fp32 is the same in
-    any order: one process and N ranks (`thanos.parallel`) read the same Hessian.
+    any order: one process and N ranks (`thanos.parallel`) read the same Hessian. Only the upper
+    triangle is summed (a block of rows at a time; `sum` holds partial sums below it), and
+    reading mirrors it: the Hessian is exactly symmetric.
     Reading `hessian` ends the accumulation (the fp64 sum is freed); the fp32 mean it returns
     may be changed in place (reordered, `thanos.permute`) and is what later readers get.
     """
@@ -53,7 +64,10 @@ class HessianAccumulator:
         x = inputs.reshape(-1, self.columns).to(device=self.sum.device, dtype=torch.float32)  # (N, c)
         if x.shape[0] == 0:
             return
-        self.sum += x.T @ x
+        block = ROW_BLOCK if x.device.type == "cpu" else max(ROW_BLOCK, -(-self.columns // GPU_BLOCKS))
+        for start in range(0, self.columns, block):
+            rows = slice(start, start + block)
+            self.sum[rows, start:] += x[:, rows].T @ x[:, start:]  # (rows, c - start)
         self.tokens += x.shape[0]
 
     @property
@@ -61,8 +75,10 @@ class HessianAccumulator:
         if self._mean is None:
             # no token at all (an expert the router never picked in calibration): every input weighs
             # the same, so the solve prunes by magnitude rather than zeroing every column as dead
-            self._mean = (self.sum / self.tokens if self.tokens else
-                          torch.eye(self.columns, device=self.sum.device, dtype=torch.float64)).to(torch.float32)
+            total = self.sum.triu_()
+            total += total.triu(1).T  # the upper triangle mirrored
+            self._mean = (total / self.tokens if self.tokens else
+                          torch.eye(self.columns, device=total.device, dtype=torch.float64)).to(torch.float32)
             self.sum = None
         return self._mean
 

@@ -6,15 +6,21 @@ from thanos.hessian import Curvature, inverse_upper_factor, reconstruction_error
 from tests.thanos.helpers import damped, realistic_inputs
 
 
-def test_accumulator_streams_the_mean_of_xxT():
-    X = torch.randn(3, 50, 16, dtype=torch.float64)
-    acc = HessianAccumulator(16)
-    for batch in X.split(1):  # three batches of (1, 50, 16), in bf16 to show any dtype works
+@pytest.mark.parametrize("columns", [16, 2 * hessian.ROW_BLOCK + 37])  # one row block, and three
+def test_accumulator_streams_the_mean_of_xxT(columns):
+    X = torch.randn(3, 50, columns, dtype=torch.float64)
+    acc = HessianAccumulator(columns)
+    for batch in X.split(1):  # three batches of (1, 50, c), in bf16 to show any dtype works
         acc.add(batch.to(torch.bfloat16))
-    flat = X.reshape(-1, 16).to(torch.bfloat16).double()
+    flat = X.reshape(-1, columns).to(torch.bfloat16).double()
     expected = flat.T @ flat / flat.shape[0]
     assert acc.tokens == 150
-    assert torch.allclose(acc.hessian.double(), expected, rtol=1e-5, atol=1e-5)
+    H = acc.hessian
+    assert torch.equal(H, H.T)  # the upper triangle mirrored
+    # each fp32 product sums 50 terms: fp32 round-off of |x_i| |x_j| summed, and the mean's rounding
+    magnitudes = flat.abs().T @ flat.abs() / flat.shape[0]
+    eps = torch.finfo(torch.float32).eps
+    assert ((H.double() - expected).abs() <= 50 * eps * magnitudes + eps * expected.abs()).all()
 
 
 def test_statistics_cannot_grow_after_they_are_read():
@@ -91,3 +97,20 @@ def test_lower_triangular_inverse_by_halves(monkeypatch, n):
     inverse = hessian.lower_triangular_inverse(L)
     assert torch.equal(inverse, torch.tril(inverse))
     assert torch.allclose(inverse @ L, torch.eye(n, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_blocks_of_the_upper_triangle_sum_to_the_cpus_hessian():
+    """Fewer, larger row blocks on a GPU (`hessian.GPU_BLOCKS`): the same mean of x x^T, symmetric."""
+    columns = hessian.GPU_BLOCKS * hessian.ROW_BLOCK + 100  # more than GPU_BLOCKS blocks of ROW_BLOCK rows
+    samples = [torch.randn(40, columns) for _ in range(3)]
+    on_cpu, on_gpu = HessianAccumulator(columns), HessianAccumulator(columns, "cuda")
+    for x in samples:
+        on_cpu.add(x)
+        on_gpu.add(x.cuda())
+    H = on_gpu.hessian.cpu()
+    assert torch.equal(H, H.T)
+    flat = torch.cat(samples).double()
+    magnitudes = flat.abs().T @ flat.abs() / flat.shape[0]
+    eps = torch.finfo(torch.float32).eps  # each product sums 40 terms in fp32, on either device
+    assert ((H.double() - on_cpu.hessian.double()).abs() <= 2 * 40 * eps * magnitudes).all()
