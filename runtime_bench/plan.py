@@ -125,6 +125,8 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
                      quantizations={r["name"]: r["quantization"]["seconds"] for r in reports
                                     if r.get("quantization")}),
         errors={r["name"]: r["error"] for r in reports},
+        # the experts' statistics gathered in this many turns (half the device's free memory: prune_layer)
+        statistics_turns=max((r["statistics_turn"][1] for r in reports if "statistics_turn" in r), default=1),
         solve_costs=solve_costs(linears),
         groups=groups,
         quantized_by_group=quantizes_per_group(prune, step.smoothing),
@@ -441,6 +443,8 @@ def _step_lines(layer: dict) -> list[str]:
         "",
         f"One layer holds {_size(b['layer_weights'])} of weights and {_size(b['hessians'])} of Hessian sums "
         f"(fp64 while the statistics stream, one per distinct input)"
+        + (f"; the experts' do not fit in half the free memory here and were gathered in {turns} turns, a pass "
+           "through the layer each (timed above)" if (turns := layer.get("statistics_turns", 1)) > 1 else "")
         + (f"; the device allocator peaked at {_size(b['device_peak'])}" if b["device_peak"] is not None else "")
         + ".",
     ]

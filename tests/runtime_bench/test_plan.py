@@ -274,6 +274,26 @@ def test_a_plan_times_one_layer_of_each_kind_and_counts_each_for_its_layers(kind
     assert counted.exit_code == 0 and f"## {labels[1]}: " in counted.output, counted.output
 
 
+def test_a_plan_says_where_the_experts_statistics_take_turns_on_its_device(tmp_path, tmp_path_factory,
+                                                                          tiny_tokenizer_dir, monkeypatch):
+    """A layer of experts whose statistics exceed half the free memory is timed as pruning runs it, in
+    turns, and the plan says how many (a pass through the layer each)."""
+    from cli import main
+    from tests.conftest import _save_tiny
+    from thanos import driver
+
+    source = _save_tiny("mixtral", tmp_path_factory, tiny_tokenizer_dir)
+    monkeypatch.setattr(driver, "free_memory", lambda device: 1)  # an expert at a time
+    out, md = tmp_path / "plan.json", tmp_path / "plan.md"
+    result = CliRunner().invoke(main, ["plan", "--config", str(source), "--device", "cpu", "--calib-samples", "2",
+                                       "--seqlen", "16", "--ranks", "1", "--preset", "fast", "--json-out", str(out),
+                                       "--md-out", str(md)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["kinds"][0]["layer"]["statistics_turns"] == 4  # its 4 experts
+    assert "were gathered in 4 turns, a pass through the layer each" in md.read_text()
+    assert plan.markdown_from_json(out) == md.read_text()
+
+
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_the_one_layer_model_of_each_kind_has_that_layers_linears(kind):
     """Each kind's one-layer model, built as the full model builds that layer, prunes the linears of
