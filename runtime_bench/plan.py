@@ -79,12 +79,12 @@ def measure_layer(config, prune: PruneConfig, samples: int, seqlen: int, device:
     # reconstruction is the statistics pass (the reductions are no-ops in one process).
     reconstruct = prune.recipe.get(Reconstruct)
     dense = list(inputs) if reconstruct and reconstruct.target == "dense" else None
-    layout = ChannelLayout.of(model) if prune.recipe.get(Permute) else None
+    layout = ChannelLayout.of(model, layer) if prune.recipe.get(Permute) else None
     quantize = prune.recipe.get(Quantize)
     step = LayerStep(layer, linears, inputs, dense, args, kwargs, device, store_device,
                      prefix=f"{adapter_for(model).layers}.0.", layout=layout,
                      smoothing=smoothing_groups(model) if quantize and quantize.smooths else (),
-                     heads=attention_heads(model))
+                     heads=attention_heads(model, layer))
     # one sample is enough to learn the distinct inputs (and so Hessians) and which linears read each;
     # one accumulator is made, not all (a large mixture's are more than the device holds)
     first = collect_statistics(layer, linears, inputs[:1], args, kwargs, device, store_device, first_group_only=True)

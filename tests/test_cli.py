@@ -474,6 +474,10 @@ def test_gemma4_prunes_both_kinds_of_layer_and_refuses_what_it_cannot_carry(tmp_
     assert report["model.layers.0.self_attn.q_proj"]["shape"] == [64, 64]
     assert report["model.layers.1.self_attn.q_proj"]["shape"] == [128, 64]
     assert all(layer["sparsity"] == 0.5 for layer in report.values())
+    # o_proj's channels reordered with v_proj's rows, within the sliding layer's heads; none to move with
+    # in the full layer
+    assert "permutation" in report["model.layers.0.self_attn.o_proj"]
+    assert "permutation" not in report["model.layers.1.self_attn.o_proj"]
     planned = runner.invoke(main, ["plan", "--config", str(out), "--count-only"])
     assert planned.exit_code == 0 and "2 decoder layers: 1 sliding attention, 1 full attention" in planned.output, \
         planned.output

@@ -208,10 +208,11 @@ def prune_model_(
     if quantize and quantize.smooths and not smoothing:
         log.warning("no place to fold input ranges into is known for %r models: quantizing without smoothing",
                     model.config.model_type)
-    heads = attention_heads(model)
     reports: list[dict] = []
     for index, layer in enumerate(layers):
         args, kwargs = arguments[index]
+        if layout is not None:  # heads may differ by layer (Gemma 4's by layer kind)
+            layout = ChannelLayout.of(model, layer)
         layer.to(device)
         if index < done:
             if dense_inputs is not None:  # the layer is still dense until its checkpoint is loaded
@@ -220,7 +221,8 @@ def prune_model_(
             log.info("layer %d: loaded from the interrupted run", index)
         else:
             step = LayerStep(layer, linears[index], inputs, dense_inputs, args, kwargs, device, store_device,
-                             sample_indices, len(samples), f"{prefix}.{index}.", layout, smoothing, heads)
+                             sample_indices, len(samples), f"{prefix}.{index}.", layout, smoothing,
+                             attention_heads(model, layer))
             layer_reports, dense_inputs = prune_layer(step, config, progress, parallel)
             reports += layer_reports
         if quantize and linears[index]:

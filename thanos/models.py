@@ -155,10 +155,13 @@ def _gemma4_mlps(config) -> list[str]:
 
 
 def _gemma4_free(config) -> tuple[FreeChannels, ...]:
-    """Each MLP's and expert's gate/up rows -> its down_proj columns. Not v_proj -> o_proj: the full-
-    attention layers' heads are twice as wide as the sliding ones', and where keys are values they
-    have no v_proj (a rotary-rotated projection's rows cannot move)."""
-    return tuple(FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj") for mlp in _gemma4_mlps(config))
+    """Each MLP's and expert's gate/up rows -> its down_proj columns, and v_proj's -> o_proj's within
+    each head (its heads' size is the layer's: `attention_heads`; the norm after v_proj has no weight
+    and a root mean square over the head, which a reorder within it leaves alone). Where keys are
+    values (full-attention layers with `attention_k_eq_v`) there is no v_proj and o_proj stays (a
+    rotary-rotated projection's rows cannot move)."""
+    return (_V_TO_O, *(FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj")
+                       for mlp in _gemma4_mlps(config)))
 
 
 def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
@@ -289,16 +292,19 @@ def _for_config(declared, model: nn.Module):
     return declared(model.config) if callable(declared) else declared
 
 
-def attention_heads(model: nn.Module) -> tuple[Optional[int], int]:
-    """(channels per head, query heads per KV head) from the model's config; head size None if unknown
-    or not one for all layers (no per-head step is then declared for the family)."""
+def attention_heads(model: nn.Module, layer: Optional[nn.Module] = None) -> tuple[Optional[int], int]:
+    """(channels per head, query heads per KV head) from the model's config; where the config holds them
+    per layer (transformers' heterogeneous configs: Gemma 4's by layer kind), from `layer`'s attention
+    module. Head size None if unknown (no per-head step then runs)."""
     config = text_config(model)
     heads = getattr(config, "num_attention_heads", None)
     try:
         head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    except RuntimeError:  # held per layer (transformers' heterogeneous configs: Gemma 4's by layer kind)
-        return None, 1
+    except RuntimeError:
+        attention = getattr(layer, "self_attn", None)
+        head_dim, repeats = (getattr(attention, key, None) for key in ("head_dim", "num_key_value_groups"))
+        return (head_dim, repeats) if head_dim and repeats else (None, 1)
     return head_dim, (heads // kv_heads if heads and kv_heads else 1)
 
 

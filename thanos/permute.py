@@ -129,8 +129,9 @@ class ChannelLayout:
     kv_repeats: int  # query heads per KV head
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ChannelLayout":
-        return cls(free_channels(model), *attention_heads(model))
+    def of(cls, model: nn.Module, layer: Optional[nn.Module] = None) -> "ChannelLayout":
+        """`model`'s family's free channels, with `layer`'s heads where they differ by layer."""
+        return cls(free_channels(model), *attention_heads(model, layer))
 
 
 @dataclasses.dataclass
@@ -159,8 +160,8 @@ def permute_free_channels_(layer: nn.Module, prefix: str, layout: ChannelLayout,
     head_dim, kv_repeats = layout.head_dim, layout.kv_repeats
     for spec in layout.free:
         hessian = hessian_of(prefix + spec.consumer)
-        if hessian is None:
-            continue
+        if hessian is None or not all(isinstance(_child(layer, name), nn.Module) for name in spec.producers):
+            continue  # not pruned here, or a layer without one of its producers (Gemma 4's keys as values)
         start = time.perf_counter()
         consumer = layer.get_submodule(spec.consumer)
         weight = weight_view(consumer)
@@ -186,6 +187,14 @@ def permute_free_channels_(layer: nn.Module, prefix: str, layout: ChannelLayout,
         log.info("%s: channels permuted (%.0f%% moved), pruned saliency %.4g -> %.4g", prefix + spec.consumer,
                  100 * moved, before, after)
     return reports
+
+
+def _child(layer: nn.Module, name: str) -> Optional[nn.Module]:
+    """`layer`'s submodule `name`, or None where it has none (or holds None there)."""
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _per_head_order(scores: torch.Tensor, head_dim: Optional[int], kv_repeats: int,

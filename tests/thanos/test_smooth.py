@@ -118,11 +118,11 @@ def test_what_the_adapter_declares_keeps_every_familys_layer(family, tmp_path_fa
         with torch.no_grad():
             before = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
             shared = collect_statistics(layer, linears, inputs, args, kwargs, "cpu", "cpu", track_ranges=True)
-            reports = permute_free_channels_(layer, prefix, ChannelLayout.of(model),
+            reports = permute_free_channels_(layer, prefix, ChannelLayout.of(model, layer),
                                              lambda name: hessian_of(name) if name in linears else None,
                                              Pattern.parse("2:4"))
             groups = smooth_layer_(layer, prefix, smoothing_groups(model), 0.5, shared.channel_range, shared.hessian,
-                                   *attention_heads(model))
+                                   *attention_heads(model, layer))
             after = run_layer(layer, inputs, args, kwargs, "cpu", "cpu")
         assert all(r.moved > 0 for r in reports)
         permuted |= {r.consumer[len(prefix):] for r in reports}
