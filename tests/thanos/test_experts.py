@@ -321,6 +321,7 @@ def _calibration(source):
     # INT8 (smoothed) at the layer's end, each chunk smoothed and quantized in its last turn: group by
     # group with the permutations from the first pass (a pass of its own per chunk); in one pass
     ("mixtral", "default", dict(quantize="int8")),
+    ("mixtral", "default", dict(sequential=True)),  # the same permutations from the first pass, no 8-bit step
     ("mixtral", "default", dict(quantize="int8", sequential=False)),
     ("deepseek_v3", "fast", dict(quantize="int8", quantize_smoothing=0.5)),  # a shared expert, a dense layer
 ])
@@ -345,8 +346,17 @@ def test_experts_whose_statistics_exceed_the_memory_take_turns_to_the_same_weigh
     experts = next(m for m in model.modules() if isinstance(m, UnfusedExperts))
     one = 8 * (experts[0].gate_proj.in_features ** 2 + experts[0].down_proj.in_features ** 2)  # one expert's
     monkeypatch.setattr(driver, "free_memory", lambda device: 2 * one + 1)  # half of it: an expert at a time
+    gathered, collect = [], driver.collect_statistics
+
+    def counted(*args, **kwargs):  # the experts whose statistics each pass gathers
+        statistics = collect(*args, **kwargs)
+        gathered.append({name.split(".experts.")[1].split(".")[0] for name in statistics.stats if ".experts." in name})
+        return statistics
+
+    monkeypatch.setattr(driver, "collect_statistics", counted)
     with caplog.at_level(logging.INFO, logger="thanos.driver"):
         weights_in_turns, scales_in_turns, turns = _pruned(source, config, samples, idle)
+    assert max(len(experts_gathered) for experts_gathered in gathered) == 1  # never more than a turn's
     said = [r.getMessage() for r in caplog.records if "gathered in" in r.getMessage()]
     assert said and all(f"gathered in {len(experts)} turns" in message for message in said), said
     # each expert's report says which of the turns gathered its statistics; no other linear's has one
@@ -355,7 +365,7 @@ def test_experts_whose_statistics_exceed_the_memory_take_turns_to_the_same_weigh
     assert weights_in_turns.keys() == weights.keys()
     for name, tensor in weights.items():
         assert torch.equal(weights_in_turns[name], tensor), name
-    assert scales_in_turns == scales and bool(scales) == bool(extra)
+    assert scales_in_turns == scales and bool(scales) == ("quantize" in extra)
     if idle:
         assert "no token reached it" in scales["model.layers.0.mlp.experts.3.up_proj"]["input_range"]
 
