@@ -288,16 +288,19 @@ def layer_kinds(config) -> list[dict]:
         found.setdefault(tuple((name, tuple(p.shape)) for name, p in layer.named_parameters()), []).append(index)
     firsts = [indices[0] for indices in found.values()]
     traits = [_traits(config, layers[index], index) for index in firsts]
-    varying = [i for i in range(2) if len({t[i] for t in traits}) > 1]  # name a kind by what tells it apart
+    varying = [i for i in range(3) if len({t[i] for t in traits}) > 1]  # name a kind by what tells it apart
     return [dict(first=first, count=len(indices), label=", ".join(t[i] for i in varying) or f"like layer {first}")
             for first, indices, t in zip(firsts, found.values(), traits)]
 
 
-def _traits(config, layer, index: int) -> tuple[str, str]:
-    """(its attention kind, "experts" or "dense MLP") of decoder layer `index`."""
+def _traits(config, layer, index: int) -> tuple[str, str, str]:
+    """(its attention kind, "experts" or "dense MLP", whether it reuses an earlier layer's keys and
+    values) of decoder layer `index`."""
     kinds = getattr(config, "layer_types", None)
     experts = any(is_fused_experts(m) or isinstance(m, UnfusedExperts) for m in layer.modules())
-    return (kinds[index].replace("_", " ") if kinds else "attention"), ("experts" if experts else "dense MLP")
+    reuses = getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)
+    return ((kinds[index].replace("_", " ") if kinds else "attention"), ("experts" if experts else "dense MLP"),
+            "keys and values reused" if reuses else "own keys and values")
 
 
 def _layer_class(config, index: int) -> type:
@@ -331,13 +334,19 @@ def _one_layer_model(config, dtype: torch.dtype, index: int = 0):
     from transformers import AutoModelForCausalLM
 
     kinds = getattr(config, "layer_types", None)
+    # Gemma 4's embedding of the tokens for each layer is sized by the layer count: one layer's here
+    per_layer_inputs = bool(getattr(config, "hidden_size_per_layer_input", 0))
     around = copy.deepcopy(config)
-    around.num_hidden_layers, around.vocab_size = 0, PLAN_VOCAB
+    around.num_hidden_layers, around.vocab_size = int(per_layer_inputs), PLAN_VOCAB
+    if hasattr(config, "num_kv_shared_layers"):  # none of a one-layer model's layers reuses another's
+        around.num_kv_shared_layers = 0
     if kinds:  # the model builds what layers of a kind share (Gemma 3's rotary tables per kind) from these
         around.layer_types = [kinds[index]]
     model = AutoModelForCausalLM.from_config(around, dtype=dtype)
     layer_config = copy.deepcopy(model.config)  # the attention and experts implementations the model chose
-    layer_config.num_hidden_layers = config.num_hidden_layers
+    for key in ("num_hidden_layers", "num_kv_shared_layers"):
+        if hasattr(config, key):
+            setattr(layer_config, key, getattr(config, key))
     if kinds:
         layer_config.layer_types = list(kinds)
     with _default_dtype(dtype):
@@ -345,7 +354,10 @@ def _one_layer_model(config, dtype: torch.dtype, index: int = 0):
     for module in layer.modules():  # caches and masks of the one-layer model know one layer, number 0
         if hasattr(module, "layer_idx"):
             module.layer_idx = 0
-    decoder_layers(model).append(layer)
+    if per_layer_inputs:
+        decoder_layers(model)[0] = layer  # in place of the one the model built to size them
+    else:
+        decoder_layers(model).append(layer)
     model.config.num_hidden_layers = 1
     model.init_weights()  # transformers' own initialisation for the new layer (fused experts start empty)
     unfuse_experts_(model)
@@ -548,6 +560,9 @@ def run_plan(name: str = "llama2-70b", device: Optional[str] = None, ranks: tupl
         if md_out:
             Path(md_out).write_text(text)
         return text
+    if getattr(full, "num_kv_shared_layers", 0):
+        raise InputError(f"{name}: its last {full.num_kv_shared_layers} layers reuse the keys and values of earlier "
+                         "ones, which a layer timed alone does not have; --count-only counts every layer's work")
     dev = resolve_device(device)
     defaults = defaults_for(dev)
     samples = calib_samples or defaults.samples

@@ -105,6 +105,11 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
            # Gemma 4 with experts: a dense MLP and, beside it, experts a router picks (the same model type)
            gemma4_text_moe=dict(FAMILIES["gemma4_text"], model_type="gemma4_text", enable_moe_block=True, num_experts=4,
                                 top_k_experts=2, moe_intermediate_size=32))
+# Gemma 4 as its small releases (E2B, E4B): each layer also reads its own embedding of the tokens, and
+# the last layer reuses the keys and values of the one before it (of its kind)
+FAMILIES["gemma4_text_ple"] = dict(FAMILIES["gemma4_text"], model_type="gemma4_text", hidden_size_per_layer_input=16,
+                                   num_kv_shared_layers=1, attention_k_eq_v=False,
+                                   layer_types=["full_attention", "full_attention"])
 FAMILIES.update(MOE)
 # vision-language checkpoints: a vision tower beside the language model, which stays as it is
 VISION_LANGUAGE = ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe")

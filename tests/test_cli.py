@@ -458,13 +458,12 @@ def _graph_targets_refused(runner, source, pruned, tmp_path, reason: str) -> Non
     assert build.exit_code == 1 and reason in build.output and not (tmp_path / "b").exists()
 
 
-def test_gemma4_prunes_both_kinds_of_layer_and_refuses_what_it_cannot_carry(tmp_path, tmp_path_factory,
+def test_gemma4_prunes_every_kind_of_layer_and_refuses_the_graph_targets(tmp_path, tmp_path_factory,
                                                                           tiny_tokenizer_dir):
     """Gemma 4: a sliding layer, then a full-attention one with heads twice as wide whose keys are its
     values (no v_proj), each pruned 2:4 and timed by the plan as a kind of its own; the ONNX-based
-    targets (one head size for all layers in their KV cache) are refused before any work, and so are
-    the configurations with per-layer inputs or shared keys and values, which the layer-by-layer pass
-    does not carry, by name."""
+    targets (one head size for all layers in their KV cache) are refused before any work. The
+    configurations of its small releases (per-layer inputs, shared keys and values) prune too."""
     from tests.conftest import _save_tiny
 
     runner, out = CliRunner(), tmp_path / "p"
@@ -483,13 +482,13 @@ def test_gemma4_prunes_both_kinds_of_layer_and_refuses_what_it_cannot_carry(tmp_
         planned.output
     _compact_evaluates(runner, out, tmp_path / "c")
     _graph_targets_refused(runner, source, out, tmp_path, "differ in their attention's shape")
-    for setting, reason in ((dict(hidden_size_per_layer_input=16), "per-layer inputs"),
-                            (dict(num_kv_shared_layers=1, layer_types=["full_attention", "full_attention"]),
-                             "reuse earlier layers' keys and values")):
-        variant = _save_tiny("gemma4_text", tmp_path_factory, tiny_tokenizer_dir, **setting)
-        refused = runner.invoke(main, ["prune", "--model", str(variant), "--out", str(tmp_path / "v"), *SMALL])
-        assert refused.exit_code == 1 and reason in refused.output and "cannot be pruned yet" in refused.output, \
-            refused.output
+    # as its small releases: each layer reads its own embedding of the tokens through two more linears,
+    # and the last layer reuses the keys and values of the one before it (no k_proj, v_proj of its own)
+    _, names = _pruned_tiny("gemma4_text_ple", tmp_path_factory, tiny_tokenizer_dir, tmp_path / "ple")
+    assert {"model.layers.0.per_layer_input_gate", "model.layers.1.per_layer_projection"} <= set(names)
+    assert [name.rsplit(".", 1)[1] for name in names if name.startswith("model.layers.1.self_attn")] == \
+        ["q_proj", "o_proj"]
+    _compact_evaluates(runner, tmp_path / "ple", tmp_path / "ple_c")
 
 
 def test_a_mixture_of_experts_prunes_each_expert_and_goes_to_the_targets_that_carry_it(tmp_path, tmp_path_factory,

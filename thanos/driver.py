@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+from collections import UserDict
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from thanos.api import PruneResult, prune_weight
 from thanos.checkpoint import LayerCheckpoints
-from thanos.config import PruneConfig
+from thanos.config import ConfigError, PruneConfig
 from thanos.devices import free_memory
 from thanos.experts import UnfusedExperts, expert_chunks, merge_expert_groups, sync_experts_
 from thanos.hessian import Curvature, HessianAccumulator
@@ -93,16 +94,32 @@ def capture_layer_inputs(model, samples: torch.Tensor, device, store_device):
     return captured, extra["args"], extra["kwargs"]
 
 
-def layer_arguments(model, samples: torch.Tensor, device) -> list[tuple[tuple, dict]]:
+@dataclasses.dataclass
+class PerSample:
+    """A decoder layer's argument that differs by sample: each of the walked samples' own, in the order
+    of their inputs (`_forward`'s `sample` picks one)."""
+
+    values: list
+    filled: bool = False  # mappings the layers fill for later layers (fresh ones, not recorded values)
+
+
+def layer_arguments(model, samples: torch.Tensor, device, walked: Optional[torch.Tensor] = None,
+                    store_device=None) -> list[tuple[tuple, dict]]:
     """The extra arguments (attention mask, rotary embeddings, ...) the model gives each decoder layer.
 
     Families that mix sliding-window and full attention give each kind its own mask, and some (Gemma
-    3, OLMo 3) their own rotary frequencies, so layer 0's are not every layer's. They must depend on
-    the window's length and positions only, not its tokens, since one set serves every sample: a
-    forward of two of `samples` (n, seqlen), in which every layer hands its input on unchanged,
-    records them (at the cost of layer 0 run once, to learn what a layer returns) and checks that.
+    3, OLMo 3) their own rotary frequencies, so layer 0's are not every layer's. A forward of two of
+    `samples` (n, seqlen), in which every layer hands its input on unchanged, records them (at the
+    cost of layer 0 run once, to learn what a layer returns). Most depend on the window's length and
+    positions only, so one set serves every sample. Where an argument differs by sample (Gemma 4's
+    embedding of the tokens for each layer), it is recorded for each of the `walked` samples (the
+    ones whose inputs the walk holds: this rank's; default `samples`), on `store_device`, as a
+    `PerSample`; so is an empty mapping the model hands its layers to fill (the keys and values
+    Gemma 4's last layers reuse from earlier ones): one fresh per walked sample, which the walk
+    fills as the model's forward does.
     """
     layers = decoder_layers(model)
+    walked = samples if walked is None else walked
     inputs, args, kwargs = capture_layer_inputs(model, samples[:1], device, device)
     layers[0].to(device)
     try:  # what a layer returns (a tensor, or a tuple in older transformers), so the stand-ins do too
@@ -115,25 +132,57 @@ def layer_arguments(model, samples: torch.Tensor, device) -> list[tuple[tuple, d
         seen.append((args, kwargs))
         return (hidden_states,) if as_tuple else hidden_states
 
+    def record(windows: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
+        """Each window's arguments of every layer."""
+        seen.clear()
+        for sample in windows:
+            stack(sample[None].to(device), use_cache=False)
+        if len(seen) != len(layers) * len(windows):
+            raise ModelError(f"{type(model).__name__} called {len(seen) // len(windows)} of its {len(layers)} decoder "
+                             "layers in a forward; pruning needs each called once, in order")
+        return [seen[i:i + len(layers)] for i in range(0, len(seen), len(layers))]
+
     for layer in layers:
         layer.forward = hand_on
     _move_non_layers(model, layers, device)
     stack = getattr(model, "base_model", model)  # no LM head: its logits would be the pass's largest tensor
     try:
-        for sample in samples[:2]:
-            stack(sample[None].to(device), use_cache=False)
+        first, *second = record(samples[:2])
+        if second and not _same(first, second[0]):
+            return _per_sample(first, second[0], record(walked), store_device or device)
     finally:
         for layer in layers:
             del layer.forward
         _move_non_layers(model, layers, "cpu")
-    if len(seen) != len(layers) * len(samples[:2]):
-        raise ModelError(f"{type(model).__name__} called {len(seen) // len(samples[:2])} of its {len(layers)} decoder "
-                         "layers in a forward; pruning needs each called once, in order")
-    first, second = seen[:len(layers)], seen[len(layers):]
-    if second and not _same(first, second):
-        raise ModelError(f"{type(model).__name__} gives its decoder layers inputs that depend on the tokens beside "
-                         "the hidden states (per-layer embeddings); pruning it layer by layer is not supported yet")
-    return first
+    return _per_sample(first, first, [first] * len(walked), device)
+
+
+def _layers_share_state(arguments: list[tuple[tuple, dict]]) -> bool:
+    """Whether some layers fill a mapping that later ones read (`layer_arguments`' fresh mappings)."""
+    return any(isinstance(value, PerSample) and value.filled
+               for args, kwargs in arguments for value in (*args, *kwargs.values()))
+
+
+def _per_sample(first: list, second: list, walked: list[list], store_device) -> list[tuple[tuple, dict]]:
+    """`first` (each layer's (args, kwargs)) with what differs from `second` a `PerSample` of each of
+    the `walked` windows' own (on `store_device`), and each empty mapping one fresh per window (one
+    object for all layers of a window, as in the model's forward)."""
+    fresh: dict[int, PerSample] = {}
+
+    def per_sample(value, other, values):
+        if isinstance(value, (dict, UserDict)) and not value:  # layers fill it for the layers after them
+            return fresh.setdefault(id(value), PerSample([type(value)() for _ in walked], filled=True))
+        if _same(value, other):
+            return value
+        return PerSample([v.to(store_device) if isinstance(v, torch.Tensor) else v for v in values])
+
+    out = []
+    for index, (args, kwargs) in enumerate(first):
+        other_args, other_kwargs = second[index]
+        out.append((tuple(per_sample(a, other_args[k], [w[index][0][k] for w in walked]) for k, a in enumerate(args)),
+                    {key: per_sample(value, other_kwargs[key], [w[index][1][key] for w in walked])
+                     for key, value in kwargs.items()}))
+    return out
 
 
 def _same(a, b) -> bool:
@@ -150,14 +199,21 @@ def _same(a, b) -> bool:
 def run_layer(layer, inputs, args, kwargs, device, store_device, progress: Optional[Progress] = None):
     outputs = []
     for i, x in enumerate(inputs):
-        outputs.append(_forward(layer, x, args, kwargs, device, store_device))
+        outputs.append(_forward(layer, x, args, kwargs, device, store_device, i))
         if progress:
             progress("samples", i + 1, len(inputs))
     return outputs
 
 
-def _forward(layer, x, args, kwargs, device, store_device) -> torch.Tensor:
-    y = layer(x.to(device), *args, **kwargs)
+def _forward(layer, x, args, kwargs, device, store_device, sample: int = 0) -> torch.Tensor:
+    """`layer` on input `x`, the `sample`-th of the walked inputs (it picks each `PerSample` argument's)."""
+    def own(value):
+        if not isinstance(value, PerSample):
+            return value
+        value = value.values[sample]
+        return value.to(device) if isinstance(value, torch.Tensor) else value
+
+    y = layer(x.to(device), *(own(a) for a in args), **{key: own(value) for key, value in kwargs.items()})
     return (y[0] if isinstance(y, tuple) else y).to(store_device)
 
 
@@ -193,10 +249,15 @@ def prune_model_(
     layers = decoder_layers(model)
     done = _open_checkpoints(checkpoints, parallel)
     inputs, _, _ = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
-    arguments = layer_arguments(model, samples, device)  # each layer's mask and rotary embeddings
+    # each layer's mask and rotary embeddings; each sample's own where they differ by sample
+    arguments = layer_arguments(model, samples, device, parallel.shard(samples), store_device)
     # A reconstruction aimed at the dense model needs its activations beside the pruned path's.
     reconstruct = config.recipe.get(Reconstruct)
     dense_inputs = list(inputs) if reconstruct and reconstruct.target == "dense" else None
+    if dense_inputs is not None and _layers_share_state(arguments):
+        raise ConfigError("reconstruct_target 'dense' runs the dense model beside the pruned one, but this model's "
+                          "layers pass keys and values on to later layers, which the two would share; use the "
+                          "target 'layer' (the default)")
     sample_indices = parallel.shard_indices(len(samples))
     layout = ChannelLayout.of(model) if config.recipe.get(Permute) else None
     if layout is not None and not layout.free:
@@ -283,8 +344,8 @@ def final_pass_8bit(layer, linears: dict[str, nn.Module], inputs, args, kwargs, 
         ranges = InputRanges(linears) if step.inputs == "static" else None
         if ranges is not None:
             with ranges:
-                for x in inputs:
-                    _forward(layer, x, args, kwargs, device, store_device)
+                for i, x in enumerate(inputs):
+                    _forward(layer, x, args, kwargs, device, store_device, i)
         set_input_scales_(linears, ranges, step, parallel, reports)
     with inputs_rounded(linears.values()):
         return run_layer(layer, inputs, args, kwargs, device, store_device)
@@ -461,8 +522,9 @@ class LayerStep:
     smoothing: tuple[SmoothGroup, ...] = ()  # where input ranges fold into a producer (8-bit step)
     heads: tuple[Optional[int], int] = (None, 1)  # (channels per attention head, query heads per KV head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _forward(self.layer, x, self.args, self.kwargs, self.device, self.device)
+    def forward(self, x: torch.Tensor, sample: int) -> torch.Tensor:
+        """The layer on `x`, the `sample`-th of `inputs` (or `dense_inputs`)."""
+        return _forward(self.layer, x, self.args, self.kwargs, self.device, self.device, sample)
 
 
 def quantizes_per_group(config: PruneConfig, smoothing: tuple[SmoothGroup, ...]) -> bool:
@@ -851,7 +913,7 @@ def collect_statistics(layer, linears: dict[str, nn.Module], inputs, args, kwarg
         if stop_at_inputs or (first_group_only and not keep_outputs):
             for i, x in enumerate(inputs):
                 with contextlib.suppress(_Captured):
-                    _forward(layer, x, args, kwargs, device, store_device)
+                    _forward(layer, x, args, kwargs, device, store_device, i)
                 groups = shared.groups() if i == 0 and first_group_only else None
                 if groups:
                     awaited = set(groups[0])

@@ -57,8 +57,6 @@ class Adapter:
     # linears never pruned (names relative to a layer): a few rows that gate a whole head, where a
     # pruning error costs most and saves least
     dense: tuple[str, ...] = ()
-    # why a variant of the family cannot be pruned yet (a function of the config; None: it can)
-    unsupported: Optional[Callable[[object], Optional[str]]] = None
 
 
 _V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
@@ -177,19 +175,6 @@ def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
             *(SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in _gemma4_mlps(config)))
 
 
-def _gemma4_unsupported(config) -> Optional[str]:
-    """The layer-by-layer pass hands each layer one sample's hidden states; some Gemma 4 configurations
-    also feed each layer its own embedding of the tokens, or let their last layers reuse earlier
-    layers' keys and values: state the pass does not carry per sample yet."""
-    if text_field(config, "hidden_size_per_layer_input"):
-        return ("its layers read per-layer inputs (hidden_size_per_layer_input > 0), which the layer-by-layer pass "
-                "does not carry yet")
-    if text_field(config, "num_kv_shared_layers"):
-        return ("its last layers reuse earlier layers' keys and values (num_kv_shared_layers > 0), which the "
-                "layer-by-layer pass does not carry yet")
-    return None
-
-
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
@@ -202,9 +187,8 @@ ADAPTERS = {
     "gemma3": Adapter("model.language_model.layers", _LLAMA_FREE, _INNER_SMOOTHING),
     # Gemma 4: a dense MLP in every layer, and where the config enables them experts beside it, whose
     # router (a row per expert) stays dense
-    "gemma4_text": Adapter("model.layers", _gemma4_free, _gemma4_smoothing, ("router.proj",), _gemma4_unsupported),
-    "gemma4": Adapter("model.language_model.layers", _gemma4_free, _gemma4_smoothing, ("router.proj",),
-                      _gemma4_unsupported),
+    "gemma4_text": Adapter("model.layers", _gemma4_free, _gemma4_smoothing, ("router.proj",)),
+    "gemma4": Adapter("model.language_model.layers", _gemma4_free, _gemma4_smoothing, ("router.proj",)),
     # fused q/k/v and gate/up: their norms fold as LLaMA's (the rows up_proj and v_proj would give
     # down_proj and o_proj are halves and thirds of fused weights, not listed)
     "phi3": Adapter("model.layers", (), (SmoothGroup("input_layernorm", ("self_attn.qkv_proj",)),
@@ -270,11 +254,7 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}. "
             "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
         )
-    adapter = ADAPTERS[model_type]
-    reason = adapter.unsupported(model.config) if adapter.unsupported else None
-    if reason:
-        raise ModelError(f"this {model_type!r} model cannot be pruned yet: {reason}")
-    return adapter
+    return ADAPTERS[model_type]
 
 
 def free_channels(model: nn.Module) -> tuple[FreeChannels, ...]:

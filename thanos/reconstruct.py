@@ -35,10 +35,11 @@ SAMPLES_PER_STEP = 4
 
 
 def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: list[torch.Tensor],
-                       targets: list[torch.Tensor], forward: Callable[[torch.Tensor], torch.Tensor], epochs: int,
+                       targets: list[torch.Tensor], forward: Callable[[torch.Tensor, int], torch.Tensor], epochs: int,
                        lr: float, indices: Optional[list[int]] = None, total: Optional[int] = None,
                        all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> ReconstructionReport:
-    """Tune `weights` (parameters of `layer`, zero where pruned) so `forward(x)` matches its target.
+    """Tune `weights` (parameters of `layer`, zero where pruned) so `forward(x, j)` (x the `j`-th of
+    `inputs`) matches its target.
 
     Each epoch takes `ceil(total / SAMPLES_PER_STEP)` Adam steps; step `k` averages the gradient of
     the samples whose index is `k` modulo the step count. Under torch.distributed each rank passes
@@ -71,7 +72,7 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
     # sample (as the statistics, thanos.hessian.HessianAccumulator).
     sums = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
     dtype = weights[0].dtype
-    tuned = forward if dtype == torch.float32 else (lambda x: forward(x.float()))
+    tuned = forward if dtype == torch.float32 else (lambda x, j: forward(x.float(), j))
     try:
         before = _loss(inputs, targets, forward, total, all_reduce, weights[0].device)
         layer.float()  # the parameters keep their identity: `weights` and the optimiser see fp32 data
@@ -81,7 +82,7 @@ def reconstruct_layer_(layer: nn.Module, weights: list[nn.Parameter], inputs: li
                     for total_grad in sums:
                         total_grad.zero_()
                     for j in own[k]:
-                        out = tuned(inputs[j])
+                        out = tuned(inputs[j], j)
                         (_relative_mse(out, targets[j].to(out)) / step_sizes[k]).backward()
                         for total_grad, w in zip(sums, weights):
                             total_grad += w.grad
@@ -123,8 +124,8 @@ def _loss(inputs, targets, forward, total: int, all_reduce, device: torch.device
     The sum lives where the layer computes: NCCL reduces only tensors on the GPU.
     """
     summed = torch.zeros((), dtype=torch.float64, device=device)
-    for x, target in zip(inputs, targets):
-        out = forward(x)
+    for j, (x, target) in enumerate(zip(inputs, targets)):
+        out = forward(x, j)
         summed += _relative_mse(out, target.to(out)).double()
     if all_reduce:
         all_reduce(summed)

@@ -352,10 +352,52 @@ def test_every_supported_family_prunes_to_an_exact_8bit_pattern(family, tmp_path
                                          config=PruneConfig(pattern="2:4", quantize="int8"), **SMALL))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     linears = {name: linear for group in prunable_linears(model, LayerSelection()).values() for name, linear in group.items()}
-    assert model.config.model_type == family and len(report["layers"]) == len(linears) > 0
+    assert model.config.model_type == FAMILIES[family].get("model_type", family)
+    assert len(report["layers"]) == len(linears) > 0
     for linear in linears.values():
         assert torch.isfinite(linear.weight).all()
         assert_nm(weight_view(linear), 2, 4)
+
+
+def test_gemma4s_small_releases_are_tuned_towards_their_layers_and_refuse_the_dense_target(tmp_path_factory,
+                                                                                           tiny_tokenizer_dir):
+    """The reconstruction runs each sample with its own per-layer embedding; aiming it at the dense
+    model's activations would run a dense model beside the pruned one, both filling the keys and values
+    the last layer reuses: refused before any work, naming the target that works."""
+    from thanos import ConfigError
+
+    source = _save_tiny("gemma4_text_ple", tmp_path_factory, tiny_tokenizer_dir)
+    model, tokenizer = load_model(str(source))
+    _, report = prune(model, PruneConfig(preset="best"), tokenizer=tokenizer, samples=4, seqlen=32, device="cpu")
+    tuned = report["layers"][0]["reconstruction"]
+    assert tuned["kept"] and tuned["loss_after"] < tuned["loss_before"]
+    model, _ = load_model(str(source))
+    with pytest.raises(ConfigError, match="use the target 'layer'"):
+        prune(model, PruneConfig(preset="best", reconstruct_target="dense"), tokenizer=tokenizer, samples=4, seqlen=32,
+              device="cpu")
+
+
+def test_a_killed_prune_of_gemma4s_small_releases_resumes_to_the_same_weights(tmp_path, tmp_path_factory,
+                                                                             tiny_tokenizer_dir):
+    """The rerun loads layer 0 from its checkpoint and runs it to refill the keys and values layer 1
+    reuses: layer 1 is then pruned as in the uninterrupted run (same thread count, same process)."""
+    from safetensors.torch import load_file
+
+    source = _save_tiny("gemma4_text_ple", tmp_path_factory, tiny_tokenizer_dir)
+
+    def job(name):
+        return PruneJob(out=str(tmp_path / name), model=str(source), evaluate=False, config=PruneConfig(), **SMALL)
+
+    def die_after_one_layer(stage, done, total):
+        if stage == "layers" and done == 1:
+            raise _Killed
+
+    prune_to_directory(job("full"))
+    with pytest.raises(_Killed):
+        prune_to_directory(job("resumed"), progress=die_after_one_layer)
+    prune_to_directory(job("resumed"))
+    full, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "resumed"))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_perplexity_refuses_windows_of_one_token():
@@ -373,9 +415,28 @@ def test_the_layer_by_layer_walk_is_the_models_own_forward(family, tmp_path_fact
     Ministral) give each kind its own mask, and Gemma 3 and OLMo 3 their own rotary frequencies. Layer
     0's, given to every layer, computed other activations (windows of 32 tokens against 16-token
     sliding windows here) and so other statistics, silently."""
+    _assert_walk_is_forward(*load_model(str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir))), family)
+
+
+def test_the_walk_of_gemma4_with_its_vision_tower_and_per_layer_embeddings_is_its_forward(tmp_path_factory,
+                                                                                          tiny_tokenizer_dir,
+                                                                                          monkeypatch):
+    """Gemma 4's small releases as released: a vision tower, per-layer embeddings, a layer reusing the
+    keys and values of the one before it."""
+    import tests.conftest
+
+    text = {key: value for key, value in FAMILIES["gemma4_text_ple"].items() if key != "model_type"}
+    monkeypatch.setitem(tests.conftest.FAMILIES, "gemma4_text", text)  # the text config _save_tiny gives gemma4
+    model, tokenizer = load_model(str(_save_tiny("gemma4", tmp_path_factory, tiny_tokenizer_dir)))
+    assert model.config.text_config.hidden_size_per_layer_input and model.config.text_config.num_kv_shared_layers
+    _assert_walk_is_forward(model, tokenizer, "gemma4")
+
+
+def _assert_walk_is_forward(model, tokenizer, family: str) -> None:
+    """Each decoder layer run on its own (`run_layer`, with `layer_arguments`) on the layer before's
+    outputs gives what it gives in the model's own forward."""
     from thanos.driver import capture_layer_inputs, layer_arguments, run_layer
 
-    model, tokenizer = load_model(str(_save_tiny(family, tmp_path_factory, tiny_tokenizer_dir)))
     samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
     inputs, _, _ = capture_layer_inputs(model, samples, "cpu", "cpu")
     arguments = layer_arguments(model, samples, "cpu")

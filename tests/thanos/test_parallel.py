@@ -76,6 +76,18 @@ def test_ranks_with_different_free_memory_take_the_experts_in_the_same_turns(con
     assert report["layers"][-1]["name"].endswith("experts.3.down_proj") and report["layers"][-1]["statistics_turn"] == [4, 4]
 
 
+def test_two_gloo_ranks_prune_gemma4s_small_releases_as_one_process(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """Each rank walks its own samples' per-layer embeddings and the keys and values its layers pass on
+    (layer_arguments records them for this rank's samples): the weights are one process's."""
+    from tests.conftest import _save_tiny
+
+    source = _save_tiny("gemma4_text_ple", tmp_path_factory, tiny_tokenizer_dir)
+    common = dict(model=str(source), evaluate=False, config=PruneConfig(preset="best"), **SMALL)
+    _single(dict(out=str(tmp_path / "single"), **common))
+    assert _launch(2, dict(out=str(tmp_path / "dist"), **common)) == [0, 0]
+    _assert_same_model(tmp_path / "single", tmp_path / "dist")
+
+
 def _assert_same_model(path_a, path_b):
     """The same weights, bit for bit: ranks and one process read the same statistics and gradients."""
     model_a, model_b = (AutoModelForCausalLM.from_pretrained(p) for p in (path_a, path_b))
