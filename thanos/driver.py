@@ -205,7 +205,7 @@ def run_layer(layer, inputs, args, kwargs, device, store_device, progress: Optio
     return outputs
 
 
-def _forward(layer, x, args, kwargs, device, store_device, sample: int = 0) -> torch.Tensor:
+def _forward(layer, x, args, kwargs, device, store_device, sample: int) -> torch.Tensor:
     """`layer` on input `x`, the `sample`-th of the walked inputs (it picks each `PerSample` argument's)."""
     def own(value):
         if not isinstance(value, PerSample):
