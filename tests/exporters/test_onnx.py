@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from exporters import ExportOptions, export
 from exporters.onnx_export import onnx_weight_patterns, run_onnxruntime, write_onnx
+from exporters.onnx_graph import TOLERANCE
 
 pytestmark = pytest.mark.onnx
 
@@ -47,7 +48,7 @@ def test_large_models_use_external_data(pruned_llama_2of4, tmp_path):
     assert (tmp_path / "model.onnx.data").stat().st_size > (tmp_path / "model.onnx").stat().st_size
     ids = torch.randint(0, 384, (1, 6))
     logits = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
-    assert np.allclose(logits, model(ids).logits.detach().numpy(), atol=1e-3)
+    _assert_logits_close(logits, model(ids).logits.detach().numpy())
     assert any(l.pattern == "2:4" for l in onnx_weight_patterns(tmp_path / "model.onnx"))
 
 
@@ -66,7 +67,13 @@ def test_tied_lm_head_shares_the_embedding_bytes(tied, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no scratch files left behind
     ids = torch.randint(0, 1000, (2, 7))
     logits = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
-    assert np.allclose(logits, model(ids).logits.detach().numpy(), atol=1e-4)
+    _assert_logits_close(logits, model(ids).logits.detach().numpy())
+
+
+def _assert_logits_close(logits: np.ndarray, expected: np.ndarray) -> None:
+    """Within the exporter's own fp32 check: a share of the logits' largest magnitude (other kernels sum
+    in another order)."""
+    assert np.abs(logits - expected).max() <= TOLERANCE["float32"] * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("fixture", ["pruned_llama_2of4", "pruned_gpt2_2of4"])

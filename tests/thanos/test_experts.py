@@ -188,7 +188,7 @@ def test_a_mixture_of_experts_in_8_bits_keeps_its_scales_per_expert(fmt, tmp_pat
         assert_nm(weight, 2, 4)
         grid = weight / quantization.weight_scale[:, None]  # whole steps (int8) or FP8 values
         back = grid.round() if fmt == "int8" else grid.to(torch.float8_e4m3fn).float()
-        assert (back - grid).abs().max() <= 1e-3 * grid.abs().max(), name
+        assert (back - grid).abs().max() <= 4 * EPS * grid.abs().max(), name  # a code times its scale, divided
     summary = export("safetensors", out, tmp_path / "c", ExportOptions())
     assert summary["round_trip"] == "bit-exact"
 
