@@ -98,7 +98,7 @@ def test_kv_cache_graph_takes_any_batch_and_past_length(pruned_llama_2of4, tmp_p
         assert tokens.shape == (batch, 3) and logits.shape == (batch, prompt, 384)
         with torch.no_grad():
             expected = model(ids).logits.numpy()
-        assert np.abs(logits - expected).max() < 1e-3 * np.abs(expected).max()
+        _assert_logits_close(logits, expected)
 
 
 @pytest.mark.parametrize("with_cache", [False, True])
@@ -160,8 +160,7 @@ def test_longrope_switches_frequencies_in_the_graph_as_transformers_does(tmp_pat
         with torch.no_grad():
             expected = model(ids).logits.numpy()
         got = run_onnxruntime(tmp_path / "model.onnx", ids, torch.ones_like(ids))
-        scale = np.abs(expected).max()
-        assert np.abs(got - expected).max() <= 1e-3 * scale, length
+        _assert_logits_close(got, expected)
         if length > 56:  # the short frequencies throughout (a frozen branch) would be far off
             short = model.model.rotary_emb.original_inv_freq
             with torch.no_grad(), patch.object(model.model.rotary_emb, "forward",
