@@ -132,15 +132,17 @@ def layer_arguments(model, samples: torch.Tensor, device, walked: Optional[torch
         seen.append((args, kwargs))
         return (hidden_states,) if as_tuple else hidden_states
 
-    def record(windows: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
-        """Each window's arguments of every layer."""
-        seen.clear()
+    def record(windows: torch.Tensor, keep: Callable[[list], object] = list) -> list:
+        """For each window, `keep` of its arguments of every layer (a list of (args, kwargs) per layer)."""
+        kept = []
         for sample in windows:
+            seen.clear()
             stack(sample[None].to(device), use_cache=False)
-        if len(seen) != len(layers) * len(windows):
-            raise ModelError(f"{type(model).__name__} called {len(seen) // len(windows)} of its {len(layers)} decoder "
-                             "layers in a forward; pruning needs each called once, in order")
-        return [seen[i:i + len(layers)] for i in range(0, len(seen), len(layers))]
+            if len(seen) != len(layers):
+                raise ModelError(f"{type(model).__name__} called {len(seen)} of its {len(layers)} decoder layers in a "
+                                 "forward; pruning needs each called once, in order")
+            kept.append(keep(list(seen)))
+        return kept
 
     for layer in layers:
         layer.forward = hand_on
@@ -148,13 +150,30 @@ def layer_arguments(model, samples: torch.Tensor, device, walked: Optional[torch
     stack = getattr(model, "base_model", model)  # no LM head: its logits would be the pass's largest tensor
     try:
         first, *second = record(samples[:2])
-        if second and not _same(first, second[0]):
-            return _per_sample(first, second[0], record(walked), store_device or device)
+        differs = {spot for spot in _spots(first) if not _same(_at(first, spot), _at(second[0], spot))} if second else ()
+        # each walked sample's own of what differs, on the store device as it is recorded
+        own = record(walked, lambda arguments: {spot: _stored(_at(arguments, spot), store_device or device)
+                                                for spot in differs}) if differs else [{}] * len(walked)
     finally:
         for layer in layers:
             del layer.forward
         _move_non_layers(model, layers, "cpu")
-    return _per_sample(first, first, [first] * len(walked), device)
+    return _per_sample(first, own)
+
+
+def _spots(arguments: list[tuple[tuple, dict]]) -> list[tuple]:
+    """Where each argument sits: (layer, position) for the positional ones, (layer, name) for the others."""
+    return [(index, where) for index, (args, kwargs) in enumerate(arguments) for where in (*range(len(args)), *kwargs)]
+
+
+def _at(arguments: list[tuple[tuple, dict]], spot: tuple):
+    index, where = spot
+    args, kwargs = arguments[index]
+    return args[where] if isinstance(where, int) else kwargs[where]
+
+
+def _stored(value, store_device):
+    return value.to(store_device) if isinstance(value, torch.Tensor) else value
 
 
 def _layers_share_state(arguments: list[tuple[tuple, dict]]) -> bool:
@@ -163,26 +182,20 @@ def _layers_share_state(arguments: list[tuple[tuple, dict]]) -> bool:
                for args, kwargs in arguments for value in (*args, *kwargs.values()))
 
 
-def _per_sample(first: list, second: list, walked: list[list], store_device) -> list[tuple[tuple, dict]]:
-    """`first` (each layer's (args, kwargs)) with what differs from `second` a `PerSample` of each of
-    the `walked` windows' own (on `store_device`), and each empty mapping one fresh per window (one
-    object for all layers of a window, as in the model's forward)."""
+def _per_sample(first: list[tuple[tuple, dict]], own: list[dict]) -> list[tuple[tuple, dict]]:
+    """`first` (each layer's (args, kwargs)) with each spot in `own` (one dict per walked window: spot ->
+    its value) a `PerSample` of the windows' own, and each empty mapping one fresh per window (one object
+    for all layers of a window, as in the model's forward)."""
     fresh: dict[int, PerSample] = {}
 
-    def per_sample(value, other, values):
+    def per_sample(spot, value):
         if isinstance(value, (dict, UserDict)) and not value:  # layers fill it for the layers after them
-            return fresh.setdefault(id(value), PerSample([type(value)() for _ in walked], filled=True))
-        if _same(value, other):
-            return value
-        return PerSample([v.to(store_device) if isinstance(v, torch.Tensor) else v for v in values])
+            return fresh.setdefault(id(value), PerSample([type(value)() for _ in own], filled=True))
+        return PerSample([values[spot] for values in own]) if own and spot in own[0] else value
 
-    out = []
-    for index, (args, kwargs) in enumerate(first):
-        other_args, other_kwargs = second[index]
-        out.append((tuple(per_sample(a, other_args[k], [w[index][0][k] for w in walked]) for k, a in enumerate(args)),
-                    {key: per_sample(value, other_kwargs[key], [w[index][1][key] for w in walked])
-                     for key, value in kwargs.items()}))
-    return out
+    return [(tuple(per_sample((index, k), a) for k, a in enumerate(args)),
+             {key: per_sample((index, key), value) for key, value in kwargs.items()})
+            for index, (args, kwargs) in enumerate(first)]
 
 
 def _same(a, b) -> bool:
