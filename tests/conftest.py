@@ -53,7 +53,7 @@ ALTERNATING = dict(sliding_window=16, layer_types=["sliding_attention", "full_at
 FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_dim=16), "granite": {}, "olmo2": {},
             "olmo3": ALTERNATING, "exaone4": ALTERNATING, "ministral": dict(sliding_window=16, head_dim=16), "ministral3": {},
             "seed_oss": {}, "ernie4_5": {}, "helium": dict(head_dim=16), "hunyuan_v1_dense": dict(head_dim=16),
-            "internlm3": {},
+            "internlm3": {}, "apertus": dict(head_dim=16),
             "cohere2": ALTERNATING, "stablelm": {}, "starcoder2": dict(sliding_window=16), "arcee": {},
             "glm4": {},
             "smollm3": dict(no_rope_layers=[1, 0]),  # its second layer without rotary positions (NoPE)
@@ -76,6 +76,10 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
 _ROUTED = dict(moe_intermediate_size=32, num_experts_per_tok=2)
 MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(num_experts=4, num_experts_per_tok=2),
            phimoe=dict(num_local_experts=4, num_experts_per_tok=2),
+           minimax_m2=dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+           # a dense first layer; value heads twice as wide as the query and key heads
+           mimo_v2_flash=dict(n_routed_experts=4, head_dim=16, v_head_dim=32, mlp_layer_types=["dense", "sparse"],
+                              layer_types=["full_attention", "sliding_attention"], sliding_window=16, **_ROUTED),
            granitemoe=dict(num_local_experts=4, num_experts_per_tok=2),
            flex_olmo=dict(num_experts=4, num_experts_per_tok=2),
            qwen3_moe=dict(head_dim=16, num_experts=4, mlp_only_layers=[0], **_ROUTED),

@@ -233,10 +233,18 @@ ADAPTERS = {
     # GPT-OSS: biased experts stored transposed with gate and up interleaved (thanos.experts reads
     # them so), whose activation is (clamp(up) + 1) * gate's
     "gpt_oss": _mixture_of_experts(up_to_down=False),
+    # MiniMax-M2: LLaMA's block with experts in place of the MLP (its q/k norms span the whole projection)
+    "minimax_m2": _mixture_of_experts(),
+    # MiMo-V2-Flash: a dense first layer, sliding-window layers between full ones, value heads wider
+    # than the query and key heads (v -> o's heads are not `attention_heads`' size: v's channels stay)
+    "mimo_v2_flash": _mixture_of_experts(dense_layers=True, v_to_o=False),
     "phimoe": _mixture_of_experts(dense=("mlp.router",)),
     "hunyuan_v1_moe": _mixture_of_experts(shared="shared_mlp", dense=("mlp.gate.wg",)),
     "granitemoe": _mixture_of_experts(block="block_sparse_moe"),
     "flex_olmo": _mixture_of_experts(norm_before=False),
+    # Apertus: no gate in its MLP (up -> xIELU -> down; a scale does not pass xIELU, a reorder does)
+    "apertus": Adapter("model.layers", (FreeChannels(("mlp.up_proj",), "mlp.down_proj"), _V_TO_O),
+                       _pre_norms("attention_layernorm", "feedforward_layernorm", ("mlp.up_proj",))),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
                    _opt_smoothing),
