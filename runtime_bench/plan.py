@@ -270,7 +270,25 @@ def plan_config(name: str):
     if config.model_type not in ADAPTERS:
         raise InputError(f"--config {name} is a {config.model_type!r} model; supported: {', '.join(sorted(ADAPTERS))}")
     # a vision-language checkpoint's plan is its language model's: the vision tower is never pruned
-    return config.get_text_config() if is_multimodal(config) else config
+    return _causal(config.get_text_config()) if is_multimodal(config) else config
+
+
+# language models transformers builds only inside their vision-language model, planned as the text
+# family whose layers they share (the same linears; only their rotary positions differ, which no
+# cost depends on), with that family's names for their fields
+_PLANNED_AS = {"qwen3_vl_text": ("qwen3", {}), "qwen3_vl_moe_text": ("qwen3_moe", {"num_local_experts": "num_experts"})}
+
+
+def _causal(text):
+    """`text` (a language model's config) as a config `AutoModelForCausalLM` builds."""
+    if text.model_type not in _PLANNED_AS:
+        return text
+    from transformers import AutoConfig
+
+    family, renamed = _PLANNED_AS[text.model_type]
+    fields = {renamed.get(key, key): value for key, value in text.to_dict().items()
+              if key not in ("model_type", "transformers_version", "architectures")}
+    return AutoConfig.for_model(family, **fields)
 
 
 def layer_kinds(config) -> list[dict]:

@@ -116,7 +116,11 @@ FAMILIES["gemma4_text_ple"] = dict(FAMILIES["gemma4_text"], model_type="gemma4_t
                                    layer_types=["full_attention", "full_attention"])
 FAMILIES.update(MOE)
 # vision-language checkpoints: a vision tower beside the language model, which stays as it is
-VISION_LANGUAGE = ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe")
+VISION_LANGUAGE = ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe")
+# Qwen3-VL's language models (no text-only model type of their own): Qwen3's, and Qwen3-MoE's with a
+# dense first layer
+QWEN3_VL_TEXT = dict(qwen3_vl=dict(head_dim=16),
+                     qwen3_vl_moe=dict(head_dim=16, num_local_experts=4, mlp_only_layers=[0], **_ROUTED))
 
 
 def tiny_config(kind: str, **overrides):
@@ -176,6 +180,17 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
         vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14)
         model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(kind, text_config=text,
                                                                              vision_config=vision, **overrides))
+    elif kind in QWEN3_VL_TEXT:  # Qwen3-VL: a vision tower whose features join the first layer's output
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=256, bos_token_id=0,
+                    eos_token_id=0, pad_token_id=0, **QWEN3_VL_TEXT[kind])
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      deepstack_visual_indexes=[0])
+        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(
+            kind, text_config=text, vision_config=vision, image_token_id=TINY_VOCAB - 1, video_token_id=TINY_VOCAB - 2,
+            vision_start_token_id=TINY_VOCAB - 3, **overrides))
     elif kind == "gemma4":  # Gemma 4 as released: a vision tower beside the language model
         from transformers import AutoConfig, AutoModelForImageTextToText
 

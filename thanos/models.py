@@ -210,11 +210,15 @@ ADAPTERS = {
     **{t: Adapter(layers, (_LLAMA_FREE[0],), (_INNER_SMOOTHING[0],),
                   dense=("linear_attn.in_proj_a", "linear_attn.in_proj_b"))
        for t, layers in (("qwen3_5_text", "model.layers"), ("qwen3_5", "model.language_model.layers"))},
+    # Qwen3-VL: Qwen3's layers beside a vision tower (whose features it adds to its first layers' outputs,
+    # none in text)
+    "qwen3_vl": Adapter("model.language_model.layers", _LLAMA_FREE, _LLAMA_SMOOTHING),
     # mixture of experts, the experts' fused weights seen as one linear per expert (thanos.experts);
     # the routers are not linears, Qwen2-MoE's shared-expert gate is one row
     **{t: _mixture_of_experts() for t in ("mixtral", "olmoe")},
     "qwen2_moe": _mixture_of_experts(shared="shared_expert", dense_layers=True, dense=("mlp.shared_expert_gate",)),
     "qwen3_moe": _mixture_of_experts(dense_layers=True),
+    "qwen3_vl_moe": _mixture_of_experts(dense_layers=True, layers="model.language_model.layers"),
     # Qwen3.5's linear-attention layers (as its dense adapter) beside a shared expert and its gate
     **{t: _mixture_of_experts(shared="shared_expert", norm_before=False, v_to_o=False, layers=layers,
                               dense=("mlp.shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b"))
