@@ -103,6 +103,10 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
            deepseek_v3=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                             q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                             **_ROUTED),
+           # GLM-4.7-Flash: DeepSeek V3's latent attention and experts
+           glm4_moe_lite=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                              n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+                              qk_nope_head_dim=16, v_head_dim=16, **_ROUTED),
            deepseek_v2=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                             q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                             **_ROUTED),

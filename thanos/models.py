@@ -226,7 +226,7 @@ ADAPTERS = {
     **{t: _mixture_of_experts(shared="shared_experts", dense_layers=True)
        for t in ("glm4_moe", "ernie4_5_moe", "dots1", "exaone_moe")},
     **{t: _mixture_of_experts(shared="shared_experts", dense_layers=True, v_to_o=False, attention=_latent_attention)
-       for t in ("deepseek_v2", "deepseek_v3")},
+       for t in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")},
     # Qwen3-Next: Qwen3.5-MoE's layers with the linear attention's projections fused (in_proj_ba: a
     # row per value head for each of its two gates)
     "qwen3_next": _mixture_of_experts(shared="shared_expert", norm_before=False, v_to_o=False,
