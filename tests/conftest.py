@@ -76,6 +76,9 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
 _ROUTED = dict(moe_intermediate_size=32, num_experts_per_tok=2)
 MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(num_experts=4, num_experts_per_tok=2),
            phimoe=dict(num_local_experts=4, num_experts_per_tok=2),
+           # Llama 4: a dense layer, then a layer of 4 experts (top 1) with a shared expert; chunked attention
+           llama4_text=dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=128,
+                            interleave_moe_layer_step=2, attention_chunk_size=16, head_dim=16),
            minimax_m2=dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
            # a dense first layer; value heads twice as wide as the query and key heads
            mimo_v2_flash=dict(n_routed_experts=4, head_dim=16, v_head_dim=32, mlp_layer_types=["dense", "sparse"],

@@ -7,7 +7,8 @@ and projection whose weight is a view of the fused tensor (no copy), called on t
 to that expert only, so the driver's hooks gather each expert's statistics from its own tokens
 and every step (solve, permutation, reconstruction, checkpoint, report) names it like any linear:
 `...mlp.experts.3.gate_proj`. Saving puts the fused modules back (`fused_for_saving`), so the
-directory is the family's own checkpoint format.
+directory is the family's own checkpoint format. Llama 4's experts take every token scaled by its
+router score instead of the routed tokens (`UnfusedScaledInputExperts`).
 """
 from __future__ import annotations
 
@@ -30,8 +31,32 @@ def is_fused_experts(module: nn.Module) -> bool:
                  or hasattr(module, "gate_up_proj_bias") and hasattr(module, "down_proj_bias")))
 
 
+def is_scaled_input_experts(module: nn.Module) -> bool:
+    """Llama 4's experts module: gate and up concatenated and down, stored (in, out), every expert run on
+    every token's input scaled by its router score (zero where the token is not routed to it), the
+    experts' inputs stacked in one (experts x tokens, hidden) tensor."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (type(module).__name__ == "Llama4TextExperts" and isinstance(gate_up, nn.Parameter)
+            and isinstance(down, nn.Parameter) and gate_up.dim() == down.dim() == 3)
+
+
+def _declare_layout_(module: nn.Module) -> None:
+    """Give Llama 4's experts module the layout flags (and gate function) transformers' other fused
+    experts carry, which `expert_views` and saving read."""
+    module.has_gate, module.is_concatenated, module.is_transposed = True, True, True
+    module.has_bias, module.has_post_expert_norm = False, False
+
+    def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return up * module.act_fn(gate)
+
+    module._apply_gate = apply_gate
+
+
 def expert_views(fused: nn.Module, e: int) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Expert `e`'s {projection: (weight (out, in), bias or None)}, views of the fused tensors."""
+    if is_scaled_input_experts(fused) and not hasattr(fused, "has_gate"):  # as transformers loads it
+        _declare_layout_(fused)
     weights = {**expert_weights(fused, "gate_up_proj", fused.gate_up_proj.data, e),
                **expert_weights(fused, "down_proj", fused.down_proj.data, e)}
     biases = {}
@@ -121,6 +146,28 @@ class UnfusedExperts(nn.ModuleList):
                             held.data = target
 
 
+class UnfusedScaledInputExperts(UnfusedExperts):
+    """Llama 4's experts (`is_scaled_input_experts`), one linear per expert and projection: expert e
+    reads the rows of its block where the router sent a token (the others are zero, and so is their
+    output: no biases), so its statistics are those of its own tokens, as `UnfusedExperts`'."""
+
+    def __init__(self, fused: nn.Module):
+        _declare_layout_(fused)
+        super().__init__(fused)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        blocks = hidden_states.view(len(self), -1, hidden_states.shape[-1])  # (experts, tokens, hidden)
+        final = torch.zeros_like(blocks)
+        for e, expert in enumerate(self):
+            tokens = torch.where(blocks[e].ne(0).any(-1))[0]
+            if not len(tokens) and not self.call_idle:
+                continue
+            x = blocks[e, tokens]
+            hidden = self.fused._apply_gate(torch.cat([expert.gate_proj(x), expert.up_proj(x)], dim=-1))
+            final[e, tokens] = expert.down_proj(hidden).to(final.dtype)
+        return final.view(-1, hidden_states.shape[-1])
+
+
 def merge_expert_groups(groups: list[list[str]], layer: nn.Module, prefix: str) -> list[list[str]]:
     """A layer's linear groups in solving order (`SharedInputStatistics.groups`), each mixture of
     experts' merged: every expert's gate/up where the first of them was, every down_proj where the
@@ -187,9 +234,11 @@ def serve_experts_(model: nn.Module) -> None:
 
 def unfuse_experts_(model: nn.Module) -> int:
     """Replace every fused experts module in `model` by `UnfusedExperts`; returns how many."""
-    found = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
+    found = [(name, module) for name, module in model.named_modules()
+             if is_fused_experts(module) or is_scaled_input_experts(module)]
     for name, module in found:
-        _replace(model, name, UnfusedExperts(module))
+        _replace(model, name, UnfusedScaledInputExperts(module) if is_scaled_input_experts(module)
+                 else UnfusedExperts(module))
     return len(found)
 
 

@@ -103,14 +103,15 @@ def _pre_norms(attention: str, mlp: str, mlp_inputs: tuple[str, ...]) -> tuple[S
             SmoothGroup(mlp, mlp_inputs), _INNER_SMOOTHING[1])
 
 
-def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_layers: bool = False,
+def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_layers: "bool | str" = False,
                        norm_before: bool = True, v_to_o: bool = True, dense: tuple[str, ...] = (),
                        layers: str = "model.layers", attention: Optional[Callable] = None,
                        up_to_down: bool = True) -> Adapter:
     """A family whose MLP is a mixture of experts (`thanos.experts` names each expert's linears).
 
     Free: each expert's gate/up rows -> its down_proj columns, likewise a `shared` expert's and the
-    dense MLP of the layers that have one (`dense_layers`), v_proj -> o_proj per head. Smoothing:
+    dense MLP of the layers that have one (`dense_layers`: True, named `mlp`, or its name),
+    v_proj -> o_proj per head. Smoothing:
     the norm before q/k/v (unless the family's norms follow attention and MLP: `norm_before` False),
     v_proj -> o_proj, each up_proj -> its down_proj; the norm before the experts feeds the router
     too, which is no linear a scale could fold into. `dense`: linears left unpruned (routers and gates,
@@ -121,7 +122,8 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
     """
     def mlps(config) -> list[str]:
         mlps = [f"{block}.experts.{e}" for e in range(expert_count(config))]
-        return mlps + ([f"{block}.{shared}"] if shared else []) + (["mlp"] if dense_layers else [])
+        dense_mlp = dense_layers if isinstance(dense_layers, str) else "mlp" if dense_layers else None
+        return mlps + ([f"{block}.{shared}"] if shared else []) + ([dense_mlp] if dense_mlp else [])
 
     def free(config) -> tuple[FreeChannels, ...]:
         return ((_V_TO_O,) if v_to_o else ()) + tuple(
@@ -237,6 +239,11 @@ ADAPTERS = {
     # GPT-OSS: biased experts stored transposed with gate and up interleaved (thanos.experts reads
     # them so), whose activation is (clamp(up) + 1) * gate's
     "gpt_oss": _mixture_of_experts(up_to_down=False),
+    # Llama 4: every other layer (as its config says) experts, a shared expert and a router (a linear,
+    # kept dense) in place of the MLP, both under the name feed_forward; its experts read inputs the
+    # router's scores have scaled (thanos.experts.UnfusedScaledInputExperts)
+    "llama4_text": _mixture_of_experts(block="feed_forward", shared="shared_expert", dense_layers="feed_forward",
+                                       dense=("feed_forward.router",)),
     # MiniMax-M2: LLaMA's block with experts in place of the MLP (its q/k norms span the whole projection)
     "minimax_m2": _mixture_of_experts(),
     # MiMo-V2-Flash: a dense first layer, sliding-window layers between full ones, value heads wider

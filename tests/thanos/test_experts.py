@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from thanos import PruneConfig
 from thanos.calibration import sample_windows, tokenize_split
 from thanos.driver import capture_layer_inputs, collect_statistics, layer_arguments
-from thanos.experts import UnfusedExperts, expert_views, is_fused_experts
+from thanos.experts import UnfusedExperts, expert_views, is_fused_experts, is_scaled_input_experts
 from thanos.linears import weight_view
 from thanos.model_config import expert_count
 from thanos.models import LayerSelection, decoder_layers, load_model, prunable_linears
@@ -51,7 +51,7 @@ def test_each_expert_is_pruned_as_its_own_linears_and_saved_in_the_familys_layou
     report = prune_to_directory(PruneJob(out=str(out), model=str(source), config=PruneConfig(pattern="2:4"), **SMALL))
     assert {layer["name"] for layer in report["layers"]} == set(names)
     pruned = AutoModelForCausalLM.from_pretrained(out).eval()
-    fused = [m for m in pruned.modules() if is_fused_experts(m)]
+    fused = [m for m in pruned.modules() if is_fused_experts(m) or is_scaled_input_experts(m)]
     assert len(fused) == len(blocks)
     for block in fused:
         for e in range(experts):
@@ -84,6 +84,29 @@ def test_an_experts_statistics_are_those_of_the_tokens_routed_to_it(tmp_path_fac
     for e in range(4):
         for projection in ("gate_proj", "down_proj"):
             name = f"model.layers.0.mlp.experts.{e}.{projection}"
+            assert shared.stats[shared.source[name]].tokens == routed[e]
+
+
+def test_llama4s_experts_see_only_the_tokens_routed_to_them(tmp_path_factory, tiny_tokenizer_dir):
+    """Llama 4 runs every expert on every token, scaled by its router score (zero where not routed): each
+    expert's linears count the tokens routed to it, not every token."""
+    from thanos.driver import run_layer
+
+    model, tokenizer = load_model(str(_save_tiny("llama4_text", tmp_path_factory, tiny_tokenizer_dir)))
+    samples = sample_windows(tokenize_split(tokenizer, None).calibration, 2, 32)
+    inputs, _, _ = capture_layer_inputs(model, samples, "cpu", "cpu")
+    arguments = layer_arguments(model, samples, "cpu")
+    inputs = run_layer(decoder_layers(model)[0], inputs, *arguments[0], "cpu", "cpu")  # the dense layer
+    layer = decoder_layers(model)[1]
+    block_inputs = []
+    hook = layer.feed_forward.register_forward_pre_hook(lambda m, a: block_inputs.append(a[0]))
+    shared = collect_statistics(layer, prunable_linears(model, LayerSelection())[1], inputs, *arguments[1], "cpu", "cpu")
+    hook.remove()
+    routed = sum((layer.feed_forward.router(x.reshape(-1, x.shape[-1]))[0] != 0).sum(0) for x in block_inputs)
+    assert routed.sum() == samples.numel() and (routed > 0).all()  # one expert a token
+    for e in range(4):
+        for projection in ("gate_proj", "down_proj"):
+            name = f"model.layers.1.feed_forward.experts.{e}.{projection}"
             assert shared.stats[shared.source[name]].tokens == routed[e]
 
 
