@@ -18,7 +18,7 @@ from torch import nn
 
 from thanos.errors import ThanosExportError
 from thanos.experts import unfuse_experts_
-from thanos.linears import is_prunable, weight_view
+from thanos.linears import is_prunable
 from thanos.model_config import auto_class, expert_count, saved_config, text_config, text_field
 from thanos.smooth import SmoothGroup
 
