@@ -30,7 +30,7 @@ from thanos.config import PruneConfig
 from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, prune_layer, quantizes_per_group,
                            run_layer, solve_costs)
 from thanos.errors import InputError
-from thanos.experts import UnfusedExperts, is_fused_experts, is_scaled_input_experts, unfuse_experts_
+from thanos.experts import UnfusedExperts, is_experts_module, unfuse_experts_
 from thanos.model_config import is_multimodal
 from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears,
                            smoothing_groups)
@@ -315,8 +315,7 @@ def _traits(config, layer, index: int) -> tuple[str, str, str]:
     """(its attention kind, "experts" or "dense MLP", whether it reuses an earlier layer's keys and
     values) of decoder layer `index`."""
     kinds = getattr(config, "layer_types", None)
-    experts = any(is_fused_experts(m) or is_scaled_input_experts(m) or isinstance(m, UnfusedExperts)
-                  for m in layer.modules())
+    experts = any(is_experts_module(m) or isinstance(m, UnfusedExperts) for m in layer.modules())
     reuses = getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)
     return ((kinds[index].replace("_", " ") if kinds else "attention"), ("experts" if experts else "dense MLP"),
             "keys and values reused" if reuses else "own keys and values")

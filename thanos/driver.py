@@ -261,9 +261,10 @@ def prune_model_(
         check_pattern_fits(linears, config)
     layers = decoder_layers(model)
     done = _open_checkpoints(checkpoints, parallel)
-    inputs, _, _ = capture_layer_inputs(model, parallel.shard(samples), device, store_device)
+    own_samples = parallel.shard(samples)
+    inputs, _, _ = capture_layer_inputs(model, own_samples, device, store_device)
     # each layer's mask and rotary embeddings; each sample's own where they differ by sample
-    arguments = layer_arguments(model, samples, device, parallel.shard(samples), store_device)
+    arguments = layer_arguments(model, samples, device, own_samples, store_device)
     # A reconstruction aimed at the dense model needs its activations beside the pruned path's.
     reconstruct = config.recipe.get(Reconstruct)
     dense_inputs = list(inputs) if reconstruct and reconstruct.target == "dense" else None
@@ -576,7 +577,7 @@ def prune_layer(step: LayerStep, config: PruneConfig, progress: Optional[Progres
     at_end = quantize is not None and not per_group  # the 8-bit step after every solve of the layer
     chunks = experts_in_turns(step, parallel, lambda chunks: _gathered_at_once(step, chunks, at_end, reconstruct,
                                                                               bool(smooth)))
-    in_turns = {name for chunk in chunks for name in chunk}
+    in_turns = _turn_of(chunks).keys()
     first = step.linears  # group by group, the first pass only tells the groups apart (all are hooked)
     if not recipe.solve.sequential:
         first = {name: mod for name, mod in step.linears.items() if name not in in_turns}
@@ -693,6 +694,11 @@ def experts_in_turns(step: LayerStep, parallel: Parallel,
     return chunks
 
 
+def _turn_of(chunks: list[list[str]]) -> dict[str, int]:
+    """{an expert's linear: the index of the chunk (turn) it is in}."""
+    return {name: index for index, names in enumerate(chunks) for name in names}
+
+
 def _gathered_at_once(step: LayerStep, chunks: list[list[str]], at_end: bool, reconstruct, smooth: bool
                       ) -> Optional[str]:
     """Why the experts' statistics cannot be taken in `chunks`, or None. The 8-bit step at the layer's
@@ -704,7 +710,7 @@ def _gathered_at_once(step: LayerStep, chunks: list[list[str]], at_end: bool, re
     if reconstruct:
         return "the 8-bit step after the reconstruction reads every linear's Hessian there"
     if smooth:
-        turn_of = {name: index for index, names in enumerate(chunks) for name in names}
+        turn_of = _turn_of(chunks)
         for group in step.smoothing:
             members = [step.prefix + name for name in (group.producer, *group.consumers)]
             if len({turn_of.get(name) for name in members if name in step.linears}) > 1:
@@ -747,7 +753,7 @@ def solve_experts_in_turns(step: LayerStep, shared: SharedInputStatistics, chunk
 
 def _in_turns(groups: list[list[str]], chunks: list[list[str]]) -> list[tuple[list[str], int, int]]:
     """`groups` with each group's experts split by `chunks`, in order: (names, its turn, its group's turns)."""
-    chunk_of = {name: index for index, names in enumerate(chunks) for name in names}
+    chunk_of = _turn_of(chunks)
     turns = []
     for group in groups:
         parts: dict[Optional[int], list[str]] = {}
@@ -805,7 +811,7 @@ def solve_in_order(step: LayerStep, shared: "SharedInputStatistics", config: Pru
     waiting_reports: list[dict] = []
     amax: dict[str, torch.Tensor] = {}
     turns = _in_turns(groups, chunks)
-    chunk_of = {name: index for index, names in enumerate(chunks) for name in names}
+    chunk_of = _turn_of(chunks)
     last_turn = {chunk_of[names[0]]: index for index, (names, _, _) in enumerate(turns) if names[0] in chunk_of}
     for index, (names, turn, group_turns) in enumerate(turns):
         chunk = chunk_of.get(names[0])  # a turn's linears are one chunk's, or none's

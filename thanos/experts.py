@@ -40,6 +40,11 @@ def is_scaled_input_experts(module: nn.Module) -> bool:
             and isinstance(down, nn.Parameter) and gate_up.dim() == down.dim() == 3)
 
 
+def is_experts_module(module: nn.Module) -> bool:
+    """A fused experts module `unfuse_experts_` replaces (transformers' usual layout, or Llama 4's)."""
+    return is_fused_experts(module) or is_scaled_input_experts(module)
+
+
 def _declare_layout_(module: nn.Module) -> None:
     """Give Llama 4's experts module the layout flags (and gate function) transformers' other fused
     experts carry, which `expert_views` and saving read."""
@@ -151,10 +156,6 @@ class UnfusedScaledInputExperts(UnfusedExperts):
     reads the rows of its block where the router sent a token (the others are zero, and so is their
     output: no biases), so its statistics are those of its own tokens, as `UnfusedExperts`'."""
 
-    def __init__(self, fused: nn.Module):
-        _declare_layout_(fused)
-        super().__init__(fused)
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         blocks = hidden_states.view(len(self), -1, hidden_states.shape[-1])  # (experts, tokens, hidden)
         final = torch.zeros_like(blocks)
@@ -234,8 +235,7 @@ def serve_experts_(model: nn.Module) -> None:
 
 def unfuse_experts_(model: nn.Module) -> int:
     """Replace every fused experts module in `model` by `UnfusedExperts`; returns how many."""
-    found = [(name, module) for name, module in model.named_modules()
-             if is_fused_experts(module) or is_scaled_input_experts(module)]
+    found = [(name, module) for name, module in model.named_modules() if is_experts_module(module)]
     for name, module in found:
         _replace(model, name, UnfusedScaledInputExperts(module) if is_scaled_input_experts(module)
                  else UnfusedExperts(module))
