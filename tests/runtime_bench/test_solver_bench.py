@@ -10,7 +10,11 @@ def test_solver_bench_reference_gives_the_same_error():
     records = solver.run(["64x128"], ["thanos", "sparsegpt", "wanda"], ["2:4"], [32], "cpu", echo=lambda _: None)
     by_method = {r["method"]: r for r in records}
     assert set(by_method) == {"thanos", "sparsegpt", "wanda", "thanos (per-block)"}
-    assert by_method["thanos (per-block)"]["error"] == pytest.approx(by_method["thanos"]["error"], rel=1e-4)
+    # two fp32 solves over c = 128 inputs: each error is a sum with c * eps relative round-off, of weights
+    # whose own round-off the solves amplify by up to c
+    c = 128
+    assert by_method["thanos (per-block)"]["error"] == pytest.approx(by_method["thanos"]["error"],
+                                                                      rel=c * c * torch.finfo(torch.float32).eps)
     assert by_method["thanos"]["error"] < by_method["wanda"]["error"]
 
 

@@ -23,6 +23,17 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     return H + damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
 
 
+def solve_tolerance(W: torch.Tensor, H: torch.Tensor, damp: float) -> float:
+    """Largest entry-wise difference an fp32 solve of the damped system may show against an fp64 one.
+
+    fp32 round-off of the k-term sums, amplified by the condition of the damped Hessian's Cholesky
+    factor (the square root of the Hessian's), at the weights' scale.
+    """
+    eig = torch.linalg.eigvalsh(damped(H.double(), damp))
+    k = H.shape[0]
+    return k * torch.finfo(torch.float32).eps * float(eig[-1] / eig[0]) ** 0.5 * float(W.abs().max())
+
+
 def assert_nm(weight: torch.Tensor, n: int, m: int):
     rows, cols = weight.shape
     nonzeros = (weight != 0).reshape(rows, cols // m, m).sum(-1)

@@ -37,7 +37,8 @@ def test_loud_channels_bunched_in_one_group_are_spread_out():
     scores[:, :4] = 10.0  # the first group holds four loud channels: 2:4 must drop two of them
     order = group_order(scores, 2, 4)
     assert pruned_saliency(scores[:, order], 2, 4) < 0.01 * pruned_saliency(scores, 2, 4)
-    assert pruned_saliency(scores[:, order], 2, 4) == pytest.approx(16 * 8 * 2 * 0.01, rel=1e-5)
+    # a sum of 16 * 8 * 2 fp32 terms of one size
+    assert pruned_saliency(scores[:, order], 2, 4) == pytest.approx(16 * 8 * 2 * 0.01, rel=16 * 8 * 2 * EPS)
 
 
 def test_windows_bound_where_channels_may_go():
