@@ -263,6 +263,17 @@ def pruned_gpt2_2of4(tmp_path_factory, tiny_gpt2_dir):
 
 
 @pytest.fixture(scope="session")
+def pruned_default_model(tmp_path_factory):
+    """The real default model pruned by the default route, with little calibration, and its report: pruned
+    once for every test that reads a pruned default model (each prune takes minutes on a slow CPU)."""
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    out = tmp_path_factory.mktemp("smollm2") / "pruned"
+    report = prune_to_directory(PruneJob(out=str(out), calib_samples=2, seqlen=64, eval_windows=2, device="cpu"))
+    return out, report
+
+
+@pytest.fixture(scope="session")
 def pruned_with_outliers(tmp_path_factory, tiny_llama_dir):
     """2:4 with 5% dense outlier rows (alpha): what --split-dense-rows exports."""
     return _pruned(tmp_path_factory, tiny_llama_dir, "2:4", alpha=0.05)

@@ -3,14 +3,12 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from thanos.linears import weight_view
-from thanos.pipeline import PruneJob, prune_to_directory
 from tests.thanos.helpers import assert_nm
 
 
 @pytest.mark.slow
-def test_default_model_prunes_and_stays_usable(tmp_path):
-    out = tmp_path / "smollm2"
-    report = prune_to_directory(PruneJob(out=str(out), calib_samples=2, seqlen=64, eval_windows=2, device="cpu"))
+def test_default_model_prunes_and_stays_usable(pruned_default_model):
+    out, report = pruned_default_model
     assert report["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert len(report["layers"]) == 30 * 7
     before, after = report["perplexity_before"]["value"], report["perplexity_after"]["value"]
