@@ -131,8 +131,8 @@ def check_options_apply(fmt: "str | ExportFormat", options: ExportOptions) -> No
 _UNTRACEABLE = (
     (is_multimodal, "a vision-language checkpoint ({kind}); the onnx, genai and tensorrt targets export text-only "
                     "models"),
-    (has_recurrent_layers, "a model with linear-attention layers ({kind}), whose recurrent state the onnx, genai "
-                           "and tensorrt graphs do not carry (they have a KV cache)"),
+    (has_recurrent_layers, "a model with linear-attention, Mamba or convolution layers ({kind}), whose recurrent "
+                           "state the onnx, genai and tensorrt graphs do not carry (they have a KV cache)"),
     (is_mixture_of_experts, "a mixture-of-experts model ({kind}), whose router picks experts per token: a graph "
                             "traced from the forward would keep the experts the example's tokens picked"),
     (has_per_layer_shapes, "a model whose layers differ in their attention's shape ({kind}: a per-layer config, as "

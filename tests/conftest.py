@@ -64,6 +64,13 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
             "phi3": dict(original_max_position_embeddings=56,
                          rope_scaling=dict(type="longrope", short_factor=[1.0] * 8, long_factor=[1.0, 2.0, 4.0, 8.0,
                                                                                                  16.0, 32.0, 64.0, 128.0])),
+            # hybrids: a Mamba-2 (LFM2: short-convolution) layer, then an attention one (Nemotron-H: then an MLP)
+            "lfm2": dict(layer_types=["conv", "full_attention"], block_ff_dim=128, block_auto_adjust_ff_dim=False),
+            "nemotron_h": dict(layers_block_type=["linear_attention", "full_attention", "mlp"], num_hidden_layers=3, mamba_num_heads=8,
+                               mamba_head_dim=16, ssm_state_size=16, n_groups=2, head_dim=16, chunk_size=16),
+            "granitemoehybrid": dict(layer_types=["mamba", "attention"], num_local_experts=0, shared_intermediate_size=128,
+                                     mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
+                                     mamba_chunk_size=16),
             # Qwen3.5: a linear-attention (Gated DeltaNet) layer, then a full-attention one
             "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                                  linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),
@@ -113,6 +120,9 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
            deepseek_v2=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                             q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                             **_ROUTED),
+           # Granite 4's hybrid with experts beside its MLP (H-Tiny, H-Small)
+           granitemoehybrid_moe=dict(FAMILIES["granitemoehybrid"], model_type="granitemoehybrid", num_local_experts=4,
+                                     num_experts_per_tok=2, intermediate_size=32),
            # Gemma 4 with experts: a dense MLP and, beside it, experts a router picks (the same model type)
            gemma4_text_moe=dict(FAMILIES["gemma4_text"], model_type="gemma4_text", enable_moe_block=True, num_experts=4,
                                 top_k_experts=2, moe_intermediate_size=32))

@@ -427,7 +427,7 @@ def test_linear_attention_layers_prune_but_keep_their_head_gates_and_refuse_the_
     gates = [name for name in before if name.endswith(("in_proj_a.weight", "in_proj_b.weight"))]
     assert gates and not any(name[:-len(".weight")] in names for name in gates)
     assert all(torch.equal(before[name], after[name]) for name in gates)
-    _graph_targets_refused(runner, source, out, tmp_path, "linear-attention layers")
+    _graph_targets_refused(runner, source, out, tmp_path, "linear-attention, Mamba or convolution layers")
 
 
 def _pruned_tiny(family: str, tmp_path_factory, tokenizer_dir, out) -> tuple:

@@ -64,10 +64,14 @@ def is_mixture_of_experts(config) -> bool:
     return expert_count(config) > 0
 
 
+RECURRENT_LAYER_KINDS = {"linear_attention", "mamba", "conv"}  # Qwen3.5 and Nemotron-H, Granite 4, LFM2
+
+
 def has_recurrent_layers(config) -> bool:
-    """Layers that carry a recurrent state instead of a KV cache (Qwen3.5's linear attention), from a
-    config or config.json's dict."""
-    return "linear_attention" in (text_field(config, "layer_types") or ())
+    """Layers that carry a recurrent or convolution state instead of a KV cache (Qwen3.5's linear
+    attention, Mamba-2 layers, LFM2's short convolutions), from a config or config.json's dict."""
+    kinds = text_field(config, "layer_types") or text_field(config, "layers_block_type") or ()
+    return bool(RECURRENT_LAYER_KINDS & set(kinds))
 
 
 def has_per_layer_shapes(config) -> bool:

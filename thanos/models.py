@@ -57,6 +57,9 @@ class Adapter:
     # linears never pruned (names relative to a layer): a few rows that gate a whole head, where a
     # pruning error costs most and saves least
     dense: tuple[str, ...] = ()
+    # why a config of this family cannot be pruned (None where it can): weights this adapter would
+    # leave dense without a word
+    refuse: Optional[Callable[[object], Optional[str]]] = None
 
 
 _V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
@@ -177,6 +180,33 @@ def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
             *(SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in _gemma4_mlps(config)))
 
 
+def _nemotron_h_refuse(config) -> Optional[str]:
+    if "moe" in (getattr(config, "layers_block_type", None) or ()):
+        return ("its mixture-of-experts layers keep their experts as up/down weights of all experts at once, "
+                "which thanos.experts does not read yet (they would stay dense); the hybrids without experts "
+                "(Nemotron-H, Nemotron Nano 2) are supported")
+    return None
+
+
+def _granite_experts(config) -> list[str]:
+    return [f"block_sparse_moe.experts.{e}" for e in range(expert_count(config))]
+
+
+def _granite_hybrid_free(config) -> tuple[FreeChannels, ...]:
+    """v_proj -> o_proj per head, each expert's gate/up rows -> its down_proj columns (the MLP beside
+    them fuses gate and up in input_linear)."""
+    return (_V_TO_O, *(FreeChannels((f"{e}.gate_proj", f"{e}.up_proj"), f"{e}.down_proj") for e in _granite_experts(config)))
+
+
+def _granite_hybrid_smoothing(config) -> tuple[SmoothGroup, ...]:
+    """Granite 4's hybrid layers: the norm before attention's q/k/v or Mamba's in_proj; the one before the
+    MLP only where no router reads it too; v_proj -> o_proj, each expert's up_proj -> its down_proj."""
+    experts = _granite_experts(config)
+    mlp = () if experts else (SmoothGroup("post_attention_layernorm", ("shared_mlp.input_linear",)),)
+    return (_LLAMA_SMOOTHING[0], SmoothGroup("input_layernorm", ("mamba.in_proj",)), *mlp, _INNER_SMOOTHING[1],
+            *(SmoothGroup(f"{e}.up_proj", (f"{e}.down_proj",)) for e in experts))
+
+
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
 # families share one entry; phi3 fuses gate/up and q/k/v, so its channels are not listed.
 ADAPTERS = {
@@ -256,6 +286,29 @@ ADAPTERS = {
     # Apertus: no gate in its MLP (up -> xIELU -> down; a scale does not pass xIELU, a reorder does)
     "apertus": Adapter("model.layers", (FreeChannels(("mlp.up_proj",), "mlp.down_proj"), _V_TO_O),
                        _pre_norms("attention_layernorm", "feedforward_layernorm", ("mlp.up_proj",))),
+    # Hybrids of Mamba-2 (or short convolution) layers and attention ones. Mamba's in_proj rows are
+    # fused projections gated by a norm over groups of channels, so nothing moves from it into out_proj;
+    # its input norm folds as attention's does.
+    # LFM2: short-convolution layers (in_proj's rows are three fused projections) between attention ones,
+    # an MLP of w1 (gate), w3 (up) and w2 (down) in every layer
+    "lfm2": Adapter("model.layers", (FreeChannels(("feed_forward.w1", "feed_forward.w3"), "feed_forward.w2"),
+                                     FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
+                    (SmoothGroup("operator_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                     SmoothGroup("operator_norm", ("conv.in_proj",)),
+                     SmoothGroup("ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
+                     SmoothGroup("feed_forward.w3", ("feed_forward.w2",)),
+                     SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",), per_head=True))),
+    # Nemotron-H: one mixer per layer (Mamba-2, attention or an MLP of up and down through ReLU², which a
+    # scale does not pass), each after its own norm
+    "nemotron_h": Adapter("model.layers", (FreeChannels(("mixer.up_proj",), "mixer.down_proj"),
+                                           FreeChannels(("mixer.v_proj",), "mixer.o_proj", per_head=True)),
+                          (SmoothGroup("norm", ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj")),
+                           SmoothGroup("norm", ("mixer.in_proj",)), SmoothGroup("norm", ("mixer.up_proj",)),
+                           SmoothGroup("mixer.v_proj", ("mixer.o_proj",), per_head=True)),
+                          refuse=_nemotron_h_refuse),
+    # Granite 4 (H): Mamba-2 or attention, then an MLP (gate and up fused) and, where the config has
+    # them, experts beside it
+    "granitemoehybrid": Adapter("model.layers", _granite_hybrid_free, _granite_hybrid_smoothing),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
                                             FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
                    _opt_smoothing),
@@ -273,7 +326,11 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}. "
             "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
         )
-    return ADAPTERS[model_type]
+    adapter = ADAPTERS[model_type]
+    reason = adapter.refuse and adapter.refuse(model.config)
+    if reason:
+        raise ModelError(f"this {model_type!r} model is not supported yet: {reason}")
+    return adapter
 
 
 def free_channels(model: nn.Module) -> tuple[FreeChannels, ...]:

@@ -98,3 +98,18 @@ def test_the_torch_target_runs_a_mixture_of_experts_on_sparse_kernels(quantize, 
     with torch.no_grad():
         logits = model(torch.tensor([[5]], device="cuda"), use_cache=False).logits  # one token: two experts idle
     assert torch.isfinite(logits).all() and len(report.converted) == len(summary["converted"])
+
+
+@pytest.mark.parametrize("family", ["lfm2", "nemotron_h", "granitemoehybrid"])
+def test_hybrids_with_a_recurrent_state_are_refused_by_the_graph_targets(family, tmp_path):
+    """Mamba-2 and short-convolution layers keep a state the graphs' KV cache does not hold: refused from
+    the config object and from config.json as saved (Nemotron-H names its layer kinds otherwise)."""
+    import json
+
+    from exporters import untraceable
+    from tests.conftest import tiny_config
+
+    config = tiny_config(family)
+    config.save_pretrained(tmp_path)
+    for form in (config, json.loads((tmp_path / "config.json").read_text())):
+        assert "Mamba or convolution layers" in untraceable(form)

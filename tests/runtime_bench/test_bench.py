@@ -103,7 +103,7 @@ def test_model_level_times_a_hybrid_model_in_torch_and_says_why_not_in_the_graph
     assert [(r["backend"], r.get("phase"), r["status"]) for r in records] == [
         ("torch-dense", "prefill", "ok"), ("torch-dense", "decode", "ok"), ("onnxruntime", None, "skipped"),
         ("genai", None, "skipped")]
-    assert all("linear-attention layers" in r["reason"] for r in records[2:])
+    assert all("linear-attention, Mamba or convolution layers" in r["reason"] for r in records[2:])
 
 
 @pytest.mark.gpu
