@@ -120,6 +120,8 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
            deepseek_v2=dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
                             q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                             **_ROUTED),
+           # LFM2-MoE: a dense first layer (short convolution), then experts (attention)
+           lfm2_moe=dict(FAMILIES["lfm2"], num_dense_layers=1, num_experts=4, **_ROUTED),
            # Granite 4's hybrid with experts beside its MLP (H-Tiny, H-Small)
            granitemoehybrid_moe=dict(FAMILIES["granitemoehybrid"], model_type="granitemoehybrid", num_local_experts=4,
                                      num_experts_per_tok=2, intermediate_size=32),

@@ -180,6 +180,29 @@ def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
             *(SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in _gemma4_mlps(config)))
 
 
+def _lfm2_experts(config) -> list[str]:
+    return [f"feed_forward.experts.{e}" for e in range(expert_count(config))]
+
+
+def _lfm2_free(config) -> tuple[FreeChannels, ...]:
+    """w1/w3 rows -> w2 columns, each expert's gate/up -> its down_proj, v_proj -> out_proj per head."""
+    return (FreeChannels(("feed_forward.w1", "feed_forward.w3"), "feed_forward.w2"),
+            FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True),
+            *(FreeChannels((f"{e}.gate_proj", f"{e}.up_proj"), f"{e}.down_proj") for e in _lfm2_experts(config)))
+
+
+def _lfm2_smoothing(config) -> tuple[SmoothGroup, ...]:
+    """The norm before q/k/v or the convolution's in_proj; the one before the MLP where there is one (in
+    the layers of experts it feeds the router too, and the group has no consumer there); w3 -> w2,
+    v_proj -> out_proj, each expert's up_proj -> its down_proj."""
+    return (SmoothGroup("operator_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            SmoothGroup("operator_norm", ("conv.in_proj",)),
+            SmoothGroup("ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
+            SmoothGroup("feed_forward.w3", ("feed_forward.w2",)),
+            SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",), per_head=True),
+            *(SmoothGroup(f"{e}.up_proj", (f"{e}.down_proj",)) for e in _lfm2_experts(config)))
+
+
 def _nemotron_h_refuse(config) -> Optional[str]:
     if "moe" in (getattr(config, "layers_block_type", None) or ()):
         return ("its mixture-of-experts layers keep their experts as up/down weights of all experts at once, "
@@ -290,14 +313,9 @@ ADAPTERS = {
     # fused projections gated by a norm over groups of channels, so nothing moves from it into out_proj;
     # its input norm folds as attention's does.
     # LFM2: short-convolution layers (in_proj's rows are three fused projections) between attention ones,
-    # an MLP of w1 (gate), w3 (up) and w2 (down) in every layer
-    "lfm2": Adapter("model.layers", (FreeChannels(("feed_forward.w1", "feed_forward.w3"), "feed_forward.w2"),
-                                     FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
-                    (SmoothGroup("operator_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                     SmoothGroup("operator_norm", ("conv.in_proj",)),
-                     SmoothGroup("ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
-                     SmoothGroup("feed_forward.w3", ("feed_forward.w2",)),
-                     SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",), per_head=True))),
+    # an MLP of w1 (gate), w3 (up) and w2 (down) in every layer (LFM2-MoE: in its first layers, experts
+    # in the others)
+    **{t: Adapter("model.layers", _lfm2_free, _lfm2_smoothing) for t in ("lfm2", "lfm2_moe")},
     # Nemotron-H: one mixer per layer (Mamba-2, attention or an MLP of up and down through ReLU², which a
     # scale does not pass), each after its own norm
     "nemotron_h": Adapter("model.layers", (FreeChannels(("mixer.up_proj",), "mixer.down_proj"),
