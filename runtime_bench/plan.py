@@ -331,7 +331,7 @@ def _layer_class(config, index: int) -> type:
     shorter = copy.deepcopy(config)
     shorter.num_hidden_layers = index + 1
     if getattr(config, "layer_types", None):
-        shorter.layer_types = config.layer_types[:index + 1]
+        _set_layer_kinds(shorter, config.layer_types[:index + 1])
     with torch.device("meta"):
         return type(decoder_layers(AutoModelForCausalLM.from_config(shorter))[index])
 
@@ -362,14 +362,14 @@ def _one_layer_model(config, dtype: torch.dtype, index: int = 0):
     if hasattr(config, "num_kv_shared_layers"):  # none of a one-layer model's layers reuses another's
         around.num_kv_shared_layers = 0
     if kinds:  # the model builds what layers of a kind share (Gemma 3's rotary tables per kind) from these
-        around.layer_types = [kinds[index]]
+        _set_layer_kinds(around, [kinds[index]])
     model = AutoModelForCausalLM.from_config(around, dtype=dtype)
     layer_config = copy.deepcopy(model.config)  # the attention and experts implementations the model chose
     for key in ("num_hidden_layers", "num_kv_shared_layers"):
         if hasattr(config, key):
             setattr(layer_config, key, getattr(config, key))
     if kinds:
-        layer_config.layer_types = list(kinds)
+        _set_layer_kinds(layer_config, list(kinds))
     with _default_dtype(dtype):
         layer = _layer_class(config, index)(layer_config, layer_idx=index)
     for module in layer.modules():  # caches and masks of the one-layer model know one layer, number 0
@@ -383,6 +383,13 @@ def _one_layer_model(config, dtype: torch.dtype, index: int = 0):
     model.init_weights()  # transformers' own initialisation for the new layer (fused experts start empty)
     unfuse_experts_(model)
     return model
+
+
+def _set_layer_kinds(config, kinds: list) -> None:
+    try:
+        config.layer_types = kinds
+    except AttributeError:  # derived from the layer count, all of one kind (Falcon-H1's)
+        pass
 
 
 def _meta_layer_linears(config, index: int = 0) -> dict:

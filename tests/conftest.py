@@ -71,6 +71,9 @@ FAMILIES = {"mistral": dict(sliding_window=16), "qwen2": {}, "qwen3": dict(head_
             "granitemoehybrid": dict(layer_types=["mamba", "attention"], num_local_experts=0, shared_intermediate_size=128,
                                      mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
                                      mamba_chunk_size=16),
+            # Falcon-H1: Mamba-2 beside the attention in every layer
+            "falcon_h1": dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128, mamba_d_state=16, mamba_n_groups=1,
+                              mamba_chunk_size=16, head_dim=16),
             # Qwen3.5: a linear-attention (Gated DeltaNet) layer, then a full-attention one
             "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                                  linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"]),

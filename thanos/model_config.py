@@ -65,11 +65,14 @@ def is_mixture_of_experts(config) -> bool:
 
 
 RECURRENT_LAYER_KINDS = {"linear_attention", "mamba", "conv"}  # Qwen3.5 and Nemotron-H, Granite 4, LFM2
+MAMBA_IN_EVERY_LAYER = {"falcon_h1"}  # beside the attention, no layer kinds listed
 
 
 def has_recurrent_layers(config) -> bool:
     """Layers that carry a recurrent or convolution state instead of a KV cache (Qwen3.5's linear
     attention, Mamba-2 layers, LFM2's short convolutions), from a config or config.json's dict."""
+    if text_field(config, "model_type") in MAMBA_IN_EVERY_LAYER:
+        return True
     kinds = text_field(config, "layer_types") or text_field(config, "layers_block_type") or ()
     return bool(RECURRENT_LAYER_KINDS & set(kinds))
 

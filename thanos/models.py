@@ -324,6 +324,14 @@ ADAPTERS = {
                            SmoothGroup("norm", ("mixer.in_proj",)), SmoothGroup("norm", ("mixer.up_proj",)),
                            SmoothGroup("mixer.v_proj", ("mixer.o_proj",), per_head=True)),
                           refuse=_nemotron_h_refuse),
+    # Falcon-H1: Mamba-2 and attention side by side in every layer, reading one norm's output (each
+    # times a constant), then a LLaMA MLP (constants on gate's output and down's)
+    "falcon_h1": Adapter("model.layers", (FreeChannels(("feed_forward.gate_proj", "feed_forward.up_proj"),
+                                                       "feed_forward.down_proj"), _V_TO_O),
+                         (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                          "mamba.in_proj")),
+                          SmoothGroup("pre_ff_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj")),
+                          SmoothGroup("feed_forward.up_proj", ("feed_forward.down_proj",)), _INNER_SMOOTHING[1])),
     # Granite 4 (H): Mamba-2 or attention, then an MLP (gate and up fused) and, where the config has
     # them, experts beside it
     "granitemoehybrid": Adapter("model.layers", _granite_hybrid_free, _granite_hybrid_smoothing),

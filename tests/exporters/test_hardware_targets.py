@@ -100,7 +100,7 @@ def test_the_torch_target_runs_a_mixture_of_experts_on_sparse_kernels(quantize, 
     assert torch.isfinite(logits).all() and len(report.converted) == len(summary["converted"])
 
 
-@pytest.mark.parametrize("family", ["lfm2", "nemotron_h", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["lfm2", "nemotron_h", "granitemoehybrid", "falcon_h1"])
 def test_hybrids_with_a_recurrent_state_are_refused_by_the_graph_targets(family, tmp_path):
     """Mamba-2 and short-convolution layers keep a state the graphs' KV cache does not hold: refused from
     the config object and from config.json as saved (Nemotron-H names its layer kinds otherwise)."""
