@@ -74,7 +74,8 @@ def has_recurrent_layers(config) -> bool:
     if text_field(config, "model_type") in MAMBA_IN_EVERY_LAYER:
         return True
     kinds = text_field(config, "layer_types") or text_field(config, "layers_block_type") or ()
-    return bool(RECURRENT_LAYER_KINDS & set(kinds))
+    # Nemotron-H's released config.json spells its layers as one letter each, M for Mamba
+    return bool(RECURRENT_LAYER_KINDS & set(kinds)) or "M" in (text_field(config, "hybrid_override_pattern") or "")
 
 
 def has_per_layer_shapes(config) -> bool:

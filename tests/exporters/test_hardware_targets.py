@@ -113,3 +113,6 @@ def test_hybrids_with_a_recurrent_state_are_refused_by_the_graph_targets(family,
     config.save_pretrained(tmp_path)
     for form in (config, json.loads((tmp_path / "config.json").read_text())):
         assert "Mamba or convolution layers" in untraceable(form)
+    if family == "nemotron_h":  # as NVIDIA's releases spell their layers: M Mamba, - MLP, * attention
+        assert "Mamba or convolution layers" in untraceable(dict(model_type=family, hybrid_override_pattern="M-M*-"))
+        assert untraceable(dict(model_type=family, hybrid_override_pattern="*-*-")) is None
