@@ -31,7 +31,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny shapes, float32
     GEMM=(--shapes smollm2-135m --dtypes float8_e4m3fn,int8,float32 --tokens 1,16)
-    MODEL=(--grid 1x16 --backends torch-dense)
+    MODEL=(--grid 1x16 --decode-steps 2 --backends torch-dense)
     MODEL8=(random:smollm2-135m --grid 1x16 --decode-steps 2 --backends torch-dense,torch-2:4)
     PLAN=(--config smollm2-135m --calib-samples 2 --seqlen 32)
     SOLVER=(--shapes 64x128 --block-sizes 32)
