@@ -270,8 +270,9 @@ def plan_config(name: str):
     if config.model_type not in ADAPTERS:
         raise InputError(f"--config {name} is a {config.model_type!r} model; supported: {', '.join(sorted(ADAPTERS))}")
     refuse = ADAPTERS[config.model_type].refuse
-    if refuse and refuse(config):
-        raise InputError(f"--config {name}: this {config.model_type!r} model is not supported yet: {refuse(config)}")
+    reason = refuse and refuse(config)
+    if reason:
+        raise InputError(f"--config {name}: this {config.model_type!r} model is not supported yet: {reason}")
     # a vision-language checkpoint's plan is its language model's: the vision tower is never pruned
     return _causal(config.get_text_config()) if is_multimodal(config) else config
 

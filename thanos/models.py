@@ -75,6 +75,24 @@ _LLAMA_SMOOTHING = (SmoothGroup("input_layernorm", ("self_attn.q_proj", "self_at
                     *_INNER_SMOOTHING)
 
 
+_V_TO_OUT = FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)  # OPT's and LFM2's names
+
+
+def _experts(prefix: str, config) -> list[str]:
+    """The names of a layer's experts under `prefix` ("mlp.experts"), as `thanos.experts` unfuses them."""
+    return [f"{prefix}.{e}" for e in range(expert_count(config))]
+
+
+def _gated_free(mlp: str) -> FreeChannels:
+    """A gated MLP's (or expert's) gate/up rows, free to reorder with its down_proj's columns."""
+    return FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj")
+
+
+def _up_to_down(mlp: str) -> SmoothGroup:
+    """A gated MLP's (or expert's) up_proj rows, whose scale passes to its down_proj's columns."""
+    return SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",))
+
+
 def _opt_smoothing(config) -> tuple[SmoothGroup, ...]:
     """OPT's LayerNorms (weight and bias divided) where they precede the linears and have a weight:
     OPT-350m normalises after attention and MLP instead, so only the pairs inside the block fold there.
@@ -124,18 +142,18 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
     False: the experts' activation adds to or clamps up_proj's output, which a scale does not pass.
     """
     def mlps(config) -> list[str]:
-        mlps = [f"{block}.experts.{e}" for e in range(expert_count(config))]
+        mlps = _experts(f"{block}.experts", config)
         dense_mlp = dense_layers if isinstance(dense_layers, str) else "mlp" if dense_layers else None
         return mlps + ([f"{block}.{shared}"] if shared else []) + ([dense_mlp] if dense_mlp else [])
 
     def free(config) -> tuple[FreeChannels, ...]:
         return ((_V_TO_O,) if v_to_o else ()) + tuple(
-            FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj") for mlp in mlps(config))
+            _gated_free(mlp) for mlp in mlps(config))
 
     def smoothing(config) -> tuple[SmoothGroup, ...]:
         before = attention(config) if attention else (_LLAMA_SMOOTHING[0],) if norm_before else ()
         return before + ((_INNER_SMOOTHING[1],) if v_to_o else ()) + tuple(
-            SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in mlps(config) if up_to_down)
+            _up_to_down(mlp) for mlp in mlps(config) if up_to_down)
 
     return Adapter(layers, free, smoothing, dense)
 
@@ -153,8 +171,7 @@ def _latent_attention(config) -> tuple[SmoothGroup, ...]:
 
 def _gemma4_mlps(config) -> list[str]:
     """Gemma 4's MLPs in a layer: the dense one, and beside it, where the config enables them, the experts."""
-    return ["mlp"] + ([f"experts.{e}" for e in range(expert_count(config))]
-                      if text_field(config, "enable_moe_block") else [])
+    return ["mlp"] + (_experts("experts", config) if text_field(config, "enable_moe_block") else [])
 
 
 def _gemma4_free(config) -> tuple[FreeChannels, ...]:
@@ -163,7 +180,7 @@ def _gemma4_free(config) -> tuple[FreeChannels, ...]:
     and a root mean square over the head, which a reorder within it leaves alone). Where keys are
     values (full-attention layers with `attention_k_eq_v`) there is no v_proj and o_proj stays (a
     rotary-rotated projection's rows cannot move)."""
-    return (_V_TO_O, *(FreeChannels((f"{mlp}.gate_proj", f"{mlp}.up_proj"), f"{mlp}.down_proj")
+    return (_V_TO_O, *(_gated_free(mlp)
                        for mlp in _gemma4_mlps(config)))
 
 
@@ -177,18 +194,13 @@ def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
     return (_LLAMA_SMOOTHING[0], SmoothGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             *([SmoothGroup("pre_feedforward_layernorm_2", tuple(f"{e}.{p}" for e in experts
                                                                for p in ("gate_proj", "up_proj")))] if experts else []),
-            *(SmoothGroup(f"{mlp}.up_proj", (f"{mlp}.down_proj",)) for mlp in _gemma4_mlps(config)))
-
-
-def _lfm2_experts(config) -> list[str]:
-    return [f"feed_forward.experts.{e}" for e in range(expert_count(config))]
+            *(_up_to_down(mlp) for mlp in _gemma4_mlps(config)))
 
 
 def _lfm2_free(config) -> tuple[FreeChannels, ...]:
     """w1/w3 rows -> w2 columns, each expert's gate/up -> its down_proj, v_proj -> out_proj per head."""
     return (FreeChannels(("feed_forward.w1", "feed_forward.w3"), "feed_forward.w2"),
-            FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True),
-            *(FreeChannels((f"{e}.gate_proj", f"{e}.up_proj"), f"{e}.down_proj") for e in _lfm2_experts(config)))
+            _V_TO_OUT, *(_gated_free(e) for e in _experts("feed_forward.experts", config)))
 
 
 def _lfm2_smoothing(config) -> tuple[SmoothGroup, ...]:
@@ -200,7 +212,7 @@ def _lfm2_smoothing(config) -> tuple[SmoothGroup, ...]:
             SmoothGroup("ffn_norm", ("feed_forward.w1", "feed_forward.w3")),
             SmoothGroup("feed_forward.w3", ("feed_forward.w2",)),
             SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",), per_head=True),
-            *(SmoothGroup(f"{e}.up_proj", (f"{e}.down_proj",)) for e in _lfm2_experts(config)))
+            *(_up_to_down(e) for e in _experts("feed_forward.experts", config)))
 
 
 def _nemotron_h_refuse(config) -> Optional[str]:
@@ -211,23 +223,19 @@ def _nemotron_h_refuse(config) -> Optional[str]:
     return None
 
 
-def _granite_experts(config) -> list[str]:
-    return [f"block_sparse_moe.experts.{e}" for e in range(expert_count(config))]
-
-
 def _granite_hybrid_free(config) -> tuple[FreeChannels, ...]:
     """v_proj -> o_proj per head, each expert's gate/up rows -> its down_proj columns (the MLP beside
     them fuses gate and up in input_linear)."""
-    return (_V_TO_O, *(FreeChannels((f"{e}.gate_proj", f"{e}.up_proj"), f"{e}.down_proj") for e in _granite_experts(config)))
+    return (_V_TO_O, *(_gated_free(e) for e in _experts("block_sparse_moe.experts", config)))
 
 
 def _granite_hybrid_smoothing(config) -> tuple[SmoothGroup, ...]:
     """Granite 4's hybrid layers: the norm before attention's q/k/v or Mamba's in_proj; the one before the
     MLP only where no router reads it too; v_proj -> o_proj, each expert's up_proj -> its down_proj."""
-    experts = _granite_experts(config)
+    experts = _experts("block_sparse_moe.experts", config)
     mlp = () if experts else (SmoothGroup("post_attention_layernorm", ("shared_mlp.input_linear",)),)
     return (_LLAMA_SMOOTHING[0], SmoothGroup("input_layernorm", ("mamba.in_proj",)), *mlp, _INNER_SMOOTHING[1],
-            *(SmoothGroup(f"{e}.up_proj", (f"{e}.down_proj",)) for e in experts))
+            *(_up_to_down(e) for e in experts))
 
 
 # model_type -> where the decoder layers are, and which channels may be reordered. LLaMA-style
@@ -336,7 +344,7 @@ ADAPTERS = {
     # them, experts beside it
     "granitemoehybrid": Adapter("model.layers", _granite_hybrid_free, _granite_hybrid_smoothing),
     "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
-                                            FreeChannels(("self_attn.v_proj",), "self_attn.out_proj", per_head=True)),
+                                            _V_TO_OUT),
                    _opt_smoothing),
     # LayerNorms before the fused q/k/v and before c_fc; c_fc -> c_proj passes GELU, which a scale
     # does not commute with, and v's rows are a third of c_attn
