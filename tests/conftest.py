@@ -1,11 +1,18 @@
 import importlib.util
+import os
 
 import pytest
 import torch
 
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # pytest-xdist: each worker its share of the cores, whose threads would spin against each other's
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
 
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Skip, with the reason, what needs a CUDA GPU or the onnx extra where they are absent."""
+    """Skip, with the reason, what needs a CUDA GPU or the onnx extra where they are absent; under
+    pytest-xdist, the tests that read the real default model run in one worker, which builds it once."""
     skips = {}
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch on this machine")
@@ -14,6 +21,8 @@ def pytest_collection_modifyitems(config, items):
         skips["onnx"] = pytest.mark.skip(reason=f"needs the onnx extra ({', '.join(missing)} not installed): "
                                                 'pip install -e ".[onnx]"')
     for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("default_model"))
         for marker, skip in skips.items():
             if item.get_closest_marker(marker) is not None:
                 item.add_marker(skip)
@@ -278,14 +287,22 @@ def pruned_gpt2_2of4(tmp_path_factory, tiny_gpt2_dir):
 
 
 @pytest.fixture(scope="session")
-def pruned_default_model(tmp_path_factory):
-    """The real default model pruned by the default route, with little calibration, and its report: pruned
-    once for every test that reads a pruned default model (each prune takes minutes on a slow CPU)."""
-    from thanos.pipeline import PruneJob, prune_to_directory
+def default_model_build(tmp_path_factory):
+    """The README's main command on the real default model, with little calibration: built once for every
+    test that reads it (a build takes minutes on a slow CPU). Returns the build folder (its `pruned/`
+    holds the model and `thanos_report.json`). Without the onnx extra, where `--target auto`'s export
+    cannot run, the compact target stands in, so that the pruned model is still there to test."""
+    from click.testing import CliRunner
 
-    out = tmp_path_factory.mktemp("smollm2") / "pruned"
-    report = prune_to_directory(PruneJob(out=str(out), calib_samples=2, seqlen=64, eval_windows=2, device="cpu"))
-    return out, report
+    from cli import main
+
+    onnx = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+    out = tmp_path_factory.mktemp("smollm2") / "build"
+    result = CliRunner().invoke(main, ["prune-and-build", "--pattern", "2:4", "--target", "auto" if onnx else "safetensors",
+                                       "--calib-samples", "2", "--seqlen", "64", "--eval-windows", "2", "--device",
+                                       "cpu", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.fixture(scope="session")

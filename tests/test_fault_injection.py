@@ -57,14 +57,21 @@ def _prune_in_subprocess(out: Path, model: Path, kill_at: tuple = ()) -> int:
     """)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The run every killed-and-resumed one is compared with (one for them all)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    assert _prune_in_subprocess(out, tiny_llama_dir) == 0
+    return out
+
+
 @pytest.mark.parametrize("stage, point", [("layers", 1), ("layers", 2), ("samples", 1)])
-def test_prune_killed_then_rerun_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path, stage, point):
-    assert _prune_in_subprocess(tmp_path / "full", tiny_llama_dir) == 0
+def test_prune_killed_then_rerun_equals_an_uninterrupted_run(tiny_llama_dir, uninterrupted, tmp_path, stage, point):
     out = tmp_path / "killed"
     assert _prune_in_subprocess(out, tiny_llama_dir, (stage, point)) == -signal.SIGKILL
     assert not (out / "thanos_report.json").exists()  # no finished-looking model
     assert _prune_in_subprocess(out, tiny_llama_dir) == 0
-    full, resumed = _weights(tmp_path / "full"), _weights(out)
+    full, resumed = _weights(uninterrupted), _weights(out)
     assert all(torch.equal(full[n], resumed[n]) for n in full)
     assert not list(tmp_path.glob(".killed.*"))
 

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="the script needs bash and coreutils' timeout")
 def test_every_step_of_the_device_script_runs_on_the_cpu(tmp_path):
-    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", OUT=str(tmp_path), OMP_NUM_THREADS="2")
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", OUT=str(tmp_path), OMP_NUM_THREADS=str(torch.get_num_threads()))
     done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     log = (tmp_path / "gpu_check.log").read_text()

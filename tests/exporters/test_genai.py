@@ -149,8 +149,8 @@ def test_generate_streams_text_from_every_kind_of_target(genai_folder, pruned_ll
 
 
 @pytest.mark.slow
-def test_default_model_serves_from_genai(pruned_default_model, tmp_path):
-    summary = export("genai", pruned_default_model[0], tmp_path / "genai")  # float16, the serving default
+def test_default_model_serves_from_genai(default_model_build, tmp_path):
+    summary = export("genai", default_model_build / "pruned", tmp_path / "genai")  # float16, the serving default
     generation = summary["generation"]
     assert [p["prompt_tokens"] for p in generation["prompts"]][-1] > 300  # the long prompt is long
     assert generation["first_divergence"] is None or generation["first_divergence"] >= 8

@@ -53,20 +53,6 @@ def group_refs_after_shutdown(port: int, model_dir: str) -> None:
     sys.exit(sys.getrefcount(group) - 2)  # less this function's name and getrefcount's argument
 
 
-def run_single(job_kwargs: dict, free_bytes: "int | None" = None) -> None:
-    """One process at the ranks' thread count: thread counts change BLAS round-off, ranks do not."""
-    import torch
-
-    torch.set_num_threads(1)
-    from thanos import driver
-    from thanos.pipeline import PruneJob, prune_to_directory
-
-    if free_bytes is not None:
-        driver.free_memory = lambda device: free_bytes
-
-    prune_to_directory(PruneJob(**job_kwargs))
-
-
 def run_build(rank: int, world: int, port: int, build_kwargs: dict, prune_kwargs: dict) -> None:
     """One rank of `prune-and-build --distributed`, through the CLI as torchrun would run it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

@@ -38,10 +38,20 @@ def test_owners_balance_cost():
 
 
 def _single(job_kwargs: dict, free_bytes=None) -> None:
-    proc = mp.get_context("spawn").Process(target=dist_worker.run_single, args=(job_kwargs, free_bytes))
-    proc.start()
-    proc.join(timeout=240)
-    assert proc.exitcode == 0
+    """The same prune in this process, at the ranks' one thread (thread counts change BLAS round-off, ranks
+    do not); `free_bytes`: the free memory it reports."""
+    from thanos import driver
+    from thanos.pipeline import PruneJob, prune_to_directory
+
+    threads, free_memory = torch.get_num_threads(), driver.free_memory
+    torch.set_num_threads(1)
+    if free_bytes is not None:
+        driver.free_memory = lambda device: free_bytes
+    try:
+        prune_to_directory(PruneJob(**job_kwargs))
+    finally:
+        torch.set_num_threads(threads)
+        driver.free_memory = free_memory
 
 
 @pytest.mark.parametrize("config", [dict(preset="default"), dict(preset="best"),
