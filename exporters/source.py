@@ -163,17 +163,19 @@ _FUSED_ALIASES = dict(gate_up_proj="input_linear.weight", down_proj="output_line
 
 
 def _fused_expert_tensors(skeleton, wanted: dict, names: _StoredNames) -> dict[str, tuple]:
-    """{a fused experts tensor's name in the files: (its module, "gate_up_proj" or "down_proj", {wanted
-    key: expert})} for the experts' linears the files do not hold one by one (GPT-OSS, GraniteMoE:
-    3-D tensors, read once per layer and projection)."""
+    """{a fused experts tensor's name in the files: (its module, "gate_up_proj", "up_proj" or "down_proj",
+    {wanted key: expert})} for the experts' linears the files do not hold one by one (GPT-OSS, GraniteMoE,
+    Nemotron-H: 3-D tensors, read once per layer and projection)."""
     reads = {}
     for name, module in skeleton.named_modules():
         if not isinstance(module, UnfusedExperts):
             continue
-        for tensor, projections in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+        first = ("gate_up_proj", ("gate_proj", "up_proj")) if module.fused.has_gate else ("up_proj", ("up_proj",))
+        for tensor, projections in (first, ("down_proj", ("down_proj",))):
             keys = {f"{name}.{e}.{projection}.weight": e for e in range(len(module)) for projection in projections}
             keys = {key: e for key, e in keys.items() if key in wanted and _stored_names([key], names) is None}
-            held = names.find(f"{name}.{tensor}") or names.find(f"{name.rsplit('.', 1)[0]}.{_FUSED_ALIASES[tensor]}")
+            alias = _FUSED_ALIASES.get(tensor)
+            held = names.find(f"{name}.{tensor}") or (alias and names.find(f"{name.rsplit('.', 1)[0]}.{alias}"))
             if keys and held is not None:
                 reads[held] = (module.fused, tensor, keys)
     return reads

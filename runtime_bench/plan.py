@@ -269,10 +269,6 @@ def plan_config(name: str):
                          "directory holding config.json, or the file itself") from exc
     if config.model_type not in ADAPTERS:
         raise InputError(f"--config {name} is a {config.model_type!r} model; supported: {', '.join(sorted(ADAPTERS))}")
-    refuse = ADAPTERS[config.model_type].refuse
-    reason = refuse and refuse(config)
-    if reason:
-        raise InputError(f"--config {name}: this {config.model_type!r} model is not supported yet: {reason}")
     # a vision-language checkpoint's plan is its language model's: the vision tower is never pruned
     return _causal(config.get_text_config()) if is_multimodal(config) else config
 
@@ -315,10 +311,16 @@ def layer_kinds(config) -> list[dict]:
             for first, indices, t in zip(firsts, found.values(), traits)]
 
 
+# Nemotron-H's layer kinds, each a layer's one mixer (its Mamba-2 layers are "linear_attention" there)
+_MIXERS = {"linear_attention": "Mamba-2", "full_attention": "attention", "moe": "experts", "mlp": "MLP"}
+
+
 def _traits(config, layer, index: int) -> tuple[str, str, str]:
     """(its attention kind, "experts" or "dense MLP", whether it reuses an earlier layer's keys and
-    values) of decoder layer `index`."""
+    values) of decoder layer `index`; (its mixer, "", "") where each layer is one mixer (Nemotron-H)."""
     kinds = getattr(config, "layer_types", None)
+    if kinds and {"moe", "mlp"} & set(kinds):
+        return _MIXERS.get(kinds[index], kinds[index]), "", ""
     experts = any(is_experts_module(m) or isinstance(m, UnfusedExperts) for m in layer.modules())
     reuses = getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)
     return ((kinds[index].replace("_", " ") if kinds else "attention"), ("experts" if experts else "dense MLP"),

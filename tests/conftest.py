@@ -137,6 +137,16 @@ MOE = dict(mixtral=dict(num_local_experts=4, num_experts_per_tok=2), olmoe=dict(
            # Granite 4's hybrid with experts beside its MLP (H-Tiny, H-Small)
            granitemoehybrid_moe=dict(FAMILIES["granitemoehybrid"], model_type="granitemoehybrid", num_local_experts=4,
                                      num_experts_per_tok=2, intermediate_size=32),
+           # Nemotron 3 (Nano): Mamba-2, experts of up and down alone (ReLU²) beside a shared expert, attention,
+           # an MLP; and (Super) experts reading and writing a narrower latent through two more linears
+           nemotron_h_moe=dict(FAMILIES["nemotron_h"], model_type="nemotron_h", num_hidden_layers=4,
+                               layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+                               n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               moe_shared_expert_intermediate_size=64, n_group=1, topk_group=1),
+           nemotron_h_latent_moe=dict(FAMILIES["nemotron_h"], model_type="nemotron_h", num_hidden_layers=2,
+                                      layers_block_type=["moe", "full_attention"], n_routed_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=32, moe_latent_size=32,
+                                      moe_shared_expert_intermediate_size=64, n_group=1, topk_group=1),
            # Gemma 4 with experts: a dense MLP and, beside it, experts a router picks (the same model type)
            gemma4_text_moe=dict(FAMILIES["gemma4_text"], model_type="gemma4_text", enable_moe_block=True, num_experts=4,
                                 top_k_experts=2, moe_intermediate_size=32))

@@ -1,7 +1,8 @@
 """Mixture-of-experts layers seen as one linear per expert and projection.
 
-transformers stores a layer's experts fused: `gate_up_proj` (experts, 2 x intermediate, hidden) and
-`down_proj` (experts, hidden, intermediate), 3-D parameters that no per-linear step can see. While a
+transformers stores a layer's experts fused: `gate_up_proj` (experts, 2 x intermediate, hidden), or
+`up_proj` where the experts have no gate (Nemotron-H), and `down_proj` (experts, hidden, intermediate),
+3-D parameters that no per-linear step can see. While a
 model is loaded here, each such module is replaced by `UnfusedExperts`: an `nn.Linear` per expert
 and projection whose weight is a view of the fused tensor (no copy), called on the tokens routed
 to that expert only, so the driver's hooks gather each expert's statistics from its own tokens
@@ -21,14 +22,22 @@ from torch import nn
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A fused experts module `UnfusedExperts` can stand in for: gate and up in one tensor (concatenated
-    or interleaved), each stored (out, in) or transposed, with or without biases, no norm after each
-    expert (the flags transformers' `use_experts_implementation` sets)."""
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == down.dim() == 3
-            and getattr(module, "has_gate", False) and hasattr(module, "is_concatenated")
-            and hasattr(module, "is_transposed") and not getattr(module, "has_post_expert_norm", True)
+    or interleaved) or up alone (no gate), each stored (out, in) or transposed, with or without biases,
+    no norm after each expert (the flags transformers' `use_experts_implementation` sets)."""
+    if not hasattr(module, "has_gate"):
+        return False
+    first = _input_tensor(module)
+    up, down = getattr(module, first, None), getattr(module, "down_proj", None)
+    return (isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter) and up.dim() == down.dim() == 3
+            and hasattr(module, "is_concatenated") and hasattr(module, "is_transposed")
+            and not getattr(module, "has_post_expert_norm", True)
             and (not getattr(module, "has_bias", True)
-                 or hasattr(module, "gate_up_proj_bias") and hasattr(module, "down_proj_bias")))
+                 or hasattr(module, f"{first}_bias") and hasattr(module, "down_proj_bias")))
+
+
+def _input_tensor(fused: nn.Module) -> str:
+    """The fused tensor that reads the experts' input: gate and up together, or up where there is no gate."""
+    return "gate_up_proj" if fused.has_gate else "up_proj"
 
 
 def is_scaled_input_experts(module: nn.Module) -> bool:
@@ -62,23 +71,28 @@ def expert_views(fused: nn.Module, e: int) -> dict[str, tuple[torch.Tensor, Opti
     """Expert `e`'s {projection: (weight (out, in), bias or None)}, views of the fused tensors."""
     if is_scaled_input_experts(fused) and not hasattr(fused, "has_gate"):  # as transformers loads it
         _declare_layout_(fused)
-    weights = {**expert_weights(fused, "gate_up_proj", fused.gate_up_proj.data, e),
+    first = _input_tensor(fused)
+    weights = {**expert_weights(fused, first, getattr(fused, first).data, e),
                **expert_weights(fused, "down_proj", fused.down_proj.data, e)}
     biases = {}
     if fused.has_bias:
-        gate, up = _gate_and_up(fused, fused.gate_up_proj_bias.shape[-1])
-        bias = fused.gate_up_proj_bias.data[e]
-        biases = dict(gate_proj=bias[gate], up_proj=bias[up], down_proj=fused.down_proj_bias.data[e])
+        bias = getattr(fused, f"{first}_bias").data[e]
+        if fused.has_gate:
+            gate, up = _gate_and_up(fused, bias.shape[-1])
+            biases = dict(gate_proj=bias[gate], up_proj=bias[up])
+        else:
+            biases = dict(up_proj=bias)
+        biases["down_proj"] = fused.down_proj_bias.data[e]
     return {projection: (weight, biases.get(projection)) for projection, weight in weights.items()}
 
 
 def expert_weights(fused: nn.Module, tensor: str, stored: torch.Tensor, e: int) -> dict[str, torch.Tensor]:
-    """Expert `e`'s {projection: weight (out, in)} in `stored`, the fused module's `tensor` ("gate_up_proj"
-    or "down_proj") or that tensor as the files hold it: views, in whichever layout the module's flags
-    say (gate and up concatenated or interleaved, stored (out, in) or transposed)."""
+    """Expert `e`'s {projection: weight (out, in)} in `stored`, the fused module's `tensor` ("gate_up_proj",
+    "up_proj" or "down_proj") or that tensor as the files hold it: views, in whichever layout the module's
+    flags say (gate and up concatenated or interleaved, stored (out, in) or transposed)."""
     weight = stored[e].T if fused.is_transposed else stored[e]  # transposed: stored (in, out), x @ W
-    if tensor == "down_proj":
-        return dict(down_proj=weight)
+    if tensor != "gate_up_proj":
+        return {tensor: weight}
     gate, up = _gate_and_up(fused, weight.shape[0])
     return dict(gate_proj=weight[gate], up_proj=weight[up])
 
@@ -90,7 +104,7 @@ def _gate_and_up(fused: nn.Module, rows: int) -> tuple[slice, slice]:
 
 
 class ExpertMLP(nn.Module):
-    """One expert's three projections, named as a dense MLP's."""
+    """One expert's projections (gate, up and down, or up and down), named as a dense MLP's."""
 
     def __init__(self, views: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]):
         super().__init__()
@@ -109,7 +123,7 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
 
 class UnfusedExperts(nn.ModuleList):
     """A fused experts module's function, one linear per expert and projection (views of its weights):
-    expert e's are `e.gate_proj`, `e.up_proj`, `e.down_proj`.
+    expert e's are `e.gate_proj` (where the experts are gated), `e.up_proj`, `e.down_proj`.
 
     Every expert is called on every pass, with no rows where no token is routed to it, so that each
     linear's input is seen in each pass the driver makes; served (`serve_experts_`), only the
@@ -119,7 +133,7 @@ class UnfusedExperts(nn.ModuleList):
     call_idle = True
 
     def __init__(self, fused: nn.Module):
-        super().__init__(ExpertMLP(expert_views(fused, e)) for e in range(fused.gate_up_proj.shape[0]))
+        super().__init__(ExpertMLP(expert_views(fused, e)) for e in range(fused.down_proj.shape[0]))
         object.__setattr__(self, "fused", fused)  # not a submodule: its tensors are the experts' storage
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -129,14 +143,19 @@ class UnfusedExperts(nn.ModuleList):
             if not len(tokens) and not self.call_idle:
                 continue
             x = hidden_states[tokens]
-            gate, up = expert.gate_proj(x), expert.up_proj(x)
-            # back in the fused layout, which the family's own gate function reads
-            gate_up = torch.cat([gate, up], dim=-1) if self.fused.is_concatenated else \
-                torch.stack([gate, up], dim=-1).flatten(-2)
-            hidden = self.fused._apply_gate(gate_up)
-            out = expert.down_proj(hidden) * top_k_weights[tokens, slot, None]
+            out = expert.down_proj(self._hidden(expert, x)) * top_k_weights[tokens, slot, None]
             final.index_add_(0, tokens, out.to(final.dtype))
         return final
+
+    def _hidden(self, expert: ExpertMLP, x: torch.Tensor) -> torch.Tensor:
+        """What expert's down_proj reads: the family's gate function of gate and up, or its activation of up."""
+        if not self.fused.has_gate:
+            return self.fused.act_fn(expert.up_proj(x))
+        gate, up = expert.gate_proj(x), expert.up_proj(x)
+        # back in the fused layout, which the family's own gate function reads
+        gate_up = torch.cat([gate, up], dim=-1) if self.fused.is_concatenated else \
+            torch.stack([gate, up], dim=-1).flatten(-2)
+        return self.fused._apply_gate(gate_up)
 
     def sync_(self) -> None:
         """Write each expert's weights into the fused tensors where they are no longer views of them (a
@@ -209,7 +228,7 @@ def expert_chunks(layer: nn.Module, prefix: str, names, budget: int) -> list[lis
                 own = [n for n in own if n in wanted]
                 reads_down = any(n.endswith("down_proj") for n in own)
                 reads_gate_up = len(own) > reads_down  # gate and up read one input
-                experts.append((own, 8 * (reads_gate_up * expert.gate_proj.in_features ** 2
+                experts.append((own, 8 * (reads_gate_up * expert.up_proj.in_features ** 2
                                           + reads_down * expert.down_proj.in_features ** 2)))
     if sum(nbytes for _, nbytes in experts) <= budget:
         return []

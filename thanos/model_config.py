@@ -54,7 +54,12 @@ def text_field(config, key: str):
 
 def expert_count(config) -> int:
     """Routed experts per layer, under any of the names families give it (0: not a mixture of experts),
-    from a config or config.json's dict."""
+    from a config or config.json's dict. Nemotron-H's configs count experts whether or not a layer has
+    them: there, only layers listed as `moe` (pattern letter E) do."""
+    if text_field(config, "model_type") == "nemotron_h":
+        kinds, pattern = text_field(config, "layers_block_type"), text_field(config, "hybrid_override_pattern")
+        if "moe" not in (kinds or ()) and "E" not in (pattern or ""):
+            return 0
     return next((n for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                  if (n := text_field(config, key))), 0)
 

@@ -57,9 +57,6 @@ class Adapter:
     # linears never pruned (names relative to a layer): a few rows that gate a whole head, where a
     # pruning error costs most and saves least
     dense: tuple[str, ...] = ()
-    # why a config of this family cannot be pruned (None where it can): weights this adapter would
-    # leave dense without a word
-    refuse: Optional[Callable[[object], Optional[str]]] = None
 
 
 _V_TO_O = FreeChannels(("self_attn.v_proj",), "self_attn.o_proj", per_head=True)
@@ -215,12 +212,13 @@ def _lfm2_smoothing(config) -> tuple[SmoothGroup, ...]:
             *(_up_to_down(e) for e in _experts("feed_forward.experts", config)))
 
 
-def _nemotron_h_refuse(config) -> Optional[str]:
-    if "moe" in (getattr(config, "layers_block_type", None) or ()):
-        return ("its mixture-of-experts layers keep their experts as up/down weights of all experts at once, "
-                "which thanos.experts does not read yet (they would stay dense); the hybrids without experts "
-                "(Nemotron-H, Nemotron Nano 2) are supported")
-    return None
+def _nemotron_h_free(config) -> tuple[FreeChannels, ...]:
+    """Each MLP's up rows -> its down_proj columns (through ReLU^2, elementwise): the MLP layers', and in
+    the layers with experts each expert's and the shared expert's; v_proj -> o_proj per head."""
+    mlps = (["mixer"] if "mlp" in config.layers_block_type else []) + (
+        [*_experts("mixer.experts", config), "mixer.shared_experts"] if expert_count(config) else [])
+    return (*(FreeChannels((f"{mlp}.up_proj",), f"{mlp}.down_proj") for mlp in mlps),
+            FreeChannels(("mixer.v_proj",), "mixer.o_proj", per_head=True))
 
 
 def _granite_hybrid_free(config) -> tuple[FreeChannels, ...]:
@@ -324,14 +322,13 @@ ADAPTERS = {
     # an MLP of w1 (gate), w3 (up) and w2 (down) in every layer (LFM2-MoE: in its first layers, experts
     # in the others)
     **{t: Adapter("model.layers", _lfm2_free, _lfm2_smoothing) for t in ("lfm2", "lfm2_moe")},
-    # Nemotron-H: one mixer per layer (Mamba-2, attention or an MLP of up and down through ReLU², which a
-    # scale does not pass), each after its own norm
-    "nemotron_h": Adapter("model.layers", (FreeChannels(("mixer.up_proj",), "mixer.down_proj"),
-                                           FreeChannels(("mixer.v_proj",), "mixer.o_proj", per_head=True)),
+    # Nemotron-H: one mixer per layer (Mamba-2, attention, an MLP of up and down through ReLU², which a
+    # scale does not pass, or in Nemotron 3 experts of the same, a router reading their norm too), each
+    # after its own norm
+    "nemotron_h": Adapter("model.layers", _nemotron_h_free,
                           (SmoothGroup("norm", ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj")),
                            SmoothGroup("norm", ("mixer.in_proj",)), SmoothGroup("norm", ("mixer.up_proj",)),
-                           SmoothGroup("mixer.v_proj", ("mixer.o_proj",), per_head=True)),
-                          refuse=_nemotron_h_refuse),
+                           SmoothGroup("mixer.v_proj", ("mixer.o_proj",), per_head=True))),
     # Falcon-H1: Mamba-2 and attention side by side in every layer, reading one norm's output (each
     # times a constant), then a LLaMA MLP (constants on gate's output and down's)
     "falcon_h1": Adapter("model.layers", (FreeChannels(("feed_forward.gate_proj", "feed_forward.up_proj"),
@@ -360,11 +357,7 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(ADAPTERS))}. "
             "Adding one is an entry in thanos.models.ADAPTERS naming where its decoder layers are."
         )
-    adapter = ADAPTERS[model_type]
-    reason = adapter.refuse and adapter.refuse(model.config)
-    if reason:
-        raise ModelError(f"this {model_type!r} model is not supported yet: {reason}")
-    return adapter
+    return ADAPTERS[model_type]
 
 
 def free_channels(model: nn.Module) -> tuple[FreeChannels, ...]:

@@ -228,12 +228,13 @@ def test_a_plan_reads_the_shapes_of_any_supported_model_directory(tmp_path, tmp_
         assert refused.exit_code == 1 and refusal in refused.output, refused.output
 
 
-def _three_layers(kind: str) -> dict:
-    """A tiny family's settings for three decoder layers (its per-layer lists, such as the layers' kinds,
-    repeated from the start)."""
+def _one_layer_more(kind: str) -> dict:
+    """A tiny family's settings for one decoder layer more than its own (two, unless it says otherwise),
+    its per-layer lists (such as the layers' kinds) repeating their first entry: a kind that comes back."""
+    layers = FAMILIES[kind].get("num_hidden_layers", 2)
     per_layer = {key: [*value, value[0]] for key, value in FAMILIES[kind].items()
-                 if isinstance(value, list) and len(value) == 2}
-    return dict(num_hidden_layers=3, **per_layer)
+                 if isinstance(value, list) and len(value) == layers}
+    return dict(num_hidden_layers=layers + 1, **per_layer)
 
 
 @pytest.mark.parametrize("kind, labels, solves", [
@@ -249,7 +250,7 @@ def test_a_plan_times_one_layer_of_each_kind_and_counts_each_for_its_layers(kind
     from cli import main
     from tests.conftest import _save_tiny
 
-    source = _save_tiny(kind, tmp_path_factory, tiny_tokenizer_dir, **_three_layers(kind))
+    source = _save_tiny(kind, tmp_path_factory, tiny_tokenizer_dir, **_one_layer_more(kind))
     out, md = tmp_path / "plan.json", tmp_path / "plan.md"
     result = CliRunner().invoke(main, ["plan", "--config", str(source), "--device", "cpu", "--calib-samples", "2",
                                        "--seqlen", "16", "--ranks", "1,2", "--preset", "fast", "--json-out", str(out),
@@ -305,13 +306,13 @@ def test_the_one_layer_model_of_each_kind_has_that_layers_linears(kind):
     from thanos.linears import weight_view
     from thanos.models import LayerSelection, prunable_linears
 
-    config = tiny_config(kind, **_three_layers(kind))
+    config = tiny_config(kind, **_one_layer_more(kind))
     with torch.device("meta"):
         whole = AutoModelForCausalLM.from_config(config)
         unfuse_experts_(whole)
     linears = prunable_linears(whole, LayerSelection())
     kinds = plan.layer_kinds(config)
-    assert sum(k["count"] for k in kinds) == 3
+    assert sum(k["count"] for k in kinds) == config.num_hidden_layers
     for k in kinds:
         want = {name.replace(f".{k['first']}.", ".0.", 1): tuple(weight_view(m).shape)
                 for name, m in linears[k["first"]].items()}

@@ -239,18 +239,6 @@ def test_unsupported_architecture(tmp_path):
         adapter_for(AutoModelForCausalLM.from_pretrained(tmp_path / "neox"))
 
 
-def test_nemotron_h_with_experts_is_refused_at_loading_naming_the_hybrids_that_work(tmp_path_factory,
-                                                                                     tiny_tokenizer_dir):
-    """Its experts hold up and down of all experts in one weight each, which thanos.experts does not read:
-    pruned as they are, they would stay dense without a word."""
-    layers = ["linear_attention", "moe", "full_attention"]
-    source = _save_tiny("nemotron_h", tmp_path_factory, tiny_tokenizer_dir, layers_block_type=layers,
-                        n_routed_experts=4, moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)
-    with pytest.raises(ModelError, match="'nemotron_h' model is not supported yet: its mixture-of-experts layers.*"
-                                         "hybrids without experts"):
-        load_model(str(source))
-
-
 @pytest.mark.parametrize("field, value", [("calib_samples", 0), ("seqlen", 0), ("eval_windows", -2)])
 def test_impossible_sizes_are_refused_not_replaced(field, value, tmp_path):
     with pytest.raises(CalibrationError, match=field):

@@ -45,7 +45,8 @@ def test_each_expert_is_pruned_as_its_own_linears_and_saved_in_the_familys_layou
     experts = expert_count(model.config)
     assert blocks and all(len(block) == experts for block in blocks)
     names = [name for layer in prunable_linears(model, LayerSelection()).values() for name in layer]
-    assert sum(".experts." in name for name in names) == len(blocks) * 3 * experts
+    projections = 3 if blocks[0].fused.has_gate else 2  # gate, up, down; or up and down (Nemotron-H)
+    assert sum(".experts." in name for name in names) == len(blocks) * projections * experts
 
     out = tmp_path / "p"
     report = prune_to_directory(PruneJob(out=str(out), model=str(source), config=PruneConfig(pattern="2:4"), **SMALL))
@@ -271,13 +272,14 @@ def test_a_killed_prune_of_a_mixture_of_experts_resumes_to_the_same_weights(tmp_
     assert not torch.equal(full[name], source_weights[name])  # pruned, not copied
 
 
-@pytest.mark.parametrize("family", ["mixtral", "phimoe", "olmoe", "granitemoe", "gpt_oss", "gemma4_text_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "phimoe", "olmoe", "granitemoe", "gpt_oss", "gemma4_text_moe",
+                                    "nemotron_h_moe"])
 def test_inspect_reads_each_expert_from_the_files_without_loading_the_model(family, tmp_path, tmp_path_factory,
                                                                             tiny_tokenizer_dir, monkeypatch):
     """`inspect` reads one tensor at a time: each expert's linears are found under the names the
     family's files give them (Mixtral's and Phi-3.5-MoE's w1/w3/w2), or cut from the 3-D tensor
     that holds a layer's experts (GraniteMoE's input_linear and output_linear; GPT-OSS's, stored
-    transposed with gate and up interleaved), so a mixture of experts is never loaded whole to be
+    transposed with gate and up interleaved; Nemotron 3's up_proj, no gate), so a mixture of experts is never loaded whole to be
     inspected; what it finds is what the loaded model holds."""
     from exporters import source as exporters_source
 
@@ -292,7 +294,10 @@ def test_inspect_reads_each_expert_from_the_files_without_loading_the_model(fami
     monkeypatch.setattr(exporters_source, "load_pruned", loaded)
     patterns = exporters_source.directory_patterns(out)
     experts = [p for p in patterns if ".experts." in p.name]
-    assert len(experts) == 2 * 4 * 3 and all(p.hardware_2to4 for p in patterns)
+    # two layers of 4 experts of three projections; Nemotron 3's: one such layer, up and down only
+    assert len(experts) == (4 * 2 if family == "nemotron_h_moe" else 2 * 4 * 3)
+    # every linear 2:4; the tiny Mamba-2 in_proj's 328 rows are no multiple of the kernels' 16
+    assert all(p.pattern == "2:4" for p in patterns) and all(p.hardware_2to4 for p in experts)
     assert patterns == loaded_whole
 
 
@@ -348,6 +353,7 @@ def _calibration(source):
     ("mixtral", "default", dict(quantize="int8", sequential=False)),
     ("deepseek_v3", "fast", dict(quantize="int8", quantize_smoothing=0.5)),  # a shared expert, a dense layer
     ("llama4_text", "default", dict(quantize="int8")),  # experts reading every token, scaled by its score
+    ("nemotron_h_moe", "default", dict(quantize="int8")),  # experts of up and down alone, a shared one
 ])
 def test_experts_whose_statistics_exceed_the_memory_take_turns_to_the_same_weights(family, preset, extra,
                                                                                    tmp_path_factory,
@@ -368,7 +374,7 @@ def test_experts_whose_statistics_exceed_the_memory_take_turns_to_the_same_weigh
     assert not turns
     model, _ = load_model(str(source))
     experts = next(m for m in model.modules() if isinstance(m, UnfusedExperts))
-    one = 8 * (experts[0].gate_proj.in_features ** 2 + experts[0].down_proj.in_features ** 2)  # one expert's
+    one = 8 * (experts[0].up_proj.in_features ** 2 + experts[0].down_proj.in_features ** 2)  # one expert's
     monkeypatch.setattr(driver, "free_memory", lambda device: 2 * one + 1)  # half of it: an expert at a time
     gathered, collect = [], driver.collect_statistics
 
@@ -479,3 +485,20 @@ def test_progress_counts_the_linears_solved_in_each_layer(sequential, tmp_path_f
           device="cpu", progress=lambda stage, done, total: heard.append((done, total)) if stage == "linears" else None)
     per_layer = len(prunable_linears(model, LayerSelection())[0])  # 4 attention + 4 experts x 3
     assert heard == [(done, per_layer) for done in range(1, per_layer + 1)] * 2
+
+
+def test_nemotron_h_counts_experts_only_where_a_layer_holds_them(tmp_path):
+    """Nemotron-H's configs name experts (8 by default) whether or not a layer holds them: only layers of
+    kind moe do (E in the pattern its released config.json spells), read from the object and the saved dict."""
+    import json
+
+    from tests.conftest import tiny_config
+
+    for kind, experts in (("nemotron_h", 0), ("nemotron_h_moe", 4)):
+        config = tiny_config(kind)
+        config.save_pretrained(tmp_path / kind)
+        for form in (config, json.loads((tmp_path / kind / "config.json").read_text())):
+            assert expert_count(form) == experts, (kind, type(form))
+    for pattern, experts in (("MEM*EM-", 128), ("M-M*-", 0)):
+        assert expert_count(dict(model_type="nemotron_h", n_routed_experts=128, hybrid_override_pattern=pattern)) \
+            == experts
