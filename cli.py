@@ -21,6 +21,7 @@ from runtime_bench.model import ALL_BACKENDS, RANDOM_CONFIGS
 from runtime_bench.perplexity import DEFAULT_METHODS as QUALITY_METHODS
 from runtime_bench.solver import METHODS as SOLVER_METHODS, SHAPES as SOLVER_SHAPES
 from thanos.config import DEFAULT_SMOOTHING, PRESETS, PruneConfig
+from thanos.driver import thin_statistics
 from thanos.quantize import FORMATS, INPUT_SCALES, ROUNDINGS
 from thanos.recipe import METHODS
 from thanos.errors import ThanosExportError
@@ -315,6 +316,10 @@ def echo_prune_summary(report: dict) -> None:
     if errors:
         worst = max(report["layers"], key=lambda r: r["error"] or 0)
         click.echo(f"rel. error mean {sum(errors) / len(errors):.4f}, worst {worst['error']:.4f} ({worst['name']})")
+    thin = thin_statistics(report["layers"])
+    if thin:
+        click.echo(f"statistics {len(thin)} of {len(report['layers'])} linears summed fewer calibration tokens than "
+                   "they have inputs (rank-deficient: their errors understate the loss; more --calib-samples)")
     escalations = sum(r["damp_escalations"] for r in report["layers"])
     if escalations:
         click.echo(f"damping    raised {escalations} times (see thanos_report.json)")

@@ -313,6 +313,15 @@ def prune_model_(
             checkpoints.save(index, layer, reports[-len(linears[index]):] if linears[index] else [])
         if progress:
             progress("layers", index + 1, len(layers))
+    thin = thin_statistics(reports)
+    if thin and parallel.is_main:
+        fewest = min(thin, key=lambda r: r["tokens"] / r["shape"][1])
+        log.warning("%d of %d linears summed fewer calibration tokens than they have inputs (fewest: %s, %d for %d "
+                    "inputs%s): their statistics are rank-deficient, so their solves fit those tokens and their "
+                    "errors on them understate the loss on other text; more --calib-samples or a longer --seqlen "
+                    "give them more", len(thin), len(reports), fewest["name"], fewest["tokens"], fewest["shape"][1],
+                    "; an expert sees only the tokens routed to it" if any(".experts." in r["name"] for r in thin)
+                    else "")
     return reports
 
 
@@ -449,6 +458,10 @@ class SharedInputStatistics:
 
     def hessian(self, name: str) -> torch.Tensor:
         return self._mean(self.source[name])
+
+    def tokens(self, name: str) -> int:
+        """The calibration tokens `name`'s statistics summed (over every rank, once reduced)."""
+        return self.stats[self.source[name]].tokens
 
     def _mean(self, source: str) -> torch.Tensor:
         accumulator = self.stats[source]
@@ -964,19 +977,29 @@ class LinearReport:
     damp_used: float
     damp_escalations: int
     rank: int  # the process that solved it
+    tokens: int  # the calibration tokens its statistics summed (an expert's: those routed to it)
     permutation: Optional[dict] = None  # thanos.permute.PermutationReport, for a consumer whose inputs moved
     reconstruction: Optional[dict] = None  # thanos.reconstruct.ReconstructionReport of its decoder layer
     quantization: Optional[dict] = None  # thanos.quantize.QuantizationReport
 
     @classmethod
-    def of(cls, name: str, result: PruneResult, rank: int, permutation: Optional[dict] = None) -> "LinearReport":
+    def of(cls, name: str, result: PruneResult, rank: int, tokens: int,
+           permutation: Optional[dict] = None) -> "LinearReport":
         return cls(name, list(result.weight.shape), result.sparsity, result.error, result.seconds,
                    result.refit_seconds, result.search_seconds, result.mask_changed, result.damp_used,
-                   result.damp_escalations, rank, permutation)
+                   result.damp_escalations, rank, tokens, permutation)
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if v is not None or k not in ("permutation", "reconstruction", "quantization")}
+
+
+def thin_statistics(layers: list[dict]) -> list[dict]:
+    """The reports of the linears whose statistics summed fewer calibration tokens than they have inputs:
+    their Hessian is rank-deficient, so the solve can fit those tokens exactly, and a small error on them
+    says little about other text (an expert sees only the tokens routed to it). Reports written before
+    tokens were recorded count as enough."""
+    return [r for r in layers if r.get("tokens", r["shape"][1]) < r["shape"][1]]
 
 
 def reduce_statistics_(names, shared: SharedInputStatistics, parallel: Parallel) -> None:
@@ -1021,7 +1044,7 @@ def solve_linears(linears: dict[str, nn.Module], shared: SharedInputStatistics, 
         if all(shared.source[later] != shared.source[name] for later in mine[i + 1:]):
             shared.release(name, keep_factors)  # no later linear here reads this input
         set_weight_(mod, result.weight)
-        reports[name] = LinearReport.of(name, result, parallel.rank, permuted.get(name)).to_json()
+        reports[name] = LinearReport.of(name, result, parallel.rank, shared.tokens(name), permuted.get(name)).to_json()
         log.info("%s: sparsity %.3f, rel. error %.4g, %.2fs", name, result.sparsity, result.error or 0, result.seconds)
         if on_report:
             on_report(reports[name])

@@ -479,3 +479,28 @@ def test_pruning_calls_each_layer_with_the_arguments_the_model_gives_it(family, 
         hook.remove()
     for index, seen in calls.items():
         assert seen and all(_same(kwargs, own[index]) for kwargs in seen), (family, index)
+
+
+@pytest.mark.parametrize("samples, seqlen, thin", [(2, 16, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"}),  # 32 tokens: fewer than 64
+                                                   (4, 32, set())])  # 128 tokens: down_proj's 128 inputs are enough
+def test_each_linear_records_its_tokens_and_too_few_for_its_inputs_are_said_once(tiny_llama_dir, tmp_path, caplog,
+                                                                                  capsys, samples, seqlen, thin):
+    """Fewer calibration tokens than a linear's inputs leave its statistics rank-deficient: its solve fits
+    those tokens, and its small error there understates the loss. One warning says how many, the summary
+    too; the report holds each linear's tokens."""
+    import logging
+
+    from cli import echo_prune_summary
+
+    with caplog.at_level(logging.WARNING, logger="thanos.driver"):
+        report = prune_to_directory(PruneJob(out=str(tmp_path / "p"), model=str(tiny_llama_dir), calib_samples=samples,
+                                             seqlen=seqlen, evaluate=False, device="cpu"))
+    assert {r["tokens"] for r in report["layers"]} == {samples * seqlen}
+    said = [r.getMessage() for r in caplog.records if "fewer calibration tokens" in r.getMessage()]
+    assert {r["name"].rsplit(".", 1)[-1] for r in report["layers"] if r["tokens"] < r["shape"][1]} == thin
+    assert len(said) == bool(thin) and all(m.startswith(f"{len(report['layers'])} of {len(report['layers'])}")
+                                           for m in said), said
+    capsys.readouterr()
+    echo_prune_summary(report)
+    assert ("linears summed fewer calibration tokens" in capsys.readouterr().out) == bool(thin)

@@ -502,3 +502,18 @@ def test_nemotron_h_counts_experts_only_where_a_layer_holds_them(tmp_path):
     for pattern, experts in (("MEM*EM-", 128), ("M-M*-", 0)):
         assert expert_count(dict(model_type="nemotron_h", n_routed_experts=128, hybrid_override_pattern=pattern)) \
             == experts
+
+
+def test_each_experts_report_counts_the_tokens_routed_to_it(tmp_path, tmp_path_factory, tiny_tokenizer_dir):
+    """The router sends each token to two of the four experts: a layer's experts' statistics sum twice the
+    calibration tokens, which each attention linear sees whole."""
+    source = _save_tiny("olmoe", tmp_path_factory, tiny_tokenizer_dir)
+    report = prune_to_directory(PruneJob(out=str(tmp_path / "p"), model=str(source), evaluate=False,
+                                         config=PruneConfig(pattern="2:4", preset="fast"), **SMALL))
+    tokens = SMALL["calib_samples"] * SMALL["seqlen"]
+    for layer in (0, 1):
+        rows = [r for r in report["layers"] if f".layers.{layer}." in r["name"]]
+        assert {r["tokens"] for r in rows if ".experts." not in r["name"]} == {tokens}
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            assert sum(r["tokens"] for r in rows if ".experts." in r["name"] and r["name"].endswith(projection)) \
+                == 2 * tokens
