@@ -55,13 +55,24 @@ def text_field(config, key: str):
 def expert_count(config) -> int:
     """Routed experts per layer, under any of the names families give it (0: not a mixture of experts),
     from a config or config.json's dict. Nemotron-H's configs count experts whether or not a layer has
-    them: there, only layers listed as `moe` (pattern letter E) do."""
-    if text_field(config, "model_type") == "nemotron_h":
-        kinds, pattern = text_field(config, "layers_block_type"), text_field(config, "hybrid_override_pattern")
-        if "moe" not in (kinds or ()) and "E" not in (pattern or ""):
-            return 0
+    them: there, only layers of kind `moe` do."""
+    if text_field(config, "model_type") == "nemotron_h" and "moe" not in layer_kinds(config):
+        return 0
     return next((n for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
                  if (n := text_field(config, key))), 0)
+
+
+# Nemotron-H's released config.json spells its layers as one letter each (transformers' own reading)
+_PATTERN_KINDS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def layer_kinds(config) -> list[str]:
+    """Each decoder layer's kind where the config lists them ([] where it does not), from a config or
+    config.json's dict: `layer_types`, Nemotron-H's `layers_block_type` or its one-letter pattern."""
+    kinds = text_field(config, "layer_types") or text_field(config, "layers_block_type")
+    if kinds:
+        return list(kinds)
+    return [_PATTERN_KINDS.get(letter, letter) for letter in text_field(config, "hybrid_override_pattern") or ""]
 
 
 def is_mixture_of_experts(config) -> bool:
@@ -78,9 +89,7 @@ def has_recurrent_layers(config) -> bool:
     attention, Mamba-2 layers, LFM2's short convolutions), from a config or config.json's dict."""
     if text_field(config, "model_type") in MAMBA_IN_EVERY_LAYER:
         return True
-    kinds = text_field(config, "layer_types") or text_field(config, "layers_block_type") or ()
-    # Nemotron-H's released config.json spells its layers as one letter each, M for Mamba
-    return bool(RECURRENT_LAYER_KINDS & set(kinds)) or "M" in (text_field(config, "hybrid_override_pattern") or "")
+    return bool(RECURRENT_LAYER_KINDS & set(layer_kinds(config)))
 
 
 def has_per_layer_shapes(config) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 from thanos.errors import ThanosExportError
 from thanos.experts import unfuse_experts_
 from thanos.linears import is_prunable
-from thanos.model_config import auto_class, expert_count, saved_config, text_config, text_field
+from thanos.model_config import auto_class, expert_count, layer_kinds, saved_config, text_config, text_field
 from thanos.smooth import SmoothGroup
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ def _mixture_of_experts(block: str = "mlp", shared: Optional[str] = None, dense_
         return mlps + ([f"{block}.{shared}"] if shared else []) + ([dense_mlp] if dense_mlp else [])
 
     def free(config) -> tuple[FreeChannels, ...]:
-        return ((_V_TO_O,) if v_to_o else ()) + tuple(
-            _gated_free(mlp) for mlp in mlps(config))
+        return ((_V_TO_O,) if v_to_o else ()) + tuple(_gated_free(mlp) for mlp in mlps(config))
 
     def smoothing(config) -> tuple[SmoothGroup, ...]:
         before = attention(config) if attention else (_LLAMA_SMOOTHING[0],) if norm_before else ()
@@ -177,8 +176,7 @@ def _gemma4_free(config) -> tuple[FreeChannels, ...]:
     and a root mean square over the head, which a reorder within it leaves alone). Where keys are
     values (full-attention layers with `attention_k_eq_v`) there is no v_proj and o_proj stays (a
     rotary-rotated projection's rows cannot move)."""
-    return (_V_TO_O, *(_gated_free(mlp)
-                       for mlp in _gemma4_mlps(config)))
+    return (_V_TO_O, *(_gated_free(mlp) for mlp in _gemma4_mlps(config)))
 
 
 def _gemma4_smoothing(config) -> tuple[SmoothGroup, ...]:
@@ -215,8 +213,9 @@ def _lfm2_smoothing(config) -> tuple[SmoothGroup, ...]:
 def _nemotron_h_free(config) -> tuple[FreeChannels, ...]:
     """Each MLP's up rows -> its down_proj columns (through ReLU^2, elementwise): the MLP layers', and in
     the layers with experts each expert's and the shared expert's; v_proj -> o_proj per head."""
-    mlps = (["mixer"] if "mlp" in config.layers_block_type else []) + (
-        [*_experts("mixer.experts", config), "mixer.shared_experts"] if expert_count(config) else [])
+    kinds = layer_kinds(config)
+    mlps = (["mixer"] if "mlp" in kinds else []) + (
+        [*_experts("mixer.experts", config), "mixer.shared_experts"] if "moe" in kinds else [])
     return (*(FreeChannels((f"{mlp}.up_proj",), f"{mlp}.down_proj") for mlp in mlps),
             FreeChannels(("mixer.v_proj",), "mixer.o_proj", per_head=True))
 
@@ -340,8 +339,7 @@ ADAPTERS = {
     # Granite 4 (H): Mamba-2 or attention, then an MLP (gate and up fused) and, where the config has
     # them, experts beside it
     "granitemoehybrid": Adapter("model.layers", _granite_hybrid_free, _granite_hybrid_smoothing),
-    "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"),
-                                            _V_TO_OUT),
+    "opt": Adapter("model.decoder.layers", (FreeChannels(("fc1",), "fc2"), _V_TO_OUT),
                    _opt_smoothing),
     # LayerNorms before the fused q/k/v and before c_fc; c_fc -> c_proj passes GELU, which a scale
     # does not commute with, and v's rows are a third of c_attn
