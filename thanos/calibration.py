@@ -6,6 +6,7 @@ last 10% evaluate, so calibration windows never overlap the held-out text.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -67,11 +68,35 @@ class TextSplit:
     evaluation: torch.Tensor  # (n_eval,) token ids, after the calibration part
 
 
+# (tokenizer, text) digests -> token ids: a command reads its text up to four times (calibration,
+# evaluation, each export's checks), and one long string is tokenised on one thread
+_TOKENIZED: dict[tuple[str, str], torch.Tensor] = {}
+_TOKENIZED_KEPT = 4
+
+
 def tokenize_split(tokenizer, path: Optional[str]) -> TextSplit:
     text = read_text(path)
-    ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
+    key = _tokenizer_digest(tokenizer), hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    ids = _TOKENIZED.get(key) if key[0] else None
+    if ids is None:
+        ids = torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
+        if key[0]:
+            while len(_TOKENIZED) >= _TOKENIZED_KEPT:
+                del _TOKENIZED[next(iter(_TOKENIZED))]  # the oldest
+            _TOKENIZED[key] = ids
     cut = int(len(ids) * (1 - HELD_OUT_FRACTION))
-    return TextSplit(path or "pydoc_data.topics", ids[:cut], ids[cut:])
+    return TextSplit(path or "pydoc_data.topics", ids[:cut].clone(), ids[cut:].clone())
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """What decides a fast tokenizer's ids (its whole serialised pipeline: vocabulary, normaliser,
+    pre-tokeniser, special tokens and the post-processor that adds them; and the one switch kept
+    outside it); "" for other tokenizers, whose results are not kept."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return ""
+    settings = f"{type(tokenizer).__qualname__}|{getattr(tokenizer, 'split_special_tokens', None)}|"
+    return hashlib.sha256((settings + backend.to_str()).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def sample_windows(tokens: torch.Tensor, count: int, seqlen: int, seed: int = 0) -> torch.Tensor:

@@ -273,6 +273,42 @@ def test_default_text_splits_without_overlap(tiny_llama_dir):
     assert torch.equal(windows, sample_windows(split.calibration, 8, 64, seed=3))
 
 
+def test_a_text_is_tokenised_once_per_tokenizer_and_a_changed_one_tokenises_again(tiny_llama_dir, tmp_path):
+    """tokenize_split keeps what it tokenised (a command reads its text several times): the same
+    tokenizer and text give the kept ids without tokenising; another text, or the same tokenizer
+    changed (a token added, the special tokens split), gives exactly what it tokenises afresh."""
+    from transformers import AutoTokenizer
+
+    calls = []
+
+    class Counting(type(AutoTokenizer.from_pretrained(tiny_llama_dir))):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    tokenizer = Counting.from_pretrained(tiny_llama_dir)
+    text = tmp_path / "t.txt"
+    text.write_text("Sparse matrices keep two of every four weights. " * 300)
+    first = tokenize_split(tokenizer, str(text))
+    again = tokenize_split(tokenizer, str(text))
+    assert len(calls) == 1 and torch.equal(torch.cat([first.calibration, first.evaluation]),
+                                           torch.cat([again.calibration, again.evaluation]))
+    again.calibration[0] = -1  # a caller's change does not reach the kept ids
+    assert tokenize_split(tokenizer, str(text)).calibration[0] == first.calibration[0] and len(calls) == 1
+
+    def fresh(tok) -> torch.Tensor:
+        return torch.tensor(tok(text.read_text(), return_attention_mask=False)["input_ids"])
+
+    tokenizer.add_tokens(["weights"])
+    changed = tokenize_split(tokenizer, str(text))
+    assert len(calls) == 2 and changed.calibration.numel() < first.calibration.numel()
+    assert torch.equal(torch.cat([changed.calibration, changed.evaluation]), fresh(tokenizer))
+    tokenizer.split_special_tokens = True
+    tokenize_split(tokenizer, str(text))
+    text.write_text("Another text entirely. " * 300)
+    other = tokenize_split(tokenizer, str(text))
+    assert len(calls) == 5 and torch.equal(torch.cat([other.calibration, other.evaluation]), fresh(tokenizer))
+
 def test_linears_reading_one_input_share_statistics(tiny_llama_dir):
     from thanos.driver import SharedInputStatistics, run_layer, capture_layer_inputs
 
