@@ -1,5 +1,6 @@
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,6 +254,73 @@ def _save_tiny(kind, tmp_path_factory, tokenizer_dir, **overrides):
     path = tmp_path_factory.mktemp(f"tiny_{kind}")
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+def _write_tiny_gguf(model_dir: Path, path: Path) -> None:
+    """The tiny llama at `model_dir` as a float32 GGUF file laid out as llama.cpp writes one (its query
+    and key rows in llama.cpp's rotary order, which transformers undoes on loading; the tokenizer as
+    GGUF's "gpt2" BPE): GGUF loading tested on a model small enough to load in a second."""
+    import json
+
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokens = sorted(backend["model"]["vocab"], key=backend["model"]["vocab"].get)
+    special = {added["content"] for added in backend["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.eos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_add_bos_token(False)
+
+    def rotary_order(t: np.ndarray, heads: int) -> np.ndarray:  # (heads * head_dim, in): halves interleaved
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.float().numpy()
+        if name == "lm_head.weight":
+            continue  # tied to the embedding
+        if name in ("model.embed_tokens.weight", "model.norm.weight"):
+            out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[name]
+        else:
+            _, _, index, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):
+                tensor = rotary_order(tensor, cfg.num_attention_heads if module.endswith("q_proj") else cfg.num_key_value_heads)
+            out = f"blk.{index}.{names[module]}.{kind}"
+        writer.add_tensor(out, np.ascontiguousarray(tensor))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_file(tmp_path_factory, tiny_llama_dir) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.f32.gguf"
+    _write_tiny_gguf(tiny_llama_dir, path)
     return path
 
 

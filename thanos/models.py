@@ -5,6 +5,7 @@ weights; everything else about pruning is written once in `thanos.driver`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import importlib.util
@@ -479,10 +480,11 @@ def load_model(path: Optional[str] = None, dtype: Optional[torch.dtype] = None, 
         config = saved_config(source) or {}
     dequantize = _dequantized(config, source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        # Mismatched sizes are reported below by name, not by transformers' own log.
-        model, info = auto_class(config).from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
-                                                         ignore_mismatched_sizes=True, **kwargs, **dequantize)
+        with _gguf_parsed_once() if "gguf_file" in kwargs else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+            # Mismatched sizes are reported below by name, not by transformers' own log.
+            model, info = auto_class(config).from_pretrained(directory, dtype=dtype or "auto", output_loading_info=True,
+                                                             ignore_mismatched_sizes=True, **kwargs, **dequantize)
     except (MemoryError, torch.OutOfMemoryError):  # out of memory is not a damaged file
         raise
     except Exception as exc:  # a truncated safetensors file, a refused pickle, a bad config: one message
@@ -531,6 +533,34 @@ def _dequantized(config: dict, source: Path) -> dict:
                 "again)", source, method, config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     loading = dict(modules_to_not_convert=quantization.get("modules_to_not_convert")) if method == "fp8" else {}
     return dict(quantization_config=getattr(transformers, DEQUANTIZED[method])(dequantize=True, **loading))
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file's header anew for the tokenizer's config, the model's config and
+    its weights, and builds gguf's tensor-name table once per module of the model; inside this block
+    each is made once (gguf's reader and table are read-only once built). What it saves on the
+    default model: docs/results/README.md."""
+    try:
+        import gguf
+    except ImportError:  # transformers says what to install
+        yield
+        return
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    made: dict = {}
+
+    def once(make: Callable, *args, **kwargs):
+        key = (make, tuple(str(a) for a in args), tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in made:
+            made[key] = make(*args, **kwargs)
+        return made[key]
+
+    gguf.GGUFReader = lambda *args, **kwargs: once(reader_class, *args, **kwargs)
+    gguf.get_tensor_name_map = lambda *args, **kwargs: once(name_map, *args, **kwargs)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
 def _plain_after_gguf(model: nn.Module) -> None:

@@ -228,6 +228,30 @@ def test_pattern_that_width_does_not_divide(tmp_path_factory, tiny_tokenizer_dir
     assert not (tmp_path / "x").exists()
 
 
+def test_a_gguf_file_loads_as_the_model_it_was_written_from_parsing_it_once(tiny_gguf_file, tiny_llama_dir,
+                                                                           monkeypatch):
+    """A GGUF model loads to the weights and tokenizer it was written from; transformers reads the file's
+    header for the tokenizer's config, the config and the weights, and all three come from one parse."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from thanos.calibration import default_text
+
+    parsed, reader = [], gguf.GGUFReader
+
+    def counting(*args, **kwargs):
+        parsed.append(args)
+        return reader(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    model, tokenizer = load_model(str(tiny_gguf_file))
+    assert len(parsed) == 1 and gguf.GGUFReader is counting  # and gguf as it was after the load
+    written, loaded = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict(), model.state_dict()
+    assert written.keys() == loaded.keys() and all(torch.equal(written[k], loaded[k]) for k in written)
+    text = default_text()[:5000]
+    assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_llama_dir)(text)["input_ids"]
+
+
 def test_unsupported_architecture(tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
