@@ -1,34 +1,29 @@
 """SIGKILL in the middle of a prune or an export, then rerun: the result equals an uninterrupted
 run, and nothing half-written ever sits at an output's final name.
 
-Each victim runs in a subprocess that kills itself with SIGKILL (no cleanup, no finally blocks)
+Each victim runs in a process of its own (tests/processes.py) that kills itself with SIGKILL (no cleanup, no finally blocks)
 at a chosen point, reached through the library's own progress callback or by wrapping one step.
 """
 import json
-import os
 import signal
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests import processes
 from thanos.models import LayerSelection, prunable_linears
 from thanos.linears import weight_view
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(calib_samples=2, seqlen=32, evaluate=False, device="cpu")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
 
 def _run_victim(code: str) -> int:
-    script = "import os, signal\n" + textwrap.dedent(code)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=300).returncode
+    return processes.run_script(code)  # one thread, a process of its own, SIGKILL as a user's kill -9
 
 
 def _weights(path) -> dict:
@@ -37,8 +32,8 @@ def _weights(path) -> dict:
             for name, mod in layer.items()}
 
 
-def _prune_in_subprocess(out: Path, model: Path, kill_at: tuple = ()) -> int:
-    """Prune in a one-thread subprocess, SIGKILLed at the `kill_at` = (stage, n)-th progress call.
+def _prune_in_a_process(out: Path, model: Path, kill_at: tuple = ()) -> int:
+    """Prune in a one-thread process of its own, SIGKILLed at the `kill_at` = (stage, n)-th progress call.
 
     Every run of a comparison goes through here: with the mask search on, one and two threads
     round differently (measured: 2e-7 in layer 1's down_proj, growing through the later layers,
@@ -61,16 +56,16 @@ def _prune_in_subprocess(out: Path, model: Path, kill_at: tuple = ()) -> int:
 def uninterrupted(tiny_llama_dir, tmp_path_factory) -> Path:
     """The run every killed-and-resumed one is compared with (one for them all)."""
     out = tmp_path_factory.mktemp("uninterrupted") / "full"
-    assert _prune_in_subprocess(out, tiny_llama_dir) == 0
+    assert _prune_in_a_process(out, tiny_llama_dir) == 0
     return out
 
 
 @pytest.mark.parametrize("stage, point", [("layers", 1), ("layers", 2), ("samples", 1)])
 def test_prune_killed_then_rerun_equals_an_uninterrupted_run(tiny_llama_dir, uninterrupted, tmp_path, stage, point):
     out = tmp_path / "killed"
-    assert _prune_in_subprocess(out, tiny_llama_dir, (stage, point)) == -signal.SIGKILL
+    assert _prune_in_a_process(out, tiny_llama_dir, (stage, point)) == -signal.SIGKILL
     assert not (out / "thanos_report.json").exists()  # no finished-looking model
-    assert _prune_in_subprocess(out, tiny_llama_dir) == 0
+    assert _prune_in_a_process(out, tiny_llama_dir) == 0
     full, resumed = _weights(uninterrupted), _weights(out)
     assert all(torch.equal(full[n], resumed[n]) for n in full)
     assert not list(tmp_path.glob(".killed.*"))

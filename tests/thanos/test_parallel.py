@@ -6,6 +6,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
+from tests import processes
 from tests.thanos import dist_worker
 from tests.thanos.test_driver import SMALL, assert_same_scales
 from thanos import PruneConfig
@@ -19,7 +20,7 @@ def _free_port() -> int:
 
 
 def _launch(world: int, job_kwargs: dict, die_on_layer: int = -1, free_bytes=None) -> list[int]:
-    ctx = mp.get_context("spawn")
+    ctx = processes.context()
     port = _free_port()
     procs = [ctx.Process(target=dist_worker.run, args=(r, world, port, job_kwargs, die_on_layer, free_bytes))
              for r in range(world)]
@@ -130,7 +131,7 @@ def test_dead_rank_then_rerun_resumes(tiny_llama_dir, tmp_path):
 
 def test_prune_and_build_under_two_ranks_exports_once(tiny_llama_dir, tmp_path):
     """Every rank prunes; rank 0 alone exports and writes the summary, and alone speaks."""
-    ctx = mp.get_context("spawn")
+    ctx = processes.context()
     port = _free_port()
     out = tmp_path / "build"
     procs = [ctx.Process(target=dist_worker.run_build,
