@@ -33,7 +33,10 @@ if [ "$DEVICE" = cpu ]; then  # the dry run: every step, tiny shapes, float32
     GEMM=(--shapes smollm2-135m --dtypes float8_e4m3fn,int8,float32 --tokens 1,16)
     MODEL=(--grid 1x16 --decode-steps 2 --backends torch-dense)
     MODEL8=(random:smollm2-135m --grid 1x16 --decode-steps 2 --backends torch-dense,torch-2:4)
-    PLAN=(--config smollm2-135m --calib-samples 2 --seqlen 32)
+    # a LLaMA layer 64 wide: the plan's flow, not its shapes, is what a CPU can check
+    echo '{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 384}' > "$WORK/tiny_llama.json"
+    PLAN=(--config "$WORK/tiny_llama.json" --calib-samples 2 --seqlen 32)
     SOLVER=(--shapes 64x128 --block-sizes 32)
 else
     GEMM=(--shapes llama2-7b,llama2-70b --dtypes float8_e4m3fn,int8,float16 --tokens 1,16,256,2048,8192)
