@@ -1,7 +1,8 @@
 """Fresh processes for the tests that need them (the ranks of a process group, a run killed half-way):
 forked from one server that imported torch, transformers and the project once per test process,
-instead of a Python start-up and its imports for every process of every test. Each is forked before
-any thread exists in the server, so it is as fresh as a spawned one but for those imports."""
+instead of a Python start-up and its imports for every process of every test. The server only imports
+(no torch work, no thread pool), so each child starts as a spawned one would but for those imports, and
+sets its own thread count."""
 import textwrap
 
 import torch.multiprocessing as mp

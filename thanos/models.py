@@ -540,7 +540,7 @@ def _gguf_parsed_once():
     """transformers parses a GGUF file's header anew for the tokenizer's config, the model's config and
     its weights, and builds gguf's tensor-name table once per module of the model; inside this block
     each is made once (gguf's reader and table are read-only once built). What it saves on the
-    default model: docs/results/README.md."""
+    default model: docs/results/gguf_load_cpu.md."""
     try:
         import gguf
     except ImportError:  # transformers says what to install
