@@ -12,7 +12,7 @@ from exporters.base import ExportError
 from exporters.patterns import LayerPattern, analyse
 from thanos.errors import InputError
 from thanos.linears import stores_transposed, weight_view
-from thanos.experts import UnfusedExperts, expert_weights, unfuse_experts_
+from thanos.experts import UnfusedExperts, expert_weights, input_tensor, unfuse_experts_
 from thanos.model_config import auto_class, saved_config
 from thanos.models import LayerSelection, load_model, prunable_linears
 from thanos.quantized_model import QUANTIZATION_FILE, cast_model_, quantized_linears
@@ -170,8 +170,8 @@ def _fused_expert_tensors(skeleton, wanted: dict, names: _StoredNames) -> dict[s
     for name, module in skeleton.named_modules():
         if not isinstance(module, UnfusedExperts):
             continue
-        first = ("gate_up_proj", ("gate_proj", "up_proj")) if module.fused.has_gate else ("up_proj", ("up_proj",))
-        for tensor, projections in (first, ("down_proj", ("down_proj",))):
+        for tensor in (input_tensor(module.fused), "down_proj"):
+            projections = ("gate_proj", "up_proj") if tensor == "gate_up_proj" else (tensor,)
             keys = {f"{name}.{e}.{projection}.weight": e for e in range(len(module)) for projection in projections}
             keys = {key: e for key, e in keys.items() if key in wanted and _stored_names([key], names) is None}
             alias = _FUSED_ALIASES.get(tensor)

@@ -31,7 +31,7 @@ from thanos.driver import (LayerStep, capture_layer_inputs, collect_statistics, 
                            run_layer, solve_costs)
 from thanos.errors import InputError
 from thanos.experts import UnfusedExperts, is_experts_module, unfuse_experts_
-from thanos.model_config import is_multimodal
+from thanos.model_config import is_multimodal, layer_kinds as config_layer_kinds
 from thanos.models import (ADAPTERS, LayerSelection, adapter_for, attention_heads, decoder_layers, prunable_linears,
                            smoothing_groups)
 from thanos.linears import weight_view
@@ -318,8 +318,8 @@ _MIXERS = {"linear_attention": "Mamba-2", "full_attention": "attention", "moe": 
 def _traits(config, layer, index: int) -> tuple[str, str, str]:
     """(its attention kind, "experts" or "dense MLP", whether it reuses an earlier layer's keys and
     values) of decoder layer `index`; (its mixer, "", "") where each layer is one mixer (Nemotron-H)."""
-    kinds = getattr(config, "layer_types", None)
-    if kinds and {"moe", "mlp"} & set(kinds):
+    kinds = config_layer_kinds(config)
+    if {"moe", "mlp"} & set(kinds):
         return _MIXERS.get(kinds[index], kinds[index]), "", ""
     experts = any(is_experts_module(m) or isinstance(m, UnfusedExperts) for m in layer.modules())
     reuses = getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)

@@ -1,12 +1,12 @@
 """Mixture-of-experts layers seen as one linear per expert and projection.
 
 transformers stores a layer's experts fused: `gate_up_proj` (experts, 2 x intermediate, hidden), or
-`up_proj` where the experts have no gate (Nemotron-H), and `down_proj` (experts, hidden, intermediate),
-3-D parameters that no per-linear step can see. While a
-model is loaded here, each such module is replaced by `UnfusedExperts`: an `nn.Linear` per expert
-and projection whose weight is a view of the fused tensor (no copy), called on the tokens routed
-to that expert only, so the driver's hooks gather each expert's statistics from its own tokens
-and every step (solve, permutation, reconstruction, checkpoint, report) names it like any linear:
+`up_proj` where the experts have no gate (Nemotron-H), and `down_proj` (experts, hidden,
+intermediate), 3-D parameters that no per-linear step can see. While a model is loaded here, each
+such module is replaced by `UnfusedExperts`: an `nn.Linear` per expert and projection whose weight
+is a view of the fused tensor (no copy), called on the tokens routed to that expert only, so the
+driver's hooks gather each expert's statistics from its own tokens and every step (solve,
+permutation, reconstruction, checkpoint, report) names it like any linear:
 `...mlp.experts.3.gate_proj`. Saving puts the fused modules back (`fused_for_saving`), so the
 directory is the family's own checkpoint format. Llama 4's experts take every token scaled by its
 router score instead of the routed tokens (`UnfusedScaledInputExperts`).
@@ -26,7 +26,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     no norm after each expert (the flags transformers' `use_experts_implementation` sets)."""
     if not hasattr(module, "has_gate"):
         return False
-    first = _input_tensor(module)
+    first = input_tensor(module)
     up, down = getattr(module, first, None), getattr(module, "down_proj", None)
     return (isinstance(up, nn.Parameter) and isinstance(down, nn.Parameter) and up.dim() == down.dim() == 3
             and hasattr(module, "is_concatenated") and hasattr(module, "is_transposed")
@@ -35,7 +35,7 @@ def is_fused_experts(module: nn.Module) -> bool:
                  or hasattr(module, f"{first}_bias") and hasattr(module, "down_proj_bias")))
 
 
-def _input_tensor(fused: nn.Module) -> str:
+def input_tensor(fused: nn.Module) -> str:
     """The fused tensor that reads the experts' input: gate and up together, or up where there is no gate."""
     return "gate_up_proj" if fused.has_gate else "up_proj"
 
@@ -71,7 +71,7 @@ def expert_views(fused: nn.Module, e: int) -> dict[str, tuple[torch.Tensor, Opti
     """Expert `e`'s {projection: (weight (out, in), bias or None)}, views of the fused tensors."""
     if is_scaled_input_experts(fused) and not hasattr(fused, "has_gate"):  # as transformers loads it
         _declare_layout_(fused)
-    first = _input_tensor(fused)
+    first = input_tensor(fused)
     weights = {**expert_weights(fused, first, getattr(fused, first).data, e),
                **expert_weights(fused, "down_proj", fused.down_proj.data, e)}
     biases = {}
